@@ -1,0 +1,303 @@
+//! Who is calling: user JWTs (`Authorization: Bearer`) and server-issued guest session ids.
+//!
+//! The accepted algorithm is pinned per key in configuration and never read from the token
+//! header; a token picks its key by `kid` (or the only configured key when it names none).
+//! Guest session ids are 128 random bits plus a 128-bit HMAC-SHA256 tag, base64url: only this
+//! server can mint one, and a forged or truncated id is refused, never replaced silently.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use super::error::ApiError;
+use crate::config::{AuthConfig, JwtKeyConfig};
+use crate::domain::ids::{SessionId, UserId};
+
+/// Tokens longer than this are refused before any parsing.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+const SESSION_RANDOM_BYTES: usize = 16;
+const SESSION_TAG_BYTES: usize = 16;
+/// Domain separation for the session HMAC, so the key cannot be reused to sign other things.
+const SESSION_CONTEXT: &[u8] = b"cartedge guest session v1\0";
+
+fn parse_algorithm(name: &str) -> Option<Algorithm> {
+    match name {
+        "HS256" => Some(Algorithm::HS256),
+        "ES256" => Some(Algorithm::ES256),
+        "EdDSA" => Some(Algorithm::EdDSA),
+        "RS256" => Some(Algorithm::RS256),
+        _ => None,
+    }
+}
+
+fn decoding_key(key: &JwtKeyConfig) -> Result<(Algorithm, DecodingKey), String> {
+    let algorithm = parse_algorithm(&key.algorithm).ok_or_else(|| {
+        format!(
+            "algorithm {:?} is not one of HS256, ES256, EdDSA, RS256",
+            key.algorithm
+        )
+    })?;
+    if key.kid.is_empty() {
+        return Err("kid must not be empty".into());
+    }
+    if algorithm == Algorithm::HS256 {
+        if key.secret.expose().len() < 32 {
+            return Err("HS256 secret must be at least 32 bytes".into());
+        }
+        return Ok((
+            algorithm,
+            DecodingKey::from_secret(key.secret.expose().as_bytes()),
+        ));
+    }
+    let path = key
+        .public_key_file
+        .as_ref()
+        .ok_or("asymmetric keys need public_key_file")?;
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let parsed = match algorithm {
+        Algorithm::ES256 => DecodingKey::from_ec_pem(&pem),
+        Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
+        _ => DecodingKey::from_rsa_pem(&pem),
+    };
+    parsed
+        .map(|k| (algorithm, k))
+        .map_err(|e| format!("cannot parse {}: {e}", path.display()))
+}
+
+/// Validates one configured key without keeping it (used by `Config::validate`).
+pub fn check_key_config(key: &JwtKeyConfig) -> Result<(), String> {
+    decoding_key(key).map(|_| ())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
+}
+
+struct VerifyingKey {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// Verifies bearer tokens and signs/verifies guest sessions.
+pub struct Authenticator {
+    keys: HashMap<String, VerifyingKey>,
+    /// The key used when a token names no `kid`: only when exactly one key is configured.
+    only_kid: Option<String>,
+    session_mac: Hmac<Sha256>,
+}
+
+impl Authenticator {
+    pub fn new(config: &AuthConfig) -> Result<Authenticator, String> {
+        let mut keys = HashMap::new();
+        for key in &config.keys {
+            let (algorithm, decoding) = decoding_key(key)?;
+            let mut validation = Validation::new(algorithm);
+            validation.leeway = config.leeway.0.as_secs();
+            let mut required = vec!["exp", "sub"];
+            if config.issuer.is_empty() {
+                validation.iss = None;
+            } else {
+                validation.set_issuer(&[&config.issuer]);
+                required.push("iss");
+            }
+            if config.audience.is_empty() {
+                validation.validate_aud = false;
+            } else {
+                validation.set_audience(&[&config.audience]);
+                required.push("aud");
+            }
+            validation.set_required_spec_claims(&required);
+            validation.validate_nbf = true;
+            keys.insert(
+                key.kid.clone(),
+                VerifyingKey {
+                    key: decoding,
+                    validation,
+                },
+            );
+        }
+        let only_kid = (config.keys.len() == 1).then(|| config.keys[0].kid.clone());
+        let session_mac = Hmac::<Sha256>::new_from_slice(config.session_secret.expose().as_bytes())
+            .map_err(|e| e.to_string())?;
+        Ok(Authenticator {
+            keys,
+            only_kid,
+            session_mac,
+        })
+    }
+
+    /// Verifies a bearer token and returns its user.
+    pub fn verify_token(&self, token: &str) -> Result<UserId, ApiError> {
+        const INVALID: ApiError = ApiError::Unauthenticated("bearer token is invalid or expired");
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(INVALID);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| INVALID)?;
+        let kid = header
+            .kid
+            .as_ref()
+            .or(self.only_kid.as_ref())
+            .ok_or(INVALID)?;
+        let key = self.keys.get(kid).ok_or(INVALID)?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
+            .map_err(|_| INVALID)?;
+        UserId::parse(&data.claims.sub).map_err(|_| INVALID)
+    }
+
+    fn session_tag(&self, random: &[u8]) -> [u8; SESSION_TAG_BYTES] {
+        let mut mac = self.session_mac.clone();
+        mac.update(SESSION_CONTEXT);
+        mac.update(random);
+        let full = mac.finalize().into_bytes();
+        let mut tag = [0u8; SESSION_TAG_BYTES];
+        tag.copy_from_slice(&full[..SESSION_TAG_BYTES]);
+        tag
+    }
+
+    /// Mints a new guest session id.
+    pub fn issue_session(&self) -> SessionId {
+        let random: [u8; SESSION_RANDOM_BYTES] = rand::random();
+        let mut raw = [0u8; SESSION_RANDOM_BYTES + SESSION_TAG_BYTES];
+        raw[..SESSION_RANDOM_BYTES].copy_from_slice(&random);
+        raw[SESSION_RANDOM_BYTES..].copy_from_slice(&self.session_tag(&random));
+        SessionId::verified(URL_SAFE_NO_PAD.encode(raw))
+    }
+
+    /// Checks a presented guest session id.
+    pub fn verify_session(&self, presented: &str) -> Result<SessionId, ApiError> {
+        // 32 bytes in unpadded base64url are exactly 43 characters.
+        if presented.len() != 43 {
+            return Err(ApiError::InvalidSession);
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(presented)
+            .map_err(|_| ApiError::InvalidSession)?;
+        if raw.len() != SESSION_RANDOM_BYTES + SESSION_TAG_BYTES {
+            return Err(ApiError::InvalidSession);
+        }
+        let mut mac = self.session_mac.clone();
+        mac.update(SESSION_CONTEXT);
+        mac.update(&raw[..SESSION_RANDOM_BYTES]);
+        mac.verify_truncated_left(&raw[SESSION_RANDOM_BYTES..])
+            .map_err(|_| ApiError::InvalidSession)?;
+        // Re-encode so the owner key is canonical even if a decoder were lenient.
+        Ok(SessionId::verified(URL_SAFE_NO_PAD.encode(&raw)))
+    }
+}
+
+/// Signs a user token with the first HS256 key of `config` (the local cluster's tooling and
+/// tests; production tokens come from the identity provider).
+pub fn issue_token(
+    config: &AuthConfig,
+    sub: &str,
+    ttl: Duration,
+    now_unix: u64,
+) -> Result<String, String> {
+    UserId::parse(sub).map_err(|e| e.to_string())?;
+    let key = config
+        .keys
+        .iter()
+        .find(|k| k.algorithm == "HS256")
+        .ok_or("no HS256 key is configured; tokens come from your identity provider")?;
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some(key.kid.clone());
+    let claims = Claims {
+        sub: sub.to_string(),
+        exp: now_unix + ttl.as_secs(),
+        iss: (!config.issuer.is_empty()).then(|| config.issuer.clone()),
+        aud: (!config.audience.is_empty()).then(|| config.audience.clone()),
+        iat: Some(now_unix),
+    };
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &EncodingKey::from_secret(key.secret.expose().as_bytes()),
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Dur, Secret};
+
+    fn config() -> AuthConfig {
+        AuthConfig {
+            issuer: "iss-a".into(),
+            audience: "aud-a".into(),
+            leeway: Dur(Duration::from_secs(1)),
+            session_secret: Secret::new("s".repeat(32)),
+            keys: vec![JwtKeyConfig {
+                kid: "k1".into(),
+                algorithm: "HS256".into(),
+                secret: Secret::new("k".repeat(32)),
+                public_key_file: None,
+            }],
+        }
+    }
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    #[test]
+    fn issued_tokens_verify_and_name_their_user() {
+        let auth = Authenticator::new(&config()).unwrap();
+        let token = issue_token(&config(), "alice", Duration::from_secs(60), now()).unwrap();
+        assert_eq!(auth.verify_token(&token).unwrap().as_str(), "alice");
+    }
+
+    #[test]
+    fn expired_wrong_audience_and_garbage_tokens_are_refused() {
+        let auth = Authenticator::new(&config()).unwrap();
+        let expired = issue_token(&config(), "alice", Duration::from_secs(0), now() - 120).unwrap();
+        assert!(auth.verify_token(&expired).is_err());
+        let mut other = config();
+        other.audience = "aud-b".into();
+        let foreign = issue_token(&other, "alice", Duration::from_secs(60), now()).unwrap();
+        assert!(auth.verify_token(&foreign).is_err());
+        assert!(auth.verify_token("not.a.token").is_err());
+        assert!(auth.verify_token(&"a".repeat(MAX_TOKEN_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn a_token_signed_with_another_secret_is_refused() {
+        let auth = Authenticator::new(&config()).unwrap();
+        let mut forged = config();
+        forged.keys[0].secret = Secret::new("x".repeat(32));
+        let token = issue_token(&forged, "alice", Duration::from_secs(60), now()).unwrap();
+        assert!(auth.verify_token(&token).is_err());
+    }
+
+    #[test]
+    fn sessions_verify_only_when_minted_with_our_secret() {
+        let auth = Authenticator::new(&config()).unwrap();
+        let session = auth.issue_session();
+        assert_eq!(session.as_str().len(), 43);
+        assert_eq!(auth.verify_session(session.as_str()).unwrap(), session);
+        let mut other_config = config();
+        other_config.session_secret = Secret::new("t".repeat(32));
+        let other = Authenticator::new(&other_config).unwrap();
+        assert!(other.verify_session(session.as_str()).is_err());
+        let mut tampered = session.as_str().to_string();
+        let last = if tampered.ends_with('A') { "B" } else { "A" };
+        tampered.replace_range(42..43, last);
+        assert!(auth.verify_session(&tampered).is_err());
+        assert!(auth.verify_session("short").is_err());
+        assert_ne!(auth.issue_session(), auth.issue_session());
+    }
+}

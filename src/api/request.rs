@@ -1,0 +1,370 @@
+//! Reading a request: identity, headers of the cart contract, and bodies.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap};
+use http::request::Parts;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::auth::Authenticator;
+use super::error::ApiError;
+use super::names;
+use crate::domain::cart::Quantity;
+use crate::domain::ids::{ItemId, SessionId, UserId};
+use crate::domain::money::Money;
+use crate::domain::variant;
+
+/// Who sent the request.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    User(UserId),
+    Guest(SessionId),
+    Anonymous,
+}
+
+/// Borrowed view of a request's head with the contract's accessors.
+pub struct RequestParts<'a> {
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .map(|v| Some(v.trim()))
+            .map_err(|_| ApiError::InvalidRequest(format!("header {name} is not visible ASCII"))),
+    }
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.trim())
+}
+
+impl<'a> RequestParts<'a> {
+    pub fn new(parts: &'a Parts) -> Self {
+        RequestParts {
+            headers: &parts.headers,
+            query: parts.uri.query(),
+        }
+    }
+
+    /// Resolves the caller. A present but bad credential is an error, never anonymous.
+    pub fn authenticate(&self, auth: &Authenticator) -> Result<Caller, ApiError> {
+        if let Some(value) = self.headers.get(header::AUTHORIZATION) {
+            let value = value
+                .to_str()
+                .map_err(|_| ApiError::Unauthenticated("authorization header is malformed"))?;
+            let (scheme, token) = value.split_once(' ').ok_or(ApiError::Unauthenticated(
+                "authorization must be a Bearer token",
+            ))?;
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err(ApiError::Unauthenticated(
+                    "authorization must be a Bearer token",
+                ));
+            }
+            return auth.verify_token(token.trim()).map(Caller::User);
+        }
+        let presented = match header_str(self.headers, names::CART_SESSION) {
+            Ok(Some(value)) => Some(value),
+            Ok(None) => cookie(self.headers, names::SESSION_COOKIE),
+            Err(_) => return Err(ApiError::InvalidSession),
+        };
+        match presented {
+            Some(session) => auth.verify_session(session).map(Caller::Guest),
+            None => Ok(Caller::Anonymous),
+        }
+    }
+
+    /// Seed compatibility: a `user_id` must be the token's `sub`.
+    pub fn check_user_id(&self, caller: &Caller, user_id: Option<&str>) -> Result<(), ApiError> {
+        match (user_id, caller) {
+            (None, _) => Ok(()),
+            (Some(claimed), Caller::User(user)) if claimed == user.as_str() => Ok(()),
+            (Some(_), Caller::User(_)) => {
+                Err(ApiError::Forbidden("user_id does not match the token"))
+            }
+            (Some(_), _) => Err(ApiError::Unauthenticated("user_id requires a bearer token")),
+        }
+    }
+
+    pub fn query_user_id(&self) -> Option<String> {
+        self.query?
+            .split('&')
+            .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+            .find(|(key, _)| *key == "user_id")
+            .map(|(_, value)| value.to_string())
+    }
+
+    /// `Cart-Min-Version` (header, then the `cart_min_version` cookie); 0 when absent.
+    pub fn min_version(&self) -> Result<i64, ApiError> {
+        let raw = match header_str(self.headers, names::CART_MIN_VERSION)? {
+            Some(value) => Some(value),
+            None => cookie(self.headers, "cart_min_version"),
+        };
+        match raw {
+            None => Ok(0),
+            Some(value) => value
+                .parse::<i64>()
+                .ok()
+                .filter(|v| *v >= 0)
+                .ok_or_else(|| {
+                    ApiError::InvalidRequest(
+                        "Cart-Min-Version must be a non-negative integer".into(),
+                    )
+                }),
+        }
+    }
+
+    /// `If-Match: "<version>"` (a weak tag is accepted; `*` means any version).
+    pub fn if_match(&self) -> Result<Option<i64>, ApiError> {
+        let Some(value) = header_str(self.headers, header::IF_MATCH.as_str())? else {
+            return Ok(None);
+        };
+        if value == "*" {
+            return Ok(None);
+        }
+        parse_etag(value).map(Some).ok_or_else(|| {
+            ApiError::InvalidRequest("If-Match must be an entity tag like \"3\"".into())
+        })
+    }
+
+    /// Whether `If-None-Match` names `version` (or is `*`).
+    pub fn if_none_match_matches(&self, version: i64) -> bool {
+        let Ok(Some(value)) = header_str(self.headers, header::IF_NONE_MATCH.as_str()) else {
+            return false;
+        };
+        value == "*"
+            || value
+                .split(',')
+                .filter_map(|tag| parse_etag(tag.trim()))
+                .any(|v| v == version)
+    }
+
+    /// The `Idempotency-Key`: 1–255 visible ASCII characters.
+    pub fn idempotency_key(&self) -> Result<Option<&'a str>, ApiError> {
+        let Some(value) = self.headers.get(names::IDEMPOTENCY_KEY) else {
+            return Ok(None);
+        };
+        let bytes = value.as_bytes();
+        if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x21..=0x7e).contains(b))
+        {
+            return Err(ApiError::InvalidRequest(
+                "Idempotency-Key must be 1-255 visible ASCII characters".into(),
+            ));
+        }
+        Ok(value.to_str().ok())
+    }
+}
+
+fn parse_etag(tag: &str) -> Option<i64> {
+    let tag = tag.strip_prefix("W/").unwrap_or(tag);
+    tag.strip_prefix('"')?
+        .strip_suffix('"')?
+        .parse::<i64>()
+        .ok()
+        .filter(|v| *v >= 0)
+}
+
+/// Reads a body up to `limit` bytes. A body is JSON: a non-empty one needs
+/// `Content-Type: application/json`; `required` bodies must be non-empty.
+pub async fn read_body(
+    parts: &Parts,
+    body: Incoming,
+    limit: usize,
+    required: bool,
+) -> Result<Bytes, ApiError> {
+    if let Some(length) = parts.headers.get(header::CONTENT_LENGTH) {
+        let length: u64 = length
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ApiError::InvalidRequest("Content-Length is malformed".into()))?;
+        if length > limit as u64 {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+    }
+    let bytes = Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|error| {
+            if error.is::<http_body_util::LengthLimitError>() {
+                ApiError::PayloadTooLarge { limit }
+            } else {
+                ApiError::InvalidRequest("request body could not be read".into())
+            }
+        })?
+        .to_bytes();
+    if bytes.is_empty() {
+        return if required {
+            Err(ApiError::InvalidRequest("a JSON body is required".into()))
+        } else {
+            Ok(bytes)
+        };
+    }
+    let json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        })
+        .unwrap_or(false);
+    if !json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    Ok(bytes)
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
+}
+
+pub fn parse_json_or_default<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.is_empty() {
+        Ok(T::default())
+    } else {
+        parse_json(bytes)
+    }
+}
+
+/// Hash of what makes two requests "the same" for idempotency: the operation, its target,
+/// its precondition and the exact body.
+pub fn fingerprint(operation: &str, item: &str, if_match: Option<i64>, body: &[u8]) -> Vec<u8> {
+    let mut hasher = Sha256::new();
+    hasher.update(operation.as_bytes());
+    hasher.update([0]);
+    hasher.update(item.as_bytes());
+    hasher.update([0]);
+    hasher.update(
+        if_match
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    hasher.update([0]);
+    hasher.update(body);
+    hasher.finalize().to_vec()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddItemBody {
+    item_id: String,
+    quantity: i64,
+    #[serde(default)]
+    variant: Option<Value>,
+    #[serde(default)]
+    price: Option<Money>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+/// A validated add.
+pub struct ValidAdd {
+    pub item_id: ItemId,
+    pub quantity: Quantity,
+    pub variant: Option<Value>,
+    pub price: Option<Money>,
+}
+
+impl AddItemBody {
+    pub fn validate(self) -> Result<ValidAdd, ApiError> {
+        let item_id =
+            ItemId::parse(&self.item_id).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+        let quantity = Quantity::parse(self.quantity).ok_or_else(|| {
+            ApiError::InvalidRequest("quantity must be an integer within 1..=999".into())
+        })?;
+        let variant = match &self.variant {
+            None => None,
+            Some(value) => variant::validate(value)
+                .map_err(|e| ApiError::InvalidRequest(e.to_string()))?
+                .cloned(),
+        };
+        Ok(ValidAdd {
+            item_id,
+            quantity,
+            variant,
+            price: self.price,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetQuantityBody {
+    quantity: i64,
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+impl SetQuantityBody {
+    pub fn validate(&self) -> Result<Quantity, ApiError> {
+        Quantity::parse(self.quantity).ok_or_else(|| {
+            ApiError::InvalidRequest("quantity must be an integer within 1..=999".into())
+        })
+    }
+}
+
+/// Body of the DELETEs: optional, and only `user_id` is allowed in it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClearBody {
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entity_tags_parse_strong_and_weak() {
+        assert_eq!(parse_etag("\"3\""), Some(3));
+        assert_eq!(parse_etag("W/\"3\""), Some(3));
+        assert_eq!(parse_etag("3"), None);
+        assert_eq!(parse_etag("\"-1\""), None);
+    }
+
+    #[test]
+    fn fingerprints_differ_by_body_target_and_precondition() {
+        let base = fingerprint("add", "a", None, b"{}");
+        assert_eq!(base, fingerprint("add", "a", None, b"{}"));
+        assert_ne!(base, fingerprint("add", "b", None, b"{}"));
+        assert_ne!(base, fingerprint("add", "a", Some(1), b"{}"));
+        assert_ne!(base, fingerprint("add", "a", None, b"{ }"));
+        assert_ne!(base, fingerprint("set", "a", None, b"{}"));
+    }
+
+    #[test]
+    fn add_bodies_reject_unknown_fields_wrong_types_and_ranges() {
+        assert!(parse_json::<AddItemBody>(br#"{"item_id":"a","quantity":1,"x":1}"#).is_err());
+        assert!(parse_json::<AddItemBody>(br#"{"item_id":"a","quantity":"1"}"#).is_err());
+        assert!(parse_json::<AddItemBody>(br#"{"item_id":"a","quantity":1.5}"#).is_err());
+        let zero: AddItemBody = parse_json(br#"{"item_id":"a","quantity":0}"#).unwrap();
+        assert!(zero.validate().is_err());
+        let bad_variant: AddItemBody =
+            parse_json(br#"{"item_id":"a","quantity":1,"variant":"M"}"#).unwrap();
+        assert!(bad_variant.validate().is_err());
+        let ok: AddItemBody =
+            parse_json(br#"{"item_id":"a","quantity":2,"variant":{"size":"M"}}"#).unwrap();
+        assert_eq!(ok.validate().unwrap().quantity.get(), 2);
+    }
+}

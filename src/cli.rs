@@ -1,0 +1,310 @@
+//! The `cartedge` command line: serve, migrate, check-config, token, catalog, local.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use crate::app::App;
+use crate::config::{Config, Sources};
+use crate::domain::money::{Currency, Money};
+use crate::store::catalog::{self, ImportRow};
+
+/// Where the local cluster keeps its state.
+pub const LOCAL_DIR: &str = ".cartedge/local";
+
+#[derive(Debug, Parser)]
+#[command(name = "cartedge", version, about = "Multi-region shopping-cart edge")]
+pub struct Cli {
+    /// Region file (`regions/<id>.toml`); defaults to the local cluster's generated one.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Defaults file; `config/default.toml` when present, else the built-in copy.
+    #[arg(long, global = true)]
+    pub defaults: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the edge server.
+    Serve,
+    /// Apply pending database migrations to the primary.
+    Migrate,
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig,
+    /// Print a user token the configured HS256 key signs (local cluster and tests).
+    Token {
+        #[arg(long)]
+        sub: String,
+        /// Lifetime, e.g. `1h`, `15m`.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// Manage the catalog (on the local cluster, or the database `--config` names).
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
+    /// Run a local cluster on 127.0.0.1.
+    #[command(subcommand)]
+    Local(LocalCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CatalogCommand {
+    /// Import a CSV: header `item_id,name,stock,<CUR>,<CUR>…`, prices in minor units.
+    Import { file: PathBuf },
+    /// Set one item's price in one currency, in minor units.
+    SetPrice {
+        item_id: String,
+        currency: String,
+        amount_minor: i64,
+    },
+    /// Set one item's stock.
+    SetStock { item_id: String, quantity: i32 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LocalCommand {
+    /// Start PostgreSQL, Redis and the edge; serve until Ctrl-C unless --detach.
+    Up {
+        #[arg(long)]
+        detach: bool,
+        #[arg(long, default_value = LOCAL_DIR)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 8080)]
+        edge_port: u16,
+        #[arg(long, default_value_t = 9080)]
+        admin_port: u16,
+    },
+    /// Stop a detached local cluster.
+    Down {
+        #[arg(long, default_value = LOCAL_DIR)]
+        dir: PathBuf,
+    },
+}
+
+impl Cli {
+    fn defaults(&self) -> Option<PathBuf> {
+        self.defaults.clone().or_else(|| {
+            let path = PathBuf::from("config/default.toml");
+            path.exists().then_some(path)
+        })
+    }
+
+    fn load_config(&self) -> Result<Config> {
+        let region = match &self.config {
+            Some(path) => path.clone(),
+            None => {
+                let local = crate::local::region_file(Path::new(LOCAL_DIR));
+                if !local.exists() {
+                    bail!("no --config given and no local cluster found (run `cartedge local up`)");
+                }
+                local
+            }
+        };
+        let sources = Sources::new(self.defaults(), Some(region));
+        Ok(Config::load(&sources, std::env::vars())?)
+    }
+}
+
+/// Runs the command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Serve => {
+            let config = cli.load_config()?;
+            crate::telemetry::init(&config.log);
+            let app = App::new(config.clone())?;
+            let listener = TcpListener::bind(config.server.listen)
+                .await
+                .with_context(|| format!("binding {}", config.server.listen))?;
+            let admin = match config.server.admin_listen {
+                Some(address) => Some(
+                    TcpListener::bind(address)
+                        .await
+                        .with_context(|| format!("binding {address}"))?,
+                ),
+                None => None,
+            };
+            tracing::info!(region = %config.region.id, listen = %config.server.listen, "edge serving");
+            serve_bound(app, listener, admin).await;
+            Ok(())
+        }
+        Command::Migrate => {
+            let config = cli.load_config()?;
+            let applied = crate::store::migrate::run(config.database.primary.expose()).await?;
+            if applied.is_empty() {
+                println!("no pending migrations");
+            }
+            for name in applied {
+                println!("applied {name}");
+            }
+            Ok(())
+        }
+        Command::CheckConfig => {
+            let config = cli.load_config()?;
+            print!("{}", config.redacted_toml());
+            Ok(())
+        }
+        Command::Token { sub, ttl } => {
+            let config = cli.load_config()?;
+            let ttl = humantime::parse_duration(ttl).context("--ttl")?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            let token = crate::api::auth::issue_token(&config.auth, sub, ttl, now)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Catalog(command) => {
+            let config = cli.load_config()?;
+            let (mut client, connection) =
+                tokio_postgres::connect(config.database.primary.expose(), tokio_postgres::NoTls)
+                    .await
+                    .context("connecting to the catalog's primary")?;
+            let driver = tokio::spawn(connection);
+            let outcome = run_catalog(command, &mut client).await;
+            drop(client);
+            let _ = driver.await;
+            outcome
+        }
+        Command::Local(LocalCommand::Up {
+            detach,
+            dir,
+            edge_port,
+            admin_port,
+        }) => {
+            crate::local::up(crate::local::UpOptions {
+                dir: dir.clone(),
+                detach: *detach,
+                edge_port: *edge_port,
+                admin_port: *admin_port,
+                defaults: cli.defaults(),
+            })
+            .await
+        }
+        Command::Local(LocalCommand::Down { dir }) => crate::local::down(dir),
+    }
+}
+
+async fn run_catalog(command: &CatalogCommand, client: &mut tokio_postgres::Client) -> Result<()> {
+    match command {
+        CatalogCommand::Import { file } => {
+            let rows = read_catalog_csv(file)?;
+            let count = catalog::upsert_items(client, &rows).await?;
+            println!("imported {count} items");
+        }
+        CatalogCommand::SetPrice {
+            item_id,
+            currency,
+            amount_minor,
+        } => {
+            let currency =
+                Currency::parse(currency).context("currency must be an ISO 4217 code like SGD")?;
+            if *amount_minor < 0 {
+                bail!("amount_minor must not be negative");
+            }
+            if !catalog::set_price(client, item_id, Money::new(*amount_minor, currency)).await? {
+                bail!("no item {item_id:?} in the catalog");
+            }
+            println!("{item_id} {currency} {amount_minor}");
+        }
+        CatalogCommand::SetStock { item_id, quantity } => {
+            if *quantity < 0 {
+                bail!("quantity must not be negative");
+            }
+            if !catalog::set_stock(client, item_id, *quantity).await? {
+                bail!("no item {item_id:?} in the catalog");
+            }
+            println!("{item_id} stock {quantity}");
+        }
+    }
+    Ok(())
+}
+
+/// Parses a catalog CSV: `item_id,name,stock` then one column per currency code.
+pub fn read_catalog_csv(path: &Path) -> Result<Vec<ImportRow>> {
+    let mut reader =
+        csv::Reader::from_path(path).with_context(|| format!("opening {}", path.display()))?;
+    let headers = reader.headers()?.clone();
+    let position = |name: &str| headers.iter().position(|h| h.trim() == name);
+    let (Some(id_at), Some(name_at), Some(stock_at)) =
+        (position("item_id"), position("name"), position("stock"))
+    else {
+        bail!("the header must name item_id, name and stock");
+    };
+    let currencies: Vec<(usize, Currency)> = headers
+        .iter()
+        .enumerate()
+        .filter_map(|(index, header)| Currency::parse(header.trim()).map(|c| (index, c)))
+        .collect();
+    if currencies.is_empty() {
+        bail!("the header names no currency column (e.g. SGD)");
+    }
+    let mut rows = Vec::new();
+    for (line, record) in reader.records().enumerate() {
+        let record = record?;
+        let at = line + 2;
+        let field = |index: usize| record.get(index).unwrap_or("").trim();
+        let item_id = field(id_at);
+        crate::domain::ids::ItemId::parse(item_id)
+            .map_err(|e| anyhow::anyhow!("line {at}: {e}"))?;
+        let stock: i32 = field(stock_at)
+            .parse()
+            .ok()
+            .filter(|s| *s >= 0)
+            .with_context(|| format!("line {at}: stock must be a non-negative integer"))?;
+        let mut prices = Vec::new();
+        for (index, currency) in &currencies {
+            let raw = field(*index);
+            if raw.is_empty() {
+                continue;
+            }
+            let amount: i64 = raw.parse().ok().filter(|a| *a >= 0).with_context(|| {
+                format!("line {at}: {currency} must be a non-negative integer of minor units")
+            })?;
+            prices.push(Money::new(amount, *currency));
+        }
+        rows.push(ImportRow {
+            item_id: item_id.to_string(),
+            name: field(name_at).to_string(),
+            stock,
+            prices,
+        });
+    }
+    Ok(rows)
+}
+
+/// Serves already-bound listeners until SIGTERM/Ctrl-C, with the cache repair task alongside.
+pub async fn serve_bound(app: Arc<App>, listener: TcpListener, admin: Option<TcpListener>) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let repair = tokio::spawn(
+        app.store
+            .cache
+            .clone()
+            .run_repair(Duration::from_millis(250), stop_rx.clone()),
+    );
+    let admin_task = admin.map(|listener| {
+        let app = app.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            crate::server::run_admin(listener, app, async move {
+                let _ = stop.changed().await;
+            })
+            .await
+        })
+    });
+    let public = crate::server::run(listener, app.clone(), async move {
+        crate::server::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    public.await;
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+    let _ = repair.await;
+}

@@ -1,0 +1,521 @@
+//! Typed configuration: layered loading, validation and redacted printing.
+//!
+//! Layers, later wins: `config/default.toml` → `regions/<id>.toml` → `CARTEDGE__…` environment
+//! variables (meant for secrets). Every table rejects unknown keys so a typo in an SRE-edited file
+//! is an error, not a silently ignored setting. Loading takes the environment as a parameter so
+//! tests never mutate the process environment. This module opens no sockets and reads no clock.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::domain::money::Currency;
+
+/// The prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "CARTEDGE__";
+
+/// The whole effective configuration of one edge.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub region: RegionConfig,
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub cart: CartConfig,
+    pub auth: AuthConfig,
+    pub idempotency: IdempotencyConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    /// Region id, e.g. `sg`; reported in `Cart-Region` and `/health`.
+    pub id: String,
+    /// Currency of carts created by this region's edge.
+    pub currency: Currency,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Public listener (the cart API, `/health`, `/ready`).
+    pub listen: SocketAddr,
+    /// Operator listener (`/health`, `/ready`); later also metrics. Optional.
+    pub admin_listen: Option<SocketAddr>,
+    /// Largest accepted request body; the contract says 16 KiB.
+    pub max_body_bytes: usize,
+    /// Upper bound on one request's handling; past it the client gets 503 `unavailable`.
+    pub request_timeout: Dur,
+    /// After SIGTERM, how long `/ready` answers 503 while the listener still accepts, so load
+    /// balancers notice before connections are refused.
+    pub drain_grace: Dur,
+    /// How long in-flight connections may take to finish after the listener closes.
+    pub drain_timeout: Dur,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Shard primary (libpq key=value or URL). Multi-host strings are allowed.
+    pub primary: Secret,
+    /// Read replica of the shard; may equal `primary` in a single-node setup.
+    pub replica: Secret,
+    /// Catalog reads; defaults to `replica` when empty.
+    pub catalog: Secret,
+    /// Connections per pool (primary, replica and catalog each get one pool).
+    pub pool_size: usize,
+    /// Bound on establishing one connection.
+    pub connect_timeout: Dur,
+    /// Bound on waiting for a pooled connection before the request fails with 503.
+    pub checkout_timeout: Dur,
+    /// Server-side statement timeout set on every connection.
+    pub statement_timeout: Dur,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: Secret,
+    /// Cache entry lifetime; also bounds how long a missed invalidation can matter.
+    pub ttl: Dur,
+    /// Prefix of every cart key, so several deployments or tests can share one Redis.
+    pub key_prefix: String,
+    /// Bound on one cache round trip; a slow cache is treated as a miss, never as an error.
+    pub timeout: Dur,
+    /// Owners whose invalidation failed are remembered up to this many; past it the whole
+    /// cache is distrusted and flushed when Redis is reachable again.
+    pub max_pending_invalidations: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CartConfig {
+    /// Most lines one cart may hold (`cart_full` past it).
+    pub max_lines: u32,
+    /// How long a catalog entry (current price, stock) is reused in-process for cart views.
+    pub catalog_cache_ttl: Dur,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Expected `iss`; empty disables the check.
+    pub issuer: String,
+    /// Expected `aud`; empty disables the check.
+    pub audience: String,
+    /// Clock-skew allowance for `exp`/`nbf`.
+    pub leeway: Dur,
+    /// HMAC key for guest session ids (at least 32 bytes).
+    pub session_secret: Secret,
+    /// Verification keys; a token names one by `kid`, or the only key is used.
+    pub keys: Vec<JwtKeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKeyConfig {
+    pub kid: String,
+    /// `HS256`, `ES256`, `EdDSA` or `RS256`: pinned here, never taken from the token.
+    pub algorithm: String,
+    /// Shared secret for `HS256` (at least 32 bytes).
+    #[serde(default)]
+    pub secret: Secret,
+    /// PEM public key file for asymmetric algorithms.
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// How long idempotency keys are kept (the contract says at least 24 h).
+    pub retention: Dur,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A `tracing` filter directive, e.g. `info,cartedge=debug`; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+/// A duration written as a human string (`"250ms"`, `"1h"`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl fmt::Debug for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// A string that must never be printed: `Debug` and `Serialize` redact it.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "<redacted>"
+        })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(if self.0.is_empty() { "" } else { "<redacted>" })
+    }
+}
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot parse {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: String, message: String },
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// The defaults shipped in the binary, used when no defaults file is named or found.
+pub const EMBEDDED_DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Where the layers come from.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// The defaults file (`config/default.toml`); `None` uses [`EMBEDDED_DEFAULTS`].
+    pub defaults: Option<PathBuf>,
+    /// The region file (`regions/<id>.toml`), if any.
+    pub region: Option<PathBuf>,
+    /// Extra TOML text applied after the region file (used by tests and the local launcher).
+    pub overlay: Option<String>,
+}
+
+impl Sources {
+    pub fn new(defaults: Option<PathBuf>, region: Option<PathBuf>) -> Self {
+        Sources {
+            defaults,
+            region,
+            overlay: None,
+        }
+    }
+}
+
+impl Config {
+    /// Loads and validates the layered configuration. `env` is the process environment (or a
+    /// test's stand-in); only variables starting with [`ENV_PREFIX`] are read.
+    pub fn load<I, K, V>(sources: &Sources, env: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let mut merged = match &sources.defaults {
+            Some(path) => read_toml(path)?,
+            None => toml::from_str(EMBEDDED_DEFAULTS).map_err(|e| ConfigError::Parse {
+                path: "embedded defaults".into(),
+                message: e.to_string(),
+            })?,
+        };
+        if let Some(region) = &sources.region {
+            merge(&mut merged, read_toml(region)?);
+        }
+        if let Some(overlay) = &sources.overlay {
+            let layer: toml::Table = toml::from_str(overlay).map_err(|e| ConfigError::Parse {
+                path: "overlay".into(),
+                message: e.to_string(),
+            })?;
+            merge(&mut merged, layer);
+        }
+        let mut overrides: BTreeMap<String, String> = BTreeMap::new();
+        for (name, value) in env {
+            if let Some(rest) = name.as_ref().strip_prefix(ENV_PREFIX) {
+                overrides.insert(rest.to_string(), value.as_ref().to_string());
+            }
+        }
+        for (path, value) in overrides {
+            apply_env(&mut merged, &path, &value)?;
+        }
+        let config: Config =
+            Config::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError::Parse {
+                path: "effective configuration".into(),
+                message: e.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything that can be checked without touching the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let id = &self.region.id;
+        if id.is_empty() || id.len() > 8 || !id.bytes().all(|b| b.is_ascii_lowercase()) {
+            problems.push(format!("region.id {id:?} must be 1-8 lowercase letters"));
+        }
+        if self.server.max_body_bytes == 0 || self.server.max_body_bytes > 1 << 20 {
+            problems.push("server.max_body_bytes must be within 1..=1048576".into());
+        }
+        if self.database.primary.is_empty() {
+            problems.push("database.primary is required".into());
+        }
+        if self.database.replica.is_empty() {
+            problems.push("database.replica is required".into());
+        }
+        if self.database.pool_size == 0 {
+            problems.push("database.pool_size must be at least 1".into());
+        }
+        if redis::Client::open(self.redis.url.expose()).is_err() {
+            problems.push("redis.url is not a valid redis URL".into());
+        }
+        if self.redis.ttl.0 < Duration::from_secs(1) {
+            problems.push("redis.ttl must be at least 1s".into());
+        }
+        if !(1..=1000).contains(&self.cart.max_lines) {
+            problems.push("cart.max_lines must be within 1..=1000".into());
+        }
+        if self.idempotency.retention.0 < Duration::from_secs(24 * 3600) {
+            problems.push("idempotency.retention must be at least 24h".into());
+        }
+        if self.auth.session_secret.expose().len() < 32 {
+            problems.push("auth.session_secret must be at least 32 bytes".into());
+        }
+        if self.auth.keys.is_empty() {
+            problems.push("auth.keys must name at least one key".into());
+        }
+        for (index, key) in self.auth.keys.iter().enumerate() {
+            if let Err(problem) = crate::api::auth::check_key_config(key) {
+                problems.push(format!("auth.keys[{index}] ({}): {problem}", key.kid));
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            problems.push("log.format must be text or json".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The effective configuration as TOML with every secret redacted.
+    pub fn redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// The catalog DSN: the configured one, or the replica's.
+    pub fn catalog_dsn(&self) -> &str {
+        if self.database.catalog.is_empty() {
+            self.database.replica.expose()
+        } else {
+            self.database.catalog.expose()
+        }
+    }
+}
+
+fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Deep-merges `layer` into `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Table, layer: toml::Table) {
+    for (key, value) in layer {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(incoming)) => {
+                merge(existing, incoming)
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Applies `CARTEDGE__A__B=value` as `a.b = value`. Numeric segments index arrays. A value
+/// replacing a string stays a string (so a numeric-looking secret is not turned into a number);
+/// otherwise it is read as a TOML value when it parses as one.
+fn apply_env(root: &mut toml::Table, path: &str, raw: &str) -> Result<(), ConfigError> {
+    let name = format!("{ENV_PREFIX}{path}");
+    let segments: Vec<String> = path.split("__").map(|s| s.to_ascii_lowercase()).collect();
+    if segments.iter().any(|s| s.is_empty()) {
+        return Err(ConfigError::Env {
+            name,
+            message: "empty path segment".into(),
+        });
+    }
+    let mut slot: &mut toml::Value = root
+        .entry(segments[0].clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    for segment in &segments[1..] {
+        slot = match slot {
+            toml::Value::Table(table) => table
+                .entry(segment.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new())),
+            toml::Value::Array(items) => {
+                let index: usize = segment.parse().map_err(|_| ConfigError::Env {
+                    name: name.clone(),
+                    message: format!("{segment:?} is not an array index"),
+                })?;
+                items.get_mut(index).ok_or_else(|| ConfigError::Env {
+                    name: name.clone(),
+                    message: format!("index {index} is out of range"),
+                })?
+            }
+            _ => {
+                return Err(ConfigError::Env {
+                    name,
+                    message: "path goes through a plain value".into(),
+                })
+            }
+        };
+    }
+    let keep_string = matches!(slot, toml::Value::String(_));
+    *slot = if keep_string {
+        toml::Value::String(raw.to_string())
+    } else {
+        parse_scalar(raw)
+    };
+    Ok(())
+}
+
+fn parse_scalar(raw: &str) -> toml::Value {
+    let probe = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&probe) {
+        Ok(mut table) => table
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources_with(overlay: &str) -> Sources {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        Sources {
+            defaults: Some(root.join("config/default.toml")),
+            region: Some(root.join("regions/sg.toml")),
+            overlay: Some(overlay.to_string()),
+        }
+    }
+
+    const SECRETS: [(&str, &str); 2] = [
+        (
+            "CARTEDGE__AUTH__SESSION_SECRET",
+            "0123456789abcdef0123456789abcdef",
+        ),
+        (
+            "CARTEDGE__AUTH__KEYS__0__SECRET",
+            "fedcba9876543210fedcba9876543210",
+        ),
+    ];
+
+    #[test]
+    fn region_file_and_environment_layer_over_defaults() {
+        let mut env = SECRETS.to_vec();
+        env.push(("CARTEDGE__CART__MAX_LINES", "7"));
+        env.push(("UNRELATED", "x"));
+        let config = Config::load(&sources_with(""), env).unwrap();
+        assert_eq!(config.region.id, "sg");
+        assert_eq!(config.region.currency.as_str(), "SGD");
+        assert_eq!(config.cart.max_lines, 7);
+        assert_eq!(
+            config.auth.keys[0].secret.expose(),
+            "fedcba9876543210fedcba9876543210"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let error = Config::load(&sources_with("[cart]\nmax_linez = 3\n"), SECRETS).unwrap_err();
+        assert!(error.to_string().contains("max_linez"), "{error}");
+    }
+
+    #[test]
+    fn missing_secrets_fail_validation_with_every_problem_listed() {
+        let error = Config::load(&sources_with(""), Vec::<(String, String)>::new()).unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("auth.session_secret"), "{text}");
+        assert!(text.contains("auth.keys[0]"), "{text}");
+    }
+
+    #[test]
+    fn redacted_output_never_contains_secrets() {
+        let config = Config::load(&sources_with(""), SECRETS).unwrap();
+        let printed = config.redacted_toml();
+        assert!(printed.contains("<redacted>"));
+        assert!(!printed.contains("0123456789abcdef"));
+        assert!(!format!("{config:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn a_numeric_looking_secret_stays_a_string() {
+        let mut env = SECRETS.to_vec();
+        env[0].1 = "12345678901234567890123456789012";
+        let config = Config::load(&sources_with(""), env).unwrap();
+        assert_eq!(
+            config.auth.session_secret.expose(),
+            "12345678901234567890123456789012"
+        );
+    }
+
+    #[test]
+    fn durations_are_human_strings() {
+        let config = Config::load(&sources_with("[redis]\nttl = \"90m\"\n"), SECRETS).unwrap();
+        assert_eq!(config.redis.ttl.0, Duration::from_secs(90 * 60));
+        let error = Config::load(&sources_with("[redis]\nttl = \"soon\"\n"), SECRETS).unwrap_err();
+        assert!(error.to_string().contains("invalid duration"), "{error}");
+    }
+}

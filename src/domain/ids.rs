@@ -1,0 +1,138 @@
+//! Validated identifiers: user ids, item ids, guest session ids and cart owner keys.
+
+use std::fmt;
+
+/// Why an identifier was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct IdError(pub &'static str);
+
+fn check(value: &str, max: usize, allowed: impl Fn(u8) -> bool) -> bool {
+    !value.is_empty() && value.len() <= max && value.bytes().all(allowed)
+}
+
+/// A user id: a token's `sub`, `[A-Za-z0-9_-]{1,64}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UserId(String);
+
+impl UserId {
+    pub fn parse(value: &str) -> Result<UserId, IdError> {
+        if check(value, 64, |b| {
+            b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
+        }) {
+            Ok(UserId(value.to_string()))
+        } else {
+            Err(IdError("user id must match [A-Za-z0-9_-]{1,64}"))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A catalog item id, `[A-Za-z0-9._:-]{1,64}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ItemId(String);
+
+impl ItemId {
+    pub fn parse(value: &str) -> Result<ItemId, IdError> {
+        if check(value, 64, |b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-')
+        }) {
+            Ok(ItemId(value.to_string()))
+        } else {
+            Err(IdError("item_id must match [A-Za-z0-9._:-]{1,64}"))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ItemId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A guest session id whose signature has already been checked (see `api::auth`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionId(String);
+
+impl SessionId {
+    /// Wraps an id that the caller has verified. Only the auth module should call this.
+    pub fn verified(value: String) -> SessionId {
+        SessionId(value)
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Whose cart: a user or a guest session. Its key (`u:<sub>` / `g:<session>`) is the cart's
+/// primary key everywhere (database, cache, ring).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Owner {
+    User(UserId),
+    Guest(SessionId),
+}
+
+impl Owner {
+    pub fn key(&self) -> OwnerKey {
+        match self {
+            Owner::User(user) => OwnerKey(format!("u:{}", user.as_str())),
+            Owner::Guest(session) => OwnerKey(format!("g:{}", session.as_str())),
+        }
+    }
+}
+
+/// The stable string key of a cart owner.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OwnerKey(String);
+
+impl OwnerKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// Re-reads a key that was produced by [`Owner::key`] (for example from the database).
+    pub fn from_stored(value: String) -> OwnerKey {
+        OwnerKey(value)
+    }
+}
+
+impl fmt::Display for OwnerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_follow_the_token_sub_grammar() {
+        assert!(UserId::parse("alice_01-x").is_ok());
+        assert!(UserId::parse(&"a".repeat(64)).is_ok());
+        for bad in ["", "a b", "ü", "a.b", &"a".repeat(65)] {
+            assert!(UserId::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn item_ids_allow_dots_colons_and_dashes_only() {
+        assert!(ItemId::parse("sku-00001").is_ok());
+        assert!(ItemId::parse("a.b:c_d-e").is_ok());
+        for bad in ["", "a/b", "a b", "<x>", &"x".repeat(65)] {
+            assert!(ItemId::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn owner_keys_are_prefixed_by_kind() {
+        let user = Owner::User(UserId::parse("bob").unwrap());
+        assert_eq!(user.key().as_str(), "u:bob");
+        let guest = Owner::Guest(SessionId::verified("abc".into()));
+        assert_eq!(guest.key().as_str(), "g:abc");
+    }
+}

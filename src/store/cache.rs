@@ -1,0 +1,295 @@
+//! The regional Redis cart cache (cache-aside), with a version fence.
+//!
+//! Each cart is one hash `<prefix><owner>` with fields `v` (version) and `c` (the stored cart
+//! as JSON), read with one `HMGET`. Every write into it goes through one Lua script that refuses
+//! to replace a version with an older one, so the classic cache-aside race — a slow reader
+//! filling the cache with a cart older than a write that already happened — cannot take
+//! effect: the writer leaves its version behind (the new cart, or a bare fence when it has no
+//! cart to leave), and the late filler's older version is refused.
+//!
+//! Redis being slow or down never fails a request: operations are bounded by `redis.timeout`
+//! and errors count as misses. A write whose cache update failed is remembered (bounded) and
+//! its fence retried in the background; until then reads of that owner skip the cache. If too
+//! many are pending, the whole cache is distrusted until Redis is back and our keys are
+//! flushed, so no cart older than a write made during an outage is served afterwards.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+use crate::config::RedisConfig;
+use crate::domain::cart::StoredCart;
+use crate::domain::ids::OwnerKey;
+
+/// Sets `v`/`c` only when the stored version is older. ARGV: version, cart JSON ("" = fence
+/// only: drop `c`), TTL in ms.
+const FENCED_SET: &str = r#"
+local current = redis.call('HGET', KEYS[1], 'v')
+if current and tonumber(current) >= tonumber(ARGV[1]) then
+  return 0
+end
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], 'c')
+  redis.call('HSET', KEYS[1], 'v', ARGV[1])
+else
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'c', ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"#;
+
+/// Cache counters for health and metrics.
+#[derive(Debug, Default)]
+pub struct CacheCounters {
+    pub errors: AtomicU64,
+    pub fills_refused: AtomicU64,
+}
+
+pub struct Cache {
+    connection: ConnectionManager,
+    prefix: String,
+    ttl_ms: u64,
+    timeout: Duration,
+    script: Script,
+    /// Owners whose post-write cache update failed, with the version to fence at.
+    pending: Mutex<HashMap<String, i64>>,
+    /// Fast check so the hot path takes no lock while nothing is pending.
+    has_pending: AtomicBool,
+    /// Set when `pending` overflowed: every cache read is skipped until a flush succeeds.
+    distrust_all: AtomicBool,
+    max_pending: usize,
+    pub counters: CacheCounters,
+}
+
+impl Cache {
+    pub fn new(config: &RedisConfig) -> anyhow::Result<Cache> {
+        let client = redis::Client::open(config.url.expose())?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout.0.max(Duration::from_millis(200))))
+            .set_response_timeout(Some(config.timeout.0))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        Ok(Cache {
+            connection,
+            prefix: config.key_prefix.clone(),
+            ttl_ms: config.ttl.0.as_millis() as u64,
+            timeout: config.timeout.0,
+            script: Script::new(FENCED_SET),
+            pending: Mutex::new(HashMap::new()),
+            has_pending: AtomicBool::new(false),
+            distrust_all: AtomicBool::new(false),
+            max_pending: config.max_pending_invalidations,
+            counters: CacheCounters::default(),
+        })
+    }
+
+    fn key(&self, owner: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + owner.len());
+        key.push_str(&self.prefix);
+        key.push_str(owner);
+        key
+    }
+
+    fn is_pending(&self, owner: &str) -> bool {
+        self.has_pending.load(Ordering::Acquire)
+            && self
+                .pending
+                .lock()
+                .map(|pending| pending.contains_key(owner))
+                .unwrap_or(true)
+    }
+
+    fn note_error(&self, what: &str, error: &dyn std::fmt::Display) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(operation = what, %error, "cache unavailable");
+    }
+
+    /// The cached cart, if there is a trustworthy one.
+    pub async fn get(&self, owner: &OwnerKey) -> Option<StoredCart> {
+        if self.distrust_all.load(Ordering::Acquire) || self.is_pending(owner.as_str()) {
+            return None;
+        }
+        let mut connection = self.connection.clone();
+        let mut command = redis::cmd("HMGET");
+        command.arg(self.key(owner.as_str())).arg("v").arg("c");
+        let request = command.query_async::<(Option<i64>, Option<Vec<u8>>)>(&mut connection);
+        match tokio::time::timeout(self.timeout, request).await {
+            Ok(Ok((Some(version), Some(body)))) => {
+                match serde_json::from_slice::<StoredCart>(&body) {
+                    Ok(cart) if cart.version == version && cart.owner == owner.as_str() => {
+                        Some(cart)
+                    }
+                    _ => {
+                        self.note_error("decode", &"cached cart does not decode");
+                        None
+                    }
+                }
+            }
+            Ok(Ok(_)) => None,
+            Ok(Err(error)) => {
+                self.note_error("get", &error);
+                None
+            }
+            Err(_) => {
+                self.note_error("get", &"timed out");
+                None
+            }
+        }
+    }
+
+    async fn fenced_set(&self, owner: &str, version: i64, body: &str) -> Result<bool, String> {
+        let mut connection = self.connection.clone();
+        let mut invocation = self.script.key(self.key(owner));
+        invocation.arg(version).arg(body).arg(self.ttl_ms);
+        match tokio::time::timeout(
+            self.timeout,
+            invocation.invoke_async::<i64>(&mut connection),
+        )
+        .await
+        {
+            Ok(Ok(applied)) => Ok(applied == 1),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    /// Fills the cache after a database read, unless a newer version is already there.
+    pub async fn fill(&self, cart: &StoredCart) {
+        if self.distrust_all.load(Ordering::Acquire) || self.is_pending(&cart.owner) {
+            return;
+        }
+        let Ok(body) = serde_json::to_string(cart) else {
+            return;
+        };
+        match self.fenced_set(&cart.owner, cart.version, &body).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.counters.fills_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => self.note_error("fill", &error),
+        }
+    }
+
+    /// Leaves a committed cart in the cache. If Redis cannot be told, the owner is remembered
+    /// and fenced later; reads skip the cache for it meanwhile.
+    pub async fn store_committed(&self, cart: &StoredCart) {
+        let body = serde_json::to_string(cart).unwrap_or_default();
+        if let Err(error) = self.fenced_set(&cart.owner, cart.version, &body).await {
+            self.note_error("store", &error);
+            self.remember(&cart.owner, cart.version);
+        }
+    }
+
+    fn remember(&self, owner: &str, version: i64) {
+        let Ok(mut pending) = self.pending.lock() else {
+            self.distrust_all.store(true, Ordering::Release);
+            return;
+        };
+        if pending.len() >= self.max_pending && !pending.contains_key(owner) {
+            tracing::error!(
+                pending = pending.len(),
+                "too many missed cache invalidations; distrusting the whole cache until Redis is flushed"
+            );
+            self.distrust_all.store(true, Ordering::Release);
+            pending.clear();
+        } else {
+            let entry = pending.entry(owner.to_string()).or_insert(version);
+            *entry = (*entry).max(version);
+        }
+        self.has_pending
+            .store(!pending.is_empty(), Ordering::Release);
+    }
+
+    /// How many owners are waiting for a fence, and whether the whole cache is distrusted.
+    pub fn pending_state(&self) -> (usize, bool) {
+        let count = self.pending.lock().map(|p| p.len()).unwrap_or(0);
+        (count, self.distrust_all.load(Ordering::Acquire))
+    }
+
+    /// Whether Redis answers a PING within the timeout.
+    pub async fn ping(&self) -> bool {
+        let mut connection = self.connection.clone();
+        let command = redis::cmd("PING");
+        let ping = command.query_async::<String>(&mut connection);
+        matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)))
+    }
+
+    /// One repair pass: fence every pending owner, or flush our keys when distrusting all.
+    pub async fn repair_once(&self) {
+        if self.distrust_all.load(Ordering::Acquire) {
+            if self.flush_prefix().await.is_ok() {
+                tracing::info!("cache flushed after missed invalidations; trusting it again");
+                self.distrust_all.store(false, Ordering::Release);
+            }
+            return;
+        }
+        if !self.has_pending.load(Ordering::Acquire) {
+            return;
+        }
+        let snapshot: Vec<(String, i64)> = match self.pending.lock() {
+            Ok(pending) => pending.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            Err(_) => return,
+        };
+        for (owner, version) in snapshot {
+            if self.fenced_set(&owner, version, "").await.is_err() {
+                return;
+            }
+            if let Ok(mut pending) = self.pending.lock() {
+                if pending.get(&owner) == Some(&version) {
+                    pending.remove(&owner);
+                }
+                self.has_pending
+                    .store(!pending.is_empty(), Ordering::Release);
+            }
+        }
+    }
+
+    async fn flush_prefix(&self) -> Result<(), redis::RedisError> {
+        let mut connection = self.connection.clone();
+        let pattern = format!("{}*", self.prefix);
+        let mut cursor: u64 = 0;
+        // Bounded: a SCAN cursor returns to 0 after one full pass over the keyspace.
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut connection)
+                .await?;
+            if !keys.is_empty() {
+                redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<i64>(&mut connection)
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    /// Runs [`Cache::repair_once`] every `period` until `shutdown` resolves.
+    pub async fn run_repair(
+        self: Arc<Self>,
+        period: Duration,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut shutdown = shutdown;
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.repair_once().await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

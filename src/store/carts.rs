@@ -1,0 +1,397 @@
+//! Cart SQL: the consistent read of one cart and the write transaction every mutation uses.
+//!
+//! A mutation is one transaction on the primary. Its first statement bumps the cart's version
+//! and so takes the cart row's lock: concurrent writers of one cart queue behind each other and
+//! every read-modify-write below happens under that lock. The idempotency key, when present, is
+//! claimed and recorded inside the same transaction.
+
+use bytes::Bytes;
+use deadpool_postgres::Object;
+use serde_json::Value;
+
+use super::StoreError;
+use crate::domain::cart::{
+    check_version, plan_add, AddRequest, CartRule, CatalogItem, LineContext, Quantity, StoredCart,
+    StoredLine,
+};
+use crate::domain::ids::{ItemId, OwnerKey};
+use crate::domain::money::Currency;
+
+const LOAD_CART: &str = "SELECT c.currency, c.version, c.updated_at, i.item_id, i.quantity, \
+     i.variant, i.unit_price_minor, i.added_at, i.updated_at \
+     FROM carts c LEFT JOIN cart_items i ON i.owner = c.owner \
+     WHERE c.owner = $1 ORDER BY i.added_at, i.item_id";
+
+/// Reads one cart in a single statement (one consistent snapshot).
+pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, StoreError> {
+    let statement = client.prepare_cached(LOAD_CART).await?;
+    let rows = client.query(&statement, &[&owner.as_str()]).await?;
+    let Some(first) = rows.first() else {
+        return Ok(StoredCart::empty(owner.as_str()));
+    };
+    let currency: String = first.try_get(0)?;
+    let mut cart = StoredCart {
+        owner: owner.as_str().to_string(),
+        currency: Currency::parse(&currency),
+        version: first.try_get(1)?,
+        lines: Vec::with_capacity(rows.len()),
+        updated_at: Some(first.try_get(2)?),
+    };
+    for row in &rows {
+        let item_id: Option<String> = row.try_get(3)?;
+        let Some(item_id) = item_id else { continue };
+        let quantity: i32 = row.try_get(4)?;
+        cart.lines.push(StoredLine {
+            item_id,
+            quantity: u16::try_from(quantity).unwrap_or(0),
+            variant: row.try_get(5)?,
+            unit_price_minor: row.try_get(6)?,
+            added_at: row.try_get(7)?,
+            updated_at: row.try_get(8)?,
+        });
+    }
+    Ok(cart)
+}
+
+/// One cart mutation, validated by the API layer.
+#[derive(Debug)]
+pub enum CartOp<'a> {
+    Add {
+        item_id: &'a ItemId,
+        /// The catalog's current entry (None: unknown item).
+        item: Option<&'a CatalogItem>,
+        request: &'a AddRequest,
+        variant: Option<&'a Value>,
+        /// Currency a cart created by this add gets (the receiving region's).
+        new_cart_currency: Currency,
+        max_lines: u32,
+    },
+    SetQuantity {
+        item_id: &'a ItemId,
+        quantity: Quantity,
+        if_match: Option<i64>,
+    },
+    Remove {
+        item_id: &'a ItemId,
+        if_match: Option<i64>,
+    },
+    Clear {
+        if_match: Option<i64>,
+    },
+}
+
+/// A response stored with its idempotency key, replayed byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+/// What claiming an idempotency key found.
+#[derive(Debug)]
+pub enum Claim {
+    /// First use: go ahead, then record the response.
+    Fresh,
+    /// Already done with the same request: replay this.
+    Replay(StoredResponse),
+    /// Already used for a different request.
+    Reused,
+    /// Another transaction holds the key right now.
+    InProgress,
+}
+
+/// An open transaction on the primary. Commit or roll back explicitly; dropping it unfinished
+/// (a panic, a cancelled request) discards the connection so the server aborts the transaction.
+pub struct WriteTx {
+    client: Option<Object>,
+}
+
+impl WriteTx {
+    pub(super) async fn begin(client: Object) -> Result<WriteTx, StoreError> {
+        client.batch_execute("BEGIN").await?;
+        Ok(WriteTx {
+            client: Some(client),
+        })
+    }
+
+    fn client(&self) -> Result<&Object, StoreError> {
+        self.client
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("transaction already finished".into()))
+    }
+
+    /// Claims `key` for `owner`. The advisory lock (held until the transaction ends) makes a
+    /// concurrent duplicate see [`Claim::InProgress`] instead of running twice.
+    pub async fn claim_idempotency(
+        &mut self,
+        owner: &OwnerKey,
+        key: &str,
+        request_hash: &[u8],
+    ) -> Result<Claim, StoreError> {
+        let client = self.client()?;
+        let lock = client
+            .prepare_cached("SELECT pg_try_advisory_xact_lock($1)")
+            .await?;
+        let acquired: bool = client
+            .query_one(&lock, &[&advisory_key(owner, key)])
+            .await?
+            .try_get(0)?;
+        if !acquired {
+            return Ok(Claim::InProgress);
+        }
+        let select = client
+            .prepare_cached(
+                "SELECT request_hash, status, headers, body FROM idempotency_keys \
+                 WHERE owner = $1 AND key = $2",
+            )
+            .await?;
+        let Some(row) = client.query_opt(&select, &[&owner.as_str(), &key]).await? else {
+            return Ok(Claim::Fresh);
+        };
+        let stored_hash: Vec<u8> = row.try_get(0)?;
+        if stored_hash != request_hash {
+            return Ok(Claim::Reused);
+        }
+        let status: i16 = row.try_get(1)?;
+        let headers: Value = row.try_get(2)?;
+        let body: Vec<u8> = row.try_get(3)?;
+        let headers = serde_json::from_value(headers).unwrap_or_default();
+        Ok(Claim::Replay(StoredResponse {
+            status: u16::try_from(status).unwrap_or(500),
+            headers,
+            body: Bytes::from(body),
+        }))
+    }
+
+    /// Records the response of a fresh request under its key, in this transaction.
+    pub async fn record_idempotency(
+        &mut self,
+        owner: &OwnerKey,
+        key: &str,
+        request_hash: &[u8],
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
+        let client = self.client()?;
+        let insert = client
+            .prepare_cached(
+                "INSERT INTO idempotency_keys (owner, key, request_hash, status, headers, body) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .await?;
+        let headers = serde_json::to_value(&response.headers).unwrap_or(Value::Null);
+        client
+            .execute(
+                &insert,
+                &[
+                    &owner.as_str(),
+                    &key,
+                    &request_hash,
+                    &(response.status as i16),
+                    &headers,
+                    &response.body.as_ref(),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Applies one mutation and returns the cart as committed-to-be, or the rule it broke (the
+    /// caller then rolls back).
+    pub async fn apply(
+        &mut self,
+        owner: &OwnerKey,
+        op: &CartOp<'_>,
+    ) -> Result<Result<StoredCart, CartRule>, StoreError> {
+        let client = self.client()?;
+        let owner_str = owner.as_str();
+        match op {
+            CartOp::Add {
+                item_id,
+                item,
+                request,
+                variant,
+                new_cart_currency,
+                max_lines,
+            } => {
+                let bump = client
+                    .prepare_cached(
+                        "INSERT INTO carts (owner, currency, version) VALUES ($1, $2, 1) \
+                         ON CONFLICT (owner) DO UPDATE \
+                         SET version = carts.version + 1, updated_at = now() \
+                         RETURNING currency",
+                    )
+                    .await?;
+                let row = client
+                    .query_one(&bump, &[&owner_str, &new_cart_currency.as_str()])
+                    .await?;
+                let currency: String = row.try_get(0)?;
+                let cart_currency = Currency::parse(&currency).unwrap_or(*new_cart_currency);
+                let context_query = client
+                    .prepare_cached(
+                        "SELECT (SELECT quantity FROM cart_items WHERE owner = $1 AND item_id = $2), \
+                         (SELECT count(*) FROM cart_items WHERE owner = $1)",
+                    )
+                    .await?;
+                let row = client
+                    .query_one(&context_query, &[&owner_str, &item_id.as_str()])
+                    .await?;
+                let existing: Option<i32> = row.try_get(0)?;
+                let line_count: i64 = row.try_get(1)?;
+                let context = LineContext {
+                    cart_currency,
+                    existing_quantity: existing.map(|q| q as u16),
+                    line_count: line_count as usize,
+                    max_lines: *max_lines,
+                };
+                let plan = match plan_add(*item, context, request) {
+                    Ok(plan) => plan,
+                    Err(rule) => return Ok(Err(rule)),
+                };
+                let upsert = client
+                    .prepare_cached(
+                        "INSERT INTO cart_items \
+                         (owner, item_id, quantity, unit_price_minor, currency, variant) \
+                         VALUES ($1, $2, $3, $4, $5, $6) \
+                         ON CONFLICT (owner, item_id) DO UPDATE \
+                         SET quantity = EXCLUDED.quantity, \
+                             variant = COALESCE(EXCLUDED.variant, cart_items.variant), \
+                             updated_at = now()",
+                    )
+                    .await?;
+                client
+                    .execute(
+                        &upsert,
+                        &[
+                            &owner_str,
+                            &item_id.as_str(),
+                            &i32::from(plan.new_quantity.get()),
+                            &plan.unit_price_minor,
+                            &cart_currency.as_str(),
+                            variant,
+                        ],
+                    )
+                    .await?;
+            }
+            CartOp::SetQuantity {
+                item_id,
+                quantity,
+                if_match,
+            } => {
+                if let Err(rule) = bump_existing(client, owner_str, *if_match).await? {
+                    return Ok(Err(rule));
+                }
+                let update = client
+                    .prepare_cached(
+                        "UPDATE cart_items SET quantity = $3, updated_at = now() \
+                         WHERE owner = $1 AND item_id = $2",
+                    )
+                    .await?;
+                let changed = client
+                    .execute(
+                        &update,
+                        &[&owner_str, &item_id.as_str(), &i32::from(quantity.get())],
+                    )
+                    .await?;
+                if changed == 0 {
+                    return Ok(Err(CartRule::ItemNotInCart));
+                }
+            }
+            CartOp::Remove { item_id, if_match } => {
+                if let Err(rule) = bump_existing(client, owner_str, *if_match).await? {
+                    return Ok(Err(rule));
+                }
+                let delete = client
+                    .prepare_cached("DELETE FROM cart_items WHERE owner = $1 AND item_id = $2")
+                    .await?;
+                if client
+                    .execute(&delete, &[&owner_str, &item_id.as_str()])
+                    .await?
+                    == 0
+                {
+                    return Ok(Err(CartRule::ItemNotInCart));
+                }
+            }
+            CartOp::Clear { if_match } => {
+                match bump_existing(client, owner_str, *if_match).await? {
+                    Ok(()) => {}
+                    // Clearing a cart that does not exist leaves it not existing.
+                    Err(CartRule::ItemNotInCart) => return Ok(Ok(StoredCart::empty(owner_str))),
+                    Err(rule) => return Ok(Err(rule)),
+                }
+                let delete = client
+                    .prepare_cached("DELETE FROM cart_items WHERE owner = $1")
+                    .await?;
+                client.execute(&delete, &[&owner_str]).await?;
+            }
+        }
+        Ok(Ok(load(client, owner).await?))
+    }
+
+    pub async fn commit(mut self) -> Result<(), StoreError> {
+        let client = self
+            .client
+            .take()
+            .ok_or_else(|| StoreError::Unavailable("transaction already finished".into()))?;
+        match client.batch_execute("COMMIT").await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                // The outcome is unknown to us; never reuse this connection.
+                let _ = Object::take(client);
+                Err(error.into())
+            }
+        }
+    }
+
+    pub async fn rollback(mut self) {
+        if let Some(client) = self.client.take() {
+            if client.batch_execute("ROLLBACK").await.is_err() {
+                let _ = Object::take(client);
+            }
+        }
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            // Closing the connection makes the server abort the open transaction.
+            let _ = Object::take(client);
+        }
+    }
+}
+
+/// Bumps the version of an existing cart, checking `If-Match` against the version before the
+/// bump. A missing cart is reported as [`CartRule::ItemNotInCart`] (after the version check,
+/// which compares against version 0).
+async fn bump_existing(
+    client: &Object,
+    owner: &str,
+    if_match: Option<i64>,
+) -> Result<Result<(), CartRule>, StoreError> {
+    let bump = client
+        .prepare_cached(
+            "UPDATE carts SET version = version + 1, updated_at = now() \
+             WHERE owner = $1 RETURNING version",
+        )
+        .await?;
+    let Some(row) = client.query_opt(&bump, &[&owner]).await? else {
+        return Ok(check_version(if_match, 0).and(Err(CartRule::ItemNotInCart)));
+    };
+    let bumped: i64 = row.try_get(0)?;
+    Ok(check_version(if_match, bumped - 1))
+}
+
+/// A 64-bit advisory-lock key for an (owner, idempotency key) pair.
+fn advisory_key(owner: &OwnerKey, key: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(b"cartedge-idempotency\0");
+    hasher.update(owner.as_str().as_bytes());
+    hasher.update([0]);
+    hasher.update(key.as_bytes());
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
+}

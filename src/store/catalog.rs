@@ -1,0 +1,263 @@
+//! The catalog: items, a price per currency in minor units, stock and an active flag.
+//!
+//! Cart views need every line's current price on every read, so entries are reused in-process
+//! for `cart.catalog_cache_ttl` (a few seconds). Adds read the catalog fresh: the price a line
+//! captures and the `price_mismatch` check must not be seconds old. The admin functions at the
+//! bottom back the `cartedge catalog …` commands.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+
+use super::StoreError;
+use crate::domain::cart::CatalogItem;
+use crate::domain::money::{Currency, Money};
+
+/// Bounds the in-process cache; past it the cache is cleared (entries are cheap to re-read).
+const MAX_CACHED_ITEMS: usize = 200_000;
+
+const SELECT_ITEMS: &str = "SELECT i.item_id, i.active, i.stock, p.currency, p.amount_minor \
+     FROM catalog_items i LEFT JOIN catalog_prices p ON p.item_id = i.item_id \
+     WHERE i.item_id = ANY($1)";
+
+type Entry = (Instant, Option<Arc<CatalogItem>>);
+
+pub struct Catalog {
+    pool: Pool,
+    ttl: Duration,
+    entries: RwLock<HashMap<String, Entry>>,
+}
+
+/// Current catalog entries for a set of items; `complete` is false when the catalog could not
+/// be read, so views can say prices are unknown instead of calling items unavailable.
+pub struct Lookup {
+    pub items: HashMap<String, Arc<CatalogItem>>,
+    pub complete: bool,
+}
+
+impl Lookup {
+    pub fn get(&self, item_id: &str) -> Option<&CatalogItem> {
+        self.items.get(item_id).map(Arc::as_ref)
+    }
+}
+
+impl Catalog {
+    pub fn new(pool: Pool, ttl: Duration) -> Catalog {
+        Catalog {
+            pool,
+            ttl,
+            entries: RwLock::new(HashMap::new()),
+        }
+    }
+
+    async fn fetch(&self, ids: &[&str]) -> Result<HashMap<String, CatalogItem>, StoreError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(SELECT_ITEMS).await?;
+        let rows = client.query(&statement, &[&ids]).await?;
+        let mut items: HashMap<String, CatalogItem> = HashMap::new();
+        for row in rows {
+            let item_id: String = row.try_get(0)?;
+            let entry = items.entry(item_id.clone()).or_insert(CatalogItem {
+                item_id,
+                active: row.try_get(1)?,
+                stock: i64::from(row.try_get::<_, i32>(2)?),
+                prices: Vec::new(),
+            });
+            let currency: Option<String> = row.try_get(3)?;
+            let amount: Option<i64> = row.try_get(4)?;
+            if let (Some(currency), Some(amount)) =
+                (currency.as_deref().and_then(Currency::parse), amount)
+            {
+                entry.prices.push(Money::new(amount, currency));
+            }
+        }
+        Ok(items)
+    }
+
+    fn remember(&self, now: Instant, ids: &[&str], found: &HashMap<String, Arc<CatalogItem>>) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        if let Ok(mut entries) = self.entries.write() {
+            if entries.len() + ids.len() > MAX_CACHED_ITEMS {
+                entries.clear();
+            }
+            for id in ids {
+                entries.insert(id.to_string(), (now, found.get(*id).cloned()));
+            }
+        }
+    }
+
+    /// The current entry of one item, read from the database (not the in-process cache).
+    pub async fn get_fresh(&self, item_id: &str) -> Result<Option<Arc<CatalogItem>>, StoreError> {
+        let mut fetched = self.fetch(&[item_id]).await?;
+        let found: HashMap<String, Arc<CatalogItem>> = fetched
+            .remove(item_id)
+            .map(|item| (item_id.to_string(), Arc::new(item)))
+            .into_iter()
+            .collect();
+        self.remember(Instant::now(), &[item_id], &found);
+        Ok(found.get(item_id).cloned())
+    }
+
+    /// Entries for cart views: cached ones younger than the TTL, the rest in one query.
+    pub async fn lookup<'a>(&self, ids: impl Iterator<Item = &'a str>) -> Lookup {
+        let now = Instant::now();
+        let mut items = HashMap::new();
+        let mut missing: Vec<&str> = Vec::new();
+        {
+            let entries = self.entries.read().ok();
+            for id in ids {
+                match entries.as_ref().and_then(|e| e.get(id)) {
+                    Some((at, entry)) if now.duration_since(*at) < self.ttl => {
+                        if let Some(item) = entry {
+                            items.insert(id.to_string(), item.clone());
+                        }
+                    }
+                    _ => missing.push(id),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Lookup {
+                items,
+                complete: true,
+            };
+        }
+        match self.fetch(&missing).await {
+            Ok(fetched) => {
+                let fetched: HashMap<String, Arc<CatalogItem>> =
+                    fetched.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+                self.remember(now, &missing, &fetched);
+                items.extend(fetched);
+                Lookup {
+                    items,
+                    complete: true,
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "catalog unavailable; cart view without current prices");
+                Lookup {
+                    items,
+                    complete: false,
+                }
+            }
+        }
+    }
+}
+
+/// One row of a catalog import.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportRow {
+    pub item_id: String,
+    pub name: String,
+    pub stock: i32,
+    pub prices: Vec<Money>,
+}
+
+/// Inserts or updates items and their prices in one transaction.
+pub async fn upsert_items(
+    client: &mut tokio_postgres::Client,
+    rows: &[ImportRow],
+) -> Result<u64, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let item = tx
+        .prepare(
+            "INSERT INTO catalog_items (item_id, name, stock, active) VALUES ($1, $2, $3, true) \
+             ON CONFLICT (item_id) DO UPDATE SET name = EXCLUDED.name, stock = EXCLUDED.stock, \
+             active = true, updated_at = now()",
+        )
+        .await?;
+    let price = tx
+        .prepare(
+            "INSERT INTO catalog_prices (item_id, currency, amount_minor) VALUES ($1, $2, $3) \
+             ON CONFLICT (item_id, currency) DO UPDATE SET amount_minor = EXCLUDED.amount_minor",
+        )
+        .await?;
+    for row in rows {
+        tx.execute(&item, &[&row.item_id, &row.name, &row.stock])
+            .await?;
+        for money in &row.prices {
+            tx.execute(
+                &price,
+                &[&row.item_id, &money.currency.as_str(), &money.amount_minor],
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(rows.len() as u64)
+}
+
+/// Sets one price; returns whether the item exists.
+pub async fn set_price(
+    client: &tokio_postgres::Client,
+    item_id: &str,
+    price: Money,
+) -> Result<bool, tokio_postgres::Error> {
+    let changed = client
+        .execute(
+            "INSERT INTO catalog_prices (item_id, currency, amount_minor) \
+             SELECT item_id, $2, $3 FROM catalog_items WHERE item_id = $1 \
+             ON CONFLICT (item_id, currency) DO UPDATE SET amount_minor = EXCLUDED.amount_minor",
+            &[&item_id, &price.currency.as_str(), &price.amount_minor],
+        )
+        .await?;
+    Ok(changed > 0)
+}
+
+/// Sets one item's stock; returns whether the item exists.
+pub async fn set_stock(
+    client: &tokio_postgres::Client,
+    item_id: &str,
+    stock: i32,
+) -> Result<bool, tokio_postgres::Error> {
+    let changed = client
+        .execute(
+            "UPDATE catalog_items SET stock = $2, updated_at = now() WHERE item_id = $1",
+            &[&item_id, &stock],
+        )
+        .await?;
+    Ok(changed > 0)
+}
+
+/// Minor units per 1.00 SGD for the demo catalog's other currencies (VND has no minor unit).
+const DEMO_RATES: [(&str, i64); 6] = [
+    ("SGD", 1),
+    ("IDR", 11_800),
+    ("MYR", 3),
+    ("THB", 26),
+    ("VND", 190),
+    ("PHP", 42),
+];
+
+/// Loads the demo catalog: `sku-00001` … `sku-<count>`, stock 1000, priced in six currencies.
+/// Idempotent: existing items are left as they are.
+pub async fn load_demo(
+    client: &tokio_postgres::Client,
+    count: i32,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO catalog_items (item_id, name, stock, active) \
+             SELECT format('sku-%s', lpad(n::text, 5, '0')), format('Demo item %s', n), 1000, true \
+             FROM generate_series(1, $1::int) AS n ON CONFLICT (item_id) DO NOTHING",
+            &[&count],
+        )
+        .await?;
+    for (currency, rate) in DEMO_RATES {
+        // SGD price in cents: 1.00 to 99.99, spread deterministically over the items.
+        client
+            .execute(
+                "INSERT INTO catalog_prices (item_id, currency, amount_minor) \
+                 SELECT format('sku-%s', lpad(n::text, 5, '0')), $2::text, \
+                        (100 + (n * 7919) % 9900)::bigint * $3::bigint \
+                 FROM generate_series(1, $1::int) AS n ON CONFLICT (item_id, currency) DO NOTHING",
+                &[&count, &currency, &rate],
+            )
+            .await?;
+    }
+    Ok(())
+}

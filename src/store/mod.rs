@@ -1,0 +1,215 @@
+//! Storage: PostgreSQL pools with explicit intent, the Redis cart cache and the catalog.
+//!
+//! Nobody outside this module takes a pool. Reads say what they need: [`Store::db_read`] (the
+//! replica, falling back to the primary with a warning and a counter) or
+//! [`Store::db_read_prefer_primary`]; writes go through [`Store::begin_write`] on the primary.
+//! The cache never fails a request: every cache error is logged, counted and treated as a miss.
+
+pub mod cache;
+pub mod carts;
+pub mod catalog;
+pub mod migrate;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use crate::config::Config;
+use crate::domain::cart::StoredCart;
+use crate::domain::ids::OwnerKey;
+
+pub use cache::Cache;
+pub use carts::{CartOp, Claim, StoredResponse, WriteTx};
+pub use catalog::Catalog;
+
+/// Where a cart read was answered from; reported as `Cart-Source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    Replica,
+    Primary,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cache => "cache",
+            Source::Replica => "replica",
+            Source::Primary => "primary",
+        }
+    }
+}
+
+/// A storage failure. Client-actionable outcomes (cart rules) are not errors here.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No connection could be had, or it broke: the caller answers 503.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database refused a statement for a reason that is our bug or data corruption.
+    #[error("database error: {0}")]
+    Query(#[source] tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        let transient = error.is_closed()
+            || error.code().is_some_and(|code| {
+                let class = &code.code()[..2];
+                // connection exceptions, insufficient resources, operator intervention,
+                // query canceled (statement timeout), serialization failures
+                matches!(class, "08" | "53" | "57" | "40") || code.code() == "57014"
+            })
+            || std::error::Error::source(&error)
+                .is_some_and(|source| source.downcast_ref::<std::io::Error>().is_some());
+        if transient {
+            StoreError::Unavailable(error.to_string())
+        } else {
+            StoreError::Query(error)
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        StoreError::Unavailable(error.to_string())
+    }
+}
+
+/// Counters other layers (metrics, health) read.
+#[derive(Debug, Default)]
+pub struct StoreCounters {
+    pub replica_fallbacks: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+}
+
+/// The storage of one shard: its primary and replica pools, the region's cache and catalog.
+pub struct Store {
+    primary: Pool,
+    replica: Pool,
+    pub cache: Arc<Cache>,
+    pub catalog: Catalog,
+    pub counters: StoreCounters,
+}
+
+/// Builds a pool that connects lazily, so an edge starts (and serves cached reads) while a
+/// database is down.
+pub fn build_pool(dsn: &str, config: &Config) -> anyhow::Result<Pool> {
+    let mut pg: tokio_postgres::Config = dsn
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid database connection string: {e}"))?;
+    pg.connect_timeout(config.database.connect_timeout.0);
+    pg.application_name(format!("cartedge-{}", config.region.id));
+    pg.options(format!(
+        "-c statement_timeout={}",
+        config.database.statement_timeout.0.as_millis()
+    ));
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(config.database.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(config.database.checkout_timeout.0))
+        .create_timeout(Some(config.database.connect_timeout.0))
+        .recycle_timeout(Some(Duration::from_secs(1)))
+        .build()?)
+}
+
+impl Store {
+    pub fn new(config: &Config) -> anyhow::Result<Store> {
+        let primary = build_pool(config.database.primary.expose(), config)?;
+        let replica = build_pool(config.database.replica.expose(), config)?;
+        let catalog_pool = build_pool(config.catalog_dsn(), config)?;
+        Ok(Store {
+            primary,
+            replica,
+            cache: Arc::new(Cache::new(&config.redis)?),
+            catalog: Catalog::new(catalog_pool, config.cart.catalog_cache_ttl.0),
+            counters: StoreCounters::default(),
+        })
+    }
+
+    /// A connection for writes: the shard primary.
+    pub async fn db_write(&self) -> Result<Object, StoreError> {
+        Ok(self.primary.get().await?)
+    }
+
+    /// A connection for reads that tolerate replication lag: the replica, or the primary with a
+    /// warning when the replica cannot be had.
+    pub async fn db_read(&self) -> Result<(Object, Source), StoreError> {
+        match self.replica.get().await {
+            Ok(client) => Ok((client, Source::Replica)),
+            Err(error) => {
+                self.counters
+                    .replica_fallbacks
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "replica unavailable, reading from the primary");
+                Ok((self.primary.get().await?, Source::Primary))
+            }
+        }
+    }
+
+    /// A connection for reads that must see the latest commit.
+    pub async fn db_read_prefer_primary(&self) -> Result<(Object, Source), StoreError> {
+        Ok((self.primary.get().await?, Source::Primary))
+    }
+
+    /// Opens a write transaction on the primary.
+    pub async fn begin_write(&self) -> Result<WriteTx, StoreError> {
+        WriteTx::begin(self.db_write().await?).await
+    }
+
+    /// Reads a cart cache-aside: the cache, then the replica, then the primary when the
+    /// replica is older than `min_version`. A database read refills the cache unless a newer
+    /// version is already there (the version fence in [`Cache::fill`]).
+    pub async fn load_cart(
+        &self,
+        owner: &OwnerKey,
+        min_version: i64,
+    ) -> Result<(StoredCart, Source), StoreError> {
+        if let Some(cart) = self.cache.get(owner).await {
+            if cart.version >= min_version {
+                self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok((cart, Source::Cache));
+            }
+        }
+        self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
+        let (cart, source) = self.read_from_database(owner, min_version).await?;
+        self.cache.fill(&cart).await;
+        Ok((cart, source))
+    }
+
+    /// The database half of [`Store::load_cart`], without touching the cache.
+    pub async fn read_from_database(
+        &self,
+        owner: &OwnerKey,
+        min_version: i64,
+    ) -> Result<(StoredCart, Source), StoreError> {
+        let (client, source) = self.db_read().await?;
+        let cart = carts::load(&client, owner).await?;
+        if cart.version >= min_version {
+            return Ok((cart, source));
+        }
+        drop(client);
+        let (client, source) = self.db_read_prefer_primary().await?;
+        Ok((carts::load(&client, owner).await?, source))
+    }
+
+    /// Whether the primary answers a trivial query within `timeout`.
+    pub async fn primary_healthy(&self, timeout: Duration) -> bool {
+        let probe = async {
+            let client = self.primary.get().await.ok()?;
+            client.simple_query("SELECT 1").await.ok()
+        };
+        matches!(tokio::time::timeout(timeout, probe).await, Ok(Some(_)))
+    }
+}
