@@ -2,12 +2,16 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::api::auth::Authenticator;
 use crate::config::Config;
 use crate::store::Store;
+
+/// How often missed cache invalidations are retried.
+const CACHE_REPAIR_PERIOD: Duration = Duration::from_millis(250);
 
 /// Everything a request needs, shared by all connections.
 pub struct App {
@@ -22,11 +26,13 @@ pub struct App {
 }
 
 impl App {
-    /// Builds the state. Connects to nothing yet: pools and the cache connect lazily, so an
-    /// edge starts while a dependency is down and reports it on `/health`.
+    /// Builds the state and starts the cache repair task (so call it inside a Tokio runtime).
+    /// Connects to nothing yet: pools and the cache connect lazily, so an edge starts while a
+    /// dependency is down and reports it on `/health`.
     pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
         let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         let store = Store::new(&config)?;
+        store.cache.spawn_repair(CACHE_REPAIR_PERIOD);
         let region_header = HeaderValue::from_str(&config.region.id)?;
         Ok(Arc::new(App {
             config,

@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -279,15 +278,9 @@ pub fn read_catalog_csv(path: &Path) -> Result<Vec<ImportRow>> {
     Ok(rows)
 }
 
-/// Serves already-bound listeners until SIGTERM/Ctrl-C, with the cache repair task alongside.
+/// Serves already-bound listeners until SIGTERM/Ctrl-C.
 pub async fn serve_bound(app: Arc<App>, listener: TcpListener, admin: Option<TcpListener>) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let repair = tokio::spawn(
-        app.store
-            .cache
-            .clone()
-            .run_repair(Duration::from_millis(250), stop_rx.clone()),
-    );
     let admin_task = admin.map(|listener| {
         let app = app.clone();
         let mut stop = stop_rx.clone();
@@ -306,5 +299,4 @@ pub async fn serve_bound(app: Arc<App>, listener: TcpListener, admin: Option<Tcp
     if let Some(task) = admin_task {
         let _ = task.await;
     }
-    let _ = repair.await;
 }

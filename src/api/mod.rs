@@ -6,7 +6,7 @@
 
 pub mod auth;
 pub mod error;
-mod request;
+pub mod request;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -72,6 +72,17 @@ fn route(path: &str) -> Option<Route<'_>> {
             .filter(|rest| !rest.is_empty() && !rest.contains('/'))
             .map(Route::CartItem),
     }
+}
+
+/// The route a path names, as a stable label (for metrics and benchmarks); None for no route.
+pub fn route_name(path: &str) -> Option<&'static str> {
+    route(path).map(|r| match r {
+        Route::Cart => "cart",
+        Route::CartItems => "cart_items",
+        Route::CartItem(_) => "cart_item",
+        Route::Health => "health",
+        Route::Ready => "ready",
+    })
 }
 
 /// Serves one request. Never fails: every error becomes a response.

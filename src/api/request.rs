@@ -267,12 +267,12 @@ pub fn fingerprint(operation: &str, item: &str, if_match: Option<i64>, body: &[u
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AddItemBody {
-    item_id: String,
-    quantity: i64,
+    pub item_id: String,
+    pub quantity: i64,
     #[serde(default)]
-    variant: Option<Value>,
+    pub variant: Option<Value>,
     #[serde(default)]
-    price: Option<Money>,
+    pub price: Option<Money>,
     #[serde(default)]
     pub user_id: Option<String>,
 }

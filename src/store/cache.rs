@@ -25,12 +25,18 @@ use crate::config::RedisConfig;
 use crate::domain::cart::StoredCart;
 use crate::domain::ids::OwnerKey;
 
-/// Sets `v`/`c` only when the stored version is older. ARGV: version, cart JSON ("" = fence
-/// only: drop `c`), TTL in ms.
+/// Sets `v`/`c` only when the stored version is older (or equal with no cart body yet, which
+/// is how a fence is filled). ARGV: version, cart JSON ("" = fence only: drop `c`), TTL in ms.
 const FENCED_SET: &str = r#"
 local current = redis.call('HGET', KEYS[1], 'v')
-if current and tonumber(current) >= tonumber(ARGV[1]) then
-  return 0
+if current then
+  local stored, incoming = tonumber(current), tonumber(ARGV[1])
+  if stored > incoming then
+    return 0
+  end
+  if stored == incoming and (ARGV[2] == '' or redis.call('HEXISTS', KEYS[1], 'c') == 1) then
+    return 0
+  end
 end
 if ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], 'c')
@@ -276,20 +282,17 @@ impl Cache {
         }
     }
 
-    /// Runs [`Cache::repair_once`] every `period` until `shutdown` resolves.
-    pub async fn run_repair(
-        self: Arc<Self>,
-        period: Duration,
-        shutdown: tokio::sync::watch::Receiver<bool>,
-    ) {
-        let mut shutdown = shutdown;
-        let mut ticker = tokio::time::interval(period);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => self.repair_once().await,
-                _ = shutdown.changed() => return,
+    /// Runs [`Cache::repair_once`] every `period` for as long as the cache is alive.
+    pub fn spawn_repair(self: &Arc<Self>, period: Duration) {
+        let cache = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let Some(cache) = cache.upgrade() else { return };
+                cache.repair_once().await;
             }
-        }
+        });
     }
 }

@@ -1,0 +1,208 @@
+//! The Redis cache: the cache-fill race, Redis outages, and missed invalidations.
+
+use std::time::Duration;
+
+use crate::helpers::{private_redis, TestApp, TestOptions};
+use cartedge::domain::ids::OwnerKey;
+use http::StatusCode;
+
+async fn redis_command(url: &str, args: &[&str]) -> redis::Value {
+    let client = redis::Client::open(url).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let mut command = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        command.arg(*arg);
+    }
+    command.query_async(&mut connection).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_slow_reader_cannot_fill_the_cache_with_a_cart_older_than_a_committed_write() {
+    let app = TestApp::spawn().await;
+    app.add("alice", "sku-00001", 1).await;
+    let owner = OwnerKey::from_stored("u:alice".into());
+    // The reader reads version 1 from the database and is held there…
+    let (stale, _) = app.app.store.read_from_database(&owner, 0).await.unwrap();
+    assert_eq!(stale.version, 1);
+    // …a writer commits version 2 and leaves it in the cache…
+    assert_eq!(app.add("alice", "sku-00001", 1).await.version(), 2);
+    // …and only then does the reader fill. The fence refuses the older version.
+    let refused_before = app
+        .app
+        .store
+        .cache
+        .counters
+        .fills_refused
+        .load(std::sync::atomic::Ordering::Relaxed);
+    app.app.store.cache.fill(&stale).await;
+    let refused_after = app
+        .app
+        .store
+        .cache
+        .counters
+        .fills_refused
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(refused_after, refused_before + 1);
+    let view = app.user("alice", "GET", "/api/v1/cart", None).await;
+    assert_eq!(view.header("cart-source"), Some("cache"));
+    assert_eq!(view.version(), 2);
+    assert_eq!(view.quantity_of("sku-00001"), 2);
+}
+
+#[tokio::test]
+async fn the_race_is_harmless_even_when_the_writer_finds_the_cache_empty() {
+    let app = TestApp::spawn().await;
+    app.add("alice", "sku-00001", 1).await;
+    let owner = OwnerKey::from_stored("u:alice".into());
+    let key = format!("{}u:alice", app.config.redis.key_prefix);
+    redis_command(app.config.redis.url.expose(), &["DEL", &key]).await;
+    let (stale, _) = app.app.store.read_from_database(&owner, 0).await.unwrap();
+    app.user("alice", "DELETE", "/api/v1/cart/items/sku-00001", None)
+        .await;
+    app.app.store.cache.fill(&stale).await;
+    let view = app.user("alice", "GET", "/api/v1/cart", None).await;
+    assert_eq!(view.version(), 2);
+    assert_eq!(view.json()["items"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn reads_come_from_postgres_while_redis_is_stopped_and_no_stale_cart_after_restart() {
+    let mut redis = private_redis("stopped");
+    let app = TestApp::spawn_with(TestOptions {
+        redis_url: Some(redis.url()),
+        overlay: String::new(),
+    })
+    .await;
+    app.add("alice", "sku-00001", 1).await;
+    assert_eq!(
+        app.user("alice", "GET", "/api/v1/cart", None)
+            .await
+            .header("cart-source"),
+        Some("cache")
+    );
+
+    redis.stop();
+    let during = app.user("alice", "GET", "/api/v1/cart", None).await;
+    assert_eq!(during.status, StatusCode::OK);
+    assert_ne!(during.header("cart-source"), Some("cache"));
+    assert_eq!(during.quantity_of("sku-00001"), 1);
+    let write = app.add("alice", "sku-00001", 1).await;
+    assert_eq!(write.status, StatusCode::OK, "writes succeed without Redis");
+    assert_eq!(write.version(), 2);
+    let health = app.send("GET", "/health", &[], None).await;
+    assert_eq!(
+        (health.status, health.json()["status"].as_str()),
+        (StatusCode::OK, Some("degraded"))
+    );
+
+    redis.restart().unwrap();
+    let mut served_from_cache = false;
+    for _ in 0..50 {
+        let view = app.user("alice", "GET", "/api/v1/cart", None).await;
+        assert_eq!(view.status, StatusCode::OK);
+        assert_eq!(
+            view.version(),
+            2,
+            "never a cart older than the write made during the outage"
+        );
+        if view.header("cart-source") == Some("cache") {
+            served_from_cache = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        served_from_cache,
+        "the cache is used again once Redis is back"
+    );
+}
+
+#[tokio::test]
+async fn a_write_whose_cache_update_failed_is_never_shadowed_by_the_older_cached_cart() {
+    let redis = private_redis("oom");
+    let url = redis.url();
+    let app = TestApp::spawn_with(TestOptions {
+        redis_url: Some(url.clone()),
+        overlay: String::new(),
+    })
+    .await;
+    app.add("alice", "sku-00001", 1).await;
+    assert_eq!(
+        app.user("alice", "GET", "/api/v1/cart", None)
+            .await
+            .header("cart-source"),
+        Some("cache")
+    );
+    // Redis keeps answering reads but refuses every write: the post-write update fails while
+    // the old version 1 stays readable.
+    redis_command(&url, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]).await;
+    redis_command(&url, &["CONFIG", "SET", "maxmemory", "1"]).await;
+    assert_eq!(app.add("alice", "sku-00001", 1).await.version(), 2);
+    assert_eq!(app.app.store.cache.pending_state(), (1, false));
+    let view = app.user("alice", "GET", "/api/v1/cart", None).await;
+    assert_eq!(view.version(), 2);
+    assert_ne!(view.header("cart-source"), Some("cache"));
+
+    redis_command(&url, &["CONFIG", "SET", "maxmemory", "0"]).await;
+    let mut repaired = false;
+    for _ in 0..50 {
+        app.app.store.cache.repair_once().await;
+        if app.app.store.cache.pending_state() == (0, false) {
+            repaired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(repaired);
+    for _ in 0..2 {
+        let view = app.user("alice", "GET", "/api/v1/cart", None).await;
+        assert_eq!(view.version(), 2);
+    }
+    assert_eq!(
+        app.user("alice", "GET", "/api/v1/cart", None)
+            .await
+            .header("cart-source"),
+        Some("cache")
+    );
+}
+
+#[tokio::test]
+async fn too_many_missed_invalidations_distrust_the_whole_cache_until_it_is_flushed() {
+    let redis = private_redis("overflow");
+    let url = redis.url();
+    let app = TestApp::spawn_with(TestOptions {
+        redis_url: Some(url.clone()),
+        overlay: "[redis]\nmax_pending_invalidations = 1\n".into(),
+    })
+    .await;
+    app.add("alice", "sku-00001", 1).await;
+    app.add("bob", "sku-00001", 1).await;
+    redis_command(&url, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]).await;
+    redis_command(&url, &["CONFIG", "SET", "maxmemory", "1"]).await;
+    app.add("alice", "sku-00001", 1).await;
+    app.add("bob", "sku-00001", 1).await;
+    assert!(
+        app.app.store.cache.pending_state().1,
+        "overflow distrusts the cache"
+    );
+    for user in ["alice", "bob"] {
+        let view = app.user(user, "GET", "/api/v1/cart", None).await;
+        assert_eq!(view.version(), 2);
+        assert_ne!(view.header("cart-source"), Some("cache"));
+    }
+    redis_command(&url, &["CONFIG", "SET", "maxmemory", "0"]).await;
+    app.app.store.cache.repair_once().await;
+    assert_eq!(app.app.store.cache.pending_state(), (0, false));
+    let keys = redis_command(
+        &url,
+        &["KEYS", &format!("{}*", app.config.redis.key_prefix)],
+    )
+    .await;
+    assert_eq!(keys, redis::Value::Array(vec![]), "our keys were flushed");
+    for user in ["alice", "bob"] {
+        assert_eq!(
+            app.user(user, "GET", "/api/v1/cart", None).await.version(),
+            2
+        );
+    }
+}

@@ -1,0 +1,583 @@
+//! The cart API's success paths and every client error code.
+
+use crate::helpers::{h, TestApp, TestOptions};
+use http::StatusCode;
+
+#[tokio::test]
+async fn a_new_user_sees_an_empty_cart_at_version_0_with_contract_headers() {
+    let app = TestApp::spawn().await;
+    let response = app.user("alice", "GET", "/api/v1/cart", None).await;
+    assert_eq!(response.status, StatusCode::OK);
+    let body = response.json();
+    assert_eq!(body["owner"], "u:alice");
+    assert_eq!(body["version"], 0);
+    assert_eq!(body["items"], serde_json::json!([]));
+    assert_eq!(body["currency"], "SGD");
+    assert_eq!(body["total_items"], 0);
+    assert_eq!(
+        body["total_price"],
+        serde_json::json!({"amount_minor": 0, "currency": "SGD"})
+    );
+    assert_eq!(response.header("etag"), Some("\"0\""));
+    assert_eq!(response.header("cart-version"), Some("0"));
+    assert_eq!(response.header("cart-region"), Some("sg"));
+    assert!(matches!(
+        response.header("cart-source"),
+        Some("cache" | "replica" | "primary")
+    ));
+    assert_eq!(response.header("cache-control"), Some("no-store"));
+    assert_eq!(app.query_i64("SELECT count(*) FROM carts").await, 0);
+}
+
+#[tokio::test]
+async fn add_item_captures_the_catalog_price_and_totals_the_cart() {
+    let app = TestApp::spawn().await;
+    let price = app
+        .query_i64("SELECT amount_minor FROM catalog_prices WHERE item_id = 'sku-00001' AND currency = 'SGD'")
+        .await;
+    let response = app
+        .user(
+            "alice",
+            "POST",
+            "/api/v1/cart/items",
+            Some(r#"{"item_id":"sku-00001","quantity":2,"variant":{"size":"M"}}"#),
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::OK);
+    let body = response.json();
+    assert_eq!(body["version"], 1);
+    assert_eq!(response.header("cart-version"), Some("1"));
+    assert_eq!(response.header("etag"), Some("\"1\""));
+    let line = &body["items"][0];
+    assert_eq!(line["item_id"], "sku-00001");
+    assert_eq!(line["quantity"], 2);
+    assert_eq!(line["variant"], serde_json::json!({"size": "M"}));
+    assert_eq!(line["unit_price"]["amount_minor"], price);
+    assert_eq!(line["unit_price"]["currency"], "SGD");
+    assert_eq!(line["current_price"]["amount_minor"], price);
+    assert_eq!(line["price_changed"], false);
+    assert!(line["added_at"].is_string() && line["updated_at"].is_string());
+    assert_eq!(body["total_items"], 2);
+    assert_eq!(body["total_price"]["amount_minor"], price * 2);
+    assert_eq!(body["warnings"], serde_json::json!([]));
+
+    let view = app.user("alice", "GET", "/api/v1/cart", None).await;
+    assert_eq!(view.json()["items"], body["items"]);
+}
+
+#[tokio::test]
+async fn two_adds_of_one_to_a_line_holding_two_give_four() {
+    let app = TestApp::spawn().await;
+    app.add("alice", "sku-00002", 2).await;
+    app.add("alice", "sku-00002", 1).await;
+    let response = app.add("alice", "sku-00002", 1).await;
+    assert_eq!(response.quantity_of("sku-00002"), 4);
+    assert_eq!(response.version(), 3);
+}
+
+#[tokio::test]
+async fn update_remove_and_clear_change_the_cart_and_bump_its_version() {
+    let app = TestApp::spawn().await;
+    app.add("alice", "sku-00001", 1).await;
+    app.add("alice", "sku-00002", 1).await;
+    let updated = app
+        .user(
+            "alice",
+            "PUT",
+            "/api/v1/cart/items/sku-00001",
+            Some(r#"{"quantity":7}"#),
+        )
+        .await;
+    assert_eq!(updated.status, StatusCode::OK);
+    assert_eq!(updated.quantity_of("sku-00001"), 7);
+    assert_eq!(updated.version(), 3);
+    let removed = app
+        .user("alice", "DELETE", "/api/v1/cart/items/sku-00002", None)
+        .await;
+    assert_eq!(removed.status, StatusCode::OK);
+    assert_eq!(removed.quantity_of("sku-00002"), 0);
+    assert_eq!(removed.json()["items"].as_array().unwrap().len(), 1);
+    let cleared = app.user("alice", "DELETE", "/api/v1/cart", None).await;
+    assert_eq!(cleared.status, StatusCode::OK);
+    assert_eq!(cleared.json()["items"], serde_json::json!([]));
+    assert_eq!(cleared.version(), 5);
+    let view = app.user("alice", "GET", "/api/v1/cart", None).await;
+    assert_eq!(view.version(), 5);
+    assert_eq!(view.json()["total_items"], 0);
+}
+
+#[tokio::test]
+async fn the_seed_paths_reach_the_same_handlers() {
+    let app = TestApp::spawn().await;
+    let added = app
+        .user(
+            "alice",
+            "POST",
+            "/cart/items",
+            Some(r#"{"item_id":"sku-00003","quantity":1}"#),
+        )
+        .await;
+    assert_eq!(added.status, StatusCode::OK);
+    let updated = app
+        .user(
+            "alice",
+            "PUT",
+            "/cart/items/sku-00003",
+            Some(r#"{"quantity":3}"#),
+        )
+        .await;
+    assert_eq!(updated.quantity_of("sku-00003"), 3);
+    let prefixed = app.user("alice", "GET", "/api/v1/cart", None).await;
+    let seed = app.user("alice", "GET", "/cart", None).await;
+    assert_eq!(prefixed.json()["items"], seed.json()["items"]);
+    let removed = app
+        .user("alice", "DELETE", "/cart/items/sku-00003", None)
+        .await;
+    assert_eq!(removed.quantity_of("sku-00003"), 0);
+    let cleared = app.user("alice", "DELETE", "/cart", None).await;
+    assert_eq!(cleared.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn update_and_remove_of_an_absent_line_return_404_item_not_in_cart() {
+    let app = TestApp::spawn().await;
+    let put = app
+        .user(
+            "alice",
+            "PUT",
+            "/api/v1/cart/items/sku-00001",
+            Some(r#"{"quantity":1}"#),
+        )
+        .await;
+    assert_eq!(
+        (put.status, put.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "item_not_in_cart")
+    );
+    app.add("alice", "sku-00001", 1).await;
+    let delete = app
+        .user("alice", "DELETE", "/api/v1/cart/items/sku-00002", None)
+        .await;
+    assert_eq!(
+        (delete.status, delete.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "item_not_in_cart")
+    );
+    // Nothing was half-applied: the failed writes did not bump the version.
+    assert_eq!(
+        app.user("alice", "GET", "/api/v1/cart", None)
+            .await
+            .version(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn unknown_and_inactive_items_return_404_unknown_item() {
+    let app = TestApp::spawn().await;
+    for item in ["sku-99999", "sku-inactive"] {
+        let response = app.add("alice", item, 1).await;
+        assert_eq!(
+            (response.status, response.error_code().as_str()),
+            (StatusCode::NOT_FOUND, "unknown_item"),
+            "{item}"
+        );
+    }
+    assert_eq!(app.query_i64("SELECT count(*) FROM cart_items").await, 0);
+}
+
+#[tokio::test]
+async fn a_tampered_client_price_returns_409_price_mismatch_with_the_current_price() {
+    let app = TestApp::spawn().await;
+    let price = app
+        .query_i64("SELECT amount_minor FROM catalog_prices WHERE item_id = 'sku-00004' AND currency = 'SGD'")
+        .await;
+    let body =
+        r#"{"item_id":"sku-00004","quantity":1,"price":{"amount_minor":1,"currency":"SGD"}}"#;
+    let response = app
+        .user("alice", "POST", "/api/v1/cart/items", Some(body))
+        .await;
+    assert_eq!(
+        (response.status, response.error_code().as_str()),
+        (StatusCode::CONFLICT, "price_mismatch")
+    );
+    assert_eq!(
+        response.json()["error"]["details"]["current_price"],
+        serde_json::json!({"amount_minor": price, "currency": "SGD"})
+    );
+    assert_eq!(app.query_i64("SELECT count(*) FROM cart_items").await, 0);
+    let honest = format!(
+        r#"{{"item_id":"sku-00004","quantity":1,"price":{{"amount_minor":{price},"currency":"SGD"}}}}"#
+    );
+    let ok = app
+        .user("alice", "POST", "/api/v1/cart/items", Some(&honest))
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn sold_out_items_are_refused_and_low_stock_is_a_warning() {
+    let app = TestApp::spawn().await;
+    let zero = app.add("alice", "sku-zero", 1).await;
+    assert_eq!(
+        (zero.status, zero.error_code().as_str()),
+        (StatusCode::CONFLICT, "out_of_stock")
+    );
+    let low = app.add("alice", "sku-low", 5).await;
+    assert_eq!(low.status, StatusCode::OK);
+    assert_eq!(low.quantity_of("sku-low"), 5);
+    let warnings = low.json()["warnings"].clone();
+    assert_eq!(warnings[0]["code"], "low_stock");
+    assert_eq!(warnings[0]["item_id"], "sku-low");
+}
+
+#[tokio::test]
+async fn a_line_never_passes_999_units() {
+    let app = TestApp::spawn().await;
+    assert_eq!(
+        app.add("alice", "sku-00001", 999).await.status,
+        StatusCode::OK
+    );
+    let over = app.add("alice", "sku-00001", 1).await;
+    assert_eq!(
+        (over.status, over.error_code().as_str()),
+        (StatusCode::CONFLICT, "quantity_limit")
+    );
+    assert_eq!(
+        app.user("alice", "GET", "/api/v1/cart", None)
+            .await
+            .quantity_of("sku-00001"),
+        999
+    );
+}
+
+#[tokio::test]
+async fn a_cart_holds_at_most_max_lines_lines() {
+    let app = TestApp::spawn_with(TestOptions {
+        overlay: "[cart]\nmax_lines = 2\n".into(),
+        ..TestOptions::default()
+    })
+    .await;
+    app.add("alice", "sku-00001", 1).await;
+    app.add("alice", "sku-00002", 1).await;
+    let third = app.add("alice", "sku-00003", 1).await;
+    assert_eq!(
+        (third.status, third.error_code().as_str()),
+        (StatusCode::CONFLICT, "cart_full")
+    );
+    assert_eq!(third.json()["error"]["details"]["max_lines"], 2);
+    // Adding to an existing line is still fine.
+    assert_eq!(
+        app.add("alice", "sku-00002", 1).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn an_item_without_a_price_in_the_cart_currency_returns_409_currency_mismatch() {
+    let app = TestApp::spawn().await;
+    let response = app.add("alice", "sku-thb-only", 1).await;
+    assert_eq!(
+        (response.status, response.error_code().as_str()),
+        (StatusCode::CONFLICT, "currency_mismatch")
+    );
+}
+
+#[tokio::test]
+async fn malformed_bodies_return_400_invalid_request() {
+    let app = TestApp::spawn().await;
+    let deep = r#"{"item_id":"sku-00001","quantity":1,"variant":{"a":{"b":{"c":{"d":{}}}}}}"#;
+    let large = format!(
+        r#"{{"item_id":"sku-00001","quantity":1,"variant":{{"a":"{}"}}}}"#,
+        "x".repeat(1100)
+    );
+    let cases: Vec<(&str, String)> = vec![
+        ("malformed", "{\"item_id\":".into()),
+        (
+            "unknown field",
+            r#"{"item_id":"sku-00001","quantity":1,"colour":"red"}"#.into(),
+        ),
+        (
+            "wrong type",
+            r#"{"item_id":"sku-00001","quantity":"1"}"#.into(),
+        ),
+        (
+            "fractional",
+            r#"{"item_id":"sku-00001","quantity":1.5}"#.into(),
+        ),
+        ("zero", r#"{"item_id":"sku-00001","quantity":0}"#.into()),
+        (
+            "too many",
+            r#"{"item_id":"sku-00001","quantity":1000}"#.into(),
+        ),
+        (
+            "negative",
+            r#"{"item_id":"sku-00001","quantity":-1}"#.into(),
+        ),
+        (
+            "bad item id",
+            r#"{"item_id":"sku 1/..","quantity":1}"#.into(),
+        ),
+        ("missing item", r#"{"quantity":1}"#.into()),
+        (
+            "variant not object",
+            r#"{"item_id":"sku-00001","quantity":1,"variant":"M"}"#.into(),
+        ),
+        ("variant too deep", deep.into()),
+        ("variant too large", large),
+        ("empty", "".into()),
+    ];
+    for (name, body) in cases {
+        let response = app
+            .user("alice", "POST", "/api/v1/cart/items", Some(&body))
+            .await;
+        assert_eq!(response.status, StatusCode::BAD_REQUEST, "{name}");
+        assert_eq!(response.error_code(), "invalid_request", "{name}");
+        assert!(response.json()["error"]["message"].is_string(), "{name}");
+    }
+    let put = app
+        .user(
+            "alice",
+            "PUT",
+            "/api/v1/cart/items/sku-00001",
+            Some(r#"{"quantity":0}"#),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::BAD_REQUEST);
+    let bad_path = app
+        .user("alice", "DELETE", "/api/v1/cart/items/sku%201", None)
+        .await;
+    assert_eq!(bad_path.status, StatusCode::BAD_REQUEST);
+    assert_eq!(app.query_i64("SELECT count(*) FROM carts").await, 0);
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413_and_non_json_bodies_get_415() {
+    let app = TestApp::spawn().await;
+    let huge = format!(
+        r#"{{"item_id":"sku-00001","quantity":1,"pad":"{}"}}"#,
+        "x".repeat(17 * 1024)
+    );
+    let response = app
+        .user("alice", "POST", "/api/v1/cart/items", Some(&huge))
+        .await;
+    assert_eq!(
+        (response.status, response.error_code().as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+    let text = app
+        .send(
+            "POST",
+            "/api/v1/cart/items",
+            &[app.bearer("alice"), h("content-type", "text/plain")],
+            Some(r#"{"item_id":"sku-00001","quantity":1}"#),
+        )
+        .await;
+    assert_eq!(
+        (text.status, text.error_code().as_str()),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+    );
+}
+
+#[tokio::test]
+async fn if_none_match_with_the_current_version_returns_304() {
+    let app = TestApp::spawn().await;
+    app.add("alice", "sku-00001", 1).await;
+    let fresh = app
+        .send(
+            "GET",
+            "/api/v1/cart",
+            &[app.bearer("alice"), h("if-none-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_eq!(fresh.status, StatusCode::NOT_MODIFIED);
+    assert!(fresh.body.is_empty());
+    assert_eq!(fresh.header("etag"), Some("\"1\""));
+    let stale = app
+        .send(
+            "GET",
+            "/api/v1/cart",
+            &[app.bearer("alice"), h("if-none-match", "\"0\"")],
+            None,
+        )
+        .await;
+    assert_eq!(stale.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_stale_if_match_returns_412_version_mismatch_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    app.add("alice", "sku-00001", 1).await;
+    app.add("alice", "sku-00002", 1).await;
+    for (method, path, body) in [
+        (
+            "PUT",
+            "/api/v1/cart/items/sku-00001",
+            Some(r#"{"quantity":4}"#),
+        ),
+        ("DELETE", "/api/v1/cart/items/sku-00001", None),
+        ("DELETE", "/api/v1/cart", None),
+    ] {
+        let stale = app
+            .send(
+                method,
+                path,
+                &[app.bearer("alice"), h("if-match", "\"1\"")],
+                body,
+            )
+            .await;
+        assert_eq!(
+            stale.status,
+            StatusCode::PRECONDITION_FAILED,
+            "{method} {path}"
+        );
+        assert_eq!(stale.error_code(), "version_mismatch");
+        assert_eq!(stale.json()["error"]["details"]["current_version"], 2);
+    }
+    let current = app
+        .send(
+            "PUT",
+            "/api/v1/cart/items/sku-00001",
+            &[app.bearer("alice"), h("if-match", "\"2\"")],
+            Some(r#"{"quantity":4}"#),
+        )
+        .await;
+    assert_eq!(current.status, StatusCode::OK);
+    assert_eq!(current.version(), 3);
+}
+
+#[tokio::test]
+async fn a_price_change_is_reported_per_line_while_the_captured_price_stays() {
+    let app = TestApp::spawn().await;
+    let added = app.add("alice", "sku-00005", 2).await;
+    let captured = added.json()["items"][0]["unit_price"]["amount_minor"]
+        .as_i64()
+        .unwrap();
+    app.sql("UPDATE catalog_prices SET amount_minor = amount_minor + 100 WHERE item_id = 'sku-00005' AND currency = 'SGD'")
+        .await;
+    let view = app.user("alice", "GET", "/api/v1/cart", None).await.json();
+    let line = &view["items"][0];
+    assert_eq!(line["unit_price"]["amount_minor"], captured);
+    assert_eq!(line["current_price"]["amount_minor"], captured + 100);
+    assert_eq!(line["price_changed"], true);
+    assert_eq!(view["total_price"]["amount_minor"], captured * 2);
+}
+
+#[tokio::test]
+async fn cart_min_version_skips_a_cache_entry_older_than_the_callers_last_write() {
+    let app = TestApp::spawn().await;
+    app.add("alice", "sku-00001", 1).await;
+    // A write the cache never heard of (as if its invalidation were lost).
+    app.sql("UPDATE carts SET version = 2 WHERE owner = 'u:alice'; UPDATE cart_items SET quantity = 9 WHERE owner = 'u:alice'")
+        .await;
+    let cached = app.user("alice", "GET", "/api/v1/cart", None).await;
+    assert_eq!(
+        (cached.version(), cached.header("cart-source")),
+        (1, Some("cache"))
+    );
+    let fresh = app
+        .send(
+            "GET",
+            "/api/v1/cart",
+            &[app.bearer("alice"), h("cart-min-version", "2")],
+            None,
+        )
+        .await;
+    assert_eq!(fresh.version(), 2);
+    assert_eq!(fresh.quantity_of("sku-00001"), 9);
+    assert_ne!(fresh.header("cart-source"), Some("cache"));
+    let cookie = app
+        .send(
+            "GET",
+            "/api/v1/cart",
+            &[app.bearer("alice"), h("cookie", "cart_min_version=2")],
+            None,
+        )
+        .await;
+    assert_eq!(cookie.version(), 2);
+    let bad = app
+        .send(
+            "GET",
+            "/api/v1/cart",
+            &[app.bearer("alice"), h("cart-min-version", "soon")],
+            None,
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn health_reports_dependencies_and_ready_is_200_while_serving() {
+    let app = TestApp::spawn().await;
+    let health = app.send("GET", "/health", &[], None).await;
+    assert_eq!(health.status, StatusCode::OK);
+    let body = health.json();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["region"], "sg");
+    assert_eq!(body["database"], "ok");
+    assert_eq!(body["redis"], "ok");
+    assert!(body["timestamp"].is_string());
+    assert_eq!(
+        app.send("GET", "/ready", &[], None).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_and_wrong_methods_405() {
+    let app = TestApp::spawn().await;
+    let missing = app.user("alice", "GET", "/api/v1/carts", None).await;
+    assert_eq!(
+        (missing.status, missing.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    let wrong = app.user("alice", "PATCH", "/api/v1/cart", None).await;
+    assert_eq!(wrong.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong.header("allow"), Some("GET, DELETE"));
+}
+
+#[tokio::test]
+async fn health_is_503_when_postgres_is_unreachable_and_degraded_without_redis() {
+    let options = TestOptions {
+        redis_url: Some("redis://127.0.0.1:1/".into()),
+        overlay: String::new(),
+    };
+    let app = TestApp::spawn_with(options).await;
+    let degraded = app.send("GET", "/health", &[], None).await;
+    assert_eq!(degraded.status, StatusCode::OK);
+    assert_eq!(degraded.json()["status"], "degraded");
+    assert_eq!(degraded.json()["redis"], "unavailable");
+    // Reads and writes still work without Redis.
+    assert_eq!(
+        app.add("alice", "sku-00001", 1).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.user("alice", "GET", "/api/v1/cart", None)
+            .await
+            .quantity_of("sku-00001"),
+        1
+    );
+
+    let no_db = TestApp::spawn_with(TestOptions {
+        overlay: "[database]\nprimary = \"host=127.0.0.1 port=1 user=postgres dbname=x\"\nreplica = \"host=127.0.0.1 port=1 user=postgres dbname=x\"\n".into(),
+        ..TestOptions::default()
+    })
+    .await;
+    let down = no_db.send("GET", "/health", &[], None).await;
+    assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(down.json()["database"], "unavailable");
+    let write = no_db.add("alice", "sku-00001", 1).await;
+    assert_eq!(
+        (write.status, write.error_code().as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    );
+    assert!(write.header("retry-after").is_some());
+    let message = write.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        !message.contains("127.0.0.1") && !message.contains("connect"),
+        "{message}"
+    );
+}

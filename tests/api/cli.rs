@@ -1,0 +1,189 @@
+//! The command line as operators use it: check-config, token, migrate, catalog.
+
+use std::process::{Command, Output};
+
+use crate::helpers::{
+    defaults_path, fresh_database, shared, test_config_text, TestApp, TestOptions,
+};
+use http::StatusCode;
+
+fn cartedge(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cartedge"));
+    command.arg("--defaults").arg(defaults_path()).args(args);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().unwrap()
+}
+
+const SECRETS: [(&str, &str); 2] = [
+    (
+        "CARTEDGE__AUTH__SESSION_SECRET",
+        "cli-session-secret-0123456789abcdef",
+    ),
+    (
+        "CARTEDGE__AUTH__KEYS__0__SECRET",
+        "cli-jwt-secret-0123456789abcdef0123",
+    ),
+];
+
+#[test]
+fn check_config_prints_the_effective_configuration_with_secrets_redacted() {
+    let region = concat!(env!("CARGO_MANIFEST_DIR"), "/regions/sg.toml");
+    let output = cartedge(&["--config", region, "check-config"], &SECRETS);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(printed.contains("id = \"sg\""), "{printed}");
+    assert!(printed.contains("currency = \"SGD\""));
+    assert!(printed.contains("<redacted>"));
+    for (_, secret) in SECRETS {
+        assert!(!printed.contains(secret), "a secret leaked");
+    }
+}
+
+#[test]
+fn check_config_fails_with_every_problem_before_binding_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[cart]\nmax_lines = 0\n[database]\nprimary = \"host=x\"\nreplica = \"host=x\"\n",
+    )
+    .unwrap();
+    let output = cartedge(&["--config", file.to_str().unwrap(), "check-config"], &[]);
+    assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.contains("cart.max_lines") && error.contains("auth.session_secret"),
+        "{error}"
+    );
+    std::fs::write(&file, "[cart]\nmax_lines = 5\nmax_linez = 5\n").unwrap();
+    let typo = cartedge(
+        &["--config", file.to_str().unwrap(), "check-config"],
+        &SECRETS,
+    );
+    assert!(!typo.status.success());
+    assert!(String::from_utf8_lossy(&typo.stderr).contains("max_linez"));
+}
+
+#[tokio::test]
+async fn token_migrate_and_catalog_commands_act_on_the_configured_cluster() {
+    let shared = shared();
+    let (database, dsn) = fresh_database().await;
+    let file = shared.dir.path().join(format!("{database}-cli.toml"));
+    std::fs::write(
+        &file,
+        test_config_text(&dsn, &shared.redis.url(), "cli:", ""),
+    )
+    .unwrap();
+    let config = file.to_str().unwrap().to_string();
+
+    let migrate = cartedge(&["--config", &config, "migrate"], &[]);
+    assert!(migrate.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&migrate.stdout).trim(),
+        "no pending migrations"
+    );
+
+    let csv = shared.dir.path().join(format!("{database}.csv"));
+    std::fs::write(
+        &csv,
+        "item_id,name,stock,SGD,THB\nnew-1,New one,5,1234,3000\nnew-2,New two,0,99,\n",
+    )
+    .unwrap();
+    let import = cartedge(
+        &[
+            "--config",
+            &config,
+            "catalog",
+            "import",
+            csv.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&import.stdout).trim(),
+        "imported 2 items"
+    );
+    let price = cartedge(
+        &[
+            "--config",
+            &config,
+            "catalog",
+            "set-price",
+            "new-2",
+            "SGD",
+            "150",
+        ],
+        &[],
+    );
+    assert!(price.status.success());
+    let stock = cartedge(
+        &["--config", &config, "catalog", "set-stock", "new-2", "7"],
+        &[],
+    );
+    assert!(stock.status.success());
+    let missing = cartedge(
+        &["--config", &config, "catalog", "set-stock", "nope", "7"],
+        &[],
+    );
+    assert!(!missing.status.success());
+
+    let token = cartedge(
+        &[
+            "--config", &config, "token", "--sub", "carol", "--ttl", "5m",
+        ],
+        &[],
+    );
+    assert!(token.status.success());
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+
+    // An edge on the same database accepts the token and sees the imported catalog.
+    let edge = TestApp::spawn_on(&dsn, &database, TestOptions::default()).await;
+    let added = edge
+        .send(
+            "POST",
+            "/api/v1/cart/items",
+            &[("authorization".into(), format!("Bearer {token}"))],
+            Some(r#"{"item_id":"new-2","quantity":2}"#),
+        )
+        .await;
+    assert_eq!(
+        added.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&added.body)
+    );
+    assert_eq!(added.json()["owner"], "u:carol");
+    assert_eq!(added.json()["items"][0]["unit_price"]["amount_minor"], 150);
+    let sold_out_check = edge
+        .query_i64("SELECT stock::bigint FROM catalog_items WHERE item_id = 'new-2'")
+        .await;
+    assert_eq!(sold_out_check, 7);
+}
+
+#[test]
+fn catalog_csv_rejects_bad_rows_with_their_line_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.csv");
+    std::fs::write(
+        &file,
+        "item_id,name,stock,SGD\nok-1,Fine,1,100\nbad-2,Broken,1,12.50\n",
+    )
+    .unwrap();
+    let error = cartedge::cli::read_catalog_csv(&file)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("line 3") && error.contains("SGD"), "{error}");
+    std::fs::write(&file, "item_id,name,stock\nok-1,Fine,1\n").unwrap();
+    assert!(cartedge::cli::read_catalog_csv(&file).is_err());
+}

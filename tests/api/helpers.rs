@@ -1,0 +1,398 @@
+//! The test harness: real PostgreSQL and Redis processes, started once per test binary on free
+//! loopback ports in a temp dir, a fresh database cloned from a migrated template per test, a
+//! Redis key prefix per test, and the edge served on port 0.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cartedge::app::App;
+use cartedge::config::{Config, Sources};
+use cartedge::local::procs::{self, Lifetime, PgInstance, PgOptions, RedisInstance};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const SESSION_SECRET: &str = "test-session-secret-0123456789abcdef";
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef0123";
+pub const TEMPLATE_DB: &str = "cartedge_template";
+
+pub struct Shared {
+    pub pg: PgInstance,
+    pub redis: RedisInstance,
+    pub dir: tempfile::TempDir,
+    counter: AtomicU32,
+}
+
+static SHARED: OnceLock<Shared> = OnceLock::new();
+
+/// Runs an async set-up step on its own runtime (we may be inside a test's runtime).
+fn block_on_fresh<T: Send + 'static>(
+    future: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(future)
+    })
+    .join()
+    .expect("set-up thread")
+}
+
+pub async fn execute(dsn: &str, sql: &str) {
+    let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    drop(client);
+    let _ = driver.await;
+}
+
+pub fn shared() -> &'static Shared {
+    SHARED.get_or_init(|| {
+        procs::ensure_packages().expect("packages");
+        let dir = tempfile::Builder::new()
+            .prefix("cartedge-test-")
+            .tempdir()
+            .expect("tempdir");
+        let pg_parent = dir.path().join("pg");
+        std::fs::create_dir_all(&pg_parent).unwrap();
+        let pg = PgInstance::start(
+            &pg_parent.join("data"),
+            PgOptions {
+                extra_conf: vec!["max_connections = 400".into()],
+                ..PgOptions::default()
+            },
+        )
+        .expect("start postgres");
+        let redis_dir = dir.path().join("redis");
+        std::fs::create_dir_all(&redis_dir).unwrap();
+        let redis =
+            RedisInstance::start(&redis_dir, None, Lifetime::TiedToParent).expect("start redis");
+        let admin = pg.dsn("postgres");
+        let template = pg.dsn(TEMPLATE_DB);
+        block_on_fresh(async move {
+            execute(&admin, &format!("CREATE DATABASE {TEMPLATE_DB}")).await;
+            cartedge::store::migrate::run(&template)
+                .await
+                .expect("migrate");
+            let (client, connection) = tokio_postgres::connect(&template, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            let driver = tokio::spawn(connection);
+            cartedge::store::catalog::load_demo(&client, 200)
+                .await
+                .unwrap();
+            client
+                .batch_execute(
+                    "INSERT INTO catalog_items (item_id, name, stock, active) VALUES
+                       ('sku-low', 'Low stock', 3, true),
+                       ('sku-zero', 'Sold out', 0, true),
+                       ('sku-inactive', 'Retired', 100, false),
+                       ('sku-thb-only', 'Thai only', 100, true);
+                     INSERT INTO catalog_prices (item_id, currency, amount_minor) VALUES
+                       ('sku-low', 'SGD', 500), ('sku-zero', 'SGD', 700),
+                       ('sku-inactive', 'SGD', 900), ('sku-thb-only', 'THB', 2600);",
+                )
+                .await
+                .unwrap();
+            drop(client);
+            let _ = driver.await;
+        });
+        Shared {
+            pg,
+            redis,
+            dir,
+            counter: AtomicU32::new(0),
+        }
+    })
+}
+
+/// A new database cloned from the migrated template: (name, DSN).
+pub async fn fresh_database() -> (String, String) {
+    let shared = shared();
+    let n = shared.counter.fetch_add(1, Ordering::Relaxed);
+    let database = format!("t_{}_{n}", std::process::id());
+    execute(
+        &shared.pg.dsn("postgres"),
+        &format!("CREATE DATABASE {database} TEMPLATE {TEMPLATE_DB}"),
+    )
+    .await;
+    let dsn = shared.pg.dsn(&database);
+    (database, dsn)
+}
+
+/// Knobs a test may turn.
+#[derive(Default)]
+pub struct TestOptions {
+    /// Use this Redis instead of the shared one.
+    pub redis_url: Option<String>,
+    /// Extra TOML layered last.
+    pub overlay: String,
+}
+
+pub struct TestApp {
+    pub address: SocketAddr,
+    pub app: Arc<App>,
+    pub config: Config,
+    pub dsn: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl TestResponse {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+    pub fn version(&self) -> i64 {
+        self.json()["version"].as_i64().expect("version")
+    }
+    /// Quantity of `item` in a cart body, 0 when absent.
+    pub fn quantity_of(&self, item: &str) -> i64 {
+        self.json()["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .find(|line| line["item_id"] == item)
+            .map(|line| line["quantity"].as_i64().unwrap())
+            .unwrap_or(0)
+    }
+}
+
+/// The TOML a test edge runs with, as one region-file layer.
+pub fn test_config_text(dsn: &str, redis_url: &str, prefix: &str, overlay: &str) -> String {
+    let base = format!(
+        "[region]\nid = \"sg\"\ncurrency = \"SGD\"\n\
+         [server]\nlisten = \"127.0.0.1:0\"\ndrain_grace = \"200ms\"\ndrain_timeout = \"5s\"\n\
+         [database]\nprimary = \"{dsn}\"\nreplica = \"{dsn}\"\npool_size = 32\n\
+         [redis]\nurl = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\ntimeout = \"200ms\"\n\
+         [cart]\ncatalog_cache_ttl = \"0s\"\n\
+         [auth]\nissuer = \"cartedge-test\"\naudience = \"cartedge-api\"\nsession_secret = \"{SESSION_SECRET}\"\n\
+         [[auth.keys]]\nkid = \"test\"\nalgorithm = \"HS256\"\nsecret = \"{JWT_SECRET}\"\n"
+    );
+    let mut merged: toml::Table = toml::from_str(&base).unwrap();
+    let extra: toml::Table = toml::from_str(overlay).expect("overlay TOML");
+    for (key, value) in extra {
+        match (merged.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(incoming)) => {
+                existing.extend(incoming)
+            }
+            (_, value) => {
+                merged.insert(key, value);
+            }
+        }
+    }
+    toml::to_string(&merged).unwrap()
+}
+
+pub fn defaults_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml")
+}
+
+pub fn test_config(dsn: &str, redis_url: &str, prefix: &str, overlay: &str) -> Config {
+    let sources = Sources {
+        defaults: Some(defaults_path()),
+        region: None,
+        overlay: Some(test_config_text(dsn, redis_url, prefix, overlay)),
+    };
+    Config::load(&sources, Vec::<(String, String)>::new()).expect("test config")
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        TestApp::spawn_with(TestOptions::default()).await
+    }
+
+    pub async fn spawn_with(options: TestOptions) -> TestApp {
+        let (database, dsn) = fresh_database().await;
+        TestApp::spawn_on(&dsn, &database, options).await
+    }
+
+    /// An edge on an existing database.
+    pub async fn spawn_on(dsn: &str, database: &str, options: TestOptions) -> TestApp {
+        let shared = shared();
+        let dsn = dsn.to_string();
+        let redis_url = options
+            .redis_url
+            .clone()
+            .unwrap_or_else(|| shared.redis.url());
+        let config = test_config(
+            &dsn,
+            &redis_url,
+            &format!("{database}:cart:"),
+            &options.overlay,
+        );
+        let app = App::new(config.clone()).expect("app");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let server_app = app.clone();
+        let server = tokio::spawn(async move {
+            cartedge::server::run(listener, server_app, async move {
+                let _ = stop.await;
+            })
+            .await;
+        });
+        TestApp {
+            address,
+            app,
+            config,
+            dsn,
+            shutdown: Some(shutdown),
+            server: Some(server),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.address, path)
+    }
+
+    pub fn token(&self, sub: &str) -> String {
+        self.token_with_ttl(sub, Duration::from_secs(3600))
+    }
+
+    pub fn token_with_ttl(&self, sub: &str, ttl: Duration) -> String {
+        cartedge::api::auth::issue_token(&self.config.auth, sub, ttl, now_unix()).unwrap()
+    }
+
+    pub fn bearer(&self, sub: &str) -> (String, String) {
+        (
+            "authorization".into(),
+            format!("Bearer {}", self.token(sub)),
+        )
+    }
+
+    /// Sends a request. A body is sent as JSON unless a content-type header is given.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: Option<&str>,
+    ) -> TestResponse {
+        let mut builder = Request::builder()
+            .method(Method::from_bytes(method.as_bytes()).unwrap())
+            .uri(self.url(path));
+        let mut has_type = false;
+        for (name, value) in headers {
+            has_type |= name.eq_ignore_ascii_case("content-type");
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        if body.is_some() && !has_type {
+            builder = builder.header("content-type", "application/json");
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
+            .unwrap();
+        let response = self.client.request(request).await.expect("request");
+        let (parts, body) = response.into_parts();
+        TestResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    /// As user `sub`.
+    pub async fn user(
+        &self,
+        sub: &str,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> TestResponse {
+        self.send(method, path, &[self.bearer(sub)], body).await
+    }
+
+    pub async fn add(&self, sub: &str, item: &str, quantity: i64) -> TestResponse {
+        let body = format!(r#"{{"item_id":"{item}","quantity":{quantity}}}"#);
+        self.user(sub, "POST", "/api/v1/cart/items", Some(&body))
+            .await
+    }
+
+    pub async fn sql(&self, sql: &str) {
+        execute(&self.dsn, sql).await
+    }
+
+    pub async fn query_i64(&self, sql: &str) -> i64 {
+        let (client, connection) = tokio_postgres::connect(&self.dsn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let driver = tokio::spawn(connection);
+        let value: i64 = client.query_one(sql, &[]).await.unwrap().get(0);
+        drop(client);
+        let _ = driver.await;
+        value
+    }
+
+    pub fn trigger_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn join_server(&mut self) {
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(20), server)
+                .await
+                .expect("drained")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A private Redis for tests that stop or pause it.
+pub fn private_redis(name: &str) -> RedisInstance {
+    let dir = shared().dir.path().join(format!("redis-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    RedisInstance::start(&dir, None, Lifetime::TiedToParent).expect("private redis")
+}
+
+pub fn h(name: &str, value: &str) -> (String, String) {
+    (name.to_string(), value.to_string())
+}

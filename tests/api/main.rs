@@ -1,0 +1,11 @@
+//! One integration-test binary against real PostgreSQL and Redis (see helpers.rs).
+
+mod auth;
+mod cache;
+mod cart;
+mod cli;
+mod concurrency;
+mod helpers;
+mod idempotency;
+mod layering;
+mod shutdown;
