@@ -77,7 +77,14 @@ fn token_verification(c: &mut Criterion) {
         .unwrap()
         .as_secs();
     let token = issue_token(&config, "alice", Duration::from_secs(3600), now).unwrap();
-    c.bench_function("verify_hs256_token", |b| {
+    c.bench_function("verify_hs256_token_first_time", |b| {
+        b.iter_batched(
+            || Authenticator::new(&config).unwrap(),
+            |fresh| black_box(fresh.verify_token(black_box(&token)).unwrap()),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    c.bench_function("verify_hs256_token_remembered", |b| {
         b.iter(|| black_box(auth.verify_token(black_box(&token)).unwrap()))
     });
     let session = auth.issue_session();

@@ -1,4 +1,11 @@
+//! The `cartedge` binary: see `cartedge::cli`.
+
 use clap::Parser;
+
+/// mimalloc: the request path allocates many small short-lived objects across worker threads,
+/// where glibc malloc spent ~12 % of the edge's CPU in a cache-hit profile.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = cartedge::cli::Cli::parse();

@@ -6,6 +6,7 @@
 //! server can mint one, and a forged or truncated id is refused, never replaced silently.
 
 use std::collections::HashMap;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -13,7 +14,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use crate::config::{AuthConfig, JwtKeyConfig};
@@ -92,9 +93,38 @@ struct VerifyingKey {
     validation: Validation,
 }
 
+/// Most verified tokens remembered; past it the memory is cleared (cheap to rebuild).
+const MAX_CACHED_TOKENS: usize = 50_000;
+
+/// Tokens that already passed verification, keyed by SHA-256 of the token (raw tokens are not
+/// kept), each valid until its own `exp` (+ leeway). Signature checks and claim parsing cost
+/// several µs even for HS256 and 50–350 µs for asymmetric keys; a hit costs one hash.
+struct VerifiedTokens {
+    entries: RwLock<HashMap<[u8; 32], (UserId, u64)>>,
+}
+
+impl VerifiedTokens {
+    fn get(&self, digest: &[u8; 32], now: u64, leeway: u64) -> Option<UserId> {
+        let entries = self.entries.read().ok()?;
+        let (user, exp) = entries.get(digest)?;
+        (now <= exp.saturating_add(leeway)).then(|| user.clone())
+    }
+
+    fn insert(&self, digest: [u8; 32], user: UserId, exp: u64) {
+        if let Ok(mut entries) = self.entries.write() {
+            if entries.len() >= MAX_CACHED_TOKENS {
+                entries.clear();
+            }
+            entries.insert(digest, (user, exp));
+        }
+    }
+}
+
 /// Verifies bearer tokens and signs/verifies guest sessions.
 pub struct Authenticator {
     keys: HashMap<String, VerifyingKey>,
+    leeway: u64,
+    verified: VerifiedTokens,
     /// The key used when a token names no `kid`: only when exactly one key is configured.
     only_kid: Option<String>,
     session_mac: Hmac<Sha256>,
@@ -135,6 +165,10 @@ impl Authenticator {
             .map_err(|e| e.to_string())?;
         Ok(Authenticator {
             keys,
+            leeway: config.leeway.0.as_secs(),
+            verified: VerifiedTokens {
+                entries: RwLock::new(HashMap::new()),
+            },
             only_kid,
             session_mac,
         })
@@ -146,6 +180,11 @@ impl Authenticator {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(INVALID);
         }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(user) = self.verified.get(&digest, now, self.leeway) {
+            return Ok(user);
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|_| INVALID)?;
         let kid = header
             .kid
@@ -155,7 +194,9 @@ impl Authenticator {
         let key = self.keys.get(kid).ok_or(INVALID)?;
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
             .map_err(|_| INVALID)?;
-        UserId::parse(&data.claims.sub).map_err(|_| INVALID)
+        let user = UserId::parse(&data.claims.sub).map_err(|_| INVALID)?;
+        self.verified.insert(digest, user.clone(), data.claims.exp);
+        Ok(user)
     }
 
     fn session_tag(&self, random: &[u8]) -> [u8; SESSION_TAG_BYTES] {
@@ -272,6 +313,18 @@ mod tests {
         assert!(auth.verify_token(&foreign).is_err());
         assert!(auth.verify_token("not.a.token").is_err());
         assert!(auth.verify_token(&"a".repeat(MAX_TOKEN_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let auth = Authenticator::new(&config()).unwrap();
+        // Valid for one more second, counting the leeway: verified now, remembered, and
+        // refused from memory once its exp + leeway has passed.
+        let token = issue_token(&config(), "alice", Duration::from_secs(0), now()).unwrap();
+        assert!(auth.verify_token(&token).is_ok());
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        assert!(auth.verified.get(&digest, now(), 1).is_some());
+        assert!(auth.verified.get(&digest, now() + 2, 1).is_none());
     }
 
     #[test]

@@ -30,25 +30,37 @@ impl Quantity {
     }
 }
 
-/// A line as stored (database row or cache entry).
+/// A line as stored (database row or cache entry). The serde form is the cache's: compact,
+/// timestamps as integer microseconds (parsing RFC 3339 dominated cache-hit decoding).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredLine {
+    #[serde(rename = "i")]
     pub item_id: String,
+    #[serde(rename = "q")]
     pub quantity: u16,
+    #[serde(rename = "v")]
     pub variant: Option<Value>,
     /// Price captured when the line was added, in the cart's currency.
+    #[serde(rename = "p")]
     pub unit_price_minor: i64,
+    #[serde(rename = "a", with = "chrono::serde::ts_microseconds")]
     pub added_at: DateTime<Utc>,
+    #[serde(rename = "u", with = "chrono::serde::ts_microseconds")]
     pub updated_at: DateTime<Utc>,
 }
 
 /// A cart as stored. `version` 0 with no currency means "no cart yet".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredCart {
+    #[serde(rename = "o")]
     pub owner: String,
+    #[serde(rename = "c")]
     pub currency: Option<Currency>,
+    #[serde(rename = "n")]
     pub version: i64,
+    #[serde(rename = "l")]
     pub lines: Vec<StoredLine>,
+    #[serde(rename = "u", with = "chrono::serde::ts_microseconds_option")]
     pub updated_at: Option<DateTime<Utc>>,
 }
 

@@ -1,7 +1,7 @@
 //! The regional Redis cart cache (cache-aside), with a version fence.
 //!
-//! Each cart is one hash `<prefix><owner>` with fields `v` (version) and `c` (the stored cart
-//! as JSON), read with one `HMGET`. Every write into it goes through one Lua script that refuses
+//! Each cart is one hash `<prefix><owner>` with fields `v` (version), `c` (the stored cart as
+//! compact JSON) and `f` (the format of `c`), read with one `HMGET`. Every write into it goes through one Lua script that refuses
 //! to replace a version with an older one, so the classic cache-aside race — a slow reader
 //! filling the cache with a cart older than a write that already happened — cannot take
 //! effect: the writer leaves its version behind (the new cart, or a bare fence when it has no
@@ -25,8 +25,13 @@ use crate::config::RedisConfig;
 use crate::domain::cart::StoredCart;
 use crate::domain::ids::OwnerKey;
 
-/// Sets `v`/`c` only when the stored version is older (or equal with no cart body yet, which
-/// is how a fence is filled). ARGV: version, cart JSON ("" = fence only: drop `c`), TTL in ms.
+/// Format of the `c` field, stored as `f`. An entry in another format (an edge of another
+/// release during a rolling deploy) is a miss and may be replaced at the same version.
+const FORMAT: &str = "1";
+
+/// Sets `v`/`c`/`f` only when the stored version is older, or equal without a cart body in our
+/// format (how a fence is filled). ARGV: version, cart JSON ("" = fence only: drop `c`), TTL in
+/// ms, format.
 const FENCED_SET: &str = r#"
 local current = redis.call('HGET', KEYS[1], 'v')
 if current then
@@ -34,15 +39,16 @@ if current then
   if stored > incoming then
     return 0
   end
-  if stored == incoming and (ARGV[2] == '' or redis.call('HEXISTS', KEYS[1], 'c') == 1) then
+  if stored == incoming and (ARGV[2] == '' or
+      (redis.call('HEXISTS', KEYS[1], 'c') == 1 and redis.call('HGET', KEYS[1], 'f') == ARGV[4])) then
     return 0
   end
 end
 if ARGV[2] == '' then
-  redis.call('HDEL', KEYS[1], 'c')
+  redis.call('HDEL', KEYS[1], 'c', 'f')
   redis.call('HSET', KEYS[1], 'v', ARGV[1])
 else
-  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'c', ARGV[2])
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'c', ARGV[2], 'f', ARGV[4])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -151,7 +157,11 @@ impl Cache {
     async fn fenced_set(&self, owner: &str, version: i64, body: &str) -> Result<bool, String> {
         let mut connection = self.connection.clone();
         let mut invocation = self.script.key(self.key(owner));
-        invocation.arg(version).arg(body).arg(self.ttl_ms);
+        invocation
+            .arg(version)
+            .arg(body)
+            .arg(self.ttl_ms)
+            .arg(FORMAT);
         match tokio::time::timeout(
             self.timeout,
             invocation.invoke_async::<i64>(&mut connection),

@@ -1,11 +1,14 @@
 //! The catalog: items, a price per currency in minor units, stock and an active flag.
 //!
 //! Cart views need every line's current price on every read, so entries are reused in-process
-//! for `cart.catalog_cache_ttl` (a few seconds). Adds read the catalog fresh: the price a line
-//! captures and the `price_mismatch` check must not be seconds old. The admin functions at the
-//! bottom back the `cartedge catalog …` commands.
+//! for `cart.catalog_cache_ttl` (a few seconds). An entry past its TTL is still served for up to
+//! [`MAX_STALENESS`] while one background task refreshes it, so expiry never stampedes the
+//! database; only entries never seen (or far too old) are read inline. Adds read the catalog
+//! fresh: the price a line captures and the `price_mismatch` check must not be seconds old. The
+//! admin functions at the bottom back the `cartedge catalog …` commands.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -17,6 +20,8 @@ use crate::domain::money::{Currency, Money};
 
 /// Bounds the in-process cache; past it the cache is cleared (entries are cheap to re-read).
 const MAX_CACHED_ITEMS: usize = 200_000;
+/// How far past its TTL an entry may be served while its refresh runs.
+const MAX_STALENESS: Duration = Duration::from_secs(30);
 
 const SELECT_ITEMS: &str = "SELECT i.item_id, i.active, i.stock, p.currency, p.amount_minor \
      FROM catalog_items i LEFT JOIN catalog_prices p ON p.item_id = i.item_id \
@@ -24,10 +29,17 @@ const SELECT_ITEMS: &str = "SELECT i.item_id, i.active, i.stock, p.currency, p.a
 
 type Entry = (Instant, Option<Arc<CatalogItem>>);
 
+#[derive(Clone)]
 pub struct Catalog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     pool: Pool,
     ttl: Duration,
     entries: RwLock<HashMap<String, Entry>>,
+    /// Whether a background refresh is running (at most one at a time).
+    refreshing: AtomicBool,
 }
 
 /// Current catalog entries for a set of items; `complete` is false when the catalog could not
@@ -46,12 +58,84 @@ impl Lookup {
 impl Catalog {
     pub fn new(pool: Pool, ttl: Duration) -> Catalog {
         Catalog {
-            pool,
-            ttl,
-            entries: RwLock::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                pool,
+                ttl,
+                entries: RwLock::new(HashMap::new()),
+                refreshing: AtomicBool::new(false),
+            }),
         }
     }
 
+    /// The current entry of one item, read from the database (not the in-process cache).
+    pub async fn get_fresh(&self, item_id: &str) -> Result<Option<Arc<CatalogItem>>, StoreError> {
+        self.inner.get_fresh(item_id).await
+    }
+
+    /// Entries for cart views: cached ones (fresh, or stale while a refresh runs), the rest in
+    /// one query.
+    pub async fn lookup<'a>(&self, ids: impl Iterator<Item = &'a str>) -> Lookup {
+        let now = Instant::now();
+        let inner = &self.inner;
+        let mut items = HashMap::new();
+        let mut missing: Vec<&str> = Vec::new();
+        let mut stale: Vec<String> = Vec::new();
+        {
+            let entries = inner.entries.read().ok();
+            for id in ids {
+                match entries.as_ref().and_then(|e| e.get(id)) {
+                    Some((at, entry)) if now.duration_since(*at) < inner.ttl + MAX_STALENESS => {
+                        if now.duration_since(*at) >= inner.ttl {
+                            stale.push(id.to_string());
+                        }
+                        if let Some(item) = entry {
+                            items.insert(id.to_string(), item.clone());
+                        }
+                    }
+                    _ => missing.push(id),
+                }
+            }
+        }
+        if !stale.is_empty() && !inner.refreshing.swap(true, Ordering::AcqRel) {
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                let ids: Vec<&str> = stale.iter().map(String::as_str).collect();
+                if let Ok(fetched) = inner.fetch(&ids).await {
+                    let fetched = fetched.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+                    inner.remember(Instant::now(), &ids, &fetched);
+                }
+                inner.refreshing.store(false, Ordering::Release);
+            });
+        }
+        if missing.is_empty() {
+            return Lookup {
+                items,
+                complete: true,
+            };
+        }
+        match inner.fetch(&missing).await {
+            Ok(fetched) => {
+                let fetched: HashMap<String, Arc<CatalogItem>> =
+                    fetched.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+                inner.remember(now, &missing, &fetched);
+                items.extend(fetched);
+                Lookup {
+                    items,
+                    complete: true,
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "catalog unavailable; cart view without current prices");
+                Lookup {
+                    items,
+                    complete: false,
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
     async fn fetch(&self, ids: &[&str]) -> Result<HashMap<String, CatalogItem>, StoreError> {
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(SELECT_ITEMS).await?;
@@ -90,8 +174,7 @@ impl Catalog {
         }
     }
 
-    /// The current entry of one item, read from the database (not the in-process cache).
-    pub async fn get_fresh(&self, item_id: &str) -> Result<Option<Arc<CatalogItem>>, StoreError> {
+    async fn get_fresh(&self, item_id: &str) -> Result<Option<Arc<CatalogItem>>, StoreError> {
         let mut fetched = self.fetch(&[item_id]).await?;
         let found: HashMap<String, Arc<CatalogItem>> = fetched
             .remove(item_id)
@@ -100,51 +183,6 @@ impl Catalog {
             .collect();
         self.remember(Instant::now(), &[item_id], &found);
         Ok(found.get(item_id).cloned())
-    }
-
-    /// Entries for cart views: cached ones younger than the TTL, the rest in one query.
-    pub async fn lookup<'a>(&self, ids: impl Iterator<Item = &'a str>) -> Lookup {
-        let now = Instant::now();
-        let mut items = HashMap::new();
-        let mut missing: Vec<&str> = Vec::new();
-        {
-            let entries = self.entries.read().ok();
-            for id in ids {
-                match entries.as_ref().and_then(|e| e.get(id)) {
-                    Some((at, entry)) if now.duration_since(*at) < self.ttl => {
-                        if let Some(item) = entry {
-                            items.insert(id.to_string(), item.clone());
-                        }
-                    }
-                    _ => missing.push(id),
-                }
-            }
-        }
-        if missing.is_empty() {
-            return Lookup {
-                items,
-                complete: true,
-            };
-        }
-        match self.fetch(&missing).await {
-            Ok(fetched) => {
-                let fetched: HashMap<String, Arc<CatalogItem>> =
-                    fetched.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
-                self.remember(now, &missing, &fetched);
-                items.extend(fetched);
-                Lookup {
-                    items,
-                    complete: true,
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "catalog unavailable; cart view without current prices");
-                Lookup {
-                    items,
-                    complete: false,
-                }
-            }
-        }
     }
 }
 
