@@ -337,6 +337,53 @@ mod tests {
     }
 
     #[test]
+    fn eddsa_keys_are_selected_by_kid_and_their_algorithm_is_pinned() {
+        use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new()).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        // SubjectPublicKeyInfo for Ed25519: a fixed 12-byte prefix and the 32-byte key.
+        let mut spki = hex::decode("302a300506032b6570032100").unwrap();
+        spki.extend_from_slice(pair.public_key().as_ref());
+        let pem = format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(&spki)
+        );
+        let dir = std::env::temp_dir().join(format!("cartedge-eddsa-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ed.pem");
+        std::fs::write(&path, pem).unwrap();
+        let mut config = config();
+        config.keys.push(JwtKeyConfig {
+            kid: "ed-1".into(),
+            algorithm: "EdDSA".into(),
+            secret: Secret::default(),
+            public_key_file: Some(path),
+        });
+        let auth = Authenticator::new(&config).unwrap();
+        let claims = Claims {
+            sub: "erin".into(),
+            exp: now() + 60,
+            iss: Some("iss-a".into()),
+            aud: Some("aud-a".into()),
+            iat: None,
+        };
+        let signing = EncodingKey::from_ed_der(pkcs8.as_ref());
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some("ed-1".into());
+        let token = jsonwebtoken::encode(&header, &claims, &signing).unwrap();
+        assert_eq!(auth.verify_token(&token).unwrap().as_str(), "erin");
+        // Two keys configured: a token naming no kid is refused.
+        header.kid = None;
+        let no_kid = jsonwebtoken::encode(&header, &claims, &signing).unwrap();
+        assert!(auth.verify_token(&no_kid).is_err());
+        // The HS256 key's kid with an EdDSA signature: the pinned algorithm refuses it.
+        header.kid = Some("k1".into());
+        let wrong_alg = jsonwebtoken::encode(&header, &claims, &signing).unwrap();
+        assert!(auth.verify_token(&wrong_alg).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn sessions_verify_only_when_minted_with_our_secret() {
         let auth = Authenticator::new(&config()).unwrap();
         let session = auth.issue_session();

@@ -278,6 +278,7 @@ pub async fn up(options: UpOptions) -> Result<()> {
     drop(pg);
     drop(redis);
     let _ = std::fs::remove_file(dir.join("pids.json"));
+    let _ = std::fs::remove_file(dir.join("cluster.json"));
     eprintln!("cartedge: local cluster stopped");
     Ok(())
 }
@@ -368,6 +369,7 @@ pub fn down(dir: &Path) -> Result<()> {
         procs::stop_pid(*pid, libc::SIGTERM, Duration::from_secs(10))?;
     }
     std::fs::remove_file(dir.join("pids.json"))?;
+    let _ = std::fs::remove_file(dir.join("cluster.json"));
     println!("local cluster stopped");
     Ok(())
 }
