@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use crate::app::App;
 use crate::config::{Config, Sources};
 use crate::domain::money::{Currency, Money};
+use crate::domain::ring::{plan_moves, sample_owner_keys, Ring, RingSpec, ShardSpec};
 use crate::store::catalog::{self, ImportRow};
 
 /// Where the local cluster keeps its state.
@@ -50,6 +51,31 @@ pub enum Command {
     /// Run a local cluster on 127.0.0.1.
     #[command(subcommand)]
     Local(LocalCommand),
+    /// Inspect the consistent-hash ring.
+    #[command(subcommand)]
+    Ring(RingCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RingCommand {
+    /// Print `shard=<shard id> home=<region id>` for an owner key (`u:<sub>` or `g:<session>`).
+    Locate {
+        owner: String,
+        /// Ring file.
+        #[arg(long, default_value = "config/ring.toml")]
+        ring: PathBuf,
+    },
+    /// Count how many owners adding shards would move (over a deterministic sample of keys).
+    Plan {
+        /// `<shard id>@<home region>[:<weight>]`, repeatable.
+        #[arg(long = "add-shard", required = true)]
+        add_shard: Vec<String>,
+        #[arg(long, default_value = "config/ring.toml")]
+        ring: PathBuf,
+        /// Sample size.
+        #[arg(long, default_value_t = 100_000)]
+        owners: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,7 +213,69 @@ pub async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::Local(LocalCommand::Down { dir }) => crate::local::down(dir),
+        Command::Ring(RingCommand::Locate { owner, ring }) => {
+            if !(owner.starts_with("u:") || owner.starts_with("g:")) || owner.len() < 3 {
+                bail!("an owner key is u:<user id> or g:<session id>");
+            }
+            let ring = load_ring(ring)?;
+            let placement = ring.locate(owner);
+            println!("shard={} home={}", placement.shard, placement.home);
+            Ok(())
+        }
+        Command::Ring(RingCommand::Plan {
+            add_shard,
+            ring,
+            owners,
+        }) => {
+            let before = load_ring(ring)?;
+            let mut spec = before.spec().clone();
+            for added in add_shard {
+                spec.shards.push(parse_shard(added)?);
+            }
+            let after = Ring::new(spec).map_err(|e| anyhow::anyhow!("the new ring: {e}"))?;
+            let keys = sample_owner_keys(*owners);
+            let plan = plan_moves(&before, &after, keys.iter().map(String::as_str));
+            println!(
+                "ring {} -> {}: {} of {} sampled owners would move ({:.1}%)",
+                before.fingerprint(),
+                after.fingerprint(),
+                plan.moved,
+                plan.owners,
+                100.0 * plan.moved as f64 / plan.owners.max(1) as f64
+            );
+            for (from, to, count) in plan.flows {
+                println!("  {from} -> {to}: {count}");
+            }
+            Ok(())
+        }
     }
+}
+
+/// Reads and validates a ring file.
+pub fn load_ring(path: &Path) -> Result<Ring> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let spec: RingSpec =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ring::new(spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn parse_shard(text: &str) -> Result<ShardSpec> {
+    let (id, rest) = text
+        .split_once('@')
+        .context("--add-shard takes <shard id>@<home region>[:<weight>]")?;
+    let (home, weight) = match rest.split_once(':') {
+        Some((home, weight)) => (
+            home,
+            weight.parse().context("weight must be a whole number")?,
+        ),
+        None => (rest, 1),
+    };
+    Ok(ShardSpec {
+        id: id.to_string(),
+        home: home.to_string(),
+        weight,
+    })
 }
 
 async fn run_catalog(command: &CatalogCommand, client: &mut tokio_postgres::Client) -> Result<()> {

@@ -7,4 +7,5 @@
 pub mod cart;
 pub mod ids;
 pub mod money;
+pub mod ring;
 pub mod variant;

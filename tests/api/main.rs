@@ -9,4 +9,5 @@ mod helpers;
 mod idempotency;
 mod layering;
 mod local;
+mod ring;
 mod shutdown;
