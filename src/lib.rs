@@ -15,6 +15,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod forward;
 pub mod local;
 pub mod server;
 pub mod store;

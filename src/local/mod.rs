@@ -6,6 +6,7 @@
 //! edge and writes `cluster.json`. This module is developer tooling: the edge itself never
 //! calls it.
 
+pub mod linkproxy;
 pub mod procs;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,1 @@
+//! Mutual TLS between edges (being written).
