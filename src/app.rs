@@ -8,7 +8,9 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::api::auth::Authenticator;
 use crate::config::Config;
+use crate::domain::ids::OwnerKey;
 use crate::store::Store;
+use crate::topology::Topology;
 
 /// How often missed cache invalidations are retried.
 const CACHE_REPAIR_PERIOD: Duration = Duration::from_millis(250);
@@ -18,6 +20,8 @@ pub struct App {
     pub config: Config,
     pub auth: Authenticator,
     pub store: Store,
+    /// The ring and every region.
+    pub topology: Topology,
     /// `Cart-Region`, pre-encoded once.
     pub region_header: HeaderValue,
     /// Whether the public listener serves TLS (cookies get `Secure`).
@@ -31,6 +35,7 @@ impl App {
     /// dependency is down and reports it on `/health`.
     pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
         let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+        let topology = Topology::load(&config)?;
         let store = Store::new(&config)?;
         store.cache.spawn_repair(CACHE_REPAIR_PERIOD);
         let region_header = HeaderValue::from_str(&config.region.id)?;
@@ -38,6 +43,7 @@ impl App {
             config,
             auth,
             store,
+            topology,
             region_header,
             tls: false,
             draining: AtomicBool::new(false),
@@ -51,6 +57,11 @@ impl App {
     /// Turns readiness off (SIGTERM's first step).
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// The shard an owner's cart lives on.
+    pub fn shard_of(&self, owner: &OwnerKey) -> &str {
+        self.topology.ring.locate(owner.as_str()).shard
     }
 
     /// Headers every response carries.

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use crate::app::App;
 use crate::config::{Config, Sources};
 use crate::domain::money::{Currency, Money};
-use crate::domain::ring::{plan_moves, sample_owner_keys, Ring, RingSpec, ShardSpec};
+use crate::domain::ring::{plan_moves, sample_owner_keys, Ring, ShardSpec};
 use crate::store::catalog::{self, ImportRow};
 
 /// Where the local cluster keeps its state.
@@ -160,18 +160,55 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Migrate => {
             let config = cli.load_config()?;
-            let applied = crate::store::migrate::run(config.database.primary.expose()).await?;
-            if applied.is_empty() {
-                println!("no pending migrations");
+            // Every primary homed in this region, and the catalog's primary where it lives here.
+            let mut targets: Vec<(String, &str)> = config
+                .database
+                .shards
+                .iter()
+                .filter(|s| !s.primary.is_empty())
+                .map(|s| (format!("shard {}", s.id), s.primary.expose()))
+                .collect();
+            let catalog = config.database.catalog_primary.expose();
+            if !catalog.is_empty() && !targets.iter().any(|(_, dsn)| *dsn == catalog) {
+                targets.push(("catalog".into(), catalog));
             }
-            for name in applied {
-                println!("applied {name}");
+            if targets.is_empty() {
+                bail!(
+                    "no primary is homed in region {}: nothing to migrate",
+                    config.region.id
+                );
+            }
+            for (name, dsn) in targets {
+                let applied = crate::store::migrate::run(dsn)
+                    .await
+                    .with_context(|| format!("migrating {name}"))?;
+                if applied.is_empty() {
+                    println!("{name}: no pending migrations");
+                }
+                for migration in applied {
+                    println!("{name}: applied {migration}");
+                }
             }
             Ok(())
         }
         Command::CheckConfig => {
             let config = cli.load_config()?;
+            let topology = crate::topology::Topology::load(&config)?;
             print!("{}", config.redacted_toml());
+            let spec = topology.ring.spec();
+            println!(
+                "\n# ring version {} fingerprint {}: {} shards, {} regions ({})",
+                spec.version,
+                topology.ring.fingerprint(),
+                spec.shards.len(),
+                topology.regions.len(),
+                topology
+                    .regions
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             Ok(())
         }
         Command::Token { sub, ttl } => {
@@ -187,10 +224,18 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Catalog(command) => {
             let config = cli.load_config()?;
-            let (mut client, connection) =
-                tokio_postgres::connect(config.database.primary.expose(), tokio_postgres::NoTls)
-                    .await
-                    .context("connecting to the catalog's primary")?;
+            if config.database.catalog_primary.is_empty() {
+                bail!(
+                    "region {} does not hold the catalog's primary (database.catalog_primary)",
+                    config.region.id
+                );
+            }
+            let (mut client, connection) = tokio_postgres::connect(
+                config.database.catalog_primary.expose(),
+                tokio_postgres::NoTls,
+            )
+            .await
+            .context("connecting to the catalog's primary")?;
             let driver = tokio::spawn(connection);
             let outcome = run_catalog(command, &mut client).await;
             drop(client);
@@ -253,11 +298,7 @@ pub async fn run(cli: Cli) -> Result<()> {
 
 /// Reads and validates a ring file.
 pub fn load_ring(path: &Path) -> Result<Ring> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let spec: RingSpec =
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    Ring::new(spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    Ok(crate::topology::load_ring(path)?)
 }
 
 fn parse_shard(text: &str) -> Result<ShardSpec> {

@@ -23,6 +23,8 @@ pub const ENV_PREFIX: &str = "CARTEDGE__";
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub region: RegionConfig,
+    pub edge: EdgeConfig,
+    pub topology: TopologyConfig,
     pub server: ServerConfig,
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
@@ -39,6 +41,26 @@ pub struct RegionConfig {
     pub id: String,
     /// Currency of carts created by this region's edge.
     pub currency: Currency,
+}
+
+/// How other regions' edges and clients reach this region's edges.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// The public base URL of this region's edges (documentation and walk-throughs).
+    pub public_url: String,
+    /// The base URL peers forward writes to (mutual TLS between edges).
+    pub internal_url: String,
+}
+
+/// Where the ring and the peers' region files are.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologyConfig {
+    /// The global ring file, identical in every region.
+    pub ring_file: PathBuf,
+    /// The directory holding every region's file (`<id>.toml`), this one included.
+    pub regions_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -62,12 +84,13 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
-    /// Shard primary (libpq key=value or URL). Multi-host strings are allowed.
-    pub primary: Secret,
-    /// Read replica of the shard; may equal `primary` in a single-node setup.
-    pub replica: Secret,
-    /// Catalog reads; defaults to `replica` when empty.
+    /// Every shard of the ring as this region reaches it.
+    #[serde(default)]
+    pub shards: Vec<ShardDatabase>,
+    /// Catalog reads (this region's replica of the catalog's home database).
     pub catalog: Secret,
+    /// The catalog's primary, for `cartedge catalog …`; empty in regions that do not write it.
+    pub catalog_primary: Secret,
     /// Connections per pool (primary, replica and catalog each get one pool).
     pub pool_size: usize,
     /// Bound on establishing one connection.
@@ -76,6 +99,19 @@ pub struct DatabaseConfig {
     pub checkout_timeout: Dur,
     /// Server-side statement timeout set on every connection.
     pub statement_timeout: Dur,
+}
+
+/// One shard's endpoints in this region (libpq key=value strings or URLs; multi-host strings
+/// with `target_session_attrs=read-write` let a promoted standby be found).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardDatabase {
+    pub id: String,
+    /// The shard's primary: only in the shard's home region.
+    #[serde(default)]
+    pub primary: Secret,
+    /// A replica readable from this region (in the home region it may equal the primary).
+    pub replica: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -299,11 +335,20 @@ impl Config {
         if self.server.max_body_bytes == 0 || self.server.max_body_bytes > 1 << 20 {
             problems.push("server.max_body_bytes must be within 1..=1048576".into());
         }
-        if self.database.primary.is_empty() {
-            problems.push("database.primary is required".into());
+        if self.database.shards.is_empty() {
+            problems.push("database.shards must list every shard of the ring".into());
         }
-        if self.database.replica.is_empty() {
-            problems.push("database.replica is required".into());
+        let mut seen = std::collections::BTreeSet::new();
+        for shard in &self.database.shards {
+            if !seen.insert(shard.id.as_str()) {
+                problems.push(format!("database.shards lists {} twice", shard.id));
+            }
+            if shard.replica.is_empty() {
+                problems.push(format!("database.shards {}: replica is required", shard.id));
+            }
+        }
+        if self.database.catalog.is_empty() {
+            problems.push("database.catalog is required".into());
         }
         if self.database.pool_size == 0 {
             problems.push("database.pool_size must be at least 1".into());
@@ -346,13 +391,9 @@ impl Config {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 
-    /// The catalog DSN: the configured one, or the replica's.
-    pub fn catalog_dsn(&self) -> &str {
-        if self.database.catalog.is_empty() {
-            self.database.replica.expose()
-        } else {
-            self.database.catalog.expose()
-        }
+    /// This region's endpoints of a shard.
+    pub fn shard(&self, id: &str) -> Option<&ShardDatabase> {
+        self.database.shards.iter().find(|s| s.id == id)
     }
 }
 

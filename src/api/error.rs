@@ -35,6 +35,8 @@ pub enum ApiError {
     RequestInProgress,
     #[error("this Idempotency-Key was used for a different request")]
     IdempotencyKeyReused,
+    #[error("this edge does not own the cart's shard")]
+    Misdirected,
     #[error("service temporarily unavailable")]
     Unavailable {
         retry_after_secs: u32,
@@ -51,6 +53,7 @@ impl From<StoreError> for ApiError {
                 retry_after_secs: 1,
                 cause,
             },
+            StoreError::NotHome(_) => ApiError::Misdirected,
             StoreError::Query(error) => ApiError::Internal(error_chain(&error)),
         }
     }
@@ -125,6 +128,7 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => {
                 (S::UNPROCESSABLE_ENTITY, "idempotency_key_reused", None)
             }
+            ApiError::Misdirected => (S::MISDIRECTED_REQUEST, "misdirected", None),
             ApiError::Unavailable { .. } => (S::SERVICE_UNAVAILABLE, "unavailable", None),
             ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", None),
         }

@@ -236,7 +236,7 @@ async fn dispatch(
 async fn health(app: &App) -> Response<Body> {
     let probe_timeout = std::time::Duration::from_millis(500);
     let (database, redis) = tokio::join!(
-        app.store.primary_healthy(probe_timeout),
+        app.store.databases_healthy(probe_timeout),
         app.store.cache.ping()
     );
     let status = match (database, redis) {
@@ -305,7 +305,9 @@ async fn view_cart(
         }
     };
     let min_version = request.min_version()?;
-    let (cart, source) = app.store.load_cart(&owner.key(), min_version).await?;
+    let owner_key = owner.key();
+    let shard = app.shard_of(&owner_key);
+    let (cart, source) = app.store.load_cart(shard, &owner_key, min_version).await?;
     if request.if_none_match_matches(cart.version) {
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::NOT_MODIFIED;
@@ -475,7 +477,7 @@ async fn write(
         _ => None,
     };
 
-    let mut tx = app.store.begin_write().await?;
+    let mut tx = app.store.begin_write(app.shard_of(&owner_key)).await?;
     if let Some(key) = idempotency_key {
         match tx.claim_idempotency(&owner_key, key, &fingerprint).await? {
             Claim::Fresh => {}

@@ -10,6 +10,7 @@ pub mod carts;
 pub mod catalog;
 pub mod migrate;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +50,9 @@ pub enum StoreError {
     /// No connection could be had, or it broke: the caller answers 503.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// This region does not hold the shard's primary: the write belongs to its home region.
+    #[error("shard {0} is not homed in this region")]
+    NotHome(String),
     /// The database refused a statement for a reason that is our bug or data corruption.
     #[error("database error: {0}")]
     Query(#[source] tokio_postgres::Error),
@@ -87,10 +91,15 @@ pub struct StoreCounters {
     pub cache_misses: AtomicU64,
 }
 
-/// The storage of one shard: its primary and replica pools, the region's cache and catalog.
-pub struct Store {
-    primary: Pool,
+/// One shard's pools in this region: the primary only where the shard is homed.
+struct ShardPools {
+    primary: Option<Pool>,
     replica: Pool,
+}
+
+/// The region's storage: every shard's pools, the regional cache and the catalog.
+pub struct Store {
+    shards: HashMap<String, ShardPools>,
     pub cache: Arc<Cache>,
     pub catalog: Catalog,
     pub counters: StoreCounters,
@@ -126,46 +135,74 @@ pub fn build_pool(dsn: &str, config: &Config) -> anyhow::Result<Pool> {
 
 impl Store {
     pub fn new(config: &Config) -> anyhow::Result<Store> {
-        let primary = build_pool(config.database.primary.expose(), config)?;
-        let replica = build_pool(config.database.replica.expose(), config)?;
-        let catalog_pool = build_pool(config.catalog_dsn(), config)?;
+        let mut shards = HashMap::new();
+        for shard in &config.database.shards {
+            let primary = if shard.primary.is_empty() {
+                None
+            } else {
+                Some(build_pool(shard.primary.expose(), config)?)
+            };
+            let replica = build_pool(shard.replica.expose(), config)?;
+            shards.insert(shard.id.clone(), ShardPools { primary, replica });
+        }
+        let catalog_pool = build_pool(config.database.catalog.expose(), config)?;
         Ok(Store {
-            primary,
-            replica,
+            shards,
             cache: Arc::new(Cache::new(&config.redis)?),
             catalog: Catalog::new(catalog_pool, config.cart.catalog_cache_ttl.0),
             counters: StoreCounters::default(),
         })
     }
 
-    /// A connection for writes: the shard primary.
-    pub async fn db_write(&self) -> Result<Object, StoreError> {
-        Ok(self.primary.get().await?)
+    fn pools(&self, shard: &str) -> Result<&ShardPools, StoreError> {
+        self.shards
+            .get(shard)
+            .ok_or_else(|| StoreError::Unavailable(format!("shard {shard} is not configured")))
     }
 
-    /// A connection for reads that tolerate replication lag: the replica, or the primary with a
-    /// warning when the replica cannot be had.
-    pub async fn db_read(&self) -> Result<(Object, Source), StoreError> {
-        match self.replica.get().await {
-            Ok(client) => Ok((client, Source::Replica)),
-            Err(error) => {
+    /// A connection for writes: the shard's primary, which only its home region has.
+    pub async fn db_write(&self, shard: &str) -> Result<Object, StoreError> {
+        let primary = self
+            .pools(shard)?
+            .primary
+            .as_ref()
+            .ok_or_else(|| StoreError::NotHome(shard.to_string()))?;
+        Ok(primary.get().await?)
+    }
+
+    /// A connection for reads that tolerate replication lag: the replica, or (in the home
+    /// region) the primary with a warning when the replica cannot be had.
+    pub async fn db_read(&self, shard: &str) -> Result<(Object, Source), StoreError> {
+        let pools = self.pools(shard)?;
+        match (pools.replica.get().await, &pools.primary) {
+            (Ok(client), _) => Ok((client, Source::Replica)),
+            (Err(error), Some(primary)) => {
                 self.counters
                     .replica_fallbacks
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%error, "replica unavailable, reading from the primary");
-                Ok((self.primary.get().await?, Source::Primary))
+                tracing::warn!(%error, shard, "replica unavailable, reading from the primary");
+                Ok((primary.get().await?, Source::Primary))
             }
+            (Err(error), None) => Err(error.into()),
         }
     }
 
-    /// A connection for reads that must see the latest commit.
-    pub async fn db_read_prefer_primary(&self) -> Result<(Object, Source), StoreError> {
-        Ok((self.primary.get().await?, Source::Primary))
+    /// A connection for reads that must see the latest commit: the primary (home region only).
+    pub async fn db_read_prefer_primary(
+        &self,
+        shard: &str,
+    ) -> Result<(Object, Source), StoreError> {
+        Ok((self.db_write(shard).await?, Source::Primary))
     }
 
-    /// Opens a write transaction on the primary.
-    pub async fn begin_write(&self) -> Result<WriteTx, StoreError> {
-        WriteTx::begin(self.db_write().await?).await
+    /// Whether this region holds the shard's primary.
+    pub fn is_home(&self, shard: &str) -> bool {
+        self.shards.get(shard).is_some_and(|p| p.primary.is_some())
+    }
+
+    /// Opens a write transaction on the shard's primary.
+    pub async fn begin_write(&self, shard: &str) -> Result<WriteTx, StoreError> {
+        WriteTx::begin(self.db_write(shard).await?).await
     }
 
     /// Reads a cart cache-aside: the cache, then the replica, then the primary when the
@@ -173,6 +210,7 @@ impl Store {
     /// version is already there (the version fence in [`Cache::fill`]).
     pub async fn load_cart(
         &self,
+        shard: &str,
         owner: &OwnerKey,
         min_version: i64,
     ) -> Result<(StoredCart, Source), StoreError> {
@@ -183,33 +221,53 @@ impl Store {
             }
         }
         self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
-        let (cart, source) = self.read_from_database(owner, min_version).await?;
+        let (cart, source) = self.read_from_database(shard, owner, min_version).await?;
         self.cache.fill(&cart).await;
         Ok((cart, source))
     }
 
-    /// The database half of [`Store::load_cart`], without touching the cache.
+    /// The database half of [`Store::load_cart`], without touching the cache. Outside the
+    /// shard's home region the replica's cart is returned even when older than `min_version`;
+    /// the caller decides what to do about it.
     pub async fn read_from_database(
         &self,
+        shard: &str,
         owner: &OwnerKey,
         min_version: i64,
     ) -> Result<(StoredCart, Source), StoreError> {
-        let (client, source) = self.db_read().await?;
+        let (client, source) = self.db_read(shard).await?;
         let cart = carts::load(&client, owner).await?;
-        if cart.version >= min_version {
+        if cart.version >= min_version || !self.is_home(shard) {
             return Ok((cart, source));
         }
         drop(client);
-        let (client, source) = self.db_read_prefer_primary().await?;
+        let (client, source) = self.db_read_prefer_primary(shard).await?;
         Ok((carts::load(&client, owner).await?, source))
     }
 
-    /// Whether the primary answers a trivial query within `timeout`.
-    pub async fn primary_healthy(&self, timeout: Duration) -> bool {
-        let probe = async {
-            let client = self.primary.get().await.ok()?;
-            client.simple_query("SELECT 1").await.ok()
+    /// Whether every primary homed here (or, in a region that homes none, every replica)
+    /// answers a trivial query within `timeout`.
+    pub async fn databases_healthy(&self, timeout: Duration) -> bool {
+        let homed: Vec<&Pool> = self
+            .shards
+            .values()
+            .filter_map(|p| p.primary.as_ref())
+            .collect();
+        let pools: Vec<&Pool> = if homed.is_empty() {
+            self.shards.values().map(|p| &p.replica).collect()
+        } else {
+            homed
         };
-        matches!(tokio::time::timeout(timeout, probe).await, Ok(Some(_)))
+        let probes = pools.into_iter().map(|pool| async move {
+            let probe = async {
+                let client = pool.get().await.ok()?;
+                client.simple_query("SELECT 1").await.ok()
+            };
+            matches!(tokio::time::timeout(timeout, probe).await, Ok(Some(_)))
+        });
+        futures_util::future::join_all(probes)
+            .await
+            .into_iter()
+            .all(|ok| ok)
     }
 }

@@ -22,7 +22,12 @@ async fn a_slow_reader_cannot_fill_the_cache_with_a_cart_older_than_a_committed_
     app.add("alice", "sku-00001", 1).await;
     let owner = OwnerKey::from_stored("u:alice".into());
     // The reader reads version 1 from the database and is held there…
-    let (stale, _) = app.app.store.read_from_database(&owner, 0).await.unwrap();
+    let (stale, _) = app
+        .app
+        .store
+        .read_from_database("sg-1", &owner, 0)
+        .await
+        .unwrap();
     assert_eq!(stale.version, 1);
     // …a writer commits version 2 and leaves it in the cache…
     assert_eq!(app.add("alice", "sku-00001", 1).await.version(), 2);
@@ -56,7 +61,12 @@ async fn the_race_is_harmless_even_when_the_writer_finds_the_cache_empty() {
     let owner = OwnerKey::from_stored("u:alice".into());
     let key = format!("{}u:alice", app.config.redis.key_prefix);
     redis_command(app.config.redis.url.expose(), &["DEL", &key]).await;
-    let (stale, _) = app.app.store.read_from_database(&owner, 0).await.unwrap();
+    let (stale, _) = app
+        .app
+        .store
+        .read_from_database("sg-1", &owner, 0)
+        .await
+        .unwrap();
     app.user("alice", "DELETE", "/api/v1/cart/items/sku-00001", None)
         .await;
     app.app.store.cache.fill(&stale).await;

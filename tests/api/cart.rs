@@ -559,7 +559,10 @@ async fn health_is_503_when_postgres_is_unreachable_and_degraded_without_redis()
     );
 
     let no_db = TestApp::spawn_with(TestOptions {
-        overlay: "[database]\nprimary = \"host=127.0.0.1 port=1 user=postgres dbname=x\"\nreplica = \"host=127.0.0.1 port=1 user=postgres dbname=x\"\n".into(),
+        overlay: "[database]\ncatalog = \"host=127.0.0.1 port=1 user=postgres dbname=x\"\n\
+                  [[database.shards]]\nid = \"sg-1\"\nprimary = \"host=127.0.0.1 port=1 user=postgres dbname=x\"\n\
+                  replica = \"host=127.0.0.1 port=1 user=postgres dbname=x\"\n"
+            .into(),
         ..TestOptions::default()
     })
     .await;

@@ -46,14 +46,78 @@ fn check_config_prints_the_effective_configuration_with_secrets_redacted() {
 }
 
 #[test]
+fn every_production_region_file_passes_check_config_and_names_the_ring() {
+    let ring = cartedge::cli::load_ring(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/ring.toml"),
+    )
+    .unwrap();
+    for region in ["sg", "id", "my", "th", "vn", "ph"] {
+        let file = format!("{}/regions/{region}.toml", env!("CARGO_MANIFEST_DIR"));
+        let output = cartedge(&["--config", &file, "check-config"], &SECRETS);
+        assert!(
+            output.status.success(),
+            "{region}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let printed = String::from_utf8(output.stdout).unwrap();
+        assert!(printed.contains(&format!("id = \"{region}\"")), "{printed}");
+        assert!(
+            printed.contains(&format!("fingerprint {}", ring.fingerprint())),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("6 regions (id, my, ph, sg, th, vn)"),
+            "{printed}"
+        );
+    }
+}
+
+#[test]
+fn check_config_refuses_a_region_set_that_does_not_cover_the_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let regions = dir.path().join("regions");
+    std::fs::create_dir_all(&regions).unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    for region in ["sg", "id", "my", "th", "vn"] {
+        std::fs::copy(
+            format!("{root}/regions/{region}.toml"),
+            regions.join(format!("{region}.toml")),
+        )
+        .unwrap();
+    }
+    // th stops listing a replica of ph-1, and ph has no region file at all.
+    let th = std::fs::read_to_string(regions.join("th.toml")).unwrap();
+    let cut = th.find("[[database.shards]]\nid = \"ph-1\"").unwrap();
+    std::fs::write(regions.join("th.toml"), &th[..cut]).unwrap();
+    let overlay = dir.path().join("sg.toml");
+    let sg = std::fs::read_to_string(format!("{root}/regions/sg.toml"))
+        .unwrap()
+        .replace(
+            "regions_dir = \"regions\"",
+            &format!("regions_dir = \"{}\"", regions.display()),
+        );
+    std::fs::write(&overlay, sg).unwrap();
+    let output = cartedge(
+        &["--config", overlay.to_str().unwrap(), "check-config"],
+        &SECRETS,
+    );
+    assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.contains("region th cannot read shard ph-1"),
+        "{error}"
+    );
+    assert!(
+        error.contains("shard ph-1 is homed in ph, which has no region file"),
+        "{error}"
+    );
+}
+
+#[test]
 fn check_config_fails_with_every_problem_before_binding_anything() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");
-    std::fs::write(
-        &file,
-        "[cart]\nmax_lines = 0\n[database]\nprimary = \"host=x\"\nreplica = \"host=x\"\n",
-    )
-    .unwrap();
+    std::fs::write(&file, "[cart]\nmax_lines = 0\n").unwrap();
     let output = cartedge(&["--config", file.to_str().unwrap(), "check-config"], &[]);
     assert!(!output.status.success());
     let error = String::from_utf8_lossy(&output.stderr);
@@ -86,7 +150,7 @@ async fn token_migrate_and_catalog_commands_act_on_the_configured_cluster() {
     assert!(migrate.status.success());
     assert_eq!(
         String::from_utf8_lossy(&migrate.stdout).trim(),
-        "no pending migrations"
+        "shard sg-1: no pending migrations"
     );
 
     let csv = shared.dir.path().join(format!("{database}.csv"));

@@ -120,6 +120,24 @@ pub fn shared() -> &'static Shared {
     })
 }
 
+/// A ring with one shard `sg-1` homed in `sg`, and an empty peer directory (this region is
+/// described by its own configuration): (ring file, regions dir).
+pub fn single_region_topology() -> (std::path::PathBuf, std::path::PathBuf) {
+    let base = shared().dir.path();
+    let ring = base.join("ring-single.toml");
+    let regions = base.join("regions-single");
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::fs::write(
+            &ring,
+            "version = 1\nvnodes = 200\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(&regions).unwrap();
+    });
+    (ring, regions)
+}
+
 /// A new database cloned from the migrated template: (name, DSN).
 pub async fn fresh_database() -> (String, String) {
     let shared = shared();
@@ -190,10 +208,15 @@ impl TestResponse {
 
 /// The TOML a test edge runs with, as one region-file layer.
 pub fn test_config_text(dsn: &str, redis_url: &str, prefix: &str, overlay: &str) -> String {
+    let (ring, regions) = single_region_topology();
+    let (ring, regions) = (ring.display(), regions.display());
     let base = format!(
         "[region]\nid = \"sg\"\ncurrency = \"SGD\"\n\
          [server]\nlisten = \"127.0.0.1:0\"\ndrain_grace = \"200ms\"\ndrain_timeout = \"5s\"\n\
-         [database]\nprimary = \"{dsn}\"\nreplica = \"{dsn}\"\npool_size = 32\n\
+         [edge]\npublic_url = \"http://127.0.0.1:8080\"\ninternal_url = \"https://127.0.0.1:8443\"\n\
+         [topology]\nring_file = \"{ring}\"\nregions_dir = \"{regions}\"\n\
+         [database]\ncatalog = \"{dsn}\"\ncatalog_primary = \"{dsn}\"\npool_size = 32\n\
+         [[database.shards]]\nid = \"sg-1\"\nprimary = \"{dsn}\"\nreplica = \"{dsn}\"\n\
          [redis]\nurl = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\ntimeout = \"200ms\"\n\
          [cart]\ncatalog_cache_ttl = \"0s\"\n\
          [auth]\nissuer = \"cartedge-test\"\naudience = \"cartedge-api\"\nsession_secret = \"{SESSION_SECRET}\"\n\

@@ -1,0 +1,287 @@
+//! The multi-region topology an edge runs in: the ring, this region, and its peers.
+//!
+//! Built once at start-up from the ring file and every region file in `topology.regions_dir`.
+//! Peers' files are read leniently (only ids, currencies, URLs and which shards they list: their
+//! secrets are not ours), but the whole set is validated: every shard of the ring has exactly one
+//! home region with a primary there, every region can read every shard, no region or shard is
+//! listed twice. This module reads files; it opens no sockets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::config::{Config, ConfigError};
+use crate::domain::money::Currency;
+use crate::domain::ring::{Ring, RingSpec};
+
+/// Another region's edge, as this edge needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub id: String,
+    pub currency: Currency,
+    pub public_url: String,
+    pub internal_url: String,
+}
+
+/// The ring plus every region, this one included.
+#[derive(Debug)]
+pub struct Topology {
+    pub ring: Ring,
+    /// This edge's region id.
+    pub region: String,
+    /// Every region by id, this one included.
+    pub regions: BTreeMap<String, Peer>,
+}
+
+/// What a region file says about the topology, read without defaults or secrets.
+#[derive(Debug, Deserialize)]
+struct RegionView {
+    region: RegionPart,
+    #[serde(default)]
+    edge: EdgePart,
+    #[serde(default)]
+    database: DatabasePart,
+}
+
+#[derive(Debug, Deserialize)]
+struct RegionPart {
+    id: String,
+    currency: Currency,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct EdgePart {
+    #[serde(default)]
+    public_url: String,
+    #[serde(default)]
+    internal_url: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct DatabasePart {
+    #[serde(default)]
+    shards: Vec<ShardPart>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ShardPart {
+    id: String,
+    #[serde(default)]
+    primary: Option<String>,
+    #[serde(default)]
+    replica: Option<String>,
+}
+
+/// Reads and validates a ring file.
+pub fn load_ring(path: &Path) -> Result<Ring, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let spec: RingSpec = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    Ring::new(spec).map_err(|e| ConfigError::Invalid(vec![format!("{}: {e}", path.display())]))
+}
+
+/// Problems of one region's shard list against the ring.
+fn check_region(ring: &Ring, region: &str, shards: &[(String, bool, bool)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut listed = BTreeSet::new();
+    for (id, has_primary, has_replica) in shards {
+        if !listed.insert(id.as_str()) {
+            problems.push(format!("region {region}: shard {id} is listed twice"));
+        }
+        let Some(spec) = ring.spec().shards.iter().find(|s| &s.id == id) else {
+            problems.push(format!("region {region}: shard {id} is not in the ring"));
+            continue;
+        };
+        if spec.home == region && !has_primary {
+            problems.push(format!(
+                "region {region}: shard {id} is homed here but has no primary"
+            ));
+        }
+        if spec.home != region && *has_primary {
+            problems.push(format!(
+                "region {region}: shard {id} is homed in {} and must not list a primary here",
+                spec.home
+            ));
+        }
+        if !has_replica {
+            problems.push(format!(
+                "region {region}: shard {id} has no replica to read from"
+            ));
+        }
+    }
+    for spec in &ring.spec().shards {
+        if !listed.contains(spec.id.as_str()) {
+            problems.push(format!(
+                "region {region} cannot read shard {} (not listed)",
+                spec.id
+            ));
+        }
+    }
+    problems
+}
+
+impl Topology {
+    /// Loads the ring and every region file, and validates the whole set and this edge's own
+    /// configuration against it.
+    pub fn load(config: &Config) -> Result<Topology, ConfigError> {
+        let ring = load_ring(&config.topology.ring_file)?;
+        let dir = &config.topology.regions_dir;
+        let entries = std::fs::read_dir(dir).map_err(|source| ConfigError::Read {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut files: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        files.sort();
+        let mut problems = Vec::new();
+        let mut regions = BTreeMap::new();
+        for path in files {
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let view: RegionView = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
+            if stem != view.region.id {
+                problems.push(format!(
+                    "{}: region id {} differs from the file name",
+                    path.display(),
+                    view.region.id
+                ));
+            }
+            // This region is checked from its effective configuration below, not its file.
+            if view.region.id != config.region.id {
+                let shards: Vec<(String, bool, bool)> = view
+                    .database
+                    .shards
+                    .iter()
+                    .map(|s| {
+                        let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.is_empty());
+                        (s.id.clone(), set(&s.primary), set(&s.replica))
+                    })
+                    .collect();
+                problems.extend(check_region(&ring, &view.region.id, &shards));
+                if view.edge.internal_url.is_empty() {
+                    problems.push(format!(
+                        "region {}: edge.internal_url is required",
+                        view.region.id
+                    ));
+                }
+            }
+            let peer = Peer {
+                id: view.region.id.clone(),
+                currency: view.region.currency,
+                public_url: view.edge.public_url,
+                internal_url: view.edge.internal_url,
+            };
+            if regions.insert(view.region.id.clone(), peer).is_some() {
+                problems.push(format!("region {} has two files", view.region.id));
+            }
+        }
+        let own: Vec<(String, bool, bool)> = config
+            .database
+            .shards
+            .iter()
+            .map(|s| (s.id.clone(), !s.primary.is_empty(), !s.replica.is_empty()))
+            .collect();
+        problems.extend(check_region(&ring, &config.region.id, &own));
+        regions.insert(
+            config.region.id.clone(),
+            Peer {
+                id: config.region.id.clone(),
+                currency: config.region.currency,
+                public_url: config.edge.public_url.clone(),
+                internal_url: config.edge.internal_url.clone(),
+            },
+        );
+        for spec in &ring.spec().shards {
+            if !regions.contains_key(&spec.home) {
+                problems.push(format!(
+                    "shard {} is homed in {}, which has no region file",
+                    spec.id, spec.home
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(Topology {
+                ring,
+                region: config.region.id.clone(),
+                regions,
+            })
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Whether `shard` is homed in this edge's region.
+    pub fn is_home(&self, shard_home: &str) -> bool {
+        shard_home == self.region
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ring::ShardSpec;
+
+    fn ring() -> Ring {
+        Ring::new(RingSpec {
+            version: 1,
+            vnodes: 200,
+            shards: vec![
+                ShardSpec {
+                    id: "a-1".into(),
+                    home: "a".into(),
+                    weight: 1,
+                },
+                ShardSpec {
+                    id: "b-1".into(),
+                    home: "b".into(),
+                    weight: 1,
+                },
+            ],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_region_must_hold_primaries_of_its_shards_and_replicas_of_all() {
+        let good = vec![
+            ("a-1".to_string(), true, true),
+            ("b-1".to_string(), false, true),
+        ];
+        assert!(check_region(&ring(), "a", &good).is_empty());
+        let missing_primary = vec![
+            ("a-1".to_string(), false, true),
+            ("b-1".to_string(), false, true),
+        ];
+        assert_eq!(check_region(&ring(), "a", &missing_primary).len(), 1);
+        let foreign_primary = vec![
+            ("a-1".to_string(), true, true),
+            ("b-1".to_string(), true, true),
+        ];
+        assert_eq!(check_region(&ring(), "a", &foreign_primary).len(), 1);
+        let unreadable = vec![("a-1".to_string(), true, true)];
+        assert!(check_region(&ring(), "a", &unreadable)[0].contains("cannot read shard b-1"));
+        let unknown = vec![
+            ("a-1".to_string(), true, true),
+            ("b-1".to_string(), false, true),
+            ("z-9".to_string(), false, true),
+        ];
+        assert!(check_region(&ring(), "a", &unknown)[0].contains("not in the ring"));
+    }
+}
