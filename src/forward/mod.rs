@@ -1,4 +1,7 @@
-//! Edge-to-edge traffic between regions: mutual TLS material and (next) the pooled HTTP/2
-//! client that forwards writes to the owner's home region.
+//! Edge-to-edge traffic between regions: mutual TLS material ([`tls`]) and the pooled HTTP/2
+//! client that forwards writes and home-region reads ([`client`]).
 
+pub mod client;
 pub mod tls;
+
+pub use client::{ForwardError, Forwarded, Forwarder, Settings};

@@ -1,0 +1,363 @@
+//! The client that carries requests to other regions' edges: one HTTP/2 connection per peer
+//! over mutual TLS, a bounded timeout per forward, one retry on a fresh connection when the
+//! transport fails, and a per-peer circuit breaker so an unreachable region fails fast.
+//!
+//! Retrying is safe because every forwarded write carries an Idempotency-Key: a forward whose
+//! connection dropped after the home edge committed is answered from the stored response.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+use super::tls::edge_server_name;
+
+/// Headers that identify a forwarded request.
+pub mod names {
+    /// The region whose edge forwarded the request (a receiver never forwards it again).
+    pub const FORWARDED_FROM: &str = "cart-forwarded-from";
+    /// The forwarding edge's ring fingerprint; a receiver with another ring refuses to write.
+    pub const RING: &str = "cart-ring";
+    /// The home region that applied a write.
+    pub const HOME_REGION: &str = "cart-home-region";
+}
+
+/// Bounds of forwarding.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Whole forward, connection set-up and retry included.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Consecutive failures that open a peer's circuit.
+    pub breaker_failures: u32,
+    /// How long an open circuit fails fast before one trial request is let through.
+    pub breaker_cooldown: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("no edge is known for region {0}")]
+    UnknownPeer(String),
+    #[error("the circuit to region {0} is open")]
+    CircuitOpen(String),
+    #[error("forward to region {0} timed out")]
+    Timeout(String),
+    #[error("forward to region {region} failed: {message}")]
+    Transport { region: String, message: String },
+}
+
+/// A peer's answer.
+#[derive(Debug)]
+pub struct Forwarded {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+struct Breaker {
+    consecutive_failures: AtomicU32,
+    open_until: Mutex<Option<Instant>>,
+}
+
+impl Breaker {
+    fn allow(&self) -> bool {
+        let Ok(mut open_until) = self.open_until.lock() else {
+            return true;
+        };
+        match *open_until {
+            Some(until) if Instant::now() < until => false,
+            Some(_) => {
+                // Half-open: let this request through; one more failure re-opens at once.
+                *open_until = None;
+                true
+            }
+            None => true,
+        }
+    }
+
+    fn success(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    fn failure(&self, threshold: u32, cooldown: Duration) {
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= threshold {
+            if let Ok(mut open_until) = self.open_until.lock() {
+                *open_until = Some(Instant::now() + cooldown);
+            }
+            self.consecutive_failures
+                .store(threshold.saturating_sub(1), Ordering::Relaxed);
+        }
+    }
+}
+
+struct Peer {
+    region: String,
+    /// `host:port` to dial (in the local cluster, the link proxy's port).
+    address: String,
+    /// The name the peer's certificate must carry.
+    server_name: ServerName<'static>,
+    authority: String,
+    sender: tokio::sync::Mutex<Option<http2::SendRequest<Full<Bytes>>>>,
+    breaker: Breaker,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct ForwardCounters {
+    pub forwarded: AtomicU64,
+    pub failed: AtomicU64,
+    pub retried: AtomicU64,
+    pub circuit_open: AtomicU64,
+}
+
+pub struct Forwarder {
+    connector: TlsConnector,
+    peers: HashMap<String, Arc<Peer>>,
+    settings: Settings,
+    pub counters: ForwardCounters,
+}
+
+/// `https://host:port[/]` → `host:port`.
+fn address_of(url: &str) -> anyhow::Result<String> {
+    let uri: http::Uri = url.parse().map_err(|e| anyhow::anyhow!("{url:?}: {e}"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| anyhow::anyhow!("{url:?} has no host"))?;
+    Ok(format!("{host}:{}", uri.port_u16().unwrap_or(443)))
+}
+
+impl Forwarder {
+    /// `peers`: (region id, internal URL) of every other region.
+    pub fn new<'a>(
+        peers: impl IntoIterator<Item = (&'a str, &'a str)>,
+        tls: rustls::ClientConfig,
+        settings: Settings,
+    ) -> anyhow::Result<Forwarder> {
+        let mut map = HashMap::new();
+        for (region, url) in peers {
+            map.insert(
+                region.to_string(),
+                Arc::new(Peer {
+                    region: region.to_string(),
+                    address: address_of(url)?,
+                    server_name: edge_server_name(region),
+                    authority: format!("{region}.edge.cartedge.internal"),
+                    sender: tokio::sync::Mutex::new(None),
+                    breaker: Breaker::default(),
+                }),
+            );
+        }
+        Ok(Forwarder {
+            connector: TlsConnector::from(Arc::new(tls)),
+            peers: map,
+            settings,
+            counters: ForwardCounters::default(),
+        })
+    }
+
+    /// Seconds a client should wait before retrying a failed forward.
+    pub fn retry_after_secs(&self) -> u32 {
+        self.settings.breaker_cooldown.as_secs().max(1) as u32
+    }
+
+    async fn connect(&self, peer: &Peer) -> Result<http2::SendRequest<Full<Bytes>>, String> {
+        let tcp = tokio::time::timeout(
+            self.settings.connect_timeout,
+            tokio::net::TcpStream::connect(&peer.address),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(
+            self.settings.connect_timeout,
+            self.connector.connect(peer.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS: {e}"))?;
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let (sender, connection) = builder
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        let region = peer.region.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%region, %error, "edge connection closed");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn sender(
+        &self,
+        peer: &Peer,
+        fresh: bool,
+    ) -> Result<http2::SendRequest<Full<Bytes>>, String> {
+        let mut slot = peer.sender.lock().await;
+        if let Some(sender) = slot.as_ref() {
+            if !fresh && !sender.is_closed() {
+                return Ok(sender.clone());
+            }
+        }
+        let sender = self.connect(peer).await?;
+        *slot = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn attempt(
+        &self,
+        peer: &Peer,
+        fresh: bool,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Forwarded, String> {
+        let mut sender = self.sender(peer, fresh).await?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection not ready: {e}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        Ok(Forwarded {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// Sends one request to `region`'s edge. `headers` are sent as given (the caller adds the
+    /// forwarding headers and the Idempotency-Key).
+    pub async fn send(
+        &self,
+        region: &str,
+        method: Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Forwarded, ForwardError> {
+        let peer = self
+            .peers
+            .get(region)
+            .ok_or_else(|| ForwardError::UnknownPeer(region.to_string()))?;
+        if !peer.breaker.allow() {
+            self.counters.circuit_open.fetch_add(1, Ordering::Relaxed);
+            return Err(ForwardError::CircuitOpen(region.to_string()));
+        }
+        let build = || -> Result<Request<Full<Bytes>>, String> {
+            let mut builder = Request::builder()
+                .method(method.clone())
+                .uri(format!("https://{}{}", peer.authority, path_and_query));
+            for (name, value) in headers {
+                builder = builder.header(name, value);
+            }
+            builder
+                .body(Full::new(body.clone()))
+                .map_err(|e| e.to_string())
+        };
+        let exchange = async {
+            let request = build()?;
+            match self.attempt(peer, false, request).await {
+                Ok(answer) => Ok(answer),
+                Err(first) => {
+                    // The connection may have died (peer restarted, link reset): once more on
+                    // a fresh connection. Safe: writes carry an Idempotency-Key.
+                    self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(region, error = %first, "forward failed; retrying on a new connection");
+                    self.attempt(peer, true, build()?).await
+                }
+            }
+        };
+        let outcome = tokio::time::timeout(self.settings.timeout, exchange).await;
+        match outcome {
+            Ok(Ok(answer)) => {
+                peer.breaker.success();
+                self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+                Ok(answer)
+            }
+            Ok(Err(message)) => {
+                self.fail(peer);
+                Err(ForwardError::Transport {
+                    region: region.to_string(),
+                    message,
+                })
+            }
+            Err(_) => {
+                self.fail(peer);
+                // A request stuck on a dead link must not pin the next one to it.
+                if let Ok(mut slot) = peer.sender.try_lock() {
+                    *slot = None;
+                }
+                Err(ForwardError::Timeout(region.to_string()))
+            }
+        }
+    }
+
+    fn fail(&self, peer: &Peer) {
+        self.counters.failed.fetch_add(1, Ordering::Relaxed);
+        peer.breaker.failure(
+            self.settings.breaker_failures,
+            self.settings.breaker_cooldown,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_breaker_opens_after_consecutive_failures_and_half_opens_after_cooldown() {
+        let breaker = Breaker::default();
+        for _ in 0..2 {
+            breaker.failure(3, Duration::from_millis(50));
+            assert!(breaker.allow());
+        }
+        breaker.failure(3, Duration::from_millis(50));
+        assert!(!breaker.allow(), "open after three failures");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(breaker.allow(), "half-open after the cooldown");
+        breaker.failure(3, Duration::from_millis(50));
+        assert!(!breaker.allow(), "one failure while half-open re-opens");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(breaker.allow());
+        breaker.success();
+        breaker.failure(3, Duration::from_millis(50));
+        assert!(breaker.allow(), "a success resets the count");
+    }
+
+    #[test]
+    fn internal_urls_become_dial_addresses() {
+        assert_eq!(
+            address_of("https://127.0.0.1:8443").unwrap(),
+            "127.0.0.1:8443"
+        );
+        assert_eq!(
+            address_of("https://edge-sg.cartedge.internal").unwrap(),
+            "edge-sg.cartedge.internal:443"
+        );
+        assert!(address_of("not a url").is_err());
+    }
+}
