@@ -1,14 +1,16 @@
 //! Wiring: builds the edge's shared state from configuration. No request logic lives here.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::mpsc;
 
 use crate::api::auth::Authenticator;
 use crate::config::Config;
 use crate::domain::ids::OwnerKey;
+use crate::forward::{tls, Forwarder, Settings};
 use crate::store::Store;
 use crate::topology::Topology;
 
@@ -26,6 +28,16 @@ pub struct App {
     pub region_header: HeaderValue,
     /// Whether the public listener serves TLS (cookies get `Secure`).
     pub tls: bool,
+    /// The client to other regions' edges (None when no mutual TLS is configured).
+    pub forwarder: Option<Arc<Forwarder>>,
+    /// The internal listener's TLS (mutual) configuration.
+    pub internal_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Cross-region cache invalidations to send after local commits.
+    invalidations: Option<mpsc::Sender<(String, i64)>>,
+    /// Requests refused because the sender's ring differs from ours.
+    pub topology_mismatches: AtomicU64,
+    /// Invalidations dropped because the queue was full.
+    pub invalidations_dropped: AtomicU64,
     draining: AtomicBool,
 }
 
@@ -39,6 +51,43 @@ impl App {
         let store = Store::new(&config)?;
         store.cache.spawn_repair(CACHE_REPAIR_PERIOD);
         let region_header = HeaderValue::from_str(&config.region.id)?;
+        let (forwarder, internal_tls) = if config.tls.is_configured() {
+            let files = &config.tls;
+            let client = tls::client_config(&files.cert_file, &files.key_file, &files.ca_file)?;
+            let server = tls::server_config(&files.cert_file, &files.key_file, &files.ca_file)?;
+            let peers = topology
+                .regions
+                .values()
+                .filter(|peer| peer.id != config.region.id)
+                .map(|peer| (peer.id.as_str(), peer.internal_url.as_str()));
+            let settings = Settings {
+                timeout: config.forward.timeout.0,
+                connect_timeout: config.forward.connect_timeout.0,
+                breaker_failures: config.forward.breaker_failures,
+                breaker_cooldown: config.forward.breaker_cooldown.0,
+            };
+            let forwarder = Arc::new(Forwarder::new(peers, client, settings)?);
+            (Some(forwarder), Some(Arc::new(server)))
+        } else {
+            (None, None)
+        };
+        let invalidations = forwarder.as_ref().map(|forwarder| {
+            let (sender, receiver) = mpsc::channel(config.forward.invalidation_queue);
+            let peers: Vec<String> = topology
+                .regions
+                .keys()
+                .filter(|id| **id != config.region.id)
+                .cloned()
+                .collect();
+            tokio::spawn(crate::forward::invalidate::run(
+                forwarder.clone(),
+                peers,
+                config.region.id.clone(),
+                topology.ring.fingerprint().to_string(),
+                receiver,
+            ));
+            sender
+        });
         Ok(Arc::new(App {
             config,
             auth,
@@ -46,8 +95,25 @@ impl App {
             topology,
             region_header,
             tls: false,
+            forwarder,
+            internal_tls,
+            invalidations,
+            topology_mismatches: AtomicU64::new(0),
+            invalidations_dropped: AtomicU64::new(0),
             draining: AtomicBool::new(false),
         }))
+    }
+
+    /// Queues a committed version for the other regions' caches; never waits.
+    pub fn invalidate_elsewhere(&self, owner: &OwnerKey, version: i64) {
+        if let Some(queue) = &self.invalidations {
+            if queue
+                .try_send((owner.as_str().to_string(), version))
+                .is_err()
+            {
+                self.invalidations_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     pub fn is_draining(&self) -> bool {

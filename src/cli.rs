@@ -143,19 +143,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             let config = cli.load_config()?;
             crate::telemetry::init(&config.log);
             let app = App::new(config.clone())?;
-            let listener = TcpListener::bind(config.server.listen)
-                .await
-                .with_context(|| format!("binding {}", config.server.listen))?;
-            let admin = match config.server.admin_listen {
-                Some(address) => Some(
-                    TcpListener::bind(address)
-                        .await
-                        .with_context(|| format!("binding {address}"))?,
-                ),
-                None => None,
-            };
+            let listeners = Listeners::bind(&config).await?;
             tracing::info!(region = %config.region.id, listen = %config.server.listen, "edge serving");
-            serve_bound(app, listener, admin).await;
+            serve_bound(app, listeners).await;
             Ok(())
         }
         Command::Migrate => {
@@ -408,24 +398,58 @@ pub fn read_catalog_csv(path: &Path) -> Result<Vec<ImportRow>> {
 }
 
 /// Serves already-bound listeners until SIGTERM/Ctrl-C.
-pub async fn serve_bound(app: Arc<App>, listener: TcpListener, admin: Option<TcpListener>) {
+pub async fn serve_bound(app: Arc<App>, listeners: Listeners) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let admin_task = admin.map(|listener| {
-        let app = app.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            crate::server::run_admin(listener, app, async move {
-                let _ = stop.changed().await;
-            })
-            .await
-        })
-    });
-    let public = crate::server::run(listener, app.clone(), async move {
+    let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.changed().await;
+    };
+    let mut side_tasks = Vec::new();
+    if let Some(listener) = listeners.admin {
+        let (app, stop) = (app.clone(), stopped(stop_rx.clone()));
+        side_tasks.push(tokio::spawn(async move {
+            crate::server::run_admin(listener, app, stop).await
+        }));
+    }
+    if let (Some(listener), Some(tls)) = (listeners.internal, app.internal_tls.clone()) {
+        let (app, stop) = (app.clone(), stopped(stop_rx.clone()));
+        side_tasks.push(tokio::spawn(async move {
+            crate::server::run_internal(listener, app, tls, stop).await
+        }));
+    }
+    crate::server::run(listeners.public, app.clone(), async move {
         crate::server::shutdown_signal().await;
         let _ = stop_tx.send(true);
-    });
-    public.await;
-    if let Some(task) = admin_task {
+    })
+    .await;
+    for task in side_tasks {
         let _ = task.await;
+    }
+}
+
+/// The listeners of one edge, bound before serving (so a taken port fails start-up).
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: Option<TcpListener>,
+    pub internal: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> Result<Listeners> {
+        let bind = |address: std::net::SocketAddr| async move {
+            TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding {address}"))
+        };
+        Ok(Listeners {
+            public: bind(config.server.listen).await?,
+            admin: match config.server.admin_listen {
+                Some(address) => Some(bind(address).await?),
+                None => None,
+            },
+            internal: match config.server.internal_listen {
+                Some(address) => Some(bind(address).await?),
+                None => None,
+            },
+        })
     }
 }

@@ -32,6 +32,45 @@ pub struct Config {
     pub auth: AuthConfig,
     pub idempotency: IdempotencyConfig,
     pub log: LogConfig,
+    pub tls: TlsFiles,
+    pub forward: ForwardConfig,
+}
+
+/// Mutual TLS between edges. Empty paths: no internal listener and no forwarding (a region
+/// that homes every shard, like the single-region local cluster, needs neither).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The private CA that signs every edge's certificate.
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn is_configured(&self) -> bool {
+        !self.ca_file.as_os_str().is_empty()
+    }
+}
+
+/// Forwarding writes (and read-your-writes reads) to home regions.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardConfig {
+    /// Bound on one forward, connection set-up and one retry included; past it the client gets
+    /// 503 `home_region_unavailable`.
+    pub timeout: Dur,
+    pub connect_timeout: Dur,
+    /// Consecutive failures that open a peer's circuit (then writes fail at once).
+    pub breaker_failures: u32,
+    /// How long an open circuit fails fast before a trial request.
+    pub breaker_cooldown: Dur,
+    /// How long a read waits for the local replica to reach `Cart-Min-Version` before asking the
+    /// home region.
+    pub replica_wait: Dur,
+    /// Cross-region cache invalidations waiting to be sent; past it they are dropped (bounded by
+    /// the cache TTL and the version check) and counted.
+    pub invalidation_queue: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -70,6 +109,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Operator listener (`/health`, `/ready`); later also metrics. Optional.
     pub admin_listen: Option<SocketAddr>,
+    /// Listener for other regions' edges (mutual TLS, HTTP/2); needs `[tls]`. Optional.
+    pub internal_listen: Option<SocketAddr>,
     /// Largest accepted request body; the contract says 16 KiB.
     pub max_body_bytes: usize,
     /// Upper bound on one request's handling; past it the client gets 503 `unavailable`.
@@ -375,6 +416,28 @@ impl Config {
             if let Err(problem) = crate::api::auth::check_key_config(key) {
                 problems.push(format!("auth.keys[{index}] ({}): {problem}", key.kid));
             }
+        }
+        if self.server.internal_listen.is_some() && !self.tls.is_configured() {
+            problems.push(
+                "server.internal_listen needs tls.ca_file, tls.cert_file and tls.key_file".into(),
+            );
+        }
+        if self.tls.is_configured() {
+            for (key, path) in [
+                ("tls.ca_file", &self.tls.ca_file),
+                ("tls.cert_file", &self.tls.cert_file),
+                ("tls.key_file", &self.tls.key_file),
+            ] {
+                if !path.is_file() {
+                    problems.push(format!("{key} {} does not exist", path.display()));
+                }
+            }
+        }
+        if self.forward.breaker_failures == 0 {
+            problems.push("forward.breaker_failures must be at least 1".into());
+        }
+        if self.forward.invalidation_queue == 0 {
+            problems.push("forward.invalidation_queue must be at least 1".into());
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             problems.push("log.format must be text or json".into());

@@ -37,6 +37,13 @@ pub enum ApiError {
     IdempotencyKeyReused,
     #[error("this edge does not own the cart's shard")]
     Misdirected,
+    #[error("the cart's home region cannot be reached; retry with the same Idempotency-Key")]
+    HomeRegionUnavailable {
+        retry_after_secs: u32,
+        idempotency_key: Option<String>,
+    },
+    #[error("the sending edge runs another ring; refusing to write")]
+    TopologyMismatch,
     #[error("service temporarily unavailable")]
     Unavailable {
         retry_after_secs: u32,
@@ -129,6 +136,10 @@ impl ApiError {
                 (S::UNPROCESSABLE_ENTITY, "idempotency_key_reused", None)
             }
             ApiError::Misdirected => (S::MISDIRECTED_REQUEST, "misdirected", None),
+            ApiError::HomeRegionUnavailable { .. } => {
+                (S::SERVICE_UNAVAILABLE, "home_region_unavailable", None)
+            }
+            ApiError::TopologyMismatch => (S::SERVICE_UNAVAILABLE, "topology_mismatch", None),
             ApiError::Unavailable { .. } => (S::SERVICE_UNAVAILABLE, "unavailable", None),
             ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", None),
         }
@@ -179,6 +190,21 @@ impl ApiError {
                 retry_after_secs, ..
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            ApiError::HomeRegionUnavailable {
+                retry_after_secs,
+                idempotency_key,
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                if let Some(value) = idempotency_key
+                    .as_deref()
+                    .and_then(|k| HeaderValue::from_str(k).ok())
+                {
+                    headers.insert("idempotency-key", value);
+                }
+            }
+            ApiError::TopologyMismatch => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(5u32));
             }
             _ => {}
         }

@@ -20,7 +20,8 @@ use serde_json::json;
 
 use crate::app::App;
 use crate::domain::cart::{self, AddRequest, CartView, StoredCart};
-use crate::domain::ids::{ItemId, Owner, SessionId};
+use crate::domain::ids::{ItemId, Owner, OwnerKey, SessionId};
+use crate::forward;
 use crate::store::{CartOp, Claim, Source, StoredResponse};
 use error::ApiError;
 use request::{AddItemBody, Caller, ClearBody, RequestParts, SetQuantityBody};
@@ -37,6 +38,7 @@ pub mod names {
     pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
     pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
     pub const SESSION_COOKIE: &str = "cart_session";
+    pub const MIN_VERSION_COOKIE: &str = "cart_min_version";
 }
 
 /// Which listener a request arrived on.
@@ -46,6 +48,9 @@ pub enum Surface {
     Public,
     /// The operator listener: `/health`, `/ready` only.
     Admin,
+    /// The mutual-TLS listener for other regions' edges: forwarded requests and invalidations.
+    /// Nothing that arrives here is forwarded again.
+    Internal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +121,32 @@ async fn dispatch(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let (parts, body) = request.into_parts();
+    if surface == Surface::Internal {
+        let ring = parts
+            .headers
+            .get(forward::client::names::RING)
+            .and_then(|v| v.to_str().ok());
+        if ring != Some(app.topology.ring.fingerprint()) {
+            app.topology_mismatches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(theirs = ?ring, ours = app.topology.ring.fingerprint(), "request from an edge with another ring refused");
+            return Err(ApiError::TopologyMismatch);
+        }
+        if parts.uri.path() == forward::invalidate::PATH {
+            if parts.method != Method::POST {
+                return Err(ApiError::MethodNotAllowed { allow: "POST" });
+            }
+            let bytes = request::read_body(&parts, body, 1 << 20, true).await?;
+            let batch: forward::invalidate::Batch = request::parse_json(&bytes)?;
+            for cart in &batch.carts {
+                app.store.cache.fence(&cart.owner, cart.version).await;
+            }
+            return Ok(json_response(
+                StatusCode::OK,
+                br#"{"status":"ok"}"#.to_vec(),
+            ));
+        }
+    }
     let route = route(parts.uri.path()).ok_or(ApiError::NotFound)?;
     if surface == Surface::Admin && !matches!(route, Route::Health | Route::Ready) {
         return Err(ApiError::NotFound);
@@ -148,7 +179,7 @@ async fn dispatch(
     match route {
         Route::Cart if method == Method::GET => {
             request.check_user_id(&caller, request.query_user_id().as_deref())?;
-            view_cart(app, &request, caller).await
+            view_cart(app, &request, surface, caller).await
         }
         Route::Cart => {
             let bytes =
@@ -162,7 +193,16 @@ async fn dispatch(
                     .or(request.query_user_id().as_deref()),
             )?;
             let if_match = request.if_match()?;
-            write(app, &request, caller, &bytes, WriteKind::Clear { if_match }).await
+            write(
+                app,
+                &request,
+                surface,
+                &method,
+                caller,
+                &bytes,
+                WriteKind::Clear { if_match },
+            )
+            .await
         }
         Route::CartItems => {
             let bytes =
@@ -176,7 +216,16 @@ async fn dispatch(
                     .or(request.query_user_id().as_deref()),
             )?;
             let add = parsed.validate()?;
-            write(app, &request, caller, &bytes, WriteKind::Add(add)).await
+            write(
+                app,
+                &request,
+                surface,
+                &method,
+                caller,
+                &bytes,
+                WriteKind::Add(add),
+            )
+            .await
         }
         Route::CartItem(raw_id) => {
             let item_id =
@@ -198,6 +247,8 @@ async fn dispatch(
                 write(
                     app,
                     &request,
+                    surface,
+                    &method,
                     caller,
                     &bytes,
                     WriteKind::Set {
@@ -222,6 +273,8 @@ async fn dispatch(
                 write(
                     app,
                     &request,
+                    surface,
+                    &method,
                     caller,
                     &bytes,
                     WriteKind::Remove { item_id, if_match },
@@ -286,6 +339,7 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
 async fn view_cart(
     app: &App,
     request: &RequestParts<'_>,
+    surface: Surface,
     caller: Caller,
 ) -> Result<Response<Body>, ApiError> {
     let owner = match caller {
@@ -306,20 +360,166 @@ async fn view_cart(
     };
     let min_version = request.min_version()?;
     let owner_key = owner.key();
-    let shard = app.shard_of(&owner_key);
-    let (cart, source) = app.store.load_cart(shard, &owner_key, min_version).await?;
-    if request.if_none_match_matches(cart.version) {
+    let placement = app.topology.ring.locate(owner_key.as_str());
+    let (mut cart, mut source) = app
+        .store
+        .load_cart(placement.shard, &owner_key, min_version)
+        .await?;
+    let mut warnings = Vec::new();
+    if cart.version < min_version && surface != Surface::Internal {
+        // Only outside the home region can the freshest copy be older than the caller's last
+        // write: give the local replica a bounded moment to replay, then ask the home region.
+        match wait_for_replica(app, placement.shard, &owner_key, min_version).await? {
+            Some(replayed) => (cart, source) = (replayed, Source::Replica),
+            None => match forward(
+                app,
+                request,
+                &Method::GET,
+                placement.home,
+                None,
+                None,
+                Bytes::new(),
+            )
+            .await
+            {
+                Ok(response) => return Ok(response),
+                Err(error) => {
+                    tracing::warn!(%error, home = placement.home, "home region unreachable; serving the replica's older cart");
+                    warnings.push(cart::Warning {
+                        code: "stale_possible",
+                        item_id: None,
+                        message: format!(
+                            "the home region {} is unreachable; this cart may be older than version {min_version}",
+                            placement.home
+                        ),
+                    });
+                }
+            },
+        }
+    }
+    if request.if_none_match_matches(cart.version) && warnings.is_empty() {
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         set_cart_headers(app, response.headers_mut(), cart.version, source);
         return Ok(response);
     }
-    let view = render_view(app, &cart).await;
+    let mut view = render_view(app, &cart).await;
+    view.warnings.extend(warnings);
     let session = match &owner {
         Owner::Guest(session) => Some(SessionHeader::Existing(session)),
         Owner::User(_) => None,
     };
     Ok(cart_response(app, StatusCode::OK, &view, source, session))
+}
+
+/// Polls the local replica until it holds `min_version`, for at most `forward.replica_wait`.
+async fn wait_for_replica(
+    app: &App,
+    shard: &str,
+    owner: &OwnerKey,
+    min_version: i64,
+) -> Result<Option<StoredCart>, ApiError> {
+    let deadline = Instant::now() + app.config.forward.replica_wait.0;
+    while Instant::now() < deadline {
+        tokio::time::sleep(REPLICA_POLL).await;
+        let (cart, _) = app
+            .store
+            .read_from_database(shard, owner, min_version)
+            .await?;
+        if cart.version >= min_version {
+            app.store.cache.fill(&cart).await;
+            return Ok(Some(cart));
+        }
+    }
+    Ok(None)
+}
+
+/// How often a read waiting for replication re-reads the replica.
+const REPLICA_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Headers a forward carries from the client's request: identity, body type, preconditions.
+const FORWARDED_HEADERS: [&str; 6] = [
+    "authorization",
+    "content-type",
+    "if-match",
+    "if-none-match",
+    "cart-min-version",
+    "cookie",
+];
+
+/// Sends the request to the home region's edge and relays its answer. `session` is a guest
+/// session minted here (the home edge sees it as presented); `idempotency_key` is the key the
+/// write runs under (the client's or one minted here).
+async fn forward(
+    app: &App,
+    request: &RequestParts<'_>,
+    method: &Method,
+    home: &str,
+    session: Option<&SessionId>,
+    idempotency_key: Option<&str>,
+    body: Bytes,
+) -> Result<Response<Body>, ApiError> {
+    let unavailable = |retry_after_secs| ApiError::HomeRegionUnavailable {
+        retry_after_secs,
+        idempotency_key: idempotency_key.map(str::to_string),
+    };
+    let Some(forwarder) = &app.forwarder else {
+        tracing::error!(
+            home,
+            "a request needs region {home} but no edge-to-edge TLS is configured"
+        );
+        return Err(unavailable(5));
+    };
+    let mut headers = HeaderMap::new();
+    for name in FORWARDED_HEADERS {
+        for value in request.headers().get_all(name) {
+            headers.append(HeaderName::from_static(name), value.clone());
+        }
+    }
+    let presented = session.map(|s| s.as_str().to_string()).or_else(|| {
+        request
+            .headers()
+            .get(names::CART_SESSION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    });
+    if let Some(value) = presented.and_then(|s| HeaderValue::from_str(&s).ok()) {
+        headers.insert(HeaderName::from_static(names::CART_SESSION), value);
+    }
+    if let Some(value) = idempotency_key.and_then(|k| HeaderValue::from_str(k).ok()) {
+        headers.insert(HeaderName::from_static(names::IDEMPOTENCY_KEY), value);
+    }
+    headers.insert(
+        HeaderName::from_static(forward::client::names::FORWARDED_FROM),
+        app.region_header.clone(),
+    );
+    if let Ok(ring) = HeaderValue::from_str(app.topology.ring.fingerprint()) {
+        headers.insert(HeaderName::from_static(forward::client::names::RING), ring);
+    }
+    let answer = forwarder
+        .send(
+            home,
+            method.clone(),
+            request.path_and_query(),
+            &headers,
+            body,
+        )
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, home, "forward failed");
+            unavailable(forwarder.retry_after_secs())
+        })?;
+    let mut response = Response::new(Full::new(answer.body));
+    *response.status_mut() = answer.status;
+    for (name, value) in &answer.headers {
+        if !matches!(
+            name.as_str(),
+            "content-length" | "connection" | "transfer-encoding" | "date"
+        ) {
+            response.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    Ok(response)
 }
 
 /// Builds the client's view with current catalog prices.
@@ -401,23 +601,44 @@ fn build_cart_response(
                 headers.insert(HeaderName::from_static(names::CART_SESSION), value);
             }
         }
-        Some(SessionHeader::New(session)) => {
-            if let Ok(value) = HeaderValue::from_str(session.as_str()) {
-                headers.insert(HeaderName::from_static(names::CART_SESSION), value);
-            }
-            let cookie = format!(
-                "{}={}; Path=/; HttpOnly; SameSite=Lax{}",
-                names::SESSION_COOKIE,
-                session.as_str(),
-                if app.tls { "; Secure" } else { "" }
-            );
-            if let Ok(value) = HeaderValue::from_str(&cookie) {
-                headers.insert(header::SET_COOKIE, value);
-            }
-        }
+        Some(SessionHeader::New(session)) => append_session_cookie(app, headers, session),
         None => {}
     }
     response
+}
+
+/// Hands a newly minted guest session to the client: `Cart-Session` and the `cart_session`
+/// cookie.
+fn append_session_cookie(app: &App, headers: &mut HeaderMap, session: &SessionId) {
+    if let Ok(value) = HeaderValue::from_str(session.as_str()) {
+        headers.insert(HeaderName::from_static(names::CART_SESSION), value);
+    }
+    let cookie = format!(
+        "{}={}; Path=/; HttpOnly; SameSite=Lax{}",
+        names::SESSION_COOKIE,
+        session.as_str(),
+        if app.tls { "; Secure" } else { "" }
+    );
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        headers.append(header::SET_COOKIE, value);
+    }
+}
+
+/// Marks a committed write: the home region that applied it, and the `cart_min_version` cookie
+/// that makes a browser's next read, in any region, at least this fresh.
+fn mark_write(app: &App, headers: &mut HeaderMap, version: i64) {
+    headers.insert(
+        HeaderName::from_static(forward::client::names::HOME_REGION),
+        app.region_header.clone(),
+    );
+    let cookie = format!(
+        "{}={version}; Path=/; SameSite=Lax{}",
+        names::MIN_VERSION_COOKIE,
+        if app.tls { "; Secure" } else { "" }
+    );
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        headers.append(header::SET_COOKIE, value);
+    }
 }
 
 /// A validated mutation, before it is bound to a cart.
@@ -451,9 +672,12 @@ impl WriteKind {
 }
 
 /// Runs one mutation: one transaction on the primary with the idempotency key, then the cache.
+#[allow(clippy::too_many_arguments)]
 async fn write(
     app: &App,
     request: &RequestParts<'_>,
+    surface: Surface,
+    method: &Method,
     caller: Caller,
     body: &Bytes,
     kind: WriteKind,
@@ -468,6 +692,42 @@ async fn write(
         }
     };
     let owner_key = owner.key();
+    let placement = app.topology.ring.locate(owner_key.as_str());
+    if placement.home != app.config.region.id {
+        if surface == Surface::Internal {
+            // A forwarded request is never forwarded again.
+            return Err(ApiError::Misdirected);
+        }
+        // Forwards always carry a key, so a retry after a lost answer applies once.
+        let key = idempotency_key
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("fwd-{}", hex::encode(rand::random::<[u8; 16]>())));
+        let mut response = forward(
+            app,
+            request,
+            method,
+            placement.home,
+            new_session.as_ref(),
+            Some(&key),
+            body.clone(),
+        )
+        .await?;
+        if response.status().is_success() {
+            let version = response
+                .headers()
+                .get(names::CART_VERSION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i64>().ok());
+            if let Some(version) = version {
+                // Our region's cache must not keep serving what this write replaced.
+                app.store.cache.fence(owner_key.as_str(), version).await;
+            }
+            if let Some(session) = &new_session {
+                append_session_cookie(app, response.headers_mut(), session);
+            }
+        }
+        return Ok(response);
+    }
     let (operation, item, if_match) = kind.fingerprint_parts();
     let fingerprint = request::fingerprint(operation, item, if_match, body);
 
@@ -477,7 +737,7 @@ async fn write(
         _ => None,
     };
 
-    let mut tx = app.store.begin_write(app.shard_of(&owner_key)).await?;
+    let mut tx = app.store.begin_write(placement.shard).await?;
     if let Some(key) = idempotency_key {
         match tx.claim_idempotency(&owner_key, key, &fingerprint).await? {
             Claim::Fresh => {}
@@ -544,7 +804,7 @@ async fn write(
             Owner::User(_) => None,
         });
     let body = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
-    let response = build_cart_response(
+    let mut response = build_cart_response(
         app,
         StatusCode::OK,
         body.clone(),
@@ -552,6 +812,7 @@ async fn write(
         Source::Primary,
         session_header,
     );
+    mark_write(app, response.headers_mut(), view.version);
     if let Some(key) = idempotency_key {
         tx.record_idempotency(&owner_key, key, &fingerprint, &to_stored(&response, body))
             .await?;
@@ -559,6 +820,7 @@ async fn write(
     tx.commit().await?;
     if cart.version > 0 {
         app.store.cache.store_committed(&cart).await;
+        app.invalidate_elsewhere(&owner_key, cart.version);
     }
     tracing::debug!(owner = %owner_key, version = cart.version, operation, "cart written");
     Ok(response)
@@ -568,7 +830,13 @@ fn to_stored(response: &Response<Body>, body: Bytes) -> StoredResponse {
     let headers = response
         .headers()
         .iter()
-        .filter(|(name, _)| *name != header::SET_COOKIE)
+        // A replay goes to the same owner, who already holds the session: never re-send it.
+        .filter(|(name, value)| {
+            *name != header::SET_COOKIE
+                || !value
+                    .as_bytes()
+                    .starts_with(names::SESSION_COOKIE.as_bytes())
+        })
         .filter_map(|(name, value)| {
             Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
         })

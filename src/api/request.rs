@@ -30,6 +30,7 @@ pub enum Caller {
 pub struct RequestParts<'a> {
     headers: &'a HeaderMap,
     query: Option<&'a str>,
+    path_and_query: &'a str,
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
@@ -58,7 +59,20 @@ impl<'a> RequestParts<'a> {
         RequestParts {
             headers: &parts.headers,
             query: parts.uri.query(),
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/"),
         }
+    }
+
+    pub fn headers(&self) -> &'a HeaderMap {
+        self.headers
+    }
+
+    pub fn path_and_query(&self) -> &'a str {
+        self.path_and_query
     }
 
     /// Resolves the caller. A present but bad credential is an error, never anonymous.

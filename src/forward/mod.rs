@@ -2,6 +2,7 @@
 //! client that forwards writes and home-region reads ([`client`]).
 
 pub mod client;
+pub mod invalidate;
 pub mod tls;
 
 pub use client::{ForwardError, Forwarded, Forwarder, Settings};

@@ -281,14 +281,10 @@ pub async fn up(options: UpOptions) -> Result<()> {
 
     crate::telemetry::init(&config.log);
     let app = crate::app::App::new(config.clone())?;
-    let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
-    let admin = match config.server.admin_listen {
-        Some(address) => Some(tokio::net::TcpListener::bind(address).await?),
-        None => None,
-    };
+    let listeners = crate::cli::Listeners::bind(&config).await?;
     print_banner(&config, &dir);
     eprintln!("cartedge: serving in the foreground; Ctrl-C stops everything");
-    crate::cli::serve_bound(app, listener, admin).await;
+    crate::cli::serve_bound(app, listeners).await;
     drop(pg);
     drop(redis);
     let _ = std::fs::remove_file(dir.join("pids.json"));

@@ -16,18 +16,38 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::{self, Surface};
 use crate::app::App;
+use crate::forward::tls;
+use tokio_rustls::TlsAcceptor;
 
 /// Bound on reading a request head, so idle or slow clients cannot hold connections forever.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the public API on `listener` until `shutdown` resolves, then drains.
 pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
-    serve(listener, app, Surface::Public, shutdown).await
+    serve(listener, app, Surface::Public, None, shutdown).await
+}
+
+/// Serves other regions' edges (mutual TLS, HTTP/2) until `shutdown` resolves. A connection
+/// whose client certificate names no region of the topology is closed after the handshake.
+pub async fn run_internal(
+    listener: TcpListener,
+    app: Arc<App>,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve(
+        listener,
+        app,
+        Surface::Internal,
+        Some(TlsAcceptor::from(tls)),
+        shutdown,
+    )
+    .await
 }
 
 /// Serves the operator surface (`/health`, `/ready`) until `shutdown` resolves.
 pub async fn run_admin(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
-    serve(listener, app, Surface::Admin, shutdown).await
+    serve(listener, app, Surface::Admin, None, shutdown).await
 }
 
 fn builder() -> auto::Builder<TokioExecutor> {
@@ -44,24 +64,66 @@ fn builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// Bound on a TLS handshake on the internal listener.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn spawn_connection(
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
     app: &Arc<App>,
     surface: Surface,
+    tls: Option<&TlsAcceptor>,
     stream: TcpStream,
 ) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
+    let service_app = app.clone();
+    let service = service_fn(move |request| api::handle(service_app.clone(), surface, request));
+    let Some(acceptor) = tls.cloned() else {
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(?peer, %error, "connection ended with an error");
+            }
+        });
+        return;
+    };
+    let builder = builder.clone();
+    let watcher = graceful.watcher();
     let app = app.clone();
-    let service = service_fn(move |request| api::handle(app.clone(), surface, request));
-    let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .into_owned();
-    let connection = graceful.watch(connection);
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(?peer, %error, "connection ended with an error");
+        let stream =
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::warn!(?peer, %error, "edge TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(?peer, "edge TLS handshake timed out");
+                    return;
+                }
+            };
+        let region = tls::peer_edge_name(stream.get_ref().1);
+        if !region
+            .as_ref()
+            .is_some_and(|r| app.topology.regions.contains_key(r))
+        {
+            tracing::warn!(
+                ?peer,
+                ?region,
+                "edge certificate names no region of the topology"
+            );
+            return;
+        }
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        if let Err(error) = watcher.watch(connection).await {
+            tracing::debug!(?peer, ?region, %error, "edge connection ended with an error");
         }
     });
 }
@@ -70,6 +132,7 @@ async fn serve(
     listener: TcpListener,
     app: Arc<App>,
     surface: Surface,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
     let builder = builder();
@@ -78,7 +141,7 @@ async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => spawn_connection(&builder, &graceful, &app, surface, stream),
+                Ok((stream, _)) => spawn_connection(&builder, &graceful, &app, surface, tls.as_ref(), stream),
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(%error, "accept failed");
@@ -99,7 +162,7 @@ async fn serve(
             _ = &mut deadline => break,
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    spawn_connection(&builder, &graceful, &app, surface, stream);
+                    spawn_connection(&builder, &graceful, &app, surface, tls.as_ref(), stream);
                 }
             }
         }

@@ -201,6 +201,15 @@ impl Cache {
         }
     }
 
+    /// Fences an owner at `version` (drops any older cached cart) without a cart body: for
+    /// writes committed elsewhere (forwarded writes, invalidations from other regions).
+    pub async fn fence(&self, owner: &str, version: i64) {
+        if let Err(error) = self.fenced_set(owner, version, "").await {
+            self.note_error("fence", &error);
+            self.remember(owner, version);
+        }
+    }
+
     fn remember(&self, owner: &str, version: i64) {
         let Ok(mut pending) = self.pending.lock() else {
             self.distrust_all.store(true, Ordering::Release);

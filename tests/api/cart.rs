@@ -60,6 +60,11 @@ async fn add_item_captures_the_catalog_price_and_totals_the_cart() {
     assert_eq!(body["total_items"], 2);
     assert_eq!(body["total_price"]["amount_minor"], price * 2);
     assert_eq!(body["warnings"], serde_json::json!([]));
+    assert_eq!(response.header("cart-home-region"), Some("sg"));
+    assert_eq!(
+        response.cookie("cart_min_version").as_deref(),
+        Some("cart_min_version=1; Path=/; SameSite=Lax")
+    );
 
     let view = app.user("alice", "GET", "/api/v1/cart", None).await;
     assert_eq!(view.json()["items"], body["items"]);

@@ -1,0 +1,86 @@
+//! Cross-region cache invalidation: after a commit, the home edge tells every other region's
+//! edges the cart's new version, so they fence their caches. Asynchronous, batched and bounded:
+//! a lost message is bounded by the cache TTL and by `Cart-Min-Version`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::client::names;
+use super::Forwarder;
+
+/// The internal path invalidations are posted to.
+pub const PATH: &str = "/internal/v1/invalidate";
+/// Most carts in one message.
+const MAX_BATCH: usize = 256;
+
+/// One cart's new version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Invalidation {
+    pub owner: String,
+    pub version: i64,
+}
+
+/// The body of an invalidation message.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    pub carts: Vec<Invalidation>,
+}
+
+/// Sends queued invalidations to every peer until the queue closes.
+pub async fn run(
+    forwarder: Arc<Forwarder>,
+    peers: Vec<String>,
+    region: String,
+    fingerprint: String,
+    mut queue: mpsc::Receiver<(String, i64)>,
+) {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let (Ok(from), Ok(ring)) = (
+        HeaderValue::from_str(&region),
+        HeaderValue::from_str(&fingerprint),
+    ) {
+        headers.insert(names::FORWARDED_FROM, from);
+        headers.insert(names::RING, ring);
+    }
+    let mut buffer = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut buffer, MAX_BATCH).await > 0 {
+        let batch = Batch {
+            carts: buffer
+                .drain(..)
+                .map(|(owner, version)| Invalidation { owner, version })
+                .collect(),
+        };
+        let Ok(body) = serde_json::to_vec(&batch) else {
+            continue;
+        };
+        let body = Bytes::from(body);
+        let sends = peers.iter().map(|peer| {
+            let forwarder = forwarder.clone();
+            let headers = headers.clone();
+            let body = body.clone();
+            async move {
+                match forwarder
+                    .send(peer, Method::POST, PATH, &headers, body)
+                    .await
+                {
+                    Ok(answer) if answer.status.is_success() => {}
+                    Ok(answer) => {
+                        tracing::warn!(%peer, status = %answer.status, "invalidation refused")
+                    }
+                    Err(error) => tracing::debug!(%peer, %error, "invalidation not delivered"),
+                }
+            }
+        });
+        futures_util::future::join_all(sends).await;
+    }
+}
