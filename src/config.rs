@@ -100,6 +100,10 @@ pub struct TopologyConfig {
     pub ring_file: PathBuf,
     /// The directory holding every region's file (`<id>.toml`), this one included.
     pub regions_dir: PathBuf,
+    /// Per-peer overrides of `edge.internal_url`, for when this region reaches a peer through
+    /// something of its own (a gateway; the local cluster's link proxy).
+    #[serde(default)]
+    pub peer_urls: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

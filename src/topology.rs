@@ -182,11 +182,17 @@ impl Topology {
                     ));
                 }
             }
+            let internal_url = config
+                .topology
+                .peer_urls
+                .get(&view.region.id)
+                .cloned()
+                .unwrap_or(view.edge.internal_url);
             let peer = Peer {
                 id: view.region.id.clone(),
                 currency: view.region.currency,
                 public_url: view.edge.public_url,
-                internal_url: view.edge.internal_url,
+                internal_url,
             };
             if regions.insert(view.region.id.clone(), peer).is_some() {
                 problems.push(format!("region {} has two files", view.region.id));

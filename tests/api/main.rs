@@ -9,5 +9,6 @@ mod helpers;
 mod idempotency;
 mod layering;
 mod local;
+mod regions;
 mod ring;
 mod shutdown;

@@ -1,0 +1,701 @@
+//! Two regions on one ring: `sg` homes shard `sg-1`, `th` homes `th-1`; each region has a
+//! streaming replica of the other's shard. Edges reach each other over mutual TLS through the
+//! link proxy, so tests can delay and partition the link.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cartedge::app::App;
+use cartedge::config::{Config, Sources};
+use cartedge::forward::{tls, Forwarder, Settings};
+use cartedge::local::linkproxy::{LinkProxy, LinkSpec, PartitionMode};
+use cartedge::local::procs::{PgInstance, PgOptions};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use tokio::net::TcpListener;
+
+use crate::helpers::{defaults_path, execute, shared, TestResponse, JWT_SECRET, SESSION_SECRET};
+
+struct Edge {
+    app: Arc<App>,
+    public: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+struct TwoRegions {
+    dir: tempfile::TempDir,
+    sg_primary: PgInstance,
+    th_primary: PgInstance,
+    /// th's replica of sg-1.
+    th_replica_of_sg: PgInstance,
+    _sg_replica_of_th: PgInstance,
+    proxy: LinkProxy,
+    sg: Edge,
+    th: Edge,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<Bytes>,
+    >,
+}
+
+const RING: &str = "version = 1\nvnodes = 200\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n[[shards]]\nid = \"th-1\"\nhome = \"th\"\n";
+
+fn start_pg(parent: &Path, name: &str) -> PgInstance {
+    let dir = parent.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    PgInstance::start(&dir.join("data"), PgOptions::default()).unwrap()
+}
+
+fn start_replica(primary: &PgInstance, parent: &Path, name: &str) -> PgInstance {
+    let dir = parent.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    PgInstance::start_replica(primary, &dir.join("data"), PgOptions::default()).unwrap()
+}
+
+async fn prepare_primary(pg: &PgInstance, catalog: bool) {
+    execute(&pg.dsn("postgres"), "CREATE DATABASE cartedge").await;
+    let dsn = pg.dsn("cartedge");
+    cartedge::store::migrate::run(&dsn).await.unwrap();
+    if catalog {
+        let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let driver = tokio::spawn(connection);
+        cartedge::store::catalog::load_demo(&client, 50)
+            .await
+            .unwrap();
+        drop(client);
+        let _ = driver.await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn edge_config(
+    dir: &Path,
+    region: &str,
+    currency: &str,
+    shards: &[(&str, Option<String>, String)],
+    catalog: &str,
+    redis_prefix: &str,
+    peer: (&str, String),
+    forward_timeout: &str,
+) -> Config {
+    let mut text = format!(
+        "[region]\nid = \"{region}\"\ncurrency = \"{currency}\"\n\
+         [topology]\nring_file = \"{ring}\"\nregions_dir = \"{regions}\"\n\
+         [topology.peer_urls]\n{peer_id} = \"{peer_url}\"\n\
+         [server]\nlisten = \"127.0.0.1:0\"\ndrain_grace = \"50ms\"\n\
+         [tls]\nca_file = \"{pki}/ca.pem\"\ncert_file = \"{pki}/{region}.pem\"\nkey_file = \"{pki}/{region}.key\"\n\
+         [forward]\ntimeout = \"{forward_timeout}\"\nconnect_timeout = \"300ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\nreplica_wait = \"250ms\"\n\
+         [redis]\nurl = \"{redis}\"\nkey_prefix = \"{redis_prefix}\"\ntimeout = \"200ms\"\n\
+         [cart]\ncatalog_cache_ttl = \"0s\"\n\
+         [auth]\nissuer = \"cartedge-test\"\naudience = \"cartedge-api\"\nsession_secret = \"{SESSION_SECRET}\"\n\
+         [[auth.keys]]\nkid = \"test\"\nalgorithm = \"HS256\"\nsecret = \"{JWT_SECRET}\"\n\
+         [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"\"\n",
+        ring = dir.join("ring.toml").display(),
+        regions = dir.join("regions").display(),
+        pki = dir.join("pki").display(),
+        redis = shared().redis.url(),
+        peer_id = peer.0,
+        peer_url = peer.1,
+    );
+    for (id, primary, replica) in shards {
+        text.push_str(&format!(
+            "[[database.shards]]\nid = \"{id}\"\nreplica = \"{replica}\"\n"
+        ));
+        if let Some(primary) = primary {
+            text.push_str(&format!("primary = \"{primary}\"\n"));
+        }
+    }
+    let sources = Sources {
+        defaults: Some(defaults_path()),
+        region: None,
+        overlay: Some(text),
+    };
+    Config::load(&sources, Vec::<(String, String)>::new()).expect("edge config")
+}
+
+async fn start_edge(config: Config, internal: TcpListener) -> Edge {
+    let app = App::new(config).expect("app");
+    let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = public.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_internal_tx, stop_internal) = tokio::sync::oneshot::channel::<()>();
+    let tls = app.internal_tls.clone().expect("internal TLS");
+    let internal_app = app.clone();
+    tokio::spawn(async move {
+        cartedge::server::run_internal(internal, internal_app, tls, async move {
+            let _ = stop_internal.await;
+        })
+        .await
+    });
+    let public_app = app.clone();
+    tokio::spawn(async move {
+        cartedge::server::run(public, public_app, async move {
+            let _ = stopped.await;
+            let _ = stop_internal_tx.send(());
+        })
+        .await
+    });
+    Edge {
+        app,
+        public: address,
+        stop: Some(stop),
+    }
+}
+
+impl TwoRegions {
+    async fn start(forward_timeout: &str) -> TwoRegions {
+        let shared = shared();
+        let dir = tempfile::Builder::new()
+            .prefix("cartedge-regions-")
+            .tempdir_in(shared.dir.path())
+            .unwrap();
+        let base = dir.path().to_path_buf();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let (sg_primary, th_primary) = {
+            let base = base.clone();
+            tokio::task::spawn_blocking(move || (start_pg(&base, "sg-1"), start_pg(&base, "th-1")))
+                .await
+                .unwrap()
+        };
+        prepare_primary(&sg_primary, true).await;
+        prepare_primary(&th_primary, false).await;
+        let (th_replica_of_sg, sg_replica_of_th) = {
+            let base = base.clone();
+            let sg_port = sg_primary.port;
+            let th_port = th_primary.port;
+            let (sg_dir, th_dir) = (sg_primary.data_dir.clone(), th_primary.data_dir.clone());
+            let _ = (sg_port, th_port, sg_dir, th_dir);
+            // PgInstance is not Send-shareable across the blocking call by reference; start
+            // replicas here (each takes ~0.5 s).
+            (
+                start_replica(&sg_primary, &base, "sg-1-replica-th"),
+                start_replica(&th_primary, &base, "th-1-replica-sg"),
+            )
+        };
+        tls::generate_local_pki(&base.join("pki"), &["sg", "th"]).unwrap();
+        std::fs::write(base.join("ring.toml"), RING).unwrap();
+        let regions = base.join("regions");
+        std::fs::create_dir_all(&regions).unwrap();
+
+        let sg_internal = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let th_internal = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let link = |name: &str, a: &str, b: &str, target: SocketAddr| LinkSpec {
+            name: name.into(),
+            a: a.into(),
+            b: b.into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            target,
+            delay_ms: 0,
+        };
+        let proxy = LinkProxy::start(vec![
+            link("th->sg:edge", "th", "sg", sg_internal.local_addr().unwrap()),
+            link("sg->th:edge", "sg", "th", th_internal.local_addr().unwrap()),
+        ])
+        .await
+        .unwrap();
+        for (id, currency, internal) in [
+            ("sg", "SGD", sg_internal.local_addr().unwrap()),
+            ("th", "THB", th_internal.local_addr().unwrap()),
+        ] {
+            std::fs::write(
+                regions.join(format!("{id}.toml")),
+                format!(
+                    "[region]\nid = \"{id}\"\ncurrency = \"{currency}\"\n[edge]\npublic_url = \"http://127.0.0.1\"\ninternal_url = \"https://{internal}\"\n\
+                     [[database.shards]]\nid = \"sg-1\"\nreplica = \"x\"\n{}\
+                     [[database.shards]]\nid = \"th-1\"\nreplica = \"x\"\n{}",
+                    if id == "sg" { "primary = \"x\"\n" } else { "" },
+                    if id == "th" { "primary = \"x\"\n" } else { "" },
+                ),
+            )
+            .unwrap();
+        }
+        let prefix = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        let sg_config = edge_config(
+            &base,
+            "sg",
+            "SGD",
+            &[
+                (
+                    "sg-1",
+                    Some(sg_primary.dsn("cartedge")),
+                    sg_primary.dsn("cartedge"),
+                ),
+                ("th-1", None, sg_replica_of_th.dsn("cartedge")),
+            ],
+            &sg_primary.dsn("cartedge"),
+            &format!("{prefix}:sg:"),
+            (
+                "th",
+                format!("https://{}", proxy.addr("sg->th:edge").unwrap()),
+            ),
+            forward_timeout,
+        );
+        let th_config = edge_config(
+            &base,
+            "th",
+            "THB",
+            &[
+                ("sg-1", None, th_replica_of_sg.dsn("cartedge")),
+                (
+                    "th-1",
+                    Some(th_primary.dsn("cartedge")),
+                    th_primary.dsn("cartedge"),
+                ),
+            ],
+            &th_replica_of_sg.dsn("cartedge"),
+            &format!("{prefix}:th:"),
+            (
+                "sg",
+                format!("https://{}", proxy.addr("th->sg:edge").unwrap()),
+            ),
+            forward_timeout,
+        );
+        let sg = start_edge(sg_config, sg_internal).await;
+        let th = start_edge(th_config, th_internal).await;
+        TwoRegions {
+            dir,
+            sg_primary,
+            th_primary,
+            th_replica_of_sg,
+            _sg_replica_of_th: sg_replica_of_th,
+            proxy,
+            sg,
+            th,
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .build_http(),
+        }
+    }
+
+    fn token(&self, sub: &str) -> String {
+        cartedge::api::auth::issue_token(
+            &self.sg.app.config.auth,
+            sub,
+            Duration::from_secs(3600),
+            crate::helpers::now_unix(),
+        )
+        .unwrap()
+    }
+
+    /// A user id the ring homes in `region`.
+    fn user_homed_in(&self, region: &str, salt: &str) -> String {
+        (0..10_000)
+            .map(|n| format!("{salt}-{n}"))
+            .find(|user| self.sg.app.topology.ring.locate(&format!("u:{user}")).home == region)
+            .unwrap()
+    }
+
+    async fn send(
+        &self,
+        edge: &Edge,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<&str>,
+    ) -> TestResponse {
+        use http_body_util::BodyExt;
+        let mut builder = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{}", edge.public, path));
+        for (name, value) in headers {
+            builder = builder.header(*name, value);
+        }
+        if body.is_some() {
+            builder = builder.header("content-type", "application/json");
+        }
+        let request = builder
+            .body(http_body_util::Full::new(Bytes::from(
+                body.unwrap_or("").to_string(),
+            )))
+            .unwrap();
+        let response = self.client.request(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        TestResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    async fn add(
+        &self,
+        edge: &Edge,
+        user: &str,
+        item: &str,
+        quantity: i64,
+        key: Option<&str>,
+    ) -> TestResponse {
+        let mut headers = vec![("authorization", format!("Bearer {}", self.token(user)))];
+        if let Some(key) = key {
+            headers.push(("idempotency-key", key.to_string()));
+        }
+        let body = format!(r#"{{"item_id":"{item}","quantity":{quantity}}}"#);
+        self.send(edge, "POST", "/api/v1/cart/items", &headers, Some(&body))
+            .await
+    }
+
+    async fn get(&self, edge: &Edge, user: &str, min_version: Option<i64>) -> TestResponse {
+        let mut headers = vec![("authorization", format!("Bearer {}", self.token(user)))];
+        if let Some(version) = min_version {
+            headers.push(("cart-min-version", version.to_string()));
+        }
+        self.send(edge, "GET", "/api/v1/cart", &headers, None).await
+    }
+
+    async fn quantity_at_home(&self, user: &str, item: &str) -> i64 {
+        let (client, connection) =
+            tokio_postgres::connect(&self.sg_primary.dsn("cartedge"), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        let driver = tokio::spawn(connection);
+        let row = client
+            .query_opt(
+                "SELECT quantity::bigint FROM cart_items WHERE owner = $1 AND item_id = $2",
+                &[&format!("u:{user}"), &item],
+            )
+            .await
+            .unwrap();
+        drop(client);
+        let _ = driver.await;
+        row.map(|r| r.get(0)).unwrap_or(0)
+    }
+
+    async fn replica_sql(&self, sql: &str) {
+        execute(&self.th_replica_of_sg.dsn("cartedge"), sql).await;
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_at_th_for_an_sg_user_is_forwarded_applied_once_and_read_back_with_its_version() {
+    let regions = TwoRegions::start("2s").await;
+    let user = regions.user_homed_in("sg", "rw");
+    regions.replica_sql("SELECT pg_wal_replay_pause()").await;
+
+    let written = regions.add(&regions.th, &user, "sku-00001", 2, None).await;
+    assert_eq!(
+        written.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&written.body)
+    );
+    assert_eq!(written.header("cart-home-region"), Some("sg"));
+    assert_eq!(written.version(), 1);
+    assert_eq!(
+        written.json()["currency"],
+        "SGD",
+        "a cart's currency is its creating (home) edge's"
+    );
+    assert_eq!(
+        written
+            .cookie("cart_min_version")
+            .unwrap()
+            .split(';')
+            .next(),
+        Some("cart_min_version=1")
+    );
+    assert_eq!(regions.quantity_at_home(&user, "sku-00001").await, 2);
+
+    // Without the version, th may answer from its paused replica: older, never newer.
+    let stale = regions.get(&regions.th, &user, None).await;
+    assert_eq!(stale.status, StatusCode::OK);
+    assert_eq!(stale.version(), 0);
+    assert_eq!(stale.header("cart-region"), Some("th"));
+    // With it, th never answers older: the replica cannot replay, so it asks sg.
+    let fresh = regions.get(&regions.th, &user, Some(1)).await;
+    assert_eq!(fresh.status, StatusCode::OK);
+    assert_eq!(fresh.version(), 1);
+    assert_eq!(fresh.quantity_of("sku-00001"), 2);
+
+    regions.replica_sql("SELECT pg_wal_replay_resume()").await;
+    let mut converged = false;
+    for _ in 0..100 {
+        let view = regions.get(&regions.th, &user, None).await;
+        if view.version() == 1 {
+            assert_eq!(view.quantity_of("sku-00001"), 2);
+            converged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(converged, "th's replica converges after replay resumes");
+    let _ = regions.path();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_fails_forwarded_writes_fast_keeps_reads_and_loses_nothing_acknowledged() {
+    let regions = TwoRegions::start("700ms").await;
+    let user = regions.user_homed_in("sg", "part");
+    let mut acknowledged = 0;
+    for _ in 0..3 {
+        if regions
+            .add(&regions.th, &user, "sku-00002", 1, None)
+            .await
+            .status
+            == StatusCode::OK
+        {
+            acknowledged += 1;
+        }
+    }
+    assert_eq!(acknowledged, 3);
+
+    assert_eq!(
+        regions
+            .proxy
+            .partition("sg", "th", PartitionMode::Blackhole),
+        2
+    );
+    let cut = regions
+        .add(&regions.th, &user, "sku-00002", 1, Some("during-partition"))
+        .await;
+    assert_eq!(cut.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(cut.error_code(), "home_region_unavailable");
+    assert!(cut.header("retry-after").is_some());
+    assert_eq!(cut.header("idempotency-key"), Some("during-partition"));
+    let generated = regions.add(&regions.th, &user, "sku-00002", 1, None).await;
+    assert_eq!(generated.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(generated
+        .header("idempotency-key")
+        .is_some_and(|k| k.starts_with("fwd-")));
+    let read = regions.get(&regions.th, &user, None).await;
+    assert_eq!(read.status, StatusCode::OK, "reads keep working in th");
+    assert_eq!(read.header("cart-region"), Some("th"));
+    // A read that needs sg says the cart may be stale instead of failing.
+    let needs_home = regions.get(&regions.th, &user, Some(1_000)).await;
+    assert_eq!(needs_home.status, StatusCode::OK);
+    assert!(needs_home.json()["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w["code"] == "stale_possible"));
+    // A user homed in th is not affected.
+    let local_user = regions.user_homed_in("th", "part-local");
+    assert_eq!(
+        regions
+            .add(&regions.th, &local_user, "sku-00003", 1, None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    regions.proxy.heal("sg", "th");
+    let mut retried = None;
+    for _ in 0..60 {
+        let retry = regions
+            .add(&regions.th, &user, "sku-00002", 1, Some("during-partition"))
+            .await;
+        if retry.status == StatusCode::OK {
+            retried = Some(retry);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(retried.is_some(), "writes work again after heal");
+    // Every acknowledged write is there; the retried one applied once (the generated-key write
+    // that timed out may or may not have reached sg before the cut).
+    let quantity = regions.quantity_at_home(&user, "sku-00002").await;
+    assert!(
+        (acknowledged + 1..=acknowledged + 2).contains(&quantity),
+        "quantity {quantity}"
+    );
+    let again = regions
+        .add(&regions.th, &user, "sku-00002", 1, Some("during-partition"))
+        .await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(regions.quantity_at_home(&user, "sku-00002").await, quantity);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_whose_answer_was_lost_after_the_commit_is_retried_and_applied_once() {
+    let regions = TwoRegions::start("800ms").await;
+    let user = regions.user_homed_in("sg", "lost");
+    // Warm the th -> sg connection so the slow link delays only the request and its answer.
+    assert_eq!(
+        regions
+            .add(&regions.th, &user, "sku-00001", 1, None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // The request reaches sg (and commits) after 500 ms; its answer would arrive after 1 s,
+    // past th's 800 ms forward timeout.
+    regions.proxy.set_delay("sg", "th", 500);
+    let lost = regions
+        .add(&regions.th, &user, "sku-00004", 3, Some("lost-answer"))
+        .await;
+    assert_eq!(lost.status, StatusCode::SERVICE_UNAVAILABLE);
+    regions.proxy.set_delay("sg", "th", 0);
+    let mut committed = false;
+    for _ in 0..50 {
+        if regions.quantity_at_home(&user, "sku-00004").await == 3 {
+            committed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        committed,
+        "the home edge committed the write whose answer was lost"
+    );
+    let mut retry = None;
+    for _ in 0..40 {
+        let attempt = regions
+            .add(&regions.th, &user, "sku-00004", 3, Some("lost-answer"))
+            .await;
+        if attempt.status == StatusCode::OK {
+            retry = Some(attempt);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retry = retry.expect("the retry succeeds once the link is fast again");
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(retry.quantity_of("sku-00004"), 3);
+    assert_eq!(
+        regions.quantity_at_home(&user, "sku-00004").await,
+        3,
+        "applied once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_refuse_writes_from_another_ring_and_never_forward_a_forwarded_request() {
+    let regions = TwoRegions::start("2s").await;
+    let pki = regions.path().join("pki");
+    let client = tls::client_config(
+        &pki.join("th.pem"),
+        &pki.join("th.key"),
+        &pki.join("ca.pem"),
+    )
+    .unwrap();
+    let sg_url = format!("https://{}", regions.proxy.addr("th->sg:edge").unwrap());
+    let forwarder = Forwarder::new(
+        [("sg", sg_url.as_str())],
+        client,
+        Settings {
+            timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_millis(500),
+            breaker_failures: 100,
+            breaker_cooldown: Duration::from_millis(100),
+        },
+    )
+    .unwrap();
+    let user_of_th = regions.user_homed_in("th", "misdirected");
+    let token = regions.token(&user_of_th);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.insert("cart-forwarded-from", HeaderValue::from_static("th"));
+    headers.insert("cart-ring", HeaderValue::from_static("0000000000000000"));
+    let body = Bytes::from_static(br#"{"item_id":"sku-00001","quantity":1}"#);
+    let other_ring = forwarder
+        .send(
+            "sg",
+            Method::POST,
+            "/api/v1/cart/items",
+            &headers,
+            body.clone(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(other_ring.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&other_ring.body).contains("topology_mismatch"));
+    assert_eq!(
+        regions
+            .sg
+            .app
+            .topology_mismatches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    headers.insert(
+        "cart-ring",
+        HeaderValue::from_str(regions.sg.app.topology.ring.fingerprint()).unwrap(),
+    );
+    let misdirected = forwarder
+        .send("sg", Method::POST, "/api/v1/cart/items", &headers, body)
+        .await
+        .unwrap();
+    assert_eq!(misdirected.status, StatusCode::MISDIRECTED_REQUEST);
+    assert!(String::from_utf8_lossy(&misdirected.body).contains("misdirected"));
+    let _ = &regions.th_primary;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_at_home_fences_the_other_regions_cache() {
+    let regions = TwoRegions::start("2s").await;
+    let user = regions.user_homed_in("sg", "inval");
+    assert_eq!(
+        regions
+            .add(&regions.sg, &user, "sku-00005", 1, None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // th caches version 1 once its replica has it.
+    let mut cached = false;
+    for _ in 0..100 {
+        let view = regions.get(&regions.th, &user, None).await;
+        if view.version() == 1 {
+            let again = regions.get(&regions.th, &user, None).await;
+            cached = again.header("cart-source") == Some("cache");
+            if cached {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(cached, "th serves version 1 from its cache");
+    regions.replica_sql("SELECT pg_wal_replay_pause()").await;
+    assert_eq!(
+        regions
+            .add(&regions.sg, &user, "sku-00005", 1, None)
+            .await
+            .version(),
+        2
+    );
+    // sg's invalidation reaches th and fences its cache: th stops serving version 1 from cache.
+    let owner = cartedge::domain::ids::OwnerKey::from_stored(format!("u:{user}"));
+    let mut fenced = false;
+    for _ in 0..100 {
+        if regions.th.app.store.cache.get(&owner).await.is_none() {
+            fenced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        fenced,
+        "th's cached version 1 was fenced by sg's invalidation"
+    );
+    regions.replica_sql("SELECT pg_wal_replay_resume()").await;
+}
