@@ -110,6 +110,28 @@ pub enum LocalCommand {
         #[arg(long, default_value = LOCAL_DIR)]
         dir: PathBuf,
     },
+    /// Cut every link (edges and replication) between two regions of the running cluster.
+    Partition {
+        a: String,
+        b: String,
+        #[arg(long, default_value = LOCAL_DIR)]
+        dir: PathBuf,
+    },
+    /// Restore the links between two regions.
+    Heal {
+        a: String,
+        b: String,
+        #[arg(long, default_value = LOCAL_DIR)]
+        dir: PathBuf,
+    },
+    /// Run the link proxy of a detached cluster (started by `local up --detach`).
+    #[command(hide = true)]
+    LinkProxy {
+        #[arg(long)]
+        links: PathBuf,
+        #[arg(long)]
+        control: std::net::SocketAddr,
+    },
 }
 
 impl Cli {
@@ -124,7 +146,7 @@ impl Cli {
         let region = match &self.config {
             Some(path) => path.clone(),
             None => {
-                let local = crate::local::region_file(Path::new(LOCAL_DIR));
+                let local = crate::local::region_file(Path::new(LOCAL_DIR), "sg");
                 if !local.exists() {
                     bail!("no --config given and no local cluster found (run `cartedge local up`)");
                 }
@@ -248,6 +270,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::Local(LocalCommand::Down { dir }) => crate::local::down(dir),
+        Command::Local(LocalCommand::Partition { a, b, dir }) => {
+            crate::local::steer(dir, "partition", a, b).await
+        }
+        Command::Local(LocalCommand::Heal { a, b, dir }) => {
+            crate::local::steer(dir, "heal", a, b).await
+        }
+        Command::Local(LocalCommand::LinkProxy { links, control }) => {
+            crate::local::run_link_proxy(links, *control).await
+        }
         Command::Ring(RingCommand::Locate { owner, ring }) => {
             if !(owner.starts_with("u:") || owner.starts_with("g:")) || owner.len() < 3 {
                 bail!("an owner key is u:<user id> or g:<session id>");

@@ -21,6 +21,7 @@ use serde_json::json;
 use crate::app::App;
 use crate::domain::cart::{self, AddRequest, CartView, StoredCart};
 use crate::domain::ids::{ItemId, Owner, OwnerKey, SessionId};
+use crate::domain::money::Currency;
 use crate::forward;
 use crate::store::{CartOp, Claim, Source, StoredResponse};
 use error::ApiError;
@@ -437,6 +438,21 @@ async fn wait_for_replica(
 /// How often a read waiting for replication re-reads the replica.
 const REPLICA_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// The currency of the region whose edge received the request from the client: this one, or
+/// for a forwarded request the forwarding region's.
+fn receiving_currency(app: &App, request: &RequestParts<'_>, surface: Surface) -> Currency {
+    if surface != Surface::Internal {
+        return app.config.region.currency;
+    }
+    request
+        .headers()
+        .get(forward::client::names::FORWARDED_FROM)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|region| app.topology.regions.get(region))
+        .map(|peer| peer.currency)
+        .unwrap_or(app.config.region.currency)
+}
+
 /// Headers a forward carries from the client's request: identity, body type, preconditions.
 const FORWARDED_HEADERS: [&str; 6] = [
     "authorization",
@@ -767,7 +783,7 @@ async fn write(
                 item: catalog_item.as_deref(),
                 request: &add_request,
                 variant: add.variant.as_ref(),
-                new_cart_currency: app.config.region.currency,
+                new_cart_currency: receiving_currency(app, request, surface),
                 max_lines: app.config.cart.max_lines,
             }
         }

@@ -1,28 +1,53 @@
-//! The local cluster: `cartedge local up|down`, everything on 127.0.0.1 under
-//! `.cartedge/local/`, plus the process harness ([`procs`]) the tests share.
+//! The local cluster: `cartedge local up|down|partition|heal`, three regions (`sg`, `id`,
+//! `th`) on 127.0.0.1 under `.cartedge/local/`, plus the process harness ([`procs`]) the tests
+//! share and the link proxy ([`linkproxy`]) that emulates the network between regions.
 //!
-//! `up` installs missing Debian packages (as root), starts PostgreSQL and Redis, applies
-//! migrations, loads the demo catalog, writes a region file with generated secrets, starts the
-//! edge and writes `cluster.json`. This module is developer tooling: the edge itself never
-//! calls it.
+//! Per region: the primary of the shard homed there, a streaming replica of every other shard,
+//! one Redis and one edge. The catalog is homed in `sg` (in shard `sg-1`'s database) and reaches
+//! the other regions through their replicas of `sg-1`. Every inter-region path — edge to edge
+//! and every replication stream — runs through the link proxy with a one-way delay of half the
+//! region pair's round trip. This module is developer tooling: the edge never calls it.
 
 pub mod linkproxy;
 pub mod procs;
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Sources};
+use linkproxy::{LinkProxy, LinkSpec};
 use procs::{Lifetime, PgInstance, PgOptions, RedisInstance};
 
 /// Demo catalog size: `sku-00001` … `sku-10000`.
 pub const DEMO_ITEMS: i32 = 10_000;
 /// The database every local shard uses.
 pub const DATABASE: &str = "cartedge";
+/// The regions of the local cluster: id, currency, and the offset of its edge and admin ports.
+pub const REGIONS: [(&str, &str, u16); 3] = [("sg", "SGD", 0), ("id", "IDR", 1), ("th", "THB", 2)];
+/// Round trips between the regions, near real South-East Asian figures (ms).
+pub const ROUND_TRIPS_MS: [(&str, &str, u64); 3] =
+    [("sg", "id", 15), ("sg", "th", 30), ("id", "th", 45)];
+
+/// The shard homed in a region of the local cluster.
+fn shard_of(region: &str) -> String {
+    format!("{region}-1")
+}
+
+/// One-way delay between two regions: half their round trip.
+fn one_way_ms(a: &str, b: &str) -> u64 {
+    ROUND_TRIPS_MS
+        .iter()
+        .find(|(x, y, _)| (*x == a && *y == b) || (*x == b && *y == a))
+        .map(|(_, _, rtt)| rtt / 2)
+        .unwrap_or(0)
+}
 
 /// `cluster.json`: what is running and where.
 #[derive(Debug, Serialize, Deserialize)]
@@ -53,6 +78,15 @@ struct Pids {
     edges: Vec<u32>,
     postgres: Vec<u32>,
     redis: Vec<u32>,
+    #[serde(default)]
+    proxy: Vec<u32>,
+}
+
+/// Where the link proxy's control API listens (`proxy.json`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProxyFile {
+    pub control: SocketAddr,
+    pub links: Vec<LinkSpec>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -66,15 +100,17 @@ struct LocalSecrets {
 pub struct UpOptions {
     pub dir: PathBuf,
     pub detach: bool,
+    /// The `sg` edge's port; `id` and `th` use the next two.
     pub edge_port: u16,
+    /// The `sg` admin port; `id` and `th` use the next two.
     pub admin_port: u16,
-    /// Defaults file to layer under the generated region file (None: embedded).
+    /// Defaults file to layer under the generated region files (None: embedded).
     pub defaults: Option<PathBuf>,
 }
 
-/// The generated region file of the local `sg` edge.
-pub fn region_file(dir: &Path) -> PathBuf {
-    dir.join("regions").join("sg.toml")
+/// The generated region file of a local edge.
+pub fn region_file(dir: &Path, region: &str) -> PathBuf {
+    dir.join("regions").join(format!("{region}.toml"))
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -110,27 +146,84 @@ fn is_alive(pid: u32) -> bool {
     exists && !zombie
 }
 
+/// Everything started for one run, so a failure part-way can stop what did start.
+struct Started {
+    postgres: Vec<PgInstance>,
+    redis: Vec<RedisInstance>,
+}
+
+/// The servers and files of one region.
+struct RegionPlan {
+    id: &'static str,
+    currency: &'static str,
+    edge: SocketAddr,
+    admin: SocketAddr,
+    internal: SocketAddr,
+}
+
+async fn connect(dsn: &str) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+    let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, driver))
+}
+
 /// Brings the cluster up. In the foreground it serves until Ctrl-C/SIGTERM, then stops
-/// everything; with `detach` it returns once the edge is ready.
+/// everything; with `detach` it returns once every edge is ready. A failure part-way stops what
+/// had started.
 pub async fn up(options: UpOptions) -> Result<()> {
-    let dir = options.dir.clone();
-    std::fs::create_dir_all(&dir)?;
-    let dir = dir.canonicalize()?;
+    std::fs::create_dir_all(&options.dir)?;
+    let dir = options.dir.canonicalize()?;
     if let Ok(text) = std::fs::read_to_string(dir.join("pids.json")) {
         let pids: Pids = serde_json::from_str(&text).unwrap_or_default();
-        if pids
+        let all = pids
             .edges
             .iter()
             .chain(&pids.postgres)
             .chain(&pids.redis)
-            .any(|p| is_alive(*p))
-        {
+            .chain(&pids.proxy);
+        if all.clone().any(|p| is_alive(*p)) {
             bail!("a local cluster is already running here; stop it with `cartedge local down`");
         }
     }
-    for port in [options.edge_port, options.admin_port] {
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
-            bail!("port {port} on 127.0.0.1 is taken; stop what uses it or pass --edge-port/--admin-port");
+    let outcome = up_in(&dir, &options).await;
+    if outcome.is_err() && options.detach {
+        if let Ok(text) = std::fs::read_to_string(dir.join("pids.json")) {
+            let pids: Pids = serde_json::from_str(&text).unwrap_or_default();
+            let all = pids
+                .edges
+                .iter()
+                .chain(&pids.postgres)
+                .chain(&pids.redis)
+                .chain(&pids.proxy);
+            if all.clone().count() > 0 {
+                let _ = down(&dir);
+            }
+        }
+    }
+    outcome
+}
+
+async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
+    let dir = dir.to_path_buf();
+    let plans: Vec<RegionPlan> = REGIONS
+        .iter()
+        .map(|(id, currency, offset)| -> Result<RegionPlan> {
+            Ok(RegionPlan {
+                id,
+                currency,
+                edge: SocketAddr::from(([127, 0, 0, 1], options.edge_port + offset)),
+                admin: SocketAddr::from(([127, 0, 0, 1], options.admin_port + offset)),
+                internal: SocketAddr::from(([127, 0, 0, 1], procs::free_port()?)),
+            })
+        })
+        .collect::<Result<_>>()?;
+    for plan in &plans {
+        for address in [plan.edge, plan.admin] {
+            if std::net::TcpListener::bind(address).is_err() {
+                bail!("{address} is taken; stop what uses it or pass --edge-port/--admin-port");
+            }
         }
     }
     eprintln!("cartedge: checking packages (postgresql, redis-server)…");
@@ -141,161 +234,400 @@ pub async fn up(options: UpOptions) -> Result<()> {
         Lifetime::TiedToParent
     };
 
-    let pg_dir = dir.join("postgres").join("sg-shard0");
-    std::fs::create_dir_all(&pg_dir)?;
-    let redis_dir = dir.join("redis").join("sg");
-    std::fs::create_dir_all(&redis_dir)?;
-    eprintln!("cartedge: starting PostgreSQL and Redis…");
-    let (pg, redis) =
-        tokio::task::spawn_blocking(move || -> Result<(PgInstance, RedisInstance)> {
-            let pg = PgInstance::start(
-                &pg_dir.join("data"),
-                PgOptions {
+    eprintln!("cartedge: starting a primary per region…");
+    let pg_root = dir.join("postgres");
+    let primaries: BTreeMap<String, PgInstance> = {
+        let pg_root = pg_root.clone();
+        tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, PgInstance>> {
+            let mut primaries = BTreeMap::new();
+            for (region, _, _) in REGIONS {
+                let parent = pg_root.join(shard_of(region));
+                std::fs::create_dir_all(&parent)?;
+                let options = PgOptions {
                     lifetime,
                     fsync: true,
                     ..PgOptions::default()
-                },
-            )?;
-            let redis = RedisInstance::start(&redis_dir, None, lifetime)?;
-            Ok((pg, redis))
+                };
+                primaries.insert(
+                    region.to_string(),
+                    PgInstance::start(&parent.join("data"), options)?,
+                );
+            }
+            Ok(primaries)
         })
-        .await??;
-    let mut pids = Pids {
-        edges: vec![],
-        postgres: vec![pg.pid()],
-        redis: vec![redis.pid()],
+        .await??
     };
+    let mut started = Started {
+        postgres: Vec::new(),
+        redis: Vec::new(),
+    };
+    let mut pids = Pids::default();
+    pids.postgres
+        .extend(primaries.values().map(PgInstance::pid));
     std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
 
-    create_database(&pg.dsn("postgres"), DATABASE).await?;
-    let dsn = pg.dsn(DATABASE);
-    let applied = crate::store::migrate::run(&dsn).await?;
-    eprintln!(
-        "cartedge: migrations applied: {}",
-        if applied.is_empty() {
-            "none pending".into()
-        } else {
-            applied.join(", ")
+    for (region, primary) in &primaries {
+        create_database(&primary.dsn("postgres"), DATABASE).await?;
+        let applied = crate::store::migrate::run(&primary.dsn(DATABASE)).await?;
+        if !applied.is_empty() {
+            eprintln!(
+                "cartedge: {region}: migrations applied: {}",
+                applied.join(", ")
+            );
         }
-    );
-    let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await?;
-    let driver = tokio::spawn(connection);
-    crate::store::catalog::load_demo(&client, DEMO_ITEMS).await?;
-    drop(client);
+    }
+    let (catalog, driver) = connect(&primaries["sg"].dsn(DATABASE)).await?;
+    crate::store::catalog::load_demo(&catalog, DEMO_ITEMS).await?;
+    drop(catalog);
     let _ = driver.await;
-    eprintln!("cartedge: demo catalog ready ({DEMO_ITEMS} items)");
+    eprintln!("cartedge: demo catalog ready in sg ({DEMO_ITEMS} items)");
+
+    eprintln!("cartedge: starting a streaming replica of every other shard in each region…");
+    // replicas[(region, home)] is `region`'s replica of the shard homed in `home`.
+    let replica_plan: Vec<(String, String)> = REGIONS
+        .iter()
+        .flat_map(|(region, _, _)| {
+            REGIONS
+                .iter()
+                .filter(move |(home, _, _)| home != region)
+                .map(move |(home, _, _)| (region.to_string(), home.to_string()))
+        })
+        .collect();
+    let mut replicas: BTreeMap<(String, String), PgInstance> = BTreeMap::new();
+    for (region, home) in &replica_plan {
+        let parent = pg_root.join(format!("{}-replica-{region}", shard_of(home)));
+        std::fs::create_dir_all(&parent)?;
+        let primary = &primaries[home];
+        let options = PgOptions {
+            lifetime,
+            fsync: true,
+            ..PgOptions::default()
+        };
+        let replica = tokio::task::block_in_place(|| {
+            PgInstance::start_replica(primary, &parent.join("data"), options)
+        })?;
+        pids.postgres.push(replica.pid());
+        replicas.insert((region.clone(), home.clone()), replica);
+    }
+    std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
+
+    // The link proxy: edge-to-edge links per ordered region pair, and one per replication stream.
+    let mut links = Vec::new();
+    for source in &plans {
+        for target in plans.iter().filter(|t| t.id != source.id) {
+            links.push(LinkSpec {
+                name: format!("{}->{}:edge", source.id, target.id),
+                a: source.id.into(),
+                b: target.id.into(),
+                listen: "127.0.0.1:0".parse()?,
+                target: target.internal,
+                delay_ms: one_way_ms(source.id, target.id),
+            });
+        }
+    }
+    for (region, home) in replicas.keys() {
+        links.push(LinkSpec {
+            name: format!("{region}->{home}:pg-{}", shard_of(home)),
+            a: region.clone(),
+            b: home.clone(),
+            listen: "127.0.0.1:0".parse()?,
+            target: SocketAddr::from(([127, 0, 0, 1], primaries[home].port)),
+            delay_ms: one_way_ms(region, home),
+        });
+    }
+    let control = SocketAddr::from(([127, 0, 0, 1], procs::free_port()?));
+    let (proxy_links, in_process_proxy) = if options.detach {
+        let spec_path = dir.join("links.json");
+        // Bind the ports here first so the detached proxy gets known addresses.
+        let mut resolved = Vec::new();
+        for mut link in links {
+            link.listen = SocketAddr::from(([127, 0, 0, 1], procs::free_port()?));
+            resolved.push(link);
+        }
+        std::fs::write(&spec_path, serde_json::to_vec_pretty(&resolved)?)?;
+        let log = std::fs::File::create(dir.join("link-proxy.log"))?;
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .args(["local", "link-proxy", "--links"])
+            .arg(&spec_path)
+            .arg("--control")
+            .arg(control.to_string());
+        let child = spawn_detached(command, log)?;
+        pids.proxy.push(child);
+        std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
+        wait_for_port(control, Duration::from_secs(10))
+            .await
+            .context("the link proxy did not start")?;
+        (resolved, None)
+    } else {
+        let proxy = Arc::new(LinkProxy::start(links).await?);
+        let resolved = proxy.links();
+        let listener = tokio::net::TcpListener::bind(control).await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(linkproxy::serve_control(
+            proxy.clone(),
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        (resolved, Some((proxy, stop, task)))
+    };
+    std::fs::write(
+        dir.join("proxy.json"),
+        serde_json::to_vec_pretty(&ProxyFile {
+            control,
+            links: proxy_links.clone(),
+        })?,
+    )?;
+    let link_address = |name: &str| -> Result<SocketAddr> {
+        proxy_links
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.listen)
+            .with_context(|| format!("no link {name}"))
+    };
+    // Replication streams now go through the proxy (reloadable since PostgreSQL 13).
+    for ((region, home), replica) in &replicas {
+        let via = link_address(&format!("{region}->{home}:pg-{}", shard_of(home)))?;
+        let (client, driver) = connect(&replica.dsn("postgres")).await?;
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres application_name={region}",
+            via.port()
+        );
+        // ALTER SYSTEM takes no parameters; `conninfo` is built from our own numbers.
+        client
+            .batch_execute(&format!("ALTER SYSTEM SET primary_conninfo = '{conninfo}'"))
+            .await?;
+        client.batch_execute("SELECT pg_reload_conf()").await?;
+        drop(client);
+        let _ = driver.await;
+    }
+
+    eprintln!("cartedge: starting Redis and edge certificates…");
+    let mut redis_urls = BTreeMap::new();
+    for plan in &plans {
+        let redis_dir = dir.join("redis").join(plan.id);
+        std::fs::create_dir_all(&redis_dir)?;
+        let redis =
+            tokio::task::block_in_place(|| RedisInstance::start(&redis_dir, None, lifetime))?;
+        pids.redis.push(redis.pid());
+        redis_urls.insert(plan.id, redis.url());
+        started.redis.push(redis);
+    }
+    std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
+    let pki = dir.join("pki");
+    crate::forward::tls::generate_local_pki(&pki, &REGIONS.map(|r| r.0))?;
 
     let secrets = load_or_create_secrets(&dir)?;
-    let region_path = region_file(&dir);
-    let regions_dir = region_path.parent().unwrap_or(&dir).to_path_buf();
-    std::fs::create_dir_all(&regions_dir)?;
     let ring_path = dir.join("ring.toml");
-    std::fs::write(
-        &ring_path,
-        "# Generated by `cartedge local up`: the local cluster's ring.\nversion = 1\nvnodes = 200\n\n\
-         [[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n",
-    )?;
-    let region = format!(
-        "# Generated by `cartedge local up`; local development only.\n\
-         [region]\nid = \"sg\"\ncurrency = \"SGD\"\n\n\
-         [edge]\npublic_url = \"http://127.0.0.1:{edge}\"\ninternal_url = \"https://127.0.0.1:{internal}\"\n\n\
-         [topology]\nring_file = \"{ring}\"\nregions_dir = \"{regions}\"\n\n\
-         [server]\nlisten = \"127.0.0.1:{edge}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\n\
-         [database]\ncatalog = \"{dsn}\"\ncatalog_primary = \"{dsn}\"\n\n\
-         [[database.shards]]\nid = \"sg-1\"\nprimary = \"{dsn}\"\nreplica = \"{dsn}\"\n\n\
-         [redis]\nurl = \"{redis}\"\n\n\
-         [auth]\nissuer = \"cartedge-local\"\naudience = \"cartedge-api\"\nleeway = \"1s\"\n\
-         session_secret = \"{session}\"\n\n\
-         [[auth.keys]]\nkid = \"local-hs256\"\nalgorithm = \"HS256\"\nsecret = \"{jwt}\"\n",
-        edge = options.edge_port,
-        admin = options.admin_port,
-        internal = options.edge_port + 363,
-        ring = ring_path.display(),
-        regions = regions_dir.display(),
-        dsn = dsn,
-        redis = redis.url(),
-        session = secrets.session_secret,
-        jwt = secrets.jwt_secret,
-    );
-    std::fs::write(&region_path, region)?;
-    let sources = Sources::new(options.defaults.clone(), Some(region_path.clone()));
-    let config = Config::load(&sources, std::env::vars())?;
-
-    let cluster = ClusterFile {
-        regions: vec![ClusterRegion {
-            id: "sg".into(),
-            edge_url: format!("http://127.0.0.1:{}", options.edge_port),
-            admin_url: format!("http://127.0.0.1:{}", options.admin_port),
-            currency: "SGD".into(),
-            redis_url: redis.url(),
-            postgres: vec![ClusterPostgres {
-                role: "primary".into(),
-                shards: vec!["sg-1".into()],
-                dsn: dsn.clone(),
-            }],
-        }],
+    let mut ring = String::from("# Generated by `cartedge local up`: the local cluster's ring.\nversion = 1\nvnodes = 200\n");
+    for (region, _, _) in REGIONS {
+        ring.push_str(&format!(
+            "\n[[shards]]\nid = \"{}\"\nhome = \"{region}\"\n",
+            shard_of(region)
+        ));
+    }
+    std::fs::write(&ring_path, ring)?;
+    let regions_dir = dir.join("regions");
+    std::fs::create_dir_all(&regions_dir)?;
+    let mut cluster = ClusterFile {
+        regions: Vec::new(),
     };
+    let mut configs = Vec::new();
+    for plan in &plans {
+        let primary = &primaries[plan.id];
+        let mut shards = format!(
+            "[[database.shards]]\nid = \"{}\"\nprimary = \"{dsn}\"\nreplica = \"{dsn}\"\n\n",
+            shard_of(plan.id),
+            dsn = primary.dsn(DATABASE)
+        );
+        let mut postgres = vec![ClusterPostgres {
+            role: "primary".into(),
+            shards: vec![shard_of(plan.id)],
+            dsn: primary.dsn(DATABASE),
+        }];
+        for ((region, home), replica) in &replicas {
+            if region == plan.id {
+                shards.push_str(&format!(
+                    "[[database.shards]]\nid = \"{}\"\nreplica = \"{}\"\n\n",
+                    shard_of(home),
+                    replica.dsn(DATABASE)
+                ));
+                postgres.push(ClusterPostgres {
+                    role: "replica".into(),
+                    shards: vec![shard_of(home)],
+                    dsn: replica.dsn(DATABASE),
+                });
+            }
+        }
+        let catalog = if plan.id == "sg" {
+            primary.dsn(DATABASE)
+        } else {
+            replicas[&(plan.id.to_string(), "sg".to_string())].dsn(DATABASE)
+        };
+        let catalog_primary = primaries["sg"].dsn(DATABASE);
+        let mut peer_urls = String::new();
+        for other in plans.iter().filter(|o| o.id != plan.id) {
+            let via = link_address(&format!("{}->{}:edge", plan.id, other.id))?;
+            peer_urls.push_str(&format!("{} = \"https://{via}\"\n", other.id));
+        }
+        let text = format!(
+            "# Generated by `cartedge local up`; local development only.\n\
+             [region]\nid = \"{id}\"\ncurrency = \"{currency}\"\n\n\
+             [edge]\npublic_url = \"http://{edge}\"\ninternal_url = \"https://{internal}\"\n\n\
+             [topology]\nring_file = \"{ring}\"\nregions_dir = \"{regions}\"\n\n\
+             [topology.peer_urls]\n{peer_urls}\n\
+             [server]\nlisten = \"{edge}\"\nadmin_listen = \"{admin}\"\ninternal_listen = \"{internal}\"\n\n\
+             [tls]\nca_file = \"{pki}/ca.pem\"\ncert_file = \"{pki}/{id}.pem\"\nkey_file = \"{pki}/{id}.key\"\n\n\
+             [redis]\nurl = \"{redis}\"\n\n\
+             [auth]\nissuer = \"cartedge-local\"\naudience = \"cartedge-api\"\nleeway = \"1s\"\n\
+             session_secret = \"{session}\"\n\n\
+             [[auth.keys]]\nkid = \"local-hs256\"\nalgorithm = \"HS256\"\nsecret = \"{jwt}\"\n\n\
+             [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"{catalog_primary}\"\n\n{shards}",
+            id = plan.id,
+            currency = plan.currency,
+            edge = plan.edge,
+            admin = plan.admin,
+            internal = plan.internal,
+            ring = ring_path.display(),
+            regions = regions_dir.display(),
+            pki = pki.display(),
+            redis = redis_urls[plan.id],
+            session = secrets.session_secret,
+            jwt = secrets.jwt_secret,
+        );
+        let path = region_file(&dir, plan.id);
+        std::fs::write(&path, text)?;
+        cluster.regions.push(ClusterRegion {
+            id: plan.id.into(),
+            edge_url: format!("http://{}", plan.edge),
+            admin_url: format!("http://{}", plan.admin),
+            currency: plan.currency.into(),
+            redis_url: redis_urls[plan.id].clone(),
+            postgres,
+        });
+        configs.push(path);
+    }
+    let mut loaded = Vec::new();
+    for path in &configs {
+        let sources = Sources::new(options.defaults.clone(), Some(path.clone()));
+        loaded.push(Config::load(&sources, std::env::vars())?);
+    }
     std::fs::write(
         dir.join("cluster.json"),
         serde_json::to_vec_pretty(&cluster)?,
     )?;
+    started.postgres.extend(primaries.into_values());
+    started.postgres.extend(replicas.into_values());
 
     if options.detach {
-        let exe = std::env::current_exe()?;
-        let log = std::fs::File::create(dir.join("edge-sg.log"))?;
-        let mut command = Command::new(exe);
-        command.arg("--config").arg(&region_path);
-        if let Some(defaults) = &options.defaults {
-            command.arg("--defaults").arg(defaults);
+        for (path, plan) in configs.iter().zip(&plans) {
+            let log = std::fs::File::create(dir.join(format!("edge-{}.log", plan.id)))?;
+            let mut command = Command::new(std::env::current_exe()?);
+            command.arg("--config").arg(path);
+            if let Some(defaults) = &options.defaults {
+                command.arg("--defaults").arg(defaults);
+            }
+            command.arg("serve");
+            pids.edges.push(spawn_detached(command, log)?);
+            std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
         }
-        command
-            .arg("serve")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        #[cfg(unix)]
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
+        for plan in &plans {
+            wait_ready(plan.admin, Duration::from_secs(30))
+                .await
+                .with_context(|| {
+                    format!(
+                        "the {} edge did not become ready; see {}",
+                        plan.id,
+                        dir.join(format!("edge-{}.log", plan.id)).display()
+                    )
+                })?;
         }
-        let child = command.spawn().context("starting the edge")?;
-        pids.edges.push(child.id());
-        std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
-        wait_ready(options.admin_port, Duration::from_secs(30))
-            .await
-            .with_context(|| {
-                format!(
-                    "the edge did not become ready; see {}",
-                    dir.join("edge-sg.log").display()
-                )
-            })?;
-        print_banner(&config, &dir);
+        print_banner(&loaded, &dir);
         // Detached servers keep running; their handles must not stop them.
-        std::mem::forget(pg);
-        std::mem::forget(redis);
+        for pg in started.postgres {
+            std::mem::forget(pg);
+        }
+        for redis in started.redis {
+            std::mem::forget(redis);
+        }
         return Ok(());
     }
 
-    crate::telemetry::init(&config.log);
-    let app = crate::app::App::new(config.clone())?;
-    let listeners = crate::cli::Listeners::bind(&config).await?;
-    print_banner(&config, &dir);
+    crate::telemetry::init(&loaded[0].log);
+    let mut edges = Vec::new();
+    for config in loaded.iter() {
+        let app = crate::app::App::new(config.clone())?;
+        let listeners = crate::cli::Listeners::bind(config).await?;
+        edges.push(tokio::spawn(crate::cli::serve_bound(app, listeners)));
+    }
+    print_banner(&loaded, &dir);
     eprintln!("cartedge: serving in the foreground; Ctrl-C stops everything");
-    crate::cli::serve_bound(app, listeners).await;
-    drop(pg);
-    drop(redis);
-    let _ = std::fs::remove_file(dir.join("pids.json"));
-    let _ = std::fs::remove_file(dir.join("cluster.json"));
+    for edge in edges {
+        let _ = edge.await;
+    }
+    if let Some((proxy, stop, task)) = in_process_proxy {
+        let _ = stop.send(());
+        let _ = task.await;
+        drop(proxy);
+    }
+    drop(started);
+    for file in ["pids.json", "cluster.json", "proxy.json"] {
+        let _ = std::fs::remove_file(dir.join(file));
+    }
     eprintln!("cartedge: local cluster stopped");
     Ok(())
 }
 
+/// Spawns a process in its own session with output to `log`; returns its pid.
+fn spawn_detached(mut command: Command, log: std::fs::File) -> Result<u32> {
+    command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    #[cfg(unix)]
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    Ok(command.spawn().context("starting a detached process")?.id())
+}
+
+/// Runs the link proxy of a detached cluster until SIGTERM (`cartedge local link-proxy`).
+pub async fn run_link_proxy(links: &Path, control: SocketAddr) -> Result<()> {
+    let specs: Vec<LinkSpec> = serde_json::from_slice(&std::fs::read(links)?)?;
+    let proxy = Arc::new(LinkProxy::start(specs).await?);
+    let listener = tokio::net::TcpListener::bind(control).await?;
+    linkproxy::serve_control(proxy, listener, crate::server::shutdown_signal()).await;
+    Ok(())
+}
+
+/// Cuts (`partition`) or restores (`heal`) every link between two regions of a running local
+/// cluster.
+pub async fn steer(dir: &Path, verb: &str, a: &str, b: &str) -> Result<()> {
+    let text = std::fs::read_to_string(dir.join("proxy.json"))
+        .with_context(|| format!("no running local cluster in {}", dir.display()))?;
+    let proxy: ProxyFile = serde_json::from_str(&text)?;
+    let (status, body) =
+        linkproxy::control_request(proxy.control, "POST", &format!("/{verb}?a={a}&b={b}")).await?;
+    if status != 200 {
+        bail!("{verb} {a} {b}: {body}");
+    }
+    let verb_done = if verb == "partition" {
+        "partitioned"
+    } else {
+        "healed"
+    };
+    println!("{verb_done} {a} <-> {b}");
+    Ok(())
+}
+
 async fn create_database(admin_dsn: &str, name: &str) -> Result<()> {
-    let (client, connection) = tokio_postgres::connect(admin_dsn, tokio_postgres::NoTls).await?;
-    let driver = tokio::spawn(connection);
+    let (client, driver) = connect(admin_dsn).await?;
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await?
@@ -311,10 +643,21 @@ async fn create_database(admin_dsn: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-async fn wait_ready(port: u16, limit: Duration) -> Result<()> {
+async fn wait_for_port(address: SocketAddr, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+        if tokio::net::TcpStream::connect(address).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{address} did not open within {limit:?}")
+}
+
+async fn wait_ready(admin: SocketAddr, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let request = b"GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
             if stream.write_all(request).await.is_ok() {
@@ -329,8 +672,23 @@ async fn wait_ready(port: u16, limit: Duration) -> Result<()> {
     bail!("not ready after {limit:?}")
 }
 
-fn print_banner(config: &Config, dir: &Path) {
-    let edge = format!("http://{}", config.server.listen);
+/// A demo user whose cart the local ring homes in `region`.
+fn demo_user_homed_in(dir: &Path, region: &str) -> String {
+    let names = [
+        "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
+    ];
+    crate::topology::load_ring(&dir.join("ring.toml"))
+        .ok()
+        .and_then(|ring| {
+            names
+                .iter()
+                .find(|n| ring.locate(&format!("u:{n}")).home == region)
+                .map(|n| n.to_string())
+        })
+        .unwrap_or_else(|| "alice".into())
+}
+
+fn print_banner(configs: &[Config], dir: &Path) {
     let exe = std::env::current_exe()
         .ok()
         .and_then(|p| {
@@ -341,22 +699,46 @@ fn print_banner(config: &Config, dir: &Path) {
             })
         })
         .unwrap_or_else(|| "cartedge".into());
-    println!(
-        "\ncartedge local cluster is up\n\
-         \n  region sg  edge  {edge}\n             admin http://{admin}\n  state      {state}\n\
-         \nTry it:\n\
-         \n  TOKEN=$({exe} token --sub alice)\
+    let mut lines = String::from("\ncartedge local cluster is up\n\n");
+    for config in configs {
+        lines.push_str(&format!(
+            "  region {}  edge http://{}  admin http://{}  ({})\n",
+            config.region.id,
+            config.server.listen,
+            config
+                .server
+                .admin_listen
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            config.region.currency
+        ));
+    }
+    let edge = |id: &str| {
+        configs
+            .iter()
+            .find(|c| c.region.id == id)
+            .map(|c| format!("http://{}", c.server.listen))
+            .unwrap_or_default()
+    };
+    let (sg, th) = (edge("sg"), edge("th"));
+    let user = demo_user_homed_in(dir, "sg");
+    lines.push_str(&format!(
+        "  state      {}\n\nTry it ({user}'s cart is homed in sg: `{exe} ring locate u:{user} --ring {}`):\n\
+         \n  TOKEN=$({exe} token --sub {user})\
          \n  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\\
-         \n       -d '{{\"item_id\":\"sku-00001\",\"quantity\":2}}' {edge}/api/v1/cart/items\
-         \n  curl -s -H \"Authorization: Bearer $TOKEN\" {edge}/api/v1/cart\
+         \n       -d '{{\"item_id\":\"sku-00001\",\"quantity\":2}}' {sg}/api/v1/cart/items\
+         \n  curl -s -H \"Authorization: Bearer $TOKEN\" {sg}/api/v1/cart\
          \n  curl -s -X PUT -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\\
-         \n       -d '{{\"quantity\":5}}' {edge}/api/v1/cart/items/sku-00001\
-         \n  curl -s -X DELETE -H \"Authorization: Bearer $TOKEN\" {edge}/api/v1/cart\
-         \n  curl -si -H 'Content-Type: application/json' -d '{{\"item_id\":\"sku-00002\",\"quantity\":1}}' {edge}/api/v1/cart/items   # guest: note Cart-Session\
-         \n  curl -s {edge}/health\n",
-        admin = config.server.admin_listen.map(|a| a.to_string()).unwrap_or_default(),
-        state = dir.join("cluster.json").display(),
-    );
+         \n       -d '{{\"quantity\":5}}' {sg}/api/v1/cart/items/sku-00001\
+         \n  curl -si -X DELETE -H \"Authorization: Bearer $TOKEN\" {th}/api/v1/cart/items/sku-00001   # via th: see Cart-Home-Region, Cart-Version\
+         \n  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Cart-Min-Version: 3' {th}/api/v1/cart   # read-your-writes anywhere\
+         \n  curl -si -H 'Content-Type: application/json' -d '{{\"item_id\":\"sku-00002\",\"quantity\":1}}' {sg}/api/v1/cart/items   # guest: note Cart-Session\
+         \n  curl -s {sg}/health\
+         \n  {exe} local partition sg th   # then writes at th for sg carts get 503; `{exe} local heal sg th`\n",
+        dir.join("cluster.json").display(),
+        dir.join("ring.toml").display(),
+    ));
+    println!("{lines}");
 }
 
 /// Stops a detached cluster started in `dir`.
@@ -372,14 +754,18 @@ pub fn down(dir: &Path) -> Result<()> {
     for pid in &pids.edges {
         procs::stop_pid(*pid, libc::SIGTERM, Duration::from_secs(20))?;
     }
+    for pid in &pids.proxy {
+        procs::stop_pid(*pid, libc::SIGTERM, Duration::from_secs(10))?;
+    }
     for pid in &pids.postgres {
         procs::stop_pid(*pid, libc::SIGINT, Duration::from_secs(20))?;
     }
     for pid in &pids.redis {
         procs::stop_pid(*pid, libc::SIGTERM, Duration::from_secs(10))?;
     }
-    std::fs::remove_file(dir.join("pids.json"))?;
-    let _ = std::fs::remove_file(dir.join("cluster.json"));
+    for file in ["pids.json", "cluster.json", "proxy.json"] {
+        let _ = std::fs::remove_file(dir.join(file));
+    }
     println!("local cluster stopped");
     Ok(())
 }

@@ -1,7 +1,9 @@
-//! The README's first command, end to end: `local up --detach`, curl-like calls, `local down`.
+//! The README's first command, end to end: `local up --detach` brings up three regions, a
+//! cross-region write and read-your-writes work, the link can be cut and healed, `local down`
+//! stops everything.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use crate::helpers::defaults_path;
 use cartedge::local::procs::free_port;
@@ -21,18 +23,40 @@ impl Drop for Cluster {
     }
 }
 
+/// A port `p` with `p`, `p + 1` and `p + 2` free on 127.0.0.1.
+fn three_free_ports() -> u16 {
+    for _ in 0..50 {
+        let base = free_port().unwrap();
+        if base < 65_000
+            && (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no three consecutive free ports");
+}
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cartedge"))
+        .arg("--defaults")
+        .arg(defaults_path())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 async fn http(
     url: &str,
     method: &str,
-    token: &str,
+    headers: &[(&str, String)],
     body: Option<&str>,
 ) -> (u16, serde_json::Value) {
     use http_body_util::BodyExt;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();
     let mut request = http::Request::builder().method(method).uri(url);
-    if !token.is_empty() {
-        request = request.header("authorization", format!("Bearer {token}"));
+    for (name, value) in headers {
+        request = request.header(*name, value);
     }
     if body.is_some() {
         request = request.header("content-type", "application/json");
@@ -51,98 +75,148 @@ async fn http(
     )
 }
 
-#[tokio::test]
-async fn local_up_detach_serves_the_demo_catalog_and_local_down_stops_it() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
     let dir = std::env::temp_dir().join(format!("cartedge-local-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cluster = Cluster { dir: dir.clone() };
-    let (edge_port, admin_port) = (free_port().unwrap(), free_port().unwrap());
-    let up = Command::new(env!("CARGO_BIN_EXE_cartedge"))
-        .arg("--defaults")
-        .arg(defaults_path())
-        .args(["local", "up", "--detach", "--dir"])
-        .arg(&dir)
-        .args([
-            "--edge-port",
-            &edge_port.to_string(),
-            "--admin-port",
-            &admin_port.to_string(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&up.stdout);
+    let dir_arg = dir.to_str().unwrap().to_string();
+    let (edge_port, admin_port) = (three_free_ports(), three_free_ports());
+    let up = cli(&[
+        "local",
+        "up",
+        "--detach",
+        "--dir",
+        &dir_arg,
+        "--edge-port",
+        &edge_port.to_string(),
+        "--admin-port",
+        &admin_port.to_string(),
+    ]);
+    let stdout = String::from_utf8_lossy(&up.stdout).to_string();
     assert!(
         up.status.success(),
-        "{}\n{}",
-        stdout,
+        "{stdout}\n{}",
         String::from_utf8_lossy(&up.stderr)
     );
     assert!(
         stdout.contains(&format!("http://127.0.0.1:{edge_port}/api/v1/cart")),
         "{stdout}"
     );
-    assert!(stdout.contains("token --sub alice"), "{stdout}");
+    assert!(stdout.contains("token --sub"), "{stdout}");
+    assert!(stdout.contains("local partition sg th"), "{stdout}");
 
     let cluster_file: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
-    let region = &cluster_file["regions"][0];
-    assert_eq!(region["id"], "sg");
-    assert_eq!(region["currency"], "SGD");
-    assert_eq!(region["edge_url"], format!("http://127.0.0.1:{edge_port}"));
-    assert_eq!(
-        region["admin_url"],
-        format!("http://127.0.0.1:{admin_port}")
-    );
-    assert!(region["redis_url"]
-        .as_str()
-        .unwrap()
-        .starts_with("redis://127.0.0.1:"));
-    assert_eq!(region["postgres"][0]["role"], "primary");
-    assert!(region["postgres"][0]["shards"].is_array());
-    assert!(region["postgres"][0]["dsn"]
-        .as_str()
-        .unwrap()
-        .contains("dbname=cartedge"));
+    let regions = cluster_file["regions"].as_array().unwrap();
+    let ids: Vec<&str> = regions.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["sg", "id", "th"]);
+    for (offset, (region, currency)) in regions.iter().zip(["SGD", "IDR", "THB"]).enumerate() {
+        let offset = offset as u16;
+        assert_eq!(region["currency"], currency);
+        assert_eq!(
+            region["edge_url"],
+            format!("http://127.0.0.1:{}", edge_port + offset)
+        );
+        assert_eq!(
+            region["admin_url"],
+            format!("http://127.0.0.1:{}", admin_port + offset)
+        );
+        assert!(region["redis_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("redis://127.0.0.1:"));
+        let postgres = region["postgres"].as_array().unwrap();
+        let roles: Vec<&str> = postgres
+            .iter()
+            .map(|p| p["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["primary", "replica", "replica"]);
+        assert_eq!(
+            postgres[0]["shards"][0],
+            format!("{}-1", region["id"].as_str().unwrap())
+        );
+        assert!(postgres
+            .iter()
+            .all(|p| p["dsn"].as_str().unwrap().contains("dbname=cartedge")));
+    }
 
-    let token = Command::new(env!("CARGO_BIN_EXE_cartedge"))
-        .arg("--defaults")
-        .arg(defaults_path())
-        .arg("--config")
-        .arg(dir.join("regions/sg.toml"))
-        .args(["token", "--sub", "alice"])
-        .output()
-        .unwrap();
+    let sg_config = dir.join("regions/sg.toml");
+    let token = cli(&[
+        "--config",
+        sg_config.to_str().unwrap(),
+        "token",
+        "--sub",
+        "alice",
+    ]);
     assert!(token.status.success());
-    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let bearer = vec![(
+        "authorization",
+        format!("Bearer {}", String::from_utf8(token.stdout).unwrap().trim()),
+    )];
 
-    let edge = format!("http://127.0.0.1:{edge_port}");
+    let sg = format!("http://127.0.0.1:{edge_port}");
+    let th = format!("http://127.0.0.1:{}", edge_port + 2);
     for item in ["sku-00001", "sku-10000"] {
         let body = format!(r#"{{"item_id":"{item}","quantity":2}}"#);
         let (status, cart) = http(
-            &format!("{edge}/api/v1/cart/items"),
+            &format!("{sg}/api/v1/cart/items"),
             "POST",
-            &token,
+            &bearer,
             Some(&body),
         )
         .await;
         assert_eq!(status, 200, "{cart}");
     }
-    let (status, cart) = http(&format!("{edge}/api/v1/cart"), "GET", &token, None).await;
+    let (status, cart) = http(&format!("{sg}/api/v1/cart"), "GET", &bearer, None).await;
     assert_eq!(status, 200);
     assert_eq!(cart["total_items"], 4);
-    assert_eq!(cart["currency"], "SGD");
     let (status, _) = http(
-        &format!("{edge}/api/v1/cart/items/sku-10001"),
+        &format!("{sg}/api/v1/cart/items/sku-10001"),
         "PUT",
-        &token,
+        &bearer,
         Some(r#"{"quantity":1}"#),
     )
     .await;
     assert_eq!(status, 404, "the demo catalog ends at sku-10000");
+
+    // Through th, whichever region is alice's home: the write lands there once, and a read at th
+    // carrying the returned version is never older.
+    let (status, via_th) = http(
+        &format!("{th}/api/v1/cart/items/sku-00001"),
+        "PUT",
+        &bearer,
+        Some(r#"{"quantity":5}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{via_th}");
+    assert_eq!(via_th["total_items"], 7);
+    let mut with_version = bearer.clone();
+    with_version.push(("cart-min-version", via_th["version"].to_string()));
+    let (status, read_at_th) = http(&format!("{th}/api/v1/cart"), "GET", &with_version, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(read_at_th["version"], via_th["version"]);
+    assert_eq!(read_at_th["total_items"], 7);
+
+    let partition = cli(&["local", "partition", "sg", "th", "--dir", &dir_arg]);
+    assert!(
+        partition.status.success(),
+        "{}",
+        String::from_utf8_lossy(&partition.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&partition.stdout).trim(),
+        "partitioned sg <-> th"
+    );
+    let heal = cli(&["local", "heal", "sg", "th", "--dir", &dir_arg]);
+    assert!(heal.status.success());
+    let unknown = cli(&["local", "partition", "sg", "xx", "--dir", &dir_arg]);
+    assert!(!unknown.status.success());
+
     let (status, health) = http(
         &format!("http://127.0.0.1:{admin_port}/health"),
         "GET",
-        "",
+        &[],
         None,
     )
     .await;
@@ -150,33 +224,29 @@ async fn local_up_detach_serves_the_demo_catalog_and_local_down_stops_it() {
     let (status, _) = http(
         &format!("http://127.0.0.1:{admin_port}/api/v1/cart"),
         "GET",
-        &token,
+        &bearer,
         None,
     )
     .await;
     assert_eq!(status, 404, "the admin listener serves no cart API");
 
-    let again = Command::new(env!("CARGO_BIN_EXE_cartedge"))
-        .args(["local", "up", "--detach", "--dir"])
-        .arg(&dir)
-        .args([
-            "--edge-port",
-            &free_port().unwrap().to_string(),
-            "--admin-port",
-            &free_port().unwrap().to_string(),
-        ])
-        .output()
-        .unwrap();
+    let again = cli(&[
+        "local",
+        "up",
+        "--detach",
+        "--dir",
+        &dir_arg,
+        "--edge-port",
+        &three_free_ports().to_string(),
+        "--admin-port",
+        &three_free_ports().to_string(),
+    ]);
     assert!(
         !again.status.success(),
         "a second up in the same dir is refused"
     );
 
-    let down = Command::new(env!("CARGO_BIN_EXE_cartedge"))
-        .args(["local", "down", "--dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let down = cli(&["local", "down", "--dir", &dir_arg]);
     assert!(down.status.success());
     assert!(
         !dir.join("cluster.json").exists(),

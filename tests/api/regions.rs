@@ -408,8 +408,8 @@ async fn a_write_at_th_for_an_sg_user_is_forwarded_applied_once_and_read_back_wi
     assert_eq!(written.version(), 1);
     assert_eq!(
         written.json()["currency"],
-        "SGD",
-        "a cart's currency is its creating (home) edge's"
+        "THB",
+        "a new cart takes the currency of the region that received the request"
     );
     assert_eq!(
         written
