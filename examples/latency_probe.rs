@@ -13,6 +13,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+/// (name, method, URL, body, the `Cart-Source` every answer must carry).
+type Phase<'a> = (&'a str, &'a str, String, Option<String>, Option<&'a str>);
+
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 async fn call(
@@ -103,55 +106,49 @@ async fn main() -> anyhow::Result<()> {
         call(&client, "GET", &format!("{th}/api/v1/cart"), token, None).await;
     }
     let add = |item: u32| Some(format!(r#"{{"item_id":"sku-{item:05}","quantity":1}}"#));
-
-    let (mut home_writes, mut bad) = (Vec::new(), 0);
-    for (_, token) in &users {
-        let (took, status, _) = call(
-            &client,
+    let phases: [Phase; 4] = [
+        (
+            "home-region write",
             "POST",
-            &format!("{sg}/api/v1/cart/items"),
-            token,
+            format!("{sg}/api/v1/cart/items"),
             add(1),
-        )
-        .await;
-        bad += usize::from(status != 200);
-        home_writes.push(took);
-    }
-    report("home-region write", home_writes, bad);
-
-    let (mut forwarded, mut bad) = (Vec::new(), 0);
-    for (_, token) in &users {
-        let (took, status, _) = call(
-            &client,
+            None,
+        ),
+        (
+            "forwarded write (th→sg)",
             "POST",
-            &format!("{th}/api/v1/cart/items"),
-            token,
+            format!("{th}/api/v1/cart/items"),
             add(2),
-        )
-        .await;
-        bad += usize::from(status != 200);
-        forwarded.push(took);
+            None,
+        ),
+        // th's replica of sg-1 has replayed by then; th's cache holds only sg's fences.
+        (
+            "replica read (th)",
+            "GET",
+            format!("{th}/api/v1/cart"),
+            None,
+            Some("replica"),
+        ),
+        (
+            "cache-hit read (th)",
+            "GET",
+            format!("{th}/api/v1/cart"),
+            None,
+            Some("cache"),
+        ),
+    ];
+    for (name, method, url, body, expected_source) in phases {
+        if expected_source == Some("replica") {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let (mut took, mut unexpected) = (Vec::new(), 0);
+        for (_, token) in &users {
+            let (elapsed, status, source) = call(&client, method, &url, token, body.clone()).await;
+            let wrong_source = expected_source.is_some_and(|e| source.as_deref() != Some(e));
+            unexpected += usize::from(status != 200 || wrong_source);
+            took.push(elapsed);
+        }
+        report(name, took, unexpected);
     }
-    report("forwarded write (th→sg)", forwarded, bad);
-
-    // Let th's replica of sg-1 replay; its cache holds only fences from sg's invalidations.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (mut replica_reads, mut bad) = (Vec::new(), 0);
-    for (_, token) in &users {
-        let (took, status, source) =
-            call(&client, "GET", &format!("{th}/api/v1/cart"), token, None).await;
-        bad += usize::from(status != 200 || source.as_deref() != Some("replica"));
-        replica_reads.push(took);
-    }
-    report("replica read (th)", replica_reads, bad);
-
-    let (mut cache_reads, mut bad) = (Vec::new(), 0);
-    for (_, token) in &users {
-        let (took, status, source) =
-            call(&client, "GET", &format!("{th}/api/v1/cart"), token, None).await;
-        bad += usize::from(status != 200 || source.as_deref() != Some("cache"));
-        cache_reads.push(took);
-    }
-    report("cache-hit read (th)", cache_reads, bad);
     Ok(())
 }

@@ -177,113 +177,61 @@ async fn dispatch(
     }
     let request = RequestParts::new(&parts);
     let caller = request.authenticate(&app.auth)?;
-    match route {
-        Route::Cart if method == Method::GET => {
-            request.check_user_id(&caller, request.query_user_id().as_deref())?;
-            view_cart(app, &request, surface, caller).await
-        }
-        Route::Cart => {
-            let bytes =
-                request::read_body(&parts, body, app.config.server.max_body_bytes, false).await?;
-            let parsed: ClearBody = request::parse_json_or_default(&bytes)?;
-            request.check_user_id(
-                &caller,
-                parsed
-                    .user_id
-                    .as_deref()
-                    .or(request.query_user_id().as_deref()),
-            )?;
-            let if_match = request.if_match()?;
-            write(
-                app,
-                &request,
-                surface,
-                &method,
-                caller,
-                &bytes,
-                WriteKind::Clear { if_match },
-            )
-            .await
-        }
-        Route::CartItems => {
-            let bytes =
-                request::read_body(&parts, body, app.config.server.max_body_bytes, true).await?;
-            let parsed: AddItemBody = request::parse_json(&bytes)?;
-            request.check_user_id(
-                &caller,
-                parsed
-                    .user_id
-                    .as_deref()
-                    .or(request.query_user_id().as_deref()),
-            )?;
-            let add = parsed.validate()?;
-            write(
-                app,
-                &request,
-                surface,
-                &method,
-                caller,
-                &bytes,
-                WriteKind::Add(add),
-            )
-            .await
-        }
+    if route == Route::Cart && method == Method::GET {
+        request.check_user_id(&caller, request.query_user_id().as_deref())?;
+        return view_cart(app, &request, surface, caller).await;
+    }
+    // Every other route is a write: read its body, check `user_id`, then validate.
+    let required = matches!(
+        (route, &method),
+        (Route::CartItems, _) | (Route::CartItem(_), &Method::PUT)
+    );
+    let bytes =
+        request::read_body(&parts, body, app.config.server.max_body_bytes, required).await?;
+    let if_match = request.if_match()?;
+    let parsed = match route {
+        Route::CartItems => ParsedWrite::Add(request::parse_json(&bytes)?),
         Route::CartItem(raw_id) => {
             let item_id =
                 ItemId::parse(raw_id).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
-            let if_match = request.if_match()?;
             if method == Method::PUT {
-                let bytes =
-                    request::read_body(&parts, body, app.config.server.max_body_bytes, true)
-                        .await?;
-                let parsed: SetQuantityBody = request::parse_json(&bytes)?;
-                request.check_user_id(
-                    &caller,
-                    parsed
-                        .user_id
-                        .as_deref()
-                        .or(request.query_user_id().as_deref()),
-                )?;
-                let quantity = parsed.validate()?;
-                write(
-                    app,
-                    &request,
-                    surface,
-                    &method,
-                    caller,
-                    &bytes,
-                    WriteKind::Set {
-                        item_id,
-                        quantity,
-                        if_match,
-                    },
-                )
-                .await
+                ParsedWrite::Set(item_id, request::parse_json(&bytes)?)
             } else {
-                let bytes =
-                    request::read_body(&parts, body, app.config.server.max_body_bytes, false)
-                        .await?;
-                let parsed: ClearBody = request::parse_json_or_default(&bytes)?;
-                request.check_user_id(
-                    &caller,
-                    parsed
-                        .user_id
-                        .as_deref()
-                        .or(request.query_user_id().as_deref()),
-                )?;
-                write(
-                    app,
-                    &request,
-                    surface,
-                    &method,
-                    caller,
-                    &bytes,
-                    WriteKind::Remove { item_id, if_match },
-                )
-                .await
+                ParsedWrite::Remove(item_id, request::parse_json_or_default(&bytes)?)
             }
         }
-        Route::Health | Route::Ready => Err(ApiError::NotFound),
+        _ => ParsedWrite::Clear(request::parse_json_or_default(&bytes)?),
+    };
+    let query_user_id = request.query_user_id();
+    request.check_user_id(&caller, parsed.user_id().or(query_user_id.as_deref()))?;
+    let kind = match parsed {
+        ParsedWrite::Add(body) => WriteKind::Add(body.validate()?),
+        ParsedWrite::Set(item_id, body) => WriteKind::Set {
+            quantity: body.validate()?,
+            item_id,
+            if_match,
+        },
+        ParsedWrite::Remove(item_id, _) => WriteKind::Remove { item_id, if_match },
+        ParsedWrite::Clear(_) => WriteKind::Clear { if_match },
+    };
+    write(app, &request, surface, &method, caller, &bytes, kind).await
+}
+
+/// A write's body, parsed but not yet validated (so `user_id` is checked first).
+enum ParsedWrite {
+    Add(AddItemBody),
+    Set(ItemId, SetQuantityBody),
+    Remove(ItemId, ClearBody),
+    Clear(ClearBody),
+}
+
+impl ParsedWrite {
+    fn user_id(&self) -> Option<&str> {
+        match self {
+            ParsedWrite::Add(body) => body.user_id.as_deref(),
+            ParsedWrite::Set(_, body) => body.user_id.as_deref(),
+            ParsedWrite::Remove(_, body) | ParsedWrite::Clear(body) => body.user_id.as_deref(),
+        }
     }
 }
 

@@ -82,6 +82,21 @@ struct Pids {
     proxy: Vec<u32>,
 }
 
+impl Pids {
+    fn read(dir: &Path) -> Option<Pids> {
+        let text = std::fs::read_to_string(dir.join("pids.json")).ok()?;
+        Some(serde_json::from_str(&text).unwrap_or_default())
+    }
+
+    fn all(&self) -> impl Iterator<Item = &u32> {
+        self.edges
+            .iter()
+            .chain(&self.postgres)
+            .chain(&self.redis)
+            .chain(&self.proxy)
+    }
+}
+
 /// Where the link proxy's control API listens (`proxy.json`).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ProxyFile {
@@ -175,32 +190,15 @@ async fn connect(dsn: &str) -> Result<(tokio_postgres::Client, tokio::task::Join
 pub async fn up(options: UpOptions) -> Result<()> {
     std::fs::create_dir_all(&options.dir)?;
     let dir = options.dir.canonicalize()?;
-    if let Ok(text) = std::fs::read_to_string(dir.join("pids.json")) {
-        let pids: Pids = serde_json::from_str(&text).unwrap_or_default();
-        let all = pids
-            .edges
-            .iter()
-            .chain(&pids.postgres)
-            .chain(&pids.redis)
-            .chain(&pids.proxy);
-        if all.clone().any(|p| is_alive(*p)) {
-            bail!("a local cluster is already running here; stop it with `cartedge local down`");
-        }
+    if Pids::read(&dir).is_some_and(|pids| pids.all().any(|p| is_alive(*p))) {
+        bail!("a local cluster is already running here; stop it with `cartedge local down`");
     }
     let outcome = up_in(&dir, &options).await;
-    if outcome.is_err() && options.detach {
-        if let Ok(text) = std::fs::read_to_string(dir.join("pids.json")) {
-            let pids: Pids = serde_json::from_str(&text).unwrap_or_default();
-            let all = pids
-                .edges
-                .iter()
-                .chain(&pids.postgres)
-                .chain(&pids.redis)
-                .chain(&pids.proxy);
-            if all.clone().count() > 0 {
-                let _ = down(&dir);
-            }
-        }
+    if outcome.is_err()
+        && options.detach
+        && Pids::read(&dir).is_some_and(|pids| pids.all().count() > 0)
+    {
+        let _ = down(&dir);
     }
     outcome
 }
@@ -743,14 +741,10 @@ fn print_banner(configs: &[Config], dir: &Path) {
 
 /// Stops a detached cluster started in `dir`.
 pub fn down(dir: &Path) -> Result<()> {
-    let text = match std::fs::read_to_string(dir.join("pids.json")) {
-        Ok(text) => text,
-        Err(_) => {
-            println!("no local cluster is running in {}", dir.display());
-            return Ok(());
-        }
+    let Some(pids) = Pids::read(dir) else {
+        println!("no local cluster is running in {}", dir.display());
+        return Ok(());
     };
-    let pids: Pids = serde_json::from_str(&text).unwrap_or_default();
     for pid in &pids.edges {
         procs::stop_pid(*pid, libc::SIGTERM, Duration::from_secs(20))?;
     }
