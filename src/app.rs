@@ -21,7 +21,7 @@ const CACHE_REPAIR_PERIOD: Duration = Duration::from_millis(250);
 pub struct App {
     pub config: Config,
     pub auth: Authenticator,
-    pub store: Store,
+    pub store: Arc<Store>,
     /// The ring and every region.
     pub topology: Topology,
     /// `Cart-Region`, pre-encoded once.
@@ -48,8 +48,9 @@ impl App {
     pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
         let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         let topology = Topology::load(&config)?;
-        let store = Store::new(&config)?;
+        let store = Arc::new(Store::new(&config)?);
         store.cache.spawn_repair(CACHE_REPAIR_PERIOD);
+        store.spawn_heartbeats();
         let region_header = HeaderValue::from_str(&config.region.id)?;
         let (forwarder, internal_tls) = if config.tls.is_configured() {
             let files = &config.tls;

@@ -71,6 +71,9 @@ pub struct ForwardConfig {
     /// Cross-region cache invalidations waiting to be sent; past it they are dropped (bounded by
     /// the cache TTL and the version check) and counted.
     pub invalidation_queue: usize,
+    /// A replica further behind than this (or whose lag is unknown) makes reads served from it
+    /// carry a `stale_possible` warning.
+    pub max_replica_lag: Dur,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -346,6 +346,20 @@ async fn view_cart(
             },
         }
     }
+    if warnings.is_empty() && !app.store.is_home(placement.shard) {
+        let lag = app.store.replica_lag(placement.shard);
+        if lag.is_none_or(|lag| lag > app.config.forward.max_replica_lag.0) {
+            let behind = match lag {
+                Some(lag) => format!("{} ms behind", lag.as_millis()),
+                None => "of unknown lag".to_string(),
+            };
+            warnings.push(cart::Warning {
+                code: "stale_possible",
+                item_id: None,
+                message: format!("served in {} from a replica {behind}", app.config.region.id),
+            });
+        }
+    }
     if request.if_none_match_matches(cart.version) && warnings.is_empty() {
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::NOT_MODIFIED;

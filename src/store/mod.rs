@@ -11,7 +11,7 @@ pub mod catalog;
 pub mod migrate;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,7 +95,12 @@ pub struct StoreCounters {
 struct ShardPools {
     primary: Option<Pool>,
     replica: Pool,
+    /// How far the replica is behind its primary, in ms, per the heartbeat; -1 when unknown.
+    lag_ms: Arc<AtomicI64>,
 }
+
+/// How often heartbeats are written (home shards) and replica lag is read (the others).
+const HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
 
 /// The region's storage: every shard's pools, the regional cache and the catalog.
 pub struct Store {
@@ -103,6 +108,35 @@ pub struct Store {
     pub cache: Arc<Cache>,
     pub catalog: Catalog,
     pub counters: StoreCounters,
+}
+
+/// Stamps the shard's heartbeat on its primary.
+async fn stamp(shard: &str, pools: &ShardPools) -> Result<(), StoreError> {
+    let Some(primary) = &pools.primary else {
+        return Ok(());
+    };
+    let client = primary.get().await?;
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO replication_heartbeat (shard, at) VALUES ($1, now()) \
+             ON CONFLICT (shard) DO UPDATE SET at = EXCLUDED.at",
+        )
+        .await?;
+    client.execute(&statement, &[&shard]).await?;
+    Ok(())
+}
+
+/// The replica's lag in ms: how old the newest heartbeat it has replayed is.
+async fn measure(shard: &str, pools: &ShardPools) -> Result<i64, StoreError> {
+    let client = pools.replica.get().await?;
+    let statement = client
+        .prepare_cached(
+            "SELECT (EXTRACT(EPOCH FROM (clock_timestamp() - at)) * 1000)::bigint \
+             FROM replication_heartbeat WHERE shard = $1",
+        )
+        .await?;
+    let row = client.query_opt(&statement, &[&shard]).await?;
+    Ok(row.map(|r| r.get::<_, i64>(0).max(0)).unwrap_or(-1))
 }
 
 /// Builds a pool that connects lazily, so an edge starts (and serves cached reads) while a
@@ -143,7 +177,15 @@ impl Store {
                 Some(build_pool(shard.primary.expose(), config)?)
             };
             let replica = build_pool(shard.replica.expose(), config)?;
-            shards.insert(shard.id.clone(), ShardPools { primary, replica });
+            let lag_ms = Arc::new(AtomicI64::new(-1));
+            shards.insert(
+                shard.id.clone(),
+                ShardPools {
+                    primary,
+                    replica,
+                    lag_ms,
+                },
+            );
         }
         let catalog_pool = build_pool(config.database.catalog.expose(), config)?;
         Ok(Store {
@@ -193,6 +235,46 @@ impl Store {
         shard: &str,
     ) -> Result<(Object, Source), StoreError> {
         Ok((self.db_write(shard).await?, Source::Primary))
+    }
+
+    /// The replica's lag behind the shard's primary (None when unknown). Always zero for a shard
+    /// homed here.
+    pub fn replica_lag(&self, shard: &str) -> Option<Duration> {
+        let pools = self.shards.get(shard)?;
+        if pools.primary.is_some() {
+            return Some(Duration::ZERO);
+        }
+        let lag = pools.lag_ms.load(Ordering::Relaxed);
+        (lag >= 0).then(|| Duration::from_millis(lag as u64))
+    }
+
+    /// Starts the heartbeat tasks: stamp every shard homed here, measure every other shard's
+    /// replica. They end when the store is dropped.
+    pub fn spawn_heartbeats(self: &Arc<Self>) {
+        for (shard, pools) in &self.shards {
+            let shard = shard.clone();
+            let store = Arc::downgrade(self);
+            let home = pools.primary.is_some();
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(HEARTBEAT_PERIOD);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticker.tick().await;
+                    let Some(store) = store.upgrade() else { return };
+                    let Some(pools) = store.shards.get(&shard) else {
+                        return;
+                    };
+                    if home {
+                        if let Err(error) = stamp(&shard, pools).await {
+                            tracing::debug!(%shard, %error, "heartbeat not written");
+                        }
+                    } else {
+                        let lag = measure(&shard, pools).await.unwrap_or(-1);
+                        pools.lag_ms.store(lag, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
     }
 
     /// Whether this region holds the shard's primary.

@@ -96,7 +96,7 @@ fn edge_config(
          [topology.peer_urls]\n{peer_id} = \"{peer_url}\"\n\
          [server]\nlisten = \"127.0.0.1:0\"\ndrain_grace = \"50ms\"\n\
          [tls]\nca_file = \"{pki}/ca.pem\"\ncert_file = \"{pki}/{region}.pem\"\nkey_file = \"{pki}/{region}.key\"\n\
-         [forward]\ntimeout = \"{forward_timeout}\"\nconnect_timeout = \"300ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\nreplica_wait = \"250ms\"\n\
+         [forward]\ntimeout = \"{forward_timeout}\"\nconnect_timeout = \"300ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\nreplica_wait = \"250ms\"\nmax_replica_lag = \"2500ms\"\n\
          [redis]\nurl = \"{redis}\"\nkey_prefix = \"{redis_prefix}\"\ntimeout = \"200ms\"\n\
          [cart]\ncatalog_cache_ttl = \"0s\"\n\
          [auth]\nissuer = \"cartedge-test\"\naudience = \"cartedge-api\"\nsession_secret = \"{SESSION_SECRET}\"\n\
@@ -432,11 +432,34 @@ async fn a_write_at_th_for_an_sg_user_is_forwarded_applied_once_and_read_back_wi
     assert_eq!(fresh.version(), 1);
     assert_eq!(fresh.quantity_of("sku-00001"), 2);
 
+    // While replay stays paused, the heartbeat shows th's replica falling behind, and reads
+    // served from it say so.
+    let mut flagged = false;
+    for _ in 0..100 {
+        let view = regions.get(&regions.th, &user, None).await;
+        if view.json()["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["code"] == "stale_possible")
+        {
+            flagged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(flagged, "a lagging replica's reads carry stale_possible");
+
     regions.replica_sql("SELECT pg_wal_replay_resume()").await;
     let mut converged = false;
     for _ in 0..100 {
         let view = regions.get(&regions.th, &user, None).await;
-        if view.version() == 1 {
+        let warned = view.json()["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["code"] == "stale_possible");
+        if view.version() == 1 && !warned {
             assert_eq!(view.quantity_of("sku-00001"), 2);
             converged = true;
             break;
