@@ -8,6 +8,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::mpsc;
 
 use crate::api::auth::Authenticator;
+use crate::api::limits::RateLimits;
 use crate::config::Config;
 use crate::domain::ids::OwnerKey;
 use crate::forward::{tls, Forwarder, Settings};
@@ -16,6 +17,9 @@ use crate::topology::Topology;
 
 /// How often missed cache invalidations are retried.
 const CACHE_REPAIR_PERIOD: Duration = Duration::from_millis(250);
+
+/// How often rate limiters drop idle keys.
+const LIMITS_HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(10);
 
 /// Everything a request needs, shared by all connections.
 pub struct App {
@@ -34,6 +38,8 @@ pub struct App {
     pub internal_tls: Option<Arc<rustls::ServerConfig>>,
     /// Cross-region cache invalidations to send after local commits.
     invalidations: Option<mpsc::Sender<(String, i64)>>,
+    /// Edge rate limits.
+    pub limits: Arc<RateLimits>,
     /// Requests refused because the sender's ring differs from ours.
     pub topology_mismatches: AtomicU64,
     /// Invalidations dropped because the queue was full.
@@ -89,7 +95,10 @@ impl App {
             ));
             sender
         });
+        let limits = Arc::new(RateLimits::new(&config.rate_limit)?);
+        limits.spawn_housekeeping(LIMITS_HOUSEKEEPING_PERIOD);
         Ok(Arc::new(App {
+            limits,
             config,
             auth,
             store,

@@ -44,6 +44,9 @@ pub enum Command {
         /// Lifetime, e.g. `1h`, `15m`.
         #[arg(long, default_value = "1h")]
         ttl: String,
+        /// Rate-limit tier claim, e.g. `service` for load generators.
+        #[arg(long)]
+        tier: Option<String>,
     },
     /// Manage the catalog (on the local cluster, or the database `--config` names).
     #[command(subcommand)]
@@ -223,14 +226,20 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Token { sub, ttl } => {
+        Command::Token { sub, ttl, tier } => {
             let config = cli.load_config()?;
             let ttl = humantime::parse_duration(ttl).context("--ttl")?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_secs();
-            let token = crate::api::auth::issue_token(&config.auth, sub, ttl, now)
-                .map_err(|e| anyhow::anyhow!(e))?;
+            let token = crate::api::auth::issue_token_for_tier(
+                &config.auth,
+                sub,
+                ttl,
+                now,
+                tier.as_deref(),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
             println!("{token}");
             Ok(())
         }

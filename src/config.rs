@@ -34,6 +34,42 @@ pub struct Config {
     pub log: LogConfig,
     pub tls: TlsFiles,
     pub forward: ForwardConfig,
+    pub rate_limit: RateLimitConfig,
+}
+
+/// Edge rate limits. Defaults fit a shopper, not a benchmark: load generators use a token with
+/// the claim `"tier": "service"`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    /// Per signed-in user.
+    pub user: TierQuotas,
+    /// Per guest session.
+    pub guest: TierQuotas,
+    /// Per owner with a service-tier token.
+    pub service: TierQuotas,
+    /// Per client IP, for requests without valid credentials.
+    pub anonymous: QuotaConfig,
+    /// Networks (CIDR) whose `X-Forwarded-For` is believed when they are the socket peer.
+    pub trusted_proxies: Vec<String>,
+    /// Keys one limiter may hold before it is cleared (bounds memory under floods).
+    pub max_keys: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierQuotas {
+    pub reads: QuotaConfig,
+    pub writes: QuotaConfig,
+    pub checkout: QuotaConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 /// Mutual TLS between edges. Empty paths: no internal listener and no forwarding (a region

@@ -86,6 +86,9 @@ struct Claims {
     aud: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
+    /// `"service"` selects the service rate-limit tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tier: Option<String>,
 }
 
 struct VerifyingKey {
@@ -100,24 +103,32 @@ const MAX_CACHED_TOKENS: usize = 50_000;
 /// kept), each valid until its own `exp` (+ leeway). Signature checks and claim parsing cost
 /// several µs even for HS256 and 50–350 µs for asymmetric keys; a hit costs one hash.
 struct VerifiedTokens {
-    entries: RwLock<HashMap<[u8; 32], (UserId, u64)>>,
+    entries: RwLock<HashMap<[u8; 32], (Verified, u64)>>,
 }
 
 impl VerifiedTokens {
-    fn get(&self, digest: &[u8; 32], now: u64, leeway: u64) -> Option<UserId> {
+    fn get(&self, digest: &[u8; 32], now: u64, leeway: u64) -> Option<Verified> {
         let entries = self.entries.read().ok()?;
-        let (user, exp) = entries.get(digest)?;
-        (now <= exp.saturating_add(leeway)).then(|| user.clone())
+        let (verified, exp) = entries.get(digest)?;
+        (now <= exp.saturating_add(leeway)).then(|| verified.clone())
     }
 
-    fn insert(&self, digest: [u8; 32], user: UserId, exp: u64) {
+    fn insert(&self, digest: [u8; 32], verified: Verified, exp: u64) {
         if let Ok(mut entries) = self.entries.write() {
             if entries.len() >= MAX_CACHED_TOKENS {
                 entries.clear();
             }
-            entries.insert(digest, (user, exp));
+            entries.insert(digest, (verified, exp));
         }
     }
+}
+
+/// What a valid token says about its caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub user: UserId,
+    /// The token carries `"tier": "service"`.
+    pub service: bool,
 }
 
 /// Verifies bearer tokens and signs/verifies guest sessions.
@@ -176,14 +187,19 @@ impl Authenticator {
 
     /// Verifies a bearer token and returns its user.
     pub fn verify_token(&self, token: &str) -> Result<UserId, ApiError> {
+        self.verify(token).map(|verified| verified.user)
+    }
+
+    /// Verifies a bearer token and returns its user and tier.
+    pub fn verify(&self, token: &str) -> Result<Verified, ApiError> {
         const INVALID: ApiError = ApiError::Unauthenticated("bearer token is invalid or expired");
         if token.len() > MAX_TOKEN_BYTES {
             return Err(INVALID);
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = jsonwebtoken::get_current_timestamp();
-        if let Some(user) = self.verified.get(&digest, now, self.leeway) {
-            return Ok(user);
+        if let Some(verified) = self.verified.get(&digest, now, self.leeway) {
+            return Ok(verified);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| INVALID)?;
         let kid = header
@@ -194,9 +210,13 @@ impl Authenticator {
         let key = self.keys.get(kid).ok_or(INVALID)?;
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
             .map_err(|_| INVALID)?;
-        let user = UserId::parse(&data.claims.sub).map_err(|_| INVALID)?;
-        self.verified.insert(digest, user.clone(), data.claims.exp);
-        Ok(user)
+        let verified = Verified {
+            user: UserId::parse(&data.claims.sub).map_err(|_| INVALID)?,
+            service: data.claims.tier.as_deref() == Some("service"),
+        };
+        self.verified
+            .insert(digest, verified.clone(), data.claims.exp);
+        Ok(verified)
     }
 
     fn session_tag(&self, random: &[u8]) -> [u8; SESSION_TAG_BYTES] {
@@ -248,6 +268,17 @@ pub fn issue_token(
     ttl: Duration,
     now_unix: u64,
 ) -> Result<String, String> {
+    issue_token_for_tier(config, sub, ttl, now_unix, None)
+}
+
+/// As [`issue_token`], with a `tier` claim (`service` for load generators).
+pub fn issue_token_for_tier(
+    config: &AuthConfig,
+    sub: &str,
+    ttl: Duration,
+    now_unix: u64,
+    tier: Option<&str>,
+) -> Result<String, String> {
     UserId::parse(sub).map_err(|e| e.to_string())?;
     let key = config
         .keys
@@ -262,6 +293,7 @@ pub fn issue_token(
         iss: (!config.issuer.is_empty()).then(|| config.issuer.clone()),
         aud: (!config.audience.is_empty()).then(|| config.audience.clone()),
         iat: Some(now_unix),
+        tier: tier.map(str::to_string),
     };
     jsonwebtoken::encode(
         &header,
@@ -324,6 +356,16 @@ mod tests {
         assert!(auth.verify_token(&token).is_ok());
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         assert!(auth.verified.get(&digest, now(), 1).is_some());
+        let service = issue_token_for_tier(
+            &config(),
+            "svc",
+            Duration::from_secs(60),
+            now(),
+            Some("service"),
+        )
+        .unwrap();
+        assert!(auth.verify(&service).unwrap().service);
+        assert!(!auth.verify(&token).unwrap().service);
         assert!(auth.verified.get(&digest, now() + 2, 1).is_none());
     }
 
@@ -366,6 +408,7 @@ mod tests {
             iss: Some("iss-a".into()),
             aud: Some("aud-a".into()),
             iat: None,
+            tier: None,
         };
         let signing = EncodingKey::from_ed_der(pkcs8.as_ref());
         let mut header = Header::new(Algorithm::EdDSA);

@@ -35,6 +35,8 @@ pub enum ApiError {
     RequestInProgress,
     #[error("this Idempotency-Key was used for a different request")]
     IdempotencyKeyReused,
+    #[error("too many requests; retry later")]
+    RateLimited(super::limits::Verdict),
     #[error("this edge does not own the cart's shard")]
     Misdirected,
     #[error("the cart's home region cannot be reached; retry with the same Idempotency-Key")]
@@ -135,6 +137,13 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => {
                 (S::UNPROCESSABLE_ENTITY, "idempotency_key_reused", None)
             }
+            ApiError::RateLimited(verdict) => (
+                S::TOO_MANY_REQUESTS,
+                "rate_limited",
+                Some(
+                    json!({ "policy": verdict.policy.name, "retry_after_seconds": verdict.retry_after_secs }),
+                ),
+            ),
             ApiError::Misdirected => (S::MISDIRECTED_REQUEST, "misdirected", None),
             ApiError::HomeRegionUnavailable { .. } => {
                 (S::SERVICE_UNAVAILABLE, "home_region_unavailable", None)
@@ -205,6 +214,13 @@ impl ApiError {
             }
             ApiError::TopologyMismatch => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(5u32));
+            }
+            ApiError::RateLimited(verdict) => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(verdict.retry_after_secs),
+                );
+                super::limits::set_headers(headers, verdict);
             }
             _ => {}
         }

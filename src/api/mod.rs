@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod limits;
 pub mod request;
 
 use std::sync::Arc;
@@ -25,7 +26,9 @@ use crate::domain::money::Currency;
 use crate::forward;
 use crate::store::{CartOp, Claim, Source, StoredResponse};
 use error::ApiError;
+use limits::Class;
 use request::{AddItemBody, Caller, ClearBody, RequestParts, SetQuantityBody};
+use std::net::SocketAddr;
 
 pub type Body = Full<Bytes>;
 
@@ -41,6 +44,10 @@ pub mod names {
     pub const SESSION_COOKIE: &str = "cart_session";
     pub const MIN_VERSION_COOKIE: &str = "cart_min_version";
 }
+
+/// The socket peer of a request's connection (inserted by `server`).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
 
 /// Which listener a request arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,18 +183,83 @@ async fn dispatch(
         return Err(ApiError::MethodNotAllowed { allow });
     }
     let request = RequestParts::new(&parts);
-    let caller = request.authenticate(&app.auth)?;
+    let class = if method == Method::GET {
+        Class::Read
+    } else {
+        Class::Write
+    };
+    // Edge-to-edge requests were limited where they entered.
+    let limited = surface == Surface::Public;
+    let client_ip = || {
+        let peer = parts
+            .extensions
+            .get::<Peer>()
+            .map(|p| p.0)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        app.limits.client_ip(peer, &parts.headers)
+    };
+    let (caller, tier) = match request.authenticate_with_tier(&app.auth) {
+        Ok(found) => found,
+        Err(error) => {
+            // Failed credentials are limited per client IP, so guessing is slow.
+            if let Some(verdict) = app
+                .limits
+                .check_ip(client_ip())
+                .filter(|v| limited && !v.admitted())
+            {
+                return Err(ApiError::RateLimited(verdict));
+            }
+            return Err(error);
+        }
+    };
+    let verdict = if !limited {
+        None
+    } else {
+        match &caller {
+            Caller::Anonymous => app.limits.check_ip(client_ip()),
+            Caller::User(user) => {
+                app.limits
+                    .check_owner(tier, class, &format!("u:{}", user.as_str()))
+            }
+            Caller::Guest(session) => {
+                app.limits
+                    .check_owner(tier, class, &format!("g:{}", session.as_str()))
+            }
+        }
+    };
+    if let Some(verdict) = &verdict {
+        if !verdict.admitted() {
+            return Err(ApiError::RateLimited(verdict.clone()));
+        }
+    }
+    let mut response = serve_cart(app, &parts, body, &request, surface, route, caller).await?;
+    if let Some(verdict) = &verdict {
+        limits::set_headers(response.headers_mut(), verdict);
+    }
+    Ok(response)
+}
+
+/// The cart routes, once the caller is known and admitted.
+async fn serve_cart(
+    app: &Arc<App>,
+    parts: &http::request::Parts,
+    body: Incoming,
+    request: &RequestParts<'_>,
+    surface: Surface,
+    route: Route<'_>,
+    caller: Caller,
+) -> Result<Response<Body>, ApiError> {
+    let method = parts.method.clone();
     if route == Route::Cart && method == Method::GET {
         request.check_user_id(&caller, request.query_user_id().as_deref())?;
-        return view_cart(app, &request, surface, caller).await;
+        return view_cart(app, request, surface, caller).await;
     }
     // Every other route is a write: read its body, check `user_id`, then validate.
     let required = matches!(
         (route, &method),
         (Route::CartItems, _) | (Route::CartItem(_), &Method::PUT)
     );
-    let bytes =
-        request::read_body(&parts, body, app.config.server.max_body_bytes, required).await?;
+    let bytes = request::read_body(parts, body, app.config.server.max_body_bytes, required).await?;
     let if_match = request.if_match()?;
     let parsed = match route {
         Route::CartItems => ParsedWrite::Add(request::parse_json(&bytes)?),
@@ -214,7 +286,7 @@ async fn dispatch(
         ParsedWrite::Remove(item_id, _) => WriteKind::Remove { item_id, if_match },
         ParsedWrite::Clear(_) => WriteKind::Clear { if_match },
     };
-    write(app, &request, surface, &method, caller, &bytes, kind).await
+    write(app, request, surface, &method, caller, &bytes, kind).await
 }
 
 /// A write's body, parsed but not yet validated (so `user_id` is checked first).

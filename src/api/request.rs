@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::auth::Authenticator;
 use super::error::ApiError;
+use super::limits::Tier;
 use super::names;
 use crate::domain::cart::Quantity;
 use crate::domain::ids::{ItemId, SessionId, UserId};
@@ -73,6 +74,21 @@ impl<'a> RequestParts<'a> {
 
     pub fn path_and_query(&self) -> &'a str {
         self.path_and_query
+    }
+
+    /// Resolves the caller and its rate-limit tier.
+    pub fn authenticate_with_tier(&self, auth: &Authenticator) -> Result<(Caller, Tier), ApiError> {
+        if let Some(value) = self.headers.get(header::AUTHORIZATION) {
+            let token = bearer_token(value)?;
+            let verified = auth.verify(token)?;
+            let tier = if verified.service {
+                Tier::Service
+            } else {
+                Tier::User
+            };
+            return Ok((Caller::User(verified.user), tier));
+        }
+        self.authenticate(auth).map(|caller| (caller, Tier::Guest))
     }
 
     /// Resolves the caller. A present but bad credential is an error, never anonymous.
@@ -181,6 +197,22 @@ impl<'a> RequestParts<'a> {
         }
         Ok(value.to_str().ok())
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer_token(value: &http::HeaderValue) -> Result<&str, ApiError> {
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::Unauthenticated("authorization header is malformed"))?;
+    let (scheme, token) = value.split_once(' ').ok_or(ApiError::Unauthenticated(
+        "authorization must be a Bearer token",
+    ))?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(ApiError::Unauthenticated(
+            "authorization must be a Bearer token",
+        ));
+    }
+    Ok(token.trim())
 }
 
 fn parse_etag(tag: &str) -> Option<i64> {

@@ -78,7 +78,11 @@ fn spawn_connection(
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let service_app = app.clone();
-    let service = service_fn(move |request| api::handle(service_app.clone(), surface, request));
+    let peer_address = peer.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(api::Peer(peer_address));
+        api::handle(service_app.clone(), surface, request)
+    });
     let Some(acceptor) = tls.cloned() else {
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)

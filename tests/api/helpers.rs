@@ -233,6 +233,7 @@ pub fn test_config_text(dsn: &str, redis_url: &str, prefix: &str, overlay: &str)
          [[database.shards]]\nid = \"sg-1\"\nprimary = \"{dsn}\"\nreplica = \"{dsn}\"\n\
          [redis]\nurl = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\ntimeout = \"200ms\"\n\
          [cart]\ncatalog_cache_ttl = \"0s\"\n\
+         [rate_limit]\nenabled = false\n\
          [auth]\nissuer = \"cartedge-test\"\naudience = \"cartedge-api\"\nsession_secret = \"{SESSION_SECRET}\"\n\
          [[auth.keys]]\nkid = \"test\"\nalgorithm = \"HS256\"\nsecret = \"{JWT_SECRET}\"\n"
     );

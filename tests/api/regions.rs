@@ -99,6 +99,7 @@ fn edge_config(
          [forward]\ntimeout = \"{forward_timeout}\"\nconnect_timeout = \"300ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\nreplica_wait = \"250ms\"\nmax_replica_lag = \"2500ms\"\n\
          [redis]\nurl = \"{redis}\"\nkey_prefix = \"{redis_prefix}\"\ntimeout = \"200ms\"\n\
          [cart]\ncatalog_cache_ttl = \"0s\"\n\
+         [rate_limit]\nenabled = false\n\
          [auth]\nissuer = \"cartedge-test\"\naudience = \"cartedge-api\"\nsession_secret = \"{SESSION_SECRET}\"\n\
          [[auth.keys]]\nkid = \"test\"\nalgorithm = \"HS256\"\nsecret = \"{JWT_SECRET}\"\n\
          [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"\"\n",

@@ -1,0 +1,388 @@
+//! Edge rate limiting with governor: per cart owner (by tier and request class) and per client
+//! IP for requests without valid credentials.
+//!
+//! Memory stays bounded under a flood of distinct keys: a housekeeping task drops keys whose
+//! state is indistinguishable from fresh (`retain_recent`) and, past `rate_limit.max_keys`,
+//! clears a limiter outright (counted). The client IP is the socket peer, or the right-most
+//! address of `X-Forwarded-For` that is not a trusted proxy, when the peer is one.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use http::HeaderMap;
+use ipnet::IpNet;
+
+use crate::config::{QuotaConfig, RateLimitConfig};
+
+type Limiter<K> =
+    RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
+
+/// What a request costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    Read,
+    Write,
+    Checkout,
+}
+
+/// Who pays: tiers come from configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    User,
+    Guest,
+    /// Selected by the token claim `"tier": "service"` (load generators, internal jobs).
+    Service,
+}
+
+/// A named quota, for the `RateLimit-Policy` / `RateLimit` headers.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub burst: u32,
+    /// Seconds to refill the whole burst.
+    pub window_secs: u64,
+}
+
+/// The outcome of one check, carried into the response headers.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub policy: Arc<Policy>,
+    pub remaining: u32,
+    /// Seconds until a request would be admitted (0 when admitted).
+    pub retry_after_secs: u64,
+}
+
+impl Verdict {
+    pub fn admitted(&self) -> bool {
+        self.retry_after_secs == 0
+    }
+
+    /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers structured form).
+    pub fn policy_header(&self) -> String {
+        format!(
+            "\"{}\";q={};w={}",
+            self.policy.name, self.policy.burst, self.policy.window_secs
+        )
+    }
+
+    /// `RateLimit`: remaining quota and seconds until it resets.
+    pub fn limit_header(&self) -> String {
+        format!(
+            "\"{}\";r={};t={}",
+            self.policy.name, self.remaining, self.retry_after_secs
+        )
+    }
+}
+
+/// Sets `RateLimit-Policy` and `RateLimit` from a verdict.
+pub fn set_headers(headers: &mut HeaderMap, verdict: &Verdict) {
+    for (name, value) in [
+        ("ratelimit-policy", verdict.policy_header()),
+        ("ratelimit", verdict.limit_header()),
+    ] {
+        if let Ok(value) = http::HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+}
+
+struct Keyed<K: std::hash::Hash + Eq + Clone> {
+    /// Swapped for a fresh one when it holds too many keys.
+    limiter: ArcSwap<Limiter<K>>,
+    quota: Quota,
+    policy: Arc<Policy>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Keyed<K> {
+    fn new(name: &str, quota: &QuotaConfig) -> Keyed<K> {
+        let per_second = NonZeroU32::new(quota.per_second.max(1)).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(quota.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        let window_secs = (u64::from(burst.get()))
+            .div_ceil(u64::from(per_second.get()))
+            .max(1);
+        let quota = Quota::per_second(per_second).allow_burst(burst);
+        Keyed {
+            limiter: ArcSwap::from_pointee(Self::fresh(quota)),
+            quota,
+            policy: Arc::new(Policy {
+                name: name.to_string(),
+                burst: burst.get(),
+                window_secs,
+            }),
+        }
+    }
+
+    fn fresh(quota: Quota) -> Limiter<K> {
+        RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>()
+    }
+
+    fn len(&self) -> usize {
+        self.limiter.load().len()
+    }
+
+    /// Drops keys that are back to a fresh state; clears everything past `max` keys.
+    fn tidy(&self, max: usize) -> bool {
+        let limiter = self.limiter.load();
+        limiter.retain_recent();
+        if limiter.len() > max {
+            self.limiter.store(Arc::new(Self::fresh(self.quota)));
+            return true;
+        }
+        limiter.shrink_to_fit();
+        false
+    }
+
+    fn check(&self, key: &K) -> Verdict {
+        match self.limiter.load().check_key(key) {
+            Ok(state) => Verdict {
+                policy: self.policy.clone(),
+                remaining: state.remaining_burst_capacity(),
+                retry_after_secs: 0,
+            },
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                Verdict {
+                    policy: self.policy.clone(),
+                    remaining: 0,
+                    retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                }
+            }
+        }
+    }
+}
+
+pub struct RateLimits {
+    enabled: bool,
+    owners: HashMap<(Tier, Class), Keyed<String>>,
+    anonymous: Keyed<IpAddr>,
+    trusted_proxies: Vec<IpNet>,
+    max_keys: usize,
+    /// Times a limiter was cleared because it held more than `max_keys` keys.
+    pub overflows: AtomicU64,
+}
+
+impl RateLimits {
+    pub fn new(config: &RateLimitConfig) -> anyhow::Result<RateLimits> {
+        let mut owners = HashMap::new();
+        for (tier, tier_name, quotas) in [
+            (Tier::User, "user", &config.user),
+            (Tier::Guest, "guest", &config.guest),
+            (Tier::Service, "service", &config.service),
+        ] {
+            for (class, class_name, quota) in [
+                (Class::Read, "reads", &quotas.reads),
+                (Class::Write, "writes", &quotas.writes),
+                (Class::Checkout, "checkout", &quotas.checkout),
+            ] {
+                owners.insert(
+                    (tier, class),
+                    Keyed::new(&format!("{tier_name}-{class_name}"), quota),
+                );
+            }
+        }
+        let trusted_proxies = config
+            .trusted_proxies
+            .iter()
+            .map(|net| {
+                net.parse::<IpNet>()
+                    .map_err(|e| anyhow::anyhow!("rate_limit.trusted_proxies {net:?}: {e}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(RateLimits {
+            enabled: config.enabled,
+            owners,
+            anonymous: Keyed::new("anonymous", &config.anonymous),
+            trusted_proxies,
+            max_keys: config.max_keys,
+            overflows: AtomicU64::new(0),
+        })
+    }
+
+    /// Checks one request of `class` by owner `owner_key` in `tier`; None when limiting is off.
+    pub fn check_owner(&self, tier: Tier, class: Class, owner_key: &str) -> Option<Verdict> {
+        if !self.enabled {
+            return None;
+        }
+        let keyed = self.owners.get(&(tier, class))?;
+        Some(keyed.check(&owner_key.to_string()))
+    }
+
+    /// Checks one request from `ip` that carries no valid credentials.
+    pub fn check_ip(&self, ip: IpAddr) -> Option<Verdict> {
+        self.enabled.then(|| self.anonymous.check(&ip))
+    }
+
+    /// The client's address: the peer, or through trusted proxies the right-most untrusted
+    /// `X-Forwarded-For` entry.
+    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+        let mut ip = peer.ip();
+        if !self.is_trusted(ip) {
+            return ip;
+        }
+        let forwarded: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|entry| entry.trim().parse::<IpAddr>().ok())
+            .collect();
+        for candidate in forwarded.into_iter().rev() {
+            ip = candidate;
+            if !self.is_trusted(candidate) {
+                break;
+            }
+        }
+        ip
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Keys held across every limiter (a gauge).
+    pub fn live_keys(&self) -> usize {
+        self.owners.values().map(Keyed::len).sum::<usize>() + self.anonymous.len()
+    }
+
+    fn housekeeping(&self) {
+        let cleared = self
+            .owners
+            .values()
+            .map(|keyed| keyed.tidy(self.max_keys))
+            .chain([self.anonymous.tidy(self.max_keys)])
+            .filter(|cleared| *cleared)
+            .count();
+        if cleared > 0 {
+            self.overflows.fetch_add(cleared as u64, Ordering::Relaxed);
+            tracing::warn!(
+                cleared,
+                max_keys = self.max_keys,
+                "rate limiter key flood: limiters cleared"
+            );
+        }
+    }
+
+    /// Runs housekeeping every `period` for as long as the limits are alive.
+    pub fn spawn_housekeeping(self: &Arc<Self>, period: Duration) {
+        let limits = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let Some(limits) = limits.upgrade() else {
+                    return;
+                };
+                limits.housekeeping();
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TierQuotas;
+
+    fn quota(per_second: u32, burst: u32) -> QuotaConfig {
+        QuotaConfig { per_second, burst }
+    }
+
+    fn config() -> RateLimitConfig {
+        let tier = TierQuotas {
+            reads: quota(20, 40),
+            writes: quota(10, 20),
+            checkout: quota(1, 5),
+        };
+        RateLimitConfig {
+            enabled: true,
+            user: tier.clone(),
+            guest: tier.clone(),
+            service: TierQuotas {
+                reads: quota(100_000, 100_000),
+                writes: quota(100_000, 100_000),
+                checkout: quota(100_000, 100_000),
+            },
+            anonymous: quota(50, 100),
+            trusted_proxies: vec!["10.0.0.0/8".into()],
+            max_keys: 3,
+        }
+    }
+
+    #[test]
+    fn a_burst_is_admitted_then_refused_with_a_retry_time() {
+        let limits = RateLimits::new(&config()).unwrap();
+        for n in 0..20 {
+            let verdict = limits.check_owner(Tier::User, Class::Write, "u:a").unwrap();
+            assert!(verdict.admitted(), "request {n}");
+            assert_eq!(verdict.remaining, 19 - n);
+        }
+        let refused = limits.check_owner(Tier::User, Class::Write, "u:a").unwrap();
+        assert!(!refused.admitted());
+        assert!(refused.retry_after_secs >= 1);
+        assert_eq!(refused.policy_header(), "\"user-writes\";q=20;w=2");
+        // Another owner and another class are unaffected.
+        assert!(limits
+            .check_owner(Tier::User, Class::Write, "u:b")
+            .unwrap()
+            .admitted());
+        assert!(limits
+            .check_owner(Tier::User, Class::Read, "u:a")
+            .unwrap()
+            .admitted());
+        assert!(limits
+            .check_owner(Tier::Service, Class::Write, "u:a")
+            .unwrap()
+            .admitted());
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let limits = RateLimits::new(&config()).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            "203.0.113.9, 198.51.100.7, 10.1.2.3".parse().unwrap(),
+        );
+        let proxy: SocketAddr = "10.0.0.1:4000".parse().unwrap();
+        assert_eq!(
+            limits.client_ip(proxy, &headers),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        let stranger: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        assert_eq!(
+            limits.client_ip(stranger, &headers),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn housekeeping_bounds_the_number_of_keys() {
+        let limits = RateLimits::new(&config()).unwrap();
+        for n in 0..10 {
+            limits.check_ip(IpAddr::from([192, 0, 2, n]));
+        }
+        assert_eq!(limits.live_keys(), 10);
+        limits.housekeeping();
+        assert!(limits.live_keys() <= 3, "{}", limits.live_keys());
+        assert_eq!(limits.overflows.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn disabled_limits_check_nothing() {
+        let mut disabled = config();
+        disabled.enabled = false;
+        let limits = RateLimits::new(&disabled).unwrap();
+        assert!(limits.check_owner(Tier::User, Class::Read, "u:a").is_none());
+        assert!(limits.check_ip(IpAddr::from([192, 0, 2, 1])).is_none());
+    }
+}

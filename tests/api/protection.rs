@@ -1,0 +1,133 @@
+//! Edge protection: rate limits per owner, tier and class, and per client IP.
+
+use std::time::Duration;
+
+use crate::helpers::{h, TestApp, TestOptions};
+use http::StatusCode;
+
+async fn limited_app(extra: &str) -> TestApp {
+    TestApp::spawn_with(TestOptions {
+        overlay: format!("[rate_limit]\nenabled = true\n{extra}"),
+        ..TestOptions::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn writes_past_the_owners_burst_get_429_with_rate_limit_headers() {
+    // One write a second after a burst of 5: slow enough that no token comes back mid-test.
+    let app = limited_app("[rate_limit.user]\nwrites = { per_second = 1, burst = 5 }\n").await;
+    for n in 0..5 {
+        let response = app.add("alice", "sku-00001", 1).await;
+        assert_eq!(response.status, StatusCode::OK, "write {n}");
+        assert_eq!(
+            response.header("ratelimit-policy"),
+            Some("\"user-writes\";q=5;w=5")
+        );
+        assert_eq!(
+            response.header("ratelimit"),
+            Some(format!("\"user-writes\";r={};t=0", 4 - n).as_str())
+        );
+    }
+    let refused = app.add("alice", "sku-00001", 1).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.error_code(), "rate_limited");
+    let retry_after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!(retry_after >= 1);
+    assert!(refused.header("ratelimit-policy").is_some());
+    assert!(refused.header("ratelimit").unwrap().contains("r=0"));
+    // The refused write changed nothing; reads have their own quota; bob has his own.
+    let view = app.user("alice", "GET", "/api/v1/cart", None).await;
+    assert_eq!(view.status, StatusCode::OK);
+    assert_eq!(view.quantity_of("sku-00001"), 5);
+    assert_eq!(app.add("bob", "sku-00001", 1).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_service_tier_token_is_not_held_to_a_shoppers_quota() {
+    let app = limited_app("").await;
+    let token = cartedge::api::auth::issue_token_for_tier(
+        &app.config.auth,
+        "loadgen",
+        Duration::from_secs(600),
+        crate::helpers::now_unix(),
+        Some("service"),
+    )
+    .unwrap();
+    for _ in 0..60 {
+        let response = app
+            .send(
+                "GET",
+                "/api/v1/cart",
+                &[h("authorization", &format!("Bearer {token}"))],
+                None,
+            )
+            .await;
+        assert_eq!(response.status, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn requests_without_valid_credentials_are_limited_per_client_ip() {
+    let app = limited_app("anonymous = { per_second = 1, burst = 5 }\n").await;
+    for _ in 0..5 {
+        let forged = app
+            .send(
+                "GET",
+                "/api/v1/cart",
+                &[h("authorization", "Bearer forged")],
+                None,
+            )
+            .await;
+        assert_eq!(forged.status, StatusCode::UNAUTHORIZED);
+    }
+    let limited = app
+        .send(
+            "GET",
+            "/api/v1/cart",
+            &[h("authorization", "Bearer forged")],
+            None,
+        )
+        .await;
+    assert_eq!(
+        limited.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "guessing credentials is slowed down"
+    );
+    let anonymous = app.send("GET", "/api/v1/cart", &[], None).await;
+    assert_eq!(
+        anonymous.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "same IP, no credentials"
+    );
+    // A signed-in user from the same IP has their own quota.
+    assert_eq!(
+        app.user("alice", "GET", "/api/v1/cart", None).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_quota() {
+    let app = limited_app(
+        "anonymous = { per_second = 1, burst = 2 }\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+    )
+    .await;
+    for client in ["198.51.100.1", "198.51.100.2"] {
+        for _ in 0..2 {
+            let response = app
+                .send(
+                    "GET",
+                    "/api/v1/cart",
+                    &[h("x-forwarded-for", &format!("{client}, 127.0.0.1"))],
+                    None,
+                )
+                .await;
+            assert_eq!(response.status, StatusCode::OK, "{client}");
+        }
+        let third = app
+            .send("GET", "/api/v1/cart", &[h("x-forwarded-for", client)], None)
+            .await;
+        assert_eq!(third.status, StatusCode::TOO_MANY_REQUESTS, "{client}");
+    }
+}
