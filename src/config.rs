@@ -163,6 +163,18 @@ pub struct ServerConfig {
     pub drain_grace: Dur,
     /// How long in-flight connections may take to finish after the listener closes.
     pub drain_timeout: Dur,
+    /// Bound on receiving a request head, so slow or idle clients cannot hold connections.
+    pub header_read_timeout: Dur,
+    /// Most header fields in one request (431 past it).
+    pub max_headers: usize,
+    /// Largest request head in bytes (431 past it).
+    pub max_header_bytes: usize,
+    /// Open connections per listener; past it new ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may reset before being served (rapid-reset protection).
+    pub http2_max_pending_reset_streams: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -459,6 +471,15 @@ impl Config {
             if let Err(problem) = crate::api::auth::check_key_config(key) {
                 problems.push(format!("auth.keys[{index}] ({}): {problem}", key.kid));
             }
+        }
+        if self.server.max_headers == 0 || self.server.max_header_bytes < 1024 {
+            problems.push(
+                "server.max_headers must be at least 1 and server.max_header_bytes at least 1024"
+                    .into(),
+            );
+        }
+        if self.server.max_connections == 0 {
+            problems.push("server.max_connections must be at least 1".into());
         }
         if self.server.internal_listen.is_some() && !self.tls.is_configured() {
             problems.push(

@@ -16,11 +16,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::{self, Surface};
 use crate::app::App;
+use crate::config::ServerConfig;
 use crate::forward::tls;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
-
-/// Bound on reading a request head, so idle or slow clients cannot hold connections forever.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the public API on `listener` until `shutdown` resolves, then drains.
 pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
@@ -50,17 +49,20 @@ pub async fn run_admin(listener: TcpListener, app: Arc<App>, shutdown: impl Futu
     serve(listener, app, Surface::Admin, None, shutdown).await
 }
 
-fn builder() -> auto::Builder<TokioExecutor> {
+fn builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(64 * 1024);
+        .header_read_timeout(config.header_read_timeout.0)
+        .max_headers(config.max_headers)
+        .max_buf_size(config.max_header_bytes.max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(config.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(config.http2_max_pending_reset_streams)
+        .max_header_list_size(config.max_header_bytes as u32);
     builder
 }
 
@@ -74,6 +76,7 @@ fn spawn_connection(
     surface: Surface,
     tls: Option<&TlsAcceptor>,
     stream: TcpStream,
+    permit: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
@@ -92,6 +95,7 @@ fn spawn_connection(
             if let Err(error) = connection.await {
                 tracing::debug!(?peer, %error, "connection ended with an error");
             }
+            drop(permit);
         });
         return;
     };
@@ -129,6 +133,7 @@ fn spawn_connection(
         if let Err(error) = watcher.watch(connection).await {
             tracing::debug!(?peer, ?region, %error, "edge connection ended with an error");
         }
+        drop(permit);
     });
 }
 
@@ -139,13 +144,23 @@ async fn serve(
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let builder = builder();
+    let builder = builder(&app.config.server);
     let graceful = GracefulShutdown::new();
+    // A permit per open connection: at the cap the loop stops accepting, so a connection flood
+    // waits in the kernel's backlog instead of growing memory here.
+    let permits = Arc::new(Semaphore::new(app.config.server.max_connections));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => spawn_connection(&builder, &graceful, &app, surface, tls.as_ref(), stream),
+                Ok((stream, _)) => spawn_connection(&builder, &graceful, &app, surface, tls.as_ref(), stream, permit),
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(%error, "accept failed");
@@ -166,7 +181,10 @@ async fn serve(
             _ = &mut deadline => break,
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    spawn_connection(&builder, &graceful, &app, surface, tls.as_ref(), stream);
+                    // Past the cap during the grace period, refuse rather than queue.
+                    if let Ok(permit) = permits.clone().try_acquire_owned() {
+                        spawn_connection(&builder, &graceful, &app, surface, tls.as_ref(), stream, permit);
+                    }
                 }
             }
         }

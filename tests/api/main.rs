@@ -13,3 +13,4 @@ mod protection;
 mod regions;
 mod ring;
 mod shutdown;
+mod transport;
