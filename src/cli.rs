@@ -132,8 +132,9 @@ pub enum LocalCommand {
     LinkProxy {
         #[arg(long)]
         links: PathBuf,
+        /// Where to write the bound addresses (proxy.json).
         #[arg(long)]
-        control: std::net::SocketAddr,
+        state: PathBuf,
     },
 }
 
@@ -285,8 +286,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Local(LocalCommand::Heal { a, b, dir }) => {
             crate::local::steer(dir, "heal", a, b).await
         }
-        Command::Local(LocalCommand::LinkProxy { links, control }) => {
-            crate::local::run_link_proxy(links, *control).await
+        Command::Local(LocalCommand::LinkProxy { links, state }) => {
+            crate::local::run_link_proxy(links, state).await
         }
         Command::Ring(RingCommand::Locate { owner, ring }) => {
             if !(owner.starts_with("u:") || owner.starts_with("g:")) || owner.len() < 3 {

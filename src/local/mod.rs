@@ -333,34 +333,43 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             delay_ms: one_way_ms(region, home),
         });
     }
-    let control = SocketAddr::from(([127, 0, 0, 1], procs::free_port()?));
+    let proxy_state = dir.join("proxy.json");
+    let _ = std::fs::remove_file(&proxy_state);
     let (proxy_links, in_process_proxy) = if options.detach {
+        // The detached proxy binds its own ports (no race for "free" ones) and reports them in
+        // proxy.json once it listens.
         let spec_path = dir.join("links.json");
-        // Bind the ports here first so the detached proxy gets known addresses.
-        let mut resolved = Vec::new();
-        for mut link in links {
-            link.listen = SocketAddr::from(([127, 0, 0, 1], procs::free_port()?));
-            resolved.push(link);
-        }
-        std::fs::write(&spec_path, serde_json::to_vec_pretty(&resolved)?)?;
+        std::fs::write(&spec_path, serde_json::to_vec_pretty(&links)?)?;
         let log = std::fs::File::create(dir.join("link-proxy.log"))?;
         let mut command = Command::new(std::env::current_exe()?);
         command
             .args(["local", "link-proxy", "--links"])
             .arg(&spec_path)
-            .arg("--control")
-            .arg(control.to_string());
+            .arg("--state")
+            .arg(&proxy_state);
         let child = spawn_detached(command, log)?;
         pids.proxy.push(child);
         std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
-        wait_for_port(control, Duration::from_secs(10))
+        let state = wait_for_proxy_state(&proxy_state, child, Duration::from_secs(10))
             .await
-            .context("the link proxy did not start")?;
-        (resolved, None)
+            .with_context(|| {
+                format!(
+                    "the link proxy did not start; see {}",
+                    dir.join("link-proxy.log").display()
+                )
+            })?;
+        (state.links, None)
     } else {
         let proxy = Arc::new(LinkProxy::start(links).await?);
         let resolved = proxy.links();
-        let listener = tokio::net::TcpListener::bind(control).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        write_proxy_state(
+            &proxy_state,
+            &ProxyFile {
+                control: listener.local_addr()?,
+                links: resolved.clone(),
+            },
+        )?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(linkproxy::serve_control(
             proxy.clone(),
@@ -371,13 +380,6 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
         ));
         (resolved, Some((proxy, stop, task)))
     };
-    std::fs::write(
-        dir.join("proxy.json"),
-        serde_json::to_vec_pretty(&ProxyFile {
-            control,
-            links: proxy_links.clone(),
-        })?,
-    )?;
     let link_address = |name: &str| -> Result<SocketAddr> {
         proxy_links
             .iter()
@@ -595,13 +597,43 @@ fn spawn_detached(mut command: Command, log: std::fs::File) -> Result<u32> {
     Ok(command.spawn().context("starting a detached process")?.id())
 }
 
-/// Runs the link proxy of a detached cluster until SIGTERM (`cartedge local link-proxy`).
-pub async fn run_link_proxy(links: &Path, control: SocketAddr) -> Result<()> {
+/// Runs the link proxy of a detached cluster until SIGTERM (`cartedge local link-proxy`):
+/// binds every link and the control API, then writes where they listen to `state`.
+pub async fn run_link_proxy(links: &Path, state: &Path) -> Result<()> {
     let specs: Vec<LinkSpec> = serde_json::from_slice(&std::fs::read(links)?)?;
     let proxy = Arc::new(LinkProxy::start(specs).await?);
-    let listener = tokio::net::TcpListener::bind(control).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    write_proxy_state(
+        state,
+        &ProxyFile {
+            control: listener.local_addr()?,
+            links: proxy.links(),
+        },
+    )?;
     linkproxy::serve_control(proxy, listener, crate::server::shutdown_signal()).await;
     Ok(())
+}
+
+/// Writes proxy.json atomically (readers never see half a file).
+fn write_proxy_state(path: &Path, state: &ProxyFile) -> Result<()> {
+    let partial = path.with_extension("json.partial");
+    std::fs::write(&partial, serde_json::to_vec_pretty(state)?)?;
+    std::fs::rename(&partial, path)?;
+    Ok(())
+}
+
+async fn wait_for_proxy_state(path: &Path, pid: u32, limit: Duration) -> Result<ProxyFile> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(bytes) = std::fs::read(path) {
+            return Ok(serde_json::from_slice(&bytes)?);
+        }
+        if !is_alive(pid) {
+            bail!("the link proxy exited");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("no {} after {limit:?}", path.display())
 }
 
 /// Cuts (`partition`) or restores (`heal`) every link between two regions of a running local
@@ -639,17 +671,6 @@ async fn create_database(admin_dsn: &str, name: &str) -> Result<()> {
     drop(client);
     let _ = driver.await;
     Ok(())
-}
-
-async fn wait_for_port(address: SocketAddr, limit: Duration) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(address).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("{address} did not open within {limit:?}")
 }
 
 async fn wait_ready(admin: SocketAddr, limit: Duration) -> Result<()> {
