@@ -174,6 +174,9 @@ struct RegionPlan {
     edge: SocketAddr,
     admin: SocketAddr,
     internal: SocketAddr,
+    /// The internal listener, bound from the start so no other process takes its port while
+    /// the cluster comes up; handed to the edge (foreground) or released just before it starts.
+    internal_socket: std::sync::Mutex<Option<std::net::TcpListener>>,
 }
 
 async fn connect(dsn: &str) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
@@ -208,12 +211,14 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
     let plans: Vec<RegionPlan> = REGIONS
         .iter()
         .map(|(id, currency, offset)| -> Result<RegionPlan> {
+            let socket = std::net::TcpListener::bind(("127.0.0.1", 0))?;
             Ok(RegionPlan {
                 id,
                 currency,
                 edge: SocketAddr::from(([127, 0, 0, 1], options.edge_port + offset)),
                 admin: SocketAddr::from(([127, 0, 0, 1], options.admin_port + offset)),
-                internal: SocketAddr::from(([127, 0, 0, 1], procs::free_port()?)),
+                internal: socket.local_addr()?,
+                internal_socket: std::sync::Mutex::new(Some(socket)),
             })
         })
         .collect::<Result<_>>()?;
@@ -530,17 +535,25 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
                 command.arg("--defaults").arg(defaults);
             }
             command.arg("serve");
+            // Release the reserved internal port only now, a moment before the edge binds it.
+            if let Ok(mut socket) = plan.internal_socket.lock() {
+                socket.take();
+            }
             pids.edges.push(spawn_detached(command, log)?);
             std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
         }
         for plan in &plans {
+            let log = dir.join(format!("edge-{}.log", plan.id));
             wait_ready(plan.admin, Duration::from_secs(30))
                 .await
                 .with_context(|| {
+                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = tail.lines().rev().take(5).collect();
                     format!(
-                        "the {} edge did not become ready; see {}",
+                        "the {} edge did not become ready; last lines of {}:\n{}",
                         plan.id,
-                        dir.join(format!("edge-{}.log", plan.id)).display()
+                        log.display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                     )
                 })?;
         }
@@ -557,9 +570,16 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
 
     crate::telemetry::init(&loaded[0].log);
     let mut edges = Vec::new();
-    for config in loaded.iter() {
+    for (config, plan) in loaded.iter().zip(&plans) {
         let app = crate::app::App::new(config.clone())?;
-        let listeners = crate::cli::Listeners::bind(config).await?;
+        let reserved = plan.internal_socket.lock().ok().and_then(|mut s| s.take());
+        let mut public_config = config.clone();
+        public_config.server.internal_listen = None;
+        let mut listeners = crate::cli::Listeners::bind(&public_config).await?;
+        if let Some(socket) = reserved {
+            socket.set_nonblocking(true)?;
+            listeners.internal = Some(tokio::net::TcpListener::from_std(socket)?);
+        }
         edges.push(tokio::spawn(crate::cli::serve_bound(app, listeners)));
     }
     print_banner(&loaded, &dir);
