@@ -382,7 +382,7 @@ async fn view_cart(
     let min_version = request.min_version()?;
     let owner_key = owner.key();
     let placement = app.topology.ring.locate(owner_key.as_str());
-    let (mut cart, mut source) = app
+    let (mut cart, mut source, min_version) = app
         .store
         .load_cart(placement.shard, &owner_key, min_version)
         .await?;

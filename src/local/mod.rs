@@ -174,9 +174,10 @@ struct RegionPlan {
     edge: SocketAddr,
     admin: SocketAddr,
     internal: SocketAddr,
-    /// The internal listener, bound from the start so no other process takes its port while
-    /// the cluster comes up; handed to the edge (foreground) or released just before it starts.
-    internal_socket: std::sync::Mutex<Option<std::net::TcpListener>>,
+    /// The edge's public, admin and internal listeners, bound from the start so no other
+    /// process takes their ports while the cluster comes up; handed to the edge (foreground) or
+    /// released just before it starts (detached).
+    sockets: std::sync::Mutex<Option<[std::net::TcpListener; 3]>>,
 }
 
 async fn connect(dsn: &str) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
@@ -211,24 +212,24 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
     let plans: Vec<RegionPlan> = REGIONS
         .iter()
         .map(|(id, currency, offset)| -> Result<RegionPlan> {
-            let socket = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+            let bind = |port: u16| {
+                std::net::TcpListener::bind(("127.0.0.1", port)).with_context(|| {
+                    format!("127.0.0.1:{port} is taken; stop what uses it or pass --edge-port/--admin-port")
+                })
+            };
+            let edge = bind(options.edge_port + offset)?;
+            let admin = bind(options.admin_port + offset)?;
+            let internal = bind(0)?;
             Ok(RegionPlan {
                 id,
                 currency,
-                edge: SocketAddr::from(([127, 0, 0, 1], options.edge_port + offset)),
-                admin: SocketAddr::from(([127, 0, 0, 1], options.admin_port + offset)),
-                internal: socket.local_addr()?,
-                internal_socket: std::sync::Mutex::new(Some(socket)),
+                edge: edge.local_addr()?,
+                admin: admin.local_addr()?,
+                internal: internal.local_addr()?,
+                sockets: std::sync::Mutex::new(Some([edge, admin, internal])),
             })
         })
         .collect::<Result<_>>()?;
-    for plan in &plans {
-        for address in [plan.edge, plan.admin] {
-            if std::net::TcpListener::bind(address).is_err() {
-                bail!("{address} is taken; stop what uses it or pass --edge-port/--admin-port");
-            }
-        }
-    }
     eprintln!("cartedge: checking packages (postgresql, redis-server)…");
     tokio::task::spawn_blocking(procs::ensure_packages).await??;
     let lifetime = if options.detach {
@@ -535,9 +536,9 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
                 command.arg("--defaults").arg(defaults);
             }
             command.arg("serve");
-            // Release the reserved internal port only now, a moment before the edge binds it.
-            if let Ok(mut socket) = plan.internal_socket.lock() {
-                socket.take();
+            // Release the reserved ports only now, a moment before the edge binds them.
+            if let Ok(mut sockets) = plan.sockets.lock() {
+                sockets.take();
             }
             pids.edges.push(spawn_detached(command, log)?);
             std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
@@ -572,14 +573,21 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
     let mut edges = Vec::new();
     for (config, plan) in loaded.iter().zip(&plans) {
         let app = crate::app::App::new(config.clone())?;
-        let reserved = plan.internal_socket.lock().ok().and_then(|mut s| s.take());
-        let mut public_config = config.clone();
-        public_config.server.internal_listen = None;
-        let mut listeners = crate::cli::Listeners::bind(&public_config).await?;
-        if let Some(socket) = reserved {
+        let [edge, admin, internal] = plan
+            .sockets
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .context("the reserved listeners are gone")?;
+        let adopt = |socket: std::net::TcpListener| -> Result<tokio::net::TcpListener> {
             socket.set_nonblocking(true)?;
-            listeners.internal = Some(tokio::net::TcpListener::from_std(socket)?);
-        }
+            Ok(tokio::net::TcpListener::from_std(socket)?)
+        };
+        let listeners = crate::cli::Listeners {
+            public: adopt(edge)?,
+            admin: Some(adopt(admin)?),
+            internal: Some(adopt(internal)?),
+        };
         edges.push(tokio::spawn(crate::cli::serve_bound(app, listeners)));
     }
     print_banner(&loaded, &dir);

@@ -54,6 +54,14 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 "#;
 
+/// One cache lookup.
+#[derive(Debug, Default)]
+pub struct CacheRead {
+    pub cart: Option<StoredCart>,
+    /// The newest version the cache has seen for the owner (a fence or the cart's own).
+    pub newest_version: Option<i64>,
+}
+
 /// Cache counters for health and metrics.
 #[derive(Debug, Default)]
 pub struct CacheCounters {
@@ -123,33 +131,53 @@ impl Cache {
 
     /// The cached cart, if there is a trustworthy one.
     pub async fn get(&self, owner: &OwnerKey) -> Option<StoredCart> {
+        self.read(owner).await.cart
+    }
+
+    /// What the cache knows of an owner: a trustworthy cart, and the newest version it has
+    /// seen (a fence left by a write whose cart it does not hold is a read-your-writes hint).
+    pub async fn read(&self, owner: &OwnerKey) -> CacheRead {
         if self.distrust_all.load(Ordering::Acquire) || self.is_pending(owner.as_str()) {
-            return None;
+            return CacheRead::default();
         }
         let mut connection = self.connection.clone();
         let mut command = redis::cmd("HMGET");
-        command.arg(self.key(owner.as_str())).arg("v").arg("c");
-        let request = command.query_async::<(Option<i64>, Option<Vec<u8>>)>(&mut connection);
+        command
+            .arg(self.key(owner.as_str()))
+            .arg("v")
+            .arg("c")
+            .arg("f");
+        let request =
+            command.query_async::<(Option<i64>, Option<Vec<u8>>, Option<String>)>(&mut connection);
         match tokio::time::timeout(self.timeout, request).await {
-            Ok(Ok((Some(version), Some(body)))) => {
+            Ok(Ok((Some(version), Some(body), Some(format)))) if format == FORMAT => {
                 match serde_json::from_slice::<StoredCart>(&body) {
                     Ok(cart) if cart.version == version && cart.owner == owner.as_str() => {
-                        Some(cart)
+                        CacheRead {
+                            cart: Some(cart),
+                            newest_version: Some(version),
+                        }
                     }
                     _ => {
                         self.note_error("decode", &"cached cart does not decode");
-                        None
+                        CacheRead {
+                            cart: None,
+                            newest_version: Some(version),
+                        }
                     }
                 }
             }
-            Ok(Ok(_)) => None,
+            Ok(Ok((version, _, _))) => CacheRead {
+                cart: None,
+                newest_version: version,
+            },
             Ok(Err(error)) => {
                 self.note_error("get", &error);
-                None
+                CacheRead::default()
             }
             Err(_) => {
                 self.note_error("get", &"timed out");
-                None
+                CacheRead::default()
             }
         }
     }

@@ -290,22 +290,28 @@ impl Store {
     /// Reads a cart cache-aside: the cache, then the replica, then the primary when the
     /// replica is older than `min_version`. A database read refills the cache unless a newer
     /// version is already there (the version fence in [`Cache::fill`]).
+    ///
+    /// Returns the cart, where it came from, and the version the caller must not read below:
+    /// `min_version` raised to any newer version the cache has seen (a fence left by a write
+    /// through this region), so a reader who sent no version still sees writes made here.
     pub async fn load_cart(
         &self,
         shard: &str,
         owner: &OwnerKey,
         min_version: i64,
-    ) -> Result<(StoredCart, Source), StoreError> {
-        if let Some(cart) = self.cache.get(owner).await {
+    ) -> Result<(StoredCart, Source, i64), StoreError> {
+        let cached = self.cache.read(owner).await;
+        let min_version = min_version.max(cached.newest_version.unwrap_or(0));
+        if let Some(cart) = cached.cart {
             if cart.version >= min_version {
                 self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok((cart, Source::Cache));
+                return Ok((cart, Source::Cache, min_version));
             }
         }
         self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
         let (cart, source) = self.read_from_database(shard, owner, min_version).await?;
         self.cache.fill(&cart).await;
-        Ok((cart, source))
+        Ok((cart, source, min_version))
     }
 
     /// The database half of [`Store::load_cart`], without touching the cache. Outside the

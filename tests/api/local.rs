@@ -23,13 +23,13 @@ impl Drop for Cluster {
     }
 }
 
-/// A port `p` with `p`, `p + 1` and `p + 2` free on 127.0.0.1.
-fn three_free_ports() -> u16 {
-    for _ in 0..50 {
-        let base = free_port().unwrap();
-        if base < 65_000
-            && (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
-        {
+/// A port `p` with `p`, `p + 1` and `p + 2` free on 127.0.0.1, below Linux's ephemeral range
+/// (32768+) so no other test's outgoing connection takes one while the cluster comes up.
+fn three_free_ports(after: u16) -> u16 {
+    let start =
+        after.max(20_000 + (std::process::id() % 400) as u16 * 20 + (free_port().unwrap() % 10));
+    for base in (start..32_000).step_by(7) {
+        if (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
             return base;
         }
     }
@@ -81,7 +81,8 @@ async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
     std::fs::create_dir_all(&dir).unwrap();
     let cluster = Cluster { dir: dir.clone() };
     let dir_arg = dir.to_str().unwrap().to_string();
-    let (edge_port, admin_port) = (three_free_ports(), three_free_ports());
+    let edge_port = three_free_ports(0);
+    let admin_port = three_free_ports(edge_port + 3);
     let up = cli(&[
         "local",
         "up",
@@ -237,9 +238,9 @@ async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
         "--dir",
         &dir_arg,
         "--edge-port",
-        &three_free_ports().to_string(),
+        &three_free_ports(0).to_string(),
         "--admin-port",
-        &three_free_ports().to_string(),
+        &three_free_ports(edge_port + 3).to_string(),
     ]);
     assert!(
         !again.status.success(),

@@ -396,6 +396,25 @@ impl TwoRegions {
 async fn a_write_at_th_for_an_sg_user_is_forwarded_applied_once_and_read_back_with_its_version() {
     let regions = TwoRegions::start("2s").await;
     let user = regions.user_homed_in("sg", "rw");
+    // Another sg user's cart, written before th's replay pauses and read once at th.
+    let earlier = regions.user_homed_in("sg", "rw-earlier");
+    assert_eq!(
+        regions
+            .add(&regions.sg, &earlier, "sku-00003", 1, None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let mut replicated = false;
+    for _ in 0..100 {
+        let view = regions.get(&regions.th, &earlier, None).await;
+        if view.version() == 1 && view.header("cart-region") == Some("th") {
+            replicated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(replicated);
     regions.replica_sql("SELECT pg_wal_replay_pause()").await;
 
     let written = regions.add(&regions.th, &user, "sku-00001", 2, None).await;
@@ -422,28 +441,28 @@ async fn a_write_at_th_for_an_sg_user_is_forwarded_applied_once_and_read_back_wi
     );
     assert_eq!(regions.quantity_at_home(&user, "sku-00001").await, 2);
 
-    // Without the version, th may answer from its paused replica: older, never newer.
-    let stale = regions.get(&regions.th, &user, None).await;
-    assert_eq!(stale.status, StatusCode::OK);
-    assert_eq!(stale.version(), 0);
-    assert_eq!(stale.header("cart-region"), Some("th"));
-    // With it, th never answers older: the replica cannot replay, so it asks sg.
+    // With the returned version th never answers older: its replica cannot replay, so it asks sg.
     let fresh = regions.get(&regions.th, &user, Some(1)).await;
     assert_eq!(fresh.status, StatusCode::OK);
     assert_eq!(fresh.version(), 1);
     assert_eq!(fresh.quantity_of("sku-00001"), 2);
+    // Even without it: th fenced its cache at version 1 as the answer passed through, and the
+    // fence is a read-your-writes hint.
+    let hinted = regions.get(&regions.th, &user, None).await;
+    assert_eq!(hinted.version(), 1);
 
-    // While replay stays paused, the heartbeat shows th's replica falling behind, and reads
-    // served from it say so.
+    // Meanwhile the heartbeat shows th's replica falling behind, and carts served from it (the
+    // earlier user's) say so.
     let mut flagged = false;
     for _ in 0..100 {
-        let view = regions.get(&regions.th, &user, None).await;
+        let view = regions.get(&regions.th, &earlier, None).await;
         if view.json()["warnings"]
             .as_array()
             .unwrap()
             .iter()
             .any(|w| w["code"] == "stale_possible")
         {
+            assert_eq!(view.version(), 1);
             flagged = true;
             break;
         }
@@ -460,14 +479,17 @@ async fn a_write_at_th_for_an_sg_user_is_forwarded_applied_once_and_read_back_wi
             .unwrap()
             .iter()
             .any(|w| w["code"] == "stale_possible");
-        if view.version() == 1 && !warned {
+        if view.version() == 1 && !warned && view.header("cart-region") == Some("th") {
             assert_eq!(view.quantity_of("sku-00001"), 2);
             converged = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(converged, "th's replica converges after replay resumes");
+    assert!(
+        converged,
+        "after replay resumes th serves the cart itself again"
+    );
     let _ = regions.path();
 }
 
