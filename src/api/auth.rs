@@ -444,3 +444,205 @@ mod tests {
         assert_ne!(auth.issue_session(), auth.issue_session());
     }
 }
+
+/// RFC 8725 negative suite: every forged, malformed or misdirected token is refused.
+#[cfg(test)]
+mod negative {
+    use super::*;
+    use crate::config::{Dur, Secret};
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use serde_json::json;
+
+    const SECRET: &str = "negative-suite-secret-0123456789abcdef";
+
+    fn config() -> AuthConfig {
+        AuthConfig {
+            issuer: "iss-a".into(),
+            audience: "aud-a".into(),
+            leeway: Dur(Duration::from_secs(1)),
+            session_secret: Secret::new("s".repeat(32)),
+            keys: vec![JwtKeyConfig {
+                kid: "k1".into(),
+                algorithm: "HS256".into(),
+                secret: Secret::new(SECRET),
+                public_key_file: None,
+            }],
+        }
+    }
+
+    fn now() -> i64 {
+        jsonwebtoken::get_current_timestamp() as i64
+    }
+
+    /// Signs arbitrary header and claims JSON with HS256 and `key` (bypassing the library's
+    /// typed encoder so malformed claims can be built).
+    fn sign(header: serde_json::Value, claims: serde_json::Value, key: &[u8]) -> String {
+        let signing_input = format!(
+            "{}.{}",
+            B64.encode(header.to_string()),
+            B64.encode(claims.to_string())
+        );
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+        mac.update(signing_input.as_bytes());
+        format!(
+            "{signing_input}.{}",
+            B64.encode(mac.finalize().into_bytes())
+        )
+    }
+
+    fn good_claims() -> serde_json::Value {
+        json!({"sub": "alice", "exp": now() + 300, "iss": "iss-a", "aud": "aud-a"})
+    }
+
+    fn hs256() -> serde_json::Value {
+        json!({"alg": "HS256", "typ": "JWT", "kid": "k1"})
+    }
+
+    #[test]
+    fn the_reference_token_is_accepted() {
+        let auth = Authenticator::new(&config()).unwrap();
+        let token = sign(hs256(), good_claims(), SECRET.as_bytes());
+        assert_eq!(auth.verify_token(&token).unwrap().as_str(), "alice");
+    }
+
+    #[test]
+    fn every_forged_or_malformed_token_is_refused() {
+        let auth = Authenticator::new(&config()).unwrap();
+        let with = |change: &dyn Fn(&mut serde_json::Value)| {
+            let mut claims = good_claims();
+            change(&mut claims);
+            sign(hs256(), claims, SECRET.as_bytes())
+        };
+        let valid = sign(hs256(), good_claims(), SECRET.as_bytes());
+        let unsigned = format!(
+            "{}.{}.",
+            B64.encode(json!({"alg": "none", "kid": "k1"}).to_string()),
+            B64.encode(good_claims().to_string())
+        );
+        let cases: Vec<(&str, String)> = vec![
+            ("alg none", unsigned),
+            (
+                "alg none, HS256 signature",
+                sign(
+                    json!({"alg": "none", "kid": "k1"}),
+                    good_claims(),
+                    SECRET.as_bytes(),
+                ),
+            ),
+            (
+                "RS256 header on an HMAC signature",
+                sign(
+                    json!({"alg": "RS256", "kid": "k1"}),
+                    good_claims(),
+                    SECRET.as_bytes(),
+                ),
+            ),
+            (
+                "ES256 header",
+                sign(
+                    json!({"alg": "ES256", "kid": "k1"}),
+                    good_claims(),
+                    SECRET.as_bytes(),
+                ),
+            ),
+            (
+                "signed with another key",
+                sign(
+                    hs256(),
+                    good_claims(),
+                    b"another-secret-entirely-0123456789",
+                ),
+            ),
+            (
+                "signed with a public key as HMAC secret",
+                sign(
+                    hs256(),
+                    good_claims(),
+                    b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n",
+                ),
+            ),
+            ("wrong aud", with(&|c| c["aud"] = json!("aud-b"))),
+            (
+                "missing aud",
+                with(&|c| {
+                    c.as_object_mut().unwrap().remove("aud");
+                }),
+            ),
+            ("wrong iss", with(&|c| c["iss"] = json!("iss-b"))),
+            (
+                "missing iss",
+                with(&|c| {
+                    c.as_object_mut().unwrap().remove("iss");
+                }),
+            ),
+            (
+                "missing exp",
+                with(&|c| {
+                    c.as_object_mut().unwrap().remove("exp");
+                }),
+            ),
+            (
+                "expired beyond leeway",
+                with(&|c| c["exp"] = json!(now() - 30)),
+            ),
+            (
+                "nbf in the future",
+                with(&|c| c["nbf"] = json!(now() + 300)),
+            ),
+            (
+                "exp as a string",
+                with(&|c| c["exp"] = json!((now() + 300).to_string())),
+            ),
+            (
+                "nbf as a string",
+                with(&|c| c["nbf"] = json!(now().to_string())),
+            ),
+            (
+                "sub not a user id",
+                with(&|c| c["sub"] = json!("alice smith")),
+            ),
+            (
+                "missing sub",
+                with(&|c| {
+                    c.as_object_mut().unwrap().remove("sub");
+                }),
+            ),
+            (
+                "unknown kid",
+                sign(
+                    json!({"alg": "HS256", "kid": "k9"}),
+                    good_claims(),
+                    SECRET.as_bytes(),
+                ),
+            ),
+            ("truncated", valid[..valid.len() - 5].to_string()),
+            ("padded", format!("{valid}==")),
+            ("extra segment", format!("{valid}.x")),
+            ("garbage", "eyJhbGciOi.garbage.token".to_string()),
+            ("empty", String::new()),
+            (
+                "oversized",
+                format!("{valid}{}", "A".repeat(MAX_TOKEN_BYTES)),
+            ),
+        ];
+        for (name, token) in cases {
+            assert!(auth.verify_token(&token).is_err(), "{name} was accepted");
+        }
+    }
+
+    #[test]
+    fn a_valid_token_for_another_audience_is_refused_and_leeway_is_honoured() {
+        let auth = Authenticator::new(&config()).unwrap();
+        let mut elsewhere = config();
+        elsewhere.audience = "another-service".into();
+        let foreign =
+            issue_token(&elsewhere, "alice", Duration::from_secs(300), now() as u64).unwrap();
+        assert!(auth.verify_token(&foreign).is_err());
+        // Expired within the 1 s leeway: still accepted.
+        let mut claims = good_claims();
+        claims["exp"] = json!(now());
+        assert!(auth
+            .verify_token(&sign(hs256(), claims, SECRET.as_bytes()))
+            .is_ok());
+    }
+}

@@ -131,3 +131,74 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_quota() {
         assert_eq!(third.status, StatusCode::TOO_MANY_REQUESTS, "{client}");
     }
 }
+
+#[tokio::test]
+async fn the_authorization_matrix_never_shows_one_owner_another_owners_cart() {
+    let app = TestApp::spawn().await;
+    let guest = app
+        .send(
+            "POST",
+            "/api/v1/cart/items",
+            &[],
+            Some(r#"{"item_id":"sku-00002","quantity":1}"#),
+        )
+        .await
+        .header("cart-session")
+        .unwrap()
+        .to_string();
+    let forged_session = format!("{}A", &guest[..42]);
+    let identities: Vec<(&str, Vec<(String, String)>)> = vec![
+        ("owner", vec![app.bearer("alice")]),
+        ("another user", vec![app.bearer("bob")]),
+        ("guest", vec![h("cart-session", &guest)]),
+        ("no credentials", vec![]),
+        (
+            "forged bearer",
+            vec![h("authorization", "Bearer eyJhbGciOiJIUzI1NiJ9.e30.forged")],
+        ),
+        ("forged session", vec![h("cart-session", &forged_session)]),
+    ];
+    let routes: [(&str, &str, Option<&str>); 5] = [
+        ("GET", "/api/v1/cart", None),
+        (
+            "POST",
+            "/api/v1/cart/items",
+            Some(r#"{"item_id":"sku-00003","quantity":1}"#),
+        ),
+        (
+            "PUT",
+            "/api/v1/cart/items/sku-00001",
+            Some(r#"{"quantity":7}"#),
+        ),
+        ("DELETE", "/api/v1/cart/items/sku-00001", None),
+        ("DELETE", "/api/v1/cart", None),
+    ];
+    for (who, headers) in &identities {
+        for (method, path, body) in routes {
+            // Alice always holds sku-00001 before each request.
+            app.add("alice", "sku-00001", 1).await;
+            let response = app.send(method, path, headers, body).await;
+            let expected = match (*who, method, path) {
+                ("forged bearer" | "forged session", _, _) => StatusCode::UNAUTHORIZED,
+                ("owner", _, _) => StatusCode::OK,
+                (_, "PUT", _) | (_, "DELETE", "/api/v1/cart/items/sku-00001") => {
+                    StatusCode::NOT_FOUND
+                }
+                _ => StatusCode::OK,
+            };
+            assert_eq!(response.status, expected, "{who}: {method} {path}");
+            let text = String::from_utf8_lossy(&response.body);
+            if *who != "owner" {
+                assert!(
+                    !text.contains("u:alice"),
+                    "{who}: {method} {path} leaked alice's cart: {text}"
+                );
+            }
+        }
+    }
+    // Nobody but alice touched alice's cart: her last action was the owner's DELETE of the cart,
+    // then one add per later request.
+    let alice = app.user("alice", "GET", "/api/v1/cart", None).await;
+    assert_eq!(alice.quantity_of("sku-00003"), 0);
+    assert_eq!(alice.json()["items"].as_array().unwrap().len(), 1);
+}
