@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::mpsc;
 
@@ -24,7 +25,8 @@ const LIMITS_HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(10);
 /// Everything a request needs, shared by all connections.
 pub struct App {
     pub config: Config,
-    pub auth: Authenticator,
+    /// Swapped whole by [`App::reload`] (key rotation).
+    pub auth: ArcSwap<Authenticator>,
     pub store: Arc<Store>,
     /// The ring and every region.
     pub topology: Topology,
@@ -38,8 +40,8 @@ pub struct App {
     pub internal_tls: Option<Arc<rustls::ServerConfig>>,
     /// Cross-region cache invalidations to send after local commits.
     invalidations: Option<mpsc::Sender<(String, i64)>>,
-    /// Edge rate limits.
-    pub limits: Arc<RateLimits>,
+    /// Edge rate limits; swapped whole by [`App::reload`].
+    pub limits: ArcSwap<RateLimits>,
     /// Requests refused because the sender's ring differs from ours.
     pub topology_mismatches: AtomicU64,
     /// Invalidations dropped because the queue was full.
@@ -98,9 +100,9 @@ impl App {
         let limits = Arc::new(RateLimits::new(&config.rate_limit)?);
         limits.spawn_housekeeping(LIMITS_HOUSEKEEPING_PERIOD);
         Ok(Arc::new(App {
-            limits,
+            limits: ArcSwap::new(limits),
             config,
-            auth,
+            auth: ArcSwap::from_pointee(auth),
             store,
             topology,
             region_header,
@@ -112,6 +114,19 @@ impl App {
             invalidations_dropped: AtomicU64::new(0),
             draining: AtomicBool::new(false),
         }))
+    }
+
+    /// Applies what may change without a restart: verification keys (rotation), token
+    /// settings and rate-limit quotas and tiers. Everything else in `config` is ignored until a
+    /// restart. Both parts are built first, so a bad file changes nothing.
+    pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
+        let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+        let limits = Arc::new(RateLimits::new(&config.rate_limit)?);
+        limits.spawn_housekeeping(LIMITS_HOUSEKEEPING_PERIOD);
+        self.auth.store(Arc::new(auth));
+        self.limits.store(limits);
+        tracing::info!("keys and rate limits reloaded");
+        Ok(())
     }
 
     /// Queues a committed version for the other regions' caches; never waits.

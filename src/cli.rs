@@ -147,6 +147,10 @@ impl Cli {
     }
 
     fn load_config(&self) -> Result<Config> {
+        Ok(Config::load(&self.sources()?, std::env::vars())?)
+    }
+
+    fn sources(&self) -> Result<Sources> {
         let region = match &self.config {
             Some(path) => path.clone(),
             None => {
@@ -157,8 +161,7 @@ impl Cli {
                 local
             }
         };
-        let sources = Sources::new(self.defaults(), Some(region));
-        Ok(Config::load(&sources, std::env::vars())?)
+        Ok(Sources::new(self.defaults(), Some(region)))
     }
 }
 
@@ -170,6 +173,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             crate::telemetry::init(&config.log);
             let app = App::new(config.clone())?;
             let listeners = Listeners::bind(&config).await?;
+            reload_on_sighup(app.clone(), cli.sources()?);
             tracing::info!(region = %config.region.id, listen = %config.server.listen, "edge serving");
             serve_bound(app, listeners).await;
             Ok(())
@@ -436,6 +440,27 @@ pub fn read_catalog_csv(path: &Path) -> Result<Vec<ImportRow>> {
         });
     }
     Ok(rows)
+}
+
+/// On SIGHUP, re-reads the configuration and applies what may change without a restart
+/// (keys, rate limits); a configuration that does not load is logged and changes nothing.
+pub fn reload_on_sighup(app: Arc<App>, sources: Sources) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            let outcome = Config::load(&sources, std::env::vars())
+                .map_err(anyhow::Error::from)
+                .and_then(|config| app.reload(&config));
+            if let Err(error) = outcome {
+                tracing::error!(error = %format!("{error:#}"), "reload refused; keeping the running configuration");
+            }
+        }
+    });
 }
 
 /// Serves already-bound listeners until SIGTERM/Ctrl-C.

@@ -190,20 +190,21 @@ async fn dispatch(
     };
     // Edge-to-edge requests were limited where they entered.
     let limited = surface == Surface::Public;
+    let limits = app.limits.load();
+    let auth = app.auth.load();
     let client_ip = || {
         let peer = parts
             .extensions
             .get::<Peer>()
             .map(|p| p.0)
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        app.limits.client_ip(peer, &parts.headers)
+        limits.client_ip(peer, &parts.headers)
     };
-    let (caller, tier) = match request.authenticate_with_tier(&app.auth) {
+    let (caller, tier) = match request.authenticate_with_tier(&auth) {
         Ok(found) => found,
         Err(error) => {
             // Failed credentials are limited per client IP, so guessing is slow.
-            if let Some(verdict) = app
-                .limits
+            if let Some(verdict) = limits
                 .check_ip(client_ip())
                 .filter(|v| limited && !v.admitted())
             {
@@ -216,14 +217,10 @@ async fn dispatch(
         None
     } else {
         match &caller {
-            Caller::Anonymous => app.limits.check_ip(client_ip()),
-            Caller::User(user) => {
-                app.limits
-                    .check_owner(tier, class, &format!("u:{}", user.as_str()))
-            }
+            Caller::Anonymous => limits.check_ip(client_ip()),
+            Caller::User(user) => limits.check_owner(tier, class, &format!("u:{}", user.as_str())),
             Caller::Guest(session) => {
-                app.limits
-                    .check_owner(tier, class, &format!("g:{}", session.as_str()))
+                limits.check_owner(tier, class, &format!("g:{}", session.as_str()))
             }
         }
     };
@@ -737,7 +734,7 @@ async fn write(
         Caller::User(user) => (Owner::User(user), None),
         Caller::Guest(session) => (Owner::Guest(session), None),
         Caller::Anonymous => {
-            let session = app.auth.issue_session();
+            let session = app.auth.load().issue_session();
             (Owner::Guest(session.clone()), Some(session))
         }
     };

@@ -588,6 +588,8 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             admin: Some(adopt(admin)?),
             internal: Some(adopt(internal)?),
         };
+        let sources = Sources::new(options.defaults.clone(), Some(region_file(&dir, plan.id)));
+        crate::cli::reload_on_sighup(app.clone(), sources);
         edges.push(tokio::spawn(crate::cli::serve_bound(app, listeners)));
     }
     print_banner(&loaded, &dir);

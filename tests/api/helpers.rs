@@ -361,6 +361,17 @@ impl TestApp {
         }
     }
 
+    /// With a given bearer token.
+    pub async fn user_with_token(&self, token: &str, method: &str, path: &str) -> TestResponse {
+        self.send(
+            method,
+            path,
+            &[h("authorization", &format!("Bearer {token}"))],
+            None,
+        )
+        .await
+    }
+
     /// As user `sub`.
     pub async fn user(
         &self,

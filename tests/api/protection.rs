@@ -202,3 +202,77 @@ async fn the_authorization_matrix_never_shows_one_owner_another_owners_cart() {
     assert_eq!(alice.quantity_of("sku-00003"), 0);
     assert_eq!(alice.json()["items"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_reload_applies_new_quotas_and_rotated_keys_without_a_restart() {
+    let app = limited_app("[rate_limit.user]\nwrites = { per_second = 1, burst = 2 }\n").await;
+    for _ in 0..2 {
+        assert_eq!(
+            app.add("alice", "sku-00001", 1).await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        app.add("alice", "sku-00001", 1).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let old_token = app.token("alice");
+
+    // New quotas, and the signing key rotated to a new kid and secret.
+    let rotated = crate::helpers::test_config(
+        &app.dsn,
+        app.config.redis.url.expose(),
+        &app.config.redis.key_prefix,
+        "[rate_limit]\nenabled = true\n[rate_limit.user]\nwrites = { per_second = 1, burst = 50 }\n\
+         [[auth.keys]]\nkid = \"rotated\"\nalgorithm = \"HS256\"\nsecret = \"rotated-secret-0123456789abcdef0123\"\n",
+    );
+    app.app.reload(&rotated).unwrap();
+    let new_token = cartedge::api::auth::issue_token(
+        &rotated.auth,
+        "alice",
+        Duration::from_secs(600),
+        crate::helpers::now_unix(),
+    )
+    .unwrap();
+    let with_new = app
+        .send(
+            "POST",
+            "/api/v1/cart/items",
+            &[h("authorization", &format!("Bearer {new_token}"))],
+            Some(r#"{"item_id":"sku-00001","quantity":1}"#),
+        )
+        .await;
+    assert_eq!(
+        with_new.status,
+        StatusCode::OK,
+        "the new key and the new quota apply"
+    );
+    assert_eq!(
+        with_new.header("ratelimit-policy"),
+        Some("\"user-writes\";q=50;w=50")
+    );
+    let with_old = app
+        .send(
+            "GET",
+            "/api/v1/cart",
+            &[h("authorization", &format!("Bearer {old_token}"))],
+            None,
+        )
+        .await;
+    assert_eq!(
+        with_old.status,
+        StatusCode::UNAUTHORIZED,
+        "the retired key is gone"
+    );
+
+    // A configuration that does not load changes nothing.
+    let mut broken = rotated.clone();
+    broken.auth.keys[0].secret = cartedge::config::Secret::new("short");
+    assert!(app.app.reload(&broken).is_err());
+    assert_eq!(
+        app.user_with_token(&new_token, "GET", "/api/v1/cart")
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
