@@ -308,7 +308,8 @@ mod tests {
     use super::*;
     use crate::config::{Dur, Secret};
 
-    fn config() -> AuthConfig {
+    /// Issuer `iss-a`, audience `aud-a`, 1 s leeway, one HS256 key `k1` with `secret`.
+    pub(super) fn config_with_secret(secret: &str) -> AuthConfig {
         AuthConfig {
             issuer: "iss-a".into(),
             audience: "aud-a".into(),
@@ -317,10 +318,14 @@ mod tests {
             keys: vec![JwtKeyConfig {
                 kid: "k1".into(),
                 algorithm: "HS256".into(),
-                secret: Secret::new("k".repeat(32)),
+                secret: Secret::new(secret),
                 public_key_file: None,
             }],
         }
+    }
+
+    fn config() -> AuthConfig {
+        config_with_secret(&"k".repeat(32))
     }
 
     fn now() -> u64 {
@@ -449,25 +454,13 @@ mod tests {
 #[cfg(test)]
 mod negative {
     use super::*;
-    use crate::config::{Dur, Secret};
     use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
     use serde_json::json;
 
     const SECRET: &str = "negative-suite-secret-0123456789abcdef";
 
     fn config() -> AuthConfig {
-        AuthConfig {
-            issuer: "iss-a".into(),
-            audience: "aud-a".into(),
-            leeway: Dur(Duration::from_secs(1)),
-            session_secret: Secret::new("s".repeat(32)),
-            keys: vec![JwtKeyConfig {
-                kid: "k1".into(),
-                algorithm: "HS256".into(),
-                secret: Secret::new(SECRET),
-                public_key_file: None,
-            }],
-        }
+        super::tests::config_with_secret(SECRET)
     }
 
     fn now() -> i64 {

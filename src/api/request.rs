@@ -94,18 +94,7 @@ impl<'a> RequestParts<'a> {
     /// Resolves the caller. A present but bad credential is an error, never anonymous.
     pub fn authenticate(&self, auth: &Authenticator) -> Result<Caller, ApiError> {
         if let Some(value) = self.headers.get(header::AUTHORIZATION) {
-            let value = value
-                .to_str()
-                .map_err(|_| ApiError::Unauthenticated("authorization header is malformed"))?;
-            let (scheme, token) = value.split_once(' ').ok_or(ApiError::Unauthenticated(
-                "authorization must be a Bearer token",
-            ))?;
-            if !scheme.eq_ignore_ascii_case("bearer") {
-                return Err(ApiError::Unauthenticated(
-                    "authorization must be a Bearer token",
-                ));
-            }
-            return auth.verify_token(token.trim()).map(Caller::User);
+            return auth.verify_token(bearer_token(value)?).map(Caller::User);
         }
         let presented = match header_str(self.headers, names::CART_SESSION) {
             Ok(Some(value)) => Some(value),
