@@ -9,6 +9,7 @@ mod helpers;
 mod idempotency;
 mod layering;
 mod local;
+mod openapi;
 mod protection;
 mod regions;
 mod ring;

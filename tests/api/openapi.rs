@@ -1,0 +1,129 @@
+//! The OpenAPI document (`openapi.json`) is kept true: its paths are the router's, its schemas'
+//! fields are what real responses carry, and its error codes are the edge's.
+
+use std::collections::BTreeSet;
+
+use crate::helpers::{h, TestApp};
+use cartedge::api::error::ApiError;
+use cartedge::domain::cart::CartRule;
+use cartedge::domain::money::{Currency, Money};
+use serde_json::Value;
+
+fn document() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn properties(document: &Value, schema: &str) -> BTreeSet<String> {
+    document["components"]["schemas"][schema]["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn keys(value: &Value) -> BTreeSet<String> {
+    value.as_object().unwrap().keys().cloned().collect()
+}
+
+#[test]
+fn every_documented_path_is_routed() {
+    let document = document();
+    assert_eq!(document["openapi"], "3.1.0");
+    for path in document["paths"].as_object().unwrap().keys() {
+        let concrete = path.replace("{item_id}", "sku-00001");
+        assert!(
+            cartedge::api::route_name(&concrete).is_some(),
+            "{path} is not routed"
+        );
+        let seed = concrete.trim_start_matches("/api/v1");
+        assert!(
+            cartedge::api::route_name(seed).is_some(),
+            "{seed} is not routed"
+        );
+    }
+}
+
+#[test]
+fn the_documented_error_codes_are_exactly_the_edges() {
+    let sgd = Currency::parse("SGD").unwrap();
+    let errors = [
+        ApiError::InvalidRequest(String::new()),
+        ApiError::Unauthenticated(""),
+        ApiError::InvalidSession,
+        ApiError::Forbidden(""),
+        ApiError::NotFound,
+        ApiError::MethodNotAllowed { allow: "GET" },
+        ApiError::PayloadTooLarge { limit: 1 },
+        ApiError::UnsupportedMediaType,
+        ApiError::Rule(CartRule::UnknownItem),
+        ApiError::Rule(CartRule::CurrencyMismatch { cart: sgd }),
+        ApiError::Rule(CartRule::PriceMismatch {
+            current: Money::new(1, sgd),
+        }),
+        ApiError::Rule(CartRule::OutOfStock),
+        ApiError::Rule(CartRule::QuantityLimit {
+            current: 1,
+            requested: 1,
+        }),
+        ApiError::Rule(CartRule::CartFull { max_lines: 1 }),
+        ApiError::Rule(CartRule::ItemNotInCart),
+        ApiError::Rule(CartRule::VersionMismatch { current: 1 }),
+        ApiError::RequestInProgress,
+        ApiError::IdempotencyKeyReused,
+        ApiError::Misdirected,
+        ApiError::HomeRegionUnavailable {
+            retry_after_secs: 1,
+            idempotency_key: None,
+        },
+        ApiError::TopologyMismatch,
+        ApiError::Unavailable {
+            retry_after_secs: 1,
+            cause: String::new(),
+        },
+        ApiError::Internal(String::new()),
+    ];
+    let mut edge: BTreeSet<String> = errors.iter().map(|e| e.code().to_string()).collect();
+    edge.insert("rate_limited".into());
+    let documented: BTreeSet<String> = document()["components"]["schemas"]["Error"]["properties"]
+        ["error"]["properties"]["code"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(documented, edge);
+}
+
+#[tokio::test]
+async fn real_responses_carry_exactly_the_documented_fields() {
+    let document = document();
+    let app = TestApp::spawn().await;
+    let body = r#"{"item_id":"sku-00001","quantity":2,"variant":{"size":"M"}}"#;
+    let cart = app
+        .user("alice", "POST", "/api/v1/cart/items", Some(body))
+        .await
+        .json();
+    assert_eq!(keys(&cart), properties(&document, "Cart"));
+    assert_eq!(keys(&cart["items"][0]), properties(&document, "Line"));
+    assert_eq!(keys(&cart["total_price"]), properties(&document, "Money"));
+    let low = app.add("alice", "sku-low", 5).await.json();
+    let warning_keys = keys(&low["warnings"][0]);
+    assert!(
+        warning_keys.is_subset(&properties(&document, "Warning")),
+        "{warning_keys:?}"
+    );
+    let error = app
+        .send(
+            "POST",
+            "/api/v1/cart/items",
+            &[app.bearer("alice"), h("content-type", "application/json")],
+            Some("{"),
+        )
+        .await
+        .json();
+    assert_eq!(keys(&error), properties(&document, "Error"));
+    let health = app.send("GET", "/health", &[], None).await.json();
+    assert_eq!(keys(&health), properties(&document, "Health"));
+}
