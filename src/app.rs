@@ -150,11 +150,6 @@ impl App {
         self.draining.store(true, Ordering::Release);
     }
 
-    /// The shard an owner's cart lives on.
-    pub fn shard_of(&self, owner: &OwnerKey) -> &str {
-        self.topology.ring.locate(owner.as_str()).shard
-    }
-
     /// Headers every response carries.
     pub fn decorate(&self, headers: &mut HeaderMap) {
         headers.insert(

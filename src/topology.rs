@@ -232,11 +232,6 @@ impl Topology {
             Err(ConfigError::Invalid(problems))
         }
     }
-
-    /// Whether `shard` is homed in this edge's region.
-    pub fn is_home(&self, shard_home: &str) -> bool {
-        shard_home == self.region
-    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,19 @@ async fn redis_command(url: &str, args: &[&str]) -> redis::Value {
     command.query_async(&mut connection).await.unwrap()
 }
 
+/// An edge on its own Redis, where alice's one-line cart (version 1) is served from the cache.
+async fn app_with_a_cached_cart(redis_url: &str) -> TestApp {
+    let app = TestApp::spawn_with(TestOptions {
+        redis_url: Some(redis_url.to_string()),
+        overlay: String::new(),
+    })
+    .await;
+    app.add("alice", "sku-00001", 1).await;
+    let view = app.user("alice", "GET", "/api/v1/cart", None).await;
+    assert_eq!(view.header("cart-source"), Some("cache"));
+    app
+}
+
 #[tokio::test]
 async fn a_slow_reader_cannot_fill_the_cache_with_a_cart_older_than_a_committed_write() {
     let app = TestApp::spawn().await;
@@ -78,18 +91,7 @@ async fn the_race_is_harmless_even_when_the_writer_finds_the_cache_empty() {
 #[tokio::test]
 async fn reads_come_from_postgres_while_redis_is_stopped_and_no_stale_cart_after_restart() {
     let mut redis = private_redis("stopped");
-    let app = TestApp::spawn_with(TestOptions {
-        redis_url: Some(redis.url()),
-        overlay: String::new(),
-    })
-    .await;
-    app.add("alice", "sku-00001", 1).await;
-    assert_eq!(
-        app.user("alice", "GET", "/api/v1/cart", None)
-            .await
-            .header("cart-source"),
-        Some("cache")
-    );
+    let app = app_with_a_cached_cart(&redis.url()).await;
 
     redis.stop();
     let during = app.user("alice", "GET", "/api/v1/cart", None).await;
@@ -131,18 +133,7 @@ async fn reads_come_from_postgres_while_redis_is_stopped_and_no_stale_cart_after
 async fn a_write_whose_cache_update_failed_is_never_shadowed_by_the_older_cached_cart() {
     let redis = private_redis("oom");
     let url = redis.url();
-    let app = TestApp::spawn_with(TestOptions {
-        redis_url: Some(url.clone()),
-        overlay: String::new(),
-    })
-    .await;
-    app.add("alice", "sku-00001", 1).await;
-    assert_eq!(
-        app.user("alice", "GET", "/api/v1/cart", None)
-            .await
-            .header("cart-source"),
-        Some("cache")
-    );
+    let app = app_with_a_cached_cart(&url).await;
     // Redis keeps answering reads but refuses every write: the post-write update fails while
     // the old version 1 stays readable.
     redis_command(&url, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]).await;

@@ -55,14 +55,7 @@ async fn a_service_tier_token_is_not_held_to_a_shoppers_quota() {
     )
     .unwrap();
     for _ in 0..60 {
-        let response = app
-            .send(
-                "GET",
-                "/api/v1/cart",
-                &[h("authorization", &format!("Bearer {token}"))],
-                None,
-            )
-            .await;
+        let response = app.user_with_token(&token, "GET", "/api/v1/cart").await;
         assert_eq!(response.status, StatusCode::OK);
     }
 }
