@@ -46,7 +46,25 @@ pub struct App {
     pub topology_mismatches: AtomicU64,
     /// Invalidations dropped because the queue was full.
     pub invalidations_dropped: AtomicU64,
+    /// What the janitor and the outbox relay did since start.
+    pub lifecycle: LifecycleCounters,
     draining: AtomicBool,
+}
+
+/// Counters of the background lifecycle work, exported on the admin `/metrics`.
+#[derive(Debug, Default)]
+pub struct LifecycleCounters {
+    pub janitor_passes: AtomicU64,
+    pub janitor_failures: AtomicU64,
+    pub janitor_skipped_shards: AtomicU64,
+    pub carts_purged: AtomicU64,
+    pub tombstones_deleted: AtomicU64,
+    pub idempotency_keys_purged: AtomicU64,
+    pub merge_records_purged: AtomicU64,
+    pub reservations_released: AtomicU64,
+    pub orders_expired: AtomicU64,
+    pub events_published: AtomicU64,
+    pub relay_failures: AtomicU64,
 }
 
 impl App {
@@ -112,8 +130,158 @@ impl App {
             invalidations,
             topology_mismatches: AtomicU64::new(0),
             invalidations_dropped: AtomicU64::new(0),
+            lifecycle: LifecycleCounters::default(),
             draining: AtomicBool::new(false),
         }))
+        .map(|app| {
+            app.spawn_background();
+            app
+        })
+    }
+
+    /// Starts the outbox relay (per shard homed here) and the janitor, as configured. They end
+    /// when the app is dropped.
+    fn spawn_background(self: &Arc<Self>) {
+        if self.config.events.relay {
+            for shard in self.store.home_shards() {
+                let app = Arc::downgrade(self);
+                tokio::spawn(async move {
+                    loop {
+                        let Some(app) = app.upgrade() else { return };
+                        let pause = match app.relay_once(&shard).await {
+                            Ok(published) if published as i64 >= app.config.events.batch => {
+                                Duration::ZERO
+                            }
+                            _ => app.config.events.interval.0,
+                        };
+                        drop(app);
+                        tokio::time::sleep(pause).await;
+                    }
+                });
+            }
+        }
+        if self.config.janitor.enabled {
+            let app = Arc::downgrade(self);
+            let period = self.config.janitor.interval.0;
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(period);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                ticker.tick().await;
+                loop {
+                    ticker.tick().await;
+                    let Some(app) = app.upgrade() else { return };
+                    let _ = app.janitor_once().await;
+                }
+            });
+        }
+    }
+
+    /// Publishes one batch of a shard's outbox; returns how many events went out.
+    pub async fn relay_once(&self, shard: &str) -> Result<u64, crate::store::StoreError> {
+        let events = &self.config.events;
+        match crate::store::events::relay_once(
+            &self.store,
+            shard,
+            &events.stream,
+            events.max_len,
+            events.batch,
+        )
+        .await
+        {
+            Ok(pass) => {
+                self.lifecycle
+                    .events_published
+                    .fetch_add(pass.published, Ordering::Relaxed);
+                Ok(pass.published)
+            }
+            Err(error) => {
+                self.lifecycle.relay_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%shard, %error, "outbox relay pass failed; events stay in the outbox");
+                Err(error)
+            }
+        }
+    }
+
+    /// One janitor pass (see `store::janitor`), with caches updated for purged carts, counters
+    /// and a log line.
+    pub async fn janitor_once(
+        &self,
+    ) -> Result<crate::store::janitor::JanitorReport, crate::store::StoreError> {
+        let c = &self.lifecycle;
+        c.janitor_passes.fetch_add(1, Ordering::Relaxed);
+        let (report, purged) = match crate::store::janitor::run_once(&self.store, &self.config)
+            .await
+        {
+            Ok(done) => done,
+            Err(error) => {
+                c.janitor_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "janitor pass failed");
+                return Err(error);
+            }
+        };
+        for cart in &purged {
+            self.store.cache.store_committed(cart).await;
+            self.invalidate_elsewhere(&OwnerKey::from_stored(cart.owner.clone()), cart.version);
+        }
+        c.janitor_skipped_shards
+            .fetch_add(report.skipped.len() as u64, Ordering::Relaxed);
+        c.carts_purged
+            .fetch_add(report.carts_purged, Ordering::Relaxed);
+        c.tombstones_deleted
+            .fetch_add(report.tombstones_deleted, Ordering::Relaxed);
+        c.idempotency_keys_purged
+            .fetch_add(report.idempotency_keys_purged, Ordering::Relaxed);
+        c.merge_records_purged
+            .fetch_add(report.merge_records_purged, Ordering::Relaxed);
+        c.reservations_released
+            .fetch_add(report.reservations_released, Ordering::Relaxed);
+        c.orders_expired
+            .fetch_add(report.orders_expired, Ordering::Relaxed);
+        tracing::info!(
+            shards = ?report.shards,
+            skipped = ?report.skipped,
+            carts_purged = report.carts_purged,
+            tombstones_deleted = report.tombstones_deleted,
+            idempotency_keys_purged = report.idempotency_keys_purged,
+            merge_records_purged = report.merge_records_purged,
+            reservations_released = report.reservations_released,
+            orders_expired = report.orders_expired,
+            "janitor pass"
+        );
+        Ok(report)
+    }
+
+    /// The counters in Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        let c = &self.lifecycle;
+        let store = &self.store.counters;
+        let cache = &self.store.cache.counters;
+        let rows: [(&str, &str, u64); 17] = [
+            ("cartedge_janitor_passes_total", "Janitor passes started.", c.janitor_passes.load(Ordering::Relaxed)),
+            ("cartedge_janitor_failures_total", "Janitor passes that failed.", c.janitor_failures.load(Ordering::Relaxed)),
+            ("cartedge_janitor_skipped_shards_total", "Shards skipped because another janitor held them.", c.janitor_skipped_shards.load(Ordering::Relaxed)),
+            ("cartedge_janitor_carts_purged_total", "Inactive carts purged.", c.carts_purged.load(Ordering::Relaxed)),
+            ("cartedge_janitor_tombstones_deleted_total", "Purged-cart tombstones deleted.", c.tombstones_deleted.load(Ordering::Relaxed)),
+            ("cartedge_janitor_idempotency_keys_purged_total", "Idempotency keys purged.", c.idempotency_keys_purged.load(Ordering::Relaxed)),
+            ("cartedge_janitor_merge_records_purged_total", "Merge records purged.", c.merge_records_purged.load(Ordering::Relaxed)),
+            ("cartedge_janitor_reservations_released_total", "Expired stock reservations released.", c.reservations_released.load(Ordering::Relaxed)),
+            ("cartedge_janitor_orders_expired_total", "Unpaid orders expired.", c.orders_expired.load(Ordering::Relaxed)),
+            ("cartedge_events_published_total", "Outbox events published to the stream.", c.events_published.load(Ordering::Relaxed)),
+            ("cartedge_events_relay_failures_total", "Outbox relay passes that failed.", c.relay_failures.load(Ordering::Relaxed)),
+            ("cartedge_cache_hits_total", "Cart reads answered by the cache.", store.cache_hits.load(Ordering::Relaxed)),
+            ("cartedge_cache_misses_total", "Cart reads the cache could not answer.", store.cache_misses.load(Ordering::Relaxed)),
+            ("cartedge_cache_errors_total", "Cache operations that failed.", cache.errors.load(Ordering::Relaxed)),
+            ("cartedge_replica_fallbacks_total", "Reads sent to the primary because the replica was unavailable.", store.replica_fallbacks.load(Ordering::Relaxed)),
+            ("cartedge_topology_mismatches_total", "Edge-to-edge requests refused for another ring.", self.topology_mismatches.load(Ordering::Relaxed)),
+            ("cartedge_invalidations_dropped_total", "Cross-region invalidations dropped (queue full).", self.invalidations_dropped.load(Ordering::Relaxed)),
+        ];
+        let mut text = String::with_capacity(rows.len() * 160);
+        for (name, help, value) in rows {
+            text.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+            ));
+        }
+        text
     }
 
     /// Applies what may change without a restart: verification keys (rotation), token

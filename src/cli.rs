@@ -47,6 +47,17 @@ pub enum Command {
         /// Rate-limit tier claim, e.g. `service` for load generators.
         #[arg(long)]
         tier: Option<String>,
+        /// Role claim, e.g. `payment` for the payment service (`checkout.payment_role`).
+        #[arg(long, conflicts_with = "tier")]
+        role: Option<String>,
+    },
+    /// Run the janitor for the shards homed in this region: purge inactive carts, old
+    /// idempotency keys and merge records, release expired reservations. Prints each pass as
+    /// one JSON line.
+    Janitor {
+        /// Run one pass and exit (otherwise a pass every `janitor.interval` until Ctrl-C).
+        #[arg(long)]
+        once: bool,
     },
     /// Manage the catalog (on the local cluster, or the database `--config` names).
     #[command(subcommand)]
@@ -231,22 +242,51 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Token { sub, ttl, tier } => {
+        Command::Token {
+            sub,
+            ttl,
+            tier,
+            role,
+        } => {
             let config = cli.load_config()?;
             let ttl = humantime::parse_duration(ttl).context("--ttl")?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_secs();
-            let token = crate::api::auth::issue_token_for_tier(
-                &config.auth,
-                sub,
-                ttl,
-                now,
-                tier.as_deref(),
-            )
+            let token = match role {
+                Some(role) => {
+                    crate::api::auth::issue_token_with_role(&config.auth, sub, ttl, now, role)
+                }
+                None => crate::api::auth::issue_token_for_tier(
+                    &config.auth,
+                    sub,
+                    ttl,
+                    now,
+                    tier.as_deref(),
+                ),
+            }
             .map_err(|e| anyhow::anyhow!(e))?;
             println!("{token}");
             Ok(())
+        }
+        Command::Janitor { once } => {
+            let mut config = cli.load_config()?;
+            // This process runs passes itself and relays nothing.
+            config.janitor.enabled = false;
+            config.events.relay = false;
+            let interval = config.janitor.interval.0;
+            let app = App::new(config)?;
+            loop {
+                let report = app.janitor_once().await.context("janitor pass")?;
+                println!("{}", serde_json::to_string(&report)?);
+                if *once {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
         }
         Command::Catalog(command) => {
             let config = cli.load_config()?;

@@ -35,6 +35,67 @@ pub struct Config {
     pub tls: TlsFiles,
     pub forward: ForwardConfig,
     pub rate_limit: RateLimitConfig,
+    pub retention: RetentionConfig,
+    pub janitor: JanitorConfig,
+    pub events: EventsConfig,
+    pub checkout: CheckoutConfig,
+}
+
+/// How long carts and bookkeeping are kept (the janitor enforces it).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// A cart untouched this long is purged.
+    pub cart: Dur,
+    /// A guest cart untouched this long is purged.
+    pub guest_cart: Dur,
+    /// An empty cart untouched this long is purged.
+    pub empty_cart: Dur,
+    /// A purged cart keeps an empty row (its version) this long, so caches and clients that
+    /// saw it never see its version go backwards; must exceed `redis.ttl`.
+    pub tombstone: Dur,
+    /// Records of applied merges are kept this long (retries of a merge are recognised).
+    pub merge_record: Dur,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JanitorConfig {
+    /// Run the janitor in the background (`cartedge janitor --once` runs one pass by hand).
+    pub enabled: bool,
+    /// Time between passes.
+    pub interval: Dur,
+    /// Rows per batch (each batch is one short transaction).
+    pub batch_size: i64,
+    /// Batches per task per shard per pass, so one pass is bounded.
+    pub max_batches: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Run the outbox relay for the shards homed here.
+    pub relay: bool,
+    /// The Redis Stream in this region's Redis.
+    pub stream: String,
+    /// Approximate cap of the stream (`XADD MAXLEN ~`).
+    pub max_len: usize,
+    /// Events per relay transaction.
+    pub batch: i64,
+    /// Pause between relay passes when the outbox is empty.
+    pub interval: Dur,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutConfig {
+    /// How long reserved stock is held for payment.
+    pub reservation_ttl: Dur,
+    /// The token `role` claim of the payment service (confirms and cancels orders).
+    pub payment_role: String,
+    /// How long past its reservation's expiry a pending order is left before the janitor
+    /// expires it.
+    pub expiry_grace: Dur,
 }
 
 /// Edge rate limits. Defaults fit a shopper, not a benchmark: load generators use a token with
@@ -460,6 +521,47 @@ impl Config {
         }
         if self.idempotency.retention.0 < Duration::from_secs(24 * 3600) {
             problems.push("idempotency.retention must be at least 24h".into());
+        }
+        let retention = &self.retention;
+        for (name, value) in [
+            ("retention.cart", retention.cart),
+            ("retention.guest_cart", retention.guest_cart),
+            ("retention.empty_cart", retention.empty_cart),
+        ] {
+            if value.0 < Duration::from_secs(3600) {
+                problems.push(format!("{name} must be at least 1h"));
+            }
+        }
+        if retention.tombstone.0 <= self.redis.ttl.0 {
+            problems.push("retention.tombstone must be longer than redis.ttl".into());
+        }
+        if retention.merge_record.0 < Duration::from_secs(3600) {
+            problems.push("retention.merge_record must be at least 1h".into());
+        }
+        if !(1..=10_000).contains(&self.janitor.batch_size) || self.janitor.max_batches == 0 {
+            problems.push(
+                "janitor.batch_size must be within 1..=10000 and janitor.max_batches at least 1"
+                    .into(),
+            );
+        }
+        if self.janitor.interval.0 < Duration::from_secs(1) {
+            problems.push("janitor.interval must be at least 1s".into());
+        }
+        if self.events.stream.is_empty()
+            || self.events.max_len == 0
+            || !(1..=10_000).contains(&self.events.batch)
+        {
+            problems.push(
+                "events.stream must be set, events.max_len at least 1, events.batch within 1..=10000"
+                    .into(),
+            );
+        }
+        if self.checkout.reservation_ttl.0 < Duration::from_secs(1)
+            || self.checkout.payment_role.is_empty()
+        {
+            problems.push(
+                "checkout.reservation_ttl must be at least 1s and checkout.payment_role set".into(),
+            );
         }
         if self.auth.session_secret.expose().len() < 32 {
             problems.push("auth.session_secret must be at least 32 bytes".into());

@@ -89,6 +89,9 @@ struct Claims {
     /// `"service"` selects the service rate-limit tier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tier: Option<String>,
+    /// A service role, e.g. the payment service's (`checkout.payment_role`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    role: Option<String>,
 }
 
 struct VerifyingKey {
@@ -129,6 +132,8 @@ pub struct Verified {
     pub user: UserId,
     /// The token carries `"tier": "service"`.
     pub service: bool,
+    /// The token's `role` claim.
+    pub role: Option<String>,
 }
 
 /// Verifies bearer tokens and signs/verifies guest sessions.
@@ -213,6 +218,7 @@ impl Authenticator {
         let verified = Verified {
             user: UserId::parse(&data.claims.sub).map_err(|_| INVALID)?,
             service: data.claims.tier.as_deref() == Some("service"),
+            role: data.claims.role,
         };
         self.verified
             .insert(digest, verified.clone(), data.claims.exp);
@@ -279,6 +285,28 @@ pub fn issue_token_for_tier(
     now_unix: u64,
     tier: Option<&str>,
 ) -> Result<String, String> {
+    sign_token(config, sub, ttl, now_unix, tier, None)
+}
+
+/// As [`issue_token`], with a `role` claim (the payment service's token).
+pub fn issue_token_with_role(
+    config: &AuthConfig,
+    sub: &str,
+    ttl: Duration,
+    now_unix: u64,
+    role: &str,
+) -> Result<String, String> {
+    sign_token(config, sub, ttl, now_unix, None, Some(role))
+}
+
+fn sign_token(
+    config: &AuthConfig,
+    sub: &str,
+    ttl: Duration,
+    now_unix: u64,
+    tier: Option<&str>,
+    role: Option<&str>,
+) -> Result<String, String> {
     UserId::parse(sub).map_err(|e| e.to_string())?;
     let key = config
         .keys
@@ -294,6 +322,7 @@ pub fn issue_token_for_tier(
         aud: (!config.audience.is_empty()).then(|| config.audience.clone()),
         iat: Some(now_unix),
         tier: tier.map(str::to_string),
+        role: role.map(str::to_string),
     };
     jsonwebtoken::encode(
         &header,
@@ -414,6 +443,7 @@ mod tests {
             aud: Some("aud-a".into()),
             iat: None,
             tier: None,
+            role: None,
         };
         let signing = EncodingKey::from_ed_der(pkcs8.as_ref());
         let mut header = Header::new(Algorithm::EdDSA);

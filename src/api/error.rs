@@ -51,8 +51,30 @@ pub enum ApiError {
         retry_after_secs: u32,
         cause: String,
     },
+    #[error("this request needs an Idempotency-Key header")]
+    IdempotencyKeyRequired,
+    /// A lifecycle outcome the client can act on (merge, checkout, orders), with its details.
+    #[error("{message}")]
+    Refused {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+        details: Option<Value>,
+    },
     #[error("internal error")]
     Internal(String),
+}
+
+impl ApiError {
+    /// A 409 with a stable code and details.
+    pub fn conflict(code: &'static str, message: impl Into<String>, details: Value) -> ApiError {
+        ApiError::Refused {
+            status: StatusCode::CONFLICT,
+            code,
+            message: message.into(),
+            details: Some(details),
+        }
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -127,6 +149,7 @@ impl ApiError {
                     "cart_full",
                     Some(json!({ "max_lines": max_lines })),
                 ),
+                CartRule::MergeInProgress => (S::CONFLICT, "merge_in_progress", None),
                 CartRule::VersionMismatch { current } => (
                     S::PRECONDITION_FAILED,
                     "version_mismatch",
@@ -150,6 +173,15 @@ impl ApiError {
             }
             ApiError::TopologyMismatch => (S::SERVICE_UNAVAILABLE, "topology_mismatch", None),
             ApiError::Unavailable { .. } => (S::SERVICE_UNAVAILABLE, "unavailable", None),
+            ApiError::IdempotencyKeyRequired => {
+                (S::BAD_REQUEST, "idempotency_key_required", None)
+            }
+            ApiError::Refused {
+                status,
+                code,
+                details,
+                ..
+            } => (*status, code, details.clone()),
             ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", None),
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod lifecycle;
 pub mod limits;
 pub mod request;
 
@@ -66,24 +67,42 @@ enum Route<'a> {
     Cart,
     CartItems,
     CartItem(&'a str),
+    Merge,
+    Checkout,
+    Order(&'a str),
+    Settle(&'a str, lifecycle::Settlement),
     Health,
     Ready,
+    Metrics,
 }
 
-fn route(path: &str) -> Option<Route<'_>> {
+fn route<'a>(path: &'a str) -> Option<Route<'a>> {
     let path = match path.strip_prefix("/api/v1") {
         Some(rest) if rest.starts_with('/') => rest,
         _ => path,
     };
+    let segment = |rest: &'a str| Some(rest).filter(|r| !r.is_empty() && !r.contains('/'));
     match path {
         "/cart" => Some(Route::Cart),
         "/cart/items" => Some(Route::CartItems),
+        "/cart/merge" => Some(Route::Merge),
+        "/cart/checkout" => Some(Route::Checkout),
         "/health" => Some(Route::Health),
         "/ready" => Some(Route::Ready),
-        _ => path
-            .strip_prefix("/cart/items/")
-            .filter(|rest| !rest.is_empty() && !rest.contains('/'))
-            .map(Route::CartItem),
+        "/metrics" => Some(Route::Metrics),
+        _ => {
+            if let Some(rest) = path.strip_prefix("/cart/items/") {
+                return segment(rest).map(Route::CartItem);
+            }
+            let rest = path.strip_prefix("/orders/")?;
+            if let Some(id) = rest.strip_suffix("/confirm") {
+                return segment(id).map(|id| Route::Settle(id, lifecycle::Settlement::Confirm));
+            }
+            if let Some(id) = rest.strip_suffix("/cancel") {
+                return segment(id).map(|id| Route::Settle(id, lifecycle::Settlement::Cancel));
+            }
+            segment(rest).map(Route::Order)
+        }
     }
 }
 
@@ -93,8 +112,14 @@ pub fn route_name(path: &str) -> Option<&'static str> {
         Route::Cart => "cart",
         Route::CartItems => "cart_items",
         Route::CartItem(_) => "cart_item",
+        Route::Merge => "merge",
+        Route::Checkout => "checkout",
+        Route::Order(_) => "order",
+        Route::Settle(_, lifecycle::Settlement::Confirm) => "order_confirm",
+        Route::Settle(_, lifecycle::Settlement::Cancel) => "order_cancel",
         Route::Health => "health",
         Route::Ready => "ready",
+        Route::Metrics => "metrics",
     })
 }
 
@@ -154,39 +179,54 @@ async fn dispatch(
                 br#"{"status":"ok"}"#.to_vec(),
             ));
         }
+        if let path @ (lifecycle::FREEZE_PATH | lifecycle::FINALIZE_PATH | lifecycle::ABORT_PATH) =
+            parts.uri.path()
+        {
+            if parts.method != Method::POST {
+                return Err(ApiError::MethodNotAllowed { allow: "POST" });
+            }
+            let bytes = request::read_body(&parts, body, 1 << 20, true).await?;
+            return lifecycle::internal_step(app, path, &bytes).await;
+        }
     }
     let route = route(parts.uri.path()).ok_or(ApiError::NotFound)?;
-    if surface == Surface::Admin && !matches!(route, Route::Health | Route::Ready) {
+    let operator = matches!(route, Route::Health | Route::Ready | Route::Metrics);
+    if (surface == Surface::Admin && !operator)
+        || (surface != Surface::Admin && route == Route::Metrics)
+    {
         return Err(ApiError::NotFound);
     }
     let method = parts.method.clone();
     match (route, &method) {
         (Route::Health, &Method::GET) => return Ok(health(app).await),
         (Route::Ready, &Method::GET) => return Ok(ready(app)),
-        (Route::Health | Route::Ready, _) => {
+        (Route::Metrics, &Method::GET) => return Ok(metrics(app)),
+        (Route::Health | Route::Ready | Route::Metrics, _) => {
             return Err(ApiError::MethodNotAllowed { allow: "GET" })
         }
         _ => {}
     }
     let allow = match route {
         Route::Cart => "GET, DELETE",
-        Route::CartItems => "POST",
-        _ => "PUT, DELETE",
+        Route::CartItem(_) => "PUT, DELETE",
+        Route::Order(_) => "GET",
+        _ => "POST",
     };
     let allowed = matches!(
         (route, &method),
         (Route::Cart, &Method::GET | &Method::DELETE)
-            | (Route::CartItems, &Method::POST)
+            | (Route::CartItems | Route::Merge | Route::Checkout | Route::Settle(..), &Method::POST)
             | (Route::CartItem(_), &Method::PUT | &Method::DELETE)
+            | (Route::Order(_), &Method::GET)
     );
     if !allowed {
         return Err(ApiError::MethodNotAllowed { allow });
     }
     let request = RequestParts::new(&parts);
-    let class = if method == Method::GET {
-        Class::Read
-    } else {
-        Class::Write
+    let class = match (route, &method) {
+        (_, &Method::GET) => Class::Read,
+        (Route::Checkout, _) => Class::Checkout,
+        _ => Class::Write,
     };
     // Edge-to-edge requests were limited where they entered.
     let limited = surface == Surface::Public;
@@ -247,9 +287,25 @@ async fn serve_cart(
     caller: Caller,
 ) -> Result<Response<Body>, ApiError> {
     let method = parts.method.clone();
-    if route == Route::Cart && method == Method::GET {
-        request.check_user_id(&caller, request.query_user_id().as_deref())?;
-        return view_cart(app, request, surface, caller).await;
+    match route {
+        Route::Cart if method == Method::GET => {
+            request.check_user_id(&caller, request.query_user_id().as_deref())?;
+            return view_cart(app, request, surface, caller).await;
+        }
+        Route::Order(id) => return lifecycle::get_order(app, request, surface, caller, id).await,
+        Route::Settle(id, action) => {
+            return lifecycle::settle(app, request, surface, id, action).await
+        }
+        Route::Merge | Route::Checkout => {
+            let limit = app.config.server.max_body_bytes;
+            let bytes = request::read_body(parts, body, limit, false).await?;
+            return if route == Route::Merge {
+                lifecycle::merge(app, request, surface, caller, &bytes).await
+            } else {
+                lifecycle::checkout(app, request, surface, caller, &bytes).await
+            };
+        }
+        _ => {}
     }
     // Every other route is a write: read its body, check `user_id`, then validate.
     let required = matches!(
@@ -328,6 +384,16 @@ async fn health(app: &App) -> Response<Body> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     json_response(code, serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// Prometheus text exposition of the edge's counters (admin surface).
+fn metrics(app: &App) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(app.metrics_text())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
 }
 
 fn ready(app: &App) -> Response<Body> {

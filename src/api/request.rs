@@ -107,6 +107,17 @@ impl<'a> RequestParts<'a> {
         }
     }
 
+    /// The guest session the request presents (`Cart-Session` header, else the cookie),
+    /// verified; None when it presents none.
+    pub fn guest_session(&self, auth: &Authenticator) -> Result<Option<SessionId>, ApiError> {
+        let presented = match header_str(self.headers, names::CART_SESSION) {
+            Ok(Some(value)) => Some(value),
+            Ok(None) => cookie(self.headers, names::SESSION_COOKIE),
+            Err(_) => return Err(ApiError::InvalidSession),
+        };
+        presented.map(|s| auth.verify_session(s)).transpose()
+    }
+
     /// Seed compatibility: a `user_id` must be the token's `sub`.
     pub fn check_user_id(&self, caller: &Caller, user_id: Option<&str>) -> Result<(), ApiError> {
         match (user_id, caller) {
@@ -189,7 +200,7 @@ impl<'a> RequestParts<'a> {
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
-fn bearer_token(value: &http::HeaderValue) -> Result<&str, ApiError> {
+pub(crate) fn bearer_token(value: &http::HeaderValue) -> Result<&str, ApiError> {
     let value = value
         .to_str()
         .map_err(|_| ApiError::Unauthenticated("authorization header is malformed"))?;
@@ -362,6 +373,26 @@ impl SetQuantityBody {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClearBody {
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+/// Body of `POST /cart/merge`: optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeBody {
+    #[serde(default)]
+    pub strategy: Option<crate::domain::lifecycle::MergeStrategy>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+/// Body of `POST /cart/checkout`: optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutBody {
+    #[serde(default)]
+    pub accept_price_changes: Option<bool>,
     #[serde(default)]
     pub user_id: Option<String>,
 }

@@ -109,6 +109,8 @@ pub enum CartRule {
     CartFull { max_lines: u32 },
     #[error("item is not in the cart")]
     ItemNotInCart,
+    #[error("the cart is being merged into a user's cart; retry the merge or start a new session")]
+    MergeInProgress,
     #[error("cart version differs from If-Match")]
     VersionMismatch { current: i64 },
 }
@@ -216,6 +218,8 @@ pub struct CartView {
     pub items: Vec<LineView>,
     pub total_items: u64,
     pub total_price: Money,
+    /// How many lines' captured price differs from the catalog's current one.
+    pub price_changed_lines: u32,
     pub updated_at: Option<DateTime<Utc>>,
     pub warnings: Vec<Warning>,
 }
@@ -231,7 +235,7 @@ pub fn view<'a>(
     let mut warnings = Vec::new();
     let mut total_items: u64 = 0;
     let mut total_minor: i128 = 0;
-    let items = cart
+    let items: Vec<LineView> = cart
         .lines
         .iter()
         .map(|line| {
@@ -275,7 +279,9 @@ pub fn view<'a>(
             }
         })
         .collect();
+    let price_changed_lines = items.iter().filter(|l: &&LineView| l.price_changed).count() as u32;
     CartView {
+        price_changed_lines,
         owner: cart.owner.clone(),
         currency,
         version: cart.version,
@@ -441,6 +447,7 @@ mod tests {
         assert!(view.items[0].price_changed);
         assert_eq!(view.items[0].current_price, Some(Money::new(120, sgd())));
         assert!(!view.items[1].price_changed);
+        assert_eq!(view.price_changed_lines, 1);
         let codes: Vec<_> = view.warnings.iter().map(|w| w.code).collect();
         assert_eq!(codes, ["low_stock", "item_unavailable"]);
     }

@@ -5,6 +5,7 @@
 //! from the store; decisions come back as values the store executes.
 
 pub mod cart;
+pub mod lifecycle;
 pub mod ids;
 pub mod money;
 pub mod ring;

@@ -329,6 +329,30 @@ impl Cache {
         }
     }
 
+    /// Appends entries (field/value pairs) to a capped stream in one pipeline (`XADD … MAXLEN ~`).
+    /// Errors are returned, not swallowed: the outbox relay keeps the events for the next pass.
+    pub async fn append_stream(
+        &self,
+        stream: &str,
+        max_len: usize,
+        entries: &[Vec<(&'static str, String)>],
+    ) -> Result<(), redis::RedisError> {
+        let mut pipeline = redis::pipe();
+        for fields in entries {
+            pipeline
+                .cmd("XADD")
+                .arg(stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(max_len)
+                .arg("*")
+                .arg(fields)
+                .ignore();
+        }
+        let mut connection = self.connection.clone();
+        pipeline.query_async::<()>(&mut connection).await
+    }
+
     /// Runs [`Cache::repair_once`] every `period` for as long as the cache is alive.
     pub fn spawn_repair(self: &Arc<Self>, period: Duration) {
         let cache = Arc::downgrade(self);

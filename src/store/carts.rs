@@ -80,6 +80,31 @@ pub enum CartOp<'a> {
     },
 }
 
+impl CartOp<'_> {
+    /// The outbox event this mutation writes: its kind and payload.
+    fn event(&self) -> (&'static str, Value) {
+        match self {
+            CartOp::Add {
+                item_id, request, ..
+            } => (
+                "item_added",
+                serde_json::json!({ "item_id": item_id.as_str(), "quantity": request.quantity.get() }),
+            ),
+            CartOp::SetQuantity {
+                item_id, quantity, ..
+            } => (
+                "quantity_set",
+                serde_json::json!({ "item_id": item_id.as_str(), "quantity": quantity.get() }),
+            ),
+            CartOp::Remove { item_id, .. } => (
+                "item_removed",
+                serde_json::json!({ "item_id": item_id.as_str() }),
+            ),
+            CartOp::Clear { .. } => ("cart_cleared", serde_json::json!({})),
+        }
+    }
+}
+
 /// A response stored with its idempotency key, replayed byte for byte.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
@@ -115,7 +140,7 @@ impl WriteTx {
         })
     }
 
-    fn client(&self) -> Result<&Object, StoreError> {
+    pub(super) fn client(&self) -> Result<&Object, StoreError> {
         self.client
             .as_ref()
             .ok_or_else(|| StoreError::Unavailable("transaction already finished".into()))
@@ -218,14 +243,17 @@ impl WriteTx {
                     .prepare_cached(
                         "INSERT INTO carts (owner, currency, version) VALUES ($1, $2, 1) \
                          ON CONFLICT (owner) DO UPDATE \
-                         SET version = carts.version + 1, updated_at = now() \
-                         RETURNING currency",
+                         SET version = carts.version + 1, updated_at = now(), purged_at = NULL \
+                         RETURNING currency, merging_into",
                     )
                     .await?;
                 let row = client
                     .query_one(&bump, &[&owner_str, &new_cart_currency.as_str()])
                     .await?;
                 let currency: String = row.try_get(0)?;
+                if row.try_get::<_, Option<String>>(1)?.is_some() {
+                    return Ok(Err(CartRule::MergeInProgress));
+                }
                 let cart_currency = Currency::parse(&currency).unwrap_or(*new_cart_currency);
                 let context_query = client
                     .prepare_cached(
@@ -325,7 +353,12 @@ impl WriteTx {
                 client.execute(&delete, &[&owner_str]).await?;
             }
         }
-        Ok(Ok(load(client, owner).await?))
+        let cart = load(client, owner).await?;
+        if cart.version > 0 {
+            let (kind, payload) = op.event();
+            super::events::record(client, owner_str, cart.version, kind, &payload).await?;
+        }
+        Ok(Ok(cart))
     }
 
     pub async fn commit(mut self) -> Result<(), StoreError> {
@@ -371,14 +404,17 @@ async fn bump_existing(
 ) -> Result<Result<(), CartRule>, StoreError> {
     let bump = client
         .prepare_cached(
-            "UPDATE carts SET version = version + 1, updated_at = now() \
-             WHERE owner = $1 RETURNING version",
+            "UPDATE carts SET version = version + 1, updated_at = now(), purged_at = NULL \
+             WHERE owner = $1 RETURNING version, merging_into",
         )
         .await?;
     let Some(row) = client.query_opt(&bump, &[&owner]).await? else {
         return Ok(check_version(if_match, 0).and(Err(CartRule::ItemNotInCart)));
     };
     let bumped: i64 = row.try_get(0)?;
+    if row.try_get::<_, Option<String>>(1)?.is_some() {
+        return Ok(Err(CartRule::MergeInProgress));
+    }
     Ok(check_version(if_match, bumped - 1))
 }
 

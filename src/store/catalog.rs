@@ -137,7 +137,17 @@ impl Catalog {
 
 impl Inner {
     async fn fetch(&self, ids: &[&str]) -> Result<HashMap<String, CatalogItem>, StoreError> {
-        let client = self.pool.get().await?;
+        fetch_items(&self.pool, ids).await
+    }
+}
+
+/// Reads catalog entries from `pool` in one query.
+pub(super) async fn fetch_items(
+    pool: &Pool,
+    ids: &[&str],
+) -> Result<HashMap<String, CatalogItem>, StoreError> {
+    {
+        let client = pool.get().await?;
         let statement = client.prepare_cached(SELECT_ITEMS).await?;
         let rows = client.query(&statement, &[&ids]).await?;
         let mut items: HashMap<String, CatalogItem> = HashMap::new();
@@ -159,7 +169,9 @@ impl Inner {
         }
         Ok(items)
     }
+}
 
+impl Inner {
     fn remember(&self, now: Instant, ids: &[&str], found: &HashMap<String, Arc<CatalogItem>>) {
         if self.ttl.is_zero() {
             return;

@@ -8,7 +8,11 @@
 pub mod cache;
 pub mod carts;
 pub mod catalog;
+pub mod events;
+pub mod janitor;
+pub mod merge;
 pub mod migrate;
+pub mod orders;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -107,7 +111,22 @@ pub struct Store {
     shards: HashMap<String, ShardPools>,
     pub cache: Arc<Cache>,
     pub catalog: Catalog,
+    /// The catalog's primary, where stock is reserved (None in regions without it).
+    catalog_primary: Option<Pool>,
     pub counters: StoreCounters,
+}
+
+/// A 64-bit advisory-lock key for a named task on one shard.
+pub(crate) fn lock_key(task: &str, shard: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(task.as_bytes())
+        .chain_update([0])
+        .chain_update(shard.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
 }
 
 /// Stamps the shard's heartbeat on its primary.
@@ -188,10 +207,16 @@ impl Store {
             );
         }
         let catalog_pool = build_pool(config.database.catalog.expose(), config)?;
+        let catalog_primary = if config.database.catalog_primary.is_empty() {
+            None
+        } else {
+            Some(build_pool(config.database.catalog_primary.expose(), config)?)
+        };
         Ok(Store {
             shards,
             cache: Arc::new(Cache::new(&config.redis)?),
             catalog: Catalog::new(catalog_pool, config.cart.catalog_cache_ttl.0),
+            catalog_primary,
             counters: StoreCounters::default(),
         })
     }
@@ -275,6 +300,23 @@ impl Store {
                 }
             });
         }
+    }
+
+    /// Shards homed in this region, sorted.
+    pub fn home_shards(&self) -> Vec<String> {
+        let mut shards: Vec<String> = self
+            .shards
+            .iter()
+            .filter(|(_, p)| p.primary.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        shards.sort();
+        shards
+    }
+
+    /// Whether this region can reserve stock (holds a connection to the catalog's primary).
+    pub fn has_catalog_primary(&self) -> bool {
+        self.catalog_primary.is_some()
     }
 
     /// Whether this region holds the shard's primary.

@@ -234,6 +234,8 @@ pub fn test_config_text(dsn: &str, redis_url: &str, prefix: &str, overlay: &str)
          [redis]\nurl = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\ntimeout = \"200ms\"\n\
          [cart]\ncatalog_cache_ttl = \"0s\"\n\
          [rate_limit]\nenabled = false\n\
+         [janitor]\nenabled = false\n\
+         [events]\nstream = \"{prefix}cart-events\"\n\
          [auth]\nissuer = \"cartedge-test\"\naudience = \"cartedge-api\"\nsession_secret = \"{SESSION_SECRET}\"\n\
          [[auth.keys]]\nkid = \"test\"\nalgorithm = \"HS256\"\nsecret = \"{JWT_SECRET}\"\n"
     );

@@ -100,6 +100,8 @@ fn edge_config(
          [redis]\nurl = \"{redis}\"\nkey_prefix = \"{redis_prefix}\"\ntimeout = \"200ms\"\n\
          [cart]\ncatalog_cache_ttl = \"0s\"\n\
          [rate_limit]\nenabled = false\n\
+         [janitor]\nenabled = false\n\
+         [events]\nstream = \"{redis_prefix}cart-events\"\n\
          [auth]\nissuer = \"cartedge-test\"\naudience = \"cartedge-api\"\nsession_secret = \"{SESSION_SECRET}\"\n\
          [[auth.keys]]\nkid = \"test\"\nalgorithm = \"HS256\"\nsecret = \"{JWT_SECRET}\"\n\
          [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"\"\n",

@@ -1,0 +1,263 @@
+//! Retention: the janitor purges inactive carts, old bookkeeping and expired reservations.
+//!
+//! Per shard, only in the shard's home region, and only one janitor at a time: a pass takes a
+//! session advisory lock on the shard's primary and skips the shard when another holds it. Work
+//! happens in bounded batches (`janitor.batch_size` rows, at most `janitor.max_batches` per
+//! task), each its own short transaction, walking the `updated_at`/`created_at` indexes.
+//!
+//! A purged cart keeps its row, emptied, with its version bumped (a tombstone) for
+//! `retention.tombstone`: caches and clients that saw version N never see a smaller version for
+//! the same owner while they may still hold N.
+
+use std::time::Duration;
+
+use deadpool_postgres::Object;
+
+use super::{orders, Store, StoreError};
+use crate::config::Config;
+use crate::domain::cart::StoredCart;
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JanitorReport {
+    /// Shards this pass worked.
+    pub shards: Vec<String>,
+    /// Shards skipped because another janitor held them.
+    pub skipped: Vec<String>,
+    pub carts_purged: u64,
+    pub tombstones_deleted: u64,
+    pub idempotency_keys_purged: u64,
+    pub merge_records_purged: u64,
+    pub reservations_released: u64,
+    pub orders_expired: u64,
+}
+
+/// Advisory-lock key of a shard's janitor (a session lock on the shard's primary).
+pub fn lock_key(shard: &str) -> i64 {
+    super::lock_key("cartedge-janitor", shard)
+}
+
+/// Advisory-lock key of the reservation sweep (on the catalog primary).
+fn catalog_lock_key() -> i64 {
+    super::lock_key("cartedge-janitor", "catalog")
+}
+
+/// Purged carts, for the caller to update caches with (owner → tombstone).
+pub type Purged = Vec<StoredCart>;
+
+/// Runs one pass over every shard homed here (and the catalog's reservations, where the
+/// catalog primary is configured). Returns what it did and the carts it purged.
+pub async fn run_once(store: &Store, config: &Config) -> Result<(JanitorReport, Purged), StoreError> {
+    let mut report = JanitorReport::default();
+    let mut purged = Vec::new();
+    let mut shards: Vec<&String> = store.shards.keys().collect();
+    shards.sort();
+    for shard in shards {
+        if !store.is_home(shard) {
+            continue;
+        }
+        let client = store.db_write(shard).await?;
+        if !try_lock(&client, lock_key(shard)).await? {
+            report.skipped.push(shard.clone());
+            continue;
+        }
+        let result = shard_pass(store, &client, shard, config, &mut report, &mut purged).await;
+        unlock(client, lock_key(shard)).await;
+        result?;
+        report.shards.push(shard.clone());
+    }
+    if let Some(pool) = &store.catalog_primary {
+        let client = pool.get().await?;
+        if try_lock(&client, catalog_lock_key()).await? {
+            let result = reservation_pass(store, config, &mut report).await;
+            unlock(client, catalog_lock_key()).await;
+            result?;
+        } else {
+            report.skipped.push("catalog".into());
+        }
+    }
+    Ok((report, purged))
+}
+
+async fn try_lock(client: &Object, key: i64) -> Result<bool, StoreError> {
+    let lock = client
+        .prepare_cached("SELECT pg_try_advisory_lock($1)")
+        .await?;
+    Ok(client.query_one(&lock, &[&key]).await?.try_get(0)?)
+}
+
+async fn unlock(client: Object, key: i64) {
+    let released = client
+        .query_one("SELECT pg_advisory_unlock($1)", &[&key])
+        .await
+        .ok()
+        .and_then(|row| row.try_get::<_, bool>(0).ok());
+    if released != Some(true) {
+        // Never return a connection that may still hold the lock to the pool.
+        let _ = Object::take(client);
+    }
+}
+
+fn secs(duration: Duration) -> f64 {
+    duration.as_secs_f64()
+}
+
+/// Runs `statement` (which returns one row per affected row) until a batch comes back short
+/// or `max_batches` ran; returns the rows affected.
+async fn batches(
+    client: &Object,
+    statement: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    max_batches: u32,
+    batch_size: i64,
+) -> Result<u64, StoreError> {
+    let statement = client.prepare_cached(statement).await?;
+    let mut total = 0;
+    for _ in 0..max_batches {
+        let done = client.execute(&statement, params).await?;
+        total += done;
+        if (done as i64) < batch_size {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+const PURGE_CARTS: &str = "\
+    WITH doomed AS ( \
+        SELECT owner FROM carts \
+        WHERE updated_at < now() - make_interval(secs => $1) \
+          AND purged_at IS NULL AND merging_into IS NULL \
+          AND (updated_at < now() - make_interval(secs => $2) \
+               OR (owner LIKE 'g:%' AND updated_at < now() - make_interval(secs => $3)) \
+               OR (updated_at < now() - make_interval(secs => $4) \
+                   AND NOT EXISTS (SELECT 1 FROM cart_items i WHERE i.owner = carts.owner))) \
+        ORDER BY updated_at LIMIT $5 FOR UPDATE SKIP LOCKED), \
+    emptied AS (DELETE FROM cart_items i USING doomed d WHERE i.owner = d.owner), \
+    purged AS ( \
+        UPDATE carts c SET version = c.version + 1, purged_at = now(), updated_at = now() \
+        FROM doomed d WHERE c.owner = d.owner RETURNING c.owner, c.version, c.currency), \
+    logged AS ( \
+        INSERT INTO cart_events (owner, cart_version, kind, payload) \
+        SELECT owner, version, 'cart_expired', '{}'::jsonb FROM purged) \
+    SELECT owner, version, currency FROM purged";
+
+async fn shard_pass(
+    store: &Store,
+    client: &Object,
+    shard: &str,
+    config: &Config,
+    report: &mut JanitorReport,
+    purged: &mut Purged,
+) -> Result<(), StoreError> {
+    let retention = &config.retention;
+    let janitor = &config.janitor;
+    let size = janitor.batch_size;
+    // Carts: the youngest lifetime bounds the index range scanned.
+    let shortest = retention
+        .cart
+        .0
+        .min(retention.guest_cart.0)
+        .min(retention.empty_cart.0);
+    let purge = client.prepare_cached(PURGE_CARTS).await?;
+    for _ in 0..janitor.max_batches {
+        let rows = client
+            .query(
+                &purge,
+                &[
+                    &secs(shortest),
+                    &secs(retention.cart.0),
+                    &secs(retention.guest_cart.0),
+                    &secs(retention.empty_cart.0),
+                    &size,
+                ],
+            )
+            .await?;
+        for row in &rows {
+            let owner: String = row.try_get(0)?;
+            let mut cart = StoredCart::empty(&owner);
+            cart.version = row.try_get(1)?;
+            let currency: String = row.try_get(2)?;
+            cart.currency = crate::domain::money::Currency::parse(&currency);
+            purged.push(cart);
+        }
+        report.carts_purged += rows.len() as u64;
+        if (rows.len() as i64) < size {
+            break;
+        }
+    }
+    report.tombstones_deleted += batches(
+        client,
+        "DELETE FROM carts WHERE owner IN (SELECT owner FROM carts \
+         WHERE purged_at < now() - make_interval(secs => $1) LIMIT $2)",
+        &[&secs(retention.tombstone.0), &size],
+        janitor.max_batches,
+        size,
+    )
+    .await?;
+    report.idempotency_keys_purged += batches(
+        client,
+        "DELETE FROM idempotency_keys WHERE (owner, key) IN (SELECT owner, key \
+         FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1) \
+         ORDER BY created_at LIMIT $2)",
+        &[&secs(config.idempotency.retention.0), &size],
+        janitor.max_batches,
+        size,
+    )
+    .await?;
+    report.merge_records_purged += batches(
+        client,
+        "DELETE FROM cart_merges WHERE (user_owner, guest_owner, guest_version) IN \
+         (SELECT user_owner, guest_owner, guest_version FROM cart_merges \
+         WHERE created_at < now() - make_interval(secs => $1) ORDER BY created_at LIMIT $2)",
+        &[&secs(retention.merge_record.0), &size],
+        janitor.max_batches,
+        size,
+    )
+    .await?;
+    // Orders whose reservation ran out unpaid: return the stock, then expire the order. An
+    // order whose reservation was committed (its confirm crashed half-way) is marked paid.
+    let overdue = orders::overdue_orders(
+        store,
+        shard,
+        config.checkout.expiry_grace.0,
+        size * i64::from(janitor.max_batches.min(10)),
+    )
+    .await?;
+    for order_id in overdue {
+        if store.catalog_primary.is_some() {
+            if orders::release(store, &order_id).await? {
+                report.reservations_released += 1;
+            }
+            let state = orders::reservation_status(store, &order_id).await?;
+            let status = if state == orders::Reservation::Committed {
+                "paid"
+            } else {
+                "expired"
+            };
+            if orders::settle_order(store, shard, &order_id, status)
+                .await?
+                .is_some_and(|o| o.status == "expired")
+            {
+                report.orders_expired += 1;
+            }
+        } else {
+            tracing::warn!(%order_id, "overdue order left pending: no catalog primary configured here");
+        }
+    }
+    Ok(())
+}
+
+async fn reservation_pass(
+    store: &Store,
+    config: &Config,
+    report: &mut JanitorReport,
+) -> Result<(), StoreError> {
+    let limit = config.janitor.batch_size * i64::from(config.janitor.max_batches.min(10));
+    for reservation_id in orders::expired_reservations(store, limit).await? {
+        if orders::release(store, &reservation_id).await? {
+            report.reservations_released += 1;
+        }
+    }
+    Ok(())
+}

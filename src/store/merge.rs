@@ -1,0 +1,307 @@
+//! Merging a guest cart into a user's cart, when the two may live on different shards homed in
+//! different regions.
+//!
+//! Three steps, each one transaction on one shard, each safe to repeat:
+//! 1. [`freeze`] (guest's shard): mark the guest cart `merging_into = user` at its current
+//!    version and return its lines. A frozen cart refuses writes (`merge_in_progress`), so the
+//!    lines cannot change under the merge; freezing again for the same user returns the same
+//!    snapshot.
+//! 2. [`WriteTx::apply_merge`] (user's shard): add the snapshot to the user's cart and record
+//!    `(user, guest, frozen version)` in `cart_merges`, in one transaction. Finding that record
+//!    means the merge was already applied: nothing is added twice.
+//! 3. [`finalize`] (guest's shard): empty the guest cart and lift the freeze, if it is still the
+//!    same freeze.
+//!
+//! A crash after 1 leaves the guest cart frozen and unmerged; after 2, merged and frozen. Either
+//! way a retry converges to "merged once, guest cart empty". [`abort`] lifts a freeze whose
+//! merge was refused (different currencies).
+
+use deadpool_postgres::Object;
+use serde_json::json;
+
+use super::carts::{self, WriteTx};
+use super::{events, Store, StoreError};
+use crate::domain::cart::StoredCart;
+use crate::domain::ids::OwnerKey;
+use crate::domain::lifecycle::{plan_merge, MergeRefusal, MergeReport, MergeStrategy};
+use crate::domain::money::Currency;
+
+/// A guest cart held still for a merge.
+#[derive(Debug, Clone)]
+pub struct Frozen {
+    pub cart: StoredCart,
+    /// The version the cart was frozen at (0: there was no cart, nothing to merge).
+    pub version: i64,
+}
+
+#[derive(Debug)]
+pub enum FreezeOutcome {
+    Frozen(Frozen),
+    /// The guest cart is frozen for a merge into another user.
+    Busy,
+}
+
+async fn in_transaction<T>(
+    client: Object,
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let result = work.await;
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    if client.batch_execute(end).await.is_err() {
+        let _ = Object::take(client);
+        if result.is_ok() {
+            return Err(StoreError::Unavailable("commit outcome unknown".into()));
+        }
+    }
+    result
+}
+
+/// Step 1, on the guest cart's home shard.
+pub async fn freeze(
+    store: &Store,
+    shard: &str,
+    guest: &OwnerKey,
+    user: &str,
+) -> Result<FreezeOutcome, StoreError> {
+    let client = store.db_write(shard).await?;
+    client.batch_execute("BEGIN").await?;
+    let work = async {
+        let lock = client
+            .prepare_cached(
+                "SELECT version, merging_into, merge_version FROM carts WHERE owner = $1 FOR UPDATE",
+            )
+            .await?;
+        let Some(row) = client.query_opt(&lock, &[&guest.as_str()]).await? else {
+            return Ok(FreezeOutcome::Frozen(Frozen {
+                cart: StoredCart::empty(guest.as_str()),
+                version: 0,
+            }));
+        };
+        let version: i64 = row.try_get(0)?;
+        let merging_into: Option<String> = row.try_get(1)?;
+        let merge_version: Option<i64> = row.try_get(2)?;
+        let cart = carts::load(&client, guest).await?;
+        match merging_into {
+            Some(into) if into == user => Ok(FreezeOutcome::Frozen(Frozen {
+                cart,
+                version: merge_version.unwrap_or(version),
+            })),
+            Some(_) => Ok(FreezeOutcome::Busy),
+            None if cart.lines.is_empty() => Ok(FreezeOutcome::Frozen(Frozen { cart, version })),
+            None => {
+                let mark = client
+                    .prepare_cached(
+                        "UPDATE carts SET merging_into = $2, merge_version = version WHERE owner = $1",
+                    )
+                    .await?;
+                client.execute(&mark, &[&guest.as_str(), &user]).await?;
+                Ok(FreezeOutcome::Frozen(Frozen { cart, version }))
+            }
+        }
+    };
+    let result = work.await;
+    finish(client, result).await
+}
+
+async fn finish<T>(client: Object, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    in_transaction(client, async { result }).await
+}
+
+/// Step 3: empties the guest cart and lifts the freeze, if it is still `user`'s freeze at
+/// `version`. Returns the emptied cart when this call finished the merge.
+pub async fn finalize(
+    store: &Store,
+    shard: &str,
+    guest: &OwnerKey,
+    user: &str,
+    version: i64,
+) -> Result<Option<StoredCart>, StoreError> {
+    let client = store.db_write(shard).await?;
+    client.batch_execute("BEGIN").await?;
+    let work = async {
+        let lift = client
+            .prepare_cached(
+                "UPDATE carts SET merging_into = NULL, merge_version = NULL, \
+                 version = version + 1, updated_at = now() \
+                 WHERE owner = $1 AND merging_into = $2 AND merge_version = $3 RETURNING version",
+            )
+            .await?;
+        let Some(row) = client
+            .query_opt(&lift, &[&guest.as_str(), &user, &version])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let new_version: i64 = row.try_get(0)?;
+        let delete = client
+            .prepare_cached("DELETE FROM cart_items WHERE owner = $1")
+            .await?;
+        client.execute(&delete, &[&guest.as_str()]).await?;
+        events::record(
+            &client,
+            guest.as_str(),
+            new_version,
+            "merged_away",
+            &json!({ "into": user, "frozen_version": version }),
+        )
+        .await?;
+        Ok(Some(carts::load(&client, guest).await?))
+    };
+    let result = work.await;
+    finish(client, result).await
+}
+
+/// Lifts `user`'s freeze at `version` without touching the lines (the merge was refused).
+pub async fn abort(
+    store: &Store,
+    shard: &str,
+    guest: &OwnerKey,
+    user: &str,
+    version: i64,
+) -> Result<(), StoreError> {
+    let client = store.db_write(shard).await?;
+    let lift = client
+        .prepare_cached(
+            "UPDATE carts SET merging_into = NULL, merge_version = NULL \
+             WHERE owner = $1 AND merging_into = $2 AND merge_version = $3",
+        )
+        .await?;
+    client
+        .execute(&lift, &[&guest.as_str(), &user, &version])
+        .await?;
+    Ok(())
+}
+
+/// What step 2 found.
+#[derive(Debug)]
+pub enum MergeOutcome {
+    /// Applied now; the user's cart as it will commit.
+    Applied {
+        cart: StoredCart,
+        report: MergeReport,
+    },
+    /// This frozen guest version was merged before: nothing done (roll back).
+    AlreadyApplied { report: MergeReport },
+    /// Refused (roll back).
+    Refused(MergeRefusal),
+}
+
+impl WriteTx {
+    /// Step 2, on the user cart's home shard: merges the frozen guest snapshot once.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn apply_merge(
+        &mut self,
+        user: &OwnerKey,
+        guest: &Frozen,
+        strategy: MergeStrategy,
+        max_lines: u32,
+        new_cart_currency: Currency,
+    ) -> Result<MergeOutcome, StoreError> {
+        let client = self.client()?;
+        let currency = guest.cart.currency.unwrap_or(new_cart_currency);
+        // Lock (or create) the user's cart first: concurrent merges and writes queue here.
+        let bump = client
+            .prepare_cached(
+                "INSERT INTO carts (owner, currency, version) VALUES ($1, $2, 1) \
+                 ON CONFLICT (owner) DO UPDATE \
+                 SET version = carts.version + 1, updated_at = now(), purged_at = NULL \
+                 RETURNING version",
+            )
+            .await?;
+        client
+            .query_one(&bump, &[&user.as_str(), &currency.as_str()])
+            .await?;
+        let done = client
+            .prepare_cached(
+                "SELECT report FROM cart_merges \
+                 WHERE user_owner = $1 AND guest_owner = $2 AND guest_version = $3",
+            )
+            .await?;
+        if let Some(row) = client
+            .query_opt(
+                &done,
+                &[&user.as_str(), &guest.cart.owner.as_str(), &guest.version],
+            )
+            .await?
+        {
+            let report: serde_json::Value = row.try_get(0)?;
+            return Ok(MergeOutcome::AlreadyApplied {
+                report: serde_json::from_value(report).unwrap_or_default(),
+            });
+        }
+        let mut current = carts::load(client, user).await?;
+        if current.lines.is_empty() {
+            // An empty user cart takes the guest cart's currency.
+            current.currency = None;
+        }
+        let plan = match plan_merge(&current, &guest.cart, strategy, max_lines) {
+            Ok(plan) => plan,
+            Err(refusal) => return Ok(MergeOutcome::Refused(refusal)),
+        };
+        if let Some(currency) = plan.currency {
+            let set = client
+                .prepare_cached("UPDATE carts SET currency = $2 WHERE owner = $1")
+                .await?;
+            client
+                .execute(&set, &[&user.as_str(), &currency.as_str()])
+                .await?;
+        }
+        let upsert = client
+            .prepare_cached(
+                "INSERT INTO cart_items \
+                 (owner, item_id, quantity, unit_price_minor, currency, variant) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (owner, item_id) DO UPDATE \
+                 SET quantity = EXCLUDED.quantity, unit_price_minor = EXCLUDED.unit_price_minor, \
+                     variant = EXCLUDED.variant, updated_at = now()",
+            )
+            .await?;
+        let line_currency = plan.currency.unwrap_or(currency);
+        for write in &plan.writes {
+            client
+                .execute(
+                    &upsert,
+                    &[
+                        &user.as_str(),
+                        &write.item_id,
+                        &i32::from(write.quantity),
+                        &write.unit_price_minor,
+                        &line_currency.as_str(),
+                        &write.variant,
+                    ],
+                )
+                .await?;
+        }
+        let report = serde_json::to_value(&plan.report).unwrap_or_default();
+        let record = client
+            .prepare_cached(
+                "INSERT INTO cart_merges (user_owner, guest_owner, guest_version, report) \
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .await?;
+        client
+            .execute(
+                &record,
+                &[
+                    &user.as_str(),
+                    &guest.cart.owner.as_str(),
+                    &guest.version,
+                    &report,
+                ],
+            )
+            .await?;
+        let cart = carts::load(client, user).await?;
+        events::record(
+            client,
+            user.as_str(),
+            cart.version,
+            "carts_merged",
+            &json!({ "guest": guest.cart.owner, "guest_version": guest.version, "report": report }),
+        )
+        .await?;
+        Ok(MergeOutcome::Applied {
+            cart,
+            report: plan.report,
+        })
+    }
+}
