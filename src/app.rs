@@ -195,7 +195,9 @@ impl App {
                 Ok(pass.published)
             }
             Err(error) => {
-                self.lifecycle.relay_failures.fetch_add(1, Ordering::Relaxed);
+                self.lifecycle
+                    .relay_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%shard, %error, "outbox relay pass failed; events stay in the outbox");
                 Err(error)
             }
@@ -209,16 +211,15 @@ impl App {
     ) -> Result<crate::store::janitor::JanitorReport, crate::store::StoreError> {
         let c = &self.lifecycle;
         c.janitor_passes.fetch_add(1, Ordering::Relaxed);
-        let (report, purged) = match crate::store::janitor::run_once(&self.store, &self.config)
-            .await
-        {
-            Ok(done) => done,
-            Err(error) => {
-                c.janitor_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%error, "janitor pass failed");
-                return Err(error);
-            }
-        };
+        let (report, purged) =
+            match crate::store::janitor::run_once(&self.store, &self.config).await {
+                Ok(done) => done,
+                Err(error) => {
+                    c.janitor_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, "janitor pass failed");
+                    return Err(error);
+                }
+            };
         for cart in &purged {
             self.store.cache.store_committed(cart).await;
             self.invalidate_elsewhere(&OwnerKey::from_stored(cart.owner.clone()), cart.version);
@@ -257,23 +258,91 @@ impl App {
         let store = &self.store.counters;
         let cache = &self.store.cache.counters;
         let rows: [(&str, &str, u64); 17] = [
-            ("cartedge_janitor_passes_total", "Janitor passes started.", c.janitor_passes.load(Ordering::Relaxed)),
-            ("cartedge_janitor_failures_total", "Janitor passes that failed.", c.janitor_failures.load(Ordering::Relaxed)),
-            ("cartedge_janitor_skipped_shards_total", "Shards skipped because another janitor held them.", c.janitor_skipped_shards.load(Ordering::Relaxed)),
-            ("cartedge_janitor_carts_purged_total", "Inactive carts purged.", c.carts_purged.load(Ordering::Relaxed)),
-            ("cartedge_janitor_tombstones_deleted_total", "Purged-cart tombstones deleted.", c.tombstones_deleted.load(Ordering::Relaxed)),
-            ("cartedge_janitor_idempotency_keys_purged_total", "Idempotency keys purged.", c.idempotency_keys_purged.load(Ordering::Relaxed)),
-            ("cartedge_janitor_merge_records_purged_total", "Merge records purged.", c.merge_records_purged.load(Ordering::Relaxed)),
-            ("cartedge_janitor_reservations_released_total", "Expired stock reservations released.", c.reservations_released.load(Ordering::Relaxed)),
-            ("cartedge_janitor_orders_expired_total", "Unpaid orders expired.", c.orders_expired.load(Ordering::Relaxed)),
-            ("cartedge_events_published_total", "Outbox events published to the stream.", c.events_published.load(Ordering::Relaxed)),
-            ("cartedge_events_relay_failures_total", "Outbox relay passes that failed.", c.relay_failures.load(Ordering::Relaxed)),
-            ("cartedge_cache_hits_total", "Cart reads answered by the cache.", store.cache_hits.load(Ordering::Relaxed)),
-            ("cartedge_cache_misses_total", "Cart reads the cache could not answer.", store.cache_misses.load(Ordering::Relaxed)),
-            ("cartedge_cache_errors_total", "Cache operations that failed.", cache.errors.load(Ordering::Relaxed)),
-            ("cartedge_replica_fallbacks_total", "Reads sent to the primary because the replica was unavailable.", store.replica_fallbacks.load(Ordering::Relaxed)),
-            ("cartedge_topology_mismatches_total", "Edge-to-edge requests refused for another ring.", self.topology_mismatches.load(Ordering::Relaxed)),
-            ("cartedge_invalidations_dropped_total", "Cross-region invalidations dropped (queue full).", self.invalidations_dropped.load(Ordering::Relaxed)),
+            (
+                "cartedge_janitor_passes_total",
+                "Janitor passes started.",
+                c.janitor_passes.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_janitor_failures_total",
+                "Janitor passes that failed.",
+                c.janitor_failures.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_janitor_skipped_shards_total",
+                "Shards skipped because another janitor held them.",
+                c.janitor_skipped_shards.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_janitor_carts_purged_total",
+                "Inactive carts purged.",
+                c.carts_purged.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_janitor_tombstones_deleted_total",
+                "Purged-cart tombstones deleted.",
+                c.tombstones_deleted.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_janitor_idempotency_keys_purged_total",
+                "Idempotency keys purged.",
+                c.idempotency_keys_purged.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_janitor_merge_records_purged_total",
+                "Merge records purged.",
+                c.merge_records_purged.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_janitor_reservations_released_total",
+                "Expired stock reservations released.",
+                c.reservations_released.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_janitor_orders_expired_total",
+                "Unpaid orders expired.",
+                c.orders_expired.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_events_published_total",
+                "Outbox events published to the stream.",
+                c.events_published.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_events_relay_failures_total",
+                "Outbox relay passes that failed.",
+                c.relay_failures.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_cache_hits_total",
+                "Cart reads answered by the cache.",
+                store.cache_hits.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_cache_misses_total",
+                "Cart reads the cache could not answer.",
+                store.cache_misses.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_cache_errors_total",
+                "Cache operations that failed.",
+                cache.errors.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_replica_fallbacks_total",
+                "Reads sent to the primary because the replica was unavailable.",
+                store.replica_fallbacks.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_topology_mismatches_total",
+                "Edge-to-edge requests refused for another ring.",
+                self.topology_mismatches.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_invalidations_dropped_total",
+                "Cross-region invalidations dropped (queue full).",
+                self.invalidations_dropped.load(Ordering::Relaxed),
+            ),
         ];
         let mut text = String::with_capacity(rows.len() * 160);
         for (name, help, value) in rows {

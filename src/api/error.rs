@@ -173,9 +173,7 @@ impl ApiError {
             }
             ApiError::TopologyMismatch => (S::SERVICE_UNAVAILABLE, "topology_mismatch", None),
             ApiError::Unavailable { .. } => (S::SERVICE_UNAVAILABLE, "unavailable", None),
-            ApiError::IdempotencyKeyRequired => {
-                (S::BAD_REQUEST, "idempotency_key_required", None)
-            }
+            ApiError::IdempotencyKeyRequired => (S::BAD_REQUEST, "idempotency_key_required", None),
             ApiError::Refused {
                 status,
                 code,

@@ -13,15 +13,14 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::request::{self, Caller, CheckoutBody, MergeBody, RequestParts};
 use super::{
-    build_cart_response, forward, json_response, mark_write, names, render_view, replay,
-    to_stored, Body, Surface,
+    build_cart_response, forward, json_response, mark_write, names, render_view, replay, to_stored,
+    Body, Surface,
 };
 use crate::app::App;
 use crate::domain::cart::StoredCart;
 use crate::domain::ids::{Owner, OwnerKey};
 use crate::domain::lifecycle::{
-    order_id, order_shard, price_checkout, CheckoutRefusal, CurrentOffer, MergeRefusal,
-    MergeReport,
+    order_id, order_shard, price_checkout, CheckoutRefusal, CurrentOffer, MergeRefusal, MergeReport,
 };
 use crate::forward::client::names as fwd;
 use crate::store::merge::{self, FreezeOutcome, Frozen, MergeOutcome};
@@ -54,7 +53,9 @@ struct StepAnswer {
 
 fn guest_of(step: &MergeStep) -> Result<OwnerKey, ApiError> {
     if !step.guest.starts_with("g:") {
-        return Err(ApiError::InvalidRequest("guest must be a guest owner".into()));
+        return Err(ApiError::InvalidRequest(
+            "guest must be a guest owner".into(),
+        ));
     }
     Ok(OwnerKey::from_stored(step.guest.clone()))
 }
@@ -68,18 +69,20 @@ pub async fn internal_step(app: &App, path: &str, body: &[u8]) -> Result<Respons
         return Err(ApiError::Misdirected);
     }
     let answer = match path {
-        FREEZE_PATH => match merge::freeze(&app.store, placement.shard, &guest, &step.user).await? {
-            FreezeOutcome::Frozen(frozen) => StepAnswer {
-                status: "frozen".into(),
-                version: frozen.version,
-                cart: Some(frozen.cart),
-            },
-            FreezeOutcome::Busy => StepAnswer {
-                status: "busy".into(),
-                version: 0,
-                cart: None,
-            },
-        },
+        FREEZE_PATH => {
+            match merge::freeze(&app.store, placement.shard, &guest, &step.user).await? {
+                FreezeOutcome::Frozen(frozen) => StepAnswer {
+                    status: "frozen".into(),
+                    version: frozen.version,
+                    cart: Some(frozen.cart),
+                },
+                FreezeOutcome::Busy => StepAnswer {
+                    status: "busy".into(),
+                    version: 0,
+                    cart: None,
+                },
+            }
+        }
         FINALIZE_PATH => {
             finalize_local(app, placement.shard, &guest, &step.user, step.version).await?;
             StepAnswer {
@@ -89,7 +92,14 @@ pub async fn internal_step(app: &App, path: &str, body: &[u8]) -> Result<Respons
             }
         }
         ABORT_PATH => {
-            merge::abort(&app.store, placement.shard, &guest, &step.user, step.version).await?;
+            merge::abort(
+                &app.store,
+                placement.shard,
+                &guest,
+                &step.user,
+                step.version,
+            )
+            .await?;
             StepAnswer {
                 status: "ok".into(),
                 version: step.version,
@@ -127,7 +137,8 @@ async fn guest_step(
     let guest = guest_of(step)?;
     let placement = app.topology.ring.locate(guest.as_str());
     if placement.home == app.config.region.id {
-        let response = internal_step(app, path, &serde_json::to_vec(step).unwrap_or_default()).await?;
+        let response =
+            internal_step(app, path, &serde_json::to_vec(step).unwrap_or_default()).await?;
         let body = http_body_util::BodyExt::collect(response.into_body())
             .await
             .map(|c| c.to_bytes())
@@ -180,7 +191,9 @@ pub async fn merge(
     bytes: &Bytes,
 ) -> Result<Response<Body>, ApiError> {
     let Caller::User(user) = caller else {
-        return Err(ApiError::Unauthenticated("merging needs the user's bearer token"));
+        return Err(ApiError::Unauthenticated(
+            "merging needs the user's bearer token",
+        ));
     };
     let body: MergeBody = request::parse_json_or_default(bytes)?;
     request.check_user_id(&Caller::User(user.clone()), body.user_id.as_deref())?;
@@ -195,8 +208,16 @@ pub async fn merge(
     let guest_key = Owner::Guest(session).key();
     let placement = app.topology.ring.locate(user_key.as_str());
     if placement.home != app.config.region.id {
-        return forward_write(app, request, surface, placement.home, idempotency_key, &user_key, bytes)
-            .await;
+        return forward_write(
+            app,
+            request,
+            surface,
+            placement.home,
+            idempotency_key,
+            &user_key,
+            bytes,
+        )
+        .await;
     }
     let step = MergeStep {
         guest: guest_key.as_str().to_string(),
@@ -228,7 +249,8 @@ pub async fn merge(
         drop(client);
         return merged_response(app, &cart, &MergeReport::default(), false).await;
     }
-    let fingerprint = request::fingerprint("merge", guest_key.as_str(), Some(frozen.version), bytes);
+    let fingerprint =
+        request::fingerprint("merge", guest_key.as_str(), Some(frozen.version), bytes);
     let mut tx = app.store.begin_write(placement.shard).await?;
     if let Some(key) = idempotency_key {
         match tx.claim_idempotency(&user_key, key, &fingerprint).await? {
@@ -313,12 +335,10 @@ fn expire_session_cookie(app: &App) -> HeaderValue {
 
 fn body_bytes(response: &Response<Body>) -> Bytes {
     // Our bodies are `Full`: cloning the response body is cheap and never fails.
-    futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(
-        response.body().clone(),
-    ))
-    .and_then(Result::ok)
-    .map(|c| c.to_bytes())
-    .unwrap_or_default()
+    futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(response.body().clone()))
+        .and_then(Result::ok)
+        .map(|c| c.to_bytes())
+        .unwrap_or_default()
 }
 
 /// The merge's answer: the user's cart view with the report beside its fields.
@@ -363,7 +383,16 @@ async fn forward_write(
     let key = idempotency_key
         .map(str::to_string)
         .unwrap_or_else(|| format!("fwd-{}", hex::encode(rand::random::<[u8; 16]>())));
-    let response = forward(app, request, &Method::POST, home, None, Some(&key), bytes.clone()).await?;
+    let response = forward(
+        app,
+        request,
+        &Method::POST,
+        home,
+        None,
+        Some(&key),
+        bytes.clone(),
+    )
+    .await?;
     if response.status().is_success() {
         if let Some(version) = response
             .headers()
@@ -404,7 +433,9 @@ pub async fn checkout(
         Caller::User(user) => user,
         Caller::Guest(_) => return Err(ApiError::Forbidden("guests must log in to check out")),
         Caller::Anonymous => {
-            return Err(ApiError::Unauthenticated("checking out needs a bearer token"))
+            return Err(ApiError::Unauthenticated(
+                "checking out needs a bearer token",
+            ))
         }
     };
     let key = request
@@ -416,7 +447,16 @@ pub async fn checkout(
     let owner = Owner::User(user).key();
     let placement = app.topology.ring.locate(owner.as_str());
     if placement.home != app.config.region.id {
-        return forward_write(app, request, surface, placement.home, Some(key), &owner, bytes).await;
+        return forward_write(
+            app,
+            request,
+            surface,
+            placement.home,
+            Some(key),
+            &owner,
+            bytes,
+        )
+        .await;
     }
     let fingerprint = request::fingerprint("checkout", "", None, bytes);
     let mut tx = app.store.begin_write(placement.shard).await?;
@@ -645,7 +685,16 @@ pub async fn settle(
             return Err(ApiError::Misdirected);
         }
         let key = format!("fwd-{}", hex::encode(rand::random::<[u8; 16]>()));
-        return forward(app, request, &Method::POST, home, None, Some(&key), Bytes::new()).await;
+        return forward(
+            app,
+            request,
+            &Method::POST,
+            home,
+            None,
+            Some(&key),
+            Bytes::new(),
+        )
+        .await;
     }
     let (client, _) = app.store.db_read_prefer_primary(&shard).await?;
     let order = orders::load_order(&client, order_id, None).await?;
@@ -681,13 +730,11 @@ pub async fn settle(
                 .ok_or_else(order_not_found)?;
             match (action, settled.status.as_str()) {
                 (Settlement::Confirm, "paid") | (Settlement::Cancel, "cancelled") => settled,
-                (Settlement::Confirm, "expired") => {
-                    return Err(ApiError::conflict(
-                        "reservation_expired",
-                        "the order's stock reservation expired before payment; the stock was returned",
-                        json!({ "status": settled.status }),
-                    ))
-                }
+                (Settlement::Confirm, "expired") => return Err(ApiError::conflict(
+                    "reservation_expired",
+                    "the order's stock reservation expired before payment; the stock was returned",
+                    json!({ "status": settled.status }),
+                )),
                 _ => return Err(not_pending(&settled)),
             }
         }

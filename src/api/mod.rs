@@ -215,7 +215,10 @@ async fn dispatch(
     let allowed = matches!(
         (route, &method),
         (Route::Cart, &Method::GET | &Method::DELETE)
-            | (Route::CartItems | Route::Merge | Route::Checkout | Route::Settle(..), &Method::POST)
+            | (
+                Route::CartItems | Route::Merge | Route::Checkout | Route::Settle(..),
+                &Method::POST
+            )
             | (Route::CartItem(_), &Method::PUT | &Method::DELETE)
             | (Route::Order(_), &Method::GET)
     );

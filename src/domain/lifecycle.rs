@@ -108,10 +108,9 @@ pub fn plan_merge(
                         u32::from(existing.quantity) + u32::from(line.quantity),
                         existing,
                     ),
-                    MergeStrategy::Max => (
-                        u32::from(existing.quantity.max(line.quantity)),
-                        existing,
-                    ),
+                    MergeStrategy::Max => {
+                        (u32::from(existing.quantity.max(line.quantity)), existing)
+                    }
                     MergeStrategy::KeepUser => (u32::from(existing.quantity), existing),
                     MergeStrategy::KeepGuest => (u32::from(line.quantity), line),
                 };

@@ -5,8 +5,8 @@
 //! from the store; decisions come back as values the store executes.
 
 pub mod cart;
-pub mod lifecycle;
 pub mod ids;
+pub mod lifecycle;
 pub mod money;
 pub mod ring;
 pub mod variant;

@@ -47,7 +47,10 @@ pub type Purged = Vec<StoredCart>;
 
 /// Runs one pass over every shard homed here (and the catalog's reservations, where the
 /// catalog primary is configured). Returns what it did and the carts it purged.
-pub async fn run_once(store: &Store, config: &Config) -> Result<(JanitorReport, Purged), StoreError> {
+pub async fn run_once(
+    store: &Store,
+    config: &Config,
+) -> Result<(JanitorReport, Purged), StoreError> {
     let mut report = JanitorReport::default();
     let mut purged = Vec::new();
     let mut shards: Vec<&String> = store.shards.keys().collect();

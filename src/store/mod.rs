@@ -210,7 +210,10 @@ impl Store {
         let catalog_primary = if config.database.catalog_primary.is_empty() {
             None
         } else {
-            Some(build_pool(config.database.catalog_primary.expose(), config)?)
+            Some(build_pool(
+                config.database.catalog_primary.expose(),
+                config,
+            )?)
         };
         Ok(Store {
             shards,

@@ -55,7 +55,9 @@ struct ReservedItem {
 
 fn catalog_primary(store: &Store) -> Result<&Pool, StoreError> {
     store.catalog_primary.as_ref().ok_or_else(|| {
-        StoreError::Unavailable("this region has no catalog primary (database.catalog_primary)".into())
+        StoreError::Unavailable(
+            "this region has no catalog primary (database.catalog_primary)".into(),
+        )
     })
 }
 
@@ -126,7 +128,9 @@ async fn reserve_in(
         )
         .await?;
     let available = client
-        .prepare_cached("SELECT CASE WHEN active THEN stock ELSE 0 END FROM catalog_items WHERE item_id = $1")
+        .prepare_cached(
+            "SELECT CASE WHEN active THEN stock ELSE 0 END FROM catalog_items WHERE item_id = $1",
+        )
         .await?;
     let mut short = Vec::new();
     for line in &sorted {
@@ -400,11 +404,7 @@ impl WriteTx {
         let lock = client
             .prepare_cached("SELECT version FROM carts WHERE owner = $1 FOR UPDATE")
             .await?;
-        if client
-            .query_opt(&lock, &[&owner.as_str()])
-            .await?
-            .is_none()
-        {
+        if client.query_opt(&lock, &[&owner.as_str()]).await?.is_none() {
             return Ok(Locked::Empty);
         }
         let cart = carts::load(client, owner).await?;

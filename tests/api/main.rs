@@ -8,6 +8,7 @@ mod concurrency;
 mod helpers;
 mod idempotency;
 mod layering;
+mod lifecycle;
 mod local;
 mod openapi;
 mod protection;

@@ -1,0 +1,778 @@
+//! The cart lifecycle in one region: merge on login, price changes, checkout with stock
+//! reservation, orders and payment, the janitor and the event outbox.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::helpers::{h, now_unix, TestApp, TestOptions};
+use http::StatusCode;
+use serde_json::Value;
+
+/// A guest session with a cart holding `lines` (item, quantity).
+async fn guest_with(app: &TestApp, lines: &[(&str, i64)]) -> String {
+    let mut session: Option<String> = None;
+    for (item, quantity) in lines {
+        let headers: Vec<(String, String)> = session.iter().map(|s| h("cart-session", s)).collect();
+        let body = format!(r#"{{"item_id":"{item}","quantity":{quantity}}}"#);
+        let response = app
+            .send("POST", "/api/v1/cart/items", &headers, Some(&body))
+            .await;
+        assert_eq!(response.status, StatusCode::OK, "{:?}", response.body);
+        session = response.header("cart-session").map(str::to_string);
+    }
+    session.expect("a session")
+}
+
+async fn merge(
+    app: &TestApp,
+    user: &str,
+    session: &str,
+    body: Option<&str>,
+) -> crate::helpers::TestResponse {
+    app.send(
+        "POST",
+        "/api/v1/cart/merge",
+        &[app.bearer(user), h("cart-session", session)],
+        body,
+    )
+    .await
+}
+
+async fn guest_cart(app: &TestApp, session: &str) -> crate::helpers::TestResponse {
+    app.send("GET", "/api/v1/cart", &[h("cart-session", session)], None)
+        .await
+}
+
+fn price_of(cart: &Value, item: &str) -> i64 {
+    cart["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["item_id"] == item)
+        .map(|l| l["unit_price"]["amount_minor"].as_i64().unwrap())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_merge_strategy_combines_carts_and_empties_the_guest_cart() {
+    let app = TestApp::spawn().await;
+    // (strategy, expected quantity of the shared item)
+    for (n, (strategy, shared)) in [("sum", 5), ("max", 3), ("keep_user", 2), ("keep_guest", 3)]
+        .into_iter()
+        .enumerate()
+    {
+        let user = format!("merger{n}");
+        app.add(&user, "sku-00001", 2).await;
+        let session = guest_with(&app, &[("sku-00001", 3), ("sku-00002", 1)]).await;
+        let body = format!(r#"{{"strategy":"{strategy}"}}"#);
+        let merged = merge(&app, &user, &session, Some(&body)).await;
+        assert_eq!(
+            merged.status,
+            StatusCode::OK,
+            "{strategy}: {:?}",
+            merged.body
+        );
+        assert_eq!(merged.quantity_of("sku-00001"), shared, "{strategy}");
+        assert_eq!(merged.quantity_of("sku-00002"), 1, "{strategy}");
+        let report = &merged.json()["report"];
+        assert_eq!(report["merged_lines"], 1, "{strategy}");
+        assert_eq!(report["added_lines"], 1, "{strategy}");
+        assert_eq!(report["clamped"], Value::Array(vec![]));
+        // The guest's session cookie is expired and the guest cart is empty.
+        assert!(merged
+            .cookie("cart_session")
+            .is_some_and(|c| c.contains("Max-Age=0")));
+        let guest = guest_cart(&app, &session).await;
+        assert_eq!(guest.json()["items"].as_array().unwrap().len(), 0);
+        // What the user reads afterwards is the merged cart.
+        let read = app.user(&user, "GET", "/api/v1/cart", None).await;
+        assert_eq!(read.quantity_of("sku-00001"), shared);
+    }
+    // Without a strategy, quantities are summed; a line past 999 is capped and reported.
+    app.add("big", "sku-00001", 900).await;
+    let session = guest_with(&app, &[("sku-00001", 200)]).await;
+    let merged = merge(&app, "big", &session, None).await;
+    assert_eq!(merged.quantity_of("sku-00001"), 999);
+    let clamped = &merged.json()["report"]["clamped"][0];
+    assert_eq!(clamped["item_id"], "sku-00001");
+    assert_eq!(clamped["requested"], 1100);
+    assert_eq!(clamped["quantity"], 999);
+}
+
+#[tokio::test]
+async fn lines_keep_the_price_they_captured_through_a_merge() {
+    let app = TestApp::spawn().await;
+    let captured_user = price_of(&app.add("pricey", "sku-00003", 1).await.json(), "sku-00003");
+    let session = guest_with(&app, &[("sku-00004", 1)]).await;
+    let captured_guest = price_of(&guest_cart(&app, &session).await.json(), "sku-00004");
+    // Both prices move before the merge.
+    app.sql("UPDATE catalog_prices SET amount_minor = amount_minor + 1000 WHERE item_id IN ('sku-00003','sku-00004') AND currency = 'SGD'").await;
+    let merged = merge(&app, "pricey", &session, None).await.json();
+    assert_eq!(price_of(&merged, "sku-00003"), captured_user);
+    assert_eq!(price_of(&merged, "sku-00004"), captured_guest);
+    assert_eq!(merged["price_changed_lines"], 2);
+}
+
+#[tokio::test]
+async fn a_merge_needs_a_user_token_and_a_guest_session() {
+    let app = TestApp::spawn().await;
+    let session = guest_with(&app, &[("sku-00001", 1)]).await;
+    let no_session = app
+        .send("POST", "/api/v1/cart/merge", &[app.bearer("u1")], None)
+        .await;
+    assert_eq!(no_session.status, StatusCode::BAD_REQUEST);
+    let guest_only = app
+        .send(
+            "POST",
+            "/api/v1/cart/merge",
+            &[h("cart-session", &session)],
+            None,
+        )
+        .await;
+    assert_eq!(guest_only.status, StatusCode::UNAUTHORIZED);
+    let forged = merge(
+        &app,
+        "u1",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        None,
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(forged.error_code(), "invalid_session");
+    let bad_strategy = merge(&app, "u1", &session, Some(r#"{"strategy":"union"}"#)).await;
+    assert_eq!(bad_strategy.status, StatusCode::BAD_REQUEST);
+    // Nothing was merged by the refused requests.
+    assert_eq!(guest_cart(&app, &session).await.quantity_of("sku-00001"), 1);
+}
+
+#[tokio::test]
+async fn carts_in_different_currencies_refuse_to_merge_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    app.add("travel", "sku-00001", 1).await;
+    let session = guest_with(&app, &[("sku-00002", 2)]).await;
+    app.sql(&format!(
+        "UPDATE carts SET currency = 'THB' WHERE owner = 'g:{session}'; \
+         UPDATE cart_items SET currency = 'THB' WHERE owner = 'g:{session}'"
+    ))
+    .await;
+    let refused = merge(&app, "travel", &session, None).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT);
+    assert_eq!(refused.error_code(), "currency_mismatch");
+    let user = app.user("travel", "GET", "/api/v1/cart", None).await;
+    assert_eq!(user.quantity_of("sku-00002"), 0);
+    assert_eq!(user.quantity_of("sku-00001"), 1);
+    // The guest cart is not left frozen: its owner can still change it.
+    let more = app
+        .send(
+            "PUT",
+            "/api/v1/cart/items/sku-00002",
+            &[h("cart-session", &session)],
+            Some(r#"{"quantity":3}"#),
+        )
+        .await;
+    assert_eq!(more.status, StatusCode::OK, "{:?}", more.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_merge_retried_sequentially_or_concurrently_applies_once() {
+    let app = Arc::new(TestApp::spawn().await);
+    app.add("again", "sku-00001", 1).await;
+    let session = guest_with(&app, &[("sku-00001", 2), ("sku-00005", 1)]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let app = app.clone();
+        let session = session.clone();
+        tasks.push(tokio::spawn(async move {
+            merge(&app, "again", &session, None).await.status
+        }));
+    }
+    for task in tasks {
+        let status = task.await.unwrap();
+        // A merge racing another may be told to retry; none may fail otherwise.
+        assert!(
+            status == StatusCode::OK || status == StatusCode::CONFLICT,
+            "{status}"
+        );
+    }
+    let retried = merge(&app, "again", &session, None).await;
+    assert_eq!(retried.status, StatusCode::OK);
+    assert_eq!(retried.quantity_of("sku-00001"), 3);
+    assert_eq!(retried.quantity_of("sku-00005"), 1);
+    assert_eq!(
+        app.query_i64("SELECT count(*) FROM cart_merges").await,
+        1,
+        "one merge recorded"
+    );
+    assert_eq!(
+        guest_cart(&app, &session).await.json()["items"],
+        Value::Array(vec![])
+    );
+}
+
+#[tokio::test]
+async fn a_failure_between_the_two_carts_updates_converges_on_retry() {
+    let app = TestApp::spawn().await;
+    app.add("crashy", "sku-00001", 1).await;
+    let session = guest_with(&app, &[("sku-00001", 2), ("sku-00006", 4)]).await;
+    // 1. The user's side fails after the guest cart was frozen.
+    app.sql(
+        "CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$; \
+         CREATE TRIGGER inject BEFORE INSERT ON cart_merges FOR EACH ROW EXECUTE FUNCTION fail();",
+    )
+    .await;
+    let failed = merge(&app, "crashy", &session, None).await;
+    assert!(failed.status.is_server_error(), "{}", failed.status);
+    let user = app.user("crashy", "GET", "/api/v1/cart", None).await;
+    assert_eq!(user.quantity_of("sku-00001"), 1, "nothing merged");
+    // The frozen guest cart refuses changes until the merge finishes.
+    let frozen = app
+        .send(
+            "DELETE",
+            "/api/v1/cart/items/sku-00006",
+            &[h("cart-session", &session)],
+            None,
+        )
+        .await;
+    assert_eq!(frozen.status, StatusCode::CONFLICT);
+    assert_eq!(frozen.error_code(), "merge_in_progress");
+    // 2. The user's side commits, the guest's clean-up fails.
+    app.sql(
+        "DROP TRIGGER inject ON cart_merges; \
+         CREATE TRIGGER inject BEFORE DELETE ON cart_items FOR EACH ROW \
+         WHEN (OLD.owner LIKE 'g:%') EXECUTE FUNCTION fail();",
+    )
+    .await;
+    let half = merge(&app, "crashy", &session, None).await;
+    assert_eq!(half.status, StatusCode::OK, "{:?}", half.body);
+    assert_eq!(half.quantity_of("sku-00001"), 3);
+    assert_eq!(guest_cart(&app, &session).await.quantity_of("sku-00006"), 4);
+    // 3. The retry finds the merge applied, adds nothing, and empties the guest cart.
+    app.sql("DROP TRIGGER inject ON cart_items").await;
+    let retried = merge(&app, "crashy", &session, None).await;
+    assert_eq!(retried.status, StatusCode::OK);
+    assert_eq!(retried.quantity_of("sku-00001"), 3);
+    assert_eq!(retried.quantity_of("sku-00006"), 4);
+    assert_eq!(
+        guest_cart(&app, &session).await.json()["items"],
+        Value::Array(vec![])
+    );
+    let last = merge(&app, "crashy", &session, None).await;
+    assert_eq!(last.quantity_of("sku-00001"), 3, "still not doubled");
+}
+
+fn payment_token(app: &TestApp) -> String {
+    cartedge::api::auth::issue_token_with_role(
+        &app.config.auth,
+        "payments",
+        Duration::from_secs(3600),
+        now_unix(),
+        "payment",
+    )
+    .unwrap()
+}
+
+async fn checkout(
+    app: &TestApp,
+    user: &str,
+    key: &str,
+    body: Option<&str>,
+) -> crate::helpers::TestResponse {
+    app.send(
+        "POST",
+        "/api/v1/cart/checkout",
+        &[app.bearer(user), h("idempotency-key", key)],
+        body,
+    )
+    .await
+}
+
+async fn stock(app: &TestApp, item: &str) -> i64 {
+    app.query_i64(&format!(
+        "SELECT stock::bigint FROM catalog_items WHERE item_id = '{item}'"
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_checkouts_of_ten_in_stock_sell_exactly_ten() {
+    let app = Arc::new(TestApp::spawn().await);
+    app.sql("UPDATE catalog_items SET stock = 10 WHERE item_id = 'sku-00042'")
+        .await;
+    for n in 0..50 {
+        let added = app.add(&format!("buyer{n}"), "sku-00042", 1).await;
+        assert_eq!(added.status, StatusCode::OK);
+    }
+    let mut tasks = Vec::new();
+    for n in 0..50 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            let response = checkout(&app, &format!("buyer{n}"), "pay-1", None).await;
+            (response.status, response.error_code())
+        }));
+    }
+    let (mut sold, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            (StatusCode::CREATED, _) => sold += 1,
+            (StatusCode::CONFLICT, code) => {
+                assert_eq!(code, "out_of_stock");
+                refused += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((sold, refused), (10, 40));
+    assert_eq!(stock(&app, "sku-00042").await, 0);
+    assert_eq!(app.query_i64("SELECT count(*) FROM orders").await, 10);
+    assert_eq!(
+        app.query_i64("SELECT count(*) FROM stock_reservations WHERE status = 'held'")
+            .await,
+        10
+    );
+    // A refused buyer's cart is intact and the refusal names what is available.
+    let refused_cart = app.add("late", "sku-00001", 1).await;
+    assert_eq!(refused_cart.status, StatusCode::OK);
+    app.sql("UPDATE catalog_items SET stock = 0 WHERE item_id = 'sku-00001'")
+        .await;
+    let short = checkout(&app, "late", "pay-1", None).await;
+    assert_eq!(short.status, StatusCode::CONFLICT);
+    let item = &short.json()["error"]["details"]["items"][0];
+    assert_eq!(item["item_id"], "sku-00001");
+    assert_eq!(item["available"], 0);
+    assert_eq!(item["requested"], 1);
+}
+
+#[tokio::test]
+async fn a_checkout_creates_an_order_clears_the_cart_and_replays_by_key() {
+    let app = TestApp::spawn().await;
+    app.add("shopper", "sku-00007", 2).await;
+    let added = app.add("shopper", "sku-00008", 1).await;
+    let before = stock(&app, "sku-00007").await;
+    let missing_key = app
+        .send(
+            "POST",
+            "/api/v1/cart/checkout",
+            &[app.bearer("shopper")],
+            None,
+        )
+        .await;
+    assert_eq!(missing_key.status, StatusCode::BAD_REQUEST);
+    assert_eq!(missing_key.error_code(), "idempotency_key_required");
+    let order = checkout(&app, "shopper", "k-1", Some("{}")).await;
+    assert_eq!(order.status, StatusCode::CREATED, "{:?}", order.body);
+    let body = order.json();
+    assert_eq!(body["status"], "pending_payment");
+    assert_eq!(body["owner"], "u:shopper");
+    assert_eq!(body["currency"], "SGD");
+    assert_eq!(body["items"].as_array().unwrap().len(), 2);
+    let expected_total = added.json()["total_price"]["amount_minor"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(body["total_price"]["amount_minor"], expected_total);
+    assert!(body["reservation_expires_at"].is_string());
+    assert_eq!(stock(&app, "sku-00007").await, before - 2);
+    // The cart is empty with a newer version.
+    let cart = app.user("shopper", "GET", "/api/v1/cart", None).await;
+    assert_eq!(cart.json()["items"], Value::Array(vec![]));
+    assert!(cart.version() > added.version());
+    // The same key returns the same order; another key finds an empty cart.
+    let replay = checkout(&app, "shopper", "k-1", Some("{}")).await;
+    assert_eq!(replay.status, StatusCode::CREATED);
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(replay.json()["order_id"], body["order_id"]);
+    let empty = checkout(&app, "shopper", "k-2", None).await;
+    assert_eq!(empty.status, StatusCode::CONFLICT);
+    assert_eq!(empty.error_code(), "cart_empty");
+    assert_eq!(stock(&app, "sku-00007").await, before - 2, "reserved once");
+    // Guests cannot check out.
+    let session = guest_with(&app, &[("sku-00001", 1)]).await;
+    let guest = app
+        .send(
+            "POST",
+            "/api/v1/cart/checkout",
+            &[h("cart-session", &session), h("idempotency-key", "g-1")],
+            None,
+        )
+        .await;
+    assert_eq!(guest.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn a_failure_after_the_reservation_returns_the_stock() {
+    let app = TestApp::spawn().await;
+    app.add("unlucky", "sku-00009", 3).await;
+    let before = stock(&app, "sku-00009").await;
+    app.sql(
+        "CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$; \
+         CREATE TRIGGER inject BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION fail();",
+    )
+    .await;
+    let failed = checkout(&app, "unlucky", "k-1", None).await;
+    assert!(failed.status.is_server_error(), "{}", failed.status);
+    assert_eq!(stock(&app, "sku-00009").await, before, "stock returned");
+    assert_eq!(
+        app.query_i64("SELECT count(*) FROM stock_reservations WHERE status = 'held'")
+            .await,
+        0
+    );
+    let cart = app.user("unlucky", "GET", "/api/v1/cart", None).await;
+    assert_eq!(cart.quantity_of("sku-00009"), 3, "cart untouched");
+    // The retry with the same key succeeds once the fault is gone.
+    app.sql("DROP TRIGGER inject ON orders").await;
+    let retried = checkout(&app, "unlucky", "k-1", None).await;
+    assert_eq!(retried.status, StatusCode::CREATED);
+    assert_eq!(stock(&app, "sku-00009").await, before - 3);
+}
+
+#[tokio::test]
+async fn a_moved_price_refuses_checkout_until_accepted_and_reads_report_it() {
+    let app = TestApp::spawn().await;
+    let added = app.add("watcher", "sku-00010", 2).await;
+    let captured = price_of(&added.json(), "sku-00010");
+    app.sql("UPDATE catalog_prices SET amount_minor = amount_minor + 250 WHERE item_id = 'sku-00010' AND currency = 'SGD'").await;
+    let view = app
+        .user("watcher", "GET", "/api/v1/cart", None)
+        .await
+        .json();
+    let line = &view["items"][0];
+    assert_eq!(line["price_changed"], true);
+    assert_eq!(line["unit_price"]["amount_minor"], captured);
+    assert_eq!(line["current_price"]["amount_minor"], captured + 250);
+    assert_eq!(view["price_changed_lines"], 1);
+    let before = stock(&app, "sku-00010").await;
+    let refused = checkout(&app, "watcher", "k-1", None).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT);
+    assert_eq!(refused.error_code(), "price_changed");
+    let change = &refused.json()["error"]["details"]["lines"][0];
+    assert_eq!(change["item_id"], "sku-00010");
+    assert_eq!(change["unit_price"]["amount_minor"], captured);
+    assert_eq!(change["current_price"]["amount_minor"], captured + 250);
+    assert_eq!(stock(&app, "sku-00010").await, before, "nothing reserved");
+    let accepted = checkout(
+        &app,
+        "watcher",
+        "k-2",
+        Some(r#"{"accept_price_changes":true}"#),
+    )
+    .await;
+    assert_eq!(accepted.status, StatusCode::CREATED, "{:?}", accepted.body);
+    let order = accepted.json();
+    assert_eq!(
+        order["items"][0]["unit_price"]["amount_minor"],
+        captured + 250
+    );
+    assert_eq!(order["total_price"]["amount_minor"], (captured + 250) * 2);
+}
+
+#[tokio::test]
+async fn orders_are_private_and_the_payment_service_confirms_or_cancels_them() {
+    let app = TestApp::spawn().await;
+    app.add("owner", "sku-00011", 2).await;
+    let before = stock(&app, "sku-00011").await;
+    let order = checkout(&app, "owner", "k-1", None).await.json();
+    let id = order["order_id"].as_str().unwrap().to_string();
+    let path = format!("/api/v1/orders/{id}");
+    assert_eq!(app.user("owner", "GET", &path, None).await.json(), order);
+    let stranger = app.user("stranger", "GET", &path, None).await;
+    assert_eq!(stranger.status, StatusCode::NOT_FOUND);
+    assert!(!String::from_utf8_lossy(&stranger.body).contains("sku-00011"));
+    assert_eq!(
+        app.user("owner", "GET", "/api/v1/orders/ord_nope", None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    // Only the payment service settles.
+    let by_owner = app
+        .user("owner", "POST", &format!("{path}/confirm"), None)
+        .await;
+    assert_eq!(by_owner.status, StatusCode::FORBIDDEN);
+    let payment = payment_token(&app);
+    let confirmed = app
+        .user_with_token(&payment, "POST", &format!("{path}/confirm"))
+        .await;
+    assert_eq!(confirmed.status, StatusCode::OK, "{:?}", confirmed.body);
+    assert_eq!(confirmed.json()["status"], "paid");
+    let again = app
+        .user_with_token(&payment, "POST", &format!("{path}/confirm"))
+        .await;
+    assert_eq!(again.json()["status"], "paid", "confirm is idempotent");
+    let cancel_paid = app
+        .user_with_token(&payment, "POST", &format!("{path}/cancel"))
+        .await;
+    assert_eq!(cancel_paid.status, StatusCode::CONFLICT);
+    assert_eq!(cancel_paid.error_code(), "order_not_pending");
+    assert_eq!(stock(&app, "sku-00011").await, before - 2, "sold");
+    // A cancelled order returns its stock.
+    app.add("owner", "sku-00011", 1).await;
+    let second = checkout(&app, "owner", "k-2", None).await.json();
+    let second_path = format!("/api/v1/orders/{}", second["order_id"].as_str().unwrap());
+    assert_eq!(stock(&app, "sku-00011").await, before - 3);
+    let cancelled = app
+        .user_with_token(&payment, "POST", &format!("{second_path}/cancel"))
+        .await;
+    assert_eq!(cancelled.json()["status"], "cancelled");
+    assert_eq!(stock(&app, "sku-00011").await, before - 2);
+    // An expired reservation cannot be paid; its stock comes back.
+    app.add("owner", "sku-00011", 1).await;
+    let third = checkout(&app, "owner", "k-3", None).await.json();
+    let third_id = third["order_id"].as_str().unwrap();
+    app.sql(&format!("UPDATE stock_reservations SET expires_at = now() - interval '1 minute' WHERE reservation_id = '{third_id}'")).await;
+    let late = app
+        .user_with_token(
+            &payment,
+            "POST",
+            &format!("/api/v1/orders/{third_id}/confirm"),
+        )
+        .await;
+    assert_eq!(late.status, StatusCode::CONFLICT);
+    assert_eq!(late.error_code(), "reservation_expired");
+    assert_eq!(stock(&app, "sku-00011").await, before - 2);
+    let expired = app
+        .user("owner", "GET", &format!("/api/v1/orders/{third_id}"), None)
+        .await;
+    assert_eq!(expired.json()["status"], "expired");
+}
+
+#[tokio::test]
+async fn the_janitor_purges_what_aged_keeps_what_is_fresh_and_runs_once_per_shard() {
+    let app = TestApp::spawn_with(TestOptions {
+        overlay: "[retention]\ncart = \"30days\"\nguest_cart = \"7days\"\nempty_cart = \"2days\"\n"
+            .into(),
+        ..TestOptions::default()
+    })
+    .await;
+    for user in ["old", "fresh", "young-empty", "old-empty"] {
+        app.add(user, "sku-00001", 1).await;
+    }
+    app.user("young-empty", "DELETE", "/api/v1/cart", None)
+        .await;
+    app.user("old-empty", "DELETE", "/api/v1/cart", None).await;
+    let old_guest = guest_with(&app, &[("sku-00001", 1)]).await;
+    let new_guest = guest_with(&app, &[("sku-00001", 1)]).await;
+    let old_version = app.user("old", "GET", "/api/v1/cart", None).await.version();
+    app.sql(&format!(
+        "UPDATE carts SET updated_at = now() - interval '31 days' WHERE owner = 'u:old'; \
+         UPDATE carts SET updated_at = now() - interval '8 days' WHERE owner IN ('g:{old_guest}', 'u:fresh'); \
+         UPDATE carts SET updated_at = now() - interval '3 days' WHERE owner IN ('u:old-empty'); \
+         UPDATE carts SET updated_at = now() - interval '1 day' WHERE owner IN ('u:young-empty'); \
+         INSERT INTO idempotency_keys (owner, key, request_hash, status, headers, body, created_at) \
+         VALUES ('u:old', 'ancient', '\\x00', 200, '[]', '\\x00', now() - interval '3 days'), \
+                ('u:old', 'recent', '\\x00', 200, '[]', '\\x00', now());"
+    ))
+    .await;
+    // Another janitor holds the shard: this pass skips it.
+    let lock = cartedge::store::janitor::lock_key("sg-1");
+    let (holder, connection) = tokio_postgres::connect(&app.dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&lock])
+        .await
+        .unwrap();
+    let skipped = app.app.janitor_once().await.unwrap();
+    assert_eq!(skipped.skipped, ["sg-1"]);
+    assert_eq!(skipped.carts_purged, 0);
+    assert_eq!(
+        app.query_i64("SELECT count(*) FROM cart_items WHERE owner = 'u:old'")
+            .await,
+        1
+    );
+    holder
+        .execute("SELECT pg_advisory_unlock($1)", &[&lock])
+        .await
+        .unwrap();
+    drop(holder);
+    let _ = driver.await;
+
+    let report = app.app.janitor_once().await.unwrap();
+    assert_eq!(report.shards, ["sg-1"]);
+    assert_eq!(report.carts_purged, 3, "{report:?}");
+    assert_eq!(report.idempotency_keys_purged, 1);
+    let old = app.user("old", "GET", "/api/v1/cart", None).await;
+    assert_eq!(old.json()["items"], Value::Array(vec![]));
+    assert!(
+        old.version() > old_version,
+        "a purge never lowers the version"
+    );
+    assert_eq!(
+        guest_cart(&app, &old_guest).await.json()["items"],
+        Value::Array(vec![])
+    );
+    assert_eq!(
+        guest_cart(&app, &new_guest).await.quantity_of("sku-00001"),
+        1
+    );
+    assert_eq!(
+        app.user("fresh", "GET", "/api/v1/cart", None)
+            .await
+            .quantity_of("sku-00001"),
+        1
+    );
+    assert_eq!(
+        app.query_i64(
+            "SELECT count(*) FROM carts WHERE owner = 'u:young-empty' AND purged_at IS NULL"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        app.query_i64(
+            "SELECT count(*) FROM carts WHERE owner = 'u:old-empty' AND purged_at IS NOT NULL"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        app.query_i64("SELECT count(*) FROM idempotency_keys WHERE key = 'recent'")
+            .await,
+        1
+    );
+    // A purged cart comes back to life on the next write, with a newer version.
+    let revived = app.add("old", "sku-00002", 1).await;
+    assert!(revived.version() > old.version());
+    // Tombstones go once their own retention passed; a second pass finds nothing else.
+    app.sql("UPDATE carts SET purged_at = now() - interval '8 days' WHERE purged_at IS NOT NULL")
+        .await;
+    let second = app.app.janitor_once().await.unwrap();
+    assert_eq!(second.carts_purged, 0);
+    assert_eq!(second.tombstones_deleted, 2);
+    let metrics = app.app.metrics_text();
+    assert!(
+        metrics.contains("cartedge_janitor_carts_purged_total 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_janitor_releases_expired_reservations_and_expires_their_orders() {
+    let app = TestApp::spawn().await;
+    app.add("slow-payer", "sku-00012", 4).await;
+    let before = stock(&app, "sku-00012").await;
+    let order = checkout(&app, "slow-payer", "k-1", None).await.json();
+    let id = order["order_id"].as_str().unwrap();
+    assert_eq!(stock(&app, "sku-00012").await, before - 4);
+    app.sql(&format!(
+        "UPDATE stock_reservations SET expires_at = now() - interval '2 hours' WHERE reservation_id = '{id}'; \
+         UPDATE orders SET reservation_expires_at = now() - interval '2 hours' WHERE order_id = '{id}'"
+    ))
+    .await;
+    let report = app.app.janitor_once().await.unwrap();
+    assert_eq!(report.reservations_released, 1, "{report:?}");
+    assert_eq!(report.orders_expired, 1);
+    assert_eq!(stock(&app, "sku-00012").await, before);
+    let seen = app
+        .user("slow-payer", "GET", &format!("/api/v1/orders/{id}"), None)
+        .await;
+    assert_eq!(seen.json()["status"], "expired");
+}
+
+/// Every entry of a stream: (owner, version, kind).
+async fn stream(redis_url: &str, name: &str) -> Vec<(String, i64, String)> {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(name)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .map(|(_, fields)| {
+            let text = |field: &str| -> String {
+                let at = fields.iter().position(|f| f == field).unwrap();
+                fields[at + 1].clone()
+            };
+            (
+                text("owner"),
+                text("version").parse().unwrap(),
+                text("kind"),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn events_reach_the_stream_in_order_per_cart_and_wait_out_a_relay_outage() {
+    // An edge whose Redis is down: writes succeed, their events stay in the outbox.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("redis://{}/", unused.local_addr().unwrap());
+    drop(unused);
+    let outage = TestApp::spawn_with(TestOptions {
+        redis_url: Some(dead_url),
+        overlay: "[events]\ninterval = \"50ms\"\n".into(),
+    })
+    .await;
+    for n in 0..5 {
+        assert_eq!(
+            outage.add("ann", "sku-00001", 1).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            outage.add("bob", &format!("sku-0002{n}"), 1).await.status,
+            StatusCode::OK
+        );
+    }
+    outage
+        .user("ann", "DELETE", "/api/v1/cart/items/sku-00001", None)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        outage.query_i64("SELECT count(*) FROM cart_events").await,
+        11,
+        "all waiting"
+    );
+    let database = outage.dsn.rsplit('/').next().unwrap().to_string();
+    let dsn = outage.dsn.clone();
+    drop(outage);
+
+    // The relay comes back (a new edge on the same database, Redis up): nothing was lost.
+    let redis_url = crate::helpers::shared().redis.url();
+    let back = TestApp::spawn_on(
+        &dsn,
+        &database,
+        TestOptions {
+            redis_url: Some(redis_url.clone()),
+            overlay: "[events]\nrelay = false\n".into(),
+        },
+    )
+    .await;
+    let published = back.app.relay_once("sg-1").await.unwrap();
+    assert_eq!(published, 11);
+    assert_eq!(back.query_i64("SELECT count(*) FROM cart_events").await, 0);
+    back.add("ann", "sku-00002", 1).await;
+    assert_eq!(back.app.relay_once("sg-1").await.unwrap(), 1);
+    let events = stream(&redis_url, &back.config.events.stream).await;
+    assert_eq!(events.len(), 12);
+    for owner in ["u:ann", "u:bob"] {
+        let versions: Vec<i64> = events
+            .iter()
+            .filter(|e| e.0 == owner)
+            .map(|e| e.1)
+            .collect();
+        let expected: Vec<i64> = (1..=versions.len() as i64).collect();
+        assert_eq!(versions, expected, "{owner}: in order, none missing");
+    }
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter(|e| e.0 == "u:ann")
+        .map(|e| e.2.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "item_added",
+            "item_added",
+            "item_added",
+            "item_added",
+            "item_added",
+            "item_removed",
+            "item_added"
+        ]
+    );
+}
