@@ -133,10 +133,7 @@ impl App {
             lifecycle: LifecycleCounters::default(),
             draining: AtomicBool::new(false),
         }))
-        .map(|app| {
-            app.spawn_background();
-            app
-        })
+        .inspect(|app| app.spawn_background())
     }
 
     /// Starts the outbox relay (per shard homed here) and the janitor, as configured. They end

@@ -32,6 +32,19 @@ pub const FREEZE_PATH: &str = "/internal/v1/merge/freeze";
 pub const FINALIZE_PATH: &str = "/internal/v1/merge/finalize";
 pub const ABORT_PATH: &str = "/internal/v1/merge/abort";
 
+/// Every error code the lifecycle handlers answer with (besides the shared ones), for the
+/// OpenAPI document's test.
+pub const REFUSAL_CODES: [&str; 8] = [
+    "currency_mismatch",
+    "merge_in_progress",
+    "price_changed",
+    "out_of_stock",
+    "cart_empty",
+    "order_not_found",
+    "order_not_pending",
+    "reservation_expired",
+];
+
 /// The body of every internal merge step.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MergeStep {

@@ -32,7 +32,9 @@ fn every_documented_path_is_routed() {
     let document = document();
     assert_eq!(document["openapi"], "3.1.0");
     for path in document["paths"].as_object().unwrap().keys() {
-        let concrete = path.replace("{item_id}", "sku-00001");
+        let concrete = path
+            .replace("{item_id}", "sku-00001")
+            .replace("{order_id}", &format!("ord_sg-1_{}", "0".repeat(32)));
         assert!(
             cartedge::api::route_name(&concrete).is_some(),
             "{path} is not routed"
@@ -70,6 +72,8 @@ fn the_documented_error_codes_are_exactly_the_edges() {
         ApiError::Rule(CartRule::CartFull { max_lines: 1 }),
         ApiError::Rule(CartRule::ItemNotInCart),
         ApiError::Rule(CartRule::VersionMismatch { current: 1 }),
+        ApiError::Rule(CartRule::MergeInProgress),
+        ApiError::IdempotencyKeyRequired,
         ApiError::RequestInProgress,
         ApiError::IdempotencyKeyReused,
         ApiError::Misdirected,
@@ -86,6 +90,11 @@ fn the_documented_error_codes_are_exactly_the_edges() {
     ];
     let mut edge: BTreeSet<String> = errors.iter().map(|e| e.code().to_string()).collect();
     edge.insert("rate_limited".into());
+    edge.extend(
+        cartedge::api::lifecycle::REFUSAL_CODES
+            .iter()
+            .map(|c| c.to_string()),
+    );
     let documented: BTreeSet<String> = document()["components"]["schemas"]["Error"]["properties"]
         ["error"]["properties"]["code"]["enum"]
         .as_array()
@@ -124,6 +133,49 @@ async fn real_responses_carry_exactly_the_documented_fields() {
         .await
         .json();
     assert_eq!(keys(&error), properties(&document, "Error"));
+    let session = app
+        .send(
+            "POST",
+            "/api/v1/cart/items",
+            &[],
+            Some(r#"{"item_id":"sku-00002","quantity":1}"#),
+        )
+        .await
+        .header("cart-session")
+        .unwrap()
+        .to_string();
+    let merged = app
+        .send(
+            "POST",
+            "/api/v1/cart/merge",
+            &[app.bearer("alice"), h("cart-session", &session)],
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(keys(&merged), properties(&document, "MergedCart"));
+    assert_eq!(
+        keys(&merged["report"]),
+        properties(&document, "MergeReport")
+    );
+    // sku-low has 3 in stock: leave it out of the order.
+    app.user("alice", "DELETE", "/api/v1/cart/items/sku-low", None)
+        .await;
+    let order = app
+        .send(
+            "POST",
+            "/api/v1/cart/checkout",
+            &[app.bearer("alice"), h("idempotency-key", "o-1")],
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(keys(&order), properties(&document, "Order"));
+    let line_keys = keys(&order["items"][0]);
+    assert!(
+        line_keys.is_subset(&properties(&document, "OrderLine")),
+        "{line_keys:?}"
+    );
     let health = app.send("GET", "/health", &[], None).await.json();
     assert_eq!(keys(&health), properties(&document, "Health"));
 }

@@ -86,6 +86,7 @@ fn edge_config(
     currency: &str,
     shards: &[(&str, Option<String>, String)],
     catalog: &str,
+    catalog_primary: &str,
     redis_prefix: &str,
     peer: (&str, String),
     forward_timeout: &str,
@@ -104,7 +105,7 @@ fn edge_config(
          [events]\nstream = \"{redis_prefix}cart-events\"\n\
          [auth]\nissuer = \"cartedge-test\"\naudience = \"cartedge-api\"\nsession_secret = \"{SESSION_SECRET}\"\n\
          [[auth.keys]]\nkid = \"test\"\nalgorithm = \"HS256\"\nsecret = \"{JWT_SECRET}\"\n\
-         [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"\"\n",
+         [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"{catalog_primary}\"\n",
         ring = dir.join("ring.toml").display(),
         regions = dir.join("regions").display(),
         pki = dir.join("pki").display(),
@@ -247,6 +248,7 @@ impl TwoRegions {
                 ("th-1", None, sg_replica_of_th.dsn("cartedge")),
             ],
             &sg_primary.dsn("cartedge"),
+            &sg_primary.dsn("cartedge"),
             &format!("{prefix}:sg:"),
             (
                 "th",
@@ -267,6 +269,7 @@ impl TwoRegions {
                 ),
             ],
             &th_replica_of_sg.dsn("cartedge"),
+            &sg_primary.dsn("cartedge"),
             &format!("{prefix}:th:"),
             (
                 "sg",
@@ -746,4 +749,122 @@ async fn a_commit_at_home_fences_the_other_regions_cache() {
         "th's cached version 1 was fenced by sg's invalidation"
     );
     regions.replica_sql("SELECT pg_wal_replay_resume()").await;
+}
+
+/// A guest session (minted by an anonymous add at `edge`) whose cart the ring homes in
+/// `region`.
+async fn guest_homed_in(regions: &TwoRegions, edge: &Edge, region: &str, item: &str) -> String {
+    for _ in 0..64 {
+        let body = format!(r#"{{"item_id":"{item}","quantity":2}}"#);
+        let added = regions
+            .send(edge, "POST", "/api/v1/cart/items", &[], Some(&body))
+            .await;
+        assert_eq!(added.status, StatusCode::OK, "{:?}", added.body);
+        let session = added.header("cart-session").unwrap().to_string();
+        if regions
+            .sg
+            .app
+            .topology
+            .ring
+            .locate(&format!("g:{session}"))
+            .home
+            == region
+        {
+            return session;
+        }
+    }
+    panic!("no guest session homed in {region} after 64 tries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cart_homed_in_sg_merges_into_a_user_cart_homed_in_th_and_checks_out() {
+    let regions = TwoRegions::start("2s").await;
+    let user = regions.user_homed_in("th", "merge");
+    // The user's cart (THB, homed in th) is written through th; the guest shops in th too, but
+    // the ring homes its cart in sg.
+    let added = regions.add(&regions.th, &user, "sku-00001", 1, None).await;
+    assert_eq!(added.status, StatusCode::OK, "{:?}", added.body);
+    let session = guest_homed_in(&regions, &regions.th, "sg", "sku-00001").await;
+    let extra = regions
+        .send(
+            &regions.th,
+            "POST",
+            "/api/v1/cart/items",
+            &[("cart-session", session.clone())],
+            Some(r#"{"item_id":"sku-00002","quantity":1}"#),
+        )
+        .await;
+    assert_eq!(extra.status, StatusCode::OK);
+    // Log-in happens at the sg edge: it forwards to th, which freezes the guest cart in sg.
+    let headers = [
+        ("authorization", format!("Bearer {}", regions.token(&user))),
+        ("cart-session", session.clone()),
+    ];
+    for attempt in 0..2 {
+        let merged = regions
+            .send(&regions.sg, "POST", "/api/v1/cart/merge", &headers, None)
+            .await;
+        assert_eq!(
+            merged.status,
+            StatusCode::OK,
+            "{attempt}: {:?}",
+            merged.body
+        );
+        assert_eq!(
+            merged.quantity_of("sku-00001"),
+            3,
+            "attempt {attempt}: merged once"
+        );
+        assert_eq!(merged.quantity_of("sku-00002"), 1);
+        if attempt == 0 {
+            assert_eq!(merged.header("cart-home-region"), Some("th"));
+        }
+    }
+    let guest = regions
+        .send(
+            &regions.sg,
+            "GET",
+            "/api/v1/cart",
+            &[("cart-session", session.clone())],
+            None,
+        )
+        .await;
+    assert_eq!(guest.json()["items"], serde_json::Value::Array(vec![]));
+    // Checkout at sg runs in th against the catalog primary.
+    let order = regions
+        .send(
+            &regions.sg,
+            "POST",
+            "/api/v1/cart/checkout",
+            &[
+                ("authorization", format!("Bearer {}", regions.token(&user))),
+                ("idempotency-key", "co-1".to_string()),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(order.status, StatusCode::CREATED, "{:?}", order.body);
+    let body = order.json();
+    assert_eq!(body["currency"], "THB");
+    let id = body["order_id"].as_str().unwrap();
+    assert!(id.starts_with("ord_th-1_"), "{id}");
+    let seen = regions
+        .send(
+            &regions.sg,
+            "GET",
+            &format!("/api/v1/orders/{id}"),
+            &[("authorization", format!("Bearer {}", regions.token(&user)))],
+            None,
+        )
+        .await;
+    assert_eq!(seen.status, StatusCode::OK, "{:?}", seen.body);
+    assert_eq!(seen.json()["order_id"], body["order_id"]);
+    let cart = regions
+        .get(
+            &regions.sg,
+            &user,
+            order.header("cart-version").and_then(|v| v.parse().ok()),
+        )
+        .await;
+    assert_eq!(cart.json()["items"], serde_json::Value::Array(vec![]));
 }
