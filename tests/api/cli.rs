@@ -251,3 +251,40 @@ fn catalog_csv_rejects_bad_rows_with_their_line_number() {
     std::fs::write(&file, "item_id,name,stock\nok-1,Fine,1\n").unwrap();
     assert!(cartedge::cli::read_catalog_csv(&file).is_err());
 }
+
+#[tokio::test]
+async fn janitor_once_runs_one_pass_and_prints_what_it_did() {
+    let shared = shared();
+    let (database, dsn) = fresh_database().await;
+    let config = shared.dir.path().join(format!("{database}-janitor.toml"));
+    std::fs::write(
+        &config,
+        // The edge's own cache prefix: the janitor fences the carts it purges there.
+        test_config_text(&dsn, &shared.redis.url(), &format!("{database}:cart:"), ""),
+    )
+    .unwrap();
+    let app = TestApp::spawn_on(&dsn, &database, TestOptions::default()).await;
+    app.add("gone", "sku-00001", 1).await;
+    app.add("kept", "sku-00001", 1).await;
+    app.sql("UPDATE carts SET updated_at = now() - interval '31 days' WHERE owner = 'u:gone'")
+        .await;
+    let config = config.to_str().unwrap();
+    let pass = cartedge(&["--config", config, "janitor", "--once"], &[]);
+    assert!(
+        pass.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pass.stderr)
+    );
+    let printed: serde_json::Value =
+        serde_json::from_slice(pass.stdout.trim_ascii()).expect("one JSON line");
+    assert_eq!(printed["shards"], serde_json::json!(["sg-1"]));
+    assert_eq!(printed["carts_purged"], 1);
+    let gone = app.user("gone", "GET", "/api/v1/cart", None).await;
+    assert_eq!(gone.json()["items"], serde_json::json!([]));
+    assert_eq!(
+        app.user("kept", "GET", "/api/v1/cart", None)
+            .await
+            .quantity_of("sku-00001"),
+        1
+    );
+}
