@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::error::ApiError;
 use super::request::{self, Caller, CheckoutBody, MergeBody, RequestParts};
@@ -361,10 +361,18 @@ async fn merged_response(
     report: &MergeReport,
     written: bool,
 ) -> Result<Response<Body>, ApiError> {
+    #[derive(Serialize)]
+    struct Merged<'a> {
+        #[serde(flatten)]
+        cart: &'a crate::domain::cart::CartView,
+        report: &'a MergeReport,
+    }
     let view = render_view(app, cart).await;
-    let mut value = serde_json::to_value(&view).unwrap_or(Value::Null);
-    value["report"] = serde_json::to_value(report).unwrap_or(Value::Null);
-    let body = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
+    let merged = Merged {
+        cart: &view,
+        report,
+    };
+    let body = Bytes::from(serde_json::to_vec(&merged).unwrap_or_default());
     let mut response = build_cart_response(
         app,
         StatusCode::OK,

@@ -5,7 +5,7 @@
 //! what it published, in one transaction guarded by an advisory lock, so one relay at a time
 //! works a shard. Changes of one cart are serialised by the cart row's lock, so their ids grow
 //! in commit order and the stream carries them in order per cart. Delivery is at least once (a
-//! crash between `XADD` and `COMMIT` republishes); consumers de-duplicate on `(owner, version)`.
+//! crash between `XADD` and `COMMIT` republishes); a republished event keeps its `(shard, id)`, which consumers de-duplicate on.
 //! While Redis or the relay is down, events wait in the outbox.
 
 use deadpool_postgres::Object;

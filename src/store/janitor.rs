@@ -5,6 +5,9 @@
 //! happens in bounded batches (`janitor.batch_size` rows, at most `janitor.max_batches` per
 //! task), each its own short transaction, walking the `updated_at`/`created_at` indexes.
 //!
+//! A guest cart frozen by a merge that was never retried is purged like any other once its
+//! lifetime passed (the merge either reached the user's cart or was abandoned with the session).
+//!
 //! A purged cart keeps its row, emptied, with its version bumped (a tombstone) for
 //! `retention.tombstone`: caches and clients that saw version N never see a smaller version for
 //! the same owner while they may still hold N.
@@ -130,7 +133,7 @@ const PURGE_CARTS: &str = "\
     WITH doomed AS ( \
         SELECT owner FROM carts \
         WHERE updated_at < now() - make_interval(secs => $1) \
-          AND purged_at IS NULL AND merging_into IS NULL \
+          AND purged_at IS NULL \
           AND (updated_at < now() - make_interval(secs => $2) \
                OR (owner LIKE 'g:%' AND updated_at < now() - make_interval(secs => $3)) \
                OR (updated_at < now() - make_interval(secs => $4) \
@@ -138,7 +141,8 @@ const PURGE_CARTS: &str = "\
         ORDER BY updated_at LIMIT $5 FOR UPDATE SKIP LOCKED), \
     emptied AS (DELETE FROM cart_items i USING doomed d WHERE i.owner = d.owner), \
     purged AS ( \
-        UPDATE carts c SET version = c.version + 1, purged_at = now(), updated_at = now() \
+        UPDATE carts c SET version = c.version + 1, purged_at = now(), updated_at = now(), \
+            merging_into = NULL, merge_version = NULL \
         FROM doomed d WHERE c.owner = d.owner RETURNING c.owner, c.version, c.currency), \
     logged AS ( \
         INSERT INTO cart_events (owner, cart_version, kind, payload) \
