@@ -776,3 +776,45 @@ async fn events_reach_the_stream_in_order_per_cart_and_wait_out_a_relay_outage()
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_janitors_at_once_purge_each_cart_exactly_once() {
+    let first = TestApp::spawn_with(TestOptions {
+        overlay: "[janitor]\nbatch_size = 3\n[events]\nrelay = false\n".into(),
+        ..TestOptions::default()
+    })
+    .await;
+    let database = first.dsn.rsplit('/').next().unwrap().to_string();
+    let second = TestApp::spawn_on(
+        &first.dsn,
+        &database,
+        TestOptions {
+            overlay: "[janitor]\nbatch_size = 3\n[events]\nrelay = false\n".into(),
+            ..TestOptions::default()
+        },
+    )
+    .await;
+    for n in 0..20 {
+        first.add(&format!("idle{n}"), "sku-00001", 1).await;
+    }
+    first
+        .sql("UPDATE carts SET updated_at = now() - interval '40 days'")
+        .await;
+    let (a, b) = tokio::join!(first.app.janitor_once(), second.app.janitor_once());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.carts_purged + b.carts_purged, 20, "{a:?} {b:?}");
+    // Each pass either worked the shard or saw the other holding it.
+    for report in [&a, &b] {
+        assert_eq!(
+            report.shards.len() + report.skipped.iter().filter(|s| *s == "sg-1").count(),
+            1
+        );
+    }
+    assert_eq!(
+        first
+            .query_i64("SELECT count(*) FROM cart_events WHERE kind = 'cart_expired'")
+            .await,
+        20,
+        "one expiry event per cart"
+    );
+}
