@@ -13,7 +13,7 @@ use serde_json::json;
 use super::error::ApiError;
 use super::request::{self, Caller, CheckoutBody, MergeBody, RequestParts};
 use super::{
-    build_cart_response, forward, json_response, mark_write, names, render_view, replay, to_stored,
+    build_cart_response, claim, forward, json_response, mark_write, names, render_view, to_stored,
     Body, Surface,
 };
 use crate::app::App;
@@ -25,7 +25,7 @@ use crate::domain::lifecycle::{
 use crate::forward::client::names as fwd;
 use crate::store::merge::{self, FreezeOutcome, Frozen, MergeOutcome};
 use crate::store::orders::{self, Locked, Order, Reservation};
-use crate::store::{Claim, Source};
+use crate::store::Source;
 
 /// Paths of the merge steps on the internal (edge-to-edge) surface.
 pub const FREEZE_PATH: &str = "/internal/v1/merge/freeze";
@@ -266,20 +266,8 @@ pub async fn merge(
         request::fingerprint("merge", guest_key.as_str(), Some(frozen.version), bytes);
     let mut tx = app.store.begin_write(placement.shard).await?;
     if let Some(key) = idempotency_key {
-        match tx.claim_idempotency(&user_key, key, &fingerprint).await? {
-            Claim::Fresh => {}
-            Claim::Replay(stored) => {
-                tx.rollback().await;
-                return Ok(replay(stored));
-            }
-            Claim::Reused => {
-                tx.rollback().await;
-                return Err(ApiError::IdempotencyKeyReused);
-            }
-            Claim::InProgress => {
-                tx.rollback().await;
-                return Err(ApiError::RequestInProgress);
-            }
+        if let Some(answer) = claim(&mut tx, &user_key, key, &fingerprint).await? {
+            return answer;
         }
     }
     let outcome = tx
@@ -481,20 +469,8 @@ pub async fn checkout(
     }
     let fingerprint = request::fingerprint("checkout", "", None, bytes);
     let mut tx = app.store.begin_write(placement.shard).await?;
-    match tx.claim_idempotency(&owner, key, &fingerprint).await? {
-        Claim::Fresh => {}
-        Claim::Replay(stored) => {
-            tx.rollback().await;
-            return Ok(replay(stored));
-        }
-        Claim::Reused => {
-            tx.rollback().await;
-            return Err(ApiError::IdempotencyKeyReused);
-        }
-        Claim::InProgress => {
-            tx.rollback().await;
-            return Err(ApiError::RequestInProgress);
-        }
+    if let Some(answer) = claim(&mut tx, &owner, key, &fingerprint).await? {
+        return answer;
     }
     let cart = match tx.lock_for_checkout(&owner).await? {
         Locked::Cart(cart) => cart,

@@ -25,7 +25,7 @@ use crate::domain::cart::{self, AddRequest, CartView, StoredCart};
 use crate::domain::ids::{ItemId, Owner, OwnerKey, SessionId};
 use crate::domain::money::Currency;
 use crate::forward;
-use crate::store::{CartOp, Claim, Source, StoredResponse};
+use crate::store::{CartOp, Claim, Source, StoredResponse, WriteTx};
 use error::ApiError;
 use limits::Class;
 use request::{AddItemBody, Caller, ClearBody, RequestParts, SetQuantityBody};
@@ -855,20 +855,8 @@ async fn write(
 
     let mut tx = app.store.begin_write(placement.shard).await?;
     if let Some(key) = idempotency_key {
-        match tx.claim_idempotency(&owner_key, key, &fingerprint).await? {
-            Claim::Fresh => {}
-            Claim::Replay(stored) => {
-                tx.rollback().await;
-                return Ok(replay(stored));
-            }
-            Claim::Reused => {
-                tx.rollback().await;
-                return Err(ApiError::IdempotencyKeyReused);
-            }
-            Claim::InProgress => {
-                tx.rollback().await;
-                return Err(ApiError::RequestInProgress);
-            }
+        if let Some(answer) = claim(&mut tx, &owner_key, key, &fingerprint).await? {
+            return answer;
         }
     }
     let add_request;
@@ -940,6 +928,24 @@ async fn write(
     }
     tracing::debug!(owner = %owner_key, version = cart.version, operation, "cart written");
     Ok(response)
+}
+
+/// Claims an idempotency key in `tx`. `None`: fresh, go ahead. `Some(answer)`: the transaction
+/// was rolled back and `answer` (the stored response, or why the key cannot be used) is final.
+async fn claim(
+    tx: &mut WriteTx,
+    owner: &OwnerKey,
+    key: &str,
+    fingerprint: &[u8],
+) -> Result<Option<Result<Response<Body>, ApiError>>, ApiError> {
+    let answer = match tx.claim_idempotency(owner, key, fingerprint).await? {
+        Claim::Fresh => return Ok(None),
+        Claim::Replay(stored) => Ok(replay(stored)),
+        Claim::Reused => Err(ApiError::IdempotencyKeyReused),
+        Claim::InProgress => Err(ApiError::RequestInProgress),
+    };
+    tx.rollback_in_place().await;
+    Ok(Some(answer))
 }
 
 fn to_stored(response: &Response<Body>, body: Bytes) -> StoredResponse {

@@ -377,6 +377,11 @@ impl WriteTx {
     }
 
     pub async fn rollback(mut self) {
+        self.rollback_in_place().await
+    }
+
+    /// Rolls back and leaves this handle finished (for callers that only borrow it).
+    pub async fn rollback_in_place(&mut self) {
         if let Some(client) = self.client.take() {
             if client.batch_execute("ROLLBACK").await.is_err() {
                 let _ = Object::take(client);

@@ -57,21 +57,9 @@ pub async fn relay_once(
     let client = store.db_write(shard).await?;
     client.batch_execute("BEGIN").await?;
     let result = relay_in(&client, store, shard, stream, max_len, batch).await;
-    match result {
-        Ok(pass) if pass.published > 0 => {
-            if let Err(error) = client.batch_execute("COMMIT").await {
-                let _ = Object::take(client);
-                return Err(error.into());
-            }
-            Ok(pass)
-        }
-        other => {
-            if client.batch_execute("ROLLBACK").await.is_err() {
-                let _ = Object::take(client);
-            }
-            other
-        }
-    }
+    let commit = matches!(result, Ok(pass) if pass.published > 0);
+    super::end_transaction(client, commit).await?;
+    result
 }
 
 async fn relay_in(

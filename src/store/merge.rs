@@ -41,21 +41,6 @@ pub enum FreezeOutcome {
     Busy,
 }
 
-async fn in_transaction<T>(
-    client: Object,
-    work: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    let result = work.await;
-    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    if client.batch_execute(end).await.is_err() {
-        let _ = Object::take(client);
-        if result.is_ok() {
-            return Err(StoreError::Unavailable("commit outcome unknown".into()));
-        }
-    }
-    result
-}
-
 /// Step 1, on the guest cart's home shard.
 pub async fn freeze(
     store: &Store,
@@ -104,7 +89,8 @@ pub async fn freeze(
 }
 
 async fn finish<T>(client: Object, result: Result<T, StoreError>) -> Result<T, StoreError> {
-    in_transaction(client, async { result }).await
+    super::end_transaction(client, result.is_ok()).await?;
+    result
 }
 
 /// Step 3: empties the guest cart and lifts the freeze, if it is still `user`'s freeze at

@@ -116,6 +116,20 @@ pub struct Store {
     pub counters: StoreCounters,
 }
 
+/// Ends a transaction opened with `BEGIN` on `client`: COMMIT when `commit`, else ROLLBACK. A
+/// connection whose COMMIT or ROLLBACK failed is discarded, never pooled; a failed COMMIT is
+/// an error (its outcome is unknown).
+pub(crate) async fn end_transaction(client: Object, commit: bool) -> Result<(), StoreError> {
+    let statement = if commit { "COMMIT" } else { "ROLLBACK" };
+    if let Err(error) = client.batch_execute(statement).await {
+        let _ = Object::take(client);
+        if commit {
+            return Err(error.into());
+        }
+    }
+    Ok(())
+}
+
 /// A 64-bit advisory-lock key for a named task on one shard.
 pub(crate) fn lock_key(task: &str, shard: &str) -> i64 {
     use sha2::{Digest, Sha256};

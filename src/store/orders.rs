@@ -70,17 +70,6 @@ pub async fn fresh_items(
     super::catalog::fetch_items(catalog_primary(store)?, ids).await
 }
 
-async fn end(client: Object, commit: bool) -> Result<(), StoreError> {
-    let statement = if commit { "COMMIT" } else { "ROLLBACK" };
-    if let Err(error) = client.batch_execute(statement).await {
-        let _ = Object::take(client);
-        if commit {
-            return Err(error.into());
-        }
-    }
-    Ok(())
-}
-
 /// Reserves every line or none. `Ok(Err(shortages))` lists each short line with what is
 /// available; nothing is held then.
 pub async fn reserve(
@@ -93,7 +82,7 @@ pub async fn reserve(
     client.batch_execute("BEGIN").await?;
     let result = reserve_in(&client, reservation_id, lines, hold).await;
     let commit = matches!(result, Ok(Ok(_)));
-    end(client, commit).await?;
+    super::end_transaction(client, commit).await?;
     result
 }
 
@@ -187,7 +176,7 @@ pub async fn release(store: &Store, reservation_id: &str) -> Result<bool, StoreE
     let client = catalog_primary(store)?.get().await?;
     client.batch_execute("BEGIN").await?;
     let result = release_in(&client, reservation_id).await;
-    end(client, result.is_ok()).await?;
+    super::end_transaction(client, result.is_ok()).await?;
     result
 }
 
@@ -333,7 +322,7 @@ pub async fn settle_order(
     let client = store.db_write(shard).await?;
     client.batch_execute("BEGIN").await?;
     let result = settle_in(&client, order_id, status).await;
-    end(client, result.is_ok()).await?;
+    super::end_transaction(client, result.is_ok()).await?;
     result
 }
 
