@@ -782,6 +782,8 @@ fn print_banner(configs: &[Config], dir: &Path) {
          \n  curl -si -X DELETE -H \"Authorization: Bearer $TOKEN\" {th}/api/v1/cart/items/sku-00001   # via th: see Cart-Home-Region, Cart-Version\
          \n  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Cart-Min-Version: 3' {th}/api/v1/cart   # read-your-writes anywhere\
          \n  curl -si -H 'Content-Type: application/json' -d '{{\"item_id\":\"sku-00002\",\"quantity\":1}}' {sg}/api/v1/cart/items   # guest: note Cart-Session\
+         \n  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Cart-Session: <it>' -X POST {sg}/api/v1/cart/merge   # log-in: guest cart into dave's\
+         \n  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Idempotency-Key: co-1' -X POST {sg}/api/v1/cart/checkout   # order, stock reserved\
          \n  curl -s {sg}/health\
          \n  {exe} local partition sg th   # then writes at th for sg carts get 503; `{exe} local heal sg th`\n",
         dir.join("cluster.json").display(),
