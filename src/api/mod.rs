@@ -49,6 +49,11 @@ pub mod names {
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
+/// Present on requests whose connection is TLS (inserted by `server`): their responses carry
+/// `Strict-Transport-Security`.
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
+
 /// Which listener a request arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Surface {
@@ -107,6 +112,7 @@ pub async fn handle(
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_string();
+    let over_tls = request.extensions().get::<OverTls>().is_some();
     let timeout = app.config.server.request_timeout.0;
     let response = match tokio::time::timeout(timeout, dispatch(&app, surface, request)).await {
         Ok(Ok(response)) => response,
@@ -118,7 +124,7 @@ pub async fn handle(
         .into_response(),
     };
     let mut response = response;
-    app.decorate(response.headers_mut());
+    app.decorate(response.headers_mut(), over_tls);
     tracing::debug!(%method, %path, status = response.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
     Ok(response)
 }

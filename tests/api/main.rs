@@ -14,4 +14,5 @@ mod protection;
 mod regions;
 mod ring;
 mod shutdown;
+mod tls;
 mod transport;
