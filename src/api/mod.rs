@@ -267,8 +267,11 @@ async fn serve_cart(
     let parsed = match route {
         Route::CartItems => ParsedWrite::Add(request::parse_json(&bytes)?),
         Route::CartItem(raw_id) => {
+            let decoded = request::decode_path_segment(raw_id).ok_or_else(|| {
+                ApiError::InvalidRequest("item_id in the path is not valid percent-encoding".into())
+            })?;
             let item_id =
-                ItemId::parse(raw_id).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+                ItemId::parse(&decoded).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
             if method == Method::PUT {
                 ParsedWrite::Set(item_id, request::parse_json(&bytes)?)
             } else {

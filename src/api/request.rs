@@ -204,6 +204,32 @@ fn bearer_token(value: &http::HeaderValue) -> Result<&str, ApiError> {
     Ok(token.trim())
 }
 
+/// Percent-decodes one path segment (`sku%3A1` is `sku:1`, as clients that encode every
+/// reserved character send it). None when a `%` is not followed by two hex digits or the
+/// decoded bytes are not UTF-8.
+pub fn decode_path_segment(raw: &str) -> Option<String> {
+    if !raw.contains('%') {
+        return Some(raw.to_string());
+    }
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut rest = raw.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = tail.get(..2)?;
+            let text = std::str::from_utf8(hex).ok()?;
+            if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            bytes.push(u8::from_str_radix(text, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(byte);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
 fn parse_etag(tag: &str) -> Option<i64> {
     let tag = tag.strip_prefix("W/").unwrap_or(tag);
     tag.strip_prefix('"')?
@@ -376,6 +402,16 @@ mod tests {
         assert_eq!(parse_etag("W/\"3\""), Some(3));
         assert_eq!(parse_etag("3"), None);
         assert_eq!(parse_etag("\"-1\""), None);
+    }
+
+    #[test]
+    fn path_segments_are_percent_decoded_strictly() {
+        assert_eq!(decode_path_segment("sku-1").as_deref(), Some("sku-1"));
+        assert_eq!(decode_path_segment("a%3Ab%3a").as_deref(), Some("a:b:"));
+        assert_eq!(decode_path_segment("%2F").as_deref(), Some("/"));
+        for bad in ["%", "%3", "%zz", "%+1", "%FF"] {
+            assert_eq!(decode_path_segment(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
