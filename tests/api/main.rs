@@ -13,6 +13,7 @@ mod openapi;
 mod protection;
 mod regions;
 mod ring;
+mod schemathesis;
 mod shutdown;
 mod tls;
 mod transport;
