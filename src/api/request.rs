@@ -247,16 +247,7 @@ pub async fn read_body(
     limit: usize,
     required: bool,
 ) -> Result<Bytes, ApiError> {
-    if let Some(length) = parts.headers.get(header::CONTENT_LENGTH) {
-        let length: u64 = length
-            .to_str()
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| ApiError::InvalidRequest("Content-Length is malformed".into()))?;
-        if length > limit as u64 {
-            return Err(ApiError::PayloadTooLarge { limit });
-        }
-    }
+    check_declared_length(&parts.headers, limit)?;
     let bytes = Limited::new(body, limit)
         .collect()
         .await
@@ -268,15 +259,36 @@ pub async fn read_body(
             }
         })?
         .to_bytes();
+    check_body(&parts.headers, &bytes, required)?;
+    Ok(bytes)
+}
+
+/// Refuses a body before reading it when its `Content-Length` is malformed or over `limit`.
+pub fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
+    let Some(length) = headers.get(header::CONTENT_LENGTH) else {
+        return Ok(());
+    };
+    let length: u64 = length
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| ApiError::InvalidRequest("Content-Length is malformed".into()))?;
+    if length > limit as u64 {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    Ok(())
+}
+
+/// What a body read in full must be: non-empty when `required`, and JSON when non-empty.
+pub fn check_body(headers: &HeaderMap, bytes: &[u8], required: bool) -> Result<(), ApiError> {
     if bytes.is_empty() {
         return if required {
             Err(ApiError::InvalidRequest("a JSON body is required".into()))
         } else {
-            Ok(bytes)
+            Ok(())
         };
     }
-    let json = parts
-        .headers
+    let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|v| {
@@ -290,7 +302,7 @@ pub async fn read_body(
     if !json {
         return Err(ApiError::UnsupportedMediaType);
     }
-    Ok(bytes)
+    Ok(())
 }
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {

@@ -5,6 +5,7 @@ mod cache;
 mod cart;
 mod cli;
 mod concurrency;
+mod fuzz_corpus;
 mod helpers;
 mod idempotency;
 mod layering;
