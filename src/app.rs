@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::mpsc;
 
 use crate::api::auth::Authenticator;
@@ -13,6 +13,7 @@ use crate::api::limits::RateLimits;
 use crate::config::Config;
 use crate::domain::ids::OwnerKey;
 use crate::forward::{tls, Forwarder, Settings};
+use crate::server::tls::{load_certified_key, PublicTls};
 use crate::store::Store;
 use crate::topology::Topology;
 
@@ -34,6 +35,8 @@ pub struct App {
     pub region_header: HeaderValue,
     /// Whether the public listener serves TLS (cookies get `Secure`).
     pub tls: bool,
+    /// The public listener's TLS (certificate swapped by [`App::reload`]); None: plain HTTP.
+    pub public_tls: Option<PublicTls>,
     /// The client to other regions' edges (None when no mutual TLS is configured).
     pub forwarder: Option<Arc<Forwarder>>,
     /// The internal listener's TLS (mutual) configuration.
@@ -78,6 +81,10 @@ impl App {
         store.cache.spawn_repair(CACHE_REPAIR_PERIOD);
         store.spawn_heartbeats();
         let region_header = HeaderValue::from_str(&config.region.id)?;
+        let public_tls = match config.server.public_tls() {
+            Some((cert, key)) => Some(PublicTls::load(cert, key)?),
+            None => None,
+        };
         let (forwarder, internal_tls) = if config.tls.is_configured() {
             let files = &config.tls;
             let client = tls::client_config(&files.cert_file, &files.key_file, &files.ca_file)?;
@@ -124,7 +131,8 @@ impl App {
             store,
             topology,
             region_header,
-            tls: false,
+            tls: public_tls.is_some(),
+            public_tls,
             forwarder,
             internal_tls,
             invalidations,
@@ -351,14 +359,33 @@ impl App {
     }
 
     /// Applies what may change without a restart: verification keys (rotation), token
-    /// settings and rate-limit quotas and tiers. Everything else in `config` is ignored until a
-    /// restart. Both parts are built first, so a bad file changes nothing.
+    /// settings, rate-limit quotas and tiers, and the public listener's certificate (read
+    /// again from its files). Everything else in `config` is ignored until a restart, and so is
+    /// turning public TLS on or off (the listener's protocol is fixed at start-up). Every part
+    /// is built first, so a bad file changes nothing.
     pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
         let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         let limits = Arc::new(RateLimits::new(&config.rate_limit)?);
+        let certificate = match (&self.public_tls, config.server.public_tls()) {
+            (Some(_), Some((cert, key))) => Some(
+                load_certified_key(cert, key).map_err(|e| anyhow::anyhow!("public TLS: {e:#}"))?,
+            ),
+            (None, None) => None,
+            (running, _) => {
+                tracing::warn!(
+                    tls = running.is_some(),
+                    "turning public TLS on or off needs a restart; keeping the listener as it is"
+                );
+                None
+            }
+        };
         limits.spawn_housekeeping(LIMITS_HOUSEKEEPING_PERIOD);
         self.auth.store(Arc::new(auth));
         self.limits.store(limits);
+        if let (Some(tls), Some(certificate)) = (&self.public_tls, certificate) {
+            tls.install(certificate);
+            tracing::info!("public TLS certificate reloaded");
+        }
         tracing::info!("keys and rate limits reloaded");
         Ok(())
     }
@@ -384,8 +411,17 @@ impl App {
         self.draining.store(true, Ordering::Release);
     }
 
-    /// Headers every response carries.
-    pub fn decorate(&self, headers: &mut HeaderMap) {
+    /// Headers every response carries; `over_tls` when its connection is TLS. HSTS is never
+    /// sent over plain HTTP, not even when a relayed answer from another edge carried it.
+    pub fn decorate(&self, headers: &mut HeaderMap, over_tls: bool) {
+        if over_tls {
+            headers.insert(
+                header::STRICT_TRANSPORT_SECURITY,
+                HeaderValue::from_static(crate::server::tls::HSTS),
+            );
+        } else {
+            headers.remove(header::STRICT_TRANSPORT_SECURITY);
+        }
         headers.insert(
             HeaderName::from_static("x-content-type-options"),
             HeaderValue::from_static("nosniff"),

@@ -185,7 +185,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let app = App::new(config.clone())?;
             let listeners = Listeners::bind(&config).await?;
             reload_on_sighup(app.clone(), cli.sources()?);
-            tracing::info!(region = %config.region.id, listen = %config.server.listen, "edge serving");
+            tracing::info!(region = %config.region.id, listen = %config.server.listen, tls = app.tls, "edge serving");
             serve_bound(app, listeners).await;
             Ok(())
         }

@@ -236,6 +236,19 @@ pub struct ServerConfig {
     pub http2_max_concurrent_streams: u32,
     /// HTTP/2 streams a client may reset before being served (rapid-reset protection).
     pub http2_max_pending_reset_streams: usize,
+    /// PEM certificate chain (leaf first) of the public listener. Empty with `tls_key_file`:
+    /// plain HTTP. Both are read again on reload, so a renewed certificate needs no restart.
+    pub tls_cert_file: PathBuf,
+    /// PEM private key of `tls_cert_file` (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key_file: PathBuf,
+}
+
+impl ServerConfig {
+    /// The public listener's certificate and key files, when it serves TLS.
+    pub fn public_tls(&self) -> Option<(&Path, &Path)> {
+        let configured = !self.tls_cert_file.as_os_str().is_empty();
+        configured.then_some((self.tls_cert_file.as_path(), self.tls_key_file.as_path()))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -583,6 +596,25 @@ impl Config {
         if self.server.max_connections == 0 {
             problems.push("server.max_connections must be at least 1".into());
         }
+        let (cert, key) = (&self.server.tls_cert_file, &self.server.tls_key_file);
+        if cert.as_os_str().is_empty() != key.as_os_str().is_empty() {
+            problems.push(
+                "server.tls_cert_file and server.tls_key_file must both be set or both be empty"
+                    .into(),
+            );
+        } else if let Some((cert, key)) = self.server.public_tls() {
+            let files = check_small_file(cert).and_then(|()| check_small_file(key));
+            match files.and_then(|()| {
+                crate::server::tls::load_certified_key(cert, key)
+                    .map(drop)
+                    .map_err(|e| format!("{e:#}"))
+            }) {
+                Ok(()) => {}
+                Err(problem) => {
+                    problems.push(format!("server.tls_cert_file/tls_key_file: {problem}"))
+                }
+            }
+        }
         if self.server.internal_listen.is_some() && !self.tls.is_configured() {
             problems.push(
                 "server.internal_listen needs tls.ca_file, tls.cert_file and tls.key_file".into(),
@@ -624,6 +656,26 @@ impl Config {
     pub fn shard(&self, id: &str) -> Option<&ShardDatabase> {
         self.database.shards.iter().find(|s| s.id == id)
     }
+}
+
+/// Largest key or certificate file the edge reads (real ones are a few KiB).
+pub const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
+
+/// Checks that `path` is a regular file of at most [`MAX_KEY_FILE_BYTES`], so reading it can
+/// neither block (a FIFO, a terminal) nor exhaust memory (`/dev/zero`).
+pub fn check_small_file(path: &Path) -> Result<(), String> {
+    let metadata =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !metadata.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if metadata.len() > MAX_KEY_FILE_BYTES {
+        return Err(format!(
+            "{} is larger than {MAX_KEY_FILE_BYTES} bytes",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {

@@ -9,6 +9,7 @@
 //! - [`app`]: wiring of the above into one shared state.
 //! - [`local`]: the local cluster launcher and the process harness tests use.
 //! - [`cli`]: the `cartedge` command line.
+//! - [`fuzzing`]: fuzz entry points (the `fuzz/` targets and the corpus replay test call them).
 
 pub mod api;
 pub mod app;
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod forward;
+pub mod fuzzing;
 pub mod local;
 pub mod server;
 pub mod store;

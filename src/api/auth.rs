@@ -60,6 +60,7 @@ fn decoding_key(key: &JwtKeyConfig) -> Result<(Algorithm, DecodingKey), String> 
         .public_key_file
         .as_ref()
         .ok_or("asymmetric keys need public_key_file")?;
+    crate::config::check_small_file(path)?;
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let parsed = match algorithm {
         Algorithm::ES256 => DecodingKey::from_ec_pem(&pem),

@@ -50,6 +50,11 @@ pub mod names {
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
+/// Present on requests whose connection is TLS (inserted by `server`): their responses carry
+/// `Strict-Transport-Security`.
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
+
 /// Which listener a request arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Surface {
@@ -132,6 +137,7 @@ pub async fn handle(
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_string();
+    let over_tls = request.extensions().get::<OverTls>().is_some();
     let timeout = app.config.server.request_timeout.0;
     let response = match tokio::time::timeout(timeout, dispatch(&app, surface, request)).await {
         Ok(Ok(response)) => response,
@@ -143,7 +149,7 @@ pub async fn handle(
         .into_response(),
     };
     let mut response = response;
-    app.decorate(response.headers_mut());
+    app.decorate(response.headers_mut(), over_tls);
     tracing::debug!(%method, %path, status = response.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
     Ok(response)
 }
@@ -320,8 +326,11 @@ async fn serve_cart(
     let parsed = match route {
         Route::CartItems => ParsedWrite::Add(request::parse_json(&bytes)?),
         Route::CartItem(raw_id) => {
+            let decoded = request::decode_path_segment(raw_id).ok_or_else(|| {
+                ApiError::InvalidRequest("item_id in the path is not valid percent-encoding".into())
+            })?;
             let item_id =
-                ItemId::parse(raw_id).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+                ItemId::parse(&decoded).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
             if method == Method::PUT {
                 ParsedWrite::Set(item_id, request::parse_json(&bytes)?)
             } else {

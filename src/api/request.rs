@@ -215,6 +215,32 @@ pub(crate) fn bearer_token(value: &http::HeaderValue) -> Result<&str, ApiError> 
     Ok(token.trim())
 }
 
+/// Percent-decodes one path segment (`sku%3A1` is `sku:1`, as clients that encode every
+/// reserved character send it). None when a `%` is not followed by two hex digits or the
+/// decoded bytes are not UTF-8.
+pub fn decode_path_segment(raw: &str) -> Option<String> {
+    if !raw.contains('%') {
+        return Some(raw.to_string());
+    }
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut rest = raw.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = tail.get(..2)?;
+            let text = std::str::from_utf8(hex).ok()?;
+            if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            bytes.push(u8::from_str_radix(text, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(byte);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
 fn parse_etag(tag: &str) -> Option<i64> {
     let tag = tag.strip_prefix("W/").unwrap_or(tag);
     tag.strip_prefix('"')?
@@ -232,16 +258,7 @@ pub async fn read_body(
     limit: usize,
     required: bool,
 ) -> Result<Bytes, ApiError> {
-    if let Some(length) = parts.headers.get(header::CONTENT_LENGTH) {
-        let length: u64 = length
-            .to_str()
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| ApiError::InvalidRequest("Content-Length is malformed".into()))?;
-        if length > limit as u64 {
-            return Err(ApiError::PayloadTooLarge { limit });
-        }
-    }
+    check_declared_length(&parts.headers, limit)?;
     let bytes = Limited::new(body, limit)
         .collect()
         .await
@@ -253,15 +270,36 @@ pub async fn read_body(
             }
         })?
         .to_bytes();
+    check_body(&parts.headers, &bytes, required)?;
+    Ok(bytes)
+}
+
+/// Refuses a body before reading it when its `Content-Length` is malformed or over `limit`.
+pub fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
+    let Some(length) = headers.get(header::CONTENT_LENGTH) else {
+        return Ok(());
+    };
+    let length: u64 = length
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| ApiError::InvalidRequest("Content-Length is malformed".into()))?;
+    if length > limit as u64 {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    Ok(())
+}
+
+/// What a body read in full must be: non-empty when `required`, and JSON when non-empty.
+pub fn check_body(headers: &HeaderMap, bytes: &[u8], required: bool) -> Result<(), ApiError> {
     if bytes.is_empty() {
         return if required {
             Err(ApiError::InvalidRequest("a JSON body is required".into()))
         } else {
-            Ok(bytes)
+            Ok(())
         };
     }
-    let json = parts
-        .headers
+    let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|v| {
@@ -275,7 +313,7 @@ pub async fn read_body(
     if !json {
         return Err(ApiError::UnsupportedMediaType);
     }
-    Ok(bytes)
+    Ok(())
 }
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
@@ -407,6 +445,16 @@ mod tests {
         assert_eq!(parse_etag("W/\"3\""), Some(3));
         assert_eq!(parse_etag("3"), None);
         assert_eq!(parse_etag("\"-1\""), None);
+    }
+
+    #[test]
+    fn path_segments_are_percent_decoded_strictly() {
+        assert_eq!(decode_path_segment("sku-1").as_deref(), Some("sku-1"));
+        assert_eq!(decode_path_segment("a%3Ab%3a").as_deref(), Some("a:b:"));
+        assert_eq!(decode_path_segment("%2F").as_deref(), Some("/"));
+        for bad in ["%", "%3", "%zz", "%+1", "%FF"] {
+            assert_eq!(decode_path_segment(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

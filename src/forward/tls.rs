@@ -202,7 +202,7 @@ pub fn edge_server_name(name: &str) -> ServerName<'static> {
 
 /// The crypto provider used everywhere in this module, chosen explicitly so that no
 /// process-wide default provider has to be installed.
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
@@ -438,7 +438,7 @@ impl LeafVerifiers {
 }
 
 /// All certificates in a PEM file, which must contain at least one.
-fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .with_context(|| format!("opening certificate file {}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -451,7 +451,7 @@ fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+pub(crate) fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
     PrivateKeyDer::from_pem_file(path)
         .with_context(|| format!("reading private key from {}", path.display()))
 }

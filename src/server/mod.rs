@@ -3,6 +3,10 @@
 //! [`run`] takes a bound listener and a shutdown future (so tests run it on port 0). On
 //! shutdown: readiness turns 503, `drain_grace` passes while the listener still accepts, the
 //! listener closes, and open connections finish their requests within `drain_timeout`.
+//! The public listener speaks TLS when configured ([`tls`]); the internal one always does,
+//! with client certificates.
+
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,13 +21,18 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::api::{self, Surface};
 use crate::app::App;
 use crate::config::ServerConfig;
-use crate::forward::tls;
+use crate::forward::tls as edge_tls;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-/// Serves the public API on `listener` until `shutdown` resolves, then drains.
+/// Serves the public API on `listener` until `shutdown` resolves, then drains. Over TLS when
+/// the configuration names a certificate (`server.tls_cert_file`), else plain HTTP.
 pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
-    serve(listener, app, Surface::Public, None, shutdown).await
+    let tls = app
+        .public_tls
+        .as_ref()
+        .map(|tls| TlsAcceptor::from(tls.server_config()));
+    serve(listener, app, Surface::Public, tls, shutdown).await
 }
 
 /// Serves other regions' edges (mutual TLS, HTTP/2) until `shutdown` resolves. A connection
@@ -66,7 +75,8 @@ fn builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Bound on a TLS handshake on the internal listener.
+/// Bound on a TLS handshake on the internal listener (the public one uses
+/// `server.header_read_timeout`, the bound on a client's first bytes).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn spawn_connection(
@@ -82,8 +92,12 @@ fn spawn_connection(
     let peer = stream.peer_addr().ok();
     let service_app = app.clone();
     let peer_address = peer.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let over_tls = tls.is_some();
     let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
         request.extensions_mut().insert(api::Peer(peer_address));
+        if over_tls {
+            request.extensions_mut().insert(api::OverTls);
+        }
         api::handle(service_app.clone(), surface, request)
     });
     let Some(acceptor) = tls.cloned() else {
@@ -102,36 +116,50 @@ fn spawn_connection(
     let builder = builder.clone();
     let watcher = graceful.watcher();
     let app = app.clone();
+    let handshake_timeout = match surface {
+        Surface::Internal => TLS_HANDSHAKE_TIMEOUT,
+        _ => app.config.server.header_read_timeout.0,
+    };
     tokio::spawn(async move {
-        let stream =
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => {
+        let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                // Internet noise on the public listener; a misconfigured peer edge internally.
+                if surface == Surface::Internal {
                     tracing::warn!(?peer, %error, "edge TLS handshake failed");
-                    return;
+                } else {
+                    tracing::debug!(?peer, %error, "TLS handshake failed");
                 }
-                Err(_) => {
+                return;
+            }
+            Err(_) => {
+                if surface == Surface::Internal {
                     tracing::warn!(?peer, "edge TLS handshake timed out");
-                    return;
+                } else {
+                    tracing::debug!(?peer, "TLS handshake timed out");
                 }
-            };
-        let region = tls::peer_edge_name(stream.get_ref().1);
-        if !region
-            .as_ref()
-            .is_some_and(|r| app.topology.regions.contains_key(r))
-        {
-            tracing::warn!(
-                ?peer,
-                ?region,
-                "edge certificate names no region of the topology"
-            );
-            return;
+                return;
+            }
+        };
+        if surface == Surface::Internal {
+            let region = edge_tls::peer_edge_name(stream.get_ref().1);
+            if !region
+                .as_ref()
+                .is_some_and(|r| app.topology.regions.contains_key(r))
+            {
+                tracing::warn!(
+                    ?peer,
+                    ?region,
+                    "edge certificate names no region of the topology"
+                );
+                return;
+            }
         }
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         if let Err(error) = watcher.watch(connection).await {
-            tracing::debug!(?peer, ?region, %error, "edge connection ended with an error");
+            tracing::debug!(?peer, ?surface, %error, "TLS connection ended with an error");
         }
         drop(permit);
     });

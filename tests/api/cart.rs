@@ -328,6 +328,15 @@ async fn malformed_bodies_return_400_invalid_request() {
         ),
         ("variant too deep", deep.into()),
         ("variant too large", large),
+        // PostgreSQL's jsonb cannot hold U+0000: refused up front, never a 500.
+        (
+            "variant string with NUL",
+            r#"{"item_id":"sku-00001","quantity":1,"variant":{"size":"M\u0000"}}"#.into(),
+        ),
+        (
+            "variant key with NUL",
+            r#"{"item_id":"sku-00001","quantity":1,"variant":{"a\u0000":{"b":1}}}"#.into(),
+        ),
         ("empty", "".into()),
     ];
     for (name, body) in cases {
@@ -351,7 +360,38 @@ async fn malformed_bodies_return_400_invalid_request() {
         .user("alice", "DELETE", "/api/v1/cart/items/sku%201", None)
         .await;
     assert_eq!(bad_path.status, StatusCode::BAD_REQUEST);
+    let bad_escape = app
+        .user("alice", "DELETE", "/api/v1/cart/items/sku%zz", None)
+        .await;
+    assert_eq!(bad_escape.error_code(), "invalid_request");
     assert_eq!(app.query_i64("SELECT count(*) FROM carts").await, 0);
+}
+
+#[tokio::test]
+async fn an_item_id_in_the_path_may_be_percent_encoded() {
+    let app = TestApp::spawn().await;
+    app.sql(
+        "INSERT INTO catalog_items (item_id, name, stock, active) VALUES ('sku:red', 'Red', 50, true);
+         INSERT INTO catalog_prices (item_id, currency, amount_minor) VALUES ('sku:red', 'SGD', 100);",
+    )
+    .await;
+    assert_eq!(app.add("alice", "sku:red", 1).await.status, StatusCode::OK);
+    // What encodeURIComponent("sku:red") gives, in either case of hex digit.
+    let set = app
+        .user(
+            "alice",
+            "PUT",
+            "/api/v1/cart/items/sku%3Ared",
+            Some(r#"{"quantity":4}"#),
+        )
+        .await;
+    assert_eq!(set.status, StatusCode::OK, "{:?}", set.body);
+    assert_eq!(set.quantity_of("sku:red"), 4);
+    let removed = app
+        .user("alice", "DELETE", "/cart/items/sku%3ared", None)
+        .await;
+    assert_eq!(removed.status, StatusCode::OK);
+    assert_eq!(removed.quantity_of("sku:red"), 0);
 }
 
 #[tokio::test]
