@@ -228,11 +228,7 @@ pub fn session_id(data: &[u8]) {
         let Ok(value) = HeaderValue::from_bytes(&value) else {
             continue;
         };
-        let mut request = http::Request::new(());
-        request
-            .headers_mut()
-            .insert(HeaderName::from_static(name), value);
-        let (parts, ()) = request.into_parts();
+        let parts = parts_with(HeaderName::from_static(name), value);
         match RequestParts::new(&parts).authenticate(&auth) {
             Ok(Caller::Guest(session)) => assert!(auth.verify_session(session.as_str()).is_ok()),
             Ok(Caller::User(_)) => panic!("a session became a user"),
@@ -251,6 +247,13 @@ pub fn session_id(data: &[u8]) {
     }
 }
 
+/// The head of a request carrying one header.
+fn parts_with(name: HeaderName, value: HeaderValue) -> http::request::Parts {
+    let mut request = http::Request::new(());
+    request.headers_mut().insert(name, value);
+    request.into_parts().0
+}
+
 /// Bearer tokens: header parsing and JWT verification with the fixed keys. Nothing the fuzzer
 /// can produce is a valid token, so everything must be refused, and nothing may panic.
 pub fn token(data: &[u8]) {
@@ -262,11 +265,7 @@ pub fn token(data: &[u8]) {
         let Ok(value) = HeaderValue::from_bytes(&value) else {
             continue;
         };
-        let mut request = http::Request::new(());
-        request
-            .headers_mut()
-            .insert(http::header::AUTHORIZATION, value);
-        let (parts, ()) = request.into_parts();
+        let parts = parts_with(http::header::AUTHORIZATION, value);
         match RequestParts::new(&parts).authenticate_with_tier(&auth) {
             Ok(_) => panic!("authorization accepted: {text:?}"),
             Err(error) => assert_eq!(error.status(), http::StatusCode::UNAUTHORIZED),
