@@ -13,12 +13,12 @@ use serde_json::json;
 use super::error::ApiError;
 use super::request::{self, Caller, CheckoutBody, MergeBody, RequestParts};
 use super::{
-    build_cart_response, claim, forward, json_response, mark_write, names, render_view, to_stored,
-    Body, Surface,
+    build_cart_response, claim, forward, forward_key, forward_write, json_response, mark_write,
+    names, render_view, to_stored, Body, Surface,
 };
 use crate::app::App;
 use crate::domain::cart::StoredCart;
-use crate::domain::ids::{Owner, OwnerKey};
+use crate::domain::ids::{tagged_digest, Owner, OwnerKey};
 use crate::domain::lifecycle::{
     order_id, order_shard, price_checkout, CheckoutRefusal, CurrentOffer, MergeRefusal, MergeReport,
 };
@@ -76,7 +76,16 @@ fn guest_of(step: &MergeStep) -> Result<OwnerKey, ApiError> {
 /// Serves a merge step for a guest cart homed here (called by the user's home edge).
 pub async fn internal_step(app: &App, path: &str, body: &[u8]) -> Result<Response<Body>, ApiError> {
     let step: MergeStep = request::parse_json(body)?;
-    let guest = guest_of(&step)?;
+    let answer = run_step(app, path, &step).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&answer).unwrap_or_default(),
+    ))
+}
+
+/// Runs a merge step on a guest cart homed in this region.
+async fn run_step(app: &App, path: &str, step: &MergeStep) -> Result<StepAnswer, ApiError> {
+    let guest = guest_of(step)?;
     let placement = app.topology.ring.locate(guest.as_str());
     if placement.home != app.config.region.id {
         return Err(ApiError::Misdirected);
@@ -121,10 +130,7 @@ pub async fn internal_step(app: &App, path: &str, body: &[u8]) -> Result<Respons
         }
         _ => return Err(ApiError::NotFound),
     };
-    Ok(json_response(
-        StatusCode::OK,
-        serde_json::to_vec(&answer).unwrap_or_default(),
-    ))
+    Ok(answer)
 }
 
 async fn finalize_local(
@@ -150,13 +156,7 @@ async fn guest_step(
     let guest = guest_of(step)?;
     let placement = app.topology.ring.locate(guest.as_str());
     if placement.home == app.config.region.id {
-        let response =
-            internal_step(app, path, &serde_json::to_vec(step).unwrap_or_default()).await?;
-        let body = http_body_util::BodyExt::collect(response.into_body())
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
-        return request::parse_json(&body);
+        return run_step(app, path, step).await;
     }
     let unavailable = || ApiError::HomeRegionUnavailable {
         retry_after_secs: 2,
@@ -225,8 +225,9 @@ pub async fn merge(
             app,
             request,
             surface,
+            &Method::POST,
             placement.home,
-            idempotency_key,
+            (idempotency_key, None),
             &user_key,
             bytes,
         )
@@ -257,10 +258,12 @@ pub async fn merge(
     };
     if frozen.cart.lines.is_empty() {
         // Nothing to merge (no guest cart, or a merge that already finished): the user's cart.
-        let (client, _) = app.store.db_read_prefer_primary(placement.shard).await?;
-        let cart = crate::store::carts::load(&client, &user_key).await?;
-        drop(client);
-        return merged_response(app, &cart, &MergeReport::default(), false).await;
+        let cart = app
+            .store
+            .load_from_primary(placement.shard, &user_key)
+            .await?;
+        let (response, _) = merged_response(app, &cart, &MergeReport::default(), false).await;
+        return Ok(response);
     }
     let fingerprint =
         request::fingerprint("merge", guest_key.as_str(), Some(frozen.version), bytes);
@@ -294,15 +297,15 @@ pub async fn merge(
         MergeOutcome::AlreadyApplied { report } => {
             tx.rollback().await;
             finish_guest(app, &step).await;
-            let (client, _) = app.store.db_read_prefer_primary(placement.shard).await?;
-            let cart = crate::store::carts::load(&client, &user_key).await?;
-            drop(client);
-            merged_response(app, &cart, &report, true).await
+            let cart = app
+                .store
+                .load_from_primary(placement.shard, &user_key)
+                .await?;
+            Ok(merged_response(app, &cart, &report, true).await.0)
         }
         MergeOutcome::Applied { cart, report } => {
-            let mut response = merged_response(app, &cart, &report, true).await?;
+            let (mut response, body) = merged_response(app, &cart, &report, true).await;
             if let Some(key) = idempotency_key {
-                let body = body_bytes(&response);
                 tx.record_idempotency(&user_key, key, &fingerprint, &to_stored(&response, body))
                     .await?;
             }
@@ -334,21 +337,13 @@ fn expire_session_cookie(app: &App) -> HeaderValue {
     .unwrap_or_else(|_| HeaderValue::from_static("cart_session=; Max-Age=0"))
 }
 
-fn body_bytes(response: &Response<Body>) -> Bytes {
-    // Our bodies are `Full`: cloning the response body is cheap and never fails.
-    futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(response.body().clone()))
-        .and_then(Result::ok)
-        .map(|c| c.to_bytes())
-        .unwrap_or_default()
-}
-
-/// The merge's answer: the user's cart view with the report beside its fields.
+/// The merge's answer (and its body): the user's cart view with the report beside its fields.
 async fn merged_response(
     app: &App,
     cart: &StoredCart,
     report: &MergeReport,
     written: bool,
-) -> Result<Response<Body>, ApiError> {
+) -> (Response<Body>, Bytes) {
     #[derive(Serialize)]
     struct Merged<'a> {
         #[serde(flatten)]
@@ -364,7 +359,7 @@ async fn merged_response(
     let mut response = build_cart_response(
         app,
         StatusCode::OK,
-        body,
+        body.clone(),
         view.version,
         Source::Primary,
         None,
@@ -372,58 +367,12 @@ async fn merged_response(
     if written {
         mark_write(app, response.headers_mut(), view.version);
     }
-    Ok(response)
-}
-
-/// Sends a write to the owner's home edge with an idempotency key, then fences this region's
-/// cache at the version the home answered with.
-async fn forward_write(
-    app: &App,
-    request: &RequestParts<'_>,
-    surface: Surface,
-    home: &str,
-    idempotency_key: Option<&str>,
-    owner: &OwnerKey,
-    bytes: &Bytes,
-) -> Result<Response<Body>, ApiError> {
-    if surface == Surface::Internal {
-        return Err(ApiError::Misdirected);
-    }
-    let key = idempotency_key
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("fwd-{}", hex::encode(rand::random::<[u8; 16]>())));
-    let response = forward(
-        app,
-        request,
-        &Method::POST,
-        home,
-        None,
-        Some(&key),
-        bytes.clone(),
-    )
-    .await?;
-    if response.status().is_success() {
-        if let Some(version) = response
-            .headers()
-            .get(names::CART_VERSION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<i64>().ok())
-        {
-            app.store.cache.fence(owner.as_str(), version).await;
-        }
-    }
-    Ok(response)
+    (response, body)
 }
 
 /// A digest of (owner, idempotency key): the order id's random part.
 fn order_digest(owner: &OwnerKey, key: &str) -> [u8; 16] {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::new()
-        .chain_update(b"cartedge-order\0")
-        .chain_update(owner.as_str().as_bytes())
-        .chain_update([0])
-        .chain_update(key.as_bytes())
-        .finalize();
+    let digest = tagged_digest("cartedge-order", &[owner.as_str(), key]);
     let mut out = [0u8; 16];
     out.copy_from_slice(&digest[..16]);
     out
@@ -460,8 +409,9 @@ pub async fn checkout(
             app,
             request,
             surface,
+            &Method::POST,
             placement.home,
-            Some(key),
+            (Some(key), None),
             &owner,
             bytes,
         )
@@ -536,10 +486,10 @@ pub async fn checkout(
     };
     let committed = async {
         let (cleared, order) = tx.create_order(&owner, &draft).await?;
-        let mut response = order_response(app, StatusCode::CREATED, &order);
+        let body = Bytes::from(serde_json::to_vec(&order).unwrap_or_default());
+        let mut response = order_response(app, StatusCode::CREATED, body.clone());
         set_version(response.headers_mut(), cleared.version);
         mark_write(app, response.headers_mut(), cleared.version);
-        let body = body_bytes(&response);
         tx.record_idempotency(&owner, key, &fingerprint, &to_stored(&response, body))
             .await?;
         tx.commit().await?;
@@ -583,8 +533,8 @@ fn set_version(headers: &mut http::HeaderMap, version: i64) {
     );
 }
 
-fn order_response(app: &App, status: StatusCode, order: &Order) -> Response<Body> {
-    let mut response = json_response(status, serde_json::to_vec(order).unwrap_or_default());
+fn order_response(app: &App, status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = json_response(status, body.into());
     response.headers_mut().insert(
         HeaderName::from_static(names::CART_REGION),
         app.region_header.clone(),
@@ -639,7 +589,11 @@ pub async fn get_order(
     let found = orders::load_order(&client, order_id, Some(owner.as_str())).await?;
     drop(client);
     match found {
-        Some(order) => Ok(order_response(app, StatusCode::OK, &order)),
+        Some(order) => Ok(order_response(
+            app,
+            StatusCode::OK,
+            serde_json::to_vec(&order).unwrap_or_default(),
+        )),
         // A replica may not have the order yet: ask its home.
         None if home != app.config.region.id && surface != Surface::Internal => {
             forward(app, request, &Method::GET, home, None, None, Bytes::new()).await
@@ -681,7 +635,7 @@ pub async fn settle(
         if surface == Surface::Internal {
             return Err(ApiError::Misdirected);
         }
-        let key = format!("fwd-{}", hex::encode(rand::random::<[u8; 16]>()));
+        let key = forward_key(None);
         return forward(
             app,
             request,
@@ -738,5 +692,9 @@ pub async fn settle(
         _ => return Err(not_pending(&order)),
     };
     tracing::info!(order_id, status = %done.status, "order settled");
-    Ok(order_response(app, StatusCode::OK, &done))
+    Ok(order_response(
+        app,
+        StatusCode::OK,
+        serde_json::to_vec(&done).unwrap_or_default(),
+    ))
 }

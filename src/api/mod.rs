@@ -419,8 +419,8 @@ fn ready(app: &App) -> Response<Body> {
     }
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -819,39 +819,17 @@ async fn write(
     let owner_key = owner.key();
     let placement = app.topology.ring.locate(owner_key.as_str());
     if placement.home != app.config.region.id {
-        if surface == Surface::Internal {
-            // A forwarded request is never forwarded again.
-            return Err(ApiError::Misdirected);
-        }
-        // Forwards always carry a key, so a retry after a lost answer applies once.
-        let key = idempotency_key
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("fwd-{}", hex::encode(rand::random::<[u8; 16]>())));
-        let mut response = forward(
+        return forward_write(
             app,
             request,
+            surface,
             method,
             placement.home,
-            new_session.as_ref(),
-            Some(&key),
-            body.clone(),
+            (idempotency_key, new_session.as_ref()),
+            &owner_key,
+            body,
         )
-        .await?;
-        if response.status().is_success() {
-            let version = response
-                .headers()
-                .get(names::CART_VERSION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i64>().ok());
-            if let Some(version) = version {
-                // Our region's cache must not keep serving what this write replaced.
-                app.store.cache.fence(owner_key.as_str(), version).await;
-            }
-            if let Some(session) = &new_session {
-                append_session_cookie(app, response.headers_mut(), session);
-            }
-        }
-        return Ok(response);
+        .await;
     }
     let (operation, item, if_match) = kind.fingerprint_parts();
     let fingerprint = request::fingerprint(operation, item, if_match, body);
@@ -936,6 +914,60 @@ async fn write(
         app.invalidate_elsewhere(&owner_key, cart.version);
     }
     tracing::debug!(owner = %owner_key, version = cart.version, operation, "cart written");
+    Ok(response)
+}
+
+/// A forward's idempotency key: the client's, or one minted here.
+fn forward_key(client_key: Option<&str>) -> String {
+    client_key
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("fwd-{}", hex::encode(rand::random::<[u8; 16]>())))
+}
+
+/// Sends a write to the owner's home edge, always with an idempotency key (so a retry after a
+/// lost answer applies once), then fences this region's cache at the version the home answered
+/// with. `identity` is the client's key and a guest session minted here, if any.
+#[allow(clippy::too_many_arguments)]
+async fn forward_write(
+    app: &App,
+    request: &RequestParts<'_>,
+    surface: Surface,
+    method: &Method,
+    home: &str,
+    identity: (Option<&str>, Option<&SessionId>),
+    owner: &OwnerKey,
+    body: &Bytes,
+) -> Result<Response<Body>, ApiError> {
+    if surface == Surface::Internal {
+        // A forwarded request is never forwarded again.
+        return Err(ApiError::Misdirected);
+    }
+    let (client_key, new_session) = identity;
+    let key = forward_key(client_key);
+    let mut response = forward(
+        app,
+        request,
+        method,
+        home,
+        new_session,
+        Some(&key),
+        body.clone(),
+    )
+    .await?;
+    if response.status().is_success() {
+        let version = response
+            .headers()
+            .get(names::CART_VERSION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i64>().ok());
+        if let Some(version) = version {
+            // Our region's cache must not keep serving what this write replaced.
+            app.store.cache.fence(owner.as_str(), version).await;
+        }
+        if let Some(session) = new_session {
+            append_session_cookie(app, response.headers_mut(), session);
+        }
+    }
     Ok(response)
 }
 

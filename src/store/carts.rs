@@ -425,14 +425,5 @@ async fn bump_existing(
 
 /// A 64-bit advisory-lock key for an (owner, idempotency key) pair.
 fn advisory_key(owner: &OwnerKey, key: &str) -> i64 {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    hasher.update(b"cartedge-idempotency\0");
-    hasher.update(owner.as_str().as_bytes());
-    hasher.update([0]);
-    hasher.update(key.as_bytes());
-    let digest = hasher.finalize();
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&digest[..8]);
-    i64::from_be_bytes(bytes)
+    super::advisory_lock_key("cartedge-idempotency", &[owner.as_str(), key])
 }

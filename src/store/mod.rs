@@ -132,12 +132,12 @@ pub(crate) async fn end_transaction(client: Object, commit: bool) -> Result<(), 
 
 /// A 64-bit advisory-lock key for a named task on one shard.
 pub(crate) fn lock_key(task: &str, shard: &str) -> i64 {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::new()
-        .chain_update(task.as_bytes())
-        .chain_update([0])
-        .chain_update(shard.as_bytes())
-        .finalize();
+    advisory_lock_key(task, &[shard])
+}
+
+/// A 64-bit advisory-lock key: the first 8 bytes of [`tagged_digest`].
+pub(crate) fn advisory_lock_key(tag: &str, parts: &[&str]) -> i64 {
+    let digest = crate::domain::ids::tagged_digest(tag, parts);
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest[..8]);
     i64::from_be_bytes(bytes)
@@ -390,6 +390,16 @@ impl Store {
         drop(client);
         let (client, source) = self.db_read_prefer_primary(shard).await?;
         Ok((carts::load(&client, owner).await?, source))
+    }
+
+    /// One cart read from the shard's primary (home region only).
+    pub async fn load_from_primary(
+        &self,
+        shard: &str,
+        owner: &OwnerKey,
+    ) -> Result<StoredCart, StoreError> {
+        let (client, _) = self.db_read_prefer_primary(shard).await?;
+        carts::load(&client, owner).await
     }
 
     /// Whether every primary homed here (or, in a region that homes none, every replica)
