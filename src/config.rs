@@ -826,7 +826,8 @@ mod tests {
         let half_tls = "[tls]\nca_file = \"ca.pem\"\n";
         let error = Config::load(&sources_with(half_tls), SECRETS).unwrap_err();
         assert!(error.to_string().contains("must all be set"), "{error}");
-        let same_port = "[server]\nlisten = \"127.0.0.1:7000\"\nadmin_listen = \"127.0.0.1:7000\"\n";
+        let same_port =
+            "[server]\nlisten = \"127.0.0.1:7000\"\nadmin_listen = \"127.0.0.1:7000\"\n";
         let error = Config::load(&sources_with(same_port), SECRETS).unwrap_err();
         assert!(
             error

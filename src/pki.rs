@@ -136,9 +136,10 @@ mod tests {
     use super::*;
 
     fn throwaway(names: &[&str]) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
-        let generated =
-            rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
+        let generated = rcgen::generate_simple_self_signed(
+            names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = (dir.path().join("c.pem"), dir.path().join("c.key"));
         std::fs::write(&cert, generated.cert.pem()).unwrap();
