@@ -822,6 +822,20 @@ mod tests {
     }
 
     #[test]
+    fn configuration_is_a_leaf_that_imports_only_the_domain() {
+        let needle = concat!("crate", "::");
+        for (number, line) in include_str!("config.rs").lines().enumerate() {
+            if let Some(at) = line.find(needle) {
+                assert!(
+                    line[at + needle.len()..].starts_with("domain"),
+                    "config.rs:{}: {line}",
+                    number + 1
+                );
+            }
+        }
+    }
+
+    #[test]
     fn keys_that_go_together_are_checked_together() {
         let half_tls = "[tls]\nca_file = \"ca.pem\"\n";
         let error = Config::load(&sources_with(half_tls), SECRETS).unwrap_err();
