@@ -4,11 +4,11 @@
 //! `config` parses and checks values in isolation; this module opens the files they name and
 //! parses what they mean: JWT verification keys, the public listener's certificate and key, the
 //! edge-to-edge CA, certificate and key (and that the certificate names this edge), trusted
-//! proxy networks, database connection strings, the Redis URL, every peer's internal URL, and
-//! the region set against the ring (through `topology`), including the catalog primary that a
-//! region homing shards needs for checkout. Both `cartedge serve` and `cartedge check-config`
-//! run [`check`], so `check-config` refuses exactly what `serve` would refuse, with the same
-//! message; `App::new` then finds nothing left to refuse.
+//! proxy networks, database connection strings, the Redis URL, the log filter, every peer's
+//! internal URL, and the region set against the ring (through `topology`), including the
+//! catalog primary that a region homing shards needs for checkout. Both `cartedge serve` and
+//! `cartedge check-config` run [`check`], so `check-config` refuses exactly what `serve` would
+//! refuse, with the same message; `App::new` then finds nothing left to refuse.
 //!
 //! It reports every problem at once, each naming the configuration key it is about, and never
 //! prints a secret (connection strings and URLs may hold passwords, so their parse errors are
@@ -54,6 +54,7 @@ pub fn check(config: &Config) -> Result<Topology, PreflightError> {
     check_edge_tls(config, &mut problems);
     check_trusted_proxies(config, &mut problems);
     check_connection_strings(config, &mut problems);
+    check_log_filter(config, &mut problems);
     let topology = match Topology::load(config) {
         Ok(topology) => Some(topology),
         Err(ConfigError::Invalid(found)) => {
@@ -171,6 +172,14 @@ fn check_connection_strings(config: &Config, problems: &mut Vec<String>) {
     }
     if redis::Client::open(config.redis.url.expose()).is_err() {
         problems.push("redis.url is not a valid redis URL".into());
+    }
+}
+
+/// The log filter: without this check a typo silently falls back to `info`.
+fn check_log_filter(config: &Config, problems: &mut Vec<String>) {
+    let filter = &config.log.filter;
+    if let Err(error) = tracing_subscriber::EnvFilter::try_new(filter) {
+        problems.push(format!("log.filter {filter:?}: {error}"));
     }
 }
 

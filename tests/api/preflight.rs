@@ -295,6 +295,11 @@ fn check_config_and_serve_refuse_each_broken_region_file_alike_before_binding() 
             "topology: cannot read".into(),
         ),
         (
+            "log-filter",
+            "[log]\nfilter = \"info,cartedge=loud\"\n".into(),
+            "log.filter \"info,cartedge=loud\":".into(),
+        ),
+        (
             "unknown-field",
             "[cart]\nmax_linez = 3\n".into(),
             "unknown field `max_linez`".into(),
