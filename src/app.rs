@@ -13,7 +13,8 @@ use crate::api::limits::RateLimits;
 use crate::config::Config;
 use crate::domain::ids::OwnerKey;
 use crate::forward::{tls, Forwarder, Settings};
-use crate::server::tls::{load_certified_key, PublicTls};
+use crate::pki::load_certified_key;
+use crate::server::tls::PublicTls;
 use crate::store::Store;
 use crate::topology::Topology;
 

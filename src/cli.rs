@@ -181,6 +181,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Serve => {
             let config = cli.load_config()?;
+            crate::preflight::check(&config)?;
             crate::telemetry::init(&config.log);
             let app = App::new(config.clone())?;
             let listeners = Listeners::bind(&config).await?;
@@ -224,7 +225,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::CheckConfig => {
             let config = cli.load_config()?;
-            let topology = crate::topology::Topology::load(&config)?;
+            let topology = crate::preflight::check(&config)?;
             print!("{}", config.redacted_toml());
             let spec = topology.ring.spec();
             println!(

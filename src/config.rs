@@ -1,9 +1,14 @@
-//! Typed configuration: layered loading, validation and redacted printing.
+//! Typed configuration: layered loading, syntax checks and redacted printing.
 //!
 //! Layers, later wins: `config/default.toml` → `regions/<id>.toml` → `CARTEDGE__…` environment
 //! variables (meant for secrets). Every table rejects unknown keys so a typo in an SRE-edited file
 //! is an error, not a silently ignored setting. Loading takes the environment as a parameter so
-//! tests never mutate the process environment. This module opens no sockets and reads no clock.
+//! tests never mutate the process environment.
+//!
+//! This module is a leaf: it imports nothing of the crate but `domain`. It checks what the
+//! values say on their own (ranges, required keys, keys that go together); whatever needs key
+//! material, certificate files, network syntax (CIDRs, URLs, DSNs) or the ring is `preflight`'s
+//! job. It reads only the files it layers, opens no sockets and reads no clock.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -495,11 +500,12 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks everything that can be checked without touching the network.
+    /// Checks what the values say on their own: ranges, required keys, keys that go together.
+    /// Files, key material and network syntax are checked by `preflight::check`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         let id = &self.region.id;
-        if id.is_empty() || id.len() > 8 || !id.bytes().all(|b| b.is_ascii_lowercase()) {
+        if !is_valid_region_id(id) {
             problems.push(format!("region.id {id:?} must be 1-8 lowercase letters"));
         }
         if self.server.max_body_bytes == 0 || self.server.max_body_bytes > 1 << 20 {
@@ -522,9 +528,6 @@ impl Config {
         }
         if self.database.pool_size == 0 {
             problems.push("database.pool_size must be at least 1".into());
-        }
-        if redis::Client::open(self.redis.url.expose()).is_err() {
-            problems.push("redis.url is not a valid redis URL".into());
         }
         if self.redis.ttl.0 < Duration::from_secs(1) {
             problems.push("redis.ttl must be at least 1s".into());
@@ -582,11 +585,6 @@ impl Config {
         if self.auth.keys.is_empty() {
             problems.push("auth.keys must name at least one key".into());
         }
-        for (index, key) in self.auth.keys.iter().enumerate() {
-            if let Err(problem) = crate::api::auth::check_key_config(key) {
-                problems.push(format!("auth.keys[{index}] ({}): {problem}", key.kid));
-            }
-        }
         if self.server.max_headers == 0 || self.server.max_header_bytes < 1024 {
             problems.push(
                 "server.max_headers must be at least 1 and server.max_header_bytes at least 1024"
@@ -602,32 +600,35 @@ impl Config {
                 "server.tls_cert_file and server.tls_key_file must both be set or both be empty"
                     .into(),
             );
-        } else if let Some((cert, key)) = self.server.public_tls() {
-            let files = check_small_file(cert).and_then(|()| check_small_file(key));
-            match files.and_then(|()| {
-                crate::server::tls::load_certified_key(cert, key)
-                    .map(drop)
-                    .map_err(|e| format!("{e:#}"))
-            }) {
-                Ok(()) => {}
-                Err(problem) => {
-                    problems.push(format!("server.tls_cert_file/tls_key_file: {problem}"))
-                }
-            }
+        }
+        let tls = &self.tls;
+        let set = [&tls.ca_file, &tls.cert_file, &tls.key_file]
+            .iter()
+            .filter(|path| !path.as_os_str().is_empty())
+            .count();
+        if set != 0 && set != 3 {
+            problems.push(
+                "tls.ca_file, tls.cert_file and tls.key_file must all be set or all be empty"
+                    .into(),
+            );
         }
         if self.server.internal_listen.is_some() && !self.tls.is_configured() {
             problems.push(
                 "server.internal_listen needs tls.ca_file, tls.cert_file and tls.key_file".into(),
             );
         }
-        if self.tls.is_configured() {
-            for (key, path) in [
-                ("tls.ca_file", &self.tls.ca_file),
-                ("tls.cert_file", &self.tls.cert_file),
-                ("tls.key_file", &self.tls.key_file),
-            ] {
-                if !path.is_file() {
-                    problems.push(format!("{key} {} does not exist", path.display()));
+        let listeners = [
+            ("server.listen", Some(self.server.listen)),
+            ("server.admin_listen", self.server.admin_listen),
+            ("server.internal_listen", self.server.internal_listen),
+        ];
+        for (index, (name, address)) in listeners.iter().enumerate() {
+            let Some(address) = address.filter(|a| a.port() != 0) else {
+                continue;
+            };
+            for (other, other_address) in &listeners[..index] {
+                if *other_address == Some(address) {
+                    problems.push(format!("{name} {address} is also {other}"));
                 }
             }
         }
@@ -658,24 +659,10 @@ impl Config {
     }
 }
 
-/// Largest key or certificate file the edge reads (real ones are a few KiB).
-pub const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
-
-/// Checks that `path` is a regular file of at most [`MAX_KEY_FILE_BYTES`], so reading it can
-/// neither block (a FIFO, a terminal) nor exhaust memory (`/dev/zero`).
-pub fn check_small_file(path: &Path) -> Result<(), String> {
-    let metadata =
-        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if !metadata.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
-    }
-    if metadata.len() > MAX_KEY_FILE_BYTES {
-        return Err(format!(
-            "{} is larger than {MAX_KEY_FILE_BYTES} bytes",
-            path.display()
-        ));
-    }
-    Ok(())
+/// A region id: 1-8 lowercase ASCII letters. It becomes a DNS label (`<id>.edge.…`), a header
+/// value (`Cart-Region`) and a file name (`regions/<id>.toml`), so nothing else is allowed.
+pub fn is_valid_region_id(id: &str) -> bool {
+    (1..=8).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_lowercase())
 }
 
 fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {
@@ -806,11 +793,12 @@ mod tests {
     }
 
     #[test]
-    fn missing_secrets_fail_validation_with_every_problem_listed() {
+    fn a_missing_session_secret_fails_loading_with_the_key_named() {
         let error = Config::load(&sources_with(""), Vec::<(String, String)>::new()).unwrap_err();
         let text = error.to_string();
         assert!(text.contains("auth.session_secret"), "{text}");
-        assert!(text.contains("auth.keys[0]"), "{text}");
+        // Key material is preflight's (see `preflight::tests`).
+        assert!(!text.contains("auth.keys[0]"), "{text}");
     }
 
     #[test]
@@ -831,6 +819,38 @@ mod tests {
             config.auth.session_secret.expose(),
             "12345678901234567890123456789012"
         );
+    }
+
+    #[test]
+    fn configuration_is_a_leaf_that_imports_only_the_domain() {
+        let needle = concat!("crate", "::");
+        for (number, line) in include_str!("config.rs").lines().enumerate() {
+            if let Some(at) = line.find(needle) {
+                assert!(
+                    line[at + needle.len()..].starts_with("domain"),
+                    "config.rs:{}: {line}",
+                    number + 1
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn keys_that_go_together_are_checked_together() {
+        let half_tls = "[tls]\nca_file = \"ca.pem\"\n";
+        let error = Config::load(&sources_with(half_tls), SECRETS).unwrap_err();
+        assert!(error.to_string().contains("must all be set"), "{error}");
+        let same_port =
+            "[server]\nlisten = \"127.0.0.1:7000\"\nadmin_listen = \"127.0.0.1:7000\"\n";
+        let error = Config::load(&sources_with(same_port), SECRETS).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("server.admin_listen 127.0.0.1:7000 is also server.listen"),
+            "{error}"
+        );
+        let any_port = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n";
+        assert!(Config::load(&sources_with(any_port), SECRETS).is_ok());
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub mod domain;
 pub mod forward;
 pub mod fuzzing;
 pub mod local;
+pub mod pki;
+pub mod preflight;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -60,7 +60,7 @@ fn decoding_key(key: &JwtKeyConfig) -> Result<(Algorithm, DecodingKey), String> 
         .public_key_file
         .as_ref()
         .ok_or("asymmetric keys need public_key_file")?;
-    crate::config::check_small_file(path)?;
+    crate::pki::check_small_file(path)?;
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let parsed = match algorithm {
         Algorithm::ES256 => DecodingKey::from_ec_pem(&pem),
@@ -72,7 +72,7 @@ fn decoding_key(key: &JwtKeyConfig) -> Result<(Algorithm, DecodingKey), String> 
         .map_err(|e| format!("cannot parse {}: {e}", path.display()))
 }
 
-/// Validates one configured key without keeping it (used by `Config::validate`).
+/// Validates one configured key without keeping it (used by `preflight::check`).
 pub fn check_key_config(key: &JwtKeyConfig) -> Result<(), String> {
     decoding_key(key).map(|_| ())
 }

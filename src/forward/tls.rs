@@ -2,9 +2,10 @@
 //!
 //! Edges forward writes to each other over HTTP/2, and both ends must prove they are an edge
 //! of *this* cluster, so every connection is mutually authenticated against one private CA.
-//! This module owns the certificate material for that: it generates the local cluster's CA and
-//! one certificate per edge (used by the local launcher), and it builds the rustls server and
-//! client configurations from the PEM files on disk.
+//! This module owns the certificate policy for that: it generates the local cluster's CA and
+//! one certificate per edge (used by the local launcher), it builds the rustls server and
+//! client configurations (PEM files are read through `pki`), and it names the edge behind a
+//! verified client certificate.
 //!
 //! It deliberately does no I/O besides reading and writing those files; it never opens sockets
 //! (only the tests do, on 127.0.0.1), so connection handling stays in the forwarding client
@@ -23,15 +24,14 @@ use rcgen::{
 };
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::RootCertStore;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::pki::{load_certs, load_key, load_roots, provider};
 
 /// DNS suffix of every edge's name in its certificate; `<name>` + this is what clients dial.
-const EDGE_DNS_SUFFIX: &str = ".edge.cartedge.internal";
+pub const EDGE_DNS_SUFFIX: &str = ".edge.cartedge.internal";
 /// Subject CN of the local CA. The CA is re-created from these parameters when it is reused
 /// (rcgen cannot parse `ca.pem` without its `x509-parser` feature), so it must never change.
 const CA_COMMON_NAME: &str = "cartedge local CA";
@@ -174,11 +174,11 @@ pub fn client_config(cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<rustl
 
 /// The peer edge's name, so the server can attribute a forwarded write to its source region.
 ///
-/// No X.509 parsing crate is available (rcgen's `x509-parser` feature is off), so instead of
-/// the CN this returns the first DNS SAN of the client certificate ending in
-/// `.edge.cartedge.internal`, with that suffix stripped. The SAN is located with a small DER
-/// walker and then confirmed with rustls' own (webpki) name check, and it must be a valid edge
-/// name. Both carry the same name in certificates from [`generate_local_pki`].
+/// This is the first DNS subject alternative name of the client certificate ending in
+/// `.edge.cartedge.internal`, with that suffix stripped (names are read by `pki`, with
+/// `x509-parser`), confirmed with rustls' own (webpki) name check; it must be a valid edge
+/// name. The CN carries the same name in certificates from [`generate_local_pki`], but SANs are
+/// what clients verify, so they are what counts.
 ///
 /// Returns `None` before the handshake completes, or if the certificate names no edge. The
 /// chain itself was already verified against the CA by the server's client verifier.
@@ -198,12 +198,6 @@ pub fn peer_edge_name(connection: &rustls::ServerConnection) -> Option<String> {
 pub fn edge_server_name(name: &str) -> ServerName<'static> {
     ServerName::try_from(format!("{name}{EDGE_DNS_SUFFIX}"))
         .unwrap_or_else(|_| panic!("edge name {name:?} does not form a valid DNS name"))
-}
-
-/// The crypto provider used everywhere in this module, chosen explicitly so that no
-/// process-wide default provider has to be installed.
-pub(crate) fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// Edge names end up in DNS names and file names, so they are restricted to lowercase DNS
@@ -287,8 +281,9 @@ fn load_ca(cert_path: &Path, key_path: &Path) -> anyhow::Result<Issuer<'static, 
         .with_context(|| format!("reading CA key {}", key_path.display()))?;
     let key = KeyPair::from_pem(&key_pem)
         .with_context(|| format!("parsing CA key {}", key_path.display()))?;
-    let ca_cert = CertificateDer::from_pem_file(cert_path)
-        .with_context(|| format!("reading CA certificate {}", cert_path.display()))?;
+    let ca_cert = load_certs(cert_path)
+        .with_context(|| format!("reading CA certificate {}", cert_path.display()))?
+        .swap_remove(0);
     let parsed = ParsedCertificate::try_from(&ca_cert)
         .with_context(|| format!("parsing CA certificate {}", cert_path.display()))?;
     ensure!(
@@ -437,142 +432,35 @@ impl LeafVerifiers {
     }
 }
 
-/// All certificates in a PEM file, which must contain at least one.
-pub(crate) fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("opening certificate file {}", path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("reading certificates from {}", path.display()))?;
-    ensure!(
-        !certs.is_empty(),
-        "no certificates found in {}",
-        path.display()
-    );
-    Ok(certs)
-}
-
-pub(crate) fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    PrivateKeyDer::from_pem_file(path)
-        .with_context(|| format!("reading private key from {}", path.display()))
-}
-
-fn load_roots(path: &Path) -> anyhow::Result<Arc<RootCertStore>> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
-        roots
-            .add(cert)
-            .with_context(|| format!("adding CA certificate from {}", path.display()))?;
-    }
-    Ok(Arc::new(roots))
+/// The edge names a certificate is issued to: its DNS subject alternative names ending in
+/// [`EDGE_DNS_SUFFIX`], suffix stripped, lowercase, each a valid edge name; `None` if the
+/// certificate cannot be read.
+pub fn edge_names(cert: &CertificateDer<'_>) -> Option<Vec<String>> {
+    let names = crate::pki::certificate_names(cert)?;
+    Some(
+        names
+            .dns
+            .iter()
+            .filter_map(|dns| {
+                let split = dns.len().checked_sub(EDGE_DNS_SUFFIX.len())?;
+                let suffix = dns.get(split..)?;
+                if split == 0 || !suffix.eq_ignore_ascii_case(EDGE_DNS_SUFFIX) {
+                    return None;
+                }
+                let name = dns[..split].to_ascii_lowercase();
+                validate_edge_name(&name).ok()?;
+                Some(name)
+            })
+            .collect(),
+    )
 }
 
 /// The edge name in a certificate, see [`peer_edge_name`].
 fn edge_name_from_cert(cert: &CertificateDer<'_>) -> Option<String> {
     let parsed = ParsedCertificate::try_from(cert).ok()?;
-    der::dns_subject_alt_names(cert.as_ref())?
+    edge_names(cert)?
         .into_iter()
-        .filter_map(|dns| std::str::from_utf8(dns).ok())
-        .find_map(|dns| {
-            let split = dns.len().checked_sub(EDGE_DNS_SUFFIX.len())?;
-            let suffix = dns.get(split..)?;
-            if split == 0 || !suffix.eq_ignore_ascii_case(EDGE_DNS_SUFFIX) {
-                return None;
-            }
-            let name = dns[..split].to_ascii_lowercase();
-            validate_edge_name(&name).ok()?;
-            rustls::client::verify_server_name(&parsed, &edge_server_name(&name)).ok()?;
-            Some(name)
-        })
-}
-
-/// Just enough DER reading to find the DNS names in a certificate's subjectAltName extension.
-/// Anything unexpected yields `None`; never panics on malformed input.
-mod der {
-    const BOOLEAN: u8 = 0x01;
-    const OCTET_STRING: u8 = 0x04;
-    const OID: u8 = 0x06;
-    const SEQUENCE: u8 = 0x30;
-    /// `[3] EXPLICIT Extensions` in TBSCertificate.
-    const EXTENSIONS: u8 = 0xa3;
-    /// `dNSName [2] IMPLICIT IA5String` in GeneralName.
-    const DNS_NAME: u8 = 0x82;
-    /// OID 2.5.29.17 (id-ce-subjectAltName), content bytes only.
-    const SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11];
-
-    /// Splits one TLV off `input`: (tag, contents, rest). Only low tag numbers and definite
-    /// lengths of up to 4 bytes, which covers any certificate of sane size.
-    fn next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        if tag & 0x1f == 0x1f {
-            return None;
-        }
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let (len_bytes, rest) = rest.split_at(n);
-            let len = len_bytes
-                .iter()
-                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-            (len, rest)
-        };
-        if rest.len() < len {
-            return None;
-        }
-        let (contents, rest) = rest.split_at(len);
-        Some((tag, contents, rest))
-    }
-
-    /// Splits one TLV with the given tag off `input`: (contents, rest).
-    fn expect(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-        match next(input)? {
-            (t, contents, rest) if t == tag => Some((contents, rest)),
-            _ => None,
-        }
-    }
-
-    /// The TLVs directly inside `input`, stopping at the first malformed one.
-    fn items(mut input: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
-        std::iter::from_fn(move || {
-            let (tag, contents, rest) = next(input)?;
-            input = rest;
-            Some((tag, contents))
-        })
-    }
-
-    /// The raw dNSName entries of the subjectAltName extension of a DER certificate, or
-    /// `None` if the certificate has no such extension or cannot be read.
-    pub(super) fn dns_subject_alt_names(cert: &[u8]) -> Option<Vec<&[u8]>> {
-        let (certificate, _) = expect(cert, SEQUENCE)?;
-        let (tbs, _) = expect(certificate, SEQUENCE)?;
-        let (_, extensions) = items(tbs).find(|(tag, _)| *tag == EXTENSIONS)?;
-        let (extensions, _) = expect(extensions, SEQUENCE)?;
-        for (tag, extension) in items(extensions) {
-            if tag != SEQUENCE {
-                return None;
-            }
-            let (oid, mut rest) = expect(extension, OID)?;
-            if oid != SUBJECT_ALT_NAME {
-                continue;
-            }
-            if let Some((_, after_critical)) = expect(rest, BOOLEAN) {
-                rest = after_critical;
-            }
-            let (value, _) = expect(rest, OCTET_STRING)?;
-            let (names, _) = expect(value, SEQUENCE)?;
-            return Some(
-                items(names)
-                    .filter(|(tag, _)| *tag == DNS_NAME)
-                    .map(|(_, name)| name)
-                    .collect(),
-            );
-        }
-        None
-    }
+        .find(|name| rustls::client::verify_server_name(&parsed, &edge_server_name(name)).is_ok())
 }
 
 #[cfg(test)]
@@ -802,11 +690,10 @@ mod tests {
         let edges = generate_local_pki(dir.path(), &["my-edge-1"]).unwrap();
         let leaf = load_certs(&edges[0].1.cert).unwrap().swap_remove(0);
         assert_eq!(edge_name_from_cert(&leaf).as_deref(), Some("my-edge-1"));
-        let dns = der::dns_subject_alt_names(leaf.as_ref()).unwrap();
-        assert_eq!(
-            dns,
-            [&b"my-edge-1.edge.cartedge.internal"[..], b"localhost"]
-        );
+        assert_eq!(edge_names(&leaf).unwrap(), ["my-edge-1"]);
+        let names = crate::pki::certificate_names(&leaf).unwrap();
+        assert_eq!(names.common_names, ["my-edge-1"]);
+        assert_eq!(names.dns, ["my-edge-1.edge.cartedge.internal", "localhost"]);
         // The CA names no edge.
         let ca = load_certs(&dir.path().join("ca.pem"))
             .unwrap()
@@ -814,7 +701,6 @@ mod tests {
         assert_eq!(edge_name_from_cert(&ca), None);
         // Truncated input never panics and never yields a name.
         for len in 0..leaf.len() {
-            let _ = der::dns_subject_alt_names(&leaf[..len]);
             let cut = CertificateDer::from(&leaf[..len]);
             assert_eq!(edge_name_from_cert(&cut), None);
         }

@@ -1,10 +1,12 @@
 //! TLS on the public listener: the certificate the edge presents to shoppers, reloadable.
 //!
 //! The rustls configuration is built once; its certificate comes from a [`CertSlot`], a
-//! resolver whose certified key is swapped whole by [`CertSlot::reload`]. A connection that
-//! starts after a reload gets the new certificate, connections already open keep theirs, and a
-//! certificate or key that does not load leaves the running one in place. This module reads
-//! the two PEM files and nothing else; it opens no sockets (that is `server`).
+//! resolver whose certified key is swapped whole by [`PublicTls::install`] (called by
+//! `App::reload`). A connection that starts after a reload gets the new certificate,
+//! connections already open keep theirs, and a certificate or key that does not load leaves the
+//! running one in place. The two PEM files are read through `pki`; this module holds the
+//! listener's policy (protocol versions, ALPN, no client certificates) and opens no sockets
+//! (that is `server`).
 
 use std::fmt;
 use std::path::Path;
@@ -15,7 +17,7 @@ use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::forward::tls as pki;
+use crate::pki::{self, load_certified_key};
 
 /// Offered in this order: HTTP/2 first, HTTP/1.1 for clients that cannot speak it.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -23,19 +25,6 @@ const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 /// The value of `Strict-Transport-Security` on every response served over TLS: browsers that
 /// saw it once refuse plain HTTP to this host (and its subdomains) for a year.
 pub const HSTS: &str = "max-age=31536000; includeSubDomains";
-
-/// The certificate chain and key files of the public listener, loaded and checked together.
-pub fn load_certified_key(cert_file: &Path, key_file: &Path) -> anyhow::Result<CertifiedKey> {
-    let chain = pki::load_certs(cert_file)?;
-    let key = pki::load_key(key_file)?;
-    CertifiedKey::from_der(chain, key, &pki::provider()).with_context(|| {
-        format!(
-            "key {} does not fit certificate {}",
-            key_file.display(),
-            cert_file.display()
-        )
-    })
-}
 
 /// The public listener's certificate, swapped whole on reload.
 pub struct CertSlot {
@@ -85,7 +74,7 @@ impl PublicTls {
         self.config.clone()
     }
 
-    /// Makes `key` (from [`load_certified_key`]) the certificate of every connection accepted
+    /// Makes `key` (from [`pki::load_certified_key`]) the certificate of every connection accepted
     /// from now on; connections already open keep theirs.
     pub fn install(&self, key: CertifiedKey) {
         self.slot.current.store(Arc::new(key));

@@ -12,6 +12,7 @@ mod layering;
 mod lifecycle;
 mod local;
 mod openapi;
+mod preflight;
 mod protection;
 mod regions;
 mod ring;

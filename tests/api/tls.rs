@@ -325,7 +325,10 @@ fn load_with(overlay: &str) -> Result<Config, String> {
             overlay,
         )),
     };
-    Config::load(&sources, Vec::<(String, String)>::new()).map_err(|e| e.to_string())
+    let config =
+        Config::load(&sources, Vec::<(String, String)>::new()).map_err(|e| e.to_string())?;
+    cartedge::preflight::check(&config).map_err(|e| e.to_string())?;
+    Ok(config)
 }
 
 fn tls_overlay(cert: &Path, key: &Path) -> String {
