@@ -1,20 +1,20 @@
-//! The `cartedge` command line: serve, migrate, check-config, token, catalog, local.
+//! The `cartedge` command line: serve, migrate, check-config, token, janitor, catalog, ring,
+//! local. A module of the binary, not of the library: it parses arguments, loads the
+//! configuration and runs each command through the library (`cartedge::service` runs an edge)
+//! or the launcher ([`crate::local`]). Serving and launching live there, not here.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use cartedge::app::App;
+use cartedge::config::{Config, Sources};
+use cartedge::domain::money::{Currency, Money};
+use cartedge::domain::ring::{plan_moves, sample_owner_keys, Ring, ShardSpec};
+use cartedge::service::{reload_on_sighup, serve_bound, Listeners};
+use cartedge::store::catalog::{self, ImportRow};
 use clap::{Parser, Subcommand};
-use tokio::net::TcpListener;
 
-use crate::app::App;
-use crate::config::{Config, Sources};
-use crate::domain::money::{Currency, Money};
-use crate::domain::ring::{plan_moves, sample_owner_keys, Ring, ShardSpec};
-use crate::store::catalog::{self, ImportRow};
-
-/// Where the local cluster keeps its state.
-pub const LOCAL_DIR: &str = ".cartedge/local";
+use crate::local;
 
 #[derive(Debug, Parser)]
 #[command(name = "cartedge", version, about = "Multi-region shopping-cart edge")]
@@ -112,7 +112,7 @@ pub enum LocalCommand {
     Up {
         #[arg(long)]
         detach: bool,
-        #[arg(long, default_value = LOCAL_DIR)]
+        #[arg(long, default_value = local::DEFAULT_DIR)]
         dir: PathBuf,
         #[arg(long, default_value_t = 8080)]
         edge_port: u16,
@@ -121,21 +121,21 @@ pub enum LocalCommand {
     },
     /// Stop a detached local cluster.
     Down {
-        #[arg(long, default_value = LOCAL_DIR)]
+        #[arg(long, default_value = local::DEFAULT_DIR)]
         dir: PathBuf,
     },
     /// Cut every link (edges and replication) between two regions of the running cluster.
     Partition {
         a: String,
         b: String,
-        #[arg(long, default_value = LOCAL_DIR)]
+        #[arg(long, default_value = local::DEFAULT_DIR)]
         dir: PathBuf,
     },
     /// Restore the links between two regions.
     Heal {
         a: String,
         b: String,
-        #[arg(long, default_value = LOCAL_DIR)]
+        #[arg(long, default_value = local::DEFAULT_DIR)]
         dir: PathBuf,
     },
     /// Run the link proxy of a detached cluster (started by `local up --detach`).
@@ -165,11 +165,11 @@ impl Cli {
         let region = match &self.config {
             Some(path) => path.clone(),
             None => {
-                let local = crate::local::region_file(Path::new(LOCAL_DIR), "sg");
-                if !local.exists() {
+                let generated = local::region_file(Path::new(local::DEFAULT_DIR), "sg");
+                if !generated.exists() {
                     bail!("no --config given and no local cluster found (run `cartedge local up`)");
                 }
-                local
+                generated
             }
         };
         Ok(Sources::new(self.defaults(), Some(region)))
@@ -181,8 +181,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Serve => {
             let config = cli.load_config()?;
-            crate::preflight::check(&config)?;
-            crate::telemetry::init(&config.log);
+            cartedge::preflight::check(&config)?;
+            cartedge::telemetry::init(&config.log);
             let app = App::new(config.clone())?;
             let listeners = Listeners::bind(&config).await?;
             reload_on_sighup(app.clone(), cli.sources()?);
@@ -211,7 +211,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 );
             }
             for (name, dsn) in targets {
-                let applied = crate::store::migrate::run(dsn)
+                let applied = cartedge::store::migrate::run(dsn)
                     .await
                     .with_context(|| format!("migrating {name}"))?;
                 if applied.is_empty() {
@@ -225,7 +225,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::CheckConfig => {
             let config = cli.load_config()?;
-            let topology = crate::preflight::check(&config)?;
+            let topology = cartedge::preflight::check(&config)?;
             print!("{}", config.redacted_toml());
             let spec = topology.ring.spec();
             println!(
@@ -256,9 +256,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .as_secs();
             let token = match role {
                 Some(role) => {
-                    crate::api::auth::issue_token_with_role(&config.auth, sub, ttl, now, role)
+                    cartedge::api::auth::issue_token_with_role(&config.auth, sub, ttl, now, role)
                 }
-                None => crate::api::auth::issue_token_for_tier(
+                None => cartedge::api::auth::issue_token_for_tier(
                     &config.auth,
                     sub,
                     ttl,
@@ -315,7 +315,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             edge_port,
             admin_port,
         }) => {
-            crate::local::up(crate::local::UpOptions {
+            local::up(local::UpOptions {
                 dir: dir.clone(),
                 detach: *detach,
                 edge_port: *edge_port,
@@ -324,15 +324,13 @@ pub async fn run(cli: Cli) -> Result<()> {
             })
             .await
         }
-        Command::Local(LocalCommand::Down { dir }) => crate::local::down(dir),
+        Command::Local(LocalCommand::Down { dir }) => local::down(dir),
         Command::Local(LocalCommand::Partition { a, b, dir }) => {
-            crate::local::steer(dir, "partition", a, b).await
+            local::steer(dir, "partition", a, b).await
         }
-        Command::Local(LocalCommand::Heal { a, b, dir }) => {
-            crate::local::steer(dir, "heal", a, b).await
-        }
+        Command::Local(LocalCommand::Heal { a, b, dir }) => local::steer(dir, "heal", a, b).await,
         Command::Local(LocalCommand::LinkProxy { links, state }) => {
-            crate::local::run_link_proxy(links, state).await
+            local::run_link_proxy(links, state).await
         }
         Command::Ring(RingCommand::Locate { owner, ring }) => {
             if !(owner.starts_with("u:") || owner.starts_with("g:")) || owner.len() < 3 {
@@ -373,8 +371,8 @@ pub async fn run(cli: Cli) -> Result<()> {
 }
 
 /// Reads and validates a ring file.
-pub fn load_ring(path: &Path) -> Result<Ring> {
-    Ok(crate::topology::load_ring(path)?)
+fn load_ring(path: &Path) -> Result<Ring> {
+    Ok(cartedge::topology::load_ring(path)?)
 }
 
 fn parse_shard(text: &str) -> Result<ShardSpec> {
@@ -431,7 +429,7 @@ async fn run_catalog(command: &CatalogCommand, client: &mut tokio_postgres::Clie
 }
 
 /// Parses a catalog CSV: `item_id,name,stock` then one column per currency code.
-pub fn read_catalog_csv(path: &Path) -> Result<Vec<ImportRow>> {
+fn read_catalog_csv(path: &Path) -> Result<Vec<ImportRow>> {
     let mut reader =
         csv::Reader::from_path(path).with_context(|| format!("opening {}", path.display()))?;
     let headers = reader.headers()?.clone();
@@ -455,7 +453,7 @@ pub fn read_catalog_csv(path: &Path) -> Result<Vec<ImportRow>> {
         let at = line + 2;
         let field = |index: usize| record.get(index).unwrap_or("").trim();
         let item_id = field(id_at);
-        crate::domain::ids::ItemId::parse(item_id)
+        cartedge::domain::ids::ItemId::parse(item_id)
             .map_err(|e| anyhow::anyhow!("line {at}: {e}"))?;
         let stock: i32 = field(stock_at)
             .parse()
@@ -483,80 +481,22 @@ pub fn read_catalog_csv(path: &Path) -> Result<Vec<ImportRow>> {
     Ok(rows)
 }
 
-/// On SIGHUP, re-reads the configuration and applies what may change without a restart
-/// (keys, rate limits); a configuration that does not load is logged and changes nothing.
-pub fn reload_on_sighup(app: Arc<App>, sources: Sources) {
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        let Ok(mut hangups) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
-        while hangups.recv().await.is_some() {
-            let outcome = Config::load(&sources, std::env::vars())
-                .map_err(anyhow::Error::from)
-                .and_then(|config| app.reload(&config));
-            if let Err(error) = outcome {
-                tracing::error!(error = %format!("{error:#}"), "reload refused; keeping the running configuration");
-            }
-        }
-    });
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Serves already-bound listeners until SIGTERM/Ctrl-C.
-pub async fn serve_bound(app: Arc<App>, listeners: Listeners) {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stop.changed().await;
-    };
-    let mut side_tasks = Vec::new();
-    if let Some(listener) = listeners.admin {
-        let (app, stop) = (app.clone(), stopped(stop_rx.clone()));
-        side_tasks.push(tokio::spawn(async move {
-            crate::server::run_admin(listener, app, stop).await
-        }));
-    }
-    if let (Some(listener), Some(tls)) = (listeners.internal, app.internal_tls.clone()) {
-        let (app, stop) = (app.clone(), stopped(stop_rx.clone()));
-        side_tasks.push(tokio::spawn(async move {
-            crate::server::run_internal(listener, app, tls, stop).await
-        }));
-    }
-    crate::server::run(listeners.public, app.clone(), async move {
-        crate::server::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    })
-    .await;
-    for task in side_tasks {
-        let _ = task.await;
-    }
-}
-
-/// The listeners of one edge, bound before serving (so a taken port fails start-up).
-pub struct Listeners {
-    pub public: TcpListener,
-    pub admin: Option<TcpListener>,
-    pub internal: Option<TcpListener>,
-}
-
-impl Listeners {
-    pub async fn bind(config: &Config) -> Result<Listeners> {
-        let bind = |address: std::net::SocketAddr| async move {
-            TcpListener::bind(address)
-                .await
-                .with_context(|| format!("binding {address}"))
-        };
-        Ok(Listeners {
-            public: bind(config.server.listen).await?,
-            admin: match config.server.admin_listen {
-                Some(address) => Some(bind(address).await?),
-                None => None,
-            },
-            internal: match config.server.internal_listen {
-                Some(address) => Some(bind(address).await?),
-                None => None,
-            },
-        })
+    #[test]
+    fn catalog_csv_rejects_bad_rows_with_their_line_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.csv");
+        std::fs::write(
+            &file,
+            "item_id,name,stock,SGD\nok-1,Fine,1,100\nbad-2,Broken,1,12.50\n",
+        )
+        .unwrap();
+        let error = read_catalog_csv(&file).unwrap_err().to_string();
+        assert!(error.contains("line 3") && error.contains("SGD"), "{error}");
+        std::fs::write(&file, "item_id,name,stock\nok-1,Fine,1\n").unwrap();
+        assert!(read_catalog_csv(&file).is_err());
     }
 }

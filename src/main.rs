@@ -1,4 +1,9 @@
-//! The `cartedge` binary: see `cartedge::cli`.
+//! The `cartedge` binary: the command line ([`cli`]) over the service library, and the local
+//! cluster launcher ([`local`]) over the `cartedge-dev` tooling. Neither module is part of the
+//! library.
+
+mod cli;
+mod local;
 
 use clap::Parser;
 
@@ -8,7 +13,7 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let cli = cartedge::cli::Cli::parse();
+    let arguments = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -19,7 +24,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cartedge::cli::run(cli)) {
+    match runtime.block_on(cli::run(arguments)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("cartedge: {error:#}");

@@ -1,15 +1,15 @@
-//! The local cluster: `cartedge local up|down|partition|heal`, three regions (`sg`, `id`,
-//! `th`) on 127.0.0.1 under `.cartedge/local/`, plus the process harness ([`procs`]) the tests
-//! share and the link proxy ([`linkproxy`]) that emulates the network between regions.
+//! The local cluster: `cartedge local up|down|partition|heal|link-proxy`, three regions (`sg`,
+//! `id`, `th`) on 127.0.0.1 under `.cartedge/local/`. A module of the binary, not of the
+//! library: it starts servers through `cartedge_dev::procs` (the process harness the tests
+//! share), links the regions through `cartedge_dev::linkproxy` (which emulates the network
+//! between them) and runs each edge through `cartedge::service`.
 //!
 //! Per region: the primary of the shard homed there, a streaming replica of every other shard,
 //! one Redis and one edge. The catalog is homed in `sg` (in shard `sg-1`'s database) and reaches
 //! the other regions through their replicas of `sg-1`. Every inter-region path — edge to edge
 //! and every replication stream — runs through the link proxy with a one-way delay of half the
-//! region pair's round trip. This module is developer tooling: the edge never calls it.
-
-pub mod linkproxy;
-pub mod procs;
+//! region pair's round trip. This module is developer tooling: the edge never calls it, and it
+//! parses no command line (`crate::cli` hands it plain values).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,10 +21,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, Sources};
-use linkproxy::{LinkProxy, LinkSpec};
-use procs::{Lifetime, PgInstance, PgOptions, RedisInstance};
+use cartedge::config::{Config, Sources};
+use cartedge::service::{reload_on_sighup, serve_bound, Listeners};
+use cartedge_dev::linkproxy::{self, LinkProxy, LinkSpec};
+use cartedge_dev::procs::{self, Lifetime, PgInstance, PgOptions, RedisInstance};
 
+/// Where the local cluster keeps its state unless told otherwise (`--dir`).
+pub const DEFAULT_DIR: &str = ".cartedge/local";
 /// Demo catalog size: `sku-00001` … `sku-10000`.
 pub const DEMO_ITEMS: i32 = 10_000;
 /// The database every local shard uses.
@@ -272,7 +275,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
 
     for (region, primary) in &primaries {
         create_database(&primary.dsn("postgres"), DATABASE).await?;
-        let applied = crate::store::migrate::run(&primary.dsn(DATABASE)).await?;
+        let applied = cartedge::store::migrate::run(&primary.dsn(DATABASE)).await?;
         if !applied.is_empty() {
             eprintln!(
                 "cartedge: {region}: migrations applied: {}",
@@ -281,7 +284,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
         }
     }
     let (catalog, driver) = connect(&primaries["sg"].dsn(DATABASE)).await?;
-    crate::store::catalog::load_demo(&catalog, DEMO_ITEMS).await?;
+    cartedge::store::catalog::load_demo(&catalog, DEMO_ITEMS).await?;
     drop(catalog);
     let _ = driver.await;
     eprintln!("cartedge: demo catalog ready in sg ({DEMO_ITEMS} items)");
@@ -423,7 +426,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
     }
     std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
     let pki = dir.join("pki");
-    crate::forward::tls::generate_local_pki(&pki, &REGIONS.map(|r| r.0))?;
+    cartedge::forward::tls::generate_local_pki(&pki, &REGIONS.map(|r| r.0))?;
 
     let secrets = load_or_create_secrets(&dir)?;
     let ring_path = dir.join("ring.toml");
@@ -569,10 +572,10 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
         return Ok(());
     }
 
-    crate::telemetry::init(&loaded[0].log);
+    cartedge::telemetry::init(&loaded[0].log);
     let mut edges = Vec::new();
     for (config, plan) in loaded.iter().zip(&plans) {
-        let app = crate::app::App::new(config.clone())?;
+        let app = cartedge::app::App::new(config.clone())?;
         let [edge, admin, internal] = plan
             .sockets
             .lock()
@@ -583,14 +586,14 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             socket.set_nonblocking(true)?;
             Ok(tokio::net::TcpListener::from_std(socket)?)
         };
-        let listeners = crate::cli::Listeners {
+        let listeners = Listeners {
             public: adopt(edge)?,
             admin: Some(adopt(admin)?),
             internal: Some(adopt(internal)?),
         };
         let sources = Sources::new(options.defaults.clone(), Some(region_file(&dir, plan.id)));
-        crate::cli::reload_on_sighup(app.clone(), sources);
-        edges.push(tokio::spawn(crate::cli::serve_bound(app, listeners)));
+        reload_on_sighup(app.clone(), sources);
+        edges.push(tokio::spawn(serve_bound(app, listeners)));
     }
     print_banner(&loaded, &dir);
     eprintln!("cartedge: serving in the foreground; Ctrl-C stops everything");
@@ -640,7 +643,7 @@ pub async fn run_link_proxy(links: &Path, state: &Path) -> Result<()> {
             links: proxy.links(),
         },
     )?;
-    linkproxy::serve_control(proxy, listener, crate::server::shutdown_signal()).await;
+    linkproxy::serve_control(proxy, listener, cartedge::server::shutdown_signal()).await;
     Ok(())
 }
 
@@ -726,7 +729,7 @@ fn demo_user_homed_in(dir: &Path, region: &str) -> String {
     let names = [
         "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
     ];
-    crate::topology::load_ring(&dir.join("ring.toml"))
+    cartedge::topology::load_ring(&dir.join("ring.toml"))
         .ok()
         .and_then(|ring| {
             names

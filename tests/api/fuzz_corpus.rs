@@ -1,6 +1,7 @@
 //! Every committed fuzz corpus file (`fuzz/corpus/<target>/`) replays through the same entry
 //! point its cargo-fuzz target calls, so the ordinary suite keeps fixed crashes fixed without
-//! nightly Rust.
+//! nightly Rust. Compiled only with the `fuzzing` feature (`scripts/test` turns it on), which is
+//! what exposes `cartedge::fuzzing`.
 
 use std::path::Path;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cartedge::app::App;
 use cartedge::config::{Config, Sources};
-use cartedge::local::procs::{self, Lifetime, PgInstance, PgOptions, RedisInstance};
+use cartedge_dev::procs::{self, Lifetime, PgInstance, PgOptions, RedisInstance};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;

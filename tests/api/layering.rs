@@ -73,3 +73,38 @@ fn only_the_store_and_the_tools_talk_to_postgres_and_redis() {
         }
     }
 }
+
+#[test]
+fn the_service_library_uses_no_developer_tooling() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources_under(&root, &mut files);
+    // The binary's own modules: the command line and the local cluster launcher.
+    let binary = ["/src/main.rs", "/src/cli.rs", "/src/local/"];
+    let library: Vec<_> = files
+        .into_iter()
+        .filter(|(path, _)| !binary.iter().any(|p| path.contains(p)))
+        .collect();
+    assert!(library
+        .iter()
+        .any(|(path, _)| path.ends_with("/src/lib.rs")));
+    for (path, text) in library {
+        let code: String = text
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(!code.contains("cartedge_dev"), "{path} uses cartedge_dev");
+        for line in code.lines() {
+            let declared = line
+                .trim()
+                .trim_start_matches("pub ")
+                .strip_prefix("mod ")
+                .map(|rest| rest.trim_end_matches([';', '{', ' ']));
+            assert!(
+                !matches!(declared, Some("cli" | "local")),
+                "{path} declares a module of the binary: {line}"
+            );
+        }
+    }
+}

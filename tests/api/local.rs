@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use crate::helpers::defaults_path;
-use cartedge::local::procs::free_port;
+use cartedge_dev::procs::free_port;
 
 struct Cluster {
     dir: PathBuf,

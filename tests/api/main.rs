@@ -5,6 +5,7 @@ mod cache;
 mod cart;
 mod cli;
 mod concurrency;
+#[cfg(feature = "fuzzing")]
 mod fuzz_corpus;
 mod helpers;
 mod idempotency;

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use cartedge::app::App;
 use cartedge::config::{Config, Sources};
 use cartedge::forward::{tls, Forwarder, Settings};
-use cartedge::local::linkproxy::{LinkProxy, LinkSpec, PartitionMode};
-use cartedge::local::procs::{PgInstance, PgOptions};
+use cartedge_dev::linkproxy::{LinkProxy, LinkSpec, PartitionMode};
+use cartedge_dev::procs::{PgInstance, PgOptions};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::net::TcpListener;
 

@@ -11,7 +11,7 @@ fn root() -> &'static Path {
 
 #[test]
 fn placement_of_10000_owner_keys_matches_the_golden_file() {
-    let ring = cartedge::cli::load_ring(&root().join("config/ring.toml")).unwrap();
+    let ring = cartedge::topology::load_ring(&root().join("config/ring.toml")).unwrap();
     let mut actual = format!("# ring fingerprint {}\n", ring.fingerprint());
     for key in sample_owner_keys(10_000) {
         actual.push_str(&format!("{key} {}\n", ring.locate(&key).shard));
@@ -43,7 +43,7 @@ fn ring_locate_prints_one_line_with_shard_and_home() {
         .unwrap();
     assert!(output.status.success());
     let text = String::from_utf8(output.stdout).unwrap();
-    let ring = cartedge::cli::load_ring(&root().join("config/ring.toml")).unwrap();
+    let ring = cartedge::topology::load_ring(&root().join("config/ring.toml")).unwrap();
     let placement = ring.locate("u:alice");
     assert_eq!(
         text,

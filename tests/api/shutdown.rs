@@ -59,7 +59,7 @@ async fn shutdown_turns_readiness_off_and_lets_in_flight_requests_finish() {
 async fn the_binary_exits_zero_on_sigterm() {
     let shared = shared();
     let (database, dsn) = fresh_database().await;
-    let port = cartedge::local::procs::free_port().unwrap();
+    let port = cartedge_dev::procs::free_port().unwrap();
     let overlay = format!("[server]\nlisten = \"127.0.0.1:{port}\"\ndrain_grace = \"100ms\"\n");
     let text = test_config_text(
         &dsn,

@@ -1,0 +1,14 @@
+//! cartedge-dev: developer tooling for running cartedge on one machine.
+//!
+//! - [`procs`]: starts and stops real PostgreSQL (primaries and streaming replicas) and Redis
+//!   server processes on loopback ports, installing the Debian packages when run as root. The
+//!   integration tests and `cartedge local up` share it.
+//! - [`linkproxy`]: a userspace TCP proxy between local regions, adding one-way delay and
+//!   cutting links on demand, steered over a small HTTP control API.
+//!
+//! This crate must not depend on the `cartedge` service library (the `cartedge` binary
+//! depends on both), and the service library must never depend on it: nothing that spawns
+//! databases or runs `apt-get` ships inside the edge.
+
+pub mod linkproxy;
+pub mod procs;
