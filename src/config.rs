@@ -320,8 +320,11 @@ pub struct AuthConfig {
     pub issuer: String,
     /// Expected `aud`; empty disables the check.
     pub audience: String,
-    /// Clock-skew allowance for `exp`/`nbf`.
+    /// Clock-skew allowance for `exp`/`nbf`/`iat`.
     pub leeway: Dur,
+    /// Tokens whose `exp` lies further ahead than this are refused (a stolen key or a broken
+    /// issuer minting near-eternal tokens); so are tokens whose `iat` is in the future.
+    pub max_token_lifetime: Dur,
     /// HMAC key for guest session ids (at least 32 bytes).
     pub session_secret: Secret,
     /// Verification keys; a token names one by `kid`, or the only key is used.

@@ -42,6 +42,7 @@ pub fn auth_config() -> AuthConfig {
         issuer: ISSUER.into(),
         audience: AUDIENCE.into(),
         leeway: Dur(std::time::Duration::from_secs(1)),
+        max_token_lifetime: Dur(std::time::Duration::from_secs(24 * 3600)),
         session_secret: Secret::new(SESSION_SECRET),
         keys: TOKEN_KEYS
             .iter()

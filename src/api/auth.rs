@@ -144,6 +144,8 @@ pub struct Authenticator {
     verified: VerifiedTokens,
     /// The key used when a token names no `kid`: only when exactly one key is configured.
     only_kid: Option<String>,
+    /// Longest `exp - now` accepted (`auth.max_token_lifetime`), in seconds.
+    max_lifetime: u64,
     session_mac: Hmac<Sha256>,
 }
 
@@ -187,6 +189,7 @@ impl Authenticator {
                 entries: RwLock::new(HashMap::new()),
             },
             only_kid,
+            max_lifetime: config.max_token_lifetime.0.as_secs(),
             session_mac,
         })
     }
@@ -208,6 +211,11 @@ impl Authenticator {
             return Ok(verified);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| INVALID)?;
+        // RFC 7515 §4.1.11: a recipient must refuse critical extensions it does not process,
+        // and this edge processes none.
+        if header.crit.is_some() {
+            return Err(INVALID);
+        }
         let kid = header
             .kid
             .as_ref()
@@ -216,6 +224,16 @@ impl Authenticator {
         let key = self.keys.get(kid).ok_or(INVALID)?;
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
             .map_err(|_| INVALID)?;
+        let claims = &data.claims;
+        // A token valid for longer than any the identity provider issues is a leaked signing
+        // key or a forged clock; one issued in the future means the same.
+        if claims.exp > now.saturating_add(self.max_lifetime + self.leeway)
+            || claims
+                .iat
+                .is_some_and(|iat| iat > now.saturating_add(self.leeway))
+        {
+            return Err(INVALID);
+        }
         let verified = Verified {
             user: UserId::parse(&data.claims.sub).map_err(|_| INVALID)?,
             service: data.claims.tier.as_deref() == Some("service"),
@@ -344,6 +362,7 @@ mod tests {
             issuer: "iss-a".into(),
             audience: "aud-a".into(),
             leeway: Dur(Duration::from_secs(1)),
+            max_token_lifetime: Dur(Duration::from_secs(24 * 3600)),
             session_secret: Secret::new("s".repeat(32)),
             keys: vec![JwtKeyConfig {
                 kid: "k1".into(),
@@ -650,6 +669,60 @@ mod negative {
             ),
         ];
         for (name, token) in cases {
+            assert!(auth.verify_token(&token).is_err(), "{name} was accepted");
+        }
+    }
+
+    #[test]
+    fn critical_extensions_eternal_tokens_and_tokens_from_the_future_are_refused() {
+        let auth = Authenticator::new(&config()).unwrap();
+        let with = |change: &dyn Fn(&mut serde_json::Value)| {
+            let mut claims = good_claims();
+            change(&mut claims);
+            sign(hs256(), claims, SECRET.as_bytes())
+        };
+        let day = 24 * 3600;
+        // Controls: the same shapes within the rules are accepted, so each refusal below is
+        // for the rule its name gives.
+        let accepted = [
+            (
+                "exp a day ahead",
+                with(&|c| c["exp"] = json!(now() + day - 60)),
+            ),
+            ("iat now", with(&|c| c["iat"] = json!(now()))),
+            (
+                "iat within the leeway",
+                with(&|c| c["iat"] = json!(now() + 1)),
+            ),
+        ];
+        for (name, token) in accepted {
+            assert!(auth.verify_token(&token).is_ok(), "{name} was refused");
+        }
+        let mut crit_header = hs256();
+        crit_header["crit"] = json!(["exp-ext"]);
+        crit_header["exp-ext"] = json!(1);
+        let mut empty_crit = hs256();
+        empty_crit["crit"] = json!([]);
+        let refused = [
+            (
+                "crit names an extension",
+                sign(crit_header, good_claims(), SECRET.as_bytes()),
+            ),
+            (
+                "crit empty",
+                sign(empty_crit, good_claims(), SECRET.as_bytes()),
+            ),
+            ("exp 2^63", with(&|c| c["exp"] = json!(1u64 << 63))),
+            (
+                "exp past the longest lifetime",
+                with(&|c| c["exp"] = json!(now() + day + 60)),
+            ),
+            (
+                "iat in the future",
+                with(&|c| c["iat"] = json!(now() + 300)),
+            ),
+        ];
+        for (name, token) in refused {
             assert!(auth.verify_token(&token).is_err(), "{name} was accepted");
         }
     }
