@@ -304,7 +304,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             .await
             .context("connecting to the catalog's primary")?;
             let driver = tokio::spawn(connection);
-            let outcome = run_catalog(command, &mut client).await;
+            // Prices exist to be paid in some region: a currency no region uses is a typo.
+            let topology = cartedge::topology::Topology::load(&config)?;
+            let currencies: Vec<Currency> = topology
+                .regions
+                .values()
+                .map(|peer| peer.currency)
+                .collect();
+            let outcome = run_catalog(command, &mut client, &currencies).await;
             drop(client);
             let _ = driver.await;
             outcome
@@ -393,7 +400,11 @@ fn parse_shard(text: &str) -> Result<ShardSpec> {
     })
 }
 
-async fn run_catalog(command: &CatalogCommand, client: &mut tokio_postgres::Client) -> Result<()> {
+async fn run_catalog(
+    command: &CatalogCommand,
+    client: &mut tokio_postgres::Client,
+    currencies: &[Currency],
+) -> Result<()> {
     match command {
         CatalogCommand::Import { file } => {
             let rows = read_catalog_csv(file)?;
@@ -407,6 +418,13 @@ async fn run_catalog(command: &CatalogCommand, client: &mut tokio_postgres::Clie
         } => {
             let currency =
                 Currency::parse(currency).context("currency must be an ISO 4217 code like SGD")?;
+            if !currencies.contains(&currency) {
+                let used: Vec<String> = currencies.iter().map(|c| c.to_string()).collect();
+                bail!(
+                    "no region uses {currency} (the regions use {})",
+                    used.join(", ")
+                );
+            }
             if *amount_minor < 0 {
                 bail!("amount_minor must not be negative");
             }

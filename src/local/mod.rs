@@ -146,13 +146,25 @@ fn load_or_create_secrets(dir: &Path) -> Result<LocalSecrets> {
         session_secret: random_hex(32),
         jwt_secret: random_hex(32),
     };
-    std::fs::write(&path, serde_json::to_vec_pretty(&secrets)?)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    write_secret_file(&path, &serde_json::to_vec_pretty(&secrets)?)?;
     Ok(secrets)
+}
+
+/// Writes a file only its owner can read (it holds signing secrets): created with mode 0600,
+/// never world-readable even for a moment, and narrowed to 0600 if it existed already.
+fn write_secret_file(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(contents)?;
+    Ok(())
 }
 
 fn is_alive(pid: u32) -> bool {
@@ -507,7 +519,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             jwt = secrets.jwt_secret,
         );
         let path = region_file(&dir, plan.id);
-        std::fs::write(&path, text)?;
+        write_secret_file(&path, text.as_bytes())?;
         cluster.regions.push(ClusterRegion {
             id: plan.id.into(),
             edge_url: format!("http://{}", plan.edge),

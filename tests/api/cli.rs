@@ -191,6 +191,22 @@ async fn token_migrate_and_catalog_commands_act_on_the_configured_cluster() {
         &[],
     );
     assert!(price.status.success());
+    // A currency no region uses is refused.
+    let unknown = cartedge(
+        &[
+            "--config",
+            &config,
+            "catalog",
+            "set-price",
+            "new-2",
+            "XXX",
+            "150",
+        ],
+        &[],
+    );
+    assert!(!unknown.status.success());
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(stderr.contains("no region uses XXX"), "{stderr}");
     let stock = cartedge(
         &["--config", &config, "catalog", "set-stock", "new-2", "7"],
         &[],

@@ -142,6 +142,23 @@ async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
             .all(|p| p["dsn"].as_str().unwrap().contains("dbname=cartedge")));
     }
 
+    // Region files and secrets.json hold the JWT and session secrets: owner-only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for file in [
+            "regions/sg.toml",
+            "regions/id.toml",
+            "regions/th.toml",
+            "secrets.json",
+        ] {
+            let mode = std::fs::metadata(dir.join(file))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{file} has mode {:o}", mode & 0o777);
+        }
+    }
+
     let sg_config = dir.join("regions/sg.toml");
     let token = cli(&[
         "--config",
