@@ -16,6 +16,7 @@ fn auth_config() -> AuthConfig {
         issuer: "cartedge".into(),
         audience: "cartedge-api".into(),
         leeway: Dur(Duration::from_secs(1)),
+        max_token_lifetime: Dur(Duration::from_secs(24 * 3600)),
         session_secret: Secret::new("s".repeat(32)),
         keys: vec![JwtKeyConfig {
             kid: "k".into(),
