@@ -9,6 +9,7 @@ use bytes::Bytes;
 use deadpool_postgres::Object;
 use serde_json::Value;
 
+use super::tx::Transaction;
 use super::StoreError;
 use crate::domain::cart::{
     check_version, plan_add, AddRequest, CartRule, CatalogItem, LineContext, Quantity, StoredCart,
@@ -126,24 +127,22 @@ pub enum Claim {
     InProgress,
 }
 
-/// An open transaction on the primary. Commit or roll back explicitly; dropping it unfinished
-/// (a panic, a cancelled request) discards the connection so the server aborts the transaction.
+/// An open transaction on the primary, built on [`Transaction`]. Commit or roll back
+/// explicitly; dropping it unfinished (a panic, a cancelled request) discards the connection so
+/// the server aborts the transaction.
 pub struct WriteTx {
-    client: Option<Object>,
+    transaction: Transaction<Object>,
 }
 
 impl WriteTx {
     pub(super) async fn begin(client: Object) -> Result<WriteTx, StoreError> {
-        client.batch_execute("BEGIN").await?;
         Ok(WriteTx {
-            client: Some(client),
+            transaction: Transaction::begin(client).await?,
         })
     }
 
     pub(super) fn client(&self) -> Result<&Object, StoreError> {
-        self.client
-            .as_ref()
-            .ok_or_else(|| StoreError::Unavailable("transaction already finished".into()))
+        self.transaction.connection()
     }
 
     /// Claims `key` for `owner`. The advisory lock (held until the transaction ends) makes a
@@ -361,41 +360,17 @@ impl WriteTx {
         Ok(Ok(cart))
     }
 
-    pub async fn commit(mut self) -> Result<(), StoreError> {
-        let client = self
-            .client
-            .take()
-            .ok_or_else(|| StoreError::Unavailable("transaction already finished".into()))?;
-        match client.batch_execute("COMMIT").await {
-            Ok(()) => Ok(()),
-            Err(error) => {
-                // The outcome is unknown to us; never reuse this connection.
-                let _ = Object::take(client);
-                Err(error.into())
-            }
-        }
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.transaction.commit().await
     }
 
-    pub async fn rollback(mut self) {
-        self.rollback_in_place().await
+    pub async fn rollback(self) {
+        self.transaction.rollback().await
     }
 
     /// Rolls back and leaves this handle finished (for callers that only borrow it).
     pub async fn rollback_in_place(&mut self) {
-        if let Some(client) = self.client.take() {
-            if client.batch_execute("ROLLBACK").await.is_err() {
-                let _ = Object::take(client);
-            }
-        }
-    }
-}
-
-impl Drop for WriteTx {
-    fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            // Closing the connection makes the server abort the open transaction.
-            let _ = Object::take(client);
-        }
+        self.transaction.rollback_in_place().await
     }
 }
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::carts::{self, WriteTx};
-use super::{events, Store, StoreError};
+use super::{events, tx, Store, StoreError};
 use crate::domain::cart::{CatalogItem, StoredCart};
 use crate::domain::ids::OwnerKey;
 use crate::domain::lifecycle::{OrderLine, Shortage};
@@ -79,11 +79,13 @@ pub async fn reserve(
     hold: Duration,
 ) -> Result<Result<DateTime<Utc>, Vec<Shortage>>, StoreError> {
     let client = catalog_primary(store)?.get().await?;
-    client.batch_execute("BEGIN").await?;
-    let result = reserve_in(&client, reservation_id, lines, hold).await;
-    let commit = matches!(result, Ok(Ok(_)));
-    super::end_transaction(client, commit).await?;
-    result
+    // A shortage rolls back the lines already taken: all or none.
+    tx::run_if(
+        client,
+        async |client| reserve_in(client, reservation_id, lines, hold).await,
+        |reserved| reserved.is_ok(),
+    )
+    .await
 }
 
 async fn reserve_in(
@@ -174,10 +176,7 @@ async fn reserve_in(
 /// Returns a held reservation's stock. True when this call released it.
 pub async fn release(store: &Store, reservation_id: &str) -> Result<bool, StoreError> {
     let client = catalog_primary(store)?.get().await?;
-    client.batch_execute("BEGIN").await?;
-    let result = release_in(&client, reservation_id).await;
-    super::end_transaction(client, result.is_ok()).await?;
-    result
+    tx::run(client, async |client| release_in(client, reservation_id).await).await
 }
 
 async fn release_in(client: &Object, reservation_id: &str) -> Result<bool, StoreError> {
@@ -320,10 +319,7 @@ pub async fn settle_order(
     status: &str,
 ) -> Result<Option<Order>, StoreError> {
     let client = store.db_write(shard).await?;
-    client.batch_execute("BEGIN").await?;
-    let result = settle_in(&client, order_id, status).await;
-    super::end_transaction(client, result.is_ok()).await?;
-    result
+    tx::run(client, async |client| settle_in(client, order_id, status).await).await
 }
 
 async fn settle_in(
