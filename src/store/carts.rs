@@ -23,6 +23,16 @@ const LOAD_CART: &str = "SELECT c.currency, c.version, c.updated_at, i.item_id, 
      FROM carts c LEFT JOIN cart_items i ON i.owner = c.owner \
      WHERE c.owner = $1 ORDER BY i.added_at, i.item_id";
 
+/// A line's quantity as stored, checked against the cart rules (the schema's CHECK says the
+/// same; a row that breaks it is corrupt, never truncated into range).
+fn stored_quantity(owner: &str, item_id: &str, quantity: i32) -> Result<Quantity, StoreError> {
+    Quantity::parse(i64::from(quantity)).ok_or_else(|| {
+        StoreError::corrupt(format!(
+            "cart {owner}: item {item_id} has quantity {quantity}"
+        ))
+    })
+}
+
 /// Reads one cart in a single statement (one consistent snapshot).
 pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, StoreError> {
     let statement = client.prepare_cached(LOAD_CART).await?;
@@ -41,10 +51,10 @@ pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, Store
     for row in &rows {
         let item_id: Option<String> = row.try_get(3)?;
         let Some(item_id) = item_id else { continue };
-        let quantity: i32 = row.try_get(4)?;
+        let quantity = stored_quantity(owner.as_str(), &item_id, row.try_get(4)?)?;
         cart.lines.push(StoredLine {
             item_id,
-            quantity: u16::try_from(quantity).unwrap_or(0),
+            quantity: quantity.get(),
             variant: row.try_get(5)?,
             unit_price_minor: row.try_get(6)?,
             added_at: row.try_get(7)?,
@@ -180,9 +190,17 @@ impl WriteTx {
         let status: i16 = row.try_get(1)?;
         let headers: Value = row.try_get(2)?;
         let body: Vec<u8> = row.try_get(3)?;
-        let headers = serde_json::from_value(headers).unwrap_or_default();
+        let corrupt = |what: String| {
+            StoreError::corrupt(format!("idempotency record {owner}/{key}: {what}"))
+        };
+        let headers = serde_json::from_value(headers)
+            .map_err(|error| corrupt(format!("headers do not decode: {error}")))?;
+        let status = u16::try_from(status)
+            .ok()
+            .filter(|status| (100..=599).contains(status))
+            .ok_or_else(|| corrupt(format!("status {status}")))?;
         Ok(Claim::Replay(StoredResponse {
-            status: u16::try_from(status).unwrap_or(500),
+            status,
             headers,
             body: Bytes::from(body),
         }))
@@ -264,11 +282,16 @@ impl WriteTx {
                     .query_one(&context_query, &[&owner_str, &item_id.as_str()])
                     .await?;
                 let existing: Option<i32> = row.try_get(0)?;
+                let existing = existing
+                    .map(|q| stored_quantity(owner_str, item_id.as_str(), q))
+                    .transpose()?;
                 let line_count: i64 = row.try_get(1)?;
                 let context = LineContext {
                     cart_currency,
-                    existing_quantity: existing.map(|q| q as u16),
-                    line_count: line_count as usize,
+                    existing_quantity: existing.map(Quantity::get),
+                    line_count: usize::try_from(line_count).map_err(|_| {
+                        StoreError::corrupt(format!("cart {owner_str}: {line_count} lines"))
+                    })?,
                     max_lines: *max_lines,
                 };
                 let plan = match plan_add(*item, context, request) {

@@ -201,9 +201,13 @@ impl WriteTx {
             .await?
         {
             let report: serde_json::Value = row.try_get(0)?;
-            return Ok(MergeOutcome::AlreadyApplied {
-                report: serde_json::from_value(report).unwrap_or_default(),
-            });
+            let report = serde_json::from_value(report).map_err(|error| {
+                StoreError::corrupt(format!(
+                    "merge record {user} <- {}@{}: report does not decode: {error}",
+                    guest.cart.owner, guest.version
+                ))
+            })?;
+            return Ok(MergeOutcome::AlreadyApplied { report });
         }
         let mut current = carts::load(client, user).await?;
         if current.lines.is_empty() {

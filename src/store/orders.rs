@@ -19,24 +19,11 @@ use serde_json::{json, Value};
 
 use super::carts::{self, WriteTx};
 use super::{events, tx, Store, StoreError};
-use crate::domain::cart::{CatalogItem, StoredCart};
+use crate::domain::cart::{CatalogItem, Quantity, StoredCart};
 use crate::domain::ids::OwnerKey;
 use crate::domain::lifecycle::{OrderLine, Shortage};
 use crate::domain::money::{Currency, Money};
-
-/// An order as stored and shown.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Order {
-    pub order_id: String,
-    pub owner: String,
-    pub status: String,
-    pub items: Vec<OrderLine>,
-    pub total_price: Money,
-    pub currency: Currency,
-    pub reservation_expires_at: DateTime<Utc>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
+pub use crate::domain::order::{Order, OrderId, OrderStatus};
 
 /// A reservation's state on the catalog primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,7 +177,22 @@ async fn release_in(client: &Object, reservation_id: &str) -> Result<bool, Store
         return Ok(false);
     };
     let items: Value = row.try_get(0)?;
-    let mut items: Vec<ReservedItem> = serde_json::from_value(items).unwrap_or_default();
+    // Undecodable items roll the release back: marking it released would keep its stock
+    // forever. The reservation stays held for an operator to repair.
+    let mut items: Vec<ReservedItem> = serde_json::from_value(items).map_err(|error| {
+        StoreError::corrupt(format!(
+            "stock reservation {reservation_id}: items do not decode: {error}"
+        ))
+    })?;
+    if let Some(bad) = items
+        .iter()
+        .find(|item| Quantity::parse(i64::from(item.quantity)).is_none())
+    {
+        return Err(StoreError::corrupt(format!(
+            "stock reservation {reservation_id}: item {} has quantity {}",
+            bad.item_id, bad.quantity
+        )));
+    }
     items.sort_by(|a, b| a.item_id.cmp(&b.item_id));
     let give = client
         .prepare_cached(
@@ -274,15 +276,33 @@ const ORDER_COLUMNS: &str = "order_id, owner, status, items, total_minor, curren
      reservation_expires_at, created_at, updated_at";
 
 fn order_from_row(row: &tokio_postgres::Row) -> Result<Order, StoreError> {
+    let order_id: String = row.try_get(0)?;
+    let corrupt = |what: String| StoreError::corrupt(format!("order {order_id}: {what}"));
+    let id = OrderId::parse(&order_id).map_err(|error| corrupt(error.to_string()))?;
+    let status: String = row.try_get(2)?;
+    let status =
+        OrderStatus::parse(&status).ok_or_else(|| corrupt(format!("unknown status {status:?}")))?;
     let currency: String = row.try_get(5)?;
     let currency = Currency::parse(&currency)
-        .ok_or_else(|| StoreError::Unavailable("order with an invalid currency".into()))?;
+        .ok_or_else(|| corrupt(format!("invalid currency {currency:?}")))?;
     let items: Value = row.try_get(3)?;
+    // An order is never shown without its items.
+    let items: Vec<OrderLine> = serde_json::from_value(items)
+        .map_err(|error| corrupt(format!("items do not decode: {error}")))?;
+    if let Some(bad) = items
+        .iter()
+        .find(|line| Quantity::parse(i64::from(line.quantity)).is_none())
+    {
+        return Err(corrupt(format!(
+            "item {} has quantity {}",
+            bad.item_id, bad.quantity
+        )));
+    }
     Ok(Order {
-        order_id: row.try_get(0)?,
+        order_id: id,
         owner: row.try_get(1)?,
-        status: row.try_get(2)?,
-        items: serde_json::from_value(items).unwrap_or_default(),
+        status,
+        items,
         total_price: Money::new(row.try_get(4)?, currency),
         currency,
         reservation_expires_at: row.try_get(6)?,
@@ -294,7 +314,7 @@ fn order_from_row(row: &tokio_postgres::Row) -> Result<Order, StoreError> {
 /// Reads an order; with `owner`, only that owner's.
 pub async fn load_order(
     client: &Object,
-    order_id: &str,
+    order_id: &OrderId,
     owner: Option<&str>,
 ) -> Result<Option<Order>, StoreError> {
     let statement = client
@@ -303,7 +323,7 @@ pub async fn load_order(
         ))
         .await?;
     client
-        .query_opt(&statement, &[&order_id, &owner])
+        .query_opt(&statement, &[&order_id.as_str(), &owner])
         .await?
         .map(|row| order_from_row(&row))
         .transpose()
@@ -315,8 +335,8 @@ pub async fn load_order(
 pub async fn settle_order(
     store: &Store,
     shard: &str,
-    order_id: &str,
-    status: &str,
+    order_id: &OrderId,
+    status: OrderStatus,
 ) -> Result<Option<Order>, StoreError> {
     let client = store.db_write(shard).await?;
     tx::run(client, async |client| settle_in(client, order_id, status).await).await
@@ -324,8 +344,8 @@ pub async fn settle_order(
 
 async fn settle_in(
     client: &Object,
-    order_id: &str,
-    status: &str,
+    order_id: &OrderId,
+    status: OrderStatus,
 ) -> Result<Option<Order>, StoreError> {
     let update = client
         .prepare_cached(&format!(
@@ -333,16 +353,19 @@ async fn settle_in(
              WHERE order_id = $1 AND status = 'pending_payment' RETURNING {ORDER_COLUMNS}"
         ))
         .await?;
-    match client.query_opt(&update, &[&order_id, &status]).await? {
+    match client
+        .query_opt(&update, &[&order_id.as_str(), &status.as_str()])
+        .await?
+    {
         Some(row) => {
             let order = order_from_row(&row)?;
-            let kind = format!("order_{status}");
+            let kind = format!("order_{}", status.as_str());
             events::record(
                 client,
                 &order.owner,
                 0,
                 &kind,
-                &json!({ "order_id": order.order_id }),
+                &json!({ "order_id": order.order_id.as_str() }),
             )
             .await?;
             Ok(Some(order))
@@ -357,7 +380,7 @@ pub async fn overdue_orders(
     shard: &str,
     grace: Duration,
     limit: i64,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<Vec<OrderId>, StoreError> {
     let client = store.db_write(shard).await?;
     let select = client
         .prepare_cached(
@@ -370,7 +393,11 @@ pub async fn overdue_orders(
         .query(&select, &[&grace.as_secs_f64(), &limit])
         .await?
         .iter()
-        .map(|row| row.try_get(0).map_err(StoreError::from))
+        .map(|row| {
+            let id: String = row.try_get(0)?;
+            OrderId::parse(&id)
+                .map_err(|error| StoreError::corrupt(format!("order {id:?}: {error}")))
+        })
         .collect()
 }
 
@@ -418,9 +445,9 @@ impl WriteTx {
             .execute(
                 &insert,
                 &[
-                    &order.order_id,
+                    &order.order_id.as_str(),
                     &order.owner,
-                    &order.status,
+                    &order.status.as_str(),
                     &order.currency.as_str(),
                     &order.total_price.amount_minor,
                     &serde_json::to_value(&order.items).unwrap_or(Value::Null),
@@ -444,7 +471,7 @@ impl WriteTx {
             owner.as_str(),
             cart.version,
             "checked_out",
-            &json!({ "order_id": order.order_id, "total_minor": order.total_price.amount_minor }),
+            &json!({ "order_id": order.order_id.as_str(), "total_minor": order.total_price.amount_minor }),
         )
         .await?;
         let stored = load_order(client, &order.order_id, None)
