@@ -1,6 +1,7 @@
 //! The cart lifecycle in one region: merge on login, price changes, checkout with stock
 //! reservation, orders and payment, the janitor and the event outbox.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -735,7 +736,15 @@ async fn events_reach_the_stream_in_order_per_cart_and_wait_out_a_relay_outage()
     outage
         .user("ann", "DELETE", "/api/v1/cart/items/sku-00001", None)
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The relay (every 50 ms) tries and fails against the dead Redis: wait for two failed
+    // passes after the last write, bounded to 10 s.
+    let failures = || outage.app.lifecycle.relay_failures.load(Ordering::Relaxed);
+    let before = failures();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while failures() < before + 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(failures() >= before + 2, "the relay ran during the outage");
     assert_eq!(
         outage.query_i64("SELECT count(*) FROM cart_events").await,
         11,
