@@ -22,9 +22,9 @@ use crate::domain::ids::{tagged_digest, Owner, OwnerKey};
 use crate::domain::lifecycle::{
     price_checkout, CheckoutRefusal, CurrentOffer, MergeRefusal, MergeReport,
 };
+use crate::domain::order::{OrderId, OrderStatus};
 use crate::forward::client::names as fwd;
 use crate::store::merge::{self, FreezeOutcome, Frozen, MergeOutcome};
-use crate::domain::order::{OrderId, OrderStatus};
 use crate::store::orders::{self, Locked, Order, Reservation};
 use crate::store::Source;
 
@@ -663,12 +663,17 @@ pub async fn settle(
         )
     };
     let done = match (action, order.status) {
-        (Settlement::Confirm, OrderStatus::Paid)
-        | (Settlement::Cancel, OrderStatus::Cancelled) => order,
+        (Settlement::Confirm, OrderStatus::Paid) | (Settlement::Cancel, OrderStatus::Cancelled) => {
+            order
+        }
         (_, OrderStatus::PendingPayment) => {
             let state = match action {
-                Settlement::Confirm => orders::commit_reservation(&app.store, order_id.as_str()).await?,
-                Settlement::Cancel => orders::reservation_status(&app.store, order_id.as_str()).await?,
+                Settlement::Confirm => {
+                    orders::commit_reservation(&app.store, order_id.as_str()).await?
+                }
+                Settlement::Cancel => {
+                    orders::reservation_status(&app.store, order_id.as_str()).await?
+                }
             };
             let status = match (action, state) {
                 (_, Reservation::Committed) => OrderStatus::Paid,

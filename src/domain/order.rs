@@ -193,8 +193,7 @@ mod tests {
     #[test]
     fn order_ids_deserialize_only_when_valid() {
         let id: OrderId =
-            serde_json::from_value(serde_json::json!(format!("ord_a_{}", "0".repeat(32))))
-                .unwrap();
+            serde_json::from_value(serde_json::json!(format!("ord_a_{}", "0".repeat(32)))).unwrap();
         assert_eq!(id.shard(), "a");
         assert_eq!(serde_json::to_value(&id).unwrap(), id.as_str());
         assert!(serde_json::from_value::<OrderId>(serde_json::json!("ord_a_0")).is_err());

@@ -87,9 +87,7 @@ where
 {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-            Err(AttemptError::TooLarge)
-        }
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(AttemptError::TooLarge),
         Err(error) => Err(AttemptError::Transport(format!(
             "reading the answer: {error}"
         ))),

@@ -190,9 +190,8 @@ impl WriteTx {
         let status: i16 = row.try_get(1)?;
         let headers: Value = row.try_get(2)?;
         let body: Vec<u8> = row.try_get(3)?;
-        let corrupt = |what: String| {
-            StoreError::corrupt(format!("idempotency record {owner}/{key}: {what}"))
-        };
+        let corrupt =
+            |what: String| StoreError::corrupt(format!("idempotency record {owner}/{key}: {what}"));
         let headers = serde_json::from_value(headers)
             .map_err(|error| corrupt(format!("headers do not decode: {error}")))?;
         let status = u16::try_from(status)

@@ -163,7 +163,10 @@ async fn reserve_in(
 /// Returns a held reservation's stock. True when this call released it.
 pub async fn release(store: &Store, reservation_id: &str) -> Result<bool, StoreError> {
     let client = catalog_primary(store)?.get().await?;
-    tx::run(client, async |client| release_in(client, reservation_id).await).await
+    tx::run(client, async |client| {
+        release_in(client, reservation_id).await
+    })
+    .await
 }
 
 async fn release_in(client: &Object, reservation_id: &str) -> Result<bool, StoreError> {
@@ -339,7 +342,10 @@ pub async fn settle_order(
     status: OrderStatus,
 ) -> Result<Option<Order>, StoreError> {
     let client = store.db_write(shard).await?;
-    tx::run(client, async |client| settle_in(client, order_id, status).await).await
+    tx::run(client, async |client| {
+        settle_in(client, order_id, status).await
+    })
+    .await
 }
 
 async fn settle_in(

@@ -96,7 +96,12 @@ impl<C: Connection> Transaction<C> {
     /// [`Transaction::rollback`] for callers that only borrow the guard; it is finished after.
     pub async fn rollback_in_place(&mut self) {
         if let Some(connection) = self.connection.take() {
-            if connection.session().batch_execute("ROLLBACK").await.is_err() {
+            if connection
+                .session()
+                .batch_execute("ROLLBACK")
+                .await
+                .is_err()
+            {
                 connection.discard();
             }
         }

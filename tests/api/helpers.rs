@@ -78,8 +78,9 @@ pub fn init_test_log() {
             "1" | "true" | "yes" => "debug".to_string(),
             other => other.to_string(),
         };
-        let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-            .unwrap_or_else(|error| panic!("{TEST_LOG}={setting:?} is not a tracing filter: {error}"));
+        let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|error| {
+            panic!("{TEST_LOG}={setting:?} is not a tracing filter: {error}")
+        });
         // Another subscriber may be installed already (a test that set one up itself).
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)

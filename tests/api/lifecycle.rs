@@ -262,7 +262,7 @@ async fn a_failure_between_the_two_carts_updates_converges_on_retry() {
     assert_eq!(last.quantity_of("sku-00001"), 3, "still not doubled");
 }
 
-fn payment_token(app: &TestApp) -> String {
+pub(crate) fn payment_token(app: &TestApp) -> String {
     cartedge::api::auth::issue_token_with_role(
         &app.config.auth,
         "payments",
@@ -273,7 +273,7 @@ fn payment_token(app: &TestApp) -> String {
     .unwrap()
 }
 
-async fn checkout(
+pub(crate) async fn checkout(
     app: &TestApp,
     user: &str,
     key: &str,
@@ -288,7 +288,7 @@ async fn checkout(
     .await
 }
 
-async fn stock(app: &TestApp, item: &str) -> i64 {
+pub(crate) async fn stock(app: &TestApp, item: &str) -> i64 {
     app.query_i64(&format!(
         "SELECT stock::bigint FROM catalog_items WHERE item_id = '{item}'"
     ))
