@@ -584,13 +584,7 @@ pub async fn get_order(
     let owner = Owner::User(user).key();
     let order_id = &OrderId::parse(order_id).map_err(|_| order_not_found())?;
     let (shard, home) = order_home(app, order_id)?;
-    let (client, _) = if app.store.is_home(&shard) {
-        app.store.db_read_prefer_primary(&shard).await?
-    } else {
-        app.store.db_read(&shard).await?
-    };
-    let found = orders::load_order(&client, order_id, Some(owner.as_str())).await?;
-    drop(client);
+    let found = orders::find_order(&app.store, &shard, order_id, Some(owner.as_str())).await?;
     match found {
         Some(order) => Ok(order_response(
             app,
@@ -651,9 +645,7 @@ pub async fn settle(
         )
         .await;
     }
-    let (client, _) = app.store.db_read_prefer_primary(&shard).await?;
-    let order = orders::load_order(&client, order_id, None).await?;
-    drop(client);
+    let order = orders::find_order(&app.store, &shard, order_id, None).await?;
     let order = order.ok_or_else(order_not_found)?;
     let not_pending = |order: &Order| {
         ApiError::conflict(

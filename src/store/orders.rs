@@ -314,8 +314,25 @@ fn order_from_row(row: &tokio_postgres::Row) -> Result<Order, StoreError> {
     })
 }
 
-/// Reads an order; with `owner`, only that owner's.
-pub async fn load_order(
+/// Reads an order held on `shard`; with `owner`, only that owner's. In the shard's home region
+/// from the primary (an order just created or settled must be found), elsewhere from the
+/// replica, which may not have it yet.
+pub async fn find_order(
+    store: &Store,
+    shard: &str,
+    order_id: &OrderId,
+    owner: Option<&str>,
+) -> Result<Option<Order>, StoreError> {
+    let (client, _) = if store.is_home(shard) {
+        store.db_read_prefer_primary(shard).await?
+    } else {
+        store.db_read(shard).await?
+    };
+    load_order(&client, order_id, owner).await
+}
+
+/// Reads an order on `client`; with `owner`, only that owner's.
+async fn load_order(
     client: &Object,
     order_id: &OrderId,
     owner: Option<&str>,
