@@ -86,6 +86,7 @@ impl From<StoreError> for ApiError {
             },
             StoreError::NotHome(_) => ApiError::Misdirected,
             StoreError::Query(error) => ApiError::Internal(error_chain(&error)),
+            StoreError::Corrupt(what) => ApiError::Internal(format!("corrupt row: {what}")),
         }
     }
 }

@@ -20,8 +20,9 @@ use crate::app::App;
 use crate::domain::cart::StoredCart;
 use crate::domain::ids::{tagged_digest, Owner, OwnerKey};
 use crate::domain::lifecycle::{
-    order_id, order_shard, price_checkout, CheckoutRefusal, CurrentOffer, MergeRefusal, MergeReport,
+    price_checkout, CheckoutRefusal, CurrentOffer, MergeRefusal, MergeReport,
 };
+use crate::domain::order::{OrderId, OrderStatus};
 use crate::forward::client::names as fwd;
 use crate::store::merge::{self, FreezeOutcome, Frozen, MergeOutcome};
 use crate::store::orders::{self, Locked, Order, Reservation};
@@ -459,9 +460,10 @@ pub async fn checkout(
             });
         }
     };
-    let id = order_id(placement.shard, &order_digest(&owner, key));
+    let id = OrderId::new(placement.shard, &order_digest(&owner, key))
+        .map_err(|error| ApiError::Internal(error.to_string()))?;
     let hold = app.config.checkout.reservation_ttl.0;
-    let expires_at = match orders::reserve(&app.store, &id, &lines, hold).await {
+    let expires_at = match orders::reserve(&app.store, id.as_str(), &lines, hold).await {
         Ok(Ok(expires_at)) => expires_at,
         Ok(Err(short)) => {
             tx.rollback().await;
@@ -476,7 +478,7 @@ pub async fn checkout(
     let draft = Order {
         order_id: id.clone(),
         owner: owner.as_str().to_string(),
-        status: "pending_payment".into(),
+        status: OrderStatus::PendingPayment,
         items: lines,
         total_price: total,
         currency,
@@ -506,7 +508,7 @@ pub async fn checkout(
         Err(error) => {
             // The order is not known to exist: give the stock back (a pending order whose
             // reservation is gone can only expire, never oversell).
-            if let Err(release) = orders::release(&app.store, &id).await {
+            if let Err(release) = orders::release(&app.store, id.as_str()).await {
                 tracing::error!(order_id = %id, error = %release, "checkout failed and its reservation could not be released; it will expire");
             }
             Err(error)
@@ -543,8 +545,8 @@ fn order_response(app: &App, status: StatusCode, body: impl Into<Bytes>) -> Resp
 }
 
 /// Where an order lives: its shard and that shard's home region.
-fn order_home<'a>(app: &'a App, order_id: &str) -> Result<(String, &'a str), ApiError> {
-    let shard = order_shard(order_id).ok_or_else(order_not_found)?;
+fn order_home<'a>(app: &'a App, order_id: &OrderId) -> Result<(String, &'a str), ApiError> {
+    let shard = order_id.shard();
     let home = app
         .topology
         .ring
@@ -580,14 +582,9 @@ pub async fn get_order(
         Caller::Anonymous => return Err(ApiError::Unauthenticated("orders need a bearer token")),
     };
     let owner = Owner::User(user).key();
+    let order_id = &OrderId::parse(order_id).map_err(|_| order_not_found())?;
     let (shard, home) = order_home(app, order_id)?;
-    let (client, _) = if app.store.is_home(&shard) {
-        app.store.db_read_prefer_primary(&shard).await?
-    } else {
-        app.store.db_read(&shard).await?
-    };
-    let found = orders::load_order(&client, order_id, Some(owner.as_str())).await?;
-    drop(client);
+    let found = orders::find_order(&app.store, &shard, order_id, Some(owner.as_str())).await?;
     match found {
         Some(order) => Ok(order_response(
             app,
@@ -630,6 +627,7 @@ pub async fn settle(
             "only the payment service confirms or cancels orders",
         ));
     }
+    let order_id = &OrderId::parse(order_id).map_err(|_| order_not_found())?;
     let (shard, home) = order_home(app, order_id)?;
     if home != app.config.region.id {
         if surface == Surface::Internal {
@@ -647,9 +645,7 @@ pub async fn settle(
         )
         .await;
     }
-    let (client, _) = app.store.db_read_prefer_primary(&shard).await?;
-    let order = orders::load_order(&client, order_id, None).await?;
-    drop(client);
+    let order = orders::find_order(&app.store, &shard, order_id, None).await?;
     let order = order.ok_or_else(order_not_found)?;
     let not_pending = |order: &Order| {
         ApiError::conflict(
@@ -658,30 +654,37 @@ pub async fn settle(
             json!({ "status": order.status }),
         )
     };
-    let done = match (action, order.status.as_str()) {
-        (Settlement::Confirm, "paid") | (Settlement::Cancel, "cancelled") => order,
-        (_, "pending_payment") => {
+    let done = match (action, order.status) {
+        (Settlement::Confirm, OrderStatus::Paid) | (Settlement::Cancel, OrderStatus::Cancelled) => {
+            order
+        }
+        (_, OrderStatus::PendingPayment) => {
             let state = match action {
-                Settlement::Confirm => orders::commit_reservation(&app.store, order_id).await?,
-                Settlement::Cancel => orders::reservation_status(&app.store, order_id).await?,
+                Settlement::Confirm => {
+                    orders::commit_reservation(&app.store, order_id.as_str()).await?
+                }
+                Settlement::Cancel => {
+                    orders::reservation_status(&app.store, order_id.as_str()).await?
+                }
             };
             let status = match (action, state) {
-                (_, Reservation::Committed) => "paid",
+                (_, Reservation::Committed) => OrderStatus::Paid,
                 (Settlement::Cancel, _) => {
-                    orders::release(&app.store, order_id).await?;
-                    "cancelled"
+                    orders::release(&app.store, order_id.as_str()).await?;
+                    OrderStatus::Cancelled
                 }
                 (Settlement::Confirm, _) => {
-                    orders::release(&app.store, order_id).await?;
-                    "expired"
+                    orders::release(&app.store, order_id.as_str()).await?;
+                    OrderStatus::Expired
                 }
             };
             let settled = orders::settle_order(&app.store, &shard, order_id, status)
                 .await?
                 .ok_or_else(order_not_found)?;
-            match (action, settled.status.as_str()) {
-                (Settlement::Confirm, "paid") | (Settlement::Cancel, "cancelled") => settled,
-                (Settlement::Confirm, "expired") => return Err(ApiError::conflict(
+            match (action, settled.status) {
+                (Settlement::Confirm, OrderStatus::Paid)
+                | (Settlement::Cancel, OrderStatus::Cancelled) => settled,
+                (Settlement::Confirm, OrderStatus::Expired) => return Err(ApiError::conflict(
                     "reservation_expired",
                     "the order's stock reservation expired before payment; the stock was returned",
                     json!({ "status": settled.status }),
@@ -691,7 +694,7 @@ pub async fn settle(
         }
         _ => return Err(not_pending(&order)),
     };
-    tracing::info!(order_id, status = %done.status, "order settled");
+    tracing::info!(%order_id, status = %done.status, "order settled");
     Ok(order_response(
         app,
         StatusCode::OK,

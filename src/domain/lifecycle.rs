@@ -1,5 +1,6 @@
-//! The cart lifecycle's decisions: merging a guest cart into a user's cart, pricing a checkout,
-//! and naming orders. Pure functions; the store executes what they decide.
+//! The cart lifecycle's decisions: merging a guest cart into a user's cart and pricing a
+//! checkout (order ids and statuses are in `order`). Pure functions; the store executes what
+//! they decide.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -260,34 +261,6 @@ pub fn price_checkout(
     Ok((lines, Money::new(total, currency)))
 }
 
-/// Order ids name the shard that holds the order: `ord_<shard>_<32 hex>`. The hex part is
-/// derived from the owner and the checkout's idempotency key, so a retried checkout that lost
-/// its answer reuses the same order id and stock reservation.
-pub fn order_id(shard: &str, digest: &[u8; 16]) -> String {
-    let mut id = String::with_capacity(5 + shard.len() + 32);
-    id.push_str("ord_");
-    id.push_str(shard);
-    id.push('_');
-    for byte in digest {
-        id.push_str(&format!("{byte:02x}"));
-    }
-    id
-}
-
-/// The shard named by an order id, if the id is well formed.
-pub fn order_shard(order_id: &str) -> Option<&str> {
-    let rest = order_id.strip_prefix("ord_")?;
-    let (shard, hex) = rest.rsplit_once('_')?;
-    let well_formed = !shard.is_empty()
-        && shard.len() <= 64
-        && shard
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        && hex.len() == 32
-        && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    well_formed.then_some(shard)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,15 +398,5 @@ mod tests {
             price_checkout(&StoredCart::empty("u:a"), sgd(), true, offer),
             Err(CheckoutRefusal::Empty)
         );
-    }
-
-    #[test]
-    fn order_ids_name_their_shard() {
-        let id = order_id("sg-1", &[0xab; 16]);
-        assert_eq!(id, format!("ord_sg-1_{}", "ab".repeat(16)));
-        assert_eq!(order_shard(&id), Some("sg-1"));
-        assert_eq!(order_shard("ord_sg-1_xyz"), None);
-        assert_eq!(order_shard("sg-1_abababababababababababababababab"), None);
-        assert_eq!(order_shard(&format!("ord__{}", "ab".repeat(16))), None);
     }
 }

@@ -8,5 +8,6 @@ pub mod cart;
 pub mod ids;
 pub mod lifecycle;
 pub mod money;
+pub mod order;
 pub mod ring;
 pub mod variant;

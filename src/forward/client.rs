@@ -52,6 +52,46 @@ pub enum ForwardError {
     Timeout(String),
     #[error("forward to region {region} failed: {message}")]
     Transport { region: String, message: String },
+    /// The peer's answer was longer than [`MAX_ANSWER_BYTES`]: a broken or hostile peer. Not
+    /// retried (it would answer the same), and the body read so far is dropped.
+    #[error("the answer from region {region} is longer than {limit} bytes")]
+    AnswerTooLarge { region: String, limit: usize },
+}
+
+/// The longest peer answer read into memory. The largest legitimate answer is a full cart or
+/// order (`cart.max_lines` lines with bounded variants), a few hundred KiB at most; past this
+/// a peer is broken, and reading on would let it exhaust this edge's memory.
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+/// Why one attempt failed.
+#[derive(Debug)]
+enum AttemptError {
+    /// The connection or the exchange failed; another connection may do better.
+    Transport(String),
+    /// The answer passed [`MAX_ANSWER_BYTES`].
+    TooLarge,
+}
+
+impl From<String> for AttemptError {
+    fn from(message: String) -> Self {
+        AttemptError::Transport(message)
+    }
+}
+
+/// Reads a whole answer body, refusing one longer than `limit` bytes (its declared length is
+/// not trusted; the bytes are counted as they arrive).
+async fn read_answer<B>(body: B, limit: usize) -> Result<Bytes, AttemptError>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(AttemptError::TooLarge),
+        Err(error) => Err(AttemptError::Transport(format!(
+            "reading the answer: {error}"
+        ))),
+    }
 }
 
 /// A peer's answer.
@@ -225,7 +265,7 @@ impl Forwarder {
         peer: &Peer,
         fresh: bool,
         request: Request<Full<Bytes>>,
-    ) -> Result<Forwarded, String> {
+    ) -> Result<Forwarded, AttemptError> {
         let mut sender = self.sender(peer, fresh).await?;
         sender
             .ready()
@@ -236,11 +276,7 @@ impl Forwarder {
             .await
             .map_err(|e| e.to_string())?;
         let (parts, body) = response.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes();
+        let body = read_answer(body, MAX_ANSWER_BYTES).await?;
         Ok(Forwarded {
             status: parts.status,
             headers: parts.headers,
@@ -281,7 +317,8 @@ impl Forwarder {
             let request = build()?;
             match self.attempt(peer, false, request).await {
                 Ok(answer) => Ok(answer),
-                Err(first) => {
+                Err(AttemptError::TooLarge) => Err(AttemptError::TooLarge),
+                Err(AttemptError::Transport(first)) => {
                     // The connection may have died (peer restarted, link reset): once more on
                     // a fresh connection. Safe: writes carry an Idempotency-Key.
                     self.counters.retried.fetch_add(1, Ordering::Relaxed);
@@ -297,11 +334,19 @@ impl Forwarder {
                 self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
                 Ok(answer)
             }
-            Ok(Err(message)) => {
+            Ok(Err(AttemptError::Transport(message))) => {
                 self.fail(peer);
                 Err(ForwardError::Transport {
                     region: region.to_string(),
                     message,
+                })
+            }
+            Ok(Err(AttemptError::TooLarge)) => {
+                // A peer that answers like this is broken: let the breaker count it.
+                self.fail(peer);
+                Err(ForwardError::AnswerTooLarge {
+                    region: region.to_string(),
+                    limit: MAX_ANSWER_BYTES,
                 })
             }
             Err(_) => {
@@ -327,6 +372,32 @@ impl Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn answers_longer_than_the_cap_are_refused_and_shorter_ones_read_whole() {
+        let at_cap = Full::new(Bytes::from(vec![b'x'; 64]));
+        assert_eq!(read_answer(at_cap, 64).await.unwrap().len(), 64);
+        let past_cap = Full::new(Bytes::from(vec![b'x'; 65]));
+        assert!(matches!(
+            read_answer(past_cap, 64).await,
+            Err(AttemptError::TooLarge)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_is_cut_off_at_the_cap_whatever_it_declares() {
+        // Many small frames: the cap counts bytes as they arrive, not a declared length.
+        let frames = (0..100).map(|_| {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from_static(
+                b"0123456789",
+            )))
+        });
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        assert!(matches!(
+            read_answer(body, 999).await,
+            Err(AttemptError::TooLarge)
+        ));
+    }
 
     #[test]
     fn the_breaker_opens_after_consecutive_failures_and_half_opens_after_cooldown() {

@@ -4,11 +4,15 @@
 //! shutdown: readiness turns 503, `drain_grace` passes while the listener still accepts, the
 //! listener closes, and open connections finish their requests within `drain_timeout`.
 //! The public listener speaks TLS when configured ([`tls`]); the internal one always does,
-//! with client certificates.
+//! with client certificates. Every connection's bytes pass [`framing`] on the way in, so a
+//! request carrying both `Content-Length` and `Transfer-Encoding` is refused with 400 before
+//! its body is read.
 
+mod framing;
 pub mod tls;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,10 +22,12 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::api::error::ApiError;
 use crate::api::{self, Surface};
 use crate::app::App;
 use crate::config::ServerConfig;
 use crate::forward::tls as edge_tls;
+use framing::{FramingWatch, Watched};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
@@ -93,16 +99,37 @@ fn spawn_connection(
     let service_app = app.clone();
     let peer_address = peer.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     let over_tls = tls.is_some();
+    // The reader's view of each request's framing, and the position of the next request.
+    let framing = Arc::new(FramingWatch::default());
+    let watch = framing.clone();
+    let next_position = Arc::new(AtomicU64::new(0));
     let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+        let position = next_position.fetch_add(1, Ordering::Relaxed);
+        let conflicting = watch.conflicts_at(position);
         request.extensions_mut().insert(api::Peer(peer_address));
         if over_tls {
             request.extensions_mut().insert(api::OverTls);
         }
-        api::handle(service_app.clone(), surface, request)
+        let app = service_app.clone();
+        async move {
+            if conflicting {
+                // Refused before its body is read; hyper closes the connection after it, so
+                // nothing pipelined behind it is served.
+                tracing::debug!(
+                    ?peer,
+                    "request with both Content-Length and Transfer-Encoding refused"
+                );
+                return Ok(ApiError::InvalidRequest(
+                    "a request must not carry both Content-Length and Transfer-Encoding".into(),
+                )
+                .into_response());
+            }
+            api::handle(app, surface, request).await
+        }
     });
     let Some(acceptor) = tls.cloned() else {
         let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(Watched::new(stream, framing)), service)
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -156,7 +183,7 @@ fn spawn_connection(
             }
         }
         let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(Watched::new(stream, framing)), service)
             .into_owned();
         if let Err(error) = watcher.watch(connection).await {
             tracing::debug!(?peer, ?surface, %error, "TLS connection ended with an error");

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use deadpool_postgres::Object;
 use serde_json::Value;
 
+use super::tx::Transaction;
 use super::StoreError;
 use crate::domain::cart::{
     check_version, plan_add, AddRequest, CartRule, CatalogItem, LineContext, Quantity, StoredCart,
@@ -21,6 +22,16 @@ const LOAD_CART: &str = "SELECT c.currency, c.version, c.updated_at, i.item_id, 
      i.variant, i.unit_price_minor, i.added_at, i.updated_at \
      FROM carts c LEFT JOIN cart_items i ON i.owner = c.owner \
      WHERE c.owner = $1 ORDER BY i.added_at, i.item_id";
+
+/// A line's quantity as stored, checked against the cart rules (the schema's CHECK says the
+/// same; a row that breaks it is corrupt, never truncated into range).
+fn stored_quantity(owner: &str, item_id: &str, quantity: i32) -> Result<Quantity, StoreError> {
+    Quantity::parse(i64::from(quantity)).ok_or_else(|| {
+        StoreError::corrupt(format!(
+            "cart {owner}: item {item_id} has quantity {quantity}"
+        ))
+    })
+}
 
 /// Reads one cart in a single statement (one consistent snapshot).
 pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, StoreError> {
@@ -40,10 +51,10 @@ pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, Store
     for row in &rows {
         let item_id: Option<String> = row.try_get(3)?;
         let Some(item_id) = item_id else { continue };
-        let quantity: i32 = row.try_get(4)?;
+        let quantity = stored_quantity(owner.as_str(), &item_id, row.try_get(4)?)?;
         cart.lines.push(StoredLine {
             item_id,
-            quantity: u16::try_from(quantity).unwrap_or(0),
+            quantity: quantity.get(),
             variant: row.try_get(5)?,
             unit_price_minor: row.try_get(6)?,
             added_at: row.try_get(7)?,
@@ -126,24 +137,22 @@ pub enum Claim {
     InProgress,
 }
 
-/// An open transaction on the primary. Commit or roll back explicitly; dropping it unfinished
-/// (a panic, a cancelled request) discards the connection so the server aborts the transaction.
+/// An open transaction on the primary, built on [`Transaction`]. Commit or roll back
+/// explicitly; dropping it unfinished (a panic, a cancelled request) discards the connection so
+/// the server aborts the transaction.
 pub struct WriteTx {
-    client: Option<Object>,
+    transaction: Transaction<Object>,
 }
 
 impl WriteTx {
     pub(super) async fn begin(client: Object) -> Result<WriteTx, StoreError> {
-        client.batch_execute("BEGIN").await?;
         Ok(WriteTx {
-            client: Some(client),
+            transaction: Transaction::begin(client).await?,
         })
     }
 
     pub(super) fn client(&self) -> Result<&Object, StoreError> {
-        self.client
-            .as_ref()
-            .ok_or_else(|| StoreError::Unavailable("transaction already finished".into()))
+        self.transaction.connection()
     }
 
     /// Claims `key` for `owner`. The advisory lock (held until the transaction ends) makes a
@@ -181,9 +190,16 @@ impl WriteTx {
         let status: i16 = row.try_get(1)?;
         let headers: Value = row.try_get(2)?;
         let body: Vec<u8> = row.try_get(3)?;
-        let headers = serde_json::from_value(headers).unwrap_or_default();
+        let corrupt =
+            |what: String| StoreError::corrupt(format!("idempotency record {owner}/{key}: {what}"));
+        let headers = serde_json::from_value(headers)
+            .map_err(|error| corrupt(format!("headers do not decode: {error}")))?;
+        let status = u16::try_from(status)
+            .ok()
+            .filter(|status| (100..=599).contains(status))
+            .ok_or_else(|| corrupt(format!("status {status}")))?;
         Ok(Claim::Replay(StoredResponse {
-            status: u16::try_from(status).unwrap_or(500),
+            status,
             headers,
             body: Bytes::from(body),
         }))
@@ -265,11 +281,16 @@ impl WriteTx {
                     .query_one(&context_query, &[&owner_str, &item_id.as_str()])
                     .await?;
                 let existing: Option<i32> = row.try_get(0)?;
+                let existing = existing
+                    .map(|q| stored_quantity(owner_str, item_id.as_str(), q))
+                    .transpose()?;
                 let line_count: i64 = row.try_get(1)?;
                 let context = LineContext {
                     cart_currency,
-                    existing_quantity: existing.map(|q| q as u16),
-                    line_count: line_count as usize,
+                    existing_quantity: existing.map(Quantity::get),
+                    line_count: usize::try_from(line_count).map_err(|_| {
+                        StoreError::corrupt(format!("cart {owner_str}: {line_count} lines"))
+                    })?,
                     max_lines: *max_lines,
                 };
                 let plan = match plan_add(*item, context, request) {
@@ -361,41 +382,17 @@ impl WriteTx {
         Ok(Ok(cart))
     }
 
-    pub async fn commit(mut self) -> Result<(), StoreError> {
-        let client = self
-            .client
-            .take()
-            .ok_or_else(|| StoreError::Unavailable("transaction already finished".into()))?;
-        match client.batch_execute("COMMIT").await {
-            Ok(()) => Ok(()),
-            Err(error) => {
-                // The outcome is unknown to us; never reuse this connection.
-                let _ = Object::take(client);
-                Err(error.into())
-            }
-        }
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.transaction.commit().await
     }
 
-    pub async fn rollback(mut self) {
-        self.rollback_in_place().await
+    pub async fn rollback(self) {
+        self.transaction.rollback().await
     }
 
     /// Rolls back and leaves this handle finished (for callers that only borrow it).
     pub async fn rollback_in_place(&mut self) {
-        if let Some(client) = self.client.take() {
-            if client.batch_execute("ROLLBACK").await.is_err() {
-                let _ = Object::take(client);
-            }
-        }
-    }
-}
-
-impl Drop for WriteTx {
-    fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            // Closing the connection makes the server abort the open transaction.
-            let _ = Object::take(client);
-        }
+        self.transaction.rollback_in_place().await
     }
 }
 

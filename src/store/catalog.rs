@@ -209,36 +209,39 @@ pub struct ImportRow {
 
 /// Inserts or updates items and their prices in one transaction.
 pub async fn upsert_items(
-    client: &mut tokio_postgres::Client,
+    client: &tokio_postgres::Client,
     rows: &[ImportRow],
-) -> Result<u64, tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    let item = tx
-        .prepare(
-            "INSERT INTO catalog_items (item_id, name, stock, active) VALUES ($1, $2, $3, true) \
-             ON CONFLICT (item_id) DO UPDATE SET name = EXCLUDED.name, stock = EXCLUDED.stock, \
-             active = true, updated_at = now()",
-        )
-        .await?;
-    let price = tx
-        .prepare(
-            "INSERT INTO catalog_prices (item_id, currency, amount_minor) VALUES ($1, $2, $3) \
-             ON CONFLICT (item_id, currency) DO UPDATE SET amount_minor = EXCLUDED.amount_minor",
-        )
-        .await?;
-    for row in rows {
-        tx.execute(&item, &[&row.item_id, &row.name, &row.stock])
-            .await?;
-        for money in &row.prices {
-            tx.execute(
-                &price,
-                &[&row.item_id, &money.currency.as_str(), &money.amount_minor],
+) -> Result<u64, StoreError> {
+    super::tx::run(client, async |client| {
+        let item = client
+            .prepare(
+                "INSERT INTO catalog_items (item_id, name, stock, active) VALUES ($1, $2, $3, true) \
+                 ON CONFLICT (item_id) DO UPDATE SET name = EXCLUDED.name, stock = EXCLUDED.stock, \
+                 active = true, updated_at = now()",
             )
             .await?;
+        let price = client
+            .prepare(
+                "INSERT INTO catalog_prices (item_id, currency, amount_minor) VALUES ($1, $2, $3) \
+                 ON CONFLICT (item_id, currency) DO UPDATE SET amount_minor = EXCLUDED.amount_minor",
+            )
+            .await?;
+        for row in rows {
+            client
+                .execute(&item, &[&row.item_id, &row.name, &row.stock])
+                .await?;
+            for money in &row.prices {
+                client
+                    .execute(
+                        &price,
+                        &[&row.item_id, &money.currency.as_str(), &money.amount_minor],
+                    )
+                    .await?;
+            }
         }
-    }
-    tx.commit().await?;
-    Ok(rows.len() as u64)
+        Ok(rows.len() as u64)
+    })
+    .await
 }
 
 /// Sets one price; returns whether the item exists.

@@ -55,11 +55,13 @@ pub async fn relay_once(
     batch: i64,
 ) -> Result<RelayPass, StoreError> {
     let client = store.db_write(shard).await?;
-    client.batch_execute("BEGIN").await?;
-    let result = relay_in(&client, store, shard, stream, max_len, batch).await;
-    let commit = matches!(result, Ok(pass) if pass.published > 0);
-    super::end_transaction(client, commit).await?;
-    result
+    // Nothing published: roll back, which only lets the advisory lock go.
+    super::tx::run_if(
+        client,
+        async |client| relay_in(client, store, shard, stream, max_len, batch).await,
+        |pass| pass.published > 0,
+    )
+    .await
 }
 
 async fn relay_in(

@@ -19,6 +19,7 @@ use deadpool_postgres::Object;
 use super::{orders, Store, StoreError};
 use crate::config::Config;
 use crate::domain::cart::StoredCart;
+use crate::domain::order::OrderStatus;
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
@@ -232,24 +233,28 @@ async fn shard_pass(
     )
     .await?;
     for order_id in overdue {
-        if store.catalog_primary.is_some() {
-            if orders::release(store, &order_id).await? {
-                report.reservations_released += 1;
-            }
-            let state = orders::reservation_status(store, &order_id).await?;
-            let status = if state == orders::Reservation::Committed {
-                "paid"
-            } else {
-                "expired"
-            };
-            if orders::settle_order(store, shard, &order_id, status)
-                .await?
-                .is_some_and(|o| o.status == "expired")
-            {
-                report.orders_expired += 1;
-            }
-        } else {
+        if store.catalog_primary.is_none() {
             tracing::warn!(%order_id, "overdue order left pending: no catalog primary configured here");
+            continue;
+        }
+        match orders::release(store, order_id.as_str()).await {
+            Ok(true) => report.reservations_released += 1,
+            Ok(false) => {}
+            // Logged where found; the order stays pending (its stock was not returned) and
+            // the rest of the pass goes on.
+            Err(StoreError::Corrupt(_)) => continue,
+            Err(error) => return Err(error),
+        }
+        let state = orders::reservation_status(store, order_id.as_str()).await?;
+        let status = if state == orders::Reservation::Committed {
+            OrderStatus::Paid
+        } else {
+            OrderStatus::Expired
+        };
+        match orders::settle_order(store, shard, &order_id, status).await {
+            Ok(Some(order)) if order.status == OrderStatus::Expired => report.orders_expired += 1,
+            Ok(_) | Err(StoreError::Corrupt(_)) => {}
+            Err(error) => return Err(error),
         }
     }
     Ok(())
@@ -262,8 +267,12 @@ async fn reservation_pass(
 ) -> Result<(), StoreError> {
     let limit = config.janitor.batch_size * i64::from(config.janitor.max_batches.min(10));
     for reservation_id in orders::expired_reservations(store, limit).await? {
-        if orders::release(store, &reservation_id).await? {
-            report.reservations_released += 1;
+        match orders::release(store, &reservation_id).await {
+            Ok(true) => report.reservations_released += 1,
+            Ok(false) => {}
+            // Logged where found; it stays held for an operator, the others are released.
+            Err(StoreError::Corrupt(_)) => {}
+            Err(error) => return Err(error),
         }
     }
     Ok(())

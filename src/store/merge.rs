@@ -16,11 +16,10 @@
 //! way a retry converges to "merged once, guest cart empty". [`abort`] lifts a freeze whose
 //! merge was refused (different currencies).
 
-use deadpool_postgres::Object;
 use serde_json::json;
 
 use super::carts::{self, WriteTx};
-use super::{events, Store, StoreError};
+use super::{events, tx, Store, StoreError};
 use crate::domain::cart::StoredCart;
 use crate::domain::ids::OwnerKey;
 use crate::domain::lifecycle::{plan_merge, MergeRefusal, MergeReport, MergeStrategy};
@@ -49,8 +48,7 @@ pub async fn freeze(
     user: &str,
 ) -> Result<FreezeOutcome, StoreError> {
     let client = store.db_write(shard).await?;
-    client.batch_execute("BEGIN").await?;
-    let work = async {
+    tx::run(client, async |client| {
         let lock = client
             .prepare_cached(
                 "SELECT version, merging_into, merge_version FROM carts WHERE owner = $1 FOR UPDATE",
@@ -65,7 +63,7 @@ pub async fn freeze(
         let version: i64 = row.try_get(0)?;
         let merging_into: Option<String> = row.try_get(1)?;
         let merge_version: Option<i64> = row.try_get(2)?;
-        let cart = carts::load(&client, guest).await?;
+        let cart = carts::load(client, guest).await?;
         match merging_into {
             Some(into) if into == user => Ok(FreezeOutcome::Frozen(Frozen {
                 cart,
@@ -83,14 +81,8 @@ pub async fn freeze(
                 Ok(FreezeOutcome::Frozen(Frozen { cart, version }))
             }
         }
-    };
-    let result = work.await;
-    finish(client, result).await
-}
-
-async fn finish<T>(client: Object, result: Result<T, StoreError>) -> Result<T, StoreError> {
-    super::end_transaction(client, result.is_ok()).await?;
-    result
+    })
+    .await
 }
 
 /// Step 3: empties the guest cart and lifts the freeze, if it is still `user`'s freeze at
@@ -103,8 +95,7 @@ pub async fn finalize(
     version: i64,
 ) -> Result<Option<StoredCart>, StoreError> {
     let client = store.db_write(shard).await?;
-    client.batch_execute("BEGIN").await?;
-    let work = async {
+    tx::run(client, async |client| {
         let lift = client
             .prepare_cached(
                 "UPDATE carts SET merging_into = NULL, merge_version = NULL, \
@@ -124,17 +115,16 @@ pub async fn finalize(
             .await?;
         client.execute(&delete, &[&guest.as_str()]).await?;
         events::record(
-            &client,
+            client,
             guest.as_str(),
             new_version,
             "merged_away",
             &json!({ "into": user, "frozen_version": version }),
         )
         .await?;
-        Ok(Some(carts::load(&client, guest).await?))
-    };
-    let result = work.await;
-    finish(client, result).await
+        Ok(Some(carts::load(client, guest).await?))
+    })
+    .await
 }
 
 /// Lifts `user`'s freeze at `version` without touching the lines (the merge was refused).
@@ -211,9 +201,13 @@ impl WriteTx {
             .await?
         {
             let report: serde_json::Value = row.try_get(0)?;
-            return Ok(MergeOutcome::AlreadyApplied {
-                report: serde_json::from_value(report).unwrap_or_default(),
-            });
+            let report = serde_json::from_value(report).map_err(|error| {
+                StoreError::corrupt(format!(
+                    "merge record {user} <- {}@{}: report does not decode: {error}",
+                    guest.cart.owner, guest.version
+                ))
+            })?;
+            return Ok(MergeOutcome::AlreadyApplied { report });
         }
         let mut current = carts::load(client, user).await?;
         if current.lines.is_empty() {

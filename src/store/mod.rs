@@ -13,6 +13,7 @@ pub mod janitor;
 pub mod merge;
 pub mod migrate;
 pub mod orders;
+pub mod tx;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -60,6 +61,20 @@ pub enum StoreError {
     /// The database refused a statement for a reason that is our bug or data corruption.
     #[error("database error: {0}")]
     Query(#[source] tokio_postgres::Error),
+    /// A row that breaks the schema's promises (undecodable items, an out-of-range quantity, an
+    /// unknown status): a bug or tampering, never retried into success. The caller answers 500
+    /// and an operator has to look; the row is left as it is.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// A corrupt row, logged here once with what was wrong (the API body stays generic).
+    pub(crate) fn corrupt(what: impl Into<String>) -> StoreError {
+        let what = what.into();
+        tracing::error!(%what, "corrupt row in the database");
+        StoreError::Corrupt(what)
+    }
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -114,20 +129,6 @@ pub struct Store {
     /// The catalog's primary, where stock is reserved (None in regions without it).
     catalog_primary: Option<Pool>,
     pub counters: StoreCounters,
-}
-
-/// Ends a transaction opened with `BEGIN` on `client`: COMMIT when `commit`, else ROLLBACK. A
-/// connection whose COMMIT or ROLLBACK failed is discarded, never pooled; a failed COMMIT is
-/// an error (its outcome is unknown).
-pub(crate) async fn end_transaction(client: Object, commit: bool) -> Result<(), StoreError> {
-    let statement = if commit { "COMMIT" } else { "ROLLBACK" };
-    if let Err(error) = client.batch_execute(statement).await {
-        let _ = Object::take(client);
-        if commit {
-            return Err(error.into());
-        }
-    }
-    Ok(())
 }
 
 /// A 64-bit advisory-lock key for a named task on one shard.

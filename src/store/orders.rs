@@ -18,25 +18,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::carts::{self, WriteTx};
-use super::{events, Store, StoreError};
-use crate::domain::cart::{CatalogItem, StoredCart};
+use super::{events, tx, Store, StoreError};
+use crate::domain::cart::{CatalogItem, Quantity, StoredCart};
 use crate::domain::ids::OwnerKey;
 use crate::domain::lifecycle::{OrderLine, Shortage};
 use crate::domain::money::{Currency, Money};
-
-/// An order as stored and shown.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Order {
-    pub order_id: String,
-    pub owner: String,
-    pub status: String,
-    pub items: Vec<OrderLine>,
-    pub total_price: Money,
-    pub currency: Currency,
-    pub reservation_expires_at: DateTime<Utc>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
+pub use crate::domain::order::{Order, OrderId, OrderStatus};
 
 /// A reservation's state on the catalog primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,11 +66,13 @@ pub async fn reserve(
     hold: Duration,
 ) -> Result<Result<DateTime<Utc>, Vec<Shortage>>, StoreError> {
     let client = catalog_primary(store)?.get().await?;
-    client.batch_execute("BEGIN").await?;
-    let result = reserve_in(&client, reservation_id, lines, hold).await;
-    let commit = matches!(result, Ok(Ok(_)));
-    super::end_transaction(client, commit).await?;
-    result
+    // A shortage rolls back the lines already taken: all or none.
+    tx::run_if(
+        client,
+        async |client| reserve_in(client, reservation_id, lines, hold).await,
+        |reserved| reserved.is_ok(),
+    )
+    .await
 }
 
 async fn reserve_in(
@@ -174,10 +163,10 @@ async fn reserve_in(
 /// Returns a held reservation's stock. True when this call released it.
 pub async fn release(store: &Store, reservation_id: &str) -> Result<bool, StoreError> {
     let client = catalog_primary(store)?.get().await?;
-    client.batch_execute("BEGIN").await?;
-    let result = release_in(&client, reservation_id).await;
-    super::end_transaction(client, result.is_ok()).await?;
-    result
+    tx::run(client, async |client| {
+        release_in(client, reservation_id).await
+    })
+    .await
 }
 
 async fn release_in(client: &Object, reservation_id: &str) -> Result<bool, StoreError> {
@@ -191,7 +180,22 @@ async fn release_in(client: &Object, reservation_id: &str) -> Result<bool, Store
         return Ok(false);
     };
     let items: Value = row.try_get(0)?;
-    let mut items: Vec<ReservedItem> = serde_json::from_value(items).unwrap_or_default();
+    // Undecodable items roll the release back: marking it released would keep its stock
+    // forever. The reservation stays held for an operator to repair.
+    let mut items: Vec<ReservedItem> = serde_json::from_value(items).map_err(|error| {
+        StoreError::corrupt(format!(
+            "stock reservation {reservation_id}: items do not decode: {error}"
+        ))
+    })?;
+    if let Some(bad) = items
+        .iter()
+        .find(|item| Quantity::parse(i64::from(item.quantity)).is_none())
+    {
+        return Err(StoreError::corrupt(format!(
+            "stock reservation {reservation_id}: item {} has quantity {}",
+            bad.item_id, bad.quantity
+        )));
+    }
     items.sort_by(|a, b| a.item_id.cmp(&b.item_id));
     let give = client
         .prepare_cached(
@@ -275,15 +279,33 @@ const ORDER_COLUMNS: &str = "order_id, owner, status, items, total_minor, curren
      reservation_expires_at, created_at, updated_at";
 
 fn order_from_row(row: &tokio_postgres::Row) -> Result<Order, StoreError> {
+    let order_id: String = row.try_get(0)?;
+    let corrupt = |what: String| StoreError::corrupt(format!("order {order_id}: {what}"));
+    let id = OrderId::parse(&order_id).map_err(|error| corrupt(error.to_string()))?;
+    let status: String = row.try_get(2)?;
+    let status =
+        OrderStatus::parse(&status).ok_or_else(|| corrupt(format!("unknown status {status:?}")))?;
     let currency: String = row.try_get(5)?;
     let currency = Currency::parse(&currency)
-        .ok_or_else(|| StoreError::Unavailable("order with an invalid currency".into()))?;
+        .ok_or_else(|| corrupt(format!("invalid currency {currency:?}")))?;
     let items: Value = row.try_get(3)?;
+    // An order is never shown without its items.
+    let items: Vec<OrderLine> = serde_json::from_value(items)
+        .map_err(|error| corrupt(format!("items do not decode: {error}")))?;
+    if let Some(bad) = items
+        .iter()
+        .find(|line| Quantity::parse(i64::from(line.quantity)).is_none())
+    {
+        return Err(corrupt(format!(
+            "item {} has quantity {}",
+            bad.item_id, bad.quantity
+        )));
+    }
     Ok(Order {
-        order_id: row.try_get(0)?,
+        order_id: id,
         owner: row.try_get(1)?,
-        status: row.try_get(2)?,
-        items: serde_json::from_value(items).unwrap_or_default(),
+        status,
+        items,
         total_price: Money::new(row.try_get(4)?, currency),
         currency,
         reservation_expires_at: row.try_get(6)?,
@@ -292,10 +314,27 @@ fn order_from_row(row: &tokio_postgres::Row) -> Result<Order, StoreError> {
     })
 }
 
-/// Reads an order; with `owner`, only that owner's.
-pub async fn load_order(
+/// Reads an order held on `shard`; with `owner`, only that owner's. In the shard's home region
+/// from the primary (an order just created or settled must be found), elsewhere from the
+/// replica, which may not have it yet.
+pub async fn find_order(
+    store: &Store,
+    shard: &str,
+    order_id: &OrderId,
+    owner: Option<&str>,
+) -> Result<Option<Order>, StoreError> {
+    let (client, _) = if store.is_home(shard) {
+        store.db_read_prefer_primary(shard).await?
+    } else {
+        store.db_read(shard).await?
+    };
+    load_order(&client, order_id, owner).await
+}
+
+/// Reads an order on `client`; with `owner`, only that owner's.
+async fn load_order(
     client: &Object,
-    order_id: &str,
+    order_id: &OrderId,
     owner: Option<&str>,
 ) -> Result<Option<Order>, StoreError> {
     let statement = client
@@ -304,7 +343,7 @@ pub async fn load_order(
         ))
         .await?;
     client
-        .query_opt(&statement, &[&order_id, &owner])
+        .query_opt(&statement, &[&order_id.as_str(), &owner])
         .await?
         .map(|row| order_from_row(&row))
         .transpose()
@@ -316,20 +355,20 @@ pub async fn load_order(
 pub async fn settle_order(
     store: &Store,
     shard: &str,
-    order_id: &str,
-    status: &str,
+    order_id: &OrderId,
+    status: OrderStatus,
 ) -> Result<Option<Order>, StoreError> {
     let client = store.db_write(shard).await?;
-    client.batch_execute("BEGIN").await?;
-    let result = settle_in(&client, order_id, status).await;
-    super::end_transaction(client, result.is_ok()).await?;
-    result
+    tx::run(client, async |client| {
+        settle_in(client, order_id, status).await
+    })
+    .await
 }
 
 async fn settle_in(
     client: &Object,
-    order_id: &str,
-    status: &str,
+    order_id: &OrderId,
+    status: OrderStatus,
 ) -> Result<Option<Order>, StoreError> {
     let update = client
         .prepare_cached(&format!(
@@ -337,16 +376,19 @@ async fn settle_in(
              WHERE order_id = $1 AND status = 'pending_payment' RETURNING {ORDER_COLUMNS}"
         ))
         .await?;
-    match client.query_opt(&update, &[&order_id, &status]).await? {
+    match client
+        .query_opt(&update, &[&order_id.as_str(), &status.as_str()])
+        .await?
+    {
         Some(row) => {
             let order = order_from_row(&row)?;
-            let kind = format!("order_{status}");
+            let kind = format!("order_{}", status.as_str());
             events::record(
                 client,
                 &order.owner,
                 0,
                 &kind,
-                &json!({ "order_id": order.order_id }),
+                &json!({ "order_id": order.order_id.as_str() }),
             )
             .await?;
             Ok(Some(order))
@@ -361,7 +403,7 @@ pub async fn overdue_orders(
     shard: &str,
     grace: Duration,
     limit: i64,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<Vec<OrderId>, StoreError> {
     let client = store.db_write(shard).await?;
     let select = client
         .prepare_cached(
@@ -374,7 +416,11 @@ pub async fn overdue_orders(
         .query(&select, &[&grace.as_secs_f64(), &limit])
         .await?
         .iter()
-        .map(|row| row.try_get(0).map_err(StoreError::from))
+        .map(|row| {
+            let id: String = row.try_get(0)?;
+            OrderId::parse(&id)
+                .map_err(|error| StoreError::corrupt(format!("order {id:?}: {error}")))
+        })
         .collect()
 }
 
@@ -422,9 +468,9 @@ impl WriteTx {
             .execute(
                 &insert,
                 &[
-                    &order.order_id,
+                    &order.order_id.as_str(),
                     &order.owner,
-                    &order.status,
+                    &order.status.as_str(),
                     &order.currency.as_str(),
                     &order.total_price.amount_minor,
                     &serde_json::to_value(&order.items).unwrap_or(Value::Null),
@@ -448,7 +494,7 @@ impl WriteTx {
             owner.as_str(),
             cart.version,
             "checked_out",
-            &json!({ "order_id": order.order_id, "total_minor": order.total_price.amount_minor }),
+            &json!({ "order_id": order.order_id.as_str(), "total_minor": order.total_price.amount_minor }),
         )
         .await?;
         let stored = load_order(client, &order.order_id, None)

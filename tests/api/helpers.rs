@@ -1,6 +1,10 @@
 //! The test harness: real PostgreSQL and Redis processes, started once per test binary on free
 //! loopback ports in a temp dir, a fresh database cloned from a migrated template per test, a
 //! Redis key prefix per test, and the edge served on port 0.
+//!
+//! Logs are quiet unless `TEST_LOG` is set: `TEST_LOG=1` shows `debug` and above, any other
+//! value is taken as a tracing filter (`TEST_LOG=cartedge::store=trace`). Output goes through
+//! the test harness' capture, so a passing test stays silent without `--nocapture`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -60,7 +64,33 @@ pub async fn execute(dsn: &str, sql: &str) {
     let _ = driver.await;
 }
 
+/// The variable that turns test logs on (see the module documentation).
+const TEST_LOG: &str = "TEST_LOG";
+
+/// Installs a tracing subscriber once per test binary when `TEST_LOG` is set.
+pub fn init_test_log() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Some(setting) = std::env::var(TEST_LOG).ok().filter(|v| !v.is_empty()) else {
+            return;
+        };
+        let filter = match setting.as_str() {
+            "1" | "true" | "yes" => "debug".to_string(),
+            other => other.to_string(),
+        };
+        let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|error| {
+            panic!("{TEST_LOG}={setting:?} is not a tracing filter: {error}")
+        });
+        // Another subscriber may be installed already (a test that set one up itself).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
 pub fn shared() -> &'static Shared {
+    init_test_log();
     SHARED.get_or_init(|| {
         procs::ensure_packages().expect("packages");
         let dir = tempfile::Builder::new()

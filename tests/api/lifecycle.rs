@@ -1,6 +1,7 @@
 //! The cart lifecycle in one region: merge on login, price changes, checkout with stock
 //! reservation, orders and payment, the janitor and the event outbox.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -261,7 +262,7 @@ async fn a_failure_between_the_two_carts_updates_converges_on_retry() {
     assert_eq!(last.quantity_of("sku-00001"), 3, "still not doubled");
 }
 
-fn payment_token(app: &TestApp) -> String {
+pub(crate) fn payment_token(app: &TestApp) -> String {
     cartedge::api::auth::issue_token_with_role(
         &app.config.auth,
         "payments",
@@ -272,7 +273,7 @@ fn payment_token(app: &TestApp) -> String {
     .unwrap()
 }
 
-async fn checkout(
+pub(crate) async fn checkout(
     app: &TestApp,
     user: &str,
     key: &str,
@@ -287,7 +288,7 @@ async fn checkout(
     .await
 }
 
-async fn stock(app: &TestApp, item: &str) -> i64 {
+pub(crate) async fn stock(app: &TestApp, item: &str) -> i64 {
     app.query_i64(&format!(
         "SELECT stock::bigint FROM catalog_items WHERE item_id = '{item}'"
     ))
@@ -735,7 +736,15 @@ async fn events_reach_the_stream_in_order_per_cart_and_wait_out_a_relay_outage()
     outage
         .user("ann", "DELETE", "/api/v1/cart/items/sku-00001", None)
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The relay (every 50 ms) tries and fails against the dead Redis: wait for two failed
+    // passes after the last write, bounded to 10 s.
+    let failures = || outage.app.lifecycle.relay_failures.load(Ordering::Relaxed);
+    let before = failures();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while failures() < before + 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(failures() >= before + 2, "the relay ran during the outage");
     assert_eq!(
         outage.query_i64("SELECT count(*) FROM cart_events").await,
         11,

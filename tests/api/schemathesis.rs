@@ -2,7 +2,9 @@
 //! requests from `openapi.json`, valid and invalid, sends them, and checks every answer
 //! against the document. The test finds the tool through `CARTEDGE_SCHEMATHESIS`, which
 //! `scripts/test` sets after installing a pinned version; without it (plain `cargo test` on a
-//! machine without Python) it says so and passes.
+//! machine without Python) it says so and passes, except under continuous integration
+//! (`CI` set, as every CI service does), where a missing tool fails the test instead of
+//! letting the suite report a pass for a check that never ran.
 
 use std::ffi::OsString;
 use std::process::Stdio;
@@ -76,9 +78,35 @@ fn summary(report: &str) -> String {
         .join("; ")
 }
 
+/// Whether the environment is a CI run, where skipping is not allowed: `CI` set to anything
+/// but empty, `0` or `false` (CI services set `CI=true`).
+fn running_in_ci(ci: Option<&str>) -> bool {
+    ci.is_some_and(|value| {
+        let value = value.trim();
+        !(value.is_empty() || value == "0" || value.eq_ignore_ascii_case("false"))
+    })
+}
+
+#[test]
+fn ci_is_recognised_from_its_variable() {
+    for on in ["true", "1", "yes", "TRUE"] {
+        assert!(running_in_ci(Some(on)), "{on}");
+    }
+    for off in [None, Some(""), Some("0"), Some("false"), Some("False")] {
+        assert!(!running_in_ci(off), "{off:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document() {
     let Some(tool) = std::env::var_os(TOOL_VARIABLE) else {
+        let ci = std::env::var("CI").ok();
+        assert!(
+            !running_in_ci(ci.as_deref()),
+            "schemathesis did not run: {TOOL_VARIABLE} is not set and CI={ci:?} (under CI the \
+             contract check may not be skipped; run scripts/test, which installs the tool and \
+             sets {TOOL_VARIABLE})"
+        );
         eprintln!(
             "schemathesis: skipped, {TOOL_VARIABLE} is not set (scripts/test installs the tool and sets it)"
         );

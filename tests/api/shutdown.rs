@@ -19,18 +19,32 @@ async fn shutdown_turns_readiness_off_and_lets_in_flight_requests_finish() {
     .await;
     let body = r#"{"item_id":"sku-00001","quantity":3}"#;
     let mut stream = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    // `Expect: 100-continue`: the server answers `100 Continue` when the handler starts reading
+    // the body, which tells the test the request is in flight before shutdown begins.
     let head = format!(
-        "POST /api/v1/cart/items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "POST /api/v1/cart/items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
         app.token("alice"),
         body.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut interim))
+        .await
+        .expect("the handler started reading the body")
+        .unwrap();
+    let interim = String::from_utf8_lossy(&interim[..read]).to_string();
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
     stream.write_all(&body.as_bytes()[..10]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
 
     app.trigger_shutdown();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let ready = app.send("GET", "/ready", &[], None).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ready = loop {
+        let ready = app.send("GET", "/ready", &[], None).await;
+        if ready.status != StatusCode::OK || Instant::now() > deadline {
+            break ready;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(
         ready.status,
         StatusCode::SERVICE_UNAVAILABLE,

@@ -28,18 +28,73 @@ async fn a_request_with_101_headers_gets_431() {
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
 }
 
+/// A signed-in add of one `sku-00001`, framed by `framing` (header lines) and `body`.
+fn add_request(token: &str, framing: &str, body: &str) -> String {
+    format!(
+        "POST /api/v1/cart/items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\n{framing}\r\n{body}"
+    )
+}
+
+const ADD_ONE: &str = r#"{"item_id":"sku-00001","quantity":1}"#;
+
+/// `ADD_ONE` as a valid chunked body: two chunks and the last chunk.
+fn chunked_add_one() -> String {
+    let (first, second) = ADD_ONE.split_at(10);
+    format!(
+        "{:x}\r\n{first}\r\n{:x}\r\n{second}\r\n0\r\n\r\n",
+        first.len(),
+        second.len()
+    )
+}
+
 #[tokio::test]
-async fn conflicting_content_length_and_transfer_encoding_get_400() {
+async fn content_length_with_a_valid_chunked_body_gets_400_and_nothing_pipelined_behind_it_runs() {
     let app = TestApp::spawn().await;
-    let body = r#"{"item_id":"sku-00001","quantity":1}"#;
-    let request = format!(
-        "POST /api/v1/cart/items HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    let token = app.token("alice");
+    let conflicting = add_request(
+        &token,
+        &format!(
+            "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+            ADD_ONE.len()
+        ),
+        &chunked_add_one(),
     );
-    let answer = exchange(&app, request.as_bytes(), Duration::from_secs(10)).await;
+    let pipelined = add_request(
+        &token,
+        &format!("Content-Length: {}\r\nConnection: close\r\n", ADD_ONE.len()),
+        ADD_ONE,
+    );
+    let answer = exchange(
+        &app,
+        format!("{conflicting}{pipelined}").as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    assert_eq!(app.query_i64("SELECT count(*) FROM carts").await, 0);
+    assert!(answer.contains("\"invalid_request\""), "{answer}");
+    assert_eq!(
+        answer.matches("HTTP/1.1 ").count(),
+        1,
+        "one answer: {answer}"
+    );
+    assert_eq!(app.query_i64("SELECT count(*) FROM cart_items").await, 0);
+
+    // The control: the same chunked body without Content-Length is a valid add, and so is the
+    // request pipelined behind it, so the refusal above is the framing's.
+    let chunked = add_request(&token, "Transfer-Encoding: chunked\r\n", &chunked_add_one());
+    let answer = exchange(
+        &app,
+        format!("{chunked}{pipelined}").as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+    assert_eq!(
+        app.query_i64("SELECT quantity::bigint FROM cart_items WHERE owner = 'u:alice'")
+            .await,
+        2
+    );
 }
 
 #[tokio::test]
