@@ -8,7 +8,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::error::ApiError;
 use super::request::{self, Caller, CheckoutBody, MergeBody, RequestParts};
@@ -31,19 +30,6 @@ use crate::store::Source;
 pub const FREEZE_PATH: &str = "/internal/v1/merge/freeze";
 pub const FINALIZE_PATH: &str = "/internal/v1/merge/finalize";
 pub const ABORT_PATH: &str = "/internal/v1/merge/abort";
-
-/// Every error code the lifecycle handlers answer with (besides the shared ones), for the
-/// OpenAPI document's test.
-pub const REFUSAL_CODES: [&str; 8] = [
-    "currency_mismatch",
-    "merge_in_progress",
-    "price_changed",
-    "out_of_stock",
-    "cart_empty",
-    "order_not_found",
-    "order_not_pending",
-    "reservation_expired",
-];
 
 /// The body of every internal merge step.
 #[derive(Debug, Serialize, Deserialize)]
@@ -147,6 +133,9 @@ async fn finalize_local(
     Ok(())
 }
 
+/// How long a client waits before retrying a merge whose guest cart's home did not answer.
+const STEP_RETRY_AFTER_SECS: u32 = 2;
+
 /// Runs one merge step against the guest cart's home: here, or that region's edge.
 async fn guest_step(
     app: &App,
@@ -158,11 +147,7 @@ async fn guest_step(
     if placement.home == app.config.region.id {
         return run_step(app, path, step).await;
     }
-    let unavailable = || ApiError::HomeRegionUnavailable {
-        retry_after_secs: 2,
-        idempotency_key: None,
-    };
-    let forwarder = app.forwarder.as_ref().ok_or_else(unavailable)?;
+    let forwarder = super::forwarder_to(app, placement.home)?;
     let mut headers = http::HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
@@ -185,14 +170,23 @@ async fn guest_step(
         )
         .await
         .map_err(|error| {
-            tracing::warn!(%error, home = placement.home, "merge step failed");
-            unavailable()
+            ApiError::home_unreachable(&error, placement.home, STEP_RETRY_AFTER_SECS, None)
         })?;
     if !answer.status.is_success() {
-        tracing::warn!(status = %answer.status, home = placement.home, "merge step refused");
-        return Err(unavailable());
+        let refused = format!("merge step answered {}", answer.status);
+        return Err(ApiError::home_unreachable(
+            &refused,
+            placement.home,
+            STEP_RETRY_AFTER_SECS,
+            None,
+        ));
     }
-    request::parse_json(&answer.body)
+    serde_json::from_slice(&answer.body).map_err(|error| {
+        ApiError::Internal(format!(
+            "region {} answered a merge step with an unreadable body: {error}",
+            placement.home
+        ))
+    })
 }
 
 /// `POST /cart/merge`: the caller's guest cart into their user cart.
@@ -240,11 +234,7 @@ pub async fn merge(
     };
     let frozen = guest_step(app, FREEZE_PATH, &step).await?;
     if frozen.status == "busy" {
-        return Err(ApiError::conflict(
-            "merge_in_progress",
-            "this guest cart is being merged into another user's cart",
-            json!({}),
-        ));
+        return Err(ApiError::GuestCartBusy);
     }
     let frozen = Frozen {
         cart: frozen
@@ -288,11 +278,7 @@ pub async fn merge(
             if let Err(error) = guest_step(app, ABORT_PATH, &step).await {
                 tracing::warn!(%error, "could not lift a refused merge's freeze; a retry will");
             }
-            Err(ApiError::conflict(
-                "currency_mismatch",
-                "the guest cart and the user's cart are in different currencies",
-                json!({ "user_currency": user, "guest_currency": guest }),
-            ))
+            Err(ApiError::MergeCurrencyMismatch { user, guest })
         }
         MergeOutcome::AlreadyApplied { report } => {
             tx.rollback().await;
@@ -426,7 +412,7 @@ pub async fn checkout(
         Locked::Cart(cart) => cart,
         Locked::Empty => {
             tx.rollback().await;
-            return Err(cart_empty());
+            return Err(ApiError::CartEmpty);
         }
     };
     let currency = cart.currency.unwrap_or(app.config.region.currency);
@@ -449,13 +435,9 @@ pub async fn checkout(
         Err(refusal) => {
             tx.rollback().await;
             return Err(match refusal {
-                CheckoutRefusal::Empty => cart_empty(),
-                CheckoutRefusal::PriceChanged(changes) => ApiError::conflict(
-                    "price_changed",
-                    "prices changed since these items were added; review them and check out with accept_price_changes",
-                    json!({ "lines": changes }),
-                ),
-                CheckoutRefusal::Unavailable(short) => out_of_stock(&short),
+                CheckoutRefusal::Empty => ApiError::CartEmpty,
+                CheckoutRefusal::PriceChanged(lines) => ApiError::PriceChanged { lines },
+                CheckoutRefusal::Unavailable(items) => ApiError::StockShort { items },
             });
         }
     };
@@ -463,9 +445,9 @@ pub async fn checkout(
     let hold = app.config.checkout.reservation_ttl.0;
     let expires_at = match orders::reserve(&app.store, &id, &lines, hold).await {
         Ok(Ok(expires_at)) => expires_at,
-        Ok(Err(short)) => {
+        Ok(Err(items)) => {
             tx.rollback().await;
-            return Err(out_of_stock(&short));
+            return Err(ApiError::StockShort { items });
         }
         Err(error) => {
             tx.rollback().await;
@@ -514,18 +496,6 @@ pub async fn checkout(
     }
 }
 
-fn cart_empty() -> ApiError {
-    ApiError::conflict("cart_empty", "the cart is empty", json!({}))
-}
-
-fn out_of_stock(short: &[crate::domain::lifecycle::Shortage]) -> ApiError {
-    ApiError::conflict(
-        "out_of_stock",
-        "some items are not available in the quantity requested; nothing was reserved",
-        json!({ "items": short }),
-    )
-}
-
 fn set_version(headers: &mut http::HeaderMap, version: i64) {
     headers.insert(
         HeaderName::from_static(names::CART_VERSION),
@@ -544,7 +514,7 @@ fn order_response(app: &App, status: StatusCode, body: impl Into<Bytes>) -> Resp
 
 /// Where an order lives: its shard and that shard's home region.
 fn order_home<'a>(app: &'a App, order_id: &str) -> Result<(String, &'a str), ApiError> {
-    let shard = order_shard(order_id).ok_or_else(order_not_found)?;
+    let shard = order_shard(order_id).ok_or(ApiError::OrderNotFound)?;
     let home = app
         .topology
         .ring
@@ -553,17 +523,8 @@ fn order_home<'a>(app: &'a App, order_id: &str) -> Result<(String, &'a str), Api
         .iter()
         .find(|s| s.id == shard)
         .map(|s| s.home.as_str())
-        .ok_or_else(order_not_found)?;
+        .ok_or(ApiError::OrderNotFound)?;
     Ok((shard.to_string(), home))
-}
-
-fn order_not_found() -> ApiError {
-    ApiError::Refused {
-        status: StatusCode::NOT_FOUND,
-        code: "order_not_found",
-        message: "no such order".into(),
-        details: None,
-    }
 }
 
 /// `GET /orders/{id}`: the owner's order (anyone else: 404).
@@ -576,7 +537,7 @@ pub async fn get_order(
 ) -> Result<Response<Body>, ApiError> {
     let user = match caller {
         Caller::User(user) => user,
-        Caller::Guest(_) => return Err(order_not_found()),
+        Caller::Guest(_) => return Err(ApiError::OrderNotFound),
         Caller::Anonymous => return Err(ApiError::Unauthenticated("orders need a bearer token")),
     };
     let owner = Owner::User(user).key();
@@ -598,7 +559,7 @@ pub async fn get_order(
         None if home != app.config.region.id && surface != Surface::Internal => {
             forward(app, request, &Method::GET, home, None, None, Bytes::new()).await
         }
-        None => Err(order_not_found()),
+        None => Err(ApiError::OrderNotFound),
     }
 }
 
@@ -650,13 +611,9 @@ pub async fn settle(
     let (client, _) = app.store.db_read_prefer_primary(&shard).await?;
     let order = orders::load_order(&client, order_id, None).await?;
     drop(client);
-    let order = order.ok_or_else(order_not_found)?;
-    let not_pending = |order: &Order| {
-        ApiError::conflict(
-            "order_not_pending",
-            format!("the order is {}", order.status),
-            json!({ "status": order.status }),
-        )
+    let order = order.ok_or(ApiError::OrderNotFound)?;
+    let not_pending = |order: Order| ApiError::OrderNotPending {
+        status: order.status,
     };
     let done = match (action, order.status.as_str()) {
         (Settlement::Confirm, "paid") | (Settlement::Cancel, "cancelled") => order,
@@ -678,18 +635,18 @@ pub async fn settle(
             };
             let settled = orders::settle_order(&app.store, &shard, order_id, status)
                 .await?
-                .ok_or_else(order_not_found)?;
+                .ok_or(ApiError::OrderNotFound)?;
             match (action, settled.status.as_str()) {
                 (Settlement::Confirm, "paid") | (Settlement::Cancel, "cancelled") => settled,
-                (Settlement::Confirm, "expired") => return Err(ApiError::conflict(
-                    "reservation_expired",
-                    "the order's stock reservation expired before payment; the stock was returned",
-                    json!({ "status": settled.status }),
-                )),
-                _ => return Err(not_pending(&settled)),
+                (Settlement::Confirm, "expired") => {
+                    return Err(ApiError::ReservationExpired {
+                        status: settled.status,
+                    })
+                }
+                _ => return Err(not_pending(settled)),
             }
         }
-        _ => return Err(not_pending(&order)),
+        _ => return Err(not_pending(order)),
     };
     tracing::info!(order_id, status = %done.status, "order settled");
     Ok(order_response(

@@ -44,6 +44,8 @@ pub mod names {
     pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
     pub const SESSION_COOKIE: &str = "cart_session";
     pub const MIN_VERSION_COOKIE: &str = "cart_min_version";
+    pub const APPLICATION_JSON: &str = "application/json";
+    pub const NO_STORE: &str = "no-store";
 }
 
 /// The socket peer of a request's connection (inserted by `server`).
@@ -173,7 +175,9 @@ async fn dispatch(
         }
         if parts.uri.path() == forward::invalidate::PATH {
             if parts.method != Method::POST {
-                return Err(ApiError::MethodNotAllowed { allow: "POST" });
+                return Err(ApiError::MethodNotAllowed {
+                    allow: "POST".into(),
+                });
             }
             let bytes = request::read_body(&parts, body, 1 << 20, true).await?;
             let batch: forward::invalidate::Batch = request::parse_json(&bytes)?;
@@ -189,7 +193,9 @@ async fn dispatch(
             parts.uri.path()
         {
             if parts.method != Method::POST {
-                return Err(ApiError::MethodNotAllowed { allow: "POST" });
+                return Err(ApiError::MethodNotAllowed {
+                    allow: "POST".into(),
+                });
             }
             let bytes = request::read_body(&parts, body, 1 << 20, true).await?;
             return lifecycle::internal_step(app, path, &bytes).await;
@@ -208,7 +214,9 @@ async fn dispatch(
         (Route::Ready, &Method::GET) => return Ok(ready(app)),
         (Route::Metrics, &Method::GET) => return Ok(metrics(app)),
         (Route::Health | Route::Ready | Route::Metrics, _) => {
-            return Err(ApiError::MethodNotAllowed { allow: "GET" })
+            return Err(ApiError::MethodNotAllowed {
+                allow: "GET".into(),
+            })
         }
         _ => {}
     }
@@ -229,7 +237,9 @@ async fn dispatch(
             | (Route::Order(_), &Method::GET)
     );
     if !allowed {
-        return Err(ApiError::MethodNotAllowed { allow });
+        return Err(ApiError::MethodNotAllowed {
+            allow: allow.into(),
+        });
     }
     let request = RequestParts::new(&parts);
     let class = match (route, &method) {
@@ -562,6 +572,19 @@ fn receiving_currency(app: &App, request: &RequestParts<'_>, surface: Surface) -
         .unwrap_or(app.config.region.currency)
 }
 
+/// The client to other regions' edges. Its absence when a request needs another region is a
+/// configuration bug (a ring with several regions but no edge-to-edge TLS), not an outage.
+pub(crate) fn forwarder_to<'a>(
+    app: &'a App,
+    home: &str,
+) -> Result<&'a Arc<forward::client::Forwarder>, ApiError> {
+    app.forwarder.as_ref().ok_or_else(|| {
+        ApiError::Internal(format!(
+            "a request needs region {home} but no edge-to-edge TLS is configured"
+        ))
+    })
+}
+
 /// Headers a forward carries from the client's request: identity, body type, preconditions.
 const FORWARDED_HEADERS: [&str; 6] = [
     "authorization",
@@ -584,17 +607,7 @@ async fn forward(
     idempotency_key: Option<&str>,
     body: Bytes,
 ) -> Result<Response<Body>, ApiError> {
-    let unavailable = |retry_after_secs| ApiError::HomeRegionUnavailable {
-        retry_after_secs,
-        idempotency_key: idempotency_key.map(str::to_string),
-    };
-    let Some(forwarder) = &app.forwarder else {
-        tracing::error!(
-            home,
-            "a request needs region {home} but no edge-to-edge TLS is configured"
-        );
-        return Err(unavailable(5));
-    };
+    let forwarder = forwarder_to(app, home)?;
     let mut headers = HeaderMap::new();
     for name in FORWARDED_HEADERS {
         for value in request.headers().get_all(name) {
@@ -631,8 +644,7 @@ async fn forward(
         )
         .await
         .map_err(|error| {
-            tracing::warn!(%error, home, "forward failed");
-            unavailable(forwarder.retry_after_secs())
+            ApiError::home_unreachable(&error, home, forwarder.retry_after_secs(), idempotency_key)
         })?;
     let mut response = Response::new(Full::new(answer.body));
     *response.status_mut() = answer.status;
