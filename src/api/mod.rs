@@ -9,6 +9,7 @@ pub mod error;
 pub mod lifecycle;
 pub mod limits;
 pub mod request;
+pub mod router;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,6 +30,7 @@ use crate::store::{CartOp, Claim, Source, StoredResponse, WriteTx};
 use error::ApiError;
 use limits::Class;
 use request::{AddItemBody, Caller, ClearBody, RequestParts, SetQuantityBody};
+use router::{Lookup, Route as RouteRow, Surfaces};
 use std::net::SocketAddr;
 
 pub type Body = Full<Bytes>;
@@ -69,65 +71,125 @@ pub enum Surface {
     Internal,
 }
 
+/// What serves a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route<'a> {
-    Cart,
-    CartItems,
-    CartItem(&'a str),
+pub enum Handler {
+    ViewCart,
+    ClearCart,
+    AddItem,
+    SetItem,
+    RemoveItem,
     Merge,
     Checkout,
-    Order(&'a str),
-    Settle(&'a str, lifecycle::Settlement),
+    GetOrder,
+    Settle(lifecycle::Settlement),
     Health,
     Ready,
     Metrics,
+    Invalidate,
+    MergeStep(&'static str),
 }
 
-fn route<'a>(path: &'a str) -> Option<Route<'a>> {
-    let path = match path.strip_prefix("/api/v1") {
-        Some(rest) if rest.starts_with('/') => rest,
-        _ => path,
-    };
-    let segment = |rest: &'a str| Some(rest).filter(|r| !r.is_empty() && !r.contains('/'));
-    match path {
-        "/cart" => Some(Route::Cart),
-        "/cart/items" => Some(Route::CartItems),
-        "/cart/merge" => Some(Route::Merge),
-        "/cart/checkout" => Some(Route::Checkout),
-        "/health" => Some(Route::Health),
-        "/ready" => Some(Route::Ready),
-        "/metrics" => Some(Route::Metrics),
-        _ => {
-            if let Some(rest) = path.strip_prefix("/cart/items/") {
-                return segment(rest).map(Route::CartItem);
-            }
-            let rest = path.strip_prefix("/orders/")?;
-            if let Some(id) = rest.strip_suffix("/confirm") {
-                return segment(id).map(|id| Route::Settle(id, lifecycle::Settlement::Confirm));
-            }
-            if let Some(id) = rest.strip_suffix("/cancel") {
-                return segment(id).map(|id| Route::Settle(id, lifecycle::Settlement::Cancel));
-            }
-            segment(rest).map(Route::Order)
-        }
+const fn versioned(
+    surfaces: Surfaces,
+    method: Method,
+    pattern: &'static str,
+    name: &'static str,
+    handler: Handler,
+) -> RouteRow<Handler> {
+    RouteRow {
+        surfaces,
+        method,
+        pattern,
+        name,
+        handler,
+        versioned: true,
     }
 }
 
-/// The route a path names, as a stable label (for metrics and benchmarks); None for no route.
+/// An edge-to-edge POST (no version prefix).
+const fn internal(
+    pattern: &'static str,
+    name: &'static str,
+    handler: Handler,
+) -> RouteRow<Handler> {
+    RouteRow {
+        surfaces: Surfaces::INTERNAL,
+        method: Method::POST,
+        pattern,
+        name,
+        handler,
+        versioned: false,
+    }
+}
+
+/// Every route of every surface. A path matched on a surface but not for the request's method
+/// is a 405 whose `Allow` lists the methods below in this order; anything else is a 404.
+pub static ROUTES: [RouteRow<Handler>; 17] = {
+    use Handler as H;
+    use Method as M;
+    use Surfaces as S;
+    [
+        versioned(S::CART, M::GET, "/cart", "cart", H::ViewCart),
+        versioned(S::CART, M::DELETE, "/cart", "cart", H::ClearCart),
+        versioned(S::CART, M::POST, "/cart/items", "cart_items", H::AddItem),
+        versioned(
+            S::CART,
+            M::PUT,
+            "/cart/items/{item_id}",
+            "cart_item",
+            H::SetItem,
+        ),
+        versioned(
+            S::CART,
+            M::DELETE,
+            "/cart/items/{item_id}",
+            "cart_item",
+            H::RemoveItem,
+        ),
+        versioned(S::CART, M::POST, "/cart/merge", "merge", H::Merge),
+        versioned(S::CART, M::POST, "/cart/checkout", "checkout", H::Checkout),
+        versioned(S::CART, M::GET, "/orders/{order_id}", "order", H::GetOrder),
+        versioned(
+            S::CART,
+            M::POST,
+            "/orders/{order_id}/confirm",
+            "order_confirm",
+            H::Settle(lifecycle::Settlement::Confirm),
+        ),
+        versioned(
+            S::CART,
+            M::POST,
+            "/orders/{order_id}/cancel",
+            "order_cancel",
+            H::Settle(lifecycle::Settlement::Cancel),
+        ),
+        versioned(S::ALL, M::GET, "/health", "health", H::Health),
+        versioned(S::ALL, M::GET, "/ready", "ready", H::Ready),
+        versioned(S::ADMIN, M::GET, "/metrics", "metrics", H::Metrics),
+        internal(forward::invalidate::PATH, "invalidate", H::Invalidate),
+        internal(
+            lifecycle::FREEZE_PATH,
+            "merge_freeze",
+            H::MergeStep(lifecycle::FREEZE_PATH),
+        ),
+        internal(
+            lifecycle::FINALIZE_PATH,
+            "merge_finalize",
+            H::MergeStep(lifecycle::FINALIZE_PATH),
+        ),
+        internal(
+            lifecycle::ABORT_PATH,
+            "merge_abort",
+            H::MergeStep(lifecycle::ABORT_PATH),
+        ),
+    ]
+};
+
+/// The client- or operator-facing route a path names, as a stable label (for metrics and
+/// benchmarks); None for no route.
 pub fn route_name(path: &str) -> Option<&'static str> {
-    route(path).map(|r| match r {
-        Route::Cart => "cart",
-        Route::CartItems => "cart_items",
-        Route::CartItem(_) => "cart_item",
-        Route::Merge => "merge",
-        Route::Checkout => "checkout",
-        Route::Order(_) => "order",
-        Route::Settle(_, lifecycle::Settlement::Confirm) => "order_confirm",
-        Route::Settle(_, lifecycle::Settlement::Cancel) => "order_cancel",
-        Route::Health => "health",
-        Route::Ready => "ready",
-        Route::Metrics => "metrics",
-    })
+    router::name(&ROUTES, path)
 }
 
 /// Serves one request. Never fails: every error becomes a response.
@@ -173,12 +235,17 @@ async fn dispatch(
             tracing::error!(theirs = ?ring, ours = app.topology.ring.fingerprint(), "request from an edge with another ring refused");
             return Err(ApiError::TopologyMismatch);
         }
-        if parts.uri.path() == forward::invalidate::PATH {
-            if parts.method != Method::POST {
-                return Err(ApiError::MethodNotAllowed {
-                    allow: "POST".into(),
-                });
-            }
+    }
+    let (handler, param) = match router::lookup(&ROUTES, surface, &parts.method, parts.uri.path()) {
+        Lookup::Found(route, param) => (route.handler, param),
+        Lookup::MethodNotAllowed(allow) => return Err(ApiError::MethodNotAllowed { allow }),
+        Lookup::NotFound => return Err(ApiError::NotFound),
+    };
+    match handler {
+        Handler::Health => return Ok(health(app).await),
+        Handler::Ready => return Ok(ready(app)),
+        Handler::Metrics => return Ok(metrics(app)),
+        Handler::Invalidate => {
             let bytes = request::read_body(&parts, body, 1 << 20, true).await?;
             let batch: forward::invalidate::Batch = request::parse_json(&bytes)?;
             for cart in &batch.carts {
@@ -189,58 +256,24 @@ async fn dispatch(
                 br#"{"status":"ok"}"#.to_vec(),
             ));
         }
-        if let path @ (lifecycle::FREEZE_PATH | lifecycle::FINALIZE_PATH | lifecycle::ABORT_PATH) =
-            parts.uri.path()
-        {
-            if parts.method != Method::POST {
-                return Err(ApiError::MethodNotAllowed {
-                    allow: "POST".into(),
-                });
-            }
+        Handler::MergeStep(path) => {
             let bytes = request::read_body(&parts, body, 1 << 20, true).await?;
             return lifecycle::internal_step(app, path, &bytes).await;
         }
-    }
-    let route = route(parts.uri.path()).ok_or(ApiError::NotFound)?;
-    let operator = matches!(route, Route::Health | Route::Ready | Route::Metrics);
-    if (surface == Surface::Admin && !operator)
-        || (surface != Surface::Admin && route == Route::Metrics)
-    {
-        return Err(ApiError::NotFound);
-    }
-    let method = parts.method.clone();
-    match (route, &method) {
-        (Route::Health, &Method::GET) => return Ok(health(app).await),
-        (Route::Ready, &Method::GET) => return Ok(ready(app)),
-        (Route::Metrics, &Method::GET) => return Ok(metrics(app)),
-        (Route::Health | Route::Ready | Route::Metrics, _) => {
-            return Err(ApiError::MethodNotAllowed {
-                allow: "GET".into(),
-            })
-        }
         _ => {}
     }
-    let allow = match route {
-        Route::Cart => "GET, DELETE",
-        Route::CartItem(_) => "PUT, DELETE",
-        Route::Order(_) => "GET",
-        _ => "POST",
+    let param = param.unwrap_or_default();
+    let route = match handler {
+        Handler::ViewCart | Handler::ClearCart => Route::Cart,
+        Handler::AddItem => Route::CartItems,
+        Handler::SetItem | Handler::RemoveItem => Route::CartItem(param),
+        Handler::Merge => Route::Merge,
+        Handler::Checkout => Route::Checkout,
+        Handler::GetOrder => Route::Order(param),
+        Handler::Settle(action) => Route::Settle(param, action),
+        _ => return Err(ApiError::NotFound),
     };
-    let allowed = matches!(
-        (route, &method),
-        (Route::Cart, &Method::GET | &Method::DELETE)
-            | (
-                Route::CartItems | Route::Merge | Route::Checkout | Route::Settle(..),
-                &Method::POST
-            )
-            | (Route::CartItem(_), &Method::PUT | &Method::DELETE)
-            | (Route::Order(_), &Method::GET)
-    );
-    if !allowed {
-        return Err(ApiError::MethodNotAllowed {
-            allow: allow.into(),
-        });
-    }
+    let method = parts.method.clone();
     let request = RequestParts::new(&parts);
     let class = match (route, &method) {
         (_, &Method::GET) => Class::Read,
@@ -1039,24 +1072,71 @@ fn replay(stored: StoredResponse) -> Response<Body> {
     response
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route<'a> {
+    Cart,
+    CartItems,
+    CartItem(&'a str),
+    Merge,
+    Checkout,
+    Order(&'a str),
+    Settle(&'a str, lifecycle::Settlement),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn found(surface: Surface, method: Method, path: &str) -> Option<(Handler, Option<&str>)> {
+        match router::lookup(&ROUTES, surface, &method, path) {
+            Lookup::Found(route, param) => Some((route.handler, param)),
+            _ => None,
+        }
+    }
+
     #[test]
     fn both_prefixes_reach_the_same_routes() {
-        assert_eq!(route("/api/v1/cart"), Some(Route::Cart));
-        assert_eq!(route("/cart"), Some(Route::Cart));
-        assert_eq!(route("/api/v1/cart/items"), Some(Route::CartItems));
-        assert_eq!(route("/cart/items/sku-1"), Some(Route::CartItem("sku-1")));
-        assert_eq!(
-            route("/api/v1/cart/items/sku-1"),
-            Some(Route::CartItem("sku-1"))
-        );
-        assert_eq!(route("/cart/items/"), None);
-        assert_eq!(route("/cart/items/a/b"), None);
-        assert_eq!(route("/api/v1cart"), None);
-        assert_eq!(route("/api/v2/cart"), None);
-        assert_eq!(route("/health"), Some(Route::Health));
+        for prefix in ["", "/api/v1"] {
+            let at = |path: &str| format!("{prefix}{path}");
+            assert_eq!(route_name(&at("/cart")), Some("cart"));
+            assert_eq!(route_name(&at("/cart/items")), Some("cart_items"));
+            assert_eq!(
+                found(Surface::Public, Method::PUT, &at("/cart/items/sku-1")),
+                Some((Handler::SetItem, Some("sku-1")))
+            );
+            assert_eq!(route_name(&at("/cart/items/")), None);
+            assert_eq!(route_name(&at("/cart/items/a/b")), None);
+            assert_eq!(route_name(&at("/health")), Some("health"));
+        }
+        assert_eq!(route_name("/api/v1cart"), None);
+        assert_eq!(route_name("/api/v2/cart"), None);
+    }
+
+    #[test]
+    fn surfaces_see_only_their_routes_and_405_lists_the_table_methods() {
+        assert!(found(Surface::Admin, Method::GET, "/cart").is_none());
+        assert!(matches!(
+            router::lookup(&ROUTES, Surface::Admin, &Method::GET, "/cart"),
+            Lookup::NotFound
+        ));
+        assert!(matches!(
+            router::lookup(&ROUTES, Surface::Public, &Method::GET, "/metrics"),
+            Lookup::NotFound
+        ));
+        assert!(found(Surface::Admin, Method::GET, "/metrics").is_some());
+        match router::lookup(&ROUTES, Surface::Public, &Method::POST, "/cart") {
+            Lookup::MethodNotAllowed(allow) => assert_eq!(allow, "GET, DELETE"),
+            other => panic!("{other:?}"),
+        }
+        match router::lookup(&ROUTES, Surface::Public, &Method::GET, "/cart/items/x") {
+            Lookup::MethodNotAllowed(allow) => assert_eq!(allow, "PUT, DELETE"),
+            other => panic!("{other:?}"),
+        }
+        let freeze = lifecycle::FREEZE_PATH;
+        assert!(found(Surface::Internal, Method::POST, freeze).is_some());
+        assert!(found(Surface::Public, Method::POST, freeze).is_none());
+        let prefixed = format!("/api/v1{freeze}");
+        assert!(found(Surface::Internal, Method::POST, &prefixed).is_none());
+        assert_eq!(route_name(freeze), None);
     }
 }
