@@ -19,6 +19,12 @@ use crate::domain::cart::{self, AddRequest, CartView, StoredCart};
 use crate::domain::ids::{Owner, OwnerKey};
 use crate::store::{CartOp, Source};
 
+/// Warning codes this module adds to a view (the domain adds the per-line ones).
+const STALE_POSSIBLE: &str = "stale_possible";
+const PRICES_UNAVAILABLE: &str = "prices_unavailable";
+/// The domain's per-line warning that a missing price makes meaningless.
+const ITEM_UNAVAILABLE: &str = "item_unavailable";
+
 /// How often a read waiting for replication re-reads the replica.
 const REPLICA_POLL: Duration = Duration::from_millis(20);
 
@@ -31,9 +37,9 @@ pub async fn render_view(app: &App, cart: &StoredCart) -> CartView {
         .await;
     let mut view = cart::view(cart, app.config.region.currency, |id| lookup.get(id));
     if !lookup.complete {
-        view.warnings.retain(|w| w.code != "item_unavailable");
+        view.warnings.retain(|w| w.code != ITEM_UNAVAILABLE);
         view.warnings.push(cart::Warning {
-            code: "prices_unavailable",
+            code: PRICES_UNAVAILABLE,
             item_id: None,
             message: "current catalog prices could not be read".into(),
         });
@@ -70,7 +76,7 @@ pub async fn view(
                     Err(error) => {
                         tracing::warn!(%error, home = placed.home, "home region unreachable; serving the replica's older cart");
                         warnings.push(cart::Warning {
-                        code: "stale_possible",
+                        code: STALE_POSSIBLE,
                         item_id: None,
                         message: format!(
                             "the home region {} is unreachable; this cart may be older than version {min_version}",
@@ -90,7 +96,7 @@ pub async fn view(
                 None => "of unknown lag".to_string(),
             };
             warnings.push(cart::Warning {
-                code: "stale_possible",
+                code: STALE_POSSIBLE,
                 item_id: None,
                 message: format!("served in {} from a replica {behind}", app.config.region.id),
             });
