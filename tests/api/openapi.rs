@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use crate::helpers::{h, TestApp};
 use cartedge::api::error::ApiError;
+use cartedge::api::Surface;
 use serde_json::Value;
 
 fn document() -> Value {
@@ -43,6 +44,31 @@ fn every_documented_path_is_routed() {
             "{seed} is not routed"
         );
     }
+}
+
+/// Both directions: every documented operation is a public route of the router's table with
+/// the same method, and every public route is documented (the seed's unprefixed paths aside).
+#[test]
+fn the_documented_operations_are_exactly_the_public_routes() {
+    let documented: BTreeSet<(String, String)> = document()["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            let path = path.trim_start_matches("/api/v1").to_string();
+            item.as_object()
+                .unwrap()
+                .keys()
+                .filter(|key| *key != "parameters")
+                .map(move |method| (method.to_uppercase(), path.clone()))
+        })
+        .collect();
+    let routed: BTreeSet<(String, String)> = cartedge::api::ROUTES
+        .iter()
+        .filter(|route| route.surfaces.contains(Surface::Public))
+        .map(|route| (route.method.to_string(), route.pattern.to_string()))
+        .collect();
+    assert_eq!(documented, routed);
 }
 
 /// Both directions: a code the edge can answer with must be documented, and a documented code
