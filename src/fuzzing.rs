@@ -17,6 +17,7 @@ use http::request::Parts;
 
 use crate::api::auth::Authenticator;
 use crate::api::error::ApiError;
+use crate::api::idempotency;
 use crate::api::request::{self, AddItemBody, Caller, ClearBody, RequestParts, SetQuantityBody};
 use crate::config::{AuthConfig, Config, Dur, JwtKeyConfig, Secret, Sources};
 use crate::domain::ids::{ItemId, Owner, UserId};
@@ -123,21 +124,22 @@ fn contract_headers(parts: &Parts) {
     }
     // A tag list that names a version never names an impossible one.
     assert!(
-        !view.if_none_match_matches(-1)
+        !view.if_none_match().matches(-1)
             || parts
                 .headers
                 .get("if-none-match")
                 .is_some_and(|v| v.as_bytes().trim_ascii() == b"*")
     );
-    let _ = view.if_none_match_matches(0);
+    let _ = view.if_none_match().matches(0);
     if let Ok(Some(key)) = view.idempotency_key() {
         assert!((1..=255).contains(&key.len()));
         assert!(key.bytes().all(|b| (0x21..=0x7e).contains(&b)));
     }
     let user_id = view.query_user_id();
     let auth = authenticator();
-    match view.authenticate_with_tier(&auth) {
-        Ok((caller, _tier)) => {
+    match view.identify(&auth) {
+        Ok(identity) => {
+            let caller = identity.caller;
             // Nobody can sign a token without the key, and no seed holds a valid one.
             assert!(!parts.headers.contains_key("authorization"));
             if let Caller::Guest(session) = &caller {
@@ -193,9 +195,9 @@ fn bodies(headers: &HeaderMap, body: &[u8]) {
         render(error);
     }
     let item = String::from_utf8_lossy(body);
-    let a = request::fingerprint("add", &item, Some(1), body);
-    assert_eq!(a, request::fingerprint("add", &item, Some(1), body));
-    assert_ne!(a, request::fingerprint("set", &item, Some(1), body));
+    let a = idempotency::fingerprint("add", &item, Some(1), body);
+    assert_eq!(a, idempotency::fingerprint("add", &item, Some(1), body));
+    assert_ne!(a, idempotency::fingerprint("set", &item, Some(1), body));
 }
 
 /// A parse or validation error is the client's: a 4xx with the JSON error body.
@@ -267,7 +269,7 @@ pub fn token(data: &[u8]) {
             continue;
         };
         let parts = parts_with(http::header::AUTHORIZATION, value);
-        match RequestParts::new(&parts).authenticate_with_tier(&auth) {
+        match RequestParts::new(&parts).identify(&auth) {
             Ok(_) => panic!("authorization accepted: {text:?}"),
             Err(error) => assert_eq!(error.status(), http::StatusCode::UNAUTHORIZED),
         }

@@ -1,20 +1,102 @@
 //! The one error type a client can act on, and its mapping to status + JSON body.
 //!
-//! Every layer's error converts into [`ApiError`]; [`ApiError::into_response`] is the only place
-//! that picks a status code and an error code. 5xx bodies are generic; the cause is logged once.
+//! Every public error code is an [`ErrorCode`]; every [`ApiError`] variant names exactly one code
+//! and has exactly one `details` shape. [`ApiError::into_response`] is the only place that turns
+//! an error into a status, a body and headers. Lower layers' errors convert here (`From` for the
+//! store, [`ApiError::home_unreachable`] for a forward). A 5xx body carries no internals; its
+//! cause is logged once. This module must not decide *when* an error happens, only what it says.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{json, Value};
 
+use super::limits::Verdict;
+use super::names;
 use crate::domain::cart::CartRule;
+use crate::domain::lifecycle::{PriceChange, Shortage};
+use crate::domain::money::Currency;
+use crate::domain::order::OrderStatus;
 use crate::store::StoreError;
+
+/// Declares the closed set of public error codes with their status, so the list the OpenAPI
+/// test checks is generated from the same declaration the responses use.
+macro_rules! error_codes {
+    ($($variant:ident => $code:literal, $status:ident;)*) => {
+        /// A public error code: the `error.code` of a response body.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $($variant,)*
+        }
+
+        impl ErrorCode {
+            /// Every code the edge can answer with.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $code,)*
+                }
+            }
+
+            pub const fn status(self) -> StatusCode {
+                match self {
+                    $(ErrorCode::$variant => StatusCode::$status,)*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    InvalidRequest => "invalid_request", BAD_REQUEST;
+    IdempotencyKeyRequired => "idempotency_key_required", BAD_REQUEST;
+    Unauthenticated => "unauthenticated", UNAUTHORIZED;
+    InvalidSession => "invalid_session", UNAUTHORIZED;
+    Forbidden => "forbidden", FORBIDDEN;
+    NotFound => "not_found", NOT_FOUND;
+    UnknownItem => "unknown_item", NOT_FOUND;
+    ItemNotInCart => "item_not_in_cart", NOT_FOUND;
+    OrderNotFound => "order_not_found", NOT_FOUND;
+    MethodNotAllowed => "method_not_allowed", METHOD_NOT_ALLOWED;
+    CurrencyMismatch => "currency_mismatch", CONFLICT;
+    PriceMismatch => "price_mismatch", CONFLICT;
+    OutOfStock => "out_of_stock", CONFLICT;
+    QuantityLimit => "quantity_limit", CONFLICT;
+    CartFull => "cart_full", CONFLICT;
+    MergeInProgress => "merge_in_progress", CONFLICT;
+    RequestInProgress => "request_in_progress", CONFLICT;
+    PriceChanged => "price_changed", CONFLICT;
+    CartEmpty => "cart_empty", CONFLICT;
+    OrderNotPending => "order_not_pending", CONFLICT;
+    ReservationExpired => "reservation_expired", CONFLICT;
+    VersionMismatch => "version_mismatch", PRECONDITION_FAILED;
+    PayloadTooLarge => "payload_too_large", PAYLOAD_TOO_LARGE;
+    UnsupportedMediaType => "unsupported_media_type", UNSUPPORTED_MEDIA_TYPE;
+    Misdirected => "misdirected", MISDIRECTED_REQUEST;
+    IdempotencyKeyReused => "idempotency_key_reused", UNPROCESSABLE_ENTITY;
+    RateLimited => "rate_limited", TOO_MANY_REQUESTS;
+    Internal => "internal", INTERNAL_SERVER_ERROR;
+    HomeRegionUnavailable => "home_region_unavailable", SERVICE_UNAVAILABLE;
+    TopologyMismatch => "topology_mismatch", SERVICE_UNAVAILABLE;
+    Unavailable => "unavailable", SERVICE_UNAVAILABLE;
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How long a client should wait before retrying after a ring mismatch: an operator must act.
+const TOPOLOGY_RETRY_AFTER_SECS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
     InvalidRequest(String),
+    #[error("this request needs an Idempotency-Key header")]
+    IdempotencyKeyRequired,
     #[error("{0}")]
     Unauthenticated(&'static str),
     #[error("guest session id is malformed or forged")]
@@ -23,12 +105,14 @@ pub enum ApiError {
     Forbidden(&'static str),
     #[error("no such route")]
     NotFound,
+    /// `allow` is the route's methods, for the `Allow` header.
     #[error("method not allowed")]
-    MethodNotAllowed { allow: &'static str },
+    MethodNotAllowed { allow: String },
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("request body must be application/json")]
     UnsupportedMediaType,
+    /// A cart write broke one of the cart's rules.
     #[error(transparent)]
     Rule(#[from] CartRule),
     #[error("a request with this Idempotency-Key is still in progress")]
@@ -36,7 +120,26 @@ pub enum ApiError {
     #[error("this Idempotency-Key was used for a different request")]
     IdempotencyKeyReused,
     #[error("too many requests; retry later")]
-    RateLimited(super::limits::Verdict),
+    RateLimited(Verdict),
+    /// Merge: the guest cart is frozen by another user's merge.
+    #[error("this guest cart is being merged into another user's cart")]
+    GuestCartBusy,
+    /// Merge: the two carts hold different currencies.
+    #[error("the guest cart and the user's cart are in different currencies")]
+    MergeCurrencyMismatch { user: Currency, guest: Currency },
+    #[error("the cart is empty")]
+    CartEmpty,
+    #[error("prices changed since these items were added; review them and check out with accept_price_changes")]
+    PriceChanged { lines: Vec<PriceChange> },
+    /// Checkout: the catalog cannot supply these lines; nothing was reserved.
+    #[error("some items are not available in the quantity requested; nothing was reserved")]
+    StockShort { items: Vec<Shortage> },
+    #[error("no such order")]
+    OrderNotFound,
+    #[error("the order is {status}")]
+    OrderNotPending { status: OrderStatus },
+    #[error("the order's stock reservation expired before payment; the stock was returned")]
+    ReservationExpired { status: OrderStatus },
     #[error("this edge does not own the cart's shard")]
     Misdirected,
     #[error("the cart's home region cannot be reached; retry with the same Idempotency-Key")]
@@ -46,38 +149,20 @@ pub enum ApiError {
     },
     #[error("the sending edge runs another ring; refusing to write")]
     TopologyMismatch,
+    /// A dependency is down or overloaded: retrying later may succeed.
     #[error("service temporarily unavailable")]
     Unavailable {
         retry_after_secs: u32,
         cause: String,
     },
-    #[error("this request needs an Idempotency-Key header")]
-    IdempotencyKeyRequired,
-    /// A lifecycle outcome the client can act on (merge, checkout, orders), with its details.
-    #[error("{message}")]
-    Refused {
-        status: StatusCode,
-        code: &'static str,
-        message: String,
-        details: Option<Value>,
-    },
+    /// Our bug, a configuration bug or a corrupt row: retrying will not help.
     #[error("internal error")]
     Internal(String),
 }
 
-impl ApiError {
-    /// A 409 with a stable code and details.
-    pub fn conflict(code: &'static str, message: impl Into<String>, details: Value) -> ApiError {
-        ApiError::Refused {
-            status: StatusCode::CONFLICT,
-            code,
-            message: message.into(),
-            details: Some(details),
-        }
-    }
-}
-
 impl From<StoreError> for ApiError {
+    /// Only a dependency outage is a 503 that invites retries; anything else the store reports
+    /// (a refused statement, a row that does not decode) is a 500.
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::Unavailable(cause) => ApiError::Unavailable {
@@ -85,8 +170,7 @@ impl From<StoreError> for ApiError {
                 cause,
             },
             StoreError::NotHome(_) => ApiError::Misdirected,
-            StoreError::Query(error) => ApiError::Internal(error_chain(&error)),
-            StoreError::Corrupt(what) => ApiError::Internal(format!("corrupt row: {what}")),
+            other => ApiError::Internal(error_chain(&other)),
         }
     }
 }
@@ -104,98 +188,134 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 impl ApiError {
-    /// Status, stable code and optional details.
-    fn parts(&self) -> (StatusCode, &'static str, Option<Value>) {
-        use StatusCode as S;
+    /// Every public error code, from the declaration the responses use.
+    pub fn all_codes() -> impl Iterator<Item = &'static str> {
+        ErrorCode::ALL.iter().map(|code| code.as_str())
+    }
+
+    /// The home region could not be reached (or refused the step): logged here, and a 503 that
+    /// tells the client to retry with the same key.
+    pub fn home_unreachable(
+        error: &dyn std::fmt::Display,
+        home: &str,
+        retry_after_secs: u32,
+        idempotency_key: Option<&str>,
+    ) -> ApiError {
+        tracing::warn!(%error, home, "home region unreachable");
+        ApiError::HomeRegionUnavailable {
+            retry_after_secs,
+            idempotency_key: idempotency_key.map(str::to_string),
+        }
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        use ErrorCode as C;
         match self {
-            ApiError::InvalidRequest(_) => (S::BAD_REQUEST, "invalid_request", None),
-            ApiError::Unauthenticated(_) => (S::UNAUTHORIZED, "unauthenticated", None),
-            ApiError::InvalidSession => (S::UNAUTHORIZED, "invalid_session", None),
-            ApiError::Forbidden(_) => (S::FORBIDDEN, "forbidden", None),
-            ApiError::NotFound => (S::NOT_FOUND, "not_found", None),
-            ApiError::MethodNotAllowed { .. } => {
-                (S::METHOD_NOT_ALLOWED, "method_not_allowed", None)
-            }
-            ApiError::PayloadTooLarge { limit } => (
-                S::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                Some(json!({ "limit_bytes": limit })),
-            ),
-            ApiError::UnsupportedMediaType => {
-                (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", None)
-            }
+            ApiError::InvalidRequest(_) => C::InvalidRequest,
+            ApiError::IdempotencyKeyRequired => C::IdempotencyKeyRequired,
+            ApiError::Unauthenticated(_) => C::Unauthenticated,
+            ApiError::InvalidSession => C::InvalidSession,
+            ApiError::Forbidden(_) => C::Forbidden,
+            ApiError::NotFound => C::NotFound,
+            ApiError::MethodNotAllowed { .. } => C::MethodNotAllowed,
+            ApiError::PayloadTooLarge { .. } => C::PayloadTooLarge,
+            ApiError::UnsupportedMediaType => C::UnsupportedMediaType,
             ApiError::Rule(rule) => match rule {
-                CartRule::UnknownItem => (S::NOT_FOUND, "unknown_item", None),
-                CartRule::ItemNotInCart => (S::NOT_FOUND, "item_not_in_cart", None),
-                CartRule::CurrencyMismatch { cart } => (
-                    S::CONFLICT,
-                    "currency_mismatch",
-                    Some(json!({ "cart_currency": cart })),
-                ),
-                CartRule::PriceMismatch { current } => (
-                    S::CONFLICT,
-                    "price_mismatch",
-                    Some(json!({ "current_price": current })),
-                ),
-                CartRule::OutOfStock => (S::CONFLICT, "out_of_stock", None),
-                CartRule::QuantityLimit { current, requested } => (
-                    S::CONFLICT,
-                    "quantity_limit",
-                    Some(
-                        json!({ "current_quantity": current, "requested": requested, "max_quantity": 999 }),
-                    ),
-                ),
-                CartRule::CartFull { max_lines } => (
-                    S::CONFLICT,
-                    "cart_full",
-                    Some(json!({ "max_lines": max_lines })),
-                ),
-                CartRule::MergeInProgress => (S::CONFLICT, "merge_in_progress", None),
-                CartRule::VersionMismatch { current } => (
-                    S::PRECONDITION_FAILED,
-                    "version_mismatch",
-                    Some(json!({ "current_version": current })),
-                ),
+                CartRule::UnknownItem => C::UnknownItem,
+                CartRule::ItemNotInCart => C::ItemNotInCart,
+                CartRule::CurrencyMismatch { .. } => C::CurrencyMismatch,
+                CartRule::PriceMismatch { .. } => C::PriceMismatch,
+                CartRule::OutOfStock => C::OutOfStock,
+                CartRule::QuantityLimit { .. } => C::QuantityLimit,
+                CartRule::CartFull { .. } => C::CartFull,
+                CartRule::MergeInProgress => C::MergeInProgress,
+                CartRule::VersionMismatch { .. } => C::VersionMismatch,
             },
-            ApiError::RequestInProgress => (S::CONFLICT, "request_in_progress", None),
-            ApiError::IdempotencyKeyReused => {
-                (S::UNPROCESSABLE_ENTITY, "idempotency_key_reused", None)
-            }
-            ApiError::RateLimited(verdict) => (
-                S::TOO_MANY_REQUESTS,
-                "rate_limited",
-                Some(
-                    json!({ "policy": verdict.policy.name, "retry_after_seconds": verdict.retry_after_secs }),
-                ),
-            ),
-            ApiError::Misdirected => (S::MISDIRECTED_REQUEST, "misdirected", None),
-            ApiError::HomeRegionUnavailable { .. } => {
-                (S::SERVICE_UNAVAILABLE, "home_region_unavailable", None)
-            }
-            ApiError::TopologyMismatch => (S::SERVICE_UNAVAILABLE, "topology_mismatch", None),
-            ApiError::Unavailable { .. } => (S::SERVICE_UNAVAILABLE, "unavailable", None),
-            ApiError::IdempotencyKeyRequired => (S::BAD_REQUEST, "idempotency_key_required", None),
-            ApiError::Refused {
-                status,
-                code,
-                details,
-                ..
-            } => (*status, code, details.clone()),
-            ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", None),
+            ApiError::RequestInProgress => C::RequestInProgress,
+            ApiError::IdempotencyKeyReused => C::IdempotencyKeyReused,
+            ApiError::RateLimited(_) => C::RateLimited,
+            ApiError::GuestCartBusy => C::MergeInProgress,
+            ApiError::MergeCurrencyMismatch { .. } => C::CurrencyMismatch,
+            ApiError::CartEmpty => C::CartEmpty,
+            ApiError::PriceChanged { .. } => C::PriceChanged,
+            ApiError::StockShort { .. } => C::OutOfStock,
+            ApiError::OrderNotFound => C::OrderNotFound,
+            ApiError::OrderNotPending { .. } => C::OrderNotPending,
+            ApiError::ReservationExpired { .. } => C::ReservationExpired,
+            ApiError::Misdirected => C::Misdirected,
+            ApiError::HomeRegionUnavailable { .. } => C::HomeRegionUnavailable,
+            ApiError::TopologyMismatch => C::TopologyMismatch,
+            ApiError::Unavailable { .. } => C::Unavailable,
+            ApiError::Internal(_) => C::Internal,
         }
     }
 
     pub fn status(&self) -> StatusCode {
-        self.parts().0
+        self.code().status()
     }
 
-    pub fn code(&self) -> &'static str {
-        self.parts().1
+    /// The variant's one `details` shape (None: the body has no `details`).
+    fn details(&self) -> Option<Value> {
+        let details = match self {
+            ApiError::PayloadTooLarge { limit } => json!({ "limit_bytes": limit }),
+            ApiError::Rule(CartRule::CurrencyMismatch { cart }) => {
+                json!({ "cart_currency": cart })
+            }
+            ApiError::Rule(CartRule::PriceMismatch { current }) => {
+                json!({ "current_price": current })
+            }
+            ApiError::Rule(CartRule::QuantityLimit { current, requested }) => json!({
+                "current_quantity": current,
+                "requested": requested,
+                "max_quantity": crate::domain::cart::MAX_QUANTITY,
+            }),
+            ApiError::Rule(CartRule::CartFull { max_lines }) => json!({ "max_lines": max_lines }),
+            ApiError::Rule(CartRule::VersionMismatch { current }) => {
+                json!({ "current_version": current })
+            }
+            ApiError::RateLimited(verdict) => json!({
+                "policy": verdict.policy.name,
+                "retry_after_seconds": verdict.retry_after_secs,
+            }),
+            ApiError::GuestCartBusy | ApiError::CartEmpty => json!({}),
+            ApiError::MergeCurrencyMismatch { user, guest } => {
+                json!({ "user_currency": user, "guest_currency": guest })
+            }
+            ApiError::PriceChanged { lines } => json!({ "lines": lines }),
+            ApiError::StockShort { items } => json!({ "items": items }),
+            ApiError::OrderNotPending { status } | ApiError::ReservationExpired { status } => {
+                json!({ "status": status })
+            }
+            ApiError::InvalidRequest(_)
+            | ApiError::IdempotencyKeyRequired
+            | ApiError::Unauthenticated(_)
+            | ApiError::InvalidSession
+            | ApiError::Forbidden(_)
+            | ApiError::NotFound
+            | ApiError::MethodNotAllowed { .. }
+            | ApiError::UnsupportedMediaType
+            | ApiError::Rule(
+                CartRule::UnknownItem
+                | CartRule::ItemNotInCart
+                | CartRule::OutOfStock
+                | CartRule::MergeInProgress,
+            )
+            | ApiError::RequestInProgress
+            | ApiError::IdempotencyKeyReused
+            | ApiError::OrderNotFound
+            | ApiError::Misdirected
+            | ApiError::HomeRegionUnavailable { .. }
+            | ApiError::TopologyMismatch
+            | ApiError::Unavailable { .. }
+            | ApiError::Internal(_) => return None,
+        };
+        Some(details)
     }
 
-    pub fn into_response(self) -> Response<Full<Bytes>> {
-        let (status, code, details) = self.parts();
-        let message = match &self {
+    /// The message a client sees: the variant's own, except for 5xx causes, which are logged
+    /// here (once) and never sent.
+    fn message(&self) -> String {
+        match self {
             ApiError::Unavailable { cause, .. } => {
                 tracing::warn!(%cause, "request failed: dependency unavailable");
                 "service temporarily unavailable, retry later".to_string()
@@ -205,26 +325,37 @@ impl ApiError {
                 "internal error".to_string()
             }
             other => other.to_string(),
-        };
-        let mut error = json!({ "code": code, "message": message });
-        if let Some(details) = details {
+        }
+    }
+
+    /// The one mapping from an error to its response: status, `{"error":{code,message,details}}`
+    /// and the headers the error implies.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let code = self.code();
+        let mut error = json!({ "code": code.as_str(), "message": self.message() });
+        if let Some(details) = self.details() {
             error["details"] = details;
         }
         let body = serde_json::to_vec(&json!({ "error": error })).unwrap_or_default();
         let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
+        *response.status_mut() = code.status();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
+            HeaderValue::from_static(names::APPLICATION_JSON),
         );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static(names::NO_STORE),
+        );
         match &self {
             ApiError::Unauthenticated(_) | ApiError::InvalidSession => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             ApiError::MethodNotAllowed { allow } => {
-                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+                if let Ok(value) = HeaderValue::from_str(allow) {
+                    headers.insert(header::ALLOW, value);
+                }
             }
             ApiError::Unavailable {
                 retry_after_secs, ..
@@ -240,11 +371,14 @@ impl ApiError {
                     .as_deref()
                     .and_then(|k| HeaderValue::from_str(k).ok())
                 {
-                    headers.insert("idempotency-key", value);
+                    headers.insert(names::IDEMPOTENCY_KEY, value);
                 }
             }
             ApiError::TopologyMismatch => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(5u32));
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(TOPOLOGY_RETRY_AFTER_SECS),
+                );
             }
             ApiError::RateLimited(verdict) => {
                 headers.insert(
@@ -256,5 +390,40 @@ impl ApiError {
             _ => {}
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_lowercase() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ApiError::all_codes() {
+            assert!(seen.insert(code), "{code} is declared twice");
+            assert!(code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_internal_error_is_a_500_without_internals_and_an_outage_a_503_with_retry_after() {
+        use http_body_util::BodyExt;
+
+        let outage = ApiError::from(StoreError::Unavailable("pool timed out".into()));
+        assert_eq!(outage.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(outage
+            .into_response()
+            .headers()
+            .contains_key(header::RETRY_AFTER));
+
+        let internal = ApiError::Internal("row 7 has quantity 70000".into());
+        let response = internal.into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!response.headers().contains_key(header::RETRY_AFTER));
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains(r#""code":"internal""#), "{body}");
+        assert!(!body.contains("70000"), "{body}");
     }
 }

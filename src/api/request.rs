@@ -1,4 +1,6 @@
-//! Reading a request: identity, headers of the cart contract, and bodies.
+//! Parsing a request's parts: identity, the cart contract's headers, query, path segments and
+//! bodies. Each accessor reads one thing and validates it; `command` calls them once per request
+//! to build a `Command`. Nothing here decides what a request does or touches the store.
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
@@ -8,7 +10,6 @@ use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use super::auth::Authenticator;
 use super::error::ApiError;
@@ -27,11 +28,19 @@ pub enum Caller {
     Anonymous,
 }
 
+/// Who sent the request, as far as rate limits and role checks care.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub caller: Caller,
+    pub tier: Tier,
+    /// The bearer token's `role` claim (the payment service's, for settling orders).
+    pub role: Option<String>,
+}
+
 /// Borrowed view of a request's head with the contract's accessors.
 pub struct RequestParts<'a> {
     headers: &'a HeaderMap,
     query: Option<&'a str>,
-    path_and_query: &'a str,
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
@@ -60,55 +69,42 @@ impl<'a> RequestParts<'a> {
         RequestParts {
             headers: &parts.headers,
             query: parts.uri.query(),
-            path_and_query: parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/"),
         }
     }
 
-    pub fn headers(&self) -> &'a HeaderMap {
-        self.headers
-    }
-
-    pub fn path_and_query(&self) -> &'a str {
-        self.path_and_query
-    }
-
-    /// Resolves the caller and its rate-limit tier.
-    pub fn authenticate_with_tier(&self, auth: &Authenticator) -> Result<(Caller, Tier), ApiError> {
+    /// Resolves the caller, its rate-limit tier and its token's role. A present but bad
+    /// credential is an error, never anonymous.
+    pub fn identify(&self, auth: &Authenticator) -> Result<Identity, ApiError> {
         if let Some(value) = self.headers.get(header::AUTHORIZATION) {
-            let token = bearer_token(value)?;
-            let verified = auth.verify(token)?;
-            let tier = if verified.service {
-                Tier::Service
-            } else {
-                Tier::User
-            };
-            return Ok((Caller::User(verified.user), tier));
+            let verified = auth.verify(bearer_token(value)?)?;
+            return Ok(Identity {
+                caller: Caller::User(verified.user),
+                tier: if verified.service {
+                    Tier::Service
+                } else {
+                    Tier::User
+                },
+                role: verified.role,
+            });
         }
-        self.authenticate(auth).map(|caller| (caller, Tier::Guest))
-    }
-
-    /// Resolves the caller. A present but bad credential is an error, never anonymous.
-    pub fn authenticate(&self, auth: &Authenticator) -> Result<Caller, ApiError> {
-        if let Some(value) = self.headers.get(header::AUTHORIZATION) {
-            return auth.verify_token(bearer_token(value)?).map(Caller::User);
-        }
-        let presented = match header_str(self.headers, names::CART_SESSION) {
-            Ok(Some(value)) => Some(value),
-            Ok(None) => cookie(self.headers, names::SESSION_COOKIE),
-            Err(_) => return Err(ApiError::InvalidSession),
+        let caller = match self.guest_session(auth)? {
+            Some(session) => Caller::Guest(session),
+            None => Caller::Anonymous,
         };
-        match presented {
-            Some(session) => auth.verify_session(session).map(Caller::Guest),
-            None => Ok(Caller::Anonymous),
-        }
+        Ok(Identity {
+            caller,
+            tier: Tier::Guest,
+            role: None,
+        })
+    }
+
+    /// Resolves the caller alone.
+    pub fn authenticate(&self, auth: &Authenticator) -> Result<Caller, ApiError> {
+        self.identify(auth).map(|identity| identity.caller)
     }
 
     /// The guest session the request presents (`Cart-Session` header, else the cookie),
-    /// verified; None when it presents none.
+    /// verified; None when it presents none. The one place a session is looked up.
     pub fn guest_session(&self, auth: &Authenticator) -> Result<Option<SessionId>, ApiError> {
         let presented = match header_str(self.headers, names::CART_SESSION) {
             Ok(Some(value)) => Some(value),
@@ -142,7 +138,7 @@ impl<'a> RequestParts<'a> {
     pub fn min_version(&self) -> Result<i64, ApiError> {
         let raw = match header_str(self.headers, names::CART_MIN_VERSION)? {
             Some(value) => Some(value),
-            None => cookie(self.headers, "cart_min_version"),
+            None => cookie(self.headers, names::MIN_VERSION_COOKIE),
         };
         match raw {
             None => Ok(0),
@@ -171,16 +167,18 @@ impl<'a> RequestParts<'a> {
         })
     }
 
-    /// Whether `If-None-Match` names `version` (or is `*`).
-    pub fn if_none_match_matches(&self, version: i64) -> bool {
-        let Ok(Some(value)) = header_str(self.headers, header::IF_NONE_MATCH.as_str()) else {
-            return false;
-        };
-        value == "*"
-            || value
-                .split(',')
-                .filter_map(|tag| parse_etag(tag.trim()))
-                .any(|v| v == version)
+    /// `If-None-Match`: the versions it names (or `*`). An unreadable header names none.
+    pub fn if_none_match(&self) -> IfNoneMatch {
+        match header_str(self.headers, header::IF_NONE_MATCH.as_str()) {
+            Ok(Some("*")) => IfNoneMatch::Any,
+            Ok(Some(value)) => IfNoneMatch::Versions(
+                value
+                    .split(',')
+                    .filter_map(|tag| parse_etag(tag.trim()))
+                    .collect(),
+            ),
+            Ok(None) | Err(_) => IfNoneMatch::Versions(Vec::new()),
+        }
     }
 
     /// The `Idempotency-Key`: 1–255 visible ASCII characters.
@@ -196,6 +194,22 @@ impl<'a> RequestParts<'a> {
             ));
         }
         Ok(value.to_str().ok())
+    }
+}
+
+/// The cart versions a conditional read already holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfNoneMatch {
+    Any,
+    Versions(Vec<i64>),
+}
+
+impl IfNoneMatch {
+    pub fn matches(&self, version: i64) -> bool {
+        match self {
+            IfNoneMatch::Any => true,
+            IfNoneMatch::Versions(versions) => versions.contains(&version),
+        }
     }
 }
 
@@ -239,6 +253,14 @@ pub fn decode_path_segment(raw: &str) -> Option<String> {
         }
     }
     String::from_utf8(bytes).ok()
+}
+
+/// The `{item_id}` path segment: percent-decoded, then checked.
+pub fn item_id_segment(raw: &str) -> Result<ItemId, ApiError> {
+    let decoded = decode_path_segment(raw).ok_or_else(|| {
+        ApiError::InvalidRequest("item_id in the path is not valid percent-encoding".into())
+    })?;
+    ItemId::parse(&decoded).map_err(|e| ApiError::InvalidRequest(e.to_string()))
 }
 
 fn parse_etag(tag: &str) -> Option<i64> {
@@ -327,25 +349,6 @@ pub fn parse_json_or_default<T: DeserializeOwned + Default>(bytes: &[u8]) -> Res
     } else {
         parse_json(bytes)
     }
-}
-
-/// Hash of what makes two requests "the same" for idempotency: the operation, its target,
-/// its precondition and the exact body.
-pub fn fingerprint(operation: &str, item: &str, if_match: Option<i64>, body: &[u8]) -> Vec<u8> {
-    let mut hasher = Sha256::new();
-    hasher.update(operation.as_bytes());
-    hasher.update([0]);
-    hasher.update(item.as_bytes());
-    hasher.update([0]);
-    hasher.update(
-        if_match
-            .map(|v| v.to_string())
-            .unwrap_or_default()
-            .as_bytes(),
-    );
-    hasher.update([0]);
-    hasher.update(body);
-    hasher.finalize().to_vec()
 }
 
 #[derive(Debug, Deserialize)]
@@ -455,16 +458,6 @@ mod tests {
         for bad in ["%", "%3", "%zz", "%+1", "%FF"] {
             assert_eq!(decode_path_segment(bad), None, "{bad:?}");
         }
-    }
-
-    #[test]
-    fn fingerprints_differ_by_body_target_and_precondition() {
-        let base = fingerprint("add", "a", None, b"{}");
-        assert_eq!(base, fingerprint("add", "a", None, b"{}"));
-        assert_ne!(base, fingerprint("add", "b", None, b"{}"));
-        assert_ne!(base, fingerprint("add", "a", Some(1), b"{}"));
-        assert_ne!(base, fingerprint("add", "a", None, b"{ }"));
-        assert_ne!(base, fingerprint("set", "a", None, b"{}"));
     }
 
     #[test]

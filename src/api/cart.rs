@@ -1,0 +1,237 @@
+//! The cart handlers: reading a cart (cache-aside, read-your-writes across regions) and applying
+//! one mutation in one write transaction on the shard primary, with its idempotency key. They
+//! run on a validated [`Command`](super::command::Command) placed in this region and never read
+//! the request themselves.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Response;
+
+use super::command::{CartWrite, Change, ViewCart};
+use super::error::ApiError;
+use super::idempotency;
+use super::relay::{self, RelayHead};
+use super::response::{self, SessionHeader};
+use super::{Body, Surface};
+use crate::app::App;
+use crate::domain::cart::{self, AddRequest, CartView, StoredCart};
+use crate::domain::ids::{Owner, OwnerKey};
+use crate::store::{CartOp, Source};
+
+/// Warning codes this module adds to a view (the domain adds the per-line ones).
+const STALE_POSSIBLE: &str = "stale_possible";
+const PRICES_UNAVAILABLE: &str = "prices_unavailable";
+/// The domain's per-line warning that a missing price makes meaningless.
+const ITEM_UNAVAILABLE: &str = "item_unavailable";
+
+/// How often a read waiting for replication re-reads the replica.
+const REPLICA_POLL: Duration = Duration::from_millis(20);
+
+/// Builds the client's view with current catalog prices.
+pub async fn render_view(app: &App, cart: &StoredCart) -> CartView {
+    let lookup = app
+        .store
+        .catalog
+        .lookup(cart.lines.iter().map(|l| l.item_id.as_str()))
+        .await;
+    let mut view = cart::view(cart, app.config.region.currency, |id| lookup.get(id));
+    if !lookup.complete {
+        view.warnings.retain(|w| w.code != ITEM_UNAVAILABLE);
+        view.warnings.push(cart::Warning {
+            code: PRICES_UNAVAILABLE,
+            item_id: None,
+            message: "current catalog prices could not be read".into(),
+        });
+    }
+    view
+}
+
+/// `GET /cart`.
+pub async fn view(
+    app: &App,
+    surface: Surface,
+    relay_head: &RelayHead,
+    read: Option<ViewCart<'_>>,
+) -> Result<Response<Body>, ApiError> {
+    let Some(read) = read else {
+        let cart = StoredCart::empty("");
+        let view = render_view(app, &cart).await;
+        return Ok(response::cart_view(app, &view, Source::Replica, None));
+    };
+    let placed = &read.cart;
+    let (mut cart, mut source, min_version) = app
+        .store
+        .load_cart(placed.shard, &placed.key, read.min_version)
+        .await?;
+    let mut warnings = Vec::new();
+    if cart.version < min_version && surface != Surface::Internal {
+        // Only outside the home region can the freshest copy be older than the caller's last
+        // write: give the local replica a bounded moment to replay, then ask the home region.
+        match wait_for_replica(app, placed.shard, &placed.key, min_version).await? {
+            Some(replayed) => (cart, source) = (replayed, Source::Replica),
+            None => {
+                match relay::forward(app, relay_head, placed.home, None, None, Bytes::new()).await {
+                    Ok(response) => return Ok(response),
+                    Err(error) => {
+                        tracing::warn!(%error, home = placed.home, "home region unreachable; serving the replica's older cart");
+                        warnings.push(cart::Warning {
+                        code: STALE_POSSIBLE,
+                        item_id: None,
+                        message: format!(
+                            "the home region {} is unreachable; this cart may be older than version {min_version}",
+                            placed.home
+                        ),
+                    });
+                    }
+                }
+            }
+        }
+    }
+    if warnings.is_empty() && !app.store.is_home(placed.shard) {
+        let lag = app.store.replica_lag(placed.shard);
+        if lag.is_none_or(|lag| lag > app.config.forward.max_replica_lag.0) {
+            let behind = match lag {
+                Some(lag) => format!("{} ms behind", lag.as_millis()),
+                None => "of unknown lag".to_string(),
+            };
+            warnings.push(cart::Warning {
+                code: STALE_POSSIBLE,
+                item_id: None,
+                message: format!("served in {} from a replica {behind}", app.config.region.id),
+            });
+        }
+    }
+    if read.if_none_match.matches(cart.version) && warnings.is_empty() {
+        return Ok(response::not_modified(app, cart.version, source));
+    }
+    let mut view = render_view(app, &cart).await;
+    view.warnings.extend(warnings);
+    let session = match &placed.owner {
+        Owner::Guest(session) => Some(SessionHeader::Existing(session)),
+        Owner::User(_) => None,
+    };
+    Ok(response::cart_view(app, &view, source, session))
+}
+
+/// Polls the local replica until it holds `min_version`, for at most `forward.replica_wait`.
+async fn wait_for_replica(
+    app: &App,
+    shard: &str,
+    owner: &OwnerKey,
+    min_version: i64,
+) -> Result<Option<StoredCart>, ApiError> {
+    let deadline = Instant::now() + app.config.forward.replica_wait.0;
+    while Instant::now() < deadline {
+        tokio::time::sleep(REPLICA_POLL).await;
+        let (cart, _) = app
+            .store
+            .read_from_database(shard, owner, min_version)
+            .await?;
+        if cart.version >= min_version {
+            app.store.cache.fill(&cart).await;
+            return Ok(Some(cart));
+        }
+    }
+    Ok(None)
+}
+
+/// Runs one mutation of a cart homed here: one transaction on the primary with the idempotency
+/// key, then the cache.
+pub async fn write(
+    app: &App,
+    write: CartWrite<'_>,
+    idempotency_key: Option<&str>,
+    body: &Bytes,
+) -> Result<Response<Body>, ApiError> {
+    let CartWrite {
+        cart: placed,
+        new_session,
+        change,
+        origin_currency,
+    } = write;
+    let (operation, item, if_match) = change.fingerprint_parts();
+    let fingerprint = idempotency::fingerprint(operation, item, if_match, body);
+
+    // Adds need the catalog's current entry; read it fresh, before taking the cart's lock.
+    let catalog_item = match &change {
+        Change::Add(add) => app.store.catalog.get_fresh(add.item_id.as_str()).await?,
+        _ => None,
+    };
+
+    let mut tx = app.store.begin_write(placed.shard).await?;
+    if let Some(key) = idempotency_key {
+        if let Some(answer) = idempotency::claim(&mut tx, &placed.key, key, &fingerprint).await? {
+            return answer;
+        }
+    }
+    let add_request;
+    let op = match &change {
+        Change::Add(add) => {
+            add_request = AddRequest {
+                quantity: add.quantity,
+                client_price: add.price,
+            };
+            CartOp::Add {
+                item_id: &add.item_id,
+                item: catalog_item.as_deref(),
+                request: &add_request,
+                variant: add.variant.as_ref(),
+                new_cart_currency: origin_currency,
+                max_lines: app.config.cart.max_lines,
+            }
+        }
+        Change::Set {
+            item_id,
+            quantity,
+            if_match,
+        } => CartOp::SetQuantity {
+            item_id,
+            quantity: *quantity,
+            if_match: *if_match,
+        },
+        Change::Remove { item_id, if_match } => CartOp::Remove {
+            item_id,
+            if_match: *if_match,
+        },
+        Change::Clear { if_match } => CartOp::Clear {
+            if_match: *if_match,
+        },
+    };
+    let cart = match tx.apply(&placed.key, &op).await? {
+        Ok(cart) => cart,
+        Err(rule) => {
+            tx.rollback().await;
+            return Err(ApiError::Rule(rule));
+        }
+    };
+    let view = render_view(app, &cart).await;
+    let session_header = new_session
+        .as_ref()
+        .map(SessionHeader::New)
+        .or(match &placed.owner {
+            Owner::Guest(session) => Some(SessionHeader::Existing(session)),
+            Owner::User(_) => None,
+        });
+    let body = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
+    let mut response = response::cart(
+        app,
+        body.clone(),
+        view.version,
+        Source::Primary,
+        session_header,
+    );
+    response::mark_write(app, response.headers_mut(), view.version);
+    if let Some(key) = idempotency_key {
+        let stored = idempotency::to_stored(&response, body);
+        tx.record_idempotency(&placed.key, key, &fingerprint, &stored)
+            .await?;
+    }
+    tx.commit().await?;
+    if cart.version > 0 {
+        app.store.cache.store_committed(&cart).await;
+        app.invalidate_elsewhere(&placed.key, cart.version);
+    }
+    tracing::debug!(owner = %placed.key, version = cart.version, operation, "cart written");
+    Ok(response)
+}

@@ -1,0 +1,488 @@
+//! A routed cart request read once into a typed [`Command`]: the caller (authenticated and
+//! admitted by the rate limits), the owner and where the owner lives, the contract's headers
+//! (`Cart-Min-Version`, `If-Match`, `If-None-Match`, `Idempotency-Key`), the validated operation
+//! and the raw body. Placement is decided here, once: served by this region's store or relayed
+//! to the home region's edge. Handlers get a `Command` and never read the request again.
+//!
+//! Checks run in a fixed order (body limits, then the contract's headers and the body's shape,
+//! then `user_id`, then the values' ranges) so a request with several faults always gets the
+//! same error. Nothing here touches the store.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::Method;
+use hyper::body::Incoming;
+
+use super::error::ApiError;
+use super::lifecycle::Settlement;
+use super::limits::{Class, Verdict};
+use super::relay::RelayHead;
+use super::request::{
+    self, AddItemBody, Caller, CheckoutBody, ClearBody, IfNoneMatch, MergeBody, RequestParts,
+    SetQuantityBody, ValidAdd,
+};
+use super::{Handler, Peer, Surface};
+use crate::app::App;
+use crate::domain::cart::Quantity;
+use crate::domain::ids::{ItemId, Owner, OwnerKey, SessionId};
+use crate::domain::lifecycle::MergeStrategy;
+use crate::domain::money::Currency;
+use crate::domain::order::OrderId;
+use crate::forward::client::names as fwd;
+
+/// A cart request, read and validated.
+pub struct Command<'a> {
+    pub surface: Surface,
+    pub operation: Operation<'a>,
+    /// The client's `Idempotency-Key`, checked.
+    pub idempotency_key: Option<String>,
+    /// The body as received: what the idempotency fingerprint covers and a relay re-sends.
+    pub body: Bytes,
+    /// What a relay to the home region re-sends of the request head.
+    pub relay: RelayHead,
+    /// `Some(home)`: the operation runs in that region; this edge relays it.
+    pub forward_to: Option<&'a str>,
+    /// The rate-limit verdict, reported in the response's headers.
+    pub verdict: Option<Verdict>,
+}
+
+/// A cart owner and where it lives.
+pub struct Placed<'a> {
+    pub owner: Owner,
+    pub key: OwnerKey,
+    pub shard: &'a str,
+    pub home: &'a str,
+}
+
+impl<'a> Placed<'a> {
+    fn new(app: &'a App, owner: Owner) -> Placed<'a> {
+        let key = owner.key();
+        let placement = app.topology.ring.locate(key.as_str());
+        Placed {
+            owner,
+            key,
+            shard: placement.shard,
+            home: placement.home,
+        }
+    }
+}
+
+pub enum Operation<'a> {
+    /// `GET /cart`; `None` for a caller without a session, whose cart is empty.
+    View(Option<ViewCart<'a>>),
+    /// The item and clear routes.
+    Write(CartWrite<'a>),
+    Merge(MergeCarts<'a>),
+    Checkout(Checkout<'a>),
+    GetOrder(OrderLookup<'a>),
+    Settle(Settle<'a>),
+}
+
+pub struct ViewCart<'a> {
+    pub cart: Placed<'a>,
+    /// The freshest version the client has seen (`Cart-Min-Version` or its cookie); 0 if none.
+    pub min_version: i64,
+    pub if_none_match: IfNoneMatch,
+}
+
+pub struct CartWrite<'a> {
+    pub cart: Placed<'a>,
+    /// A session minted for a caller that had none; the write creates its cart.
+    pub new_session: Option<SessionId>,
+    pub change: Change,
+    /// The currency of the region whose edge the client called (a new cart takes it).
+    pub origin_currency: Currency,
+}
+
+/// A validated mutation of one cart.
+pub enum Change {
+    Add(ValidAdd),
+    Set {
+        item_id: ItemId,
+        quantity: Quantity,
+        if_match: Option<i64>,
+    },
+    Remove {
+        item_id: ItemId,
+        if_match: Option<i64>,
+    },
+    Clear {
+        if_match: Option<i64>,
+    },
+}
+
+impl Change {
+    /// The operation's name, target and precondition, for the idempotency fingerprint.
+    pub fn fingerprint_parts(&self) -> (&'static str, &str, Option<i64>) {
+        match self {
+            Change::Add(add) => ("add", add.item_id.as_str(), None),
+            Change::Set {
+                item_id, if_match, ..
+            } => ("set", item_id.as_str(), *if_match),
+            Change::Remove { item_id, if_match } => ("remove", item_id.as_str(), *if_match),
+            Change::Clear { if_match } => ("clear", "", *if_match),
+        }
+    }
+}
+
+pub struct MergeCarts<'a> {
+    pub user: Placed<'a>,
+    pub guest: OwnerKey,
+    pub strategy: MergeStrategy,
+}
+
+pub struct Checkout<'a> {
+    pub user: Placed<'a>,
+    /// Checkout requires a key.
+    pub key: String,
+    pub accept_price_changes: bool,
+}
+
+pub struct OrderLookup<'a> {
+    pub owner: OwnerKey,
+    pub order_id: OrderId,
+    pub shard: String,
+    pub home: &'a str,
+}
+
+pub struct Settle<'a> {
+    pub order_id: OrderId,
+    pub action: Settlement,
+    pub shard: String,
+    pub home: &'a str,
+}
+
+/// What a route reads of the body: nothing, or up to the limit (`required`: non-empty).
+fn body_rule(handler: Handler) -> Option<bool> {
+    match handler {
+        Handler::AddItem | Handler::SetItem => Some(true),
+        Handler::RemoveItem | Handler::ClearCart | Handler::Merge | Handler::Checkout => {
+            Some(false)
+        }
+        _ => None,
+    }
+}
+
+/// Reads a routed cart request into a command: admits the caller, reads the body, validates the
+/// operation and decides where it runs.
+pub async fn read<'a>(
+    app: &'a App,
+    surface: Surface,
+    handler: Handler,
+    param: Option<&str>,
+    parts: &Parts,
+    body: Incoming,
+) -> Result<Command<'a>, ApiError> {
+    let request = RequestParts::new(parts);
+    let (caller, role, verdict) = admit(app, surface, handler, parts, &request)?;
+    let body = match body_rule(handler) {
+        Some(required) => {
+            request::read_body(parts, body, app.config.server.max_body_bytes, required).await?
+        }
+        None => Bytes::new(),
+    };
+    let param = param.unwrap_or_default();
+    let (operation, idempotency_key) = match handler {
+        Handler::ViewCart => (view(app, &request, caller)?, None),
+        Handler::Merge => merge(app, &request, caller, &body)?,
+        Handler::Checkout => checkout(app, &request, caller, &body)?,
+        Handler::GetOrder => (get_order(app, caller, param)?, None),
+        Handler::Settle(action) => (settle(app, role, param, action)?, None),
+        Handler::AddItem | Handler::SetItem | Handler::RemoveItem | Handler::ClearCart => {
+            write(app, surface, &request, parts, caller, handler, param, &body)?
+        }
+        Handler::Health
+        | Handler::Ready
+        | Handler::Metrics
+        | Handler::Invalidate
+        | Handler::MergeStep(_) => return Err(ApiError::NotFound),
+    };
+    let here = app.config.region.id.as_str();
+    let home = match &operation {
+        Operation::Write(write) => Some(write.cart.home),
+        Operation::Merge(merge) => Some(merge.user.home),
+        Operation::Checkout(checkout) => Some(checkout.user.home),
+        Operation::Settle(settle) => Some(settle.home),
+        // Reads are served here; they ask the home only when this region cannot answer.
+        Operation::View(_) | Operation::GetOrder(_) => None,
+    };
+    Ok(Command {
+        surface,
+        operation,
+        idempotency_key,
+        body,
+        relay: RelayHead::of(parts),
+        forward_to: home.filter(|home| *home != here),
+        verdict,
+    })
+}
+
+/// Authenticates the caller and charges the rate limits. Failed credentials are limited per
+/// client IP, so guessing is slow; edge-to-edge requests were limited where they entered.
+fn admit(
+    app: &App,
+    surface: Surface,
+    handler: Handler,
+    parts: &Parts,
+    request: &RequestParts<'_>,
+) -> Result<(Caller, Option<String>, Option<Verdict>), ApiError> {
+    let limited = surface == Surface::Public;
+    let limits = app.limits.load();
+    let client_ip = || {
+        let peer = parts
+            .extensions
+            .get::<Peer>()
+            .map(|p| p.0)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        limits.client_ip(peer, &parts.headers)
+    };
+    let identity = match request.identify(&app.auth.load()) {
+        Ok(identity) => identity,
+        Err(error) => {
+            if let Some(verdict) = limits
+                .check_ip(client_ip())
+                .filter(|v| limited && !v.admitted())
+            {
+                return Err(ApiError::RateLimited(verdict));
+            }
+            return Err(error);
+        }
+    };
+    let class = match handler {
+        _ if parts.method == Method::GET => Class::Read,
+        Handler::Checkout => Class::Checkout,
+        _ => Class::Write,
+    };
+    let verdict = if !limited {
+        None
+    } else {
+        match &identity.caller {
+            Caller::Anonymous => limits.check_ip(client_ip()),
+            Caller::User(user) => {
+                limits.check_owner(identity.tier, class, &format!("u:{}", user.as_str()))
+            }
+            Caller::Guest(session) => {
+                limits.check_owner(identity.tier, class, &format!("g:{}", session.as_str()))
+            }
+        }
+    };
+    if let Some(verdict) = verdict.as_ref().filter(|v| !v.admitted()) {
+        return Err(ApiError::RateLimited(verdict.clone()));
+    }
+    Ok((identity.caller, identity.role, verdict))
+}
+
+fn view<'a>(
+    app: &'a App,
+    request: &RequestParts<'_>,
+    caller: Caller,
+) -> Result<Operation<'a>, ApiError> {
+    request.check_user_id(&caller, request.query_user_id().as_deref())?;
+    let owner = match caller {
+        Caller::User(user) => Owner::User(user),
+        Caller::Guest(session) => Owner::Guest(session),
+        // A guest with no session sees an empty cart; nothing is created.
+        Caller::Anonymous => return Ok(Operation::View(None)),
+    };
+    let min_version = request.min_version()?;
+    Ok(Operation::View(Some(ViewCart {
+        cart: Placed::new(app, owner),
+        min_version,
+        if_none_match: request.if_none_match(),
+    })))
+}
+
+/// A write's body, parsed but not yet validated (so `user_id` is checked first).
+enum ParsedWrite {
+    Add(AddItemBody),
+    Set(ItemId, SetQuantityBody),
+    Remove(ItemId, ClearBody),
+    Clear(ClearBody),
+}
+
+impl ParsedWrite {
+    fn user_id(&self) -> Option<&str> {
+        match self {
+            ParsedWrite::Add(body) => body.user_id.as_deref(),
+            ParsedWrite::Set(_, body) => body.user_id.as_deref(),
+            ParsedWrite::Remove(_, body) | ParsedWrite::Clear(body) => body.user_id.as_deref(),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write<'a>(
+    app: &'a App,
+    surface: Surface,
+    request: &RequestParts<'_>,
+    parts: &Parts,
+    caller: Caller,
+    handler: Handler,
+    item_segment: &str,
+    body: &[u8],
+) -> Result<(Operation<'a>, Option<String>), ApiError> {
+    let if_match = request.if_match()?;
+    let parsed = match handler {
+        Handler::AddItem => ParsedWrite::Add(request::parse_json(body)?),
+        Handler::SetItem => ParsedWrite::Set(
+            request::item_id_segment(item_segment)?,
+            request::parse_json(body)?,
+        ),
+        Handler::RemoveItem => ParsedWrite::Remove(
+            request::item_id_segment(item_segment)?,
+            request::parse_json_or_default(body)?,
+        ),
+        _ => ParsedWrite::Clear(request::parse_json_or_default(body)?),
+    };
+    let query_user_id = request.query_user_id();
+    request.check_user_id(&caller, parsed.user_id().or(query_user_id.as_deref()))?;
+    let change = match parsed {
+        ParsedWrite::Add(body) => Change::Add(body.validate()?),
+        ParsedWrite::Set(item_id, body) => Change::Set {
+            quantity: body.validate()?,
+            item_id,
+            if_match,
+        },
+        ParsedWrite::Remove(item_id, _) => Change::Remove { item_id, if_match },
+        ParsedWrite::Clear(_) => Change::Clear { if_match },
+    };
+    let key = request.idempotency_key()?.map(str::to_string);
+    let (owner, new_session) = match caller {
+        Caller::User(user) => (Owner::User(user), None),
+        Caller::Guest(session) => (Owner::Guest(session), None),
+        Caller::Anonymous => {
+            let session = app.auth.load().issue_session();
+            (Owner::Guest(session.clone()), Some(session))
+        }
+    };
+    let write = CartWrite {
+        cart: Placed::new(app, owner),
+        new_session,
+        change,
+        origin_currency: origin_currency(app, surface, parts),
+    };
+    Ok((Operation::Write(write), key))
+}
+
+/// The currency of the region whose edge received the request from the client: this one, or
+/// for a relayed request the relaying region's.
+fn origin_currency(app: &App, surface: Surface, parts: &Parts) -> Currency {
+    if surface != Surface::Internal {
+        return app.config.region.currency;
+    }
+    parts
+        .headers
+        .get(fwd::FORWARDED_FROM)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|region| app.topology.regions.get(region))
+        .map(|peer| peer.currency)
+        .unwrap_or(app.config.region.currency)
+}
+
+fn merge<'a>(
+    app: &'a App,
+    request: &RequestParts<'_>,
+    caller: Caller,
+    body: &[u8],
+) -> Result<(Operation<'a>, Option<String>), ApiError> {
+    let Caller::User(user) = &caller else {
+        return Err(ApiError::Unauthenticated(
+            "merging needs the user's bearer token",
+        ));
+    };
+    let user = user.clone();
+    let parsed: MergeBody = request::parse_json_or_default(body)?;
+    request.check_user_id(&caller, parsed.user_id.as_deref())?;
+    let session = request.guest_session(&app.auth.load())?.ok_or_else(|| {
+        ApiError::InvalidRequest(
+            "merging needs the guest session (Cart-Session header or cart_session cookie)".into(),
+        )
+    })?;
+    let key = request.idempotency_key()?.map(str::to_string);
+    let merge = MergeCarts {
+        user: Placed::new(app, Owner::User(user)),
+        guest: Owner::Guest(session).key(),
+        strategy: parsed.strategy.unwrap_or_default(),
+    };
+    Ok((Operation::Merge(merge), key))
+}
+
+fn checkout<'a>(
+    app: &'a App,
+    request: &RequestParts<'_>,
+    caller: Caller,
+    body: &[u8],
+) -> Result<(Operation<'a>, Option<String>), ApiError> {
+    let user = match &caller {
+        Caller::User(user) => user.clone(),
+        Caller::Guest(_) => return Err(ApiError::Forbidden("guests must log in to check out")),
+        Caller::Anonymous => {
+            return Err(ApiError::Unauthenticated(
+                "checking out needs a bearer token",
+            ))
+        }
+    };
+    let key = request
+        .idempotency_key()?
+        .ok_or(ApiError::IdempotencyKeyRequired)?
+        .to_string();
+    let parsed: CheckoutBody = request::parse_json_or_default(body)?;
+    request.check_user_id(&caller, parsed.user_id.as_deref())?;
+    let checkout = Checkout {
+        user: Placed::new(app, Owner::User(user)),
+        key: key.clone(),
+        accept_price_changes: parsed.accept_price_changes.unwrap_or(false),
+    };
+    Ok((Operation::Checkout(checkout), Some(key)))
+}
+
+fn get_order<'a>(app: &'a App, caller: Caller, order_id: &str) -> Result<Operation<'a>, ApiError> {
+    let user = match caller {
+        Caller::User(user) => user,
+        // Someone else's order does not exist for them.
+        Caller::Guest(_) => return Err(ApiError::OrderNotFound),
+        Caller::Anonymous => return Err(ApiError::Unauthenticated("orders need a bearer token")),
+    };
+    // A malformed id names no order.
+    let order_id = OrderId::parse(order_id).map_err(|_| ApiError::OrderNotFound)?;
+    Ok(Operation::GetOrder(OrderLookup {
+        owner: Owner::User(user).key(),
+        home: shard_home(app, order_id.shard())?,
+        shard: order_id.shard().to_string(),
+        order_id,
+    }))
+}
+
+fn settle<'a>(
+    app: &'a App,
+    role: Option<String>,
+    order_id: &str,
+    action: Settlement,
+) -> Result<Operation<'a>, ApiError> {
+    if role.as_deref() != Some(app.config.checkout.payment_role.as_str()) {
+        return Err(ApiError::Forbidden(
+            "only the payment service confirms or cancels orders",
+        ));
+    }
+    let order_id = OrderId::parse(order_id).map_err(|_| ApiError::OrderNotFound)?;
+    Ok(Operation::Settle(Settle {
+        action,
+        home: shard_home(app, order_id.shard())?,
+        shard: order_id.shard().to_string(),
+        order_id,
+    }))
+}
+
+/// The home region of a shard an order id names; an unknown shard is no such order.
+fn shard_home<'a>(app: &'a App, shard: &str) -> Result<&'a str, ApiError> {
+    app.topology
+        .ring
+        .spec()
+        .shards
+        .iter()
+        .find(|s| s.id == shard)
+        .map(|s| s.home.as_str())
+        .ok_or(ApiError::OrderNotFound)
+}

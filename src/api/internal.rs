@@ -1,0 +1,157 @@
+//! Handlers of the internal (edge-to-edge, mutual-TLS) surface: cache invalidations from other
+//! regions and the steps of a merge run on a guest cart homed here. The ring check that guards
+//! this surface runs in `api::handle` before routing; the steps' storage is `store::merge`.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::{request, response, Body};
+use crate::app::App;
+use crate::domain::cart::StoredCart;
+use crate::domain::ids::OwnerKey;
+use crate::forward;
+use crate::store::merge::{self, FreezeOutcome};
+use http::{Response, StatusCode};
+
+/// Edge-to-edge bodies are small and from trusted peers; this bounds them all the same.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A merge step, run on the guest cart's home edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Freeze the guest cart and hand over its contents.
+    Freeze,
+    /// Empty and unfreeze the guest cart the user side has merged.
+    Finalize,
+    /// Lift the freeze of a merge the user side refused.
+    Abort,
+}
+
+impl Step {
+    pub const fn path(self) -> &'static str {
+        match self {
+            Step::Freeze => "/internal/v1/merge/freeze",
+            Step::Finalize => "/internal/v1/merge/finalize",
+            Step::Abort => "/internal/v1/merge/abort",
+        }
+    }
+}
+
+/// The body of every internal merge step.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MergeStep {
+    pub guest: String,
+    pub user: String,
+    #[serde(default)]
+    pub version: i64,
+}
+
+/// A step's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StepAnswer {
+    pub status: StepStatus,
+    #[serde(default)]
+    pub version: i64,
+    #[serde(default)]
+    pub cart: Option<StoredCart>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepStatus {
+    Frozen,
+    /// Another user's merge holds the guest cart.
+    Busy,
+    Ok,
+}
+
+/// `POST /internal/v1/invalidate`: fence this region's cache at the versions another region
+/// committed.
+pub async fn invalidate(app: &App, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let batch: forward::invalidate::Batch = request::parse_json(body)?;
+    for cart in &batch.carts {
+        app.store.cache.fence(&cart.owner, cart.version).await;
+    }
+    Ok(response::json(
+        StatusCode::OK,
+        br#"{"status":"ok"}"#.to_vec(),
+    ))
+}
+
+/// `POST /internal/v1/merge/…`: a merge step for a guest cart homed here (called by the user's
+/// home edge).
+pub async fn merge_step(app: &App, step: Step, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let request: MergeStep = request::parse_json(body)?;
+    let answer = run_step(app, step, &request).await?;
+    Ok(response::json(
+        StatusCode::OK,
+        serde_json::to_vec(&answer).unwrap_or_default(),
+    ))
+}
+
+/// The guest owner a step names.
+pub fn guest_of(step: &MergeStep) -> Result<OwnerKey, ApiError> {
+    if !step.guest.starts_with("g:") {
+        return Err(ApiError::InvalidRequest(
+            "guest must be a guest owner".into(),
+        ));
+    }
+    Ok(OwnerKey::from_stored(step.guest.clone()))
+}
+
+/// Runs a merge step on a guest cart homed in this region.
+pub async fn run_step(app: &App, step: Step, request: &MergeStep) -> Result<StepAnswer, ApiError> {
+    let guest = guest_of(request)?;
+    let placement = app.topology.ring.locate(guest.as_str());
+    if placement.home != app.config.region.id {
+        return Err(ApiError::Misdirected);
+    }
+    let done = StepAnswer {
+        status: StepStatus::Ok,
+        version: request.version,
+        cart: None,
+    };
+    match step {
+        Step::Freeze => {
+            let outcome = merge::freeze(&app.store, placement.shard, &guest, &request.user).await?;
+            Ok(match outcome {
+                FreezeOutcome::Frozen(frozen) => StepAnswer {
+                    status: StepStatus::Frozen,
+                    version: frozen.version,
+                    cart: Some(frozen.cart),
+                },
+                FreezeOutcome::Busy => StepAnswer {
+                    status: StepStatus::Busy,
+                    version: 0,
+                    cart: None,
+                },
+            })
+        }
+        Step::Finalize => {
+            let finalized = merge::finalize(
+                &app.store,
+                placement.shard,
+                &guest,
+                &request.user,
+                request.version,
+            )
+            .await?;
+            if let Some(cart) = finalized {
+                app.store.cache.store_committed(&cart).await;
+                app.invalidate_elsewhere(&guest, cart.version);
+            }
+            Ok(done)
+        }
+        Step::Abort => {
+            merge::abort(
+                &app.store,
+                placement.shard,
+                &guest,
+                &request.user,
+                request.version,
+            )
+            .await?;
+            Ok(done)
+        }
+    }
+}
