@@ -258,7 +258,7 @@ pub async fn checkout(
             });
         }
     };
-    let id = OrderId::new(&user.shard, &order_digest(&owner, key))
+    let id = OrderId::new(user.shard, &order_digest(&owner, key))
         .map_err(|error| ApiError::Internal(error.to_string()))?;
     let hold = app.config.checkout.reservation_ttl.0;
     let expires_at = match orders::reserve(&app.store, id.as_str(), &lines, hold).await {
