@@ -4,7 +4,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use cartedge::api::auth::{issue_token, Authenticator};
+use cartedge::auth::{issue_token, Authenticator};
 use cartedge::api::request::{parse_json, AddItemBody};
 use cartedge::config::{AuthConfig, Dur, JwtKeyConfig, Secret};
 use cartedge::domain::cart::{view, CatalogItem, StoredCart, StoredLine};

@@ -89,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
         .filter(|user| ring.locate(&format!("u:{user}")).home == "sg")
         .take(samples)
         .map(|user| {
-            let token = cartedge::api::auth::issue_token(
+            let token = cartedge::auth::issue_token(
                 &config.auth,
                 &user,
                 Duration::from_secs(3600),

@@ -8,13 +8,13 @@ use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::mpsc;
 
-use crate::api::auth::Authenticator;
-use crate::api::limits::RateLimits;
+use crate::auth::Authenticator;
+use crate::limits::RateLimits;
 use crate::config::Config;
 use crate::domain::ids::OwnerKey;
 use crate::forward::{tls, Forwarder, Settings};
 use crate::pki::load_certified_key;
-use crate::server::tls::PublicTls;
+use crate::pki::public::PublicTls;
 use crate::store::Store;
 use crate::topology::Topology;
 
@@ -418,7 +418,7 @@ impl App {
         if over_tls {
             headers.insert(
                 header::STRICT_TRANSPORT_SECURITY,
-                HeaderValue::from_static(crate::server::tls::HSTS),
+                HeaderValue::from_static(crate::pki::public::HSTS),
             );
         } else {
             headers.remove(header::STRICT_TRANSPORT_SECURITY);

@@ -256,9 +256,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .as_secs();
             let token = match role {
                 Some(role) => {
-                    cartedge::api::auth::issue_token_with_role(&config.auth, sub, ttl, now, role)
+                    cartedge::auth::issue_token_with_role(&config.auth, sub, ttl, now, role)
                 }
-                None => cartedge::api::auth::issue_token_for_tier(
+                None => cartedge::auth::issue_token_for_tier(
                     &config.auth,
                     sub,
                     ttl,

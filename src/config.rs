@@ -165,7 +165,8 @@ pub struct ForwardConfig {
     pub connect_timeout: Dur,
     /// Consecutive failures that open a peer's circuit (then writes fail at once).
     pub breaker_failures: u32,
-    /// How long an open circuit fails fast before a trial request.
+    /// How long an open circuit fails fast; after it requests go through again and the next
+    /// failure re-opens it at once.
     pub breaker_cooldown: Dur,
     /// How long a read waits for the local replica to reach `Cart-Min-Version` before asking the
     /// home region.
@@ -216,7 +217,7 @@ pub struct TopologyConfig {
 pub struct ServerConfig {
     /// Public listener (the cart API, `/health`, `/ready`).
     pub listen: SocketAddr,
-    /// Operator listener (`/health`, `/ready`); later also metrics. Optional.
+    /// Operator listener (`/health`, `/ready`, `/metrics`). Optional.
     pub admin_listen: Option<SocketAddr>,
     /// Listener for other regions' edges (mutual TLS, HTTP/2); needs `[tls]`. Optional.
     pub internal_listen: Option<SocketAddr>,

@@ -15,7 +15,7 @@
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 
-use crate::api::auth::Authenticator;
+use crate::auth::Authenticator;
 use crate::api::error::ApiError;
 use crate::api::idempotency;
 use crate::api::request::{self, AddItemBody, Caller, ClearBody, RequestParts, SetQuantityBody};

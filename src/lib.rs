@@ -1,12 +1,17 @@
 //! cartedge: a multi-region shopping-cart edge.
 //!
-//! Layout (see ARCHITECTURE.md for the invariants between these):
+//! Layout, lowest layer first (ARCHITECTURE.md declares the layers; a test holds them):
 //! - [`domain`]: ids, money, carts and their rules; pure, no I/O.
 //! - [`store`]: PostgreSQL pools with explicit intent, the Redis cache, the catalog, migrations.
-//! - [`api`]: routing, identity, request parsing, error-to-response, cart rendering.
-//! - [`server`]: accept loop, connections, graceful shutdown.
-//! - [`config`]: typed layered configuration.
-//! - [`app`]: wiring of the above into one shared state.
+//! - [`config`]: typed layered configuration (a leaf: data, layering, syntax checks).
+//! - [`pki`]: certificate and key files, the public listener's certificate slot.
+//! - [`topology`]: the ring file and the region set.
+//! - [`auth`]: token and guest-session verification; [`limits`]: rate limits.
+//! - [`forward`]: edge-to-edge client, mutual TLS, cross-region cache fences.
+//! - [`app`]: the edge's shared state, built from configuration.
+//! - [`api`]: route table, typed commands, handlers, error-to-response, cart rendering.
+//! - [`server`]: accept loop, connections, framing checks, graceful shutdown.
+//! - [`preflight`]: the semantic configuration checks `serve` and `check-config` share.
 //! - [`service`]: running one edge: bound listeners, serving until shutdown, reload on SIGHUP.
 //! - `fuzzing` (cargo feature `fuzzing`, off by default): fuzz entry points (the `fuzz/`
 //!   targets and the corpus replay test call them).
@@ -18,11 +23,13 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod forward;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod limits;
 pub mod pki;
 pub mod preflight;
 pub mod server;

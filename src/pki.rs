@@ -1,14 +1,16 @@
 //! Certificate and key material from PEM files, shared by every TLS user of the edge.
 //!
-//! The public listener (`server::tls`), the edge-to-edge client and server (`forward::tls`),
-//! the JWT verification keys (`api::auth`) and the start-up checks (`preflight`) all read key
+//! The public listener (`pki::public`), the edge-to-edge client and server (`forward::tls`),
+//! the JWT verification keys (`auth`) and the start-up checks (`preflight`) all read key
 //! and certificate files through this module: each file is first checked to be a small regular
 //! file, then parsed, and errors name the file. Names (DNS subject alternative names, the
 //! subject CN) are read from certificates with `x509-parser`, never by hand.
 //!
-//! This module reads files and parses them; it builds no listener or client configuration
-//! policy (ALPN, client authentication: that is `server::tls` and `forward::tls`) and opens no
-//! sockets.
+//! This module reads files and parses them; it opens no sockets. Its `public` submodule is the
+//! public listener's certificate slot (rustls resolver, ALPN, reload); the edge-to-edge policy
+//! (client authentication) is `forward::tls`.
+
+pub mod public;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -79,7 +79,7 @@ pub fn check(config: &Config) -> Result<Topology, PreflightError> {
 /// JWT verification keys: algorithm, secret length, public key files.
 fn check_auth(config: &Config, problems: &mut Vec<String>) {
     for (index, key) in config.auth.keys.iter().enumerate() {
-        if let Err(problem) = crate::api::auth::check_key_config(key) {
+        if let Err(problem) = crate::auth::check_key_config(key) {
             problems.push(format!("auth.keys[{index}] ({}): {problem}", key.kid));
         }
     }

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 
 use super::error::ApiError;
 use super::lifecycle::Settlement;
-use super::limits::{Class, Verdict};
+use crate::limits::{Class, Verdict};
 use super::relay::RelayHead;
 use super::request::{
     self, AddItemBody, Caller, CheckoutBody, ClearBody, IfNoneMatch, MergeBody, RequestParts,

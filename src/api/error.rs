@@ -11,8 +11,9 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{json, Value};
 
-use super::limits::Verdict;
+use crate::limits::Verdict;
 use super::names;
+use crate::auth::AuthError;
 use crate::domain::cart::CartRule;
 use crate::domain::lifecycle::{PriceChange, Shortage};
 use crate::domain::money::Currency;
@@ -158,6 +159,15 @@ pub enum ApiError {
     /// Our bug, a configuration bug or a corrupt row: retrying will not help.
     #[error("internal error")]
     Internal(String),
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> ApiError {
+        match error {
+            AuthError::InvalidToken => ApiError::Unauthenticated("bearer token is invalid or expired"),
+            AuthError::InvalidSession => ApiError::InvalidSession,
+        }
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -385,7 +395,7 @@ impl ApiError {
                     header::RETRY_AFTER,
                     HeaderValue::from(verdict.retry_after_secs),
                 );
-                super::limits::set_headers(headers, verdict);
+                crate::limits::set_headers(headers, verdict);
             }
             _ => {}
         }

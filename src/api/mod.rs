@@ -6,14 +6,12 @@
 //! takes no pool (that is `store`). The handlers live in `cart`, `lifecycle`, `internal` and
 //! `operator`; response headers and cookies in `response`; errors in `error`.
 
-pub mod auth;
 pub mod cart;
 pub mod command;
 pub mod error;
 pub mod idempotency;
 pub mod internal;
 pub mod lifecycle;
-pub mod limits;
 pub mod operator;
 pub mod relay;
 pub mod request;
@@ -244,7 +242,7 @@ async fn dispatch(
     let verdict = command.verdict.clone();
     let mut response = run(app, command).await?;
     if let Some(verdict) = &verdict {
-        limits::set_headers(response.headers_mut(), verdict);
+        crate::limits::set_headers(response.headers_mut(), verdict);
     }
     Ok(response)
 }

@@ -11,9 +11,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::auth::Authenticator;
+use crate::auth::Authenticator;
 use super::error::ApiError;
-use super::limits::Tier;
+use crate::limits::Tier;
 use super::names;
 use crate::domain::cart::Quantity;
 use crate::domain::ids::{ItemId, SessionId, UserId};
@@ -111,7 +111,10 @@ impl<'a> RequestParts<'a> {
             Ok(None) => cookie(self.headers, names::SESSION_COOKIE),
             Err(_) => return Err(ApiError::InvalidSession),
         };
-        presented.map(|s| auth.verify_session(s)).transpose()
+        presented
+            .map(|s| auth.verify_session(s))
+            .transpose()
+            .map_err(ApiError::from)
     }
 
     /// Seed compatibility: a `user_id` must be the token's `sub`.

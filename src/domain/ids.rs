@@ -55,7 +55,7 @@ impl fmt::Display for ItemId {
     }
 }
 
-/// A guest session id whose signature has already been checked (see `api::auth`).
+/// A guest session id whose signature has already been checked (see `auth`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SessionId(String);
 

@@ -38,7 +38,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Consecutive failures that open a peer's circuit.
     pub breaker_failures: u32,
-    /// How long an open circuit fails fast before one trial request is let through.
+    /// How long an open circuit fails fast. After it, requests go through again, but the
+    /// failure count stays one short of `breaker_failures`: the next failure re-opens at once.
     pub breaker_cooldown: Duration,
 }
 
@@ -116,7 +117,8 @@ impl Breaker {
         match *open_until {
             Some(until) if Instant::now() < until => false,
             Some(_) => {
-                // Half-open: let this request through; one more failure re-opens at once.
+                // Half-open: requests go through again (not just one); the failure count was
+                // left one short of the threshold, so one more failure re-opens at once.
                 *open_until = None;
                 true
             }

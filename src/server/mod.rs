@@ -9,7 +9,6 @@
 //! its body is read.
 
 mod framing;
-pub mod tls;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

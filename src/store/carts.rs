@@ -1,9 +1,10 @@
 //! Cart SQL: the consistent read of one cart and the write transaction every mutation uses.
 //!
-//! A mutation is one transaction on the primary. Its first statement bumps the cart's version
-//! and so takes the cart row's lock: concurrent writers of one cart queue behind each other and
-//! every read-modify-write below happens under that lock. The idempotency key, when present, is
-//! claimed and recorded inside the same transaction.
+//! A mutation is one transaction on the primary. After the idempotency claim (when a key is
+//! present: an advisory transaction lock on the key, then a lookup), its first statement on the
+//! cart bumps the cart's version and so takes the cart row's lock: concurrent writers of one cart
+//! queue behind each other and every read-modify-write below happens under that lock. The key's
+//! answer is recorded inside the same transaction.
 
 use bytes::Bytes;
 use deadpool_postgres::Object;

@@ -110,7 +110,7 @@ async fn forged_or_malformed_sessions_get_401_invalid_session_never_a_new_cart()
 #[tokio::test]
 async fn missing_invalid_and_expired_bearer_tokens_get_401_with_www_authenticate() {
     let app = TestApp::spawn().await;
-    let expired = cartedge::api::auth::issue_token(
+    let expired = cartedge::auth::issue_token(
         &app.config.auth,
         "alice",
         Duration::from_secs(0),
@@ -120,7 +120,7 @@ async fn missing_invalid_and_expired_bearer_tokens_get_401_with_www_authenticate
     let mut other_secret = app.config.auth.clone();
     other_secret.keys[0].secret =
         cartedge::config::Secret::new("another-secret-0123456789abcdefgh");
-    let forged = cartedge::api::auth::issue_token(
+    let forged = cartedge::auth::issue_token(
         &other_secret,
         "alice",
         Duration::from_secs(60),

@@ -352,7 +352,7 @@ impl TestApp {
     }
 
     pub fn token_with_ttl(&self, sub: &str, ttl: Duration) -> String {
-        cartedge::api::auth::issue_token(&self.config.auth, sub, ttl, now_unix()).unwrap()
+        cartedge::auth::issue_token(&self.config.auth, sub, ttl, now_unix()).unwrap()
     }
 
     pub fn bearer(&self, sub: &str) -> (String, String) {

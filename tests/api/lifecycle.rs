@@ -263,7 +263,7 @@ async fn a_failure_between_the_two_carts_updates_converges_on_retry() {
 }
 
 pub(crate) fn payment_token(app: &TestApp) -> String {
-    cartedge::api::auth::issue_token_with_role(
+    cartedge::auth::issue_token_with_role(
         &app.config.auth,
         "payments",
         Duration::from_secs(3600),

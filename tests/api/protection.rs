@@ -62,7 +62,7 @@ async fn a_service_tier_token_is_not_held_to_a_shoppers_quota() {
     // A shopper's reads: a burst of 10, then one a second, so the loop below outruns it.
     let app = limited_app("[rate_limit.user]\nreads = { per_second = 1, burst = 10 }\n").await;
     let token_for = |sub: &str, tier: Option<&str>| {
-        cartedge::api::auth::issue_token_for_tier(
+        cartedge::auth::issue_token_for_tier(
             &app.config.auth,
             sub,
             Duration::from_secs(600),
@@ -246,7 +246,7 @@ async fn a_reload_applies_new_quotas_and_rotated_keys_without_a_restart() {
          [[auth.keys]]\nkid = \"rotated\"\nalgorithm = \"HS256\"\nsecret = \"rotated-secret-0123456789abcdef0123\"\n",
     );
     app.app.reload(&rotated).unwrap();
-    let new_token = cartedge::api::auth::issue_token(
+    let new_token = cartedge::auth::issue_token(
         &rotated.auth,
         "alice",
         Duration::from_secs(600),

@@ -296,7 +296,7 @@ impl TwoRegions {
     }
 
     fn token(&self, sub: &str) -> String {
-        cartedge::api::auth::issue_token(
+        cartedge::auth::issue_token(
             &self.sg.app.config.auth,
             sub,
             Duration::from_secs(3600),

@@ -16,9 +16,18 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::error::ApiError;
 use crate::config::{AuthConfig, JwtKeyConfig};
 use crate::domain::ids::{SessionId, UserId};
+
+/// Why a credential was refused. Deliberately coarse: a caller learns that its token or session
+/// is not accepted, never which check failed. `api::error` turns it into the 401 answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("bearer token is invalid or expired")]
+    InvalidToken,
+    #[error("guest session is invalid")]
+    InvalidSession,
+}
 
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -195,13 +204,13 @@ impl Authenticator {
     }
 
     /// Verifies a bearer token and returns its user.
-    pub fn verify_token(&self, token: &str) -> Result<UserId, ApiError> {
+    pub fn verify_token(&self, token: &str) -> Result<UserId, AuthError> {
         self.verify(token).map(|verified| verified.user)
     }
 
     /// Verifies a bearer token and returns its user and tier.
-    pub fn verify(&self, token: &str) -> Result<Verified, ApiError> {
-        const INVALID: ApiError = ApiError::Unauthenticated("bearer token is invalid or expired");
+    pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {
+        const INVALID: AuthError = AuthError::InvalidToken;
         if token.len() > MAX_TOKEN_BYTES {
             return Err(INVALID);
         }
@@ -264,22 +273,22 @@ impl Authenticator {
     }
 
     /// Checks a presented guest session id.
-    pub fn verify_session(&self, presented: &str) -> Result<SessionId, ApiError> {
+    pub fn verify_session(&self, presented: &str) -> Result<SessionId, AuthError> {
         // 32 bytes in unpadded base64url are exactly 43 characters.
         if presented.len() != 43 {
-            return Err(ApiError::InvalidSession);
+            return Err(AuthError::InvalidSession);
         }
         let raw = URL_SAFE_NO_PAD
             .decode(presented)
-            .map_err(|_| ApiError::InvalidSession)?;
+            .map_err(|_| AuthError::InvalidSession)?;
         if raw.len() != SESSION_RANDOM_BYTES + SESSION_TAG_BYTES {
-            return Err(ApiError::InvalidSession);
+            return Err(AuthError::InvalidSession);
         }
         let mut mac = self.session_mac.clone();
         mac.update(SESSION_CONTEXT);
         mac.update(&raw[..SESSION_RANDOM_BYTES]);
         mac.verify_truncated_left(&raw[SESSION_RANDOM_BYTES..])
-            .map_err(|_| ApiError::InvalidSession)?;
+            .map_err(|_| AuthError::InvalidSession)?;
         // Re-encode so the owner key is canonical even if a decoder were lenient.
         Ok(SessionId::verified(URL_SAFE_NO_PAD.encode(&raw)))
     }
