@@ -4,8 +4,8 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use cartedge::auth::{issue_token, Authenticator};
 use cartedge::api::request::{parse_json, AddItemBody};
+use cartedge::auth::{issue_token, Authenticator};
 use cartedge::config::{AuthConfig, Dur, JwtKeyConfig, Secret};
 use cartedge::domain::cart::{view, CatalogItem, StoredCart, StoredLine};
 use cartedge::domain::money::{Currency, Money};

@@ -89,13 +89,9 @@ async fn main() -> anyhow::Result<()> {
         .filter(|user| ring.locate(&format!("u:{user}")).home == "sg")
         .take(samples)
         .map(|user| {
-            let token = cartedge::auth::issue_token(
-                &config.auth,
-                &user,
-                Duration::from_secs(3600),
-                now,
-            )
-            .unwrap();
+            let token =
+                cartedge::auth::issue_token(&config.auth, &user, Duration::from_secs(3600), now)
+                    .unwrap();
             (user, token)
         })
         .collect();

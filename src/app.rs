@@ -9,10 +9,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::mpsc;
 
 use crate::auth::Authenticator;
-use crate::limits::RateLimits;
 use crate::config::Config;
 use crate::domain::ids::OwnerKey;
 use crate::forward::{tls, Forwarder, Settings};
+use crate::limits::RateLimits;
 use crate::pki::load_certified_key;
 use crate::pki::public::PublicTls;
 use crate::store::Store;

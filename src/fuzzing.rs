@@ -15,10 +15,10 @@
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 
-use crate::auth::Authenticator;
 use crate::api::error::ApiError;
 use crate::api::idempotency;
 use crate::api::request::{self, AddItemBody, Caller, ClearBody, RequestParts, SetQuantityBody};
+use crate::auth::Authenticator;
 use crate::config::{AuthConfig, Config, Dur, JwtKeyConfig, Secret, Sources};
 use crate::domain::ids::{ItemId, Owner, UserId};
 use crate::domain::variant;

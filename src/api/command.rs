@@ -17,7 +17,6 @@ use hyper::body::Incoming;
 
 use super::error::ApiError;
 use super::lifecycle::Settlement;
-use crate::limits::{Class, Verdict};
 use super::relay::RelayHead;
 use super::request::{
     self, AddItemBody, Caller, CheckoutBody, ClearBody, IfNoneMatch, MergeBody, RequestParts,
@@ -31,6 +30,7 @@ use crate::domain::lifecycle::MergeStrategy;
 use crate::domain::money::Currency;
 use crate::domain::order::OrderId;
 use crate::forward::client::names as fwd;
+use crate::limits::{Class, Verdict};
 
 /// A cart request, read and validated.
 pub struct Command<'a> {

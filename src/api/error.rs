@@ -11,13 +11,13 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{json, Value};
 
-use crate::limits::Verdict;
 use super::names;
 use crate::auth::AuthError;
 use crate::domain::cart::CartRule;
 use crate::domain::lifecycle::{PriceChange, Shortage};
 use crate::domain::money::Currency;
 use crate::domain::order::OrderStatus;
+use crate::limits::Verdict;
 use crate::store::StoreError;
 
 /// Declares the closed set of public error codes with their status, so the list the OpenAPI
@@ -164,7 +164,9 @@ pub enum ApiError {
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> ApiError {
         match error {
-            AuthError::InvalidToken => ApiError::Unauthenticated("bearer token is invalid or expired"),
+            AuthError::InvalidToken => {
+                ApiError::Unauthenticated("bearer token is invalid or expired")
+            }
             AuthError::InvalidSession => ApiError::InvalidSession,
         }
     }

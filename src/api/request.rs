@@ -11,14 +11,14 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::auth::Authenticator;
 use super::error::ApiError;
-use crate::limits::Tier;
 use super::names;
+use crate::auth::Authenticator;
 use crate::domain::cart::Quantity;
 use crate::domain::ids::{ItemId, SessionId, UserId};
 use crate::domain::money::Money;
 use crate::domain::variant;
+use crate::limits::Tier;
 
 /// Who sent the request.
 #[derive(Debug, Clone)]

@@ -120,7 +120,12 @@ fn import_edges(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (path, text) in files {
         let relative = Path::new(&path).strip_prefix(src).unwrap();
-        let first = relative.components().next().unwrap().as_os_str().to_string_lossy();
+        let first = relative
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy();
         let module = first.trim_end_matches(".rs").to_string();
         let targets = edges.entry(module.clone()).or_default();
         let code = strip_comments(&text);
@@ -204,8 +209,9 @@ fn strip_comments(text: &str) -> String {
 /// The layers ARCHITECTURE.md declares, lowest first: the fenced `text` block under its
 /// `## Layers` heading, one layer a line, the modules of a layer separated by spaces.
 fn declared_layers() -> Vec<Vec<String>> {
-    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md"))
-        .unwrap();
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md"))
+            .unwrap();
     let section = doc
         .split("\n## Layers")
         .nth(1)
@@ -217,7 +223,11 @@ fn declared_layers() -> Vec<Vec<String>> {
         .expect("the Layers section has a ```text block");
     block
         .lines()
-        .map(|line| line.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .map(|line| {
+            line.split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .filter(|layer| !layer.is_empty())
         .collect()
 }
@@ -235,18 +245,26 @@ fn library_edges() -> BTreeMap<String, BTreeSet<String>> {
 #[test]
 fn every_module_imports_only_the_layers_below_it() {
     let layers = declared_layers();
-    let level = |module: &str| layers.iter().position(|layer| layer.iter().any(|m| m == module));
+    let level = |module: &str| {
+        layers
+            .iter()
+            .position(|layer| layer.iter().any(|m| m == module))
+    };
     let edges = library_edges();
     let mut problems = Vec::new();
     for module in edges.keys() {
         if level(module).is_none() {
-            problems.push(format!("src/{module} is not declared in ARCHITECTURE.md's layers"));
+            problems.push(format!(
+                "src/{module} is not declared in ARCHITECTURE.md's layers"
+            ));
         }
     }
     for layer in &layers {
         for module in layer {
             if !edges.contains_key(module) {
-                problems.push(format!("ARCHITECTURE.md declares `{module}`, which src/ lacks"));
+                problems.push(format!(
+                    "ARCHITECTURE.md declares `{module}`, which src/ lacks"
+                ));
             }
         }
     }
@@ -259,7 +277,11 @@ fn every_module_imports_only_the_layers_below_it() {
             }
         }
     }
-    assert!(problems.is_empty(), "layering broken:\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "layering broken:\n{}",
+        problems.join("\n")
+    );
 }
 
 #[test]
