@@ -112,12 +112,12 @@ impl App {
                 .regions
                 .keys()
                 .filter(|id| **id != config.region.id)
-                .cloned()
+                .map(|id| id.to_string())
                 .collect();
             tokio::spawn(crate::forward::invalidate::run(
                 forwarder.clone(),
                 peers,
-                config.region.id.clone(),
+                config.region.id.to_string(),
                 topology.ring.fingerprint().to_string(),
                 receiver,
             ));

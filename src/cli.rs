@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use cartedge::app::App;
 use cartedge::config::{Config, Sources};
+use cartedge::domain::ids::{RegionId, ShardId};
 use cartedge::domain::money::{Currency, Money};
 use cartedge::domain::ring::{plan_moves, sample_owner_keys, Ring, ShardSpec};
 use cartedge::service::{reload_on_sighup, serve_bound, Listeners};
@@ -394,8 +395,8 @@ fn parse_shard(text: &str) -> Result<ShardSpec> {
         None => (rest, 1),
     };
     Ok(ShardSpec {
-        id: id.to_string(),
-        home: home.to_string(),
+        id: ShardId::parse(id).with_context(|| format!("shard id {id:?}"))?,
+        home: RegionId::parse(home).with_context(|| format!("region id {home:?}"))?,
         weight,
     })
 }

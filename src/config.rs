@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::domain::ids::RegionId;
 use crate::domain::money::Currency;
 
 /// The prefix of environment variables that override configuration keys.
@@ -183,7 +184,7 @@ pub struct ForwardConfig {
 #[serde(deny_unknown_fields)]
 pub struct RegionConfig {
     /// Region id, e.g. `sg`; reported in `Cart-Region` and `/health`.
-    pub id: String,
+    pub id: RegionId,
     /// Currency of carts created by this region's edge.
     pub currency: Currency,
 }
@@ -508,10 +509,6 @@ impl Config {
     /// Files, key material and network syntax are checked by `preflight::check`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        let id = &self.region.id;
-        if !is_valid_region_id(id) {
-            problems.push(format!("region.id {id:?} must be 1-8 lowercase letters"));
-        }
         if self.server.max_body_bytes == 0 || self.server.max_body_bytes > 1 << 20 {
             problems.push("server.max_body_bytes must be within 1..=1048576".into());
         }
@@ -661,12 +658,6 @@ impl Config {
     pub fn shard(&self, id: &str) -> Option<&ShardDatabase> {
         self.database.shards.iter().find(|s| s.id == id)
     }
-}
-
-/// A region id: 1-8 lowercase ASCII letters. It becomes a DNS label (`<id>.edge.…`), a header
-/// value (`Cart-Region`) and a file name (`regions/<id>.toml`), so nothing else is allowed.
-pub fn is_valid_region_id(id: &str) -> bool {
-    (1..=8).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_lowercase())
 }
 
 fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {

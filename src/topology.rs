@@ -12,13 +12,14 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::config::{Config, ConfigError};
+use crate::domain::ids::RegionId;
 use crate::domain::money::Currency;
 use crate::domain::ring::{Ring, RingSpec};
 
 /// Another region's edge, as this edge needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
-    pub id: String,
+    pub id: RegionId,
     pub currency: Currency,
     pub public_url: String,
     pub internal_url: String,
@@ -29,9 +30,9 @@ pub struct Peer {
 pub struct Topology {
     pub ring: Ring,
     /// This edge's region id.
-    pub region: String,
+    pub region: RegionId,
     /// Every region by id, this one included.
-    pub regions: BTreeMap<String, Peer>,
+    pub regions: BTreeMap<RegionId, Peer>,
 }
 
 /// What a region file says about the topology, read without defaults or secrets.
@@ -46,7 +47,7 @@ struct RegionView {
 
 #[derive(Debug, Deserialize)]
 struct RegionPart {
-    id: String,
+    id: RegionId,
     currency: Currency,
 }
 
@@ -185,7 +186,7 @@ impl Topology {
             let internal_url = config
                 .topology
                 .peer_urls
-                .get(&view.region.id)
+                .get(view.region.id.as_str())
                 .cloned()
                 .unwrap_or(view.edge.internal_url);
             let peer = Peer {
@@ -237,6 +238,7 @@ impl Topology {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ids::ShardId;
     use crate::domain::ring::ShardSpec;
 
     fn ring() -> Ring {
@@ -245,13 +247,13 @@ mod tests {
             vnodes: 200,
             shards: vec![
                 ShardSpec {
-                    id: "a-1".into(),
-                    home: "a".into(),
+                    id: ShardId::parse("a-1").unwrap(),
+                    home: RegionId::parse("a").unwrap(),
                     weight: 1,
                 },
                 ShardSpec {
-                    id: "b-1".into(),
-                    home: "b".into(),
+                    id: ShardId::parse("b-1").unwrap(),
+                    home: RegionId::parse("b").unwrap(),
                     weight: 1,
                 },
             ],

@@ -103,7 +103,7 @@ pub fn guest_of(step: &MergeStep) -> Result<OwnerKey, ApiError> {
 pub async fn run_step(app: &App, step: Step, request: &MergeStep) -> Result<StepAnswer, ApiError> {
     let guest = guest_of(request)?;
     let placement = app.topology.ring.locate(guest.as_str());
-    if placement.home != app.config.region.id {
+    if *placement.home != app.config.region.id {
         return Err(ApiError::Misdirected);
     }
     let done = StepAnswer {

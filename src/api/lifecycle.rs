@@ -40,7 +40,7 @@ const STEP_RETRY_AFTER_SECS: u32 = 2;
 async fn guest_step(app: &App, step: Step, request: &MergeStep) -> Result<StepAnswer, ApiError> {
     let guest = internal::guest_of(request)?;
     let placement = app.topology.ring.locate(guest.as_str());
-    if placement.home == app.config.region.id {
+    if *placement.home == app.config.region.id {
         return internal::run_step(app, step, request).await;
     }
     let forwarder = relay::forwarder_to(app, placement.home)?;

@@ -157,3 +157,154 @@ mod tests {
         assert_ne!(tagged_digest("tag", &["u:ak", "ey"]), expected);
     }
 }
+
+/// Declares a validated string id for the topology (regions, shards): parsed once where it
+/// enters (configuration, the ring file, a request header), then carried as its own type so a
+/// shard id is never passed where a region id belongs. It reads as a `&str` (`Deref`, `Borrow`)
+/// for lookups and formatting, but only `parse` makes one.
+macro_rules! topology_id {
+    ($(#[$doc:meta])* $name:ident, $valid:expr, $rule:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn parse(value: &str) -> Result<$name, IdError> {
+                let valid: fn(&str) -> bool = $valid;
+                if valid(value) {
+                    Ok($name(value.to_string()))
+                } else {
+                    Err(IdError($rule))
+                }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(value: String) -> Result<$name, IdError> {
+                $name::parse(&value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                &self.0 == other
+            }
+        }
+
+        impl PartialEq<$name> for &$name {
+            fn eq(&self, other: &$name) -> bool {
+                self.0 == other.0
+            }
+        }
+
+        impl PartialEq<$name> for str {
+            fn eq(&self, other: &$name) -> bool {
+                self == other.0
+            }
+        }
+
+        impl PartialEq<$name> for &str {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.0
+            }
+        }
+
+        impl PartialEq<$name> for String {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+topology_id!(
+    /// A region id (`sg`, `id`, …): 1-8 lowercase ASCII letters. It becomes a DNS label
+    /// (`<id>.edge.…`), a header value (`Cart-Region`) and a file name (`regions/<id>.toml`), so
+    /// nothing else is allowed.
+    RegionId,
+    |id| (1..=8).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_lowercase()),
+    "region id must be 1-8 lowercase ASCII letters"
+);
+
+topology_id!(
+    /// A shard id (`sg-1`): 1-32 of `[A-Za-z0-9-]`. It names a database in configuration and
+    /// is the prefix of order ids, hashed by the ring as its bytes.
+    ShardId,
+    |id| {
+        (1..=32).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    },
+    "shard id must be 1-32 of [A-Za-z0-9-]"
+);
+
+#[cfg(test)]
+mod topology_id_tests {
+    use super::*;
+
+    #[test]
+    fn region_and_shard_ids_are_checked_where_they_enter() {
+        assert!(RegionId::parse("sg").is_ok());
+        for bad in ["", "SG", "s-g", "toolongid", "sg1"] {
+            assert!(RegionId::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(ShardId::parse("sg-1").is_ok());
+        for bad in ["", "sg_1", "sg 1", &"x".repeat(33)] {
+            assert!(ShardId::parse(bad).is_err(), "{bad:?}");
+        }
+        let region: RegionId = serde_json::from_str("\"th\"").unwrap();
+        assert_eq!(region, "th");
+        assert!(serde_json::from_str::<RegionId>("\"TH\"").is_err());
+        assert_eq!(
+            serde_json::to_string(&ShardId::parse("th-1").unwrap()).unwrap(),
+            "\"th-1\""
+        );
+    }
+}
