@@ -52,7 +52,8 @@ pub struct Config {
 pub struct RetentionConfig {
     /// A cart untouched this long is purged.
     pub cart: Dur,
-    /// A guest cart untouched this long is purged.
+    /// A guest cart untouched this long is purged; a guest session id expires this long after
+    /// it was issued.
     pub guest_cart: Dur,
     /// An empty cart untouched this long is purged.
     pub empty_cart: Dur,
