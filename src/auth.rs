@@ -10,7 +10,8 @@
 //!
 //! Formats (the tag always covers every byte before it, after a per-format context string):
 //! - v1, the first format: 16 random bytes + tag = 43 characters. No issue time: still accepted,
-//!   never expires by age (the janitor purges its idle cart); no longer minted.
+//!   never expires by age (the janitor purges its idle cart); minted only while
+//!   `auth.session_id_version = 1` (a rolling upgrade from a release that reads only v1).
 //! - v2: version byte `0x02`, issue time (unix seconds, 48-bit big-endian), 16 random bytes,
 //!   tag = 39 bytes, 52 characters.
 //!
@@ -195,6 +196,8 @@ pub struct Authenticator {
     /// How long a guest session id is accepted after its issue time (`retention.guest_cart`,
     /// the same span after which the janitor purges an idle guest cart), in seconds.
     session_lifetime: u64,
+    /// Mint v1 ids (`auth.session_id_version = 1`, during a rolling upgrade).
+    mint_v1: bool,
 }
 
 impl Authenticator {
@@ -242,6 +245,7 @@ impl Authenticator {
             max_lifetime: config.max_token_lifetime.0.as_secs(),
             session_mac,
             session_lifetime: session_lifetime.as_secs(),
+            mint_v1: config.session_id_version == 1,
         })
     }
 
@@ -305,9 +309,21 @@ impl Authenticator {
         tag
     }
 
-    /// Mints a new guest session id, issued now.
+    /// Mints a new guest session id, issued now: v2, or v1 when configured so.
     pub fn issue_session(&self) -> SessionId {
+        if self.mint_v1 {
+            return self.issue_session_v1();
+        }
         self.issue_session_at(jsonwebtoken::get_current_timestamp())
+    }
+
+    fn issue_session_v1(&self) -> SessionId {
+        let random: [u8; SESSION_RANDOM_BYTES] = rand::random();
+        let mut raw = [0u8; SESSION_RANDOM_BYTES + SESSION_TAG_BYTES];
+        raw[..SESSION_RANDOM_BYTES].copy_from_slice(&random);
+        let tag = self.session_tag(SESSION_CONTEXT_V1, &random);
+        raw[SESSION_RANDOM_BYTES..].copy_from_slice(&tag);
+        SessionId::verified(URL_SAFE_NO_PAD.encode(raw))
     }
 
     /// Mints a guest session id stamped with `issued_unix` (seconds). Request handling always
@@ -448,6 +464,7 @@ mod tests {
             leeway: Dur(Duration::from_secs(1)),
             max_token_lifetime: Dur(Duration::from_secs(24 * 3600)),
             session_secret: Secret::new("s".repeat(32)),
+            session_id_version: 2,
             keys: vec![JwtKeyConfig {
                 kid: "k1".into(),
                 algorithm: "HS256".into(),
@@ -659,6 +676,16 @@ mod tests {
         assert_eq!(
             auth.verify_session_at(&v1, u64::MAX),
             Ok(Session::Live(SessionId::verified(v1.clone())))
+        );
+        // During a rolling upgrade the edge mints v1 ids, which every release reads.
+        let mut rolling = config();
+        rolling.session_id_version = 1;
+        let rolling = Authenticator::new(&rolling, Duration::from_secs(1)).unwrap();
+        let minted = rolling.issue_session();
+        assert_eq!(minted.as_str().len(), SESSION_V1_CHARS);
+        assert_eq!(
+            auth.verify_session_at(minted.as_str(), u64::MAX),
+            Ok(Session::Live(minted.clone()))
         );
         // A v1 id signed as v2 is nothing.
         let forged = signed_with(&auth, SESSION_CONTEXT_V2, vec![7u8; 32]);
