@@ -18,6 +18,7 @@ fn auth_config() -> AuthConfig {
         leeway: Dur(Duration::from_secs(1)),
         max_token_lifetime: Dur(Duration::from_secs(24 * 3600)),
         session_secret: Secret::new("s".repeat(32)),
+        session_id_version: 2,
         keys: vec![JwtKeyConfig {
             kid: "k".into(),
             algorithm: "HS256".into(),
@@ -72,7 +73,7 @@ fn routing_and_parsing(c: &mut Criterion) {
 
 fn token_verification(c: &mut Criterion) {
     let config = auth_config();
-    let auth = Authenticator::new(&config).unwrap();
+    let auth = Authenticator::new(&config, Duration::from_secs(30 * 24 * 3600)).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -80,7 +81,7 @@ fn token_verification(c: &mut Criterion) {
     let token = issue_token(&config, "alice", Duration::from_secs(3600), now).unwrap();
     c.bench_function("verify_hs256_token_first_time", |b| {
         b.iter_batched(
-            || Authenticator::new(&config).unwrap(),
+            || Authenticator::new(&config, Duration::from_secs(30 * 24 * 3600)).unwrap(),
             |fresh| black_box(fresh.verify_token(black_box(&token)).unwrap()),
             criterion::BatchSize::SmallInput,
         )

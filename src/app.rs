@@ -76,7 +76,8 @@ impl App {
     /// Connects to nothing yet: pools and the cache connect lazily, so an edge starts while a
     /// dependency is down and reports it on `/health`.
     pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
-        let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+        let auth = Authenticator::new(&config.auth, config.retention.guest_cart.0)
+            .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         let topology = Topology::load(&config)?;
         let store = Arc::new(Store::new(&config)?);
         store.cache.spawn_repair(CACHE_REPAIR_PERIOD);
@@ -365,7 +366,8 @@ impl App {
     /// turning public TLS on or off (the listener's protocol is fixed at start-up). Every part
     /// is built first, so a bad file changes nothing.
     pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
-        let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+        let auth = Authenticator::new(&config.auth, config.retention.guest_cart.0)
+            .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         let limits = Arc::new(RateLimits::new(&config.rate_limit)?);
         let certificate = match (&self.public_tls, config.server.public_tls()) {
             (Some(_), Some((cert, key))) => Some(

@@ -2,8 +2,23 @@
 //!
 //! The accepted algorithm is pinned per key in configuration and never read from the token
 //! header; a token picks its key by `kid` (or the only configured key when it names none).
-//! Guest session ids are 128 random bits plus a 128-bit HMAC-SHA256 tag, base64url: only this
-//! server can mint one, and a forged or truncated id is refused, never replaced silently.
+//! Guest session ids are signed by this server (HMAC-SHA256, a 128-bit tag, base64url): only it
+//! can mint one, and a forged or truncated id is refused, never replaced silently. An id carries
+//! its issue time inside the signed bytes and lives `retention.guest_cart` from then; an
+//! authentic id past that is [`Session::Expired`], which callers treat as no session. Reading
+//! the clock for that check happens here, never in the domain.
+//!
+//! Formats (the tag always covers every byte before it, after a per-format context string):
+//! - v1, the first format: 16 random bytes + tag = 43 characters. No issue time: still accepted,
+//!   never expires by age (the janitor purges its idle cart); minted only while
+//!   `auth.session_id_version = 1` (a rolling upgrade from a release that reads only v1).
+//! - v2: version byte `0x02`, issue time (unix seconds, 48-bit big-endian), 16 random bytes,
+//!   tag = 39 bytes, 52 characters.
+//!
+//! A v1 id is recognised by its length alone (its first byte is random); every later format is
+//! longer than 43 characters and starts with its version byte, so a later format (v3 binding the
+//! guest's home region) adds its fields after the issue time under a new version byte and
+//! context string without any reading of an older id changing.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -33,8 +48,30 @@ pub enum AuthError {
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 const SESSION_RANDOM_BYTES: usize = 16;
 const SESSION_TAG_BYTES: usize = 16;
-/// Domain separation for the session HMAC, so the key cannot be reused to sign other things.
-const SESSION_CONTEXT: &[u8] = b"cartedge guest session v1\0";
+/// Domain separation for the session HMAC, so the key cannot be reused to sign other things
+/// and one format's signed bytes can never be read as another's.
+const SESSION_CONTEXT_V1: &[u8] = b"cartedge guest session v1\0";
+const SESSION_CONTEXT_V2: &[u8] = b"cartedge guest session v2\0";
+/// A v1 id: 32 bytes in unpadded base64url.
+const SESSION_V1_CHARS: usize = 43;
+const SESSION_V2: u8 = 2;
+/// The issue time's width: 48 bits of unix seconds outlast any deployment.
+const SESSION_TIME_BYTES: usize = 6;
+const SESSION_V2_BYTES: usize = 1 + SESSION_TIME_BYTES + SESSION_RANDOM_BYTES + SESSION_TAG_BYTES;
+/// 39 bytes are exactly 52 base64url characters (no padding bits, so one encoding per id).
+const SESSION_V2_CHARS: usize = SESSION_V2_BYTES / 3 * 4;
+/// The longest presented value worth decoding (every format's length is checked exactly).
+const SESSION_MAX_CHARS: usize = SESSION_V2_CHARS;
+
+/// A presented guest session id that is authentic (signed by this server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Session {
+    /// Within its lifetime: the owner of `g:<id>`.
+    Live(SessionId),
+    /// Issued longer ago than `retention.guest_cart` (or stamped further in the future than the
+    /// token leeway allows, which only a broken clock produces): treated as no session.
+    Expired,
+}
 
 fn parse_algorithm(name: &str) -> Option<Algorithm> {
     match name {
@@ -156,10 +193,17 @@ pub struct Authenticator {
     /// Longest `exp - now` accepted (`auth.max_token_lifetime`), in seconds.
     max_lifetime: u64,
     session_mac: Hmac<Sha256>,
+    /// How long a guest session id is accepted after its issue time (`retention.guest_cart`,
+    /// the same span after which the janitor purges an idle guest cart), in seconds.
+    session_lifetime: u64,
+    /// Mint v1 ids (`auth.session_id_version = 1`, during a rolling upgrade).
+    mint_v1: bool,
 }
 
 impl Authenticator {
-    pub fn new(config: &AuthConfig) -> Result<Authenticator, String> {
+    /// `session_lifetime` is `retention.guest_cart`: a guest session id expires that long after
+    /// it was issued.
+    pub fn new(config: &AuthConfig, session_lifetime: Duration) -> Result<Authenticator, String> {
         let mut keys = HashMap::new();
         for key in &config.keys {
             let (algorithm, decoding) = decoding_key(key)?;
@@ -200,6 +244,8 @@ impl Authenticator {
             only_kid,
             max_lifetime: config.max_token_lifetime.0.as_secs(),
             session_mac,
+            session_lifetime: session_lifetime.as_secs(),
+            mint_v1: config.session_id_version == 1,
         })
     }
 
@@ -253,44 +299,87 @@ impl Authenticator {
         Ok(verified)
     }
 
-    fn session_tag(&self, random: &[u8]) -> [u8; SESSION_TAG_BYTES] {
+    fn session_tag(&self, context: &[u8], signed: &[u8]) -> [u8; SESSION_TAG_BYTES] {
         let mut mac = self.session_mac.clone();
-        mac.update(SESSION_CONTEXT);
-        mac.update(random);
+        mac.update(context);
+        mac.update(signed);
         let full = mac.finalize().into_bytes();
         let mut tag = [0u8; SESSION_TAG_BYTES];
         tag.copy_from_slice(&full[..SESSION_TAG_BYTES]);
         tag
     }
 
-    /// Mints a new guest session id.
+    /// Mints a new guest session id, issued now: v2, or v1 when configured so.
     pub fn issue_session(&self) -> SessionId {
+        if self.mint_v1 {
+            return self.issue_session_v1();
+        }
+        self.issue_session_at(jsonwebtoken::get_current_timestamp())
+    }
+
+    fn issue_session_v1(&self) -> SessionId {
         let random: [u8; SESSION_RANDOM_BYTES] = rand::random();
         let mut raw = [0u8; SESSION_RANDOM_BYTES + SESSION_TAG_BYTES];
         raw[..SESSION_RANDOM_BYTES].copy_from_slice(&random);
-        raw[SESSION_RANDOM_BYTES..].copy_from_slice(&self.session_tag(&random));
+        let tag = self.session_tag(SESSION_CONTEXT_V1, &random);
+        raw[SESSION_RANDOM_BYTES..].copy_from_slice(&tag);
         SessionId::verified(URL_SAFE_NO_PAD.encode(raw))
     }
 
-    /// Checks a presented guest session id.
-    pub fn verify_session(&self, presented: &str) -> Result<SessionId, AuthError> {
-        // 32 bytes in unpadded base64url are exactly 43 characters.
-        if presented.len() != 43 {
-            return Err(AuthError::InvalidSession);
+    /// Mints a guest session id stamped with `issued_unix` (seconds). Request handling always
+    /// uses [`issue_session`](Self::issue_session); tests use this to hold an old id.
+    pub fn issue_session_at(&self, issued_unix: u64) -> SessionId {
+        let random: [u8; SESSION_RANDOM_BYTES] = rand::random();
+        let mut raw = [0u8; SESSION_V2_BYTES];
+        raw[0] = SESSION_V2;
+        let time = issued_unix.to_be_bytes();
+        raw[1..1 + SESSION_TIME_BYTES].copy_from_slice(&time[time.len() - SESSION_TIME_BYTES..]);
+        let signed = SESSION_V2_BYTES - SESSION_TAG_BYTES;
+        raw[1 + SESSION_TIME_BYTES..signed].copy_from_slice(&random);
+        let tag = self.session_tag(SESSION_CONTEXT_V2, &raw[..signed]);
+        raw[signed..].copy_from_slice(&tag);
+        SessionId::verified(URL_SAFE_NO_PAD.encode(raw))
+    }
+
+    /// Checks a presented guest session id against the clock now.
+    pub fn verify_session(&self, presented: &str) -> Result<Session, AuthError> {
+        self.verify_session_at(presented, jsonwebtoken::get_current_timestamp())
+    }
+
+    /// Checks a presented guest session id: a forged, truncated or unknown-format id is an
+    /// error; an authentic one is live or expired at `now_unix`.
+    pub fn verify_session_at(&self, presented: &str, now_unix: u64) -> Result<Session, AuthError> {
+        const INVALID: AuthError = AuthError::InvalidSession;
+        if presented.len() > SESSION_MAX_CHARS {
+            return Err(INVALID);
         }
-        let raw = URL_SAFE_NO_PAD
-            .decode(presented)
-            .map_err(|_| AuthError::InvalidSession)?;
-        if raw.len() != SESSION_RANDOM_BYTES + SESSION_TAG_BYTES {
-            return Err(AuthError::InvalidSession);
-        }
+        let raw = URL_SAFE_NO_PAD.decode(presented).map_err(|_| INVALID)?;
+        let (context, issued) = match (presented.len(), raw.first()) {
+            (SESSION_V1_CHARS, _) => (SESSION_CONTEXT_V1, None),
+            (SESSION_V2_CHARS, Some(&SESSION_V2)) => {
+                let mut time = [0u8; 8];
+                time[8 - SESSION_TIME_BYTES..].copy_from_slice(&raw[1..1 + SESSION_TIME_BYTES]);
+                (SESSION_CONTEXT_V2, Some(u64::from_be_bytes(time)))
+            }
+            _ => return Err(INVALID),
+        };
+        let signed = raw.len().checked_sub(SESSION_TAG_BYTES).ok_or(INVALID)?;
         let mut mac = self.session_mac.clone();
-        mac.update(SESSION_CONTEXT);
-        mac.update(&raw[..SESSION_RANDOM_BYTES]);
-        mac.verify_truncated_left(&raw[SESSION_RANDOM_BYTES..])
-            .map_err(|_| AuthError::InvalidSession)?;
+        mac.update(context);
+        mac.update(&raw[..signed]);
+        mac.verify_truncated_left(&raw[signed..])
+            .map_err(|_| INVALID)?;
+        if let Some(issued) = issued {
+            let expired = now_unix.saturating_sub(issued) > self.session_lifetime;
+            let from_the_future = issued > now_unix.saturating_add(self.leeway);
+            if expired || from_the_future {
+                return Ok(Session::Expired);
+            }
+        }
         // Re-encode so the owner key is canonical even if a decoder were lenient.
-        Ok(SessionId::verified(URL_SAFE_NO_PAD.encode(&raw)))
+        Ok(Session::Live(SessionId::verified(
+            URL_SAFE_NO_PAD.encode(&raw),
+        )))
     }
 }
 
@@ -363,6 +452,8 @@ fn sign_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    pub(super) const SESSION_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
     use crate::config::{Dur, Secret};
 
     /// Issuer `iss-a`, audience `aud-a`, 1 s leeway, one HS256 key `k1` with `secret`.
@@ -373,6 +464,7 @@ mod tests {
             leeway: Dur(Duration::from_secs(1)),
             max_token_lifetime: Dur(Duration::from_secs(24 * 3600)),
             session_secret: Secret::new("s".repeat(32)),
+            session_id_version: 2,
             keys: vec![JwtKeyConfig {
                 kid: "k1".into(),
                 algorithm: "HS256".into(),
@@ -392,14 +484,14 @@ mod tests {
 
     #[test]
     fn issued_tokens_verify_and_name_their_user() {
-        let auth = Authenticator::new(&config()).unwrap();
+        let auth = Authenticator::new(&config(), SESSION_LIFETIME).unwrap();
         let token = issue_token(&config(), "alice", Duration::from_secs(60), now()).unwrap();
         assert_eq!(auth.verify_token(&token).unwrap().as_str(), "alice");
     }
 
     #[test]
     fn expired_wrong_audience_and_garbage_tokens_are_refused() {
-        let auth = Authenticator::new(&config()).unwrap();
+        let auth = Authenticator::new(&config(), SESSION_LIFETIME).unwrap();
         let expired = issue_token(&config(), "alice", Duration::from_secs(0), now() - 120).unwrap();
         assert!(auth.verify_token(&expired).is_err());
         let mut other = config();
@@ -412,7 +504,7 @@ mod tests {
 
     #[test]
     fn a_remembered_token_still_expires() {
-        let auth = Authenticator::new(&config()).unwrap();
+        let auth = Authenticator::new(&config(), SESSION_LIFETIME).unwrap();
         // Valid for one more second, counting the leeway: verified now, remembered, and
         // refused from memory once its exp + leeway has passed.
         let token = issue_token(&config(), "alice", Duration::from_secs(0), now()).unwrap();
@@ -434,7 +526,7 @@ mod tests {
 
     #[test]
     fn a_token_signed_with_another_secret_is_refused() {
-        let auth = Authenticator::new(&config()).unwrap();
+        let auth = Authenticator::new(&config(), SESSION_LIFETIME).unwrap();
         let mut forged = config();
         forged.keys[0].secret = Secret::new("x".repeat(32));
         let token = issue_token(&forged, "alice", Duration::from_secs(60), now()).unwrap();
@@ -464,7 +556,7 @@ mod tests {
             secret: Secret::default(),
             public_key_file: Some(path),
         });
-        let auth = Authenticator::new(&config).unwrap();
+        let auth = Authenticator::new(&config, SESSION_LIFETIME).unwrap();
         let claims = Claims {
             sub: "erin".into(),
             exp: now() + 60,
@@ -492,26 +584,119 @@ mod tests {
 
     #[test]
     fn sessions_verify_only_when_minted_with_our_secret() {
-        let auth = Authenticator::new(&config()).unwrap();
+        let auth = Authenticator::new(&config(), SESSION_LIFETIME).unwrap();
         let session = auth.issue_session();
-        assert_eq!(session.as_str().len(), 43);
-        assert_eq!(auth.verify_session(session.as_str()).unwrap(), session);
+        assert_eq!(session.as_str().len(), SESSION_V2_CHARS);
+        assert_eq!(
+            auth.verify_session(session.as_str()).unwrap(),
+            Session::Live(session.clone())
+        );
         let mut other_config = config();
         other_config.session_secret = Secret::new("t".repeat(32));
-        let other = Authenticator::new(&other_config).unwrap();
+        let other = Authenticator::new(&other_config, SESSION_LIFETIME).unwrap();
         assert!(other.verify_session(session.as_str()).is_err());
         let mut tampered = session.as_str().to_string();
         let last = if tampered.ends_with('A') { "B" } else { "A" };
-        tampered.replace_range(42..43, last);
+        tampered.replace_range(51..52, last);
         assert!(auth.verify_session(&tampered).is_err());
         assert!(auth.verify_session("short").is_err());
+        assert!(auth
+            .verify_session(&format!("{}A", session.as_str()))
+            .is_err());
         assert_ne!(auth.issue_session(), auth.issue_session());
+    }
+
+    /// Signs `raw`'s leading bytes into a v2-shaped id whose version byte is `version`.
+    fn signed_with(auth: &Authenticator, context: &[u8], mut raw: Vec<u8>) -> String {
+        let signed = raw.len() - SESSION_TAG_BYTES;
+        let tag = auth.session_tag(context, &raw[..signed]);
+        raw[signed..].copy_from_slice(&tag);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    #[test]
+    fn a_session_expires_its_lifetime_after_its_issue_time() {
+        let auth = Authenticator::new(&config(), Duration::from_secs(3600)).unwrap();
+        let issued = 1_800_000_000;
+        let session = auth.issue_session_at(issued);
+        let live = Session::Live(session.clone());
+        assert_eq!(
+            auth.verify_session_at(session.as_str(), issued),
+            Ok(live.clone())
+        );
+        assert_eq!(
+            auth.verify_session_at(session.as_str(), issued + 3600),
+            Ok(live.clone())
+        );
+        assert_eq!(
+            auth.verify_session_at(session.as_str(), issued + 3601),
+            Ok(Session::Expired)
+        );
+        // Another edge's clock a little behind is fine; an id from far in the future is not.
+        assert_eq!(
+            auth.verify_session_at(session.as_str(), issued - 1),
+            Ok(live)
+        );
+        assert_eq!(
+            auth.verify_session_at(session.as_str(), issued - 60),
+            Ok(Session::Expired)
+        );
+    }
+
+    #[test]
+    fn the_issue_time_is_signed_and_formats_do_not_mix() {
+        let auth = Authenticator::new(&config(), Duration::from_secs(3600)).unwrap();
+        let issued = 1_800_000_000;
+        let session = auth.issue_session_at(issued);
+        let raw = URL_SAFE_NO_PAD.decode(session.as_str()).unwrap();
+        assert_eq!(raw[0], SESSION_V2);
+        assert_eq!(&raw[1..7], &issued.to_be_bytes()[2..]);
+        // Moving the issue time forward without the key breaks the tag.
+        let mut younger = raw.clone();
+        younger[6] ^= 0x01;
+        assert_eq!(
+            auth.verify_session_at(&URL_SAFE_NO_PAD.encode(&younger), issued + 7200),
+            Err(AuthError::InvalidSession)
+        );
+        // The v1 context never signs a v2 id, and an unknown version byte is refused even
+        // when its tag is right.
+        let v1_signed = signed_with(&auth, SESSION_CONTEXT_V1, raw.clone());
+        assert!(auth.verify_session_at(&v1_signed, issued).is_err());
+        let mut v3 = raw.clone();
+        v3[0] = 3;
+        let v3 = signed_with(&auth, SESSION_CONTEXT_V2, v3);
+        assert!(auth.verify_session_at(&v3, issued).is_err());
+    }
+
+    #[test]
+    fn v1_sessions_still_verify_and_never_expire_by_age() {
+        let auth = Authenticator::new(&config(), Duration::from_secs(1)).unwrap();
+        let v1 = signed_with(&auth, SESSION_CONTEXT_V1, vec![7u8; 32]);
+        assert_eq!(v1.len(), SESSION_V1_CHARS);
+        assert_eq!(
+            auth.verify_session_at(&v1, u64::MAX),
+            Ok(Session::Live(SessionId::verified(v1.clone())))
+        );
+        // During a rolling upgrade the edge mints v1 ids, which every release reads.
+        let mut rolling = config();
+        rolling.session_id_version = 1;
+        let rolling = Authenticator::new(&rolling, Duration::from_secs(1)).unwrap();
+        let minted = rolling.issue_session();
+        assert_eq!(minted.as_str().len(), SESSION_V1_CHARS);
+        assert_eq!(
+            auth.verify_session_at(minted.as_str(), u64::MAX),
+            Ok(Session::Live(minted.clone()))
+        );
+        // A v1 id signed as v2 is nothing.
+        let forged = signed_with(&auth, SESSION_CONTEXT_V2, vec![7u8; 32]);
+        assert!(auth.verify_session(&forged).is_err());
     }
 }
 
 /// RFC 8725 negative suite: every forged, malformed or misdirected token is refused.
 #[cfg(test)]
 mod negative {
+    use super::tests::SESSION_LIFETIME;
     use super::*;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
     use serde_json::json;
@@ -552,14 +737,14 @@ mod negative {
 
     #[test]
     fn the_reference_token_is_accepted() {
-        let auth = Authenticator::new(&config()).unwrap();
+        let auth = Authenticator::new(&config(), SESSION_LIFETIME).unwrap();
         let token = sign(hs256(), good_claims(), SECRET.as_bytes());
         assert_eq!(auth.verify_token(&token).unwrap().as_str(), "alice");
     }
 
     #[test]
     fn every_forged_or_malformed_token_is_refused() {
-        let auth = Authenticator::new(&config()).unwrap();
+        let auth = Authenticator::new(&config(), SESSION_LIFETIME).unwrap();
         let with = |change: &dyn Fn(&mut serde_json::Value)| {
             let mut claims = good_claims();
             change(&mut claims);
@@ -684,7 +869,7 @@ mod negative {
 
     #[test]
     fn critical_extensions_eternal_tokens_and_tokens_from_the_future_are_refused() {
-        let auth = Authenticator::new(&config()).unwrap();
+        let auth = Authenticator::new(&config(), SESSION_LIFETIME).unwrap();
         let with = |change: &dyn Fn(&mut serde_json::Value)| {
             let mut claims = good_claims();
             change(&mut claims);
@@ -738,7 +923,7 @@ mod negative {
 
     #[test]
     fn a_valid_token_for_another_audience_is_refused_and_leeway_is_honoured() {
-        let auth = Authenticator::new(&config()).unwrap();
+        let auth = Authenticator::new(&config(), SESSION_LIFETIME).unwrap();
         let mut elsewhere = config();
         elsewhere.audience = "another-service".into();
         let foreign =

@@ -53,7 +53,8 @@ pub struct Config {
 pub struct RetentionConfig {
     /// A cart untouched this long is purged.
     pub cart: Dur,
-    /// A guest cart untouched this long is purged.
+    /// A guest cart untouched this long is purged; a guest session id expires this long after
+    /// it was issued.
     pub guest_cart: Dur,
     /// An empty cart untouched this long is purged.
     pub empty_cart: Dur,
@@ -329,6 +330,10 @@ pub struct AuthConfig {
     pub max_token_lifetime: Dur,
     /// HMAC key for guest session ids (at least 32 bytes).
     pub session_secret: Secret,
+    /// The guest session id format minted: 2 (carries its issue time, expires) or 1 (the old
+    /// format, never expires by age). Both are always accepted; 1 is for a rolling upgrade
+    /// while some region still runs a release that cannot read v2 ids.
+    pub session_id_version: u8,
     /// Verification keys; a token names one by `kid`, or the only key is used.
     pub keys: Vec<JwtKeyConfig>,
 }
@@ -585,6 +590,9 @@ impl Config {
         }
         if self.auth.keys.is_empty() {
             problems.push("auth.keys must name at least one key".into());
+        }
+        if !(1..=2).contains(&self.auth.session_id_version) {
+            problems.push("auth.session_id_version must be 1 or 2".into());
         }
         if self.server.max_headers == 0 || self.server.max_header_bytes < 1024 {
             problems.push(

@@ -18,7 +18,7 @@ use http::request::Parts;
 use crate::api::error::ApiError;
 use crate::api::idempotency;
 use crate::api::request::{self, AddItemBody, Caller, ClearBody, RequestParts, SetQuantityBody};
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Session};
 use crate::config::{AuthConfig, Config, Dur, JwtKeyConfig, Secret, Sources};
 use crate::domain::ids::{ItemId, Owner, UserId};
 use crate::domain::variant;
@@ -34,6 +34,12 @@ pub const TOKEN_KEYS: [(&str, &str); 2] = [
 pub const ISSUER: &str = "fuzz-issuer";
 pub const AUDIENCE: &str = "fuzz-audience";
 
+/// How long [`authenticator`]'s guest sessions live (the default `retention.guest_cart`).
+pub const SESSION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+/// The fixed clock (unix seconds) [`session_id`] also verifies at, so a seed's verdict does not
+/// change as the wall clock moves on; the `valid-v2` seed was issued at it.
+pub const SESSION_CLOCK: u64 = 1_800_000_000;
+
 /// Body limit the request target checks declared lengths against (the default's).
 const BODY_LIMIT: usize = 16 * 1024;
 
@@ -45,6 +51,7 @@ pub fn auth_config() -> AuthConfig {
         leeway: Dur(std::time::Duration::from_secs(1)),
         max_token_lifetime: Dur(std::time::Duration::from_secs(24 * 3600)),
         session_secret: Secret::new(SESSION_SECRET),
+        session_id_version: 2,
         keys: TOKEN_KEYS
             .iter()
             .map(|(kid, secret)| JwtKeyConfig {
@@ -60,7 +67,7 @@ pub fn auth_config() -> AuthConfig {
 /// An authenticator over [`auth_config`]. Built per input (a few µs) rather than kept in a
 /// global, so no state carries from one input to the next.
 pub fn authenticator() -> Authenticator {
-    match Authenticator::new(&auth_config()) {
+    match Authenticator::new(&auth_config(), SESSION_LIFETIME) {
         Ok(auth) => auth,
         Err(error) => panic!("the fixed fuzz configuration is valid: {error}"),
     }
@@ -143,7 +150,8 @@ fn contract_headers(parts: &Parts) {
             // Nobody can sign a token without the key, and no seed holds a valid one.
             assert!(!parts.headers.contains_key("authorization"));
             if let Caller::Guest(session) = &caller {
-                assert!(auth.verify_session(session.as_str()).is_ok());
+                let live = Session::Live(session.clone());
+                assert_eq!(auth.verify_session(session.as_str()), Ok(live));
             }
             if let Err(error) = view.check_user_id(&caller, user_id.as_deref()) {
                 render(error);
@@ -213,16 +221,35 @@ fn render(error: ApiError) {
 pub fn session_id(data: &[u8]) {
     let auth = authenticator();
     let text = String::from_utf8_lossy(data);
-    if let Ok(session) = auth.verify_session(&text) {
-        // Only canonical ids verify, so one session is one owner key.
-        assert_eq!(session.as_str(), text);
-        assert_eq!(
-            Owner::Guest(session.clone()).key().as_str(),
-            format!("g:{text}")
-        );
+    for verdict in [
+        auth.verify_session(&text),
+        auth.verify_session_at(&text, SESSION_CLOCK),
+    ] {
+        if let Ok(Session::Live(session)) = verdict {
+            // Only canonical ids verify, so one session is one owner key.
+            assert_eq!(session.as_str(), text);
+            assert_eq!(
+                Owner::Guest(session.clone()).key().as_str(),
+                format!("g:{text}")
+            );
+        }
     }
+    // Authenticity does not depend on the clock: only live and expired trade places.
+    assert_eq!(
+        auth.verify_session(&text).is_ok(),
+        auth.verify_session_at(&text, SESSION_CLOCK).is_ok()
+    );
     let minted = auth.issue_session();
-    assert_eq!(auth.verify_session(minted.as_str()).ok(), Some(minted));
+    assert_eq!(
+        auth.verify_session(minted.as_str()),
+        Ok(Session::Live(minted.clone()))
+    );
+    let old = auth.issue_session_at(SESSION_CLOCK);
+    let lifetime = SESSION_LIFETIME.as_secs();
+    assert_eq!(
+        auth.verify_session_at(old.as_str(), SESSION_CLOCK + lifetime + 1),
+        Ok(Session::Expired)
+    );
     for (name, prefix) in [
         ("cart-session", &b""[..]),
         ("cookie", &b"cart_session="[..]),
@@ -233,7 +260,10 @@ pub fn session_id(data: &[u8]) {
         };
         let parts = parts_with(HeaderName::from_static(name), value);
         match RequestParts::new(&parts).authenticate(&auth) {
-            Ok(Caller::Guest(session)) => assert!(auth.verify_session(session.as_str()).is_ok()),
+            Ok(Caller::Guest(session)) => assert_eq!(
+                auth.verify_session(session.as_str()),
+                Ok(Session::Live(session.clone()))
+            ),
             Ok(Caller::User(_)) => panic!("a session became a user"),
             Ok(Caller::Anonymous) | Err(_) => {}
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Response;
 
-use super::command::{CartWrite, Change, ViewCart};
+use super::command::{CartWrite, Change, Placed, ViewCart};
 use super::error::ApiError;
 use super::idempotency;
 use super::relay::{self, RelayHead};
@@ -16,7 +16,7 @@ use super::response::{self, SessionHeader};
 use super::{Body, Surface};
 use crate::app::App;
 use crate::domain::cart::{self, AddRequest, CartView, StoredCart};
-use crate::domain::ids::{Owner, OwnerKey};
+use crate::domain::ids::{Owner, OwnerKey, SessionId};
 use crate::store::{CartOp, Source};
 
 /// Warning codes this module adds to a view (the domain adds the per-line ones).
@@ -145,8 +145,8 @@ pub async fn write(
     body: &Bytes,
 ) -> Result<Response<Body>, ApiError> {
     let CartWrite {
-        cart: placed,
-        new_session,
+        cart: mut placed,
+        mut new_session,
         change,
         origin_currency,
     } = write;
@@ -160,10 +160,23 @@ pub async fn write(
     };
 
     let mut tx = app.store.begin_write(placed.shard).await?;
+    // The key is claimed and its answer recorded under the owner the client named, even when
+    // the write goes to a successor cart: a retry replays the same answer.
+    let claimed = placed.key.clone();
     if let Some(key) = idempotency_key {
-        if let Some(answer) = idempotency::claim(&mut tx, &placed.key, key, &fingerprint).await? {
+        if let Some(answer) = idempotency::claim(&mut tx, &claimed, key, &fingerprint).await? {
             return answer;
         }
+    }
+    if matches!(placed.owner, Owner::Guest(_)) && tx.merged_away(&placed.key).await? {
+        // A merged-away session behaves like no session: the write starts a new guest cart.
+        let successor = successor_session(app, placed.shard)?;
+        placed = Placed {
+            key: Owner::Guest(successor.clone()).key(),
+            owner: Owner::Guest(successor.clone()),
+            ..placed
+        };
+        new_session = Some(successor);
     }
     let add_request;
     let op = match &change {
@@ -224,7 +237,7 @@ pub async fn write(
     response::mark_write(app, response.headers_mut(), view.version);
     if let Some(key) = idempotency_key {
         let stored = idempotency::to_stored(&response, body);
-        tx.record_idempotency(&placed.key, key, &fingerprint, &stored)
+        tx.record_idempotency(&claimed, key, &fingerprint, &stored)
             .await?;
     }
     tx.commit().await?;
@@ -234,4 +247,26 @@ pub async fn write(
     }
     tracing::debug!(owner = %placed.key, version = cart.version, operation, "cart written");
     Ok(response)
+}
+
+/// Most sessions drawn while looking for one placed on a given shard. Each draw lands there with
+/// probability 1/shards (an eighth with the shipped ring), so running out is vanishingly rare.
+const SUCCESSOR_DRAWS: usize = 4096;
+
+/// A new guest session whose cart the ring places on `shard`, so a write that finds its
+/// session merged away starts the new cart in the same transaction (and its idempotency
+/// record covers both). The new id is as fresh as any other: minted now, here.
+fn successor_session(app: &App, shard: &str) -> Result<SessionId, ApiError> {
+    let auth = app.auth.load();
+    (0..SUCCESSOR_DRAWS)
+        .map(|_| auth.issue_session())
+        .find(|session| {
+            let key = Owner::Guest(session.clone()).key();
+            app.topology.ring.locate(key.as_str()).shard == shard
+        })
+        .ok_or_else(|| {
+            ApiError::Internal(format!(
+                "no new guest session placed on shard {shard} in {SUCCESSOR_DRAWS} draws"
+            ))
+        })
 }

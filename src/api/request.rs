@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::names;
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Session};
 use crate::domain::cart::Quantity;
 use crate::domain::ids::{ItemId, SessionId, UserId};
 use crate::domain::money::Money;
@@ -104,17 +104,18 @@ impl<'a> RequestParts<'a> {
     }
 
     /// The guest session the request presents (`Cart-Session` header, else the cookie),
-    /// verified; None when it presents none. The one place a session is looked up.
+    /// verified; None when it presents none or an expired one (an expired session behaves like
+    /// no session, a forged one is refused). The one place a session is looked up.
     pub fn guest_session(&self, auth: &Authenticator) -> Result<Option<SessionId>, ApiError> {
         let presented = match header_str(self.headers, names::CART_SESSION) {
             Ok(Some(value)) => Some(value),
             Ok(None) => cookie(self.headers, names::SESSION_COOKIE),
             Err(_) => return Err(ApiError::InvalidSession),
         };
-        presented
-            .map(|s| auth.verify_session(s))
-            .transpose()
-            .map_err(ApiError::from)
+        match presented.map(|s| auth.verify_session(s)).transpose()? {
+            Some(Session::Live(session)) => Ok(Some(session)),
+            Some(Session::Expired) | None => Ok(None),
+        }
     }
 
     /// Seed compatibility: a `user_id` must be the token's `sub`.

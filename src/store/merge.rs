@@ -9,8 +9,9 @@
 //! 2. [`WriteTx::apply_merge`] (user's shard): add the snapshot to the user's cart and record
 //!    `(user, guest, frozen version)` in `cart_merges`, in one transaction. Finding that record
 //!    means the merge was already applied: nothing is added twice.
-//! 3. [`finalize`] (guest's shard): empty the guest cart and lift the freeze, if it is still the
-//!    same freeze.
+//! 3. [`finalize`] (guest's shard): empty the guest cart, lift the freeze and mark the cart
+//!    merged away (`merged_at`), if it is still the same freeze. A merged-away guest's session
+//!    behaves like no session from then on: [`WriteTx::merged_away`] is how the write path asks.
 //!
 //! A crash after 1 leaves the guest cart frozen and unmerged; after 2, merged and frozen. Either
 //! way a retry converges to "merged once, guest cart empty". [`abort`] lifts a freeze whose
@@ -99,7 +100,7 @@ pub async fn finalize(
         let lift = client
             .prepare_cached(
                 "UPDATE carts SET merging_into = NULL, merge_version = NULL, \
-                 version = version + 1, updated_at = now() \
+                 version = version + 1, updated_at = now(), merged_at = now() \
                  WHERE owner = $1 AND merging_into = $2 AND merge_version = $3 RETURNING version",
             )
             .await?;
@@ -163,6 +164,21 @@ pub enum MergeOutcome {
 }
 
 impl WriteTx {
+    /// Whether `guest`'s cart was merged into a user's cart (step 3 ran). Locks the cart row, so
+    /// no finalize can land between this answer and the rest of the transaction. A merged-away
+    /// cart is never written again: the API layer starts a new guest cart instead.
+    pub async fn merged_away(&mut self, guest: &OwnerKey) -> Result<bool, StoreError> {
+        let client = self.client()?;
+        let lock = client
+            .prepare_cached("SELECT merged_at IS NOT NULL FROM carts WHERE owner = $1 FOR UPDATE")
+            .await?;
+        let row = client.query_opt(&lock, &[&guest.as_str()]).await?;
+        Ok(match row {
+            Some(row) => row.try_get(0)?,
+            None => false,
+        })
+    }
+
     /// Step 2, on the user cart's home shard: merges the frozen guest snapshot once.
     #[allow(clippy::too_many_arguments)]
     pub async fn apply_merge(

@@ -108,6 +108,83 @@ async fn forged_or_malformed_sessions_get_401_invalid_session_never_a_new_cart()
 }
 
 #[tokio::test]
+async fn an_expired_session_reads_as_no_session_and_a_write_mints_a_new_one() {
+    let app = TestApp::spawn().await;
+    let lifetime = app.config.retention.guest_cart.0.as_secs();
+    // An authentic id issued a little more than a guest cart's retention ago, with a cart.
+    let expired = app
+        .app
+        .auth
+        .load()
+        .issue_session_at(crate::helpers::now_unix() - lifetime - 60);
+    let expired = expired.as_str().to_string();
+    app.sql(&format!(
+        "INSERT INTO carts (owner, currency, version) VALUES ('g:{expired}', 'SGD', 3)"
+    ))
+    .await;
+
+    for presented in [
+        h("cart-session", &expired),
+        h("cookie", &format!("cart_session={expired}")),
+    ] {
+        let read = app
+            .send(
+                "GET",
+                "/api/v1/cart",
+                std::slice::from_ref(&presented),
+                None,
+            )
+            .await;
+        assert_eq!(read.status, StatusCode::OK, "{:?}", read.body);
+        assert_eq!(read.json()["version"], 0, "not the old cart");
+        assert_eq!(read.json()["items"], serde_json::json!([]));
+        assert!(read.header("cart-session").is_none());
+    }
+
+    let write = app
+        .send(
+            "POST",
+            "/api/v1/cart/items",
+            &[h("cart-session", &expired)],
+            Some(ADD),
+        )
+        .await;
+    assert_eq!(write.status, StatusCode::OK, "{:?}", write.body);
+    let fresh = write
+        .header("cart-session")
+        .expect("a new session")
+        .to_string();
+    assert_ne!(fresh, expired);
+    assert!(write
+        .cookie("cart_session")
+        .is_some_and(|c| c.starts_with(&format!("cart_session={fresh};"))));
+    assert_eq!(write.json()["owner"], format!("g:{fresh}"));
+    assert_eq!(write.version(), 1);
+    assert_eq!(write.quantity_of("sku-00001"), 1);
+    // The old cart was not touched; the new session reads its own cart.
+    assert_eq!(
+        app.query_i64(&format!(
+            "SELECT version FROM carts WHERE owner = 'g:{expired}'"
+        ))
+        .await,
+        3
+    );
+    let again = app
+        .send("GET", "/api/v1/cart", &[h("cart-session", &fresh)], None)
+        .await;
+    assert_eq!(again.quantity_of("sku-00001"), 1);
+    // An expired id with a flipped bit is still forged: 401, not a new session.
+    let mut forged = expired.clone();
+    let last = if forged.ends_with('A') { "B" } else { "A" };
+    forged.replace_range(forged.len() - 1.., last);
+    let refused = app
+        .send("GET", "/api/v1/cart", &[h("cart-session", &forged)], None)
+        .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(refused.error_code(), "invalid_session");
+}
+
+#[tokio::test]
 async fn missing_invalid_and_expired_bearer_tokens_get_401_with_www_authenticate() {
     let app = TestApp::spawn().await;
     let expired = cartedge::auth::issue_token(

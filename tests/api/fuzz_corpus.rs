@@ -75,8 +75,27 @@ fn the_seeds_reach_the_accepting_paths_too() {
         let session = String::from_utf8(seed("session_id", name)).unwrap();
         assert!(auth.verify_session(&session).is_ok(), "session_id/{name}");
     }
-    for name in ["tampered-tag", "tampered-random", "truncated", "padded"] {
+    for name in [
+        "tampered-tag",
+        "tampered-random",
+        "truncated",
+        "padded",
+        "tampered-v2-time",
+        "unknown-version",
+    ] {
         let session = String::from_utf8(seed("session_id", name)).unwrap();
         assert!(auth.verify_session(&session).is_err(), "session_id/{name}");
     }
+    // The v2 seed is live at the fuzz clock and expired a lifetime later.
+    let v2 = String::from_utf8(seed("session_id", "valid-v2")).unwrap();
+    let clock = cartedge::fuzzing::SESSION_CLOCK;
+    assert!(matches!(
+        auth.verify_session_at(&v2, clock),
+        Ok(cartedge::auth::Session::Live(_))
+    ));
+    let later = clock + cartedge::fuzzing::SESSION_LIFETIME.as_secs() + 1;
+    assert_eq!(
+        auth.verify_session_at(&v2, later),
+        Ok(cartedge::auth::Session::Expired)
+    );
 }

@@ -101,6 +101,65 @@ async fn every_merge_strategy_combines_carts_and_empties_the_guest_cart() {
 }
 
 #[tokio::test]
+async fn a_merged_away_session_reads_an_empty_cart_and_its_writes_start_a_new_cart() {
+    let app = TestApp::spawn().await;
+    app.add("shopper", "sku-00001", 2).await;
+    let old = guest_with(&app, &[("sku-00002", 1)]).await;
+    let merged = merge(&app, "shopper", &old, None).await;
+    assert_eq!(merged.status, StatusCode::OK, "{:?}", merged.body);
+    let user_version = merged.version();
+    let old_row = |column: &str| format!("SELECT {column} FROM carts WHERE owner = 'g:{old}'");
+    let old_version = app.query_i64(&old_row("version")).await;
+
+    let read = guest_cart(&app, &old).await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert_eq!(read.json()["items"], Value::Array(vec![]));
+
+    let add = r#"{"item_id":"sku-00003","quantity":1}"#;
+    let headers = [
+        h("cart-session", &old),
+        h("idempotency-key", "after-merge-1"),
+    ];
+    let write = app
+        .send("POST", "/api/v1/cart/items", &headers, Some(add))
+        .await;
+    assert_eq!(write.status, StatusCode::OK, "{:?}", write.body);
+    let fresh = write.header("cart-session").expect("a session").to_string();
+    assert_ne!(fresh, old, "a merged-away session must not accept writes");
+    assert!(write
+        .cookie("cart_session")
+        .is_some_and(|c| c.starts_with(&format!("cart_session={fresh};"))));
+    assert_eq!(write.json()["owner"], format!("g:{fresh}"));
+    assert_eq!(write.version(), 1);
+    assert_eq!(write.quantity_of("sku-00003"), 1);
+    assert_eq!(write.json()["items"].as_array().unwrap().len(), 1);
+
+    // A retry of that write replays its answer: one new cart, not two.
+    let retry = app
+        .send("POST", "/api/v1/cart/items", &headers, Some(add))
+        .await;
+    assert_eq!(retry.header("cart-session"), Some(fresh.as_str()));
+    assert_eq!(retry.body, write.body);
+    let guests = "SELECT count(*) FROM carts WHERE owner LIKE 'g:%'";
+    assert_eq!(app.query_i64(guests).await, 2);
+
+    // Neither the user's cart nor the old guest row moved.
+    let user = app.user("shopper", "GET", "/api/v1/cart", None).await;
+    assert_eq!(user.version(), user_version);
+    assert_eq!(user.quantity_of("sku-00001"), 2);
+    assert_eq!(user.quantity_of("sku-00002"), 1);
+    assert_eq!(app.query_i64(&old_row("version")).await, old_version);
+    let old_lines = format!("SELECT count(*) FROM cart_items WHERE owner = 'g:{old}'");
+    assert_eq!(app.query_i64(&old_lines).await, 0);
+    // The old session still reads an empty cart; the new one reads its own.
+    assert_eq!(
+        guest_cart(&app, &old).await.json()["items"],
+        Value::Array(vec![])
+    );
+    assert_eq!(guest_cart(&app, &fresh).await.quantity_of("sku-00003"), 1);
+}
+
+#[tokio::test]
 async fn lines_keep_the_price_they_captured_through_a_merge() {
     let app = TestApp::spawn().await;
     let captured_user = price_of(&app.add("pricey", "sku-00003", 1).await.json(), "sku-00003");

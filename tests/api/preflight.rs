@@ -273,6 +273,11 @@ fn check_config_and_serve_refuse_each_broken_region_file_alike_before_binding() 
             "auth.session_secret must be at least 32 bytes".into(),
         ),
         (
+            "session-id-version",
+            "[auth]\nsession_id_version = 3\n".into(),
+            "auth.session_id_version must be 1 or 2".into(),
+        ),
+        (
             "missing-catalog-primary",
             "[database]\ncatalog_primary = \"\"\n".into(),
             "database.catalog_primary is required: region sg is home to shard(s) sg-1".into(),

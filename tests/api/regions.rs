@@ -830,6 +830,27 @@ async fn a_guest_cart_homed_in_sg_merges_into_a_user_cart_homed_in_th_and_checks
         )
         .await;
     assert_eq!(guest.json()["items"], serde_json::Value::Array(vec![]));
+    // The merged-away session writing at th is relayed to sg, whose edge starts a new guest
+    // cart (homed where the old one was) instead of reopening the merged one.
+    let after = regions
+        .send(
+            &regions.th,
+            "POST",
+            "/api/v1/cart/items",
+            &[("cart-session", session.clone())],
+            Some(r#"{"item_id":"sku-00003","quantity":1}"#),
+        )
+        .await;
+    assert_eq!(after.status, StatusCode::OK, "{:?}", after.body);
+    let successor = after.header("cart-session").unwrap().to_string();
+    assert_ne!(successor, session);
+    assert!(after.cookie("cart_session").is_some());
+    assert_eq!(after.json()["items"].as_array().unwrap().len(), 1);
+    let ring = &regions.sg.app.topology.ring;
+    assert_eq!(
+        ring.locate(&format!("g:{successor}")).shard,
+        ring.locate(&format!("g:{session}")).shard
+    );
     // Checkout at sg runs in th against the catalog primary.
     let order = regions
         .send(
