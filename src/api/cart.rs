@@ -17,6 +17,7 @@ use super::{Body, Surface};
 use crate::app::App;
 use crate::domain::cart::{self, AddRequest, CartView, StoredCart};
 use crate::domain::ids::{Owner, OwnerKey};
+use crate::domain::variant::LineId;
 use crate::store::{CartOp, Source};
 
 /// Warning codes this module adds to a view (the domain adds the per-line ones).
@@ -165,15 +166,17 @@ pub async fn write(
             return answer;
         }
     }
-    let add_request;
+    let (add_request, add_line);
     let op = match &change {
         Change::Add(add) => {
             add_request = AddRequest {
                 quantity: add.quantity,
                 client_price: add.price,
             };
+            add_line = LineId::of(&add.item_id, add.variant.as_ref());
             CartOp::Add {
                 item_id: &add.item_id,
+                line_id: &add_line,
                 item: catalog_item.as_deref(),
                 request: &add_request,
                 variant: add.variant.as_ref(),
@@ -182,16 +185,16 @@ pub async fn write(
             }
         }
         Change::Set {
-            item_id,
+            line_id,
             quantity,
             if_match,
         } => CartOp::SetQuantity {
-            item_id,
+            line_id,
             quantity: *quantity,
             if_match: *if_match,
         },
-        Change::Remove { item_id, if_match } => CartOp::Remove {
-            item_id,
+        Change::Remove { line_id, if_match } => CartOp::Remove {
+            line_id,
             if_match: *if_match,
         },
         Change::Clear { if_match } => CartOp::Clear {

@@ -18,19 +18,21 @@ use crate::domain::cart::{
 };
 use crate::domain::ids::{ItemId, OwnerKey};
 use crate::domain::money::Currency;
+use crate::domain::variant::{stored_line_id, LineId};
 
+/// The line id is read through `to_jsonb(i)` so this statement also runs on a replica of a
+/// region not yet migrated to V4 (no `line_id` column): the id is then derived from the item and
+/// variant, by the same rule the edge writes it with.
 const LOAD_CART: &str = "SELECT c.currency, c.version, c.updated_at, i.item_id, i.quantity, \
-     i.variant, i.unit_price_minor, i.added_at, i.updated_at \
+     i.variant, i.unit_price_minor, i.added_at, i.updated_at, to_jsonb(i) ->> 'line_id' \
      FROM carts c LEFT JOIN cart_items i ON i.owner = c.owner \
-     WHERE c.owner = $1 ORDER BY i.added_at, i.item_id";
+     WHERE c.owner = $1 ORDER BY i.added_at, i.item_id, 10";
 
 /// A line's quantity as stored, checked against the cart rules (the schema's CHECK says the
 /// same; a row that breaks it is corrupt, never truncated into range).
-fn stored_quantity(owner: &str, item_id: &str, quantity: i32) -> Result<Quantity, StoreError> {
+fn stored_quantity(owner: &str, line: &str, quantity: i32) -> Result<Quantity, StoreError> {
     Quantity::parse(i64::from(quantity)).ok_or_else(|| {
-        StoreError::corrupt(format!(
-            "cart {owner}: item {item_id} has quantity {quantity}"
-        ))
+        StoreError::corrupt(format!("cart {owner}: line {line} has quantity {quantity}"))
     })
 }
 
@@ -53,10 +55,13 @@ pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, Store
         let item_id: Option<String> = row.try_get(3)?;
         let Some(item_id) = item_id else { continue };
         let quantity = stored_quantity(owner.as_str(), &item_id, row.try_get(4)?)?;
+        let variant: Option<Value> = row.try_get(5)?;
+        let line_id: Option<String> = row.try_get(9)?;
         cart.lines.push(StoredLine {
+            line_id: stored_line_id(line_id.as_deref(), &item_id, variant.as_ref()),
             item_id,
             quantity: quantity.get(),
-            variant: row.try_get(5)?,
+            variant,
             unit_price_minor: row.try_get(6)?,
             added_at: row.try_get(7)?,
             updated_at: row.try_get(8)?,
@@ -70,6 +75,8 @@ pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, Store
 pub enum CartOp<'a> {
     Add {
         item_id: &'a ItemId,
+        /// The line the add lands on: `item_id` with `variant`'s hash.
+        line_id: &'a LineId,
         /// The catalog's current entry (None: unknown item).
         item: Option<&'a CatalogItem>,
         request: &'a AddRequest,
@@ -78,13 +85,15 @@ pub enum CartOp<'a> {
         new_cart_currency: Currency,
         max_lines: u32,
     },
+    /// Sets one line's quantity (a line id naming just an item is its variant-less line).
     SetQuantity {
-        item_id: &'a ItemId,
+        line_id: &'a LineId,
         quantity: Quantity,
         if_match: Option<i64>,
     },
+    /// Removes one line.
     Remove {
-        item_id: &'a ItemId,
+        line_id: &'a LineId,
         if_match: Option<i64>,
     },
     Clear {
@@ -97,20 +106,33 @@ impl CartOp<'_> {
     fn event(&self) -> (&'static str, Value) {
         match self {
             CartOp::Add {
-                item_id, request, ..
+                item_id,
+                line_id,
+                request,
+                variant,
+                ..
             } => (
                 "item_added",
-                serde_json::json!({ "item_id": item_id.as_str(), "quantity": request.quantity.get() }),
+                serde_json::json!({
+                    "item_id": item_id.as_str(),
+                    "line_id": line_id.as_str(),
+                    "variant": variant,
+                    "quantity": request.quantity.get(),
+                }),
             ),
             CartOp::SetQuantity {
-                item_id, quantity, ..
+                line_id, quantity, ..
             } => (
                 "quantity_set",
-                serde_json::json!({ "item_id": item_id.as_str(), "quantity": quantity.get() }),
+                serde_json::json!({
+                    "item_id": line_id.item_id(),
+                    "line_id": line_id.as_str(),
+                    "quantity": quantity.get(),
+                }),
             ),
-            CartOp::Remove { item_id, .. } => (
+            CartOp::Remove { line_id, .. } => (
                 "item_removed",
-                serde_json::json!({ "item_id": item_id.as_str() }),
+                serde_json::json!({ "item_id": line_id.item_id(), "line_id": line_id.as_str() }),
             ),
             CartOp::Clear { .. } => ("cart_cleared", serde_json::json!({})),
         }
@@ -250,6 +272,7 @@ impl WriteTx {
         match op {
             CartOp::Add {
                 item_id,
+                line_id,
                 item,
                 request,
                 variant,
@@ -274,16 +297,16 @@ impl WriteTx {
                 let cart_currency = Currency::parse(&currency).unwrap_or(*new_cart_currency);
                 let context_query = client
                     .prepare_cached(
-                        "SELECT (SELECT quantity FROM cart_items WHERE owner = $1 AND item_id = $2), \
+                        "SELECT (SELECT quantity FROM cart_items WHERE owner = $1 AND line_id = $2), \
                          (SELECT count(*) FROM cart_items WHERE owner = $1)",
                     )
                     .await?;
                 let row = client
-                    .query_one(&context_query, &[&owner_str, &item_id.as_str()])
+                    .query_one(&context_query, &[&owner_str, &line_id.as_str()])
                     .await?;
                 let existing: Option<i32> = row.try_get(0)?;
                 let existing = existing
-                    .map(|q| stored_quantity(owner_str, item_id.as_str(), q))
+                    .map(|q| stored_quantity(owner_str, line_id.as_str(), q))
                     .transpose()?;
                 let line_count: i64 = row.try_get(1)?;
                 let context = LineContext {
@@ -301,12 +324,10 @@ impl WriteTx {
                 let upsert = client
                     .prepare_cached(
                         "INSERT INTO cart_items \
-                         (owner, item_id, quantity, unit_price_minor, currency, variant) \
-                         VALUES ($1, $2, $3, $4, $5, $6) \
-                         ON CONFLICT (owner, item_id) DO UPDATE \
-                         SET quantity = EXCLUDED.quantity, \
-                             variant = COALESCE(EXCLUDED.variant, cart_items.variant), \
-                             updated_at = now()",
+                         (owner, line_id, item_id, quantity, unit_price_minor, currency, variant) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                         ON CONFLICT (owner, line_id) DO UPDATE \
+                         SET quantity = EXCLUDED.quantity, updated_at = now()",
                     )
                     .await?;
                 client
@@ -314,6 +335,7 @@ impl WriteTx {
                         &upsert,
                         &[
                             &owner_str,
+                            &line_id.as_str(),
                             &item_id.as_str(),
                             &i32::from(plan.new_quantity.get()),
                             &plan.unit_price_minor,
@@ -324,7 +346,7 @@ impl WriteTx {
                     .await?;
             }
             CartOp::SetQuantity {
-                item_id,
+                line_id,
                 quantity,
                 if_match,
             } => {
@@ -334,28 +356,28 @@ impl WriteTx {
                 let update = client
                     .prepare_cached(
                         "UPDATE cart_items SET quantity = $3, updated_at = now() \
-                         WHERE owner = $1 AND item_id = $2",
+                         WHERE owner = $1 AND line_id = $2",
                     )
                     .await?;
                 let changed = client
                     .execute(
                         &update,
-                        &[&owner_str, &item_id.as_str(), &i32::from(quantity.get())],
+                        &[&owner_str, &line_id.as_str(), &i32::from(quantity.get())],
                     )
                     .await?;
                 if changed == 0 {
                     return Ok(Err(CartRule::ItemNotInCart));
                 }
             }
-            CartOp::Remove { item_id, if_match } => {
+            CartOp::Remove { line_id, if_match } => {
                 if let Err(rule) = bump_existing(client, owner_str, *if_match).await? {
                     return Ok(Err(rule));
                 }
                 let delete = client
-                    .prepare_cached("DELETE FROM cart_items WHERE owner = $1 AND item_id = $2")
+                    .prepare_cached("DELETE FROM cart_items WHERE owner = $1 AND line_id = $2")
                     .await?;
                 if client
-                    .execute(&delete, &[&owner_str, &item_id.as_str()])
+                    .execute(&delete, &[&owner_str, &line_id.as_str()])
                     .await?
                     == 0
                 {

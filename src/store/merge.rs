@@ -6,7 +6,8 @@
 //!    version and return its lines. A frozen cart refuses writes (`merge_in_progress`), so the
 //!    lines cannot change under the merge; freezing again for the same user returns the same
 //!    snapshot.
-//! 2. [`WriteTx::apply_merge`] (user's shard): add the snapshot to the user's cart and record
+//! 2. [`WriteTx::apply_merge`] (user's shard): add the snapshot to the user's cart (line by
+//!    line id: one item in two variants stays two lines) and record
 //!    `(user, guest, frozen version)` in `cart_merges`, in one transaction. Finding that record
 //!    means the merge was already applied: nothing is added twice.
 //! 3. [`finalize`] (guest's shard): empty the guest cart and lift the freeze, if it is still the
@@ -229,9 +230,9 @@ impl WriteTx {
         let upsert = client
             .prepare_cached(
                 "INSERT INTO cart_items \
-                 (owner, item_id, quantity, unit_price_minor, currency, variant) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (owner, item_id) DO UPDATE \
+                 (owner, line_id, item_id, quantity, unit_price_minor, currency, variant) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (owner, line_id) DO UPDATE \
                  SET quantity = EXCLUDED.quantity, unit_price_minor = EXCLUDED.unit_price_minor, \
                      variant = EXCLUDED.variant, updated_at = now()",
             )
@@ -243,6 +244,7 @@ impl WriteTx {
                     &upsert,
                     &[
                         &user.as_str(),
+                        &write.line_id,
                         &write.item_id,
                         &i32::from(write.quantity),
                         &write.unit_price_minor,
