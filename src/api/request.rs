@@ -16,9 +16,9 @@ use super::names;
 use crate::auth::Authenticator;
 use crate::domain::cart::Quantity;
 use crate::domain::ids::{ItemId, SessionId, UserId};
-use crate::domain::variant::LineId;
 use crate::domain::money::Money;
 use crate::domain::variant;
+use crate::domain::variant::LineId;
 use crate::limits::Tier;
 
 /// Who sent the request.

@@ -78,7 +78,11 @@ struct StoredLineWire {
 impl From<StoredLineWire> for StoredLine {
     fn from(wire: StoredLineWire) -> StoredLine {
         StoredLine {
-            line_id: stored_line_id(wire.line_id.as_deref(), &wire.item_id, wire.variant.as_ref()),
+            line_id: stored_line_id(
+                wire.line_id.as_deref(),
+                &wire.item_id,
+                wire.variant.as_ref(),
+            ),
             item_id: wire.item_id,
             quantity: wire.quantity,
             variant: wire.variant,

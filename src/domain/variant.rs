@@ -254,8 +254,16 @@ mod tests {
     fn line_ids_match_the_golden_vectors() {
         let item = ItemId::parse("sku-00005").unwrap();
         let cases = [
-            (json!({"color": "red"}), r#"{"color":"red"}"#, "241889ca0604e333"),
-            (json!({"color": "blue"}), r#"{"color":"blue"}"#, "f234cb93c08ad64e"),
+            (
+                json!({"color": "red"}),
+                r#"{"color":"red"}"#,
+                "241889ca0604e333",
+            ),
+            (
+                json!({"color": "blue"}),
+                r#"{"color":"blue"}"#,
+                "f234cb93c08ad64e",
+            ),
             (
                 json!({"size": "M", "fit": {"cut": "slim"}}),
                 r#"{"fit":{"cut":"slim"},"size":"M"}"#,
