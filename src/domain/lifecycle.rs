@@ -419,4 +419,58 @@ mod tests {
             Err(CheckoutRefusal::Empty)
         );
     }
+
+    fn variant_line(item: &str, color: &str, quantity: u16) -> StoredLine {
+        let variant = serde_json::json!({ "color": color });
+        let mut line = line(item, quantity, 100);
+        line.line_id = crate::domain::variant::stored_line_id(None, item, Some(&variant));
+        line.variant = Some(variant);
+        line
+    }
+
+    #[test]
+    fn a_merge_combines_equal_line_ids_and_keeps_other_variants_apart() {
+        let user = cart("u:a", vec![variant_line("a", "red", 2)]);
+        let guest = cart(
+            "g:s",
+            vec![variant_line("a", "red", 1), variant_line("a", "blue", 4)],
+        );
+        let plan = plan_merge(&user, &guest, MergeStrategy::Sum, 10).unwrap();
+        let writes: Vec<(String, u16)> = plan
+            .writes
+            .iter()
+            .map(|w| (w.line_id.clone(), w.quantity))
+            .collect();
+        assert_eq!(
+            writes,
+            [
+                (user.lines[0].line_id.clone(), 3),
+                (guest.lines[1].line_id.clone(), 4)
+            ]
+        );
+        assert_eq!((plan.report.merged_lines, plan.report.added_lines), (1, 1));
+    }
+
+    #[test]
+    fn checkout_keeps_each_variant_line_with_its_line_id() {
+        let cart = cart(
+            "u:a",
+            vec![variant_line("a", "red", 2), variant_line("a", "blue", 1)],
+        );
+        let offer = |_: &str| CurrentOffer {
+            price: Some(Money::new(100, sgd())),
+        };
+        let (lines, total) = price_checkout(&cart, sgd(), false, offer).unwrap();
+        assert_eq!(lines.len(), 2);
+        for line in &lines {
+            let source = cart
+                .lines
+                .iter()
+                .find(|l| Some(&l.line_id) == line.line_id.as_ref())
+                .unwrap();
+            assert_eq!(line.variant, source.variant);
+            assert_eq!(line.quantity, source.quantity);
+        }
+        assert_eq!(total, Money::new(300, sgd()));
+    }
 }
