@@ -846,3 +846,23 @@ async fn the_migrations_line_id_rule_is_the_edges() {
         1
     );
 }
+
+/// A region migrated to V4 reads replicas of regions still on V3 (no `line_id` column): the
+/// cart query derives each line's id from its item and variant by the same rule.
+#[tokio::test]
+async fn carts_read_from_a_database_without_line_ids_get_them_derived() {
+    use cartedge::domain::ids::OwnerKey;
+    let app = TestApp::spawn().await;
+    add_variant(&app, "alice", r#"{"color":"red"}"#, 1).await;
+    app.add("alice", "sku-00001", 1).await;
+    app.sql("ALTER TABLE cart_items DROP COLUMN line_id").await;
+    let owner = OwnerKey::from_stored("u:alice".into());
+    let (cart, _) = app
+        .app
+        .store
+        .read_from_database("sg-1", &owner, 0)
+        .await
+        .expect("the cart reads without the column");
+    let ids: Vec<&str> = cart.lines.iter().map(|l| l.line_id.as_str()).collect();
+    assert_eq!(ids, [RED, "sku-00001"]);
+}
