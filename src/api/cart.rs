@@ -17,7 +17,6 @@ use super::{Body, Surface};
 use crate::app::App;
 use crate::domain::cart::{self, AddRequest, CartView, StoredCart};
 use crate::domain::ids::{Owner, OwnerKey};
-use crate::domain::variant::LineId;
 use crate::store::{CartOp, Source};
 
 /// Warning codes this module adds to a view (the domain adds the per-line ones).
@@ -166,17 +165,15 @@ pub async fn write(
             return answer;
         }
     }
-    let (add_request, add_line);
+    let add_request;
     let op = match &change {
         Change::Add(add) => {
             add_request = AddRequest {
                 quantity: add.quantity,
                 client_price: add.price,
             };
-            add_line = LineId::of(&add.item_id, add.variant.as_ref());
             CartOp::Add {
                 item_id: &add.item_id,
-                line_id: &add_line,
                 item: catalog_item.as_deref(),
                 request: &add_request,
                 variant: add.variant.as_ref(),

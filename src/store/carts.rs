@@ -74,9 +74,8 @@ pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, Store
 #[derive(Debug)]
 pub enum CartOp<'a> {
     Add {
+        /// The item; with `variant` it names the line the add lands on (`LineId::of`).
         item_id: &'a ItemId,
-        /// The line the add lands on: `item_id` with `variant`'s hash.
-        line_id: &'a LineId,
         /// The catalog's current entry (None: unknown item).
         item: Option<&'a CatalogItem>,
         request: &'a AddRequest,
@@ -107,7 +106,6 @@ impl CartOp<'_> {
         match self {
             CartOp::Add {
                 item_id,
-                line_id,
                 request,
                 variant,
                 ..
@@ -115,7 +113,7 @@ impl CartOp<'_> {
                 "item_added",
                 serde_json::json!({
                     "item_id": item_id.as_str(),
-                    "line_id": line_id.as_str(),
+                    "line_id": LineId::of(item_id, *variant).as_str(),
                     "variant": variant,
                     "quantity": request.quantity.get(),
                 }),
@@ -272,7 +270,6 @@ impl WriteTx {
         match op {
             CartOp::Add {
                 item_id,
-                line_id,
                 item,
                 request,
                 variant,
@@ -295,6 +292,7 @@ impl WriteTx {
                     return Ok(Err(CartRule::MergeInProgress));
                 }
                 let cart_currency = Currency::parse(&currency).unwrap_or(*new_cart_currency);
+                let line_id = LineId::of(item_id, *variant);
                 let context_query = client
                     .prepare_cached(
                         "SELECT (SELECT quantity FROM cart_items WHERE owner = $1 AND line_id = $2), \
