@@ -11,10 +11,14 @@
 -- a backfilled line gets a different id than a new add of the same variant would, so that add
 -- makes a second line; no existing line is lost or merged wrongly.
 --
--- Rollout: readers of every version work on this schema (the old cart query selects the same
--- columns). Writers that upsert on (owner, item_id) do not, so a region applies this migration
--- when its edges run the version that writes line ids; that version reads replicas of regions
--- still on V3 (the line id is derived when the column is absent).
+-- Rollout (expand/contract across regions): readers of both versions work on both schemas.
+-- Older edges read V4 rows with their old cart query (same columns); edges of this version read
+-- replicas still on V3 and derive the line id there (`to_jsonb(i) ->> 'line_id'` is NULL). Writes
+-- to a shard happen only in its home region, so only that region's edges meet this schema as
+-- writers: older edges' adds and merges upsert ON CONFLICT (owner, item_id), which no longer has
+-- a unique index to arbitrate (an error, nothing written), and this version's adds need the
+-- line_id column. A region therefore runs `cartedge migrate` as it replaces its edges; its
+-- reads, quantity changes, removals and checkouts work on either side of that.
 
 CREATE FUNCTION cartedge_canonical_variant(value jsonb) RETURNS text
     LANGUAGE plpgsql IMMUTABLE STRICT AS $$
