@@ -17,8 +17,9 @@
 -- to a shard happen only in its home region, so only that region's edges meet this schema as
 -- writers: older edges' adds and merges upsert ON CONFLICT (owner, item_id), which no longer has
 -- a unique index to arbitrate (an error, nothing written), and this version's adds need the
--- line_id column. A region therefore runs `cartedge migrate` as it replaces its edges; its
--- reads, quantity changes, removals and checkouts work on either side of that.
+-- line_id column (as do its quantity changes and removals). A region therefore runs
+-- `cartedge migrate` as it replaces its edges; reads and checkouts of both versions work on
+-- both schemas, and older edges' quantity changes and removals work on V4.
 
 CREATE FUNCTION cartedge_canonical_variant(value jsonb) RETURNS text
     LANGUAGE plpgsql IMMUTABLE STRICT AS $$
