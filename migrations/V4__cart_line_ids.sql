@@ -11,15 +11,14 @@
 -- a backfilled line gets a different id than a new add of the same variant would, so that add
 -- makes a second line; no existing line is lost or merged wrongly.
 --
--- Rollout (expand/contract across regions): readers of both versions work on both schemas.
--- Older edges read V4 rows with their old cart query (same columns); edges of this version read
--- replicas still on V3 and derive the line id there (`to_jsonb(i) ->> 'line_id'` is NULL). Writes
--- to a shard happen only in its home region, so only that region's edges meet this schema as
--- writers: older edges' adds and merges upsert ON CONFLICT (owner, item_id), which no longer has
--- a unique index to arbitrate (an error, nothing written), and this version's adds need the
--- line_id column (as do its quantity changes and removals). A region therefore runs
--- `cartedge migrate` as it replaces its edges; reads and checkouts of both versions work on
--- both schemas, and older edges' quantity changes and removals work on V4.
+-- Rollout (expand/contract): deploy the edges of this version first, then migrate. This
+-- version works on both schemas: on V3 it writes as the edges before it did (a line per item;
+-- it checks for the line_id column in the statement that locks the cart) and derives line ids
+-- when reading, so regions and edges on either side of this migration keep working together.
+-- Older edges read V4 rows with their old cart query (same columns), but their adds and merges
+-- upsert ON CONFLICT (owner, item_id), which has no unique index to arbitrate on V4 (an error,
+-- nothing written): a region applies V4 only once all of its edges run this version. Writes to
+-- a shard happen only in its home region, so other regions' versions do not matter for that.
 
 CREATE FUNCTION cartedge_canonical_variant(value jsonb) RETURNS text
     LANGUAGE plpgsql IMMUTABLE STRICT AS $$

@@ -866,3 +866,82 @@ async fn carts_read_from_a_database_without_line_ids_get_them_derived() {
     let ids: Vec<&str> = cart.lines.iter().map(|l| l.line_id.as_str()).collect();
     assert_eq!(ids, [RED, "sku-00001"]);
 }
+
+/// This version's edges may be deployed before `cartedge migrate` applies V4 in their region:
+/// on a database without line ids they write as the edges before them did (a line per item)
+/// and address lines by the ids they show.
+#[tokio::test]
+async fn on_a_database_before_v4_lines_are_kept_per_item_as_before() {
+    let app = TestApp::spawn().await;
+    app.sql(
+        "ALTER TABLE cart_items DROP COLUMN line_id; \
+         ALTER TABLE cart_items ADD PRIMARY KEY (owner, item_id)",
+    )
+    .await;
+    add_variant(&app, "alice", r#"{"color":"red"}"#, 1).await;
+    let cart = add_variant(&app, "alice", r#"{"color":"blue"}"#, 1).await;
+    assert_eq!(
+        lines(&cart),
+        [(BLUE.to_string(), 2, serde_json::json!({"color": "blue"}))]
+    );
+    let set = app
+        .user(
+            "alice",
+            "PUT",
+            &format!("/api/v1/cart/items/{BLUE}"),
+            Some(r#"{"quantity":5}"#),
+        )
+        .await;
+    assert_eq!(set.status, StatusCode::OK, "{:?}", set.body);
+    assert_eq!(set.quantity_of("sku-00005"), 5);
+    for path in [
+        format!("/api/v1/cart/items/{RED}"),
+        "/api/v1/cart/items/sku-00005".to_string(),
+    ] {
+        let other = app.user("alice", "DELETE", &path, None).await;
+        assert_eq!(
+            (other.status, other.error_code().as_str()),
+            (StatusCode::NOT_FOUND, "item_not_in_cart"),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        app.user("alice", "GET", "/api/v1/cart", None)
+            .await
+            .quantity_of("sku-00005"),
+        5,
+        "a refused removal changed nothing"
+    );
+    let removed = app
+        .user(
+            "alice",
+            "DELETE",
+            &format!("/api/v1/cart/items/{BLUE}"),
+            None,
+        )
+        .await;
+    assert_eq!(removed.status, StatusCode::OK);
+    assert_eq!(removed.json()["items"], serde_json::json!([]));
+
+    // A merge sums per item, as before.
+    app.add("alice", "sku-00001", 2).await;
+    let guest = app
+        .send(
+            "POST",
+            "/api/v1/cart/items",
+            &[],
+            Some(r#"{"item_id":"sku-00001","quantity":3}"#),
+        )
+        .await;
+    let session = guest.header("cart-session").unwrap().to_string();
+    let merged = app
+        .send(
+            "POST",
+            "/api/v1/cart/merge",
+            &[app.bearer("alice"), h("cart-session", &session)],
+            None,
+        )
+        .await;
+    assert_eq!(merged.status, StatusCode::OK, "{:?}", merged.body);
+    assert_eq!(merged.quantity_of("sku-00001"), 5);
+}
