@@ -9,6 +9,7 @@ use cartedge::auth::{issue_token, Authenticator};
 use cartedge::config::{AuthConfig, Dur, JwtKeyConfig, Secret};
 use cartedge::domain::cart::{view, CatalogItem, StoredCart, StoredLine};
 use cartedge::domain::money::{Currency, Money};
+use cartedge::domain::variant::stored_line_id;
 use criterion::{criterion_group, criterion_main, Criterion};
 
 fn auth_config() -> AuthConfig {
@@ -32,13 +33,18 @@ fn five_item_cart() -> (StoredCart, Vec<CatalogItem>) {
     let sgd = Currency::parse("SGD").unwrap();
     let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
     let lines: Vec<StoredLine> = (1..=5)
-        .map(|n| StoredLine {
-            item_id: format!("sku-0000{n}"),
-            quantity: n,
-            variant: (n % 2 == 0).then(|| serde_json::json!({"size": "M", "colour": "navy"})),
-            unit_price_minor: 1000 + i64::from(n) * 37,
-            added_at: at,
-            updated_at: at,
+        .map(|n| {
+            let item_id = format!("sku-0000{n}");
+            let variant = (n % 2 == 0).then(|| serde_json::json!({"size": "M", "colour": "navy"}));
+            StoredLine {
+                line_id: stored_line_id(None, &item_id, variant.as_ref()),
+                item_id,
+                quantity: n,
+                variant,
+                unit_price_minor: 1000 + i64::from(n) * 37,
+                added_at: at,
+                updated_at: at,
+            }
         })
         .collect();
     let catalog = lines

@@ -195,16 +195,16 @@ pub async fn write(
             }
         }
         Change::Set {
-            item_id,
+            line_id,
             quantity,
             if_match,
         } => CartOp::SetQuantity {
-            item_id,
+            line_id,
             quantity: *quantity,
             if_match: *if_match,
         },
-        Change::Remove { item_id, if_match } => CartOp::Remove {
-            item_id,
+        Change::Remove { line_id, if_match } => CartOp::Remove {
+            line_id,
             if_match: *if_match,
         },
         Change::Clear { if_match } => CartOp::Clear {

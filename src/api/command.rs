@@ -25,10 +25,11 @@ use super::request::{
 use super::{Handler, Peer, Surface};
 use crate::app::App;
 use crate::domain::cart::Quantity;
-use crate::domain::ids::{ItemId, Owner, OwnerKey, SessionId};
+use crate::domain::ids::{Owner, OwnerKey, SessionId};
 use crate::domain::lifecycle::MergeStrategy;
 use crate::domain::money::Currency;
 use crate::domain::order::OrderId;
+use crate::domain::variant::LineId;
 use crate::forward::client::names as fwd;
 use crate::limits::{Class, Verdict};
 
@@ -100,12 +101,12 @@ pub struct CartWrite<'a> {
 pub enum Change {
     Add(ValidAdd),
     Set {
-        item_id: ItemId,
+        line_id: LineId,
         quantity: Quantity,
         if_match: Option<i64>,
     },
     Remove {
-        item_id: ItemId,
+        line_id: LineId,
         if_match: Option<i64>,
     },
     Clear {
@@ -114,14 +115,15 @@ pub enum Change {
 }
 
 impl Change {
-    /// The operation's name, target and precondition, for the idempotency fingerprint.
+    /// The operation's name, target and precondition, for the idempotency fingerprint (a line
+    /// without variant has its item id as line id, so those fingerprints are unchanged).
     pub fn fingerprint_parts(&self) -> (&'static str, &str, Option<i64>) {
         match self {
             Change::Add(add) => ("add", add.item_id.as_str(), None),
             Change::Set {
-                item_id, if_match, ..
-            } => ("set", item_id.as_str(), *if_match),
-            Change::Remove { item_id, if_match } => ("remove", item_id.as_str(), *if_match),
+                line_id, if_match, ..
+            } => ("set", line_id.as_str(), *if_match),
+            Change::Remove { line_id, if_match } => ("remove", line_id.as_str(), *if_match),
             Change::Clear { if_match } => ("clear", "", *if_match),
         }
     }
@@ -297,8 +299,8 @@ fn view<'a>(
 /// A write's body, parsed but not yet validated (so `user_id` is checked first).
 enum ParsedWrite {
     Add(AddItemBody),
-    Set(ItemId, SetQuantityBody),
-    Remove(ItemId, ClearBody),
+    Set(LineId, SetQuantityBody),
+    Remove(LineId, ClearBody),
     Clear(ClearBody),
 }
 
@@ -320,18 +322,18 @@ fn write<'a>(
     parts: &Parts,
     caller: Caller,
     handler: Handler,
-    item_segment: &str,
+    line_segment: &str,
     body: &[u8],
 ) -> Result<(Operation<'a>, Option<String>), ApiError> {
     let if_match = request.if_match()?;
     let parsed = match handler {
         Handler::AddItem => ParsedWrite::Add(request::parse_json(body)?),
         Handler::SetItem => ParsedWrite::Set(
-            request::item_id_segment(item_segment)?,
+            request::line_id_segment(line_segment)?,
             request::parse_json(body)?,
         ),
         Handler::RemoveItem => ParsedWrite::Remove(
-            request::item_id_segment(item_segment)?,
+            request::line_id_segment(line_segment)?,
             request::parse_json_or_default(body)?,
         ),
         _ => ParsedWrite::Clear(request::parse_json_or_default(body)?),
@@ -340,12 +342,12 @@ fn write<'a>(
     request.check_user_id(&caller, parsed.user_id().or(query_user_id.as_deref()))?;
     let change = match parsed {
         ParsedWrite::Add(body) => Change::Add(body.validate()?),
-        ParsedWrite::Set(item_id, body) => Change::Set {
+        ParsedWrite::Set(line_id, body) => Change::Set {
             quantity: body.validate()?,
-            item_id,
+            line_id,
             if_match,
         },
-        ParsedWrite::Remove(item_id, _) => Change::Remove { item_id, if_match },
+        ParsedWrite::Remove(line_id, _) => Change::Remove { line_id, if_match },
         ParsedWrite::Clear(_) => Change::Clear { if_match },
     };
     let key = request.idempotency_key()?.map(str::to_string);

@@ -133,14 +133,14 @@ pub static ROUTES: [Route<Handler>; 17] = {
         versioned(
             S::CART,
             M::PUT,
-            "/cart/items/{item_id}",
+            "/cart/items/{line_id}",
             "cart_item",
             H::SetItem,
         ),
         versioned(
             S::CART,
             M::DELETE,
-            "/cart/items/{item_id}",
+            "/cart/items/{line_id}",
             "cart_item",
             H::RemoveItem,
         ),

@@ -18,6 +18,7 @@ use crate::domain::cart::Quantity;
 use crate::domain::ids::{ItemId, SessionId, UserId};
 use crate::domain::money::Money;
 use crate::domain::variant;
+use crate::domain::variant::LineId;
 use crate::limits::Tier;
 
 /// Who sent the request.
@@ -259,12 +260,13 @@ pub fn decode_path_segment(raw: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// The `{item_id}` path segment: percent-decoded, then checked.
-pub fn item_id_segment(raw: &str) -> Result<ItemId, ApiError> {
+/// The `{line_id}` path segment: percent-decoded, then checked. An item id alone names the
+/// item's variant-less line.
+pub fn line_id_segment(raw: &str) -> Result<LineId, ApiError> {
     let decoded = decode_path_segment(raw).ok_or_else(|| {
-        ApiError::InvalidRequest("item_id in the path is not valid percent-encoding".into())
+        ApiError::InvalidRequest("line_id in the path is not valid percent-encoding".into())
     })?;
-    ItemId::parse(&decoded).map_err(|e| ApiError::InvalidRequest(e.to_string()))
+    LineId::parse(&decoded).map_err(|e| ApiError::InvalidRequest(e.to_string()))
 }
 
 fn parse_etag(tag: &str) -> Option<i64> {

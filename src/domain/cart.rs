@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::money::{Currency, Money};
+use super::variant::stored_line_id;
 
 /// Largest quantity of one line.
 pub const MAX_QUANTITY: u16 = 999;
@@ -31,9 +32,15 @@ impl Quantity {
 }
 
 /// A line as stored (database row or cache entry). The serde form is the cache's: compact,
-/// timestamps as integer microseconds (parsing RFC 3339 dominated cache-hit decoding).
+/// timestamps as integer microseconds (parsing RFC 3339 dominated cache-hit decoding). An entry
+/// written by an edge older than line ids has no `k`; its line id is derived on the way in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredLineWire")]
 pub struct StoredLine {
+    /// The line's identity (`variant::LineId`): the item id, or the item id, `~` and the
+    /// variant's hash.
+    #[serde(rename = "k")]
+    pub line_id: String,
     #[serde(rename = "i")]
     pub item_id: String,
     #[serde(rename = "q")]
@@ -47,6 +54,43 @@ pub struct StoredLine {
     pub added_at: DateTime<Utc>,
     #[serde(rename = "u", with = "chrono::serde::ts_microseconds")]
     pub updated_at: DateTime<Utc>,
+}
+
+/// The serde form of [`StoredLine`] as read, with the line id optional.
+#[derive(Deserialize)]
+struct StoredLineWire {
+    #[serde(rename = "k", default)]
+    line_id: Option<String>,
+    #[serde(rename = "i")]
+    item_id: String,
+    #[serde(rename = "q")]
+    quantity: u16,
+    #[serde(rename = "v")]
+    variant: Option<Value>,
+    #[serde(rename = "p")]
+    unit_price_minor: i64,
+    #[serde(rename = "a", with = "chrono::serde::ts_microseconds")]
+    added_at: DateTime<Utc>,
+    #[serde(rename = "u", with = "chrono::serde::ts_microseconds")]
+    updated_at: DateTime<Utc>,
+}
+
+impl From<StoredLineWire> for StoredLine {
+    fn from(wire: StoredLineWire) -> StoredLine {
+        StoredLine {
+            line_id: stored_line_id(
+                wire.line_id.as_deref(),
+                &wire.item_id,
+                wire.variant.as_ref(),
+            ),
+            item_id: wire.item_id,
+            quantity: wire.quantity,
+            variant: wire.variant,
+            unit_price_minor: wire.unit_price_minor,
+            added_at: wire.added_at,
+            updated_at: wire.updated_at,
+        }
+    }
 }
 
 /// A cart as stored. `version` 0 with no currency means "no cart yet".
@@ -190,6 +234,8 @@ pub fn check_version(expected: Option<i64>, current: i64) -> Result<(), CartRule
 /// A line as the client sees it.
 #[derive(Debug, Clone, Serialize)]
 pub struct LineView {
+    /// What `PUT`/`DELETE /cart/items/{line_id}` address.
+    pub line_id: String,
     pub item_id: String,
     pub quantity: u16,
     pub variant: Option<Value>,
@@ -267,6 +313,7 @@ pub fn view<'a>(
             total_items += u64::from(line.quantity);
             total_minor += i128::from(line.unit_price_minor) * i128::from(line.quantity);
             LineView {
+                line_id: line.line_id.clone(),
                 item_id: line.item_id.clone(),
                 quantity: line.quantity,
                 variant: line.variant.clone(),
@@ -422,6 +469,7 @@ mod tests {
             version: 3,
             lines: vec![
                 StoredLine {
+                    line_id: "sku-1".into(),
                     item_id: "sku-1".into(),
                     quantity: 3,
                     variant: None,
@@ -430,6 +478,7 @@ mod tests {
                     updated_at: at,
                 },
                 StoredLine {
+                    line_id: "gone".into(),
                     item_id: "gone".into(),
                     quantity: 1,
                     variant: None,
@@ -460,5 +509,18 @@ mod tests {
             check_version(Some(3), 4),
             Err(CartRule::VersionMismatch { current: 4 })
         );
+    }
+
+    #[test]
+    fn a_cache_entry_without_line_ids_derives_them() {
+        let old = r#"{"o":"u:a","c":"SGD","n":2,"u":null,"l":[
+            {"i":"sku-1","q":1,"v":null,"p":5,"a":0,"u":0},
+            {"i":"sku-00005","q":1,"v":{"color":"red"},"p":5,"a":0,"u":0}]}"#;
+        let cart: StoredCart = serde_json::from_str(old).unwrap();
+        assert_eq!(cart.lines[0].line_id, "sku-1");
+        assert_eq!(cart.lines[1].line_id, "sku-00005~241889ca0604e333");
+        let again: StoredCart =
+            serde_json::from_slice(&serde_json::to_vec(&cart).unwrap()).unwrap();
+        assert_eq!(again, cart);
     }
 }

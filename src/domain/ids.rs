@@ -30,7 +30,8 @@ impl UserId {
     }
 }
 
-/// A catalog item id, `[A-Za-z0-9._:-]{1,64}`.
+/// A catalog item id, `[A-Za-z0-9._:-]{1,64}`. It never contains `~`, which line ids
+/// (`variant::LineId`) use to append a variant's hash.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ItemId(String);
 
@@ -136,7 +137,8 @@ mod tests {
     fn item_ids_allow_dots_colons_and_dashes_only() {
         assert!(ItemId::parse("sku-00001").is_ok());
         assert!(ItemId::parse("a.b:c_d-e").is_ok());
-        for bad in ["", "a/b", "a b", "<x>", &"x".repeat(65)] {
+        // `~` separates a line id's item from its variant hash (`variant::LineId`).
+        for bad in ["", "a/b", "a b", "<x>", "a~b", &"x".repeat(65)] {
             assert!(ItemId::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::cart::{StoredCart, StoredLine, MAX_QUANTITY};
 use super::money::{Currency, Money};
 
-/// How quantities of an item in both carts combine.
+/// How quantities of a line in both carts (same item, same variant: same line id) combine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MergeStrategy {
@@ -26,6 +26,9 @@ pub enum MergeStrategy {
 /// A line the merge capped at the maximum quantity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Clamped {
+    /// Absent from reports stored before line ids.
+    #[serde(default)]
+    pub line_id: String,
     pub item_id: String,
     pub requested: u32,
     pub quantity: u16,
@@ -34,6 +37,9 @@ pub struct Clamped {
 /// A guest line the merge could not take.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Skipped {
+    /// Absent from reports stored before line ids.
+    #[serde(default)]
+    pub line_id: String,
     pub item_id: String,
     pub reason: String,
 }
@@ -52,6 +58,7 @@ pub struct MergeReport {
 /// One line the merge writes into the user's cart (insert or update).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergeWrite {
+    pub line_id: String,
     pub item_id: String,
     pub quantity: u16,
     pub unit_price_minor: i64,
@@ -73,7 +80,8 @@ pub enum MergeRefusal {
     CurrencyMismatch { user: Currency, guest: Currency },
 }
 
-/// Decides how `guest` merges into `user`. Existing user lines keep their captured price
+/// Decides how `guest` merges into `user`. Lines with the same line id combine; the same item in
+/// different variants stays in separate lines. Existing user lines keep their captured price
 /// (except under `keep_guest`, where the guest's line wins whole); guest lines keep theirs.
 /// New lines beyond `max_lines` are skipped and reported.
 pub fn plan_merge(
@@ -101,7 +109,7 @@ pub fn plan_merge(
     let mut writes = Vec::new();
     let mut line_count = user.lines.len();
     for line in &guest.lines {
-        match user.lines.iter().find(|l| l.item_id == line.item_id) {
+        match user.lines.iter().find(|l| l.line_id == line.line_id) {
             Some(existing) => {
                 report.merged_lines += 1;
                 let (requested, base) = match strategy {
@@ -118,6 +126,7 @@ pub fn plan_merge(
                 let quantity = clamp(requested);
                 if u32::from(quantity) < requested {
                     report.clamped.push(Clamped {
+                        line_id: line.line_id.clone(),
                         item_id: line.item_id.clone(),
                         requested,
                         quantity,
@@ -131,6 +140,7 @@ pub fn plan_merge(
                 }
             }
             None if line_count >= max_lines as usize => report.skipped.push(Skipped {
+                line_id: line.line_id.clone(),
                 item_id: line.item_id.clone(),
                 reason: "cart_full".into(),
             }),
@@ -154,6 +164,7 @@ fn clamp(requested: u32) -> u16 {
 
 fn write_of(line: &StoredLine, quantity: u16) -> MergeWrite {
     MergeWrite {
+        line_id: line.line_id.clone(),
         item_id: line.item_id.clone(),
         quantity,
         unit_price_minor: line.unit_price_minor,
@@ -180,6 +191,9 @@ pub struct Shortage {
 /// One line of an order, at the price charged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderLine {
+    /// The cart line it came from; absent from orders placed before line ids.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub line_id: Option<String>,
     pub item_id: String,
     pub quantity: u16,
     pub unit_price: Money,
@@ -206,7 +220,8 @@ pub enum CheckoutRefusal {
 }
 
 /// Prices a checkout: every line at its captured price, or at the current one when it moved
-/// and `accept_price_changes`. Lines are returned sorted by item id (the reservation order).
+/// and `accept_price_changes`. Lines are returned sorted by item id, then line id (the
+/// reservation order); two variants of one item are two order lines.
 pub fn price_checkout(
     cart: &StoredCart,
     currency: Currency,
@@ -238,6 +253,7 @@ pub fn price_checkout(
         }
         let unit = if accept_price_changes { now } else { captured };
         lines.push(OrderLine {
+            line_id: Some(line.line_id.clone()),
             item_id: line.item_id.clone(),
             quantity: line.quantity,
             unit_price: unit,
@@ -254,7 +270,9 @@ pub fn price_checkout(
     if !changes.is_empty() && !accept_price_changes {
         return Err(CheckoutRefusal::PriceChanged(changes));
     }
-    lines.sort_by(|a, b| a.item_id.cmp(&b.item_id));
+    lines.sort_by(|a, b| {
+        (a.item_id.as_str(), a.line_id.as_deref()).cmp(&(b.item_id.as_str(), b.line_id.as_deref()))
+    });
     let total = lines
         .iter()
         .fold(0i64, |sum, l| sum.saturating_add(l.line_total.amount_minor));
@@ -273,6 +291,7 @@ mod tests {
     fn line(item: &str, quantity: u16, price: i64) -> StoredLine {
         let at = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
         StoredLine {
+            line_id: item.into(),
             item_id: item.into(),
             quantity,
             variant: None,
@@ -335,6 +354,7 @@ mod tests {
         assert_eq!(
             plan.report.clamped,
             [Clamped {
+                line_id: "a".into(),
                 item_id: "a".into(),
                 requested: 1100,
                 quantity: 999
@@ -398,5 +418,59 @@ mod tests {
             price_checkout(&StoredCart::empty("u:a"), sgd(), true, offer),
             Err(CheckoutRefusal::Empty)
         );
+    }
+
+    fn variant_line(item: &str, color: &str, quantity: u16) -> StoredLine {
+        let variant = serde_json::json!({ "color": color });
+        let mut line = line(item, quantity, 100);
+        line.line_id = crate::domain::variant::stored_line_id(None, item, Some(&variant));
+        line.variant = Some(variant);
+        line
+    }
+
+    #[test]
+    fn a_merge_combines_equal_line_ids_and_keeps_other_variants_apart() {
+        let user = cart("u:a", vec![variant_line("a", "red", 2)]);
+        let guest = cart(
+            "g:s",
+            vec![variant_line("a", "red", 1), variant_line("a", "blue", 4)],
+        );
+        let plan = plan_merge(&user, &guest, MergeStrategy::Sum, 10).unwrap();
+        let writes: Vec<(String, u16)> = plan
+            .writes
+            .iter()
+            .map(|w| (w.line_id.clone(), w.quantity))
+            .collect();
+        assert_eq!(
+            writes,
+            [
+                (user.lines[0].line_id.clone(), 3),
+                (guest.lines[1].line_id.clone(), 4)
+            ]
+        );
+        assert_eq!((plan.report.merged_lines, plan.report.added_lines), (1, 1));
+    }
+
+    #[test]
+    fn checkout_keeps_each_variant_line_with_its_line_id() {
+        let cart = cart(
+            "u:a",
+            vec![variant_line("a", "red", 2), variant_line("a", "blue", 1)],
+        );
+        let offer = |_: &str| CurrentOffer {
+            price: Some(Money::new(100, sgd())),
+        };
+        let (lines, total) = price_checkout(&cart, sgd(), false, offer).unwrap();
+        assert_eq!(lines.len(), 2);
+        for line in &lines {
+            let source = cart
+                .lines
+                .iter()
+                .find(|l| Some(&l.line_id) == line.line_id.as_ref())
+                .unwrap();
+            assert_eq!(line.variant, source.variant);
+            assert_eq!(line.quantity, source.quantity);
+        }
+        assert_eq!(total, Money::new(300, sgd()));
     }
 }

@@ -9,6 +9,7 @@
 use bytes::Bytes;
 use deadpool_postgres::Object;
 use serde_json::Value;
+use tokio_postgres::types::ToSql;
 
 use super::tx::Transaction;
 use super::StoreError;
@@ -18,19 +19,33 @@ use crate::domain::cart::{
 };
 use crate::domain::ids::{ItemId, OwnerKey};
 use crate::domain::money::Currency;
+use crate::domain::variant::{stored_line_id, LineId};
 
+/// Whether `cart_items` keys lines by line id (migration V4). Until a region's primaries are
+/// migrated, this version writes there as the edges before it did: a line per item, the
+/// variant's last value kept (legacy mode), so its edges can be deployed before `migrate` runs.
+/// The check is part of the statement that locks the cart, so it costs no round trip.
+macro_rules! keyed_by_line {
+    () => {
+        "EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'cart_items'::regclass \
+         AND attname = 'line_id' AND NOT attisdropped)"
+    };
+}
+pub(super) use keyed_by_line;
+
+/// The line id is read through `to_jsonb(i)` so this statement also runs on a replica of a
+/// region not yet migrated to V4 (no `line_id` column): the id is then derived from the item and
+/// variant, by the same rule the edge writes it with.
 const LOAD_CART: &str = "SELECT c.currency, c.version, c.updated_at, i.item_id, i.quantity, \
-     i.variant, i.unit_price_minor, i.added_at, i.updated_at \
+     i.variant, i.unit_price_minor, i.added_at, i.updated_at, to_jsonb(i) ->> 'line_id' \
      FROM carts c LEFT JOIN cart_items i ON i.owner = c.owner \
-     WHERE c.owner = $1 ORDER BY i.added_at, i.item_id";
+     WHERE c.owner = $1 ORDER BY i.added_at, i.item_id, 10";
 
 /// A line's quantity as stored, checked against the cart rules (the schema's CHECK says the
 /// same; a row that breaks it is corrupt, never truncated into range).
-fn stored_quantity(owner: &str, item_id: &str, quantity: i32) -> Result<Quantity, StoreError> {
+fn stored_quantity(owner: &str, line: &str, quantity: i32) -> Result<Quantity, StoreError> {
     Quantity::parse(i64::from(quantity)).ok_or_else(|| {
-        StoreError::corrupt(format!(
-            "cart {owner}: item {item_id} has quantity {quantity}"
-        ))
+        StoreError::corrupt(format!("cart {owner}: line {line} has quantity {quantity}"))
     })
 }
 
@@ -53,10 +68,13 @@ pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, Store
         let item_id: Option<String> = row.try_get(3)?;
         let Some(item_id) = item_id else { continue };
         let quantity = stored_quantity(owner.as_str(), &item_id, row.try_get(4)?)?;
+        let variant: Option<Value> = row.try_get(5)?;
+        let line_id: Option<String> = row.try_get(9)?;
         cart.lines.push(StoredLine {
+            line_id: stored_line_id(line_id.as_deref(), &item_id, variant.as_ref()),
             item_id,
             quantity: quantity.get(),
-            variant: row.try_get(5)?,
+            variant,
             unit_price_minor: row.try_get(6)?,
             added_at: row.try_get(7)?,
             updated_at: row.try_get(8)?,
@@ -69,6 +87,7 @@ pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, Store
 #[derive(Debug)]
 pub enum CartOp<'a> {
     Add {
+        /// The item; with `variant` it names the line the add lands on (`LineId::of`).
         item_id: &'a ItemId,
         /// The catalog's current entry (None: unknown item).
         item: Option<&'a CatalogItem>,
@@ -78,13 +97,15 @@ pub enum CartOp<'a> {
         new_cart_currency: Currency,
         max_lines: u32,
     },
+    /// Sets one line's quantity (a line id naming just an item is its variant-less line).
     SetQuantity {
-        item_id: &'a ItemId,
+        line_id: &'a LineId,
         quantity: Quantity,
         if_match: Option<i64>,
     },
+    /// Removes one line.
     Remove {
-        item_id: &'a ItemId,
+        line_id: &'a LineId,
         if_match: Option<i64>,
     },
     Clear {
@@ -97,20 +118,32 @@ impl CartOp<'_> {
     fn event(&self) -> (&'static str, Value) {
         match self {
             CartOp::Add {
-                item_id, request, ..
+                item_id,
+                request,
+                variant,
+                ..
             } => (
                 "item_added",
-                serde_json::json!({ "item_id": item_id.as_str(), "quantity": request.quantity.get() }),
+                serde_json::json!({
+                    "item_id": item_id.as_str(),
+                    "line_id": LineId::of(item_id, *variant).as_str(),
+                    "variant": variant,
+                    "quantity": request.quantity.get(),
+                }),
             ),
             CartOp::SetQuantity {
-                item_id, quantity, ..
+                line_id, quantity, ..
             } => (
                 "quantity_set",
-                serde_json::json!({ "item_id": item_id.as_str(), "quantity": quantity.get() }),
+                serde_json::json!({
+                    "item_id": line_id.item_id(),
+                    "line_id": line_id.as_str(),
+                    "quantity": quantity.get(),
+                }),
             ),
-            CartOp::Remove { item_id, .. } => (
+            CartOp::Remove { line_id, .. } => (
                 "item_removed",
-                serde_json::json!({ "item_id": item_id.as_str() }),
+                serde_json::json!({ "item_id": line_id.item_id(), "line_id": line_id.as_str() }),
             ),
             CartOp::Clear { .. } => ("cart_cleared", serde_json::json!({})),
         }
@@ -257,12 +290,13 @@ impl WriteTx {
                 max_lines,
             } => {
                 let bump = client
-                    .prepare_cached(
+                    .prepare_cached(concat!(
                         "INSERT INTO carts (owner, currency, version) VALUES ($1, $2, 1) \
                          ON CONFLICT (owner) DO UPDATE \
                          SET version = carts.version + 1, updated_at = now(), purged_at = NULL \
-                         RETURNING currency, merging_into",
-                    )
+                         RETURNING currency, merging_into, ",
+                        keyed_by_line!()
+                    ))
                     .await?;
                 let row = client
                     .query_one(&bump, &[&owner_str, &new_cart_currency.as_str()])
@@ -271,19 +305,25 @@ impl WriteTx {
                 if row.try_get::<_, Option<String>>(1)?.is_some() {
                     return Ok(Err(CartRule::MergeInProgress));
                 }
+                let by_line: bool = row.try_get(2)?;
                 let cart_currency = Currency::parse(&currency).unwrap_or(*new_cart_currency);
+                // In legacy mode the item id is the line's key.
+                let line_id = LineId::of(item_id, variant.filter(|_| by_line));
                 let context_query = client
-                    .prepare_cached(
+                    .prepare_cached(if by_line {
+                        "SELECT (SELECT quantity FROM cart_items WHERE owner = $1 AND line_id = $2), \
+                         (SELECT count(*) FROM cart_items WHERE owner = $1)"
+                    } else {
                         "SELECT (SELECT quantity FROM cart_items WHERE owner = $1 AND item_id = $2), \
-                         (SELECT count(*) FROM cart_items WHERE owner = $1)",
-                    )
+                         (SELECT count(*) FROM cart_items WHERE owner = $1)"
+                    })
                     .await?;
                 let row = client
-                    .query_one(&context_query, &[&owner_str, &item_id.as_str()])
+                    .query_one(&context_query, &[&owner_str, &line_id.as_str()])
                     .await?;
                 let existing: Option<i32> = row.try_get(0)?;
                 let existing = existing
-                    .map(|q| stored_quantity(owner_str, item_id.as_str(), q))
+                    .map(|q| stored_quantity(owner_str, line_id.as_str(), q))
                     .transpose()?;
                 let line_count: i64 = row.try_get(1)?;
                 let context = LineContext {
@@ -299,72 +339,110 @@ impl WriteTx {
                     Err(rule) => return Ok(Err(rule)),
                 };
                 let upsert = client
-                    .prepare_cached(
+                    .prepare_cached(if by_line {
+                        "INSERT INTO cart_items \
+                         (owner, line_id, item_id, quantity, unit_price_minor, currency, variant) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                         ON CONFLICT (owner, line_id) DO UPDATE \
+                         SET quantity = EXCLUDED.quantity, updated_at = now()"
+                    } else {
                         "INSERT INTO cart_items \
                          (owner, item_id, quantity, unit_price_minor, currency, variant) \
                          VALUES ($1, $2, $3, $4, $5, $6) \
                          ON CONFLICT (owner, item_id) DO UPDATE \
                          SET quantity = EXCLUDED.quantity, \
                              variant = COALESCE(EXCLUDED.variant, cart_items.variant), \
-                             updated_at = now()",
-                    )
+                             updated_at = now()"
+                    })
                     .await?;
-                client
-                    .execute(
-                        &upsert,
-                        &[
-                            &owner_str,
-                            &item_id.as_str(),
-                            &i32::from(plan.new_quantity.get()),
-                            &plan.unit_price_minor,
-                            &cart_currency.as_str(),
-                            variant,
-                        ],
-                    )
-                    .await?;
+                let quantity = i32::from(plan.new_quantity.get());
+                let line_params: [&(dyn ToSql + Sync); 7] = [
+                    &owner_str,
+                    &line_id.as_str(),
+                    &item_id.as_str(),
+                    &quantity,
+                    &plan.unit_price_minor,
+                    &cart_currency.as_str(),
+                    variant,
+                ];
+                if by_line {
+                    client.execute(&upsert, &line_params).await?;
+                } else {
+                    // Legacy mode has no line id column.
+                    let mut legacy_params = line_params.to_vec();
+                    legacy_params.remove(1);
+                    client.execute(&upsert, &legacy_params).await?;
+                }
             }
             CartOp::SetQuantity {
-                item_id,
+                line_id,
                 quantity,
                 if_match,
             } => {
-                if let Err(rule) = bump_existing(client, owner_str, *if_match).await? {
-                    return Ok(Err(rule));
-                }
-                let update = client
-                    .prepare_cached(
-                        "UPDATE cart_items SET quantity = $3, updated_at = now() \
-                         WHERE owner = $1 AND item_id = $2",
-                    )
-                    .await?;
-                let changed = client
-                    .execute(
-                        &update,
-                        &[&owner_str, &item_id.as_str(), &i32::from(quantity.get())],
-                    )
-                    .await?;
-                if changed == 0 {
+                let by_line = match bump_existing(client, owner_str, *if_match).await? {
+                    Ok(by_line) => by_line,
+                    Err(rule) => return Ok(Err(rule)),
+                };
+                let quantity = i32::from(quantity.get());
+                let found = if by_line {
+                    let update = client
+                        .prepare_cached(
+                            "UPDATE cart_items SET quantity = $3, updated_at = now() \
+                             WHERE owner = $1 AND line_id = $2",
+                        )
+                        .await?;
+                    client
+                        .execute(&update, &[&owner_str, &line_id.as_str(), &quantity])
+                        .await?
+                        > 0
+                } else {
+                    let update = client
+                        .prepare_cached(
+                            "UPDATE cart_items SET quantity = $3, updated_at = now() \
+                             WHERE owner = $1 AND item_id = $2 RETURNING variant",
+                        )
+                        .await?;
+                    let rows = client
+                        .query(&update, &[&owner_str, &line_id.item_id(), &quantity])
+                        .await?;
+                    legacy_line_is(&rows, line_id)?
+                };
+                if !found {
                     return Ok(Err(CartRule::ItemNotInCart));
                 }
             }
-            CartOp::Remove { item_id, if_match } => {
-                if let Err(rule) = bump_existing(client, owner_str, *if_match).await? {
-                    return Ok(Err(rule));
-                }
-                let delete = client
-                    .prepare_cached("DELETE FROM cart_items WHERE owner = $1 AND item_id = $2")
-                    .await?;
-                if client
-                    .execute(&delete, &[&owner_str, &item_id.as_str()])
-                    .await?
-                    == 0
-                {
+            CartOp::Remove { line_id, if_match } => {
+                let by_line = match bump_existing(client, owner_str, *if_match).await? {
+                    Ok(by_line) => by_line,
+                    Err(rule) => return Ok(Err(rule)),
+                };
+                let found = if by_line {
+                    let delete = client
+                        .prepare_cached("DELETE FROM cart_items WHERE owner = $1 AND line_id = $2")
+                        .await?;
+                    client
+                        .execute(&delete, &[&owner_str, &line_id.as_str()])
+                        .await?
+                        > 0
+                } else {
+                    let delete = client
+                        .prepare_cached(
+                            "DELETE FROM cart_items WHERE owner = $1 AND item_id = $2 \
+                             RETURNING variant",
+                        )
+                        .await?;
+                    let rows = client
+                        .query(&delete, &[&owner_str, &line_id.item_id()])
+                        .await?;
+                    legacy_line_is(&rows, line_id)?
+                };
+                if !found {
                     return Ok(Err(CartRule::ItemNotInCart));
                 }
             }
             CartOp::Clear { if_match } => {
                 match bump_existing(client, owner_str, *if_match).await? {
-                    Ok(()) => {}
+                    Ok(_) => {}
                     // Clearing a cart that does not exist leaves it not existing.
                     Err(CartRule::ItemNotInCart) => return Ok(Ok(StoredCart::empty(owner_str))),
                     Err(rule) => return Ok(Err(rule)),
@@ -397,19 +475,31 @@ impl WriteTx {
     }
 }
 
+/// Whether the line a legacy-mode (V3) statement touched, if any, is `line_id`: there the item
+/// id is the key, and the line's id derives from its variant. On `false` the caller answers
+/// `item_not_in_cart` and the transaction is rolled back, undoing the touch.
+fn legacy_line_is(rows: &[tokio_postgres::Row], line_id: &LineId) -> Result<bool, StoreError> {
+    let Some(row) = rows.first() else {
+        return Ok(false);
+    };
+    let variant: Option<Value> = row.try_get(0)?;
+    Ok(stored_line_id(None, line_id.item_id(), variant.as_ref()) == line_id.as_str())
+}
+
 /// Bumps the version of an existing cart, checking `If-Match` against the version before the
 /// bump. A missing cart is reported as [`CartRule::ItemNotInCart`] (after the version check,
-/// which compares against version 0).
+/// which compares against version 0). `Ok(true)`: the database keys lines by line id (V4).
 async fn bump_existing(
     client: &Object,
     owner: &str,
     if_match: Option<i64>,
-) -> Result<Result<(), CartRule>, StoreError> {
+) -> Result<Result<bool, CartRule>, StoreError> {
     let bump = client
-        .prepare_cached(
+        .prepare_cached(concat!(
             "UPDATE carts SET version = version + 1, updated_at = now(), purged_at = NULL \
-             WHERE owner = $1 RETURNING version, merging_into",
-        )
+             WHERE owner = $1 RETURNING version, merging_into, ",
+            keyed_by_line!()
+        ))
         .await?;
     let Some(row) = client.query_opt(&bump, &[&owner]).await? else {
         return Ok(check_version(if_match, 0).and(Err(CartRule::ItemNotInCart)));
@@ -418,7 +508,8 @@ async fn bump_existing(
     if row.try_get::<_, Option<String>>(1)?.is_some() {
         return Ok(Err(CartRule::MergeInProgress));
     }
-    Ok(check_version(if_match, bumped - 1))
+    let by_line: bool = row.try_get(2)?;
+    Ok(check_version(if_match, bumped - 1).map(|()| by_line))
 }
 
 /// A 64-bit advisory-lock key for an (owner, idempotency key) pair.

@@ -6,7 +6,8 @@
 //!    version and return its lines. A frozen cart refuses writes (`merge_in_progress`), so the
 //!    lines cannot change under the merge; freezing again for the same user returns the same
 //!    snapshot.
-//! 2. [`WriteTx::apply_merge`] (user's shard): add the snapshot to the user's cart and record
+//! 2. [`WriteTx::apply_merge`] (user's shard): add the snapshot to the user's cart (line by
+//!    line id: one item in two variants stays two lines) and record
 //!    `(user, guest, frozen version)` in `cart_merges`, in one transaction. Finding that record
 //!    means the merge was already applied: nothing is added twice.
 //! 3. [`finalize`] (guest's shard): empty the guest cart, lift the freeze and mark the cart
@@ -18,8 +19,9 @@
 //! merge was refused (different currencies).
 
 use serde_json::json;
+use tokio_postgres::types::ToSql;
 
-use super::carts::{self, WriteTx};
+use super::carts::{self, keyed_by_line, WriteTx};
 use super::{events, tx, Store, StoreError};
 use crate::domain::cart::StoredCart;
 use crate::domain::ids::OwnerKey;
@@ -193,16 +195,18 @@ impl WriteTx {
         let currency = guest.cart.currency.unwrap_or(new_cart_currency);
         // Lock (or create) the user's cart first: concurrent merges and writes queue here.
         let bump = client
-            .prepare_cached(
+            .prepare_cached(concat!(
                 "INSERT INTO carts (owner, currency, version) VALUES ($1, $2, 1) \
                  ON CONFLICT (owner) DO UPDATE \
                  SET version = carts.version + 1, updated_at = now(), purged_at = NULL \
-                 RETURNING version",
-            )
+                 RETURNING version, ",
+                keyed_by_line!()
+            ))
             .await?;
-        client
+        let by_line: bool = client
             .query_one(&bump, &[&user.as_str(), &currency.as_str()])
-            .await?;
+            .await?
+            .try_get(1)?;
         let done = client
             .prepare_cached(
                 "SELECT report FROM cart_merges \
@@ -230,7 +234,17 @@ impl WriteTx {
             // An empty user cart takes the guest cart's currency.
             current.currency = None;
         }
-        let plan = match plan_merge(&current, &guest.cart, strategy, max_lines) {
+        let mut guest_cart = std::borrow::Cow::Borrowed(&guest.cart);
+        if !by_line {
+            // Legacy mode (a database before V4): lines are keyed by item, as they were.
+            for line in &mut current.lines {
+                line.line_id.clone_from(&line.item_id);
+            }
+            for line in &mut guest_cart.to_mut().lines {
+                line.line_id.clone_from(&line.item_id);
+            }
+        }
+        let plan = match plan_merge(&current, &guest_cart, strategy, max_lines) {
             Ok(plan) => plan,
             Err(refusal) => return Ok(MergeOutcome::Refused(refusal)),
         };
@@ -243,30 +257,40 @@ impl WriteTx {
                 .await?;
         }
         let upsert = client
-            .prepare_cached(
+            .prepare_cached(if by_line {
+                "INSERT INTO cart_items \
+                 (owner, line_id, item_id, quantity, unit_price_minor, currency, variant) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (owner, line_id) DO UPDATE \
+                 SET quantity = EXCLUDED.quantity, unit_price_minor = EXCLUDED.unit_price_minor, \
+                     variant = EXCLUDED.variant, updated_at = now()"
+            } else {
+                // Legacy mode: no line id column, the item id is the key.
                 "INSERT INTO cart_items \
                  (owner, item_id, quantity, unit_price_minor, currency, variant) \
                  VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (owner, item_id) DO UPDATE \
                  SET quantity = EXCLUDED.quantity, unit_price_minor = EXCLUDED.unit_price_minor, \
-                     variant = EXCLUDED.variant, updated_at = now()",
-            )
+                     variant = EXCLUDED.variant, updated_at = now()"
+            })
             .await?;
         let line_currency = plan.currency.unwrap_or(currency);
+        let (user_key, line_currency_code) = (user.as_str(), line_currency.as_str());
         for write in &plan.writes {
-            client
-                .execute(
-                    &upsert,
-                    &[
-                        &user.as_str(),
-                        &write.item_id,
-                        &i32::from(write.quantity),
-                        &write.unit_price_minor,
-                        &line_currency.as_str(),
-                        &write.variant,
-                    ],
-                )
-                .await?;
+            let quantity = i32::from(write.quantity);
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+                &user_key,
+                &write.line_id,
+                &write.item_id,
+                &quantity,
+                &write.unit_price_minor,
+                &line_currency_code,
+                &write.variant,
+            ];
+            if !by_line {
+                params.remove(1);
+            }
+            client.execute(&upsert, &params).await?;
         }
         let report = serde_json::to_value(&plan.report).unwrap_or_default();
         let record = client

@@ -97,8 +97,12 @@ async fn reserve_in(
             .await?;
         client.execute(&forget, &[&reservation_id]).await?;
     }
+    // Item-id order (then line id: two variants of one item take its stock one after the other
+    // in the same transaction, which sees its own decrements).
     let mut sorted: Vec<&OrderLine> = lines.iter().collect();
-    sorted.sort_by(|a, b| a.item_id.cmp(&b.item_id));
+    sorted.sort_by(|a, b| {
+        (a.item_id.as_str(), a.line_id.as_deref()).cmp(&(b.item_id.as_str(), b.line_id.as_deref()))
+    });
     let take = client
         .prepare_cached(
             "UPDATE catalog_items SET stock = stock - $2, updated_at = now() \

@@ -1,6 +1,6 @@
 //! The cart API's success paths and every client error code.
 
-use crate::helpers::{h, TestApp, TestOptions};
+use crate::helpers::{h, TestApp, TestOptions, TestResponse};
 use http::StatusCode;
 
 #[tokio::test]
@@ -628,4 +628,320 @@ async fn health_is_503_when_postgres_is_unreachable_and_degraded_without_redis()
         !message.contains("127.0.0.1") && !message.contains("connect"),
         "{message}"
     );
+}
+
+/// The line ids of `sku-00005` in red and in blue (the golden vectors of `domain::variant`).
+const RED: &str = "sku-00005~241889ca0604e333";
+const BLUE: &str = "sku-00005~f234cb93c08ad64e";
+
+async fn add_variant(app: &TestApp, sub: &str, variant: &str, quantity: i64) -> TestResponse {
+    let body = format!(r#"{{"item_id":"sku-00005","quantity":{quantity},"variant":{variant}}}"#);
+    let response = app
+        .user(sub, "POST", "/api/v1/cart/items", Some(&body))
+        .await;
+    assert_eq!(response.status, StatusCode::OK, "{:?}", response.body);
+    response
+}
+
+/// `(line_id, quantity, variant)` of every line, in the cart's order.
+fn lines(response: &TestResponse) -> Vec<(String, i64, serde_json::Value)> {
+    response.json()["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|line| {
+            (
+                line["line_id"].as_str().expect("line_id").to_string(),
+                line["quantity"].as_i64().unwrap(),
+                line["variant"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn two_variants_of_one_item_are_two_lines_and_the_same_variant_adds_to_its_line() {
+    let app = TestApp::spawn().await;
+    add_variant(&app, "alice", r#"{"color":"red"}"#, 1).await;
+    add_variant(&app, "alice", r#"{"color":"blue"}"#, 1).await;
+    // The same variant in another key order and spacing is the same line.
+    let cart = add_variant(&app, "alice", r#"{ "color" : "red" }"#, 2).await;
+    assert_eq!(
+        lines(&cart),
+        [
+            (RED.to_string(), 3, serde_json::json!({"color": "red"})),
+            (BLUE.to_string(), 1, serde_json::json!({"color": "blue"})),
+        ],
+        "{:?}",
+        cart.body
+    );
+    assert_eq!(cart.json()["total_items"], 4);
+    assert_eq!(
+        app.query_i64("SELECT count(*) FROM cart_items WHERE owner = 'u:alice'")
+            .await,
+        2
+    );
+    // A plain add of the item is a third line, whose id is the item id.
+    let cart = app.add("alice", "sku-00005", 1).await;
+    assert_eq!(cart.json()["items"][2]["line_id"], "sku-00005");
+    assert_eq!(cart.json()["items"][2]["variant"], serde_json::Value::Null);
+    // The line's events name it.
+    assert_eq!(
+        app.query_i64(&format!(
+            "SELECT count(*) FROM cart_events WHERE kind = 'item_added' \
+             AND payload ->> 'line_id' = '{RED}' AND payload -> 'variant' = '{{\"color\":\"red\"}}'"
+        ))
+        .await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn put_and_delete_by_line_id_touch_one_line_and_an_item_id_alone_the_plain_line() {
+    let app = TestApp::spawn().await;
+    add_variant(&app, "alice", r#"{"color":"red"}"#, 1).await;
+    add_variant(&app, "alice", r#"{"color":"blue"}"#, 1).await;
+    app.add("alice", "sku-00005", 1).await;
+
+    let set = app
+        .user(
+            "alice",
+            "PUT",
+            &format!("/api/v1/cart/items/{RED}"),
+            Some(r#"{"quantity":5}"#),
+        )
+        .await;
+    assert_eq!(set.status, StatusCode::OK, "{:?}", set.body);
+    let quantities: Vec<(String, i64)> = lines(&set).into_iter().map(|l| (l.0, l.1)).collect();
+    assert_eq!(
+        quantities,
+        [
+            (RED.to_string(), 5),
+            (BLUE.to_string(), 1),
+            ("sku-00005".to_string(), 1)
+        ]
+    );
+    // The item id alone is the variant-less line; `~` may come percent-encoded.
+    let plain = app
+        .user(
+            "alice",
+            "PUT",
+            "/api/v1/cart/items/sku-00005",
+            Some(r#"{"quantity":7}"#),
+        )
+        .await;
+    let quantities: Vec<i64> = lines(&plain).into_iter().map(|l| l.1).collect();
+    assert_eq!(quantities, [5, 1, 7]);
+    let encoded = BLUE.replace('~', "%7E");
+    let removed = app
+        .user("alice", "DELETE", &format!("/cart/items/{encoded}"), None)
+        .await;
+    assert_eq!(removed.status, StatusCode::OK, "{:?}", removed.body);
+    let remaining: Vec<String> = lines(&removed).into_iter().map(|l| l.0).collect();
+    assert_eq!(remaining, [RED, "sku-00005"]);
+    assert_eq!(
+        app.query_i64(&format!(
+            "SELECT count(*) FROM cart_events WHERE kind = 'item_removed' \
+             AND payload ->> 'line_id' = '{BLUE}'"
+        ))
+        .await,
+        1
+    );
+
+    // Without a variant-less line, the item id alone names nothing, although the item is there.
+    app.user("alice", "DELETE", "/api/v1/cart/items/sku-00005", None)
+        .await;
+    let absent = app
+        .user(
+            "alice",
+            "PUT",
+            "/api/v1/cart/items/sku-00005",
+            Some(r#"{"quantity":2}"#),
+        )
+        .await;
+    assert_eq!(
+        (absent.status, absent.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "item_not_in_cart")
+    );
+    // A line id that is not one is refused before anything is touched.
+    for bad in ["sku-00005~241889CA0604E333", "sku-00005~2418", "sku-00005~"] {
+        let response = app
+            .user(
+                "alice",
+                "DELETE",
+                &format!("/api/v1/cart/items/{bad}"),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (response.status, response.error_code().as_str()),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+            "{bad}"
+        );
+    }
+    let view = app.user("alice", "GET", "/api/v1/cart", None).await;
+    assert_eq!(
+        lines(&view),
+        [(RED.to_string(), 5, serde_json::json!({"color": "red"}))]
+    );
+}
+
+#[tokio::test]
+async fn max_lines_counts_each_variant_as_a_line() {
+    let app = TestApp::spawn_with(TestOptions {
+        overlay: "[cart]\nmax_lines = 2\n".into(),
+        ..TestOptions::default()
+    })
+    .await;
+    add_variant(&app, "alice", r#"{"color":"red"}"#, 1).await;
+    add_variant(&app, "alice", r#"{"color":"blue"}"#, 1).await;
+    let third = app
+        .user(
+            "alice",
+            "POST",
+            "/api/v1/cart/items",
+            Some(r#"{"item_id":"sku-00005","quantity":1,"variant":{"color":"green"}}"#),
+        )
+        .await;
+    assert_eq!(
+        (third.status, third.error_code().as_str()),
+        (StatusCode::CONFLICT, "cart_full")
+    );
+    add_variant(&app, "alice", r#"{"color":"blue"}"#, 1).await;
+}
+
+/// The V4 migration backfilled existing lines with `cartedge_line_id`, a SQL copy of the edge's
+/// rule: both must give the same id for the same variant, including key order, nesting,
+/// escapes, non-ASCII keys, integers and plain decimals.
+#[tokio::test]
+async fn the_migrations_line_id_rule_is_the_edges() {
+    use cartedge::domain::ids::ItemId;
+    use cartedge::domain::variant::LineId;
+    let app = TestApp::spawn().await;
+    let item = ItemId::parse("sku-00005").unwrap();
+    let variants = [
+        r#"{"color":"red"}"#,
+        r#"{"size":"M","fit":{"cut":"slim"}}"#,
+        r#"{"é":"line\n\u0001\"\\/","a":[true,null,-2.5,{"z":0,"y":[]}],"Z":1,"bb":"", "b":{}}"#,
+        r#"{"long key first":1,"k":12345678901234,"f":0.25}"#,
+        r#"{}"#,
+    ];
+    for text in variants {
+        let variant: serde_json::Value = serde_json::from_str(text).unwrap();
+        let expected = LineId::of(&item, Some(&variant));
+        let literal = text.replace('\'', "''");
+        let matches = app
+            .query_i64(&format!(
+                "SELECT count(*) FROM (SELECT cartedge_line_id('sku-00005', '{literal}'::jsonb) AS id) l \
+                 WHERE l.id = '{expected}'"
+            ))
+            .await;
+        assert_eq!(matches, 1, "{text} should be {expected}");
+    }
+    assert_eq!(
+        app.query_i64(
+            "SELECT count(*) FROM (SELECT cartedge_line_id('sku-1', NULL) AS id) l WHERE l.id = 'sku-1'"
+        )
+        .await,
+        1
+    );
+}
+
+/// A region migrated to V4 reads replicas of regions still on V3 (no `line_id` column): the
+/// cart query derives each line's id from its item and variant by the same rule.
+#[tokio::test]
+async fn carts_read_from_a_database_without_line_ids_get_them_derived() {
+    use cartedge::domain::ids::OwnerKey;
+    let app = TestApp::spawn().await;
+    add_variant(&app, "alice", r#"{"color":"red"}"#, 1).await;
+    app.add("alice", "sku-00001", 1).await;
+    app.sql("ALTER TABLE cart_items DROP COLUMN line_id").await;
+    let owner = OwnerKey::from_stored("u:alice".into());
+    let (cart, _) = app
+        .app
+        .store
+        .read_from_database("sg-1", &owner, 0)
+        .await
+        .expect("the cart reads without the column");
+    let ids: Vec<&str> = cart.lines.iter().map(|l| l.line_id.as_str()).collect();
+    assert_eq!(ids, [RED, "sku-00001"]);
+}
+
+/// This version's edges may be deployed before `cartedge migrate` applies V4 in their region:
+/// on a database without line ids they write as the edges before them did (a line per item)
+/// and address lines by the ids they show.
+#[tokio::test]
+async fn on_a_database_before_v4_lines_are_kept_per_item_as_before() {
+    let app = TestApp::spawn().await;
+    app.sql(
+        "ALTER TABLE cart_items DROP COLUMN line_id; \
+         ALTER TABLE cart_items ADD PRIMARY KEY (owner, item_id)",
+    )
+    .await;
+    add_variant(&app, "alice", r#"{"color":"red"}"#, 1).await;
+    let cart = add_variant(&app, "alice", r#"{"color":"blue"}"#, 1).await;
+    assert_eq!(
+        lines(&cart),
+        [(BLUE.to_string(), 2, serde_json::json!({"color": "blue"}))]
+    );
+    let set = app
+        .user(
+            "alice",
+            "PUT",
+            &format!("/api/v1/cart/items/{BLUE}"),
+            Some(r#"{"quantity":5}"#),
+        )
+        .await;
+    assert_eq!(set.status, StatusCode::OK, "{:?}", set.body);
+    assert_eq!(set.quantity_of("sku-00005"), 5);
+    for path in [
+        format!("/api/v1/cart/items/{RED}"),
+        "/api/v1/cart/items/sku-00005".to_string(),
+    ] {
+        let other = app.user("alice", "DELETE", &path, None).await;
+        assert_eq!(
+            (other.status, other.error_code().as_str()),
+            (StatusCode::NOT_FOUND, "item_not_in_cart"),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        app.user("alice", "GET", "/api/v1/cart", None)
+            .await
+            .quantity_of("sku-00005"),
+        5,
+        "a refused removal changed nothing"
+    );
+    let removed = app
+        .user(
+            "alice",
+            "DELETE",
+            &format!("/api/v1/cart/items/{BLUE}"),
+            None,
+        )
+        .await;
+    assert_eq!(removed.status, StatusCode::OK);
+    assert_eq!(removed.json()["items"], serde_json::json!([]));
+
+    // A merge sums per item, as before.
+    app.add("alice", "sku-00001", 2).await;
+    let guest = app
+        .send(
+            "POST",
+            "/api/v1/cart/items",
+            &[],
+            Some(r#"{"item_id":"sku-00001","quantity":3}"#),
+        )
+        .await;
+    let session = guest.header("cart-session").unwrap().to_string();
+    let merged = app
+        .send(
+            "POST",
+            "/api/v1/cart/merge",
+            &[app.bearer("alice"), h("cart-session", &session)],
+            None,
+        )
+        .await;
+    assert_eq!(merged.status, StatusCode::OK, "{:?}", merged.body);
+    assert_eq!(merged.quantity_of("sku-00001"), 5);
 }

@@ -133,8 +133,9 @@ async fn a_stored_quantity_out_of_range_is_a_500_never_truncated() {
     app.sql(
         "ALTER TABLE cart_items DROP CONSTRAINT IF EXISTS cart_items_quantity_check; \
          INSERT INTO carts (owner, currency, version) VALUES ('u:big', 'SGD', 1), ('u:negative', 'SGD', 1); \
-         INSERT INTO cart_items (owner, item_id, quantity, unit_price_minor, currency) VALUES \
-           ('u:big', 'sku-00035', 1000, 100, 'SGD'), ('u:negative', 'sku-00035', -1, 100, 'SGD')",
+         INSERT INTO cart_items (owner, line_id, item_id, quantity, unit_price_minor, currency) VALUES \
+           ('u:big', 'sku-00035', 'sku-00035', 1000, 100, 'SGD'), \
+           ('u:negative', 'sku-00035', 'sku-00035', -1, 100, 'SGD')",
     )
     .await;
     for user in ["big", "negative"] {

@@ -899,3 +899,131 @@ async fn two_janitors_at_once_purge_each_cart_exactly_once() {
         "one expiry event per cart"
     );
 }
+
+/// Adds `sku-00005` in `variant` (JSON, or `null`) to a guest cart, starting one if `session` is
+/// None; returns the session.
+async fn guest_adds_variant(
+    app: &TestApp,
+    session: Option<&str>,
+    variant: &str,
+    quantity: i64,
+) -> String {
+    let headers: Vec<(String, String)> = session.iter().map(|s| h("cart-session", s)).collect();
+    let body = format!(r#"{{"item_id":"sku-00005","quantity":{quantity},"variant":{variant}}}"#);
+    let response = app
+        .send("POST", "/api/v1/cart/items", &headers, Some(&body))
+        .await;
+    assert_eq!(response.status, StatusCode::OK, "{:?}", response.body);
+    response
+        .header("cart-session")
+        .map(str::to_string)
+        .or(session.map(str::to_string))
+        .expect("a session")
+}
+
+/// `line_id → quantity` of a cart body.
+fn quantities_by_line(cart: &Value) -> Vec<(String, i64)> {
+    let mut lines: Vec<(String, i64)> = cart["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["line_id"].as_str().unwrap().to_string(),
+                l["quantity"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[tokio::test]
+async fn a_merge_sums_equal_lines_and_keeps_variants_apart() {
+    let app = TestApp::spawn().await;
+    let red = "sku-00005~241889ca0604e333";
+    let blue = "sku-00005~f234cb93c08ad64e";
+    app.user(
+        "carol",
+        "POST",
+        "/api/v1/cart/items",
+        Some(r#"{"item_id":"sku-00005","quantity":2,"variant":{"color":"red"}}"#),
+    )
+    .await;
+    let session = guest_adds_variant(&app, None, r#"{"color":"red"}"#, 1).await;
+    guest_adds_variant(&app, Some(&session), r#"{"color":"blue"}"#, 4).await;
+    guest_adds_variant(&app, Some(&session), "null", 3).await;
+    let merged = merge(&app, "carol", &session, None).await;
+    assert_eq!(merged.status, StatusCode::OK, "{:?}", merged.body);
+    let body = merged.json();
+    assert_eq!(
+        quantities_by_line(&body),
+        [
+            ("sku-00005".to_string(), 3),
+            (red.to_string(), 3),
+            (blue.to_string(), 4),
+        ]
+    );
+    let blue_line = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["line_id"] == blue)
+        .unwrap();
+    assert_eq!(blue_line["variant"], serde_json::json!({"color": "blue"}));
+    assert_eq!(body["report"]["merged_lines"], 1);
+    assert_eq!(body["report"]["added_lines"], 2);
+}
+
+#[tokio::test]
+async fn order_lines_keep_their_variant_and_line_id() {
+    let app = TestApp::spawn().await;
+    let before = stock(&app, "sku-00005").await;
+    for (variant, quantity) in [(r#"{"color":"red"}"#, 2), (r#"{"color":"blue"}"#, 1)] {
+        let body =
+            format!(r#"{{"item_id":"sku-00005","quantity":{quantity},"variant":{variant}}}"#);
+        let added = app
+            .user("dave", "POST", "/api/v1/cart/items", Some(&body))
+            .await;
+        assert_eq!(added.status, StatusCode::OK);
+    }
+    let order = checkout(&app, "dave", "k-variants", Some("{}")).await;
+    assert_eq!(order.status, StatusCode::CREATED, "{:?}", order.body);
+    let items = order.json()["items"].clone();
+    let mut lines: Vec<(String, i64, Value)> = items
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["line_id"].as_str().unwrap().to_string(),
+                l["quantity"].as_i64().unwrap(),
+                l["variant"].clone(),
+            )
+        })
+        .collect();
+    lines.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        lines,
+        [
+            (
+                "sku-00005~241889ca0604e333".to_string(),
+                2,
+                serde_json::json!({"color": "red"})
+            ),
+            (
+                "sku-00005~f234cb93c08ad64e".to_string(),
+                1,
+                serde_json::json!({"color": "blue"})
+            ),
+        ]
+    );
+    // Both lines took the item's stock.
+    assert_eq!(stock(&app, "sku-00005").await, before - 3);
+    // The stored order reads back the same.
+    let order_id = order.json()["order_id"].as_str().unwrap().to_string();
+    let read = app
+        .user("dave", "GET", &format!("/api/v1/orders/{order_id}"), None)
+        .await;
+    assert_eq!(read.json()["items"], items);
+}

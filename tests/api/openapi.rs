@@ -32,7 +32,7 @@ fn every_documented_path_is_routed() {
     assert_eq!(document["openapi"], "3.1.0");
     for path in document["paths"].as_object().unwrap().keys() {
         let concrete = path
-            .replace("{item_id}", "sku-00001")
+            .replace("{line_id}", "sku-00001")
             .replace("{order_id}", &format!("ord_sg-1_{}", "0".repeat(32)));
         assert!(
             cartedge::api::route_name(&concrete).is_some(),
