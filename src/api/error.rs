@@ -72,6 +72,7 @@ error_codes! {
     OrderNotPending => "order_not_pending", CONFLICT;
     ReservationExpired => "reservation_expired", CONFLICT;
     VersionMismatch => "version_mismatch", PRECONDITION_FAILED;
+    RequestTimeout => "request_timeout", REQUEST_TIMEOUT;
     PayloadTooLarge => "payload_too_large", PAYLOAD_TOO_LARGE;
     UnsupportedMediaType => "unsupported_media_type", UNSUPPORTED_MEDIA_TYPE;
     Misdirected => "misdirected", MISDIRECTED_REQUEST;
@@ -111,6 +112,10 @@ pub enum ApiError {
     MethodNotAllowed { allow: String },
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The client stopped sending its body before it was complete: its fault, not a
+    /// dependency's, so no `Retry-After` and no outage in the logs.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     #[error("request body must be application/json")]
     UnsupportedMediaType,
     /// A cart write broke one of the cart's rules.
@@ -231,6 +236,7 @@ impl ApiError {
             ApiError::NotFound => C::NotFound,
             ApiError::MethodNotAllowed { .. } => C::MethodNotAllowed,
             ApiError::PayloadTooLarge { .. } => C::PayloadTooLarge,
+            ApiError::RequestTimeout => C::RequestTimeout,
             ApiError::UnsupportedMediaType => C::UnsupportedMediaType,
             ApiError::Rule(rule) => match rule {
                 CartRule::UnknownItem => C::UnknownItem,
@@ -305,6 +311,7 @@ impl ApiError {
             | ApiError::Forbidden(_)
             | ApiError::NotFound
             | ApiError::MethodNotAllowed { .. }
+            | ApiError::RequestTimeout
             | ApiError::UnsupportedMediaType
             | ApiError::Rule(
                 CartRule::UnknownItem
