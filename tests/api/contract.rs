@@ -102,13 +102,16 @@ async fn a_body_that_stops_arriving_is_408_request_timeout_not_a_dependency_outa
     );
 }
 
+/// A request: method, path, headers, body.
+type Case<'a> = (&'a str, &'a str, Vec<(String, String)>, Option<&'a str>);
+
 #[tokio::test]
 async fn repeated_parameters_and_headers_are_400_never_first_wins() {
     let app = TestApp::spawn().await;
     app.add("alice", "sku-00001", 1).await;
     let token = format!("Bearer {}", app.token("alice"));
     let body = r#"{"item_id":"sku-00001","quantity":1}"#;
-    let cases: Vec<(&str, &str, Vec<(String, String)>, Option<&str>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "GET",
             "/api/v1/cart?user_id=alice&user_id=bob",
@@ -226,7 +229,12 @@ async fn body_errors_name_the_field_in_the_apis_words() {
     ];
     for (body, expected) in cases {
         let answer = app
-            .send("POST", "/api/v1/cart/items", &[token.clone()], Some(body))
+            .send(
+                "POST",
+                "/api/v1/cart/items",
+                std::slice::from_ref(&token),
+                Some(body),
+            )
             .await;
         assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{body}");
         let message = answer.json()["error"]["message"]
@@ -268,10 +276,10 @@ async fn an_encoded_body_is_415_and_head_answers_like_get_without_the_body() {
     assert_eq!(identity.status, StatusCode::OK);
 
     let get = app
-        .send("GET", "/api/v1/cart", &[token.clone()], None)
+        .send("GET", "/api/v1/cart", std::slice::from_ref(&token), None)
         .await;
     let head = app
-        .send("HEAD", "/api/v1/cart", &[token.clone()], None)
+        .send("HEAD", "/api/v1/cart", std::slice::from_ref(&token), None)
         .await;
     assert_eq!(head.status, StatusCode::OK);
     assert!(head.body.is_empty());
