@@ -160,6 +160,12 @@ async fn repeated_parameters_and_headers_are_400_never_first_wins() {
             ],
             None,
         ),
+        (
+            "GET",
+            "/api/v1/cart",
+            vec![h("cart-session", "a"), h("cart-session", "b")],
+            None,
+        ),
     ];
     for (method, path, headers, body) in cases {
         let answer = app.send(method, path, &headers, body).await;
