@@ -116,8 +116,9 @@ pub enum ApiError {
     /// dependency's, so no `Retry-After` and no outage in the logs.
     #[error("the request body did not arrive in time")]
     RequestTimeout,
-    #[error("request body must be application/json")]
-    UnsupportedMediaType,
+    /// The body is not plain JSON: the reason names what was wrong (type or encoding).
+    #[error("{0}")]
+    UnsupportedMediaType(&'static str),
     /// A cart write broke one of the cart's rules.
     #[error(transparent)]
     Rule(#[from] CartRule),
@@ -237,7 +238,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => C::MethodNotAllowed,
             ApiError::PayloadTooLarge { .. } => C::PayloadTooLarge,
             ApiError::RequestTimeout => C::RequestTimeout,
-            ApiError::UnsupportedMediaType => C::UnsupportedMediaType,
+            ApiError::UnsupportedMediaType(_) => C::UnsupportedMediaType,
             ApiError::Rule(rule) => match rule {
                 CartRule::UnknownItem => C::UnknownItem,
                 CartRule::ItemNotInCart => C::ItemNotInCart,
@@ -312,7 +313,7 @@ impl ApiError {
             | ApiError::NotFound
             | ApiError::MethodNotAllowed { .. }
             | ApiError::RequestTimeout
-            | ApiError::UnsupportedMediaType
+            | ApiError::UnsupportedMediaType(_)
             | ApiError::Rule(
                 CartRule::UnknownItem
                 | CartRule::ItemNotInCart

@@ -367,7 +367,9 @@ pub fn check_content_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
         .map(str::trim)
         .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"));
     if encoded {
-        return Err(ApiError::UnsupportedMediaType);
+        return Err(ApiError::UnsupportedMediaType(
+            "request body must not be content-encoded (only identity is accepted)",
+        ));
     }
     Ok(())
 }
@@ -409,7 +411,9 @@ pub fn check_body(headers: &HeaderMap, bytes: &[u8], required: bool) -> Result<(
         })
         .unwrap_or(false);
     if !json {
-        return Err(ApiError::UnsupportedMediaType);
+        return Err(ApiError::UnsupportedMediaType(
+            "request body must be application/json",
+        ));
     }
     Ok(())
 }

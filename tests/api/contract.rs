@@ -271,6 +271,10 @@ async fn an_encoded_body_is_415_and_head_answers_like_get_without_the_body() {
         (gzip.status, gzip.error_code().as_str()),
         (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
     );
+    assert!(gzip.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("content-encoded"));
     let identity = app
         .send(
             "POST",
