@@ -190,14 +190,13 @@ pub fn route_name(path: &str) -> Option<&'static str> {
 pub async fn handle(
     app: Arc<App>,
     surface: Surface,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let over_tls = request.extensions().get::<OverTls>().is_some();
     let deadline = tokio::time::Instant::now() + app.config.server.request_timeout.0;
-    let mut request = request;
     request.extensions_mut().insert(request::Deadline(deadline));
     // A body read running into the same deadline answers 408 itself: `timeout_at` polls the
     // inner future before its own timer, so this 503 is for handling that ran too long.
