@@ -24,6 +24,22 @@ const CACHE_REPAIR_PERIOD: Duration = Duration::from_millis(250);
 /// How often rate limiters drop idle keys.
 const LIMITS_HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(10);
 
+/// How often the dependencies are probed for `/health`: every caller shares the last probe,
+/// so a flood of health checks costs the databases nothing.
+const HEALTH_PERIOD: Duration = Duration::from_secs(1);
+
+/// How long a health probe waits for each dependency before calling it unavailable.
+const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The dependencies' state at the last background probe.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthStatus {
+    /// Every primary homed here (or, homing none, every replica) answered.
+    pub database: bool,
+    pub redis: bool,
+    pub checked_at: chrono::DateTime<chrono::Utc>,
+}
+
 /// Everything a request needs, shared by all connections.
 pub struct App {
     pub config: Config,
@@ -52,6 +68,13 @@ pub struct App {
     pub invalidations_dropped: AtomicU64,
     /// What the janitor and the outbox relay did since start.
     pub lifecycle: LifecycleCounters,
+    /// Reads whose `Cart-Min-Version` was above the home primary's cart (answered with the
+    /// primary's, the newest there is).
+    pub min_version_beyond_cart: AtomicU64,
+    /// The last health probe (None until the first one ends); see [`App::health`].
+    health: tokio::sync::watch::Sender<Option<HealthStatus>>,
+    /// Health probes run since start.
+    health_probes: AtomicU64,
     draining: AtomicBool,
 }
 
@@ -141,6 +164,9 @@ impl App {
             topology_mismatches: AtomicU64::new(0),
             invalidations_dropped: AtomicU64::new(0),
             lifecycle: LifecycleCounters::default(),
+            min_version_beyond_cart: AtomicU64::new(0),
+            health: tokio::sync::watch::Sender::new(None),
+            health_probes: AtomicU64::new(0),
             draining: AtomicBool::new(false),
         }))
         .inspect(|app| app.spawn_background())
@@ -149,6 +175,17 @@ impl App {
     /// Starts the outbox relay (per shard homed here) and the janitor, as configured. They end
     /// when the app is dropped.
     fn spawn_background(self: &Arc<Self>) {
+        let app = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(HEALTH_PERIOD);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(app) = app.upgrade() else { return };
+                let status = app.probe_health().await;
+                app.health.send_replace(Some(status));
+            }
+        });
         if self.config.events.relay {
             for shard in self.store.home_shards() {
                 let app = Arc::downgrade(self);
@@ -260,11 +297,40 @@ impl App {
     }
 
     /// The counters in Prometheus text format.
+    /// Probes PostgreSQL and Redis once (the background health task's step).
+    async fn probe_health(&self) -> HealthStatus {
+        self.health_probes.fetch_add(1, Ordering::Relaxed);
+        let (database, redis) = tokio::join!(
+            self.store.databases_healthy(HEALTH_PROBE_TIMEOUT),
+            self.store.cache.ping()
+        );
+        HealthStatus {
+            database,
+            redis,
+            checked_at: chrono::Utc::now(),
+        }
+    }
+
+    /// The dependencies' state as of the last background probe (at most about a second old);
+    /// right after start, waits for the first probe.
+    pub async fn health(&self) -> HealthStatus {
+        let mut receiver = self.health.subscribe();
+        let status = match receiver.wait_for(Option::is_some).await {
+            Ok(status) => *status,
+            // The sender lives in `self`, so the channel cannot close while we hold `&self`.
+            Err(_) => None,
+        };
+        match status {
+            Some(status) => status,
+            None => self.probe_health().await,
+        }
+    }
+
     pub fn metrics_text(&self) -> String {
         let c = &self.lifecycle;
         let store = &self.store.counters;
         let cache = &self.store.cache.counters;
-        let rows: [(&str, &str, u64); 17] = [
+        let rows: [(&str, &str, u64); 19] = [
             (
                 "cartedge_janitor_passes_total",
                 "Janitor passes started.",
@@ -349,6 +415,16 @@ impl App {
                 "cartedge_invalidations_dropped_total",
                 "Cross-region invalidations dropped (queue full).",
                 self.invalidations_dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_min_version_beyond_cart_total",
+                "Reads whose Cart-Min-Version was above the home primary's cart.",
+                self.min_version_beyond_cart.load(Ordering::Relaxed),
+            ),
+            (
+                "cartedge_health_probes_total",
+                "Background probes of PostgreSQL and Redis for /health.",
+                self.health_probes.load(Ordering::Relaxed),
             ),
         ];
         let mut text = String::with_capacity(rows.len() * 160);

@@ -449,6 +449,52 @@ fn sign_token(
     .map_err(|e| e.to_string())
 }
 
+/// Domain separation for the read-your-writes cookie's tag.
+const MIN_VERSION_CONTEXT: &[u8] = b"cartedge min version v1\0";
+/// Bytes of HMAC kept in the `cart_min_version` cookie's tag.
+const MIN_VERSION_TAG_BYTES: usize = 12;
+
+impl Authenticator {
+    /// The `cart_min_version` cookie value for `owner` at `version`: `<version>.<tag>`, the tag
+    /// a keyed hash (the session secret) of the owner and the version, so a cookie left in a
+    /// shared browser by another owner is recognised as theirs.
+    pub fn min_version_cookie(&self, owner: &str, version: i64) -> String {
+        format!(
+            "{version}.{}",
+            URL_SAFE_NO_PAD.encode(self.min_version_tag(owner, version))
+        )
+    }
+
+    /// The version a `cart_min_version` cookie value carries, if it was issued for `owner`.
+    pub fn verify_min_version_cookie(&self, owner: &str, value: &str) -> Option<i64> {
+        let (version, tag) = value.split_once('.')?;
+        let version = version.parse::<i64>().ok().filter(|v| *v >= 0)?;
+        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+        let verified = tag.len() == MIN_VERSION_TAG_BYTES
+            && self
+                .min_version_mac(owner, version)
+                .verify_truncated_left(&tag)
+                .is_ok();
+        verified.then_some(version)
+    }
+
+    fn min_version_mac(&self, owner: &str, version: i64) -> Hmac<Sha256> {
+        let mut mac = self.session_mac.clone();
+        mac.update(MIN_VERSION_CONTEXT);
+        mac.update(owner.as_bytes());
+        mac.update(b"\0");
+        mac.update(&version.to_be_bytes());
+        mac
+    }
+
+    fn min_version_tag(&self, owner: &str, version: i64) -> [u8; MIN_VERSION_TAG_BYTES] {
+        let full = self.min_version_mac(owner, version).finalize().into_bytes();
+        let mut tag = [0u8; MIN_VERSION_TAG_BYTES];
+        tag.copy_from_slice(&full[..MIN_VERSION_TAG_BYTES]);
+        tag
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,9 +123,8 @@ pub fn request(data: &[u8]) {
 
 fn contract_headers(parts: &Parts) {
     let view = RequestParts::new(parts);
-    if let Ok(version) = view.min_version() {
-        assert!(version >= 0);
-    }
+    let auth = authenticator();
+    let owner = crate::domain::ids::OwnerKey::from_stored("u:fuzz".to_string());
     if let Ok(Some(version)) = view.if_match() {
         assert!(version >= 0);
     }
@@ -134,8 +133,9 @@ fn contract_headers(parts: &Parts) {
         !view.if_none_match().matches(-1)
             || parts
                 .headers
-                .get("if-none-match")
-                .is_some_and(|v| v.as_bytes().trim_ascii() == b"*")
+                .get_all("if-none-match")
+                .iter()
+                .any(|v| v.as_bytes().trim_ascii() == b"*")
     );
     let _ = view.if_none_match().matches(0);
     if let Ok(Some(key)) = view.idempotency_key() {
@@ -143,7 +143,6 @@ fn contract_headers(parts: &Parts) {
         assert!(key.bytes().all(|b| (0x21..=0x7e).contains(&b)));
     }
     let user_id = view.query_user_id();
-    let auth = authenticator();
     match view.identify(&auth) {
         Ok(identity) => {
             let caller = identity.caller;
@@ -153,13 +152,25 @@ fn contract_headers(parts: &Parts) {
                 let live = Session::Live(session.clone());
                 assert_eq!(auth.verify_session(session.as_str()), Ok(live));
             }
-            if let Err(error) = view.check_user_id(&caller, user_id.as_deref()) {
-                render(error);
+            match user_id {
+                Ok(user_id) => {
+                    if let Err(error) = view.check_user_id(&caller, user_id) {
+                        render(error);
+                    }
+                }
+                Err(error) => render(error),
             }
         }
         Err(error) => render(error),
     }
-    for result in [view.min_version().map(drop), view.if_match().map(drop)] {
+    // A cookie-borne minimum counts only for the owner it was issued for.
+    if let Ok(version) = view.min_version(&auth, &owner) {
+        assert!(version >= 0);
+    }
+    for result in [
+        view.min_version(&auth, &owner).map(drop),
+        view.if_match().map(drop),
+    ] {
         if let Err(error) = result {
             render(error);
         }
@@ -176,7 +187,7 @@ fn bodies(headers: &HeaderMap, body: &[u8]) {
             render(error);
         }
     }
-    match request::parse_json::<AddItemBody>(body).and_then(AddItemBody::validate) {
+    match request::parse_body::<AddItemBody>(body).and_then(AddItemBody::validate) {
         Ok(add) => {
             assert!((1..=999).contains(&add.quantity.get()));
             assert!(ItemId::parse(add.item_id.as_str()).is_ok());
@@ -189,14 +200,14 @@ fn bodies(headers: &HeaderMap, body: &[u8]) {
         }
         Err(error) => render(error),
     }
-    match request::parse_json::<SetQuantityBody>(body) {
+    match request::parse_body::<SetQuantityBody>(body) {
         Ok(set) => match set.validate() {
             Ok(quantity) => assert!((1..=999).contains(&quantity.get())),
             Err(error) => render(error),
         },
         Err(error) => render(error),
     }
-    if let Err(error) = request::parse_json_or_default::<ClearBody>(body) {
+    if let Err(error) = request::parse_body_or_default::<ClearBody>(body) {
         render(error);
     }
     if let Err(error) = request::parse_json::<crate::forward::invalidate::Batch>(body) {

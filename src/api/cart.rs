@@ -65,9 +65,18 @@ pub async fn view(
         .load_cart(placed.shard, &placed.key, read.min_version)
         .await?;
     let mut warnings = Vec::new();
-    if cart.version < min_version && surface != Surface::Internal {
-        // Only outside the home region can the freshest copy be older than the caller's last
-        // write: give the local replica a bounded moment to replay, then ask the home region.
+    if cart.version < min_version && app.store.is_home(placed.shard) {
+        // Below the minimum even on the home primary (`load_cart` read it): the client names a
+        // version this cart never had (a stale or foreign token). The primary's cart is the
+        // newest there is, so it is the answer, without forwarding anywhere and without a
+        // warning.
+        app.min_version_beyond_cart
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(owner = %placed.key, version = cart.version, min_version, "cart-min-version beyond the cart");
+    } else if cart.version < min_version && surface != Surface::Internal {
+        // Outside the home region the replica may not have replayed the caller's last write
+        // yet: give it a bounded moment, then ask the home region, whose answer (its primary's
+        // cart, even when that is below the minimum) is the freshest there is.
         match wait_for_replica(app, placed.shard, &placed.key, min_version).await? {
             Some(replayed) => (cart, source) = (replayed, Source::Replica),
             None => {
@@ -76,13 +85,13 @@ pub async fn view(
                     Err(error) => {
                         tracing::warn!(%error, home = placed.home, "home region unreachable; serving the replica's older cart");
                         warnings.push(cart::Warning {
-                        code: STALE_POSSIBLE,
-                        item_id: None,
-                        message: format!(
-                            "the home region {} is unreachable; this cart may be older than version {min_version}",
-                            placed.home
-                        ),
-                    });
+                            code: STALE_POSSIBLE,
+                            item_id: None,
+                            message: format!(
+                                "the home region {} is unreachable; this cart may be older than version {min_version}",
+                                placed.home
+                            ),
+                        });
                     }
                 }
             }
@@ -234,7 +243,12 @@ pub async fn write(
         Source::Primary,
         session_header,
     );
-    response::mark_write(app, response.headers_mut(), view.version);
+    response::mark_write(
+        app,
+        response.headers_mut(),
+        placed.key.as_str(),
+        view.version,
+    );
     if let Some(key) = idempotency_key {
         let stored = idempotency::to_stored(&response, body);
         tx.record_idempotency(&claimed, key, &fingerprint, &stored)

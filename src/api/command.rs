@@ -8,7 +8,7 @@
 //! then `user_id`, then the values' ranges) so a request with several faults always gets the
 //! same error. Nothing here touches the store.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -31,7 +31,7 @@ use crate::domain::money::Currency;
 use crate::domain::order::OrderId;
 use crate::domain::variant::LineId;
 use crate::forward::client::names as fwd;
-use crate::limits::{Class, Verdict};
+use crate::limits::{Class, RateLimits, Verdict};
 
 /// A cart request, read and validated.
 pub struct Command<'a> {
@@ -191,7 +191,7 @@ pub async fn read<'a>(
         Handler::Merge => merge(app, &request, caller, &body)?,
         Handler::Checkout => checkout(app, &request, caller, &body)?,
         Handler::GetOrder => (get_order(app, caller, param)?, None),
-        Handler::Settle(action) => (settle(app, role, param, action)?, None),
+        Handler::Settle(action) => (settle(app, &caller, role, param, action)?, None),
         Handler::AddItem | Handler::SetItem | Handler::RemoveItem | Handler::ClearCart => {
             write(app, surface, &request, parts, caller, handler, param, &body)?
         }
@@ -221,6 +221,36 @@ pub async fn read<'a>(
     })
 }
 
+/// Charges an operator probe (`/health`, `/ready`) on the public listener to its client IP's
+/// anonymous quota, like any request without credentials; the admin listener's probes are not
+/// limited (load balancers and monitoring poll them).
+pub fn admit_probe(
+    app: &App,
+    surface: Surface,
+    parts: &Parts,
+) -> Result<Option<Verdict>, ApiError> {
+    if surface != Surface::Public {
+        return Ok(None);
+    }
+    let limits = app.limits.load();
+    let verdict = limits.check_ip(client_ip(&limits, parts));
+    if let Some(verdict) = verdict.as_ref().filter(|v| !v.admitted()) {
+        return Err(ApiError::RateLimited(verdict.clone()));
+    }
+    Ok(verdict)
+}
+
+/// The client's IP as the rate limits see it (the socket peer, or the forwarded address from a
+/// trusted proxy).
+fn client_ip(limits: &RateLimits, parts: &Parts) -> IpAddr {
+    let peer = parts
+        .extensions
+        .get::<Peer>()
+        .map(|p| p.0)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    limits.client_ip(peer, &parts.headers)
+}
+
 /// Authenticates the caller and charges the rate limits. Failed credentials are limited per
 /// client IP, so guessing is slow; edge-to-edge requests were limited where they entered.
 fn admit(
@@ -232,14 +262,7 @@ fn admit(
 ) -> Result<(Caller, Option<String>, Option<Verdict>), ApiError> {
     let limited = surface == Surface::Public;
     let limits = app.limits.load();
-    let client_ip = || {
-        let peer = parts
-            .extensions
-            .get::<Peer>()
-            .map(|p| p.0)
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        limits.client_ip(peer, &parts.headers)
-    };
+    let client_ip = || client_ip(&limits, parts);
     let identity = match request.identify(&app.auth.load()) {
         Ok(identity) => identity,
         Err(error) => {
@@ -253,7 +276,7 @@ fn admit(
         }
     };
     let class = match handler {
-        _ if parts.method == Method::GET => Class::Read,
+        _ if parts.method == Method::GET || parts.method == Method::HEAD => Class::Read,
         Handler::Checkout => Class::Checkout,
         _ => Class::Write,
     };
@@ -281,16 +304,17 @@ fn view<'a>(
     request: &RequestParts<'_>,
     caller: Caller,
 ) -> Result<Operation<'a>, ApiError> {
-    request.check_user_id(&caller, request.query_user_id().as_deref())?;
+    request.check_user_id(&caller, request.query_user_id()?)?;
     let owner = match caller {
         Caller::User(user) => Owner::User(user),
         Caller::Guest(session) => Owner::Guest(session),
         // A guest with no session sees an empty cart; nothing is created.
         Caller::Anonymous => return Ok(Operation::View(None)),
     };
-    let min_version = request.min_version()?;
+    let cart = Placed::new(app, owner);
+    let min_version = request.min_version(&app.auth.load(), &cart.key)?;
     Ok(Operation::View(Some(ViewCart {
-        cart: Placed::new(app, owner),
+        cart,
         min_version,
         if_none_match: request.if_none_match(),
     })))
@@ -327,19 +351,18 @@ fn write<'a>(
 ) -> Result<(Operation<'a>, Option<String>), ApiError> {
     let if_match = request.if_match()?;
     let parsed = match handler {
-        Handler::AddItem => ParsedWrite::Add(request::parse_json(body)?),
+        Handler::AddItem => ParsedWrite::Add(request::parse_body(body)?),
         Handler::SetItem => ParsedWrite::Set(
             request::line_id_segment(line_segment)?,
-            request::parse_json(body)?,
+            request::parse_body(body)?,
         ),
         Handler::RemoveItem => ParsedWrite::Remove(
             request::line_id_segment(line_segment)?,
-            request::parse_json_or_default(body)?,
+            request::parse_body_or_default(body)?,
         ),
-        _ => ParsedWrite::Clear(request::parse_json_or_default(body)?),
+        _ => ParsedWrite::Clear(request::parse_body_or_default(body)?),
     };
-    let query_user_id = request.query_user_id();
-    request.check_user_id(&caller, parsed.user_id().or(query_user_id.as_deref()))?;
+    request.check_user_id(&caller, request.claimed_user_id(parsed.user_id())?)?;
     let change = match parsed {
         ParsedWrite::Add(body) => Change::Add(body.validate()?),
         ParsedWrite::Set(line_id, body) => Change::Set {
@@ -395,7 +418,7 @@ fn merge<'a>(
         ));
     };
     let user = user.clone();
-    let parsed: MergeBody = request::parse_json_or_default(body)?;
+    let parsed: MergeBody = request::parse_body_or_default(body)?;
     request.check_user_id(&caller, parsed.user_id.as_deref())?;
     let session = request.guest_session(&app.auth.load())?.ok_or_else(|| {
         ApiError::InvalidRequest(
@@ -430,7 +453,7 @@ fn checkout<'a>(
         .idempotency_key()?
         .ok_or(ApiError::IdempotencyKeyRequired)?
         .to_string();
-    let parsed: CheckoutBody = request::parse_json_or_default(body)?;
+    let parsed: CheckoutBody = request::parse_body_or_default(body)?;
     request.check_user_id(&caller, parsed.user_id.as_deref())?;
     let checkout = Checkout {
         user: Placed::new(app, Owner::User(user)),
@@ -459,10 +482,18 @@ fn get_order<'a>(app: &'a App, caller: Caller, order_id: &str) -> Result<Operati
 
 fn settle<'a>(
     app: &'a App,
+    caller: &Caller,
     role: Option<String>,
     order_id: &str,
     action: Settlement,
 ) -> Result<Operation<'a>, ApiError> {
+    // No credential at all is a 401 with a challenge, as on every other route; a credential
+    // without the payment role is a 403.
+    if let Caller::Anonymous = caller {
+        return Err(ApiError::Unauthenticated(
+            "confirming or cancelling an order needs the payment service's bearer token",
+        ));
+    }
     if role.as_deref() != Some(app.config.checkout.payment_role.as_str()) {
         return Err(ApiError::Forbidden(
             "only the payment service confirms or cancels orders",

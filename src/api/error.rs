@@ -72,6 +72,7 @@ error_codes! {
     OrderNotPending => "order_not_pending", CONFLICT;
     ReservationExpired => "reservation_expired", CONFLICT;
     VersionMismatch => "version_mismatch", PRECONDITION_FAILED;
+    RequestTimeout => "request_timeout", REQUEST_TIMEOUT;
     PayloadTooLarge => "payload_too_large", PAYLOAD_TOO_LARGE;
     UnsupportedMediaType => "unsupported_media_type", UNSUPPORTED_MEDIA_TYPE;
     Misdirected => "misdirected", MISDIRECTED_REQUEST;
@@ -111,8 +112,13 @@ pub enum ApiError {
     MethodNotAllowed { allow: String },
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
-    #[error("request body must be application/json")]
-    UnsupportedMediaType,
+    /// The client stopped sending its body before it was complete: its fault, not a
+    /// dependency's, so no `Retry-After` and no outage in the logs.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
+    /// The body is not plain JSON: the reason names what was wrong (type or encoding).
+    #[error("{0}")]
+    UnsupportedMediaType(&'static str),
     /// A cart write broke one of the cart's rules.
     #[error(transparent)]
     Rule(#[from] CartRule),
@@ -231,7 +237,8 @@ impl ApiError {
             ApiError::NotFound => C::NotFound,
             ApiError::MethodNotAllowed { .. } => C::MethodNotAllowed,
             ApiError::PayloadTooLarge { .. } => C::PayloadTooLarge,
-            ApiError::UnsupportedMediaType => C::UnsupportedMediaType,
+            ApiError::RequestTimeout => C::RequestTimeout,
+            ApiError::UnsupportedMediaType(_) => C::UnsupportedMediaType,
             ApiError::Rule(rule) => match rule {
                 CartRule::UnknownItem => C::UnknownItem,
                 CartRule::ItemNotInCart => C::ItemNotInCart,
@@ -305,7 +312,8 @@ impl ApiError {
             | ApiError::Forbidden(_)
             | ApiError::NotFound
             | ApiError::MethodNotAllowed { .. }
-            | ApiError::UnsupportedMediaType
+            | ApiError::RequestTimeout
+            | ApiError::UnsupportedMediaType(_)
             | ApiError::Rule(
                 CartRule::UnknownItem
                 | CartRule::ItemNotInCart

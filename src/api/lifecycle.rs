@@ -193,7 +193,7 @@ async fn merged_response(
     let body = Bytes::from(serde_json::to_vec(&merged).unwrap_or_default());
     let mut response = response::cart(app, body.clone(), view.version, Source::Primary, None);
     if written {
-        response::mark_write(app, response.headers_mut(), view.version);
+        response::mark_write(app, response.headers_mut(), &cart.owner, view.version);
     }
     (response, body)
 }
@@ -289,7 +289,7 @@ pub async fn checkout(
         let body = Bytes::from(serde_json::to_vec(&order).unwrap_or_default());
         let mut response = response::order(app, StatusCode::CREATED, body.clone());
         response::set_version(response.headers_mut(), cleared.version);
-        response::mark_write(app, response.headers_mut(), cleared.version);
+        response::mark_write(app, response.headers_mut(), owner.as_str(), cleared.version);
         let stored = idempotency::to_stored(&response, body);
         tx.record_idempotency(&owner, key, &fingerprint, &stored)
             .await?;

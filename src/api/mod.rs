@@ -121,7 +121,8 @@ const fn internal(pattern: &'static str, name: &'static str, handler: Handler) -
 }
 
 /// Every route of every surface. A path matched on a surface but not for the request's method
-/// is a 405 whose `Allow` lists the methods below in this order; anything else is a 404.
+/// is a 405 whose `Allow` lists the methods below in this order (HEAD after each GET: a GET
+/// route answers HEAD without the body); anything else is a 404.
 pub static ROUTES: [Route<Handler>; 17] = {
     use Handler as H;
     use Method as M;
@@ -189,25 +190,44 @@ pub fn route_name(path: &str) -> Option<&'static str> {
 pub async fn handle(
     app: Arc<App>,
     surface: Surface,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let over_tls = request.extensions().get::<OverTls>().is_some();
-    let timeout = app.config.server.request_timeout.0;
-    let mut response = match tokio::time::timeout(timeout, dispatch(&app, surface, request)).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(error)) => error.into_response(),
-        Err(_) => ApiError::Unavailable {
-            retry_after_secs: 1,
-            cause: "request timed out".into(),
-        }
-        .into_response(),
-    };
+    let deadline = tokio::time::Instant::now() + app.config.server.request_timeout.0;
+    request.extensions_mut().insert(request::Deadline(deadline));
+    // A body read running into the same deadline answers 408 itself: `timeout_at` polls the
+    // inner future before its own timer, so this 503 is for handling that ran too long.
+    let mut response =
+        match tokio::time::timeout_at(deadline, dispatch(&app, surface, request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => error.into_response(),
+            Err(_) => ApiError::Unavailable {
+                retry_after_secs: 1,
+                cause: "request timed out".into(),
+            }
+            .into_response(),
+        };
+    if method == Method::HEAD {
+        strip_body(&mut response);
+    }
     app.decorate(response.headers_mut(), over_tls);
     tracing::debug!(%method, %path, status = response.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
     Ok(response)
+}
+
+/// A HEAD answer: the GET's status and headers, `Content-Length` the GET body's, no body.
+fn strip_body(response: &mut Response<Body>) {
+    use hyper::body::Body as _;
+    if let Some(length) = response.body().size_hint().exact() {
+        response.headers_mut().insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from(length),
+        );
+    }
+    *response.body_mut() = Full::new(Bytes::new());
 }
 
 async fn dispatch(
@@ -225,8 +245,18 @@ async fn dispatch(
         Lookup::NotFound => return Err(ApiError::NotFound),
     };
     match handler {
-        Handler::Health => return Ok(operator::health(app).await),
-        Handler::Ready => return Ok(operator::ready(app)),
+        Handler::Health | Handler::Ready => {
+            let verdict = command::admit_probe(app, surface, &parts)?;
+            let mut response = if handler == Handler::Health {
+                operator::health(app).await
+            } else {
+                operator::ready(app)
+            };
+            if let Some(verdict) = &verdict {
+                crate::limits::set_headers(response.headers_mut(), verdict);
+            }
+            return Ok(response);
+        }
         Handler::Metrics => return Ok(operator::metrics(app)),
         Handler::Invalidate => {
             let bytes = request::read_body(&parts, body, internal::MAX_BODY_BYTES, true).await?;
@@ -344,7 +374,7 @@ mod tests {
         ));
         assert!(found(Surface::Admin, Method::GET, "/metrics").is_some());
         match router::lookup(&ROUTES, Surface::Public, &Method::POST, "/cart") {
-            Lookup::MethodNotAllowed(allow) => assert_eq!(allow, "GET, DELETE"),
+            Lookup::MethodNotAllowed(allow) => assert_eq!(allow, "GET, HEAD, DELETE"),
             other => panic!("{other:?}"),
         }
         match router::lookup(&ROUTES, Surface::Public, &Method::GET, "/cart/items/x") {

@@ -1,8 +1,6 @@
 //! The operator routes: `/health`, `/ready` (every surface) and `/metrics` (admin only). They
 //! need no identity and never touch a cart.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
@@ -12,26 +10,23 @@ use serde_json::json;
 use super::{response, Body};
 use crate::app::App;
 
-/// How long `/health` waits for each dependency before calling it unavailable.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// `GET /health`: the dependencies' state; 503 when no database answers.
+/// `GET /health`: the dependencies' state as of the last background probe (refreshed about
+/// once a second and shared by every caller, so this never queries a database itself); 503 when
+/// no database answered. `timestamp` is when that probe ran.
 pub async fn health(app: &App) -> Response<Body> {
-    let (database, redis) = tokio::join!(
-        app.store.databases_healthy(PROBE_TIMEOUT),
-        app.store.cache.ping()
-    );
-    let status = match (database, redis) {
+    let status = app.health().await;
+    let (database, redis) = (status.database, status.redis);
+    let summary = match (database, redis) {
         (false, _) => "unavailable",
         (true, false) => "degraded",
         (true, true) => "ok",
     };
     let body = json!({
-        "status": status,
+        "status": summary,
         "region": app.config.region.id,
         "database": if database { "ok" } else { "unavailable" },
         "redis": if redis { "ok" } else { "unavailable" },
-        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "timestamp": status.checked_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     });
     let code = if database {
         StatusCode::OK

@@ -47,7 +47,13 @@ impl RelayHead {
             }
         }
         RelayHead {
-            method: parts.method.clone(),
+            // A HEAD is relayed as the GET it stands for, so this edge learns the body's length
+            // (and drops the body itself).
+            method: if parts.method == http::Method::HEAD {
+                http::Method::GET
+            } else {
+                parts.method.clone()
+            },
             path_and_query: parts
                 .uri
                 .path_and_query()

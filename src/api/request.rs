@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::names;
 use crate::auth::{Authenticator, Session};
 use crate::domain::cart::Quantity;
-use crate::domain::ids::{ItemId, SessionId, UserId};
+use crate::domain::ids::{ItemId, OwnerKey, SessionId, UserId};
 use crate::domain::money::Money;
 use crate::domain::variant;
 use crate::domain::variant::LineId;
@@ -44,14 +44,32 @@ pub struct RequestParts<'a> {
     query: Option<&'a str>,
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
-    match headers.get(name) {
-        None => Ok(None),
-        Some(value) => value
-            .to_str()
-            .map(|v| Some(v.trim()))
-            .map_err(|_| ApiError::InvalidRequest(format!("header {name} is not visible ASCII"))),
+/// A header the contract allows once. Two field lines are ambiguous, so they are refused
+/// rather than the first winning silently.
+fn single_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(duplicate_header(name));
     }
+    value
+        .to_str()
+        .map(|v| Some(v.trim()))
+        .map_err(|_| ApiError::InvalidRequest(format!("header {name} is not visible ASCII")))
+}
+
+fn duplicate_header(name: &str) -> ApiError {
+    ApiError::InvalidRequest(format!("header {name} must be sent at most once"))
+}
+
+/// Refuses a request carrying `name` more than once.
+fn at_most_once(headers: &HeaderMap, name: &str) -> Result<(), ApiError> {
+    if headers.get_all(name).iter().nth(1).is_some() {
+        return Err(duplicate_header(name));
+    }
+    Ok(())
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -76,6 +94,7 @@ impl<'a> RequestParts<'a> {
     /// Resolves the caller, its rate-limit tier and its token's role. A present but bad
     /// credential is an error, never anonymous.
     pub fn identify(&self, auth: &Authenticator) -> Result<Identity, ApiError> {
+        at_most_once(self.headers, header::AUTHORIZATION.as_str())?;
         if let Some(value) = self.headers.get(header::AUTHORIZATION) {
             let verified = auth.verify(bearer_token(value)?)?;
             return Ok(Identity {
@@ -108,7 +127,8 @@ impl<'a> RequestParts<'a> {
     /// verified; None when it presents none or an expired one (an expired session behaves like
     /// no session, a forged one is refused). The one place a session is looked up.
     pub fn guest_session(&self, auth: &Authenticator) -> Result<Option<SessionId>, ApiError> {
-        let presented = match header_str(self.headers, names::CART_SESSION) {
+        at_most_once(self.headers, names::CART_SESSION)?;
+        let presented = match single_header(self.headers, names::CART_SESSION) {
             Ok(Some(value)) => Some(value),
             Ok(None) => cookie(self.headers, names::SESSION_COOKIE),
             Err(_) => return Err(ApiError::InvalidSession),
@@ -131,22 +151,43 @@ impl<'a> RequestParts<'a> {
         }
     }
 
-    pub fn query_user_id(&self) -> Option<String> {
-        self.query?
-            .split('&')
-            .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
-            .find(|(key, _)| *key == "user_id")
-            .map(|(_, value)| value.to_string())
+    /// The `user_id` query parameter; given twice it is ambiguous (400).
+    pub fn query_user_id(&self) -> Result<Option<&'a str>, ApiError> {
+        let mut values = self
+            .query
+            .into_iter()
+            .flat_map(|query| query.split('&'))
+            .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+            .filter(|(key, _)| *key == "user_id")
+            .map(|(_, value)| value);
+        let first = values.next();
+        if values.next().is_some() {
+            return Err(ApiError::InvalidRequest(
+                "query parameter user_id must be given at most once".into(),
+            ));
+        }
+        Ok(first)
     }
 
-    /// `Cart-Min-Version` (header, then the `cart_min_version` cookie); 0 when absent.
-    pub fn min_version(&self) -> Result<i64, ApiError> {
-        let raw = match header_str(self.headers, names::CART_MIN_VERSION)? {
-            Some(value) => Some(value),
-            None => cookie(self.headers, names::MIN_VERSION_COOKIE),
-        };
-        match raw {
-            None => Ok(0),
+    /// The `user_id` a write claims, from its body or its query; both naming different users is
+    /// ambiguous (400).
+    pub fn claimed_user_id<'b>(
+        &'b self,
+        body: Option<&'b str>,
+    ) -> Result<Option<&'b str>, ApiError> {
+        match (body, self.query_user_id()?) {
+            (Some(body), Some(query)) if body != query => Err(ApiError::InvalidRequest(
+                "user_id in the body and in the query differ".into(),
+            )),
+            (body, query) => Ok(body.or(query)),
+        }
+    }
+
+    /// `Cart-Min-Version` (a plain integer), else the `cart_min_version` cookie if it was
+    /// issued for `owner` (a cookie bound to another owner, or unreadable, is ignored: it is
+    /// what a shared browser or a logout leaves behind); 0 when neither applies.
+    pub fn min_version(&self, auth: &Authenticator, owner: &OwnerKey) -> Result<i64, ApiError> {
+        match single_header(self.headers, names::CART_MIN_VERSION)? {
             Some(value) => value
                 .parse::<i64>()
                 .ok()
@@ -156,12 +197,15 @@ impl<'a> RequestParts<'a> {
                         "Cart-Min-Version must be a non-negative integer".into(),
                     )
                 }),
+            None => Ok(cookie(self.headers, names::MIN_VERSION_COOKIE)
+                .and_then(|value| auth.verify_min_version_cookie(owner.as_str(), value))
+                .unwrap_or(0)),
         }
     }
 
     /// `If-Match: "<version>"` (a weak tag is accepted; `*` means any version).
     pub fn if_match(&self) -> Result<Option<i64>, ApiError> {
-        let Some(value) = header_str(self.headers, header::IF_MATCH.as_str())? else {
+        let Some(value) = single_header(self.headers, header::IF_MATCH.as_str())? else {
             return Ok(None);
         };
         if value == "*" {
@@ -172,22 +216,25 @@ impl<'a> RequestParts<'a> {
         })
     }
 
-    /// `If-None-Match`: the versions it names (or `*`). An unreadable header names none.
+    /// `If-None-Match`: the versions it names (or `*`), over all its field lines (a list
+    /// header may be split). An unreadable header names none.
     pub fn if_none_match(&self) -> IfNoneMatch {
-        match header_str(self.headers, header::IF_NONE_MATCH.as_str()) {
-            Ok(Some("*")) => IfNoneMatch::Any,
-            Ok(Some(value)) => IfNoneMatch::Versions(
-                value
-                    .split(',')
-                    .filter_map(|tag| parse_etag(tag.trim()))
-                    .collect(),
-            ),
-            Ok(None) | Err(_) => IfNoneMatch::Versions(Vec::new()),
+        let mut versions = Vec::new();
+        for value in self.headers.get_all(header::IF_NONE_MATCH) {
+            let Ok(value) = value.to_str() else {
+                continue;
+            };
+            if value.trim() == "*" {
+                return IfNoneMatch::Any;
+            }
+            versions.extend(value.split(',').filter_map(|tag| parse_etag(tag.trim())));
         }
+        IfNoneMatch::Versions(versions)
     }
 
     /// The `Idempotency-Key`: 1–255 visible ASCII characters.
     pub fn idempotency_key(&self) -> Result<Option<&'a str>, ApiError> {
+        at_most_once(self.headers, names::IDEMPOTENCY_KEY)?;
         let Some(value) = self.headers.get(names::IDEMPOTENCY_KEY) else {
             return Ok(None);
         };
@@ -287,9 +334,15 @@ pub async fn read_body(
     required: bool,
 ) -> Result<Bytes, ApiError> {
     check_declared_length(&parts.headers, limit)?;
-    let bytes = Limited::new(body, limit)
-        .collect()
-        .await
+    check_content_encoding(&parts.headers)?;
+    let collect = Limited::new(body, limit).collect();
+    let collected = match parts.extensions.get::<Deadline>() {
+        Some(deadline) => tokio::time::timeout_at(deadline.0, collect)
+            .await
+            .map_err(|_| ApiError::RequestTimeout)?,
+        None => collect.await,
+    };
+    let bytes = collected
         .map_err(|error| {
             if error.is::<http_body_util::LengthLimitError>() {
                 ApiError::PayloadTooLarge { limit }
@@ -300,6 +353,28 @@ pub async fn read_body(
         .to_bytes();
     check_body(&parts.headers, &bytes, required)?;
     Ok(bytes)
+}
+
+/// When the request's handling must end (`server.request_timeout` after it started), inserted
+/// by `api::handle`. A body still arriving then is the client's fault: 408, not a 503.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub tokio::time::Instant);
+
+/// Bodies are JSON as sent: any `Content-Encoding` but `identity` (gzip, …) is refused with
+/// 415 rather than parsed as if it were plain.
+pub fn check_content_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
+    let encoded = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|value| value.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"));
+    if encoded {
+        return Err(ApiError::UnsupportedMediaType(
+            "request body must not be content-encoded (only identity is accepted)",
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a body before reading it when its `Content-Length` is malformed or over `limit`.
@@ -339,22 +414,110 @@ pub fn check_body(headers: &HeaderMap, bytes: &[u8], required: bool) -> Result<(
         })
         .unwrap_or(false);
     if !json {
-        return Err(ApiError::UnsupportedMediaType);
+        return Err(ApiError::UnsupportedMediaType(
+            "request body must be application/json",
+        ));
     }
     Ok(())
 }
 
+/// Parses a JSON body. A failure is described in the API's words (never serde's type names).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(bytes).map_err(|_| describe_body_error(bytes, &[]))
 }
 
-pub fn parse_json_or_default<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+/// Parses a public request body; a failure names the field and what it must hold.
+pub fn parse_body<T: JsonBody>(bytes: &[u8]) -> Result<T, ApiError> {
+    // serde would take a JSON array for a struct's fields in order; a body is an object.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(describe_body_error(bytes, T::FIELDS));
+    }
+    serde_json::from_slice(bytes).map_err(|_| describe_body_error(bytes, T::FIELDS))
+}
+
+/// As [`parse_body`], an empty body being the default.
+pub fn parse_body_or_default<T: JsonBody + Default>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
         Ok(T::default())
     } else {
-        parse_json(bytes)
+        parse_body(bytes)
     }
+}
+
+/// A public request body and the fields it accepts, so errors can say what was expected.
+pub trait JsonBody: DeserializeOwned {
+    const FIELDS: &'static [BodyField];
+}
+
+/// One field of a body: its name, whether it is required, what it must hold (as the API
+/// documents it) and a check of a present value.
+pub struct BodyField {
+    pub name: &'static str,
+    pub required: bool,
+    pub expected: &'static str,
+    pub accepts: fn(&Value) -> bool,
+}
+
+const USER_ID: BodyField = BodyField {
+    name: "user_id",
+    required: false,
+    expected: "a string or null",
+    accepts: |v| v.is_string() || v.is_null(),
+};
+
+const QUANTITY: BodyField = BodyField {
+    name: "quantity",
+    required: true,
+    expected: "an integer from 1 to 999",
+    accepts: Value::is_i64,
+};
+
+/// Why a body did not parse, found again on the body as a generic JSON value: syntax, shape,
+/// unknown fields, missing fields, then the first field holding the wrong kind of value.
+fn describe_body_error(bytes: &[u8], fields: &[BodyField]) -> ApiError {
+    let invalid = |message: String| ApiError::InvalidRequest(message);
+    let value: Value = match serde_json::from_slice(bytes) {
+        Ok(value) => value,
+        Err(error) => {
+            return invalid(format!(
+                "body is not valid JSON (line {}, column {})",
+                error.line(),
+                error.column()
+            ))
+        }
+    };
+    let Value::Object(object) = &value else {
+        return invalid("body must be a JSON object".into());
+    };
+    if fields.is_empty() {
+        return invalid("body does not have the expected fields".into());
+    }
+    if let Some(unknown) = object
+        .keys()
+        .find(|key| !fields.iter().any(|f| f.name == key.as_str()))
+    {
+        let allowed: Vec<String> = fields.iter().map(|f| format!("`{}`", f.name)).collect();
+        return invalid(format!(
+            "unknown field `{unknown}`; the body may hold {}",
+            allowed.join(", ")
+        ));
+    }
+    for field in fields {
+        match object.get(field.name) {
+            None if field.required => {
+                return invalid(format!("field `{}` is required", field.name))
+            }
+            Some(value) if !(field.accepts)(value) => {
+                return invalid(format!(
+                    "field `{}`: expected {}",
+                    field.name, field.expected
+                ))
+            }
+            _ => {}
+        }
+    }
+    // What a generic value cannot show: a field given twice.
+    invalid("body holds a field more than once".into())
 }
 
 #[derive(Debug, Deserialize)]
@@ -370,6 +533,31 @@ pub struct AddItemBody {
     pub user_id: Option<String>,
 }
 
+impl JsonBody for AddItemBody {
+    const FIELDS: &'static [BodyField] = &[
+        BodyField {
+            name: "item_id",
+            required: true,
+            expected: "a string",
+            accepts: Value::is_string,
+        },
+        QUANTITY,
+        BodyField {
+            name: "variant",
+            required: false,
+            expected: "an object or null",
+            accepts: |_| true,
+        },
+        BodyField {
+            name: "price",
+            required: false,
+            expected: "an object with `amount_minor` (an integer) and `currency` (a currency code), or null",
+            accepts: |v| v.is_null() || serde_json::from_value::<Money>(v.clone()).is_ok(),
+        },
+        USER_ID,
+    ];
+}
+
 /// A validated add.
 pub struct ValidAdd {
     pub item_id: ItemId,
@@ -383,7 +571,7 @@ impl AddItemBody {
         let item_id =
             ItemId::parse(&self.item_id).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
         let quantity = Quantity::parse(self.quantity).ok_or_else(|| {
-            ApiError::InvalidRequest("quantity must be an integer within 1..=999".into())
+            ApiError::InvalidRequest("field `quantity`: expected an integer from 1 to 999".into())
         })?;
         let variant = match &self.variant {
             None => None,
@@ -408,10 +596,14 @@ pub struct SetQuantityBody {
     pub user_id: Option<String>,
 }
 
+impl JsonBody for SetQuantityBody {
+    const FIELDS: &'static [BodyField] = &[QUANTITY, USER_ID];
+}
+
 impl SetQuantityBody {
     pub fn validate(&self) -> Result<Quantity, ApiError> {
         Quantity::parse(self.quantity).ok_or_else(|| {
-            ApiError::InvalidRequest("quantity must be an integer within 1..=999".into())
+            ApiError::InvalidRequest("field `quantity`: expected an integer from 1 to 999".into())
         })
     }
 }
@@ -424,6 +616,10 @@ pub struct ClearBody {
     pub user_id: Option<String>,
 }
 
+impl JsonBody for ClearBody {
+    const FIELDS: &'static [BodyField] = &[USER_ID];
+}
+
 /// Body of `POST /cart/merge`: optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -432,6 +628,22 @@ pub struct MergeBody {
     pub strategy: Option<crate::domain::lifecycle::MergeStrategy>,
     #[serde(default)]
     pub user_id: Option<String>,
+}
+
+impl JsonBody for MergeBody {
+    const FIELDS: &'static [BodyField] = &[
+        BodyField {
+            name: "strategy",
+            required: false,
+            expected: "one of \"sum\", \"max\", \"keep_user\", \"keep_guest\", or null",
+            accepts: |v| {
+                v.is_null()
+                    || serde_json::from_value::<crate::domain::lifecycle::MergeStrategy>(v.clone())
+                        .is_ok()
+            },
+        },
+        USER_ID,
+    ];
 }
 
 /// Body of `POST /cart/checkout`: optional.
@@ -444,9 +656,62 @@ pub struct CheckoutBody {
     pub user_id: Option<String>,
 }
 
+impl JsonBody for CheckoutBody {
+    const FIELDS: &'static [BodyField] = &[
+        BodyField {
+            name: "accept_price_changes",
+            required: false,
+            expected: "true, false or null",
+            accepts: |v| v.is_boolean() || v.is_null(),
+        },
+        USER_ID,
+    ];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn message<T: JsonBody + std::fmt::Debug>(body: &str) -> String {
+        match parse_body::<T>(body.as_bytes()) {
+            Err(ApiError::InvalidRequest(message)) => message,
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn body_errors_name_the_field_and_what_it_must_hold_never_serde_types() {
+        let cases = [
+            (r#"["a",1]"#, "body must be a JSON object"),
+            ("{", "body is not valid JSON (line 1, column 1)"),
+            (
+                r#"{"item_id":"a","quantity":"1"}"#,
+                "field `quantity`: expected an integer from 1 to 999",
+            ),
+            (r#"{"item_id":"a"}"#, "field `quantity` is required"),
+            (
+                r#"{"item_id":"a","quantity":1,"price":{"amount_minor":1}}"#,
+                "field `price`: expected an object with `amount_minor` (an integer) and `currency` (a currency code), or null",
+            ),
+            (
+                r#"{"item_id":"a","quantity":1,"colour":"red"}"#,
+                "unknown field `colour`; the body may hold `item_id`, `quantity`, `variant`, `price`, `user_id`",
+            ),
+            (
+                r#"{"item_id":"a","quantity":1,"quantity":2}"#,
+                "body holds a field more than once",
+            ),
+        ];
+        for (body, expected) in cases {
+            let text = message::<AddItemBody>(body);
+            assert_eq!(text, expected, "{body}");
+            assert!(!text.contains("struct") && !text.contains("i64"), "{text}");
+        }
+        assert_eq!(
+            message::<MergeBody>(r#"{"strategy":"both"}"#),
+            "field `strategy`: expected one of \"sum\", \"max\", \"keep_user\", \"keep_guest\", or null"
+        );
+    }
 
     #[test]
     fn entity_tags_parse_strong_and_weak() {

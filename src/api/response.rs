@@ -152,15 +152,17 @@ pub fn expire_session_cookie(app: &App, headers: &mut HeaderMap) {
 }
 
 /// Marks a committed write: the home region that applied it, and the `cart_min_version` cookie
-/// that makes a browser's next read, in any region, at least this fresh.
-pub fn mark_write(app: &App, headers: &mut HeaderMap, version: i64) {
+/// that makes a browser's next read of `owner`'s cart, in any region, at least this fresh. The
+/// cookie is bound to `owner` (`<version>.<tag>`), so another owner's read ignores it.
+pub fn mark_write(app: &App, headers: &mut HeaderMap, owner: &str, version: i64) {
     headers.insert(
         HeaderName::from_static(fwd::HOME_REGION),
         app.region_header.clone(),
     );
     let cookie = format!(
-        "{}={version}; Path=/; SameSite=Lax{}",
+        "{}={}; Path=/; SameSite=Lax{}",
         names::MIN_VERSION_COOKIE,
+        app.auth.load().min_version_cookie(owner, version),
         secure(app)
     );
     if let Ok(value) = HeaderValue::from_str(&cookie) {

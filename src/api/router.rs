@@ -108,11 +108,15 @@ pub fn lookup<'t, 'p, H>(
         let Some(capture) = path_matches(route, path) else {
             continue;
         };
-        if route.method == method {
+        // HEAD is GET without the body (RFC 9110 §9.3.2): every GET route answers it.
+        if route.method == method || (method == Method::HEAD && route.method == Method::GET) {
             return Lookup::Found(route, capture);
         }
         if !allow.contains(&route.method.as_str()) {
             allow.push(route.method.as_str());
+            if route.method == Method::GET && !allow.contains(&"HEAD") {
+                allow.push(Method::HEAD.as_str());
+            }
         }
     }
     if allow.is_empty() {

@@ -61,9 +61,10 @@ async fn add_item_captures_the_catalog_price_and_totals_the_cart() {
     assert_eq!(body["total_price"]["amount_minor"], price * 2);
     assert_eq!(body["warnings"], serde_json::json!([]));
     assert_eq!(response.header("cart-home-region"), Some("sg"));
+    let bound = app.app.auth.load().min_version_cookie("u:alice", 1);
     assert_eq!(
-        response.cookie("cart_min_version").as_deref(),
-        Some("cart_min_version=1; Path=/; SameSite=Lax")
+        response.cookie("cart_min_version"),
+        Some(format!("cart_min_version={bound}; Path=/; SameSite=Lax"))
     );
 
     let view = app.user("alice", "GET", "/api/v1/cart", None).await;
@@ -530,11 +531,15 @@ async fn cart_min_version_skips_a_cache_entry_older_than_the_callers_last_write(
     assert_eq!(fresh.version(), 2);
     assert_eq!(fresh.quantity_of("sku-00001"), 9);
     assert_ne!(fresh.header("cart-source"), Some("cache"));
+    let bound = app.app.auth.load().min_version_cookie("u:alice", 2);
     let cookie = app
         .send(
             "GET",
             "/api/v1/cart",
-            &[app.bearer("alice"), h("cookie", "cart_min_version=2")],
+            &[
+                app.bearer("alice"),
+                h("cookie", &format!("cart_min_version={bound}")),
+            ],
             None,
         )
         .await;
@@ -577,7 +582,7 @@ async fn unknown_routes_are_404_and_wrong_methods_405() {
     );
     let wrong = app.user("alice", "PATCH", "/api/v1/cart", None).await;
     assert_eq!(wrong.status, StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(wrong.header("allow"), Some("GET, DELETE"));
+    assert_eq!(wrong.header("allow"), Some("GET, HEAD, DELETE"));
 }
 
 #[tokio::test]
@@ -628,6 +633,99 @@ async fn health_is_503_when_postgres_is_unreachable_and_degraded_without_redis()
         !message.contains("127.0.0.1") && !message.contains("connect"),
         "{message}"
     );
+}
+
+#[tokio::test]
+async fn a_min_version_beyond_the_cart_is_answered_by_the_home_primary_once_without_a_warning() {
+    let app = TestApp::spawn().await;
+    app.add("alice", "sku-00001", 1).await;
+    let read = app
+        .send(
+            "GET",
+            "/api/v1/cart",
+            &[app.bearer("alice"), h("cart-min-version", "7")],
+            None,
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert_eq!(read.version(), 1, "the newest cart there is");
+    assert_eq!(read.header("cart-source"), Some("primary"));
+    assert_eq!(
+        read.json()["warnings"],
+        serde_json::json!([]),
+        "the home region is not unreachable: it is this edge"
+    );
+    assert!(
+        app.app
+            .metrics_text()
+            .contains("\ncartedge_min_version_beyond_cart_total 1\n"),
+        "{}",
+        app.app.metrics_text()
+    );
+}
+
+#[tokio::test]
+async fn a_min_version_cookie_counts_only_for_the_owner_it_was_issued_for() {
+    let app = TestApp::spawn().await;
+    app.add("alice", "sku-00001", 1).await;
+    let alice = app.add("alice", "sku-00001", 1).await;
+    assert_eq!(alice.version(), 2);
+    let alice_cookie = alice
+        .cookie("cart_min_version")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        alice_cookie.starts_with("cart_min_version=2."),
+        "{alice_cookie}"
+    );
+    app.add("bob", "sku-00002", 1).await;
+    // Bob's cart is at version 1 in the cache; alice's cookie (version 2) left in the browser
+    // must not make bob's read skip it, nor count as a minimum beyond bob's cart.
+    let bob = app
+        .send(
+            "GET",
+            "/api/v1/cart",
+            &[app.bearer("bob"), h("cookie", &alice_cookie)],
+            None,
+        )
+        .await;
+    assert_eq!(bob.status, StatusCode::OK);
+    assert_eq!(
+        (bob.version(), bob.header("cart-source")),
+        (1, Some("cache"))
+    );
+    for forged in ["cart_min_version=2", "cart_min_version=2.AAAAAAAAAAAAAAAA"] {
+        let read = app
+            .send(
+                "GET",
+                "/api/v1/cart",
+                &[app.bearer("bob"), h("cookie", forged)],
+                None,
+            )
+            .await;
+        assert_eq!(
+            (read.status, read.header("cart-source")),
+            (StatusCode::OK, Some("cache")),
+            "{forged}"
+        );
+    }
+    assert!(app
+        .app
+        .metrics_text()
+        .contains("\ncartedge_min_version_beyond_cart_total 0\n"));
+    // Alice's own cookie still holds.
+    let own = app
+        .send(
+            "GET",
+            "/api/v1/cart",
+            &[app.bearer("alice"), h("cookie", &alice_cookie)],
+            None,
+        )
+        .await;
+    assert_eq!(own.version(), 2);
 }
 
 /// The line ids of `sku-00005` in red and in blue (the golden vectors of `domain::variant`).

@@ -5,6 +5,7 @@ mod cache;
 mod cart;
 mod cli;
 mod concurrency;
+mod contract;
 mod corrupt_rows;
 #[cfg(feature = "fuzzing")]
 mod fuzz_corpus;

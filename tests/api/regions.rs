@@ -436,13 +436,20 @@ async fn a_write_at_th_for_an_sg_user_is_forwarded_applied_once_and_read_back_wi
         "THB",
         "a new cart takes the currency of the region that received the request"
     );
+    let bound = regions
+        .sg
+        .app
+        .auth
+        .load()
+        .min_version_cookie(&format!("u:{user}"), 1);
     assert_eq!(
         written
             .cookie("cart_min_version")
             .unwrap()
             .split(';')
             .next(),
-        Some("cart_min_version=1")
+        Some(format!("cart_min_version={bound}").as_str()),
+        "set by the home edge, bound to the owner, valid in every region"
     );
     assert_eq!(regions.quantity_at_home(&user, "sku-00001").await, 2);
 
@@ -888,4 +895,66 @@ async fn a_guest_cart_homed_in_sg_merges_into_a_user_cart_homed_in_th_and_checks
         )
         .await;
     assert_eq!(cart.json()["items"], serde_json::Value::Array(vec![]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_min_version_beyond_the_cart_is_answered_by_the_home_primary_in_both_regions() {
+    let regions = TwoRegions::start("2s").await;
+    let user = regions.user_homed_in("sg", "beyond");
+    assert_eq!(
+        regions
+            .add(&regions.sg, &user, "sku-00004", 1, None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let no_stale_warning = |view: &TestResponse| {
+        !view.json()["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["code"] == "stale_possible")
+    };
+    let beyond = |edge: &Edge| {
+        edge.app
+            .min_version_beyond_cart
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+
+    // At home: the primary's cart is the answer, read here, never forwarded to sg itself.
+    let home = regions.get(&regions.sg, &user, Some(9)).await;
+    assert_eq!(home.status, StatusCode::OK);
+    assert_eq!(
+        (home.version(), home.header("cart-source")),
+        (1, Some("primary"))
+    );
+    assert!(
+        no_stale_warning(&home),
+        "{}",
+        String::from_utf8_lossy(&home.body)
+    );
+    assert_eq!(beyond(&regions.sg), 1);
+
+    // Elsewhere: th's replica is below the minimum, so th asks sg, whose primary answers
+    // version 1 without a warning; th relays that answer.
+    let mut replicated = false;
+    for _ in 0..100 {
+        if regions.get(&regions.th, &user, None).await.version() == 1 {
+            replicated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(replicated);
+    let away = regions.get(&regions.th, &user, Some(9)).await;
+    assert_eq!(away.status, StatusCode::OK);
+    assert_eq!(away.version(), 1);
+    assert_eq!(away.header("cart-region"), Some("sg"), "the home's answer");
+    assert!(
+        no_stale_warning(&away),
+        "{}",
+        String::from_utf8_lossy(&away.body)
+    );
+    assert_eq!(beyond(&regions.sg), 2, "counted where the primary answered");
+    let _ = &regions.th_primary;
 }
