@@ -7,6 +7,7 @@
 //! the test harness' capture, so a passing test stays silent without `--nocapture`.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -89,14 +90,47 @@ pub fn init_test_log() {
     });
 }
 
+/// Where one test run keeps its servers' data (about 1 GB after a full run).
+const RUN_DIR_PREFIX: &str = "cartedge-test-";
+/// The pid of the test process that owns a run directory.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Removes the directories of earlier runs whose test process is gone. The shared servers live
+/// in a static, which is never dropped, so a run's directory outlives it (its servers die with
+/// it): without this, every run on a developer's machine would leave a gigabyte in the temp dir.
+fn remove_stale_runs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(RUN_DIR_PREFIX)
+        {
+            continue;
+        }
+        let owner = std::fs::read_to_string(entry.path().join(OWNER_FILE)).ok();
+        let Some(pid) = owner.and_then(|text| text.trim().parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 pub fn shared() -> &'static Shared {
     init_test_log();
     SHARED.get_or_init(|| {
         procs::ensure_packages().expect("packages");
+        remove_stale_runs();
         let dir = tempfile::Builder::new()
-            .prefix("cartedge-test-")
+            .prefix(RUN_DIR_PREFIX)
             .tempdir()
             .expect("tempdir");
+        std::fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())
+            .expect("owner file");
         let pg_parent = dir.path().join("pg");
         std::fs::create_dir_all(&pg_parent).unwrap();
         let pg = PgInstance::start(
