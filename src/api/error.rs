@@ -66,6 +66,7 @@ error_codes! {
     QuantityLimit => "quantity_limit", CONFLICT;
     CartFull => "cart_full", CONFLICT;
     MergeInProgress => "merge_in_progress", CONFLICT;
+    MergeCurrencyMismatch => "merge_currency_mismatch", CONFLICT;
     RequestInProgress => "request_in_progress", CONFLICT;
     PriceChanged => "price_changed", CONFLICT;
     CartEmpty => "cart_empty", CONFLICT;
@@ -244,7 +245,7 @@ impl ApiError {
                 CartRule::ItemNotInCart => C::ItemNotInCart,
                 CartRule::CurrencyMismatch { .. } => C::CurrencyMismatch,
                 CartRule::PriceMismatch { .. } => C::PriceMismatch,
-                CartRule::OutOfStock => C::OutOfStock,
+                CartRule::OutOfStock { .. } => C::OutOfStock,
                 CartRule::QuantityLimit { .. } => C::QuantityLimit,
                 CartRule::CartFull { .. } => C::CartFull,
                 CartRule::MergeInProgress => C::MergeInProgress,
@@ -254,7 +255,7 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => C::IdempotencyKeyReused,
             ApiError::RateLimited(_) => C::RateLimited,
             ApiError::GuestCartBusy => C::MergeInProgress,
-            ApiError::MergeCurrencyMismatch { .. } => C::CurrencyMismatch,
+            ApiError::MergeCurrencyMismatch { .. } => C::MergeCurrencyMismatch,
             ApiError::CartEmpty => C::CartEmpty,
             ApiError::PriceChanged { .. } => C::PriceChanged,
             ApiError::StockShort { .. } => C::OutOfStock,
@@ -296,7 +297,18 @@ impl ApiError {
                 "policy": verdict.policy.name,
                 "retry_after_seconds": verdict.retry_after_secs,
             }),
-            ApiError::GuestCartBusy | ApiError::CartEmpty => json!({}),
+            ApiError::GuestCartBusy
+            | ApiError::CartEmpty
+            | ApiError::Rule(CartRule::MergeInProgress) => json!({}),
+            ApiError::Rule(CartRule::OutOfStock {
+                item_id,
+                requested,
+                available,
+            }) => json!({ "items": [{
+                "item_id": item_id,
+                "requested": requested,
+                "available": available,
+            }] }),
             ApiError::MergeCurrencyMismatch { user, guest } => {
                 json!({ "user_currency": user, "guest_currency": guest })
             }
@@ -314,12 +326,7 @@ impl ApiError {
             | ApiError::MethodNotAllowed { .. }
             | ApiError::RequestTimeout
             | ApiError::UnsupportedMediaType(_)
-            | ApiError::Rule(
-                CartRule::UnknownItem
-                | CartRule::ItemNotInCart
-                | CartRule::OutOfStock
-                | CartRule::MergeInProgress,
-            )
+            | ApiError::Rule(CartRule::UnknownItem | CartRule::ItemNotInCart)
             | ApiError::RequestInProgress
             | ApiError::IdempotencyKeyReused
             | ApiError::OrderNotFound
@@ -416,6 +423,183 @@ impl ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::money::Money;
+
+    /// One value of every variant (and of every cart rule). The match below has no wildcard, so
+    /// a new variant fails to compile until it is sampled here.
+    fn one_of_each() -> Vec<ApiError> {
+        let sgd = Currency::parse("SGD").unwrap();
+        let verdict = Verdict {
+            policy: std::sync::Arc::new(crate::limits::Policy {
+                name: "writes".into(),
+                burst: 1,
+                window_secs: 1,
+            }),
+            remaining: 0,
+            retry_after_secs: 1,
+        };
+        let shortage = Shortage {
+            item_id: "sku-1".into(),
+            requested: 2,
+            available: 1,
+        };
+        let rules = vec![
+            CartRule::UnknownItem,
+            CartRule::CurrencyMismatch { cart: sgd },
+            CartRule::PriceMismatch {
+                current: Money::new(100, sgd),
+            },
+            CartRule::OutOfStock {
+                item_id: "sku-1".into(),
+                requested: 1,
+                available: 0,
+            },
+            CartRule::QuantityLimit {
+                current: 999,
+                requested: 1,
+            },
+            CartRule::CartFull { max_lines: 1 },
+            CartRule::ItemNotInCart,
+            CartRule::MergeInProgress,
+            CartRule::VersionMismatch { current: 1 },
+        ];
+        let mut all: Vec<ApiError> = rules.into_iter().map(ApiError::Rule).collect();
+        all.extend([
+            ApiError::InvalidRequest("x".into()),
+            ApiError::IdempotencyKeyRequired,
+            ApiError::Unauthenticated("x"),
+            ApiError::InvalidSession,
+            ApiError::Forbidden("x"),
+            ApiError::NotFound,
+            ApiError::MethodNotAllowed {
+                allow: "GET".into(),
+            },
+            ApiError::PayloadTooLarge { limit: 1 },
+            ApiError::RequestTimeout,
+            ApiError::UnsupportedMediaType("x"),
+            ApiError::RequestInProgress,
+            ApiError::IdempotencyKeyReused,
+            ApiError::RateLimited(verdict),
+            ApiError::GuestCartBusy,
+            ApiError::MergeCurrencyMismatch {
+                user: sgd,
+                guest: Currency::parse("THB").unwrap(),
+            },
+            ApiError::CartEmpty,
+            ApiError::PriceChanged {
+                lines: vec![PriceChange {
+                    item_id: "sku-1".into(),
+                    unit_price: Money::new(100, sgd),
+                    current_price: Money::new(120, sgd),
+                }],
+            },
+            ApiError::StockShort {
+                items: vec![shortage],
+            },
+            ApiError::OrderNotFound,
+            ApiError::OrderNotPending {
+                status: OrderStatus::Paid,
+            },
+            ApiError::ReservationExpired {
+                status: OrderStatus::Expired,
+            },
+            ApiError::Misdirected,
+            ApiError::HomeRegionUnavailable {
+                retry_after_secs: 1,
+                idempotency_key: None,
+            },
+            ApiError::TopologyMismatch,
+            ApiError::Unavailable {
+                retry_after_secs: 1,
+                cause: "x".into(),
+            },
+            ApiError::Internal("x".into()),
+        ]);
+        for error in &all {
+            match error {
+                ApiError::Rule(
+                    CartRule::UnknownItem
+                    | CartRule::CurrencyMismatch { .. }
+                    | CartRule::PriceMismatch { .. }
+                    | CartRule::OutOfStock { .. }
+                    | CartRule::QuantityLimit { .. }
+                    | CartRule::CartFull { .. }
+                    | CartRule::ItemNotInCart
+                    | CartRule::MergeInProgress
+                    | CartRule::VersionMismatch { .. },
+                )
+                | ApiError::InvalidRequest(_)
+                | ApiError::IdempotencyKeyRequired
+                | ApiError::Unauthenticated(_)
+                | ApiError::InvalidSession
+                | ApiError::Forbidden(_)
+                | ApiError::NotFound
+                | ApiError::MethodNotAllowed { .. }
+                | ApiError::PayloadTooLarge { .. }
+                | ApiError::RequestTimeout
+                | ApiError::UnsupportedMediaType(_)
+                | ApiError::RequestInProgress
+                | ApiError::IdempotencyKeyReused
+                | ApiError::RateLimited(_)
+                | ApiError::GuestCartBusy
+                | ApiError::MergeCurrencyMismatch { .. }
+                | ApiError::CartEmpty
+                | ApiError::PriceChanged { .. }
+                | ApiError::StockShort { .. }
+                | ApiError::OrderNotFound
+                | ApiError::OrderNotPending { .. }
+                | ApiError::ReservationExpired { .. }
+                | ApiError::Misdirected
+                | ApiError::HomeRegionUnavailable { .. }
+                | ApiError::TopologyMismatch
+                | ApiError::Unavailable { .. }
+                | ApiError::Internal(_) => {}
+            }
+        }
+        all
+    }
+
+    /// The shape of a `details` value: its keys, and for arrays of objects the keys of their
+    /// items (`None` when there are no details).
+    fn shape(details: &Option<Value>) -> Option<Vec<String>> {
+        let object = details.as_ref()?.as_object()?;
+        let mut keys = Vec::new();
+        for (key, value) in object {
+            keys.push(key.clone());
+            if let Some(first) = value.as_array().and_then(|items| items.first()) {
+                if let Some(item) = first.as_object() {
+                    keys.extend(item.keys().map(|k| format!("{key}[].{k}")));
+                }
+            }
+        }
+        keys.sort();
+        Some(keys)
+    }
+
+    #[test]
+    fn every_code_has_exactly_one_details_shape() {
+        let mut shapes: std::collections::BTreeMap<&str, Vec<(String, Option<Vec<String>>)>> =
+            Default::default();
+        for error in one_of_each() {
+            shapes
+                .entry(error.code().as_str())
+                .or_default()
+                .push((format!("{error:?}"), shape(&error.details())));
+        }
+        for (code, seen) in &shapes {
+            let first = &seen[0].1;
+            for (variant, shape) in seen {
+                assert_eq!(
+                    shape, first,
+                    "{code}: {variant} has details {shape:?}, another variant {first:?}"
+                );
+            }
+        }
+        // And every code the enum declares is answered by some variant.
+        for code in ErrorCode::ALL {
+            assert!(shapes.contains_key(code.as_str()), "{code} has no variant");
+        }
+    }
 
     #[test]
     fn codes_are_unique_and_lowercase() {

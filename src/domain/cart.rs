@@ -145,8 +145,14 @@ pub enum CartRule {
     CurrencyMismatch { cart: Currency },
     #[error("client price differs from the catalog price")]
     PriceMismatch { current: Money },
+    /// The same details as a checkout's shortage: which item, how many were asked, how many
+    /// there are.
     #[error("item is out of stock")]
-    OutOfStock,
+    OutOfStock {
+        item_id: String,
+        requested: u16,
+        available: i64,
+    },
     #[error("a line may hold at most 999 units")]
     QuantityLimit { current: u16, requested: u16 },
     #[error("the cart already holds the most lines allowed")]
@@ -202,7 +208,11 @@ pub fn plan_add(
         }
     }
     if item.stock <= 0 {
-        return Err(CartRule::OutOfStock);
+        return Err(CartRule::OutOfStock {
+            item_id: item.item_id.clone(),
+            requested: request.quantity.get(),
+            available: item.stock.max(0),
+        });
     }
     let existing = context.existing_quantity.unwrap_or(0);
     let total = u32::from(existing) + u32::from(request.quantity.get());
@@ -456,7 +466,11 @@ mod tests {
         );
         assert_eq!(
             plan_add(Some(&item(0, 100)), context(None, 0), &add(1)),
-            Err(CartRule::OutOfStock)
+            Err(CartRule::OutOfStock {
+                item_id: item(0, 100).item_id,
+                requested: 1,
+                available: 0,
+            })
         );
     }
 

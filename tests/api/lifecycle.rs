@@ -217,7 +217,11 @@ async fn carts_in_different_currencies_refuse_to_merge_and_change_nothing() {
     .await;
     let refused = merge(&app, "travel", &session, None).await;
     assert_eq!(refused.status, StatusCode::CONFLICT);
-    assert_eq!(refused.error_code(), "currency_mismatch");
+    assert_eq!(refused.error_code(), "merge_currency_mismatch");
+    assert_eq!(
+        refused.json()["error"]["details"],
+        serde_json::json!({"user_currency": "SGD", "guest_currency": "THB"})
+    );
     let user = app.user("travel", "GET", "/api/v1/cart", None).await;
     assert_eq!(user.quantity_of("sku-00002"), 0);
     assert_eq!(user.quantity_of("sku-00001"), 1);
