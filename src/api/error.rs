@@ -578,8 +578,9 @@ mod tests {
 
     #[test]
     fn every_code_has_exactly_one_details_shape() {
-        let mut shapes: std::collections::BTreeMap<&str, Vec<(String, Option<Vec<String>>)>> =
-            Default::default();
+        /// Per code: each variant seen (as debug text) with its details shape.
+        type Seen = Vec<(String, Option<Vec<String>>)>;
+        let mut shapes: std::collections::BTreeMap<&str, Seen> = Default::default();
         for error in one_of_each() {
             shapes
                 .entry(error.code().as_str())
