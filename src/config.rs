@@ -679,8 +679,9 @@ fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {
     })
 }
 
-/// Deep-merges `layer` into `base`: tables merge key by key, anything else replaces.
-fn merge(base: &mut toml::Table, layer: toml::Table) {
+/// Deep-merges `layer` into `base`: tables merge key by key, anything else replaces. (Public
+/// so tests build layered files the way the loader reads them.)
+pub fn merge(base: &mut toml::Table, layer: toml::Table) {
     for (key, value) in layer {
         match (base.get_mut(&key), value) {
             (Some(toml::Value::Table(existing)), toml::Value::Table(incoming)) => {

@@ -364,17 +364,8 @@ impl ApiError {
             error["details"] = details;
         }
         let body = serde_json::to_vec(&json!({ "error": error })).unwrap_or_default();
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = code.status();
+        let mut response = super::response::json(code.status(), body);
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(names::APPLICATION_JSON),
-        );
-        headers.insert(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static(names::NO_STORE),
-        );
         match &self {
             ApiError::Unauthenticated(_) | ApiError::InvalidSession => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -85,23 +85,10 @@ impl World {
     /// else, arrays included, replaced).
     fn region_file(&self, name: &str, overlay: &str) -> PathBuf {
         let mut region = self.good_region();
-        merge(&mut region, toml::from_str(overlay).expect("overlay TOML"));
+        cartedge::config::merge(&mut region, toml::from_str(overlay).expect("overlay TOML"));
         let path = self.path(&format!("{name}.toml"));
         std::fs::write(&path, toml::to_string(&region).unwrap()).unwrap();
         path
-    }
-}
-
-fn merge(base: &mut toml::Table, layer: toml::Table) {
-    for (key, value) in layer {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(existing)), toml::Value::Table(incoming)) => {
-                merge(existing, incoming)
-            }
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
     }
 }
 
