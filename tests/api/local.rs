@@ -231,14 +231,27 @@ async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
     let unknown = cli(&["local", "partition", "sg", "xx", "--dir", &dir_arg]);
     assert!(!unknown.status.success());
 
-    let (status, health) = http(
-        &format!("http://127.0.0.1:{admin_port}/health"),
-        "GET",
-        &[],
-        None,
-    )
-    .await;
-    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    // `/health` answers from a status probed about once a second: after the heal it turns `ok`
+    // within a few probes (bounded wait), and stays 200 throughout.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (status, health) = http(
+            &format!("http://127.0.0.1:{admin_port}/health"),
+            "GET",
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{health}");
+        if health["status"] == "ok" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health did not recover after the heal: {health}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     let (status, _) = http(
         &format!("http://127.0.0.1:{admin_port}/api/v1/cart"),
         "GET",
