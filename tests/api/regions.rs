@@ -661,6 +661,7 @@ async fn edges_refuse_writes_from_another_ring_and_never_forward_a_forwarded_req
             breaker_failures: 100,
             breaker_cooldown: Duration::from_millis(100),
         },
+        cartedge::metrics::ForwardMetrics::default(),
     )
     .unwrap();
     let user_of_th = regions.user_homed_in("th", "misdirected");
@@ -686,14 +687,7 @@ async fn edges_refuse_writes_from_another_ring_and_never_forward_a_forwarded_req
         .unwrap();
     assert_eq!(other_ring.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(String::from_utf8_lossy(&other_ring.body).contains("topology_mismatch"));
-    assert_eq!(
-        regions
-            .sg
-            .app
-            .topology_mismatches
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(regions.sg.app.metrics.edge.topology_mismatches.get(), 1);
 
     headers.insert(
         "cart-ring",
@@ -915,11 +909,7 @@ async fn a_min_version_beyond_the_cart_is_answered_by_the_home_primary_in_both_r
             .iter()
             .any(|w| w["code"] == "stale_possible")
     };
-    let beyond = |edge: &Edge| {
-        edge.app
-            .min_version_beyond_cart
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let beyond = |edge: &Edge| edge.app.metrics.edge.min_version_beyond_cart.get();
 
     // At home: the primary's cart is the answer, read here, never forwarded to sg itself.
     let home = regions.get(&regions.sg, &user, Some(9)).await;
