@@ -144,12 +144,12 @@ impl HttpMetrics {
         };
         registry.register(
             "http_requests",
-            "Requests answered, by route template, method and status code.",
+            "Requests answered, by route template, method and status code",
             metrics.requests.clone(),
         );
         registry.register(
             "http_request_duration_seconds",
-            "Time from a request's head to its response, by route template and method.",
+            "Time from a request's head to its response, by route template and method",
             metrics.duration.clone(),
         );
         metrics
@@ -197,7 +197,7 @@ impl CacheMetrics {
         let family: Family<CacheLabels, Counter> = Family::default();
         registry.register(
             "cache_requests",
-            "Cache requests by operation (read, fill, store, fence) and result.",
+            "Cache requests by operation (read, fill, store, fence) and result",
             family.clone(),
         );
         let get = |op, result| family.get_or_create(&CacheLabels { op, result }).clone();
@@ -243,37 +243,37 @@ impl DbMetrics {
         };
         registry.register(
             "db_query_duration_seconds",
-            "Database round trips the edge times (cart reads, write transactions from begin to commit), by shard and role.",
+            "Database round trips the edge times (cart reads, write transactions from begin to commit), by shard and role",
             metrics.query_duration.clone(),
         );
         registry.register(
             "db_pool_connections",
-            "Connections in each shard's pools, by role and state (idle, in_use).",
+            "Connections in each shard's pools, by role and state (idle, in_use)",
             metrics.pool_connections.clone(),
         );
         registry.register(
             "replica_lag_seconds",
-            "Age of the newest heartbeat the shard's replica in this region has replayed; absent while unknown.",
+            "Age of the newest heartbeat the shard's replica in this region has replayed; absent while unknown",
             metrics.replica_lag.clone(),
         );
         registry.register(
             "replica_fallbacks",
-            "Reads sent to the primary because the replica was unavailable.",
+            "Reads sent to the primary because the replica was unavailable",
             metrics.replica_fallbacks.clone(),
         );
         registry.register(
             "outbox_backlog",
-            "Events waiting in a home shard's outbox (counted up to 100000).",
+            "Events waiting in a home shard's outbox (counted up to 100000)",
             metrics.outbox_backlog.clone(),
         );
         registry.register(
             "carts_active",
-            "Carts of a home shard updated in the last 24 hours and not purged (counted up to 100000).",
+            "Carts of a home shard updated in the last 24 hours and not purged (counted up to 100000)",
             metrics.carts_active.clone(),
         );
         registry.register(
             "cart_lines_avg",
-            "Average number of lines of the active carts of a home shard.",
+            "Average number of lines of the active carts of a home shard",
             metrics.cart_lines_avg.clone(),
         );
         metrics
@@ -312,27 +312,27 @@ impl ForwardMetrics {
         };
         registry.register(
             "forward_requests",
-            "Requests sent to another region's edge, by peer and outcome (ok, error, timeout, too_large, breaker_open).",
+            "Requests sent to another region's edge, by peer and outcome (ok, error, timeout, too_large, breaker_open)",
             metrics.requests.clone(),
         );
         registry.register(
             "forward_duration_seconds",
-            "Time of each request sent to another region's edge, retry included.",
+            "Time of each request sent to another region's edge, retry included",
             metrics.duration.clone(),
         );
         registry.register(
             "forward_breaker_open",
-            "1 while the circuit breaker to a peer is open.",
+            "1 while the circuit breaker to a peer is open",
             metrics.breaker_open.clone(),
         );
         registry.register(
             "forward_retries",
-            "Forwards retried once on a fresh connection.",
+            "Forwards retried once on a fresh connection",
             metrics.retries.clone(),
         );
         registry.register(
             "invalidations",
-            "Cross-region cache invalidation batches by outcome (delivered, refused, failed per peer; dropped when the queue was full).",
+            "Cross-region cache invalidation batches by outcome (delivered, refused, failed per peer; dropped when the queue was full)",
             metrics.invalidations.clone(),
         );
         metrics
@@ -362,17 +362,17 @@ impl LimitMetrics {
         };
         registry.register(
             "rate_limited",
-            "Requests refused with 429, by tier (user, guest, service, anonymous) and class (read, write, checkout, any).",
+            "Requests refused with 429, by tier (user, guest, service, anonymous) and class (read, write, checkout, any)",
             metrics.limited.clone(),
         );
         registry.register(
             "rate_limiter_keys",
-            "Keys held by each rate limiter.",
+            "Keys held by each rate limiter",
             metrics.keys.clone(),
         );
         registry.register(
             "rate_limiter_overflows",
-            "Times a limiter was cleared because it held more than rate_limit.max_keys keys.",
+            "Times a limiter was cleared because it held more than rate_limit.max_keys keys",
             metrics.overflows.clone(),
         );
         metrics
@@ -401,57 +401,57 @@ impl LifecycleMetrics {
         for (name, help, counter) in [
             (
                 "janitor_passes",
-                "Janitor passes started.",
+                "Janitor passes started",
                 &metrics.janitor_passes,
             ),
             (
                 "janitor_failures",
-                "Janitor passes that failed.",
+                "Janitor passes that failed",
                 &metrics.janitor_failures,
             ),
             (
                 "janitor_skipped_shards",
-                "Shards skipped because another janitor held them.",
+                "Shards skipped because another janitor held them",
                 &metrics.janitor_skipped_shards,
             ),
             (
                 "janitor_carts_purged",
-                "Inactive carts purged.",
+                "Inactive carts purged",
                 &metrics.carts_purged,
             ),
             (
                 "janitor_tombstones_deleted",
-                "Purged-cart tombstones deleted.",
+                "Purged-cart tombstones deleted",
                 &metrics.tombstones_deleted,
             ),
             (
                 "janitor_idempotency_keys_purged",
-                "Idempotency keys purged.",
+                "Idempotency keys purged",
                 &metrics.idempotency_keys_purged,
             ),
             (
                 "janitor_merge_records_purged",
-                "Merge records purged.",
+                "Merge records purged",
                 &metrics.merge_records_purged,
             ),
             (
                 "janitor_reservations_released",
-                "Expired stock reservations released.",
+                "Expired stock reservations released",
                 &metrics.reservations_released,
             ),
             (
                 "janitor_orders_expired",
-                "Unpaid orders expired.",
+                "Unpaid orders expired",
                 &metrics.orders_expired,
             ),
             (
                 "events_published",
-                "Outbox events published to the stream.",
+                "Outbox events published to the stream",
                 &metrics.events_published,
             ),
             (
                 "events_relay_failures",
-                "Outbox relay passes that failed.",
+                "Outbox relay passes that failed",
                 &metrics.relay_failures,
             ),
         ] {
@@ -475,22 +475,22 @@ impl EdgeMetrics {
         let metrics = EdgeMetrics::default();
         registry.register(
             "topology_mismatches",
-            "Edge-to-edge requests refused for another ring.",
+            "Edge-to-edge requests refused for another ring",
             metrics.topology_mismatches.clone(),
         );
         registry.register(
             "min_version_beyond_cart",
-            "Reads whose Cart-Min-Version was above the home primary's cart.",
+            "Reads whose Cart-Min-Version was above the home primary's cart",
             metrics.min_version_beyond_cart.clone(),
         );
         registry.register(
             "health_probes",
-            "Background probes of PostgreSQL and Redis for /health.",
+            "Background probes of PostgreSQL and Redis for /health",
             metrics.health_probes.clone(),
         );
         registry.register(
             "idempotent_replays",
-            "Writes answered with the stored answer of an earlier request with the same Idempotency-Key.",
+            "Writes answered with the stored answer of an earlier request with the same Idempotency-Key",
             metrics.idempotent_replays.clone(),
         );
         metrics
@@ -563,7 +563,7 @@ impl Metrics {
         info.get_or_create(&build).set(1);
         registry.register(
             "build_info",
-            "Always 1; the labels name the running build, region and ring.",
+            "Always 1; the labels name the running build, region and ring",
             info,
         );
         Metrics {
