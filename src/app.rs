@@ -1,6 +1,6 @@
 //! Wiring: builds the edge's shared state from configuration. No request logic lives here.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::domain::ids::OwnerKey;
 use crate::forward::{tls, Forwarder, Settings};
 use crate::limits::RateLimits;
+use crate::metrics::{BuildLabels, Format, LifecycleMetrics, Metrics};
 use crate::pki::load_certified_key;
 use crate::pki::public::PublicTls;
 use crate::store::Store;
@@ -27,6 +28,10 @@ const LIMITS_HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(10);
 /// How often the dependencies are probed for `/health`: every caller shares the last probe,
 /// so a flood of health checks costs the databases nothing.
 const HEALTH_PERIOD: Duration = Duration::from_secs(1);
+
+/// How often the business gauges and the outbox backlog are refreshed (one bounded query per
+/// home shard each time).
+const SHARD_GAUGES_PERIOD: Duration = Duration::from_secs(30);
 
 /// How long a health probe waits for each dependency before calling it unavailable.
 const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -62,36 +67,11 @@ pub struct App {
     invalidations: Option<mpsc::Sender<(String, i64)>>,
     /// Edge rate limits; swapped whole by [`App::reload`].
     pub limits: ArcSwap<RateLimits>,
-    /// Requests refused because the sender's ring differs from ours.
-    pub topology_mismatches: AtomicU64,
-    /// Invalidations dropped because the queue was full.
-    pub invalidations_dropped: AtomicU64,
-    /// What the janitor and the outbox relay did since start.
-    pub lifecycle: LifecycleCounters,
-    /// Reads whose `Cart-Min-Version` was above the home primary's cart (answered with the
-    /// primary's, the newest there is).
-    pub min_version_beyond_cart: AtomicU64,
+    /// The registry behind the admin `/metrics` (every module keeps handles to its families).
+    pub metrics: Arc<Metrics>,
     /// The last health probe (None until the first one ends); see [`App::health`].
     health: tokio::sync::watch::Sender<Option<HealthStatus>>,
-    /// Health probes run since start.
-    health_probes: AtomicU64,
     draining: AtomicBool,
-}
-
-/// Counters of the background lifecycle work, exported on the admin `/metrics`.
-#[derive(Debug, Default)]
-pub struct LifecycleCounters {
-    pub janitor_passes: AtomicU64,
-    pub janitor_failures: AtomicU64,
-    pub janitor_skipped_shards: AtomicU64,
-    pub carts_purged: AtomicU64,
-    pub tombstones_deleted: AtomicU64,
-    pub idempotency_keys_purged: AtomicU64,
-    pub merge_records_purged: AtomicU64,
-    pub reservations_released: AtomicU64,
-    pub orders_expired: AtomicU64,
-    pub events_published: AtomicU64,
-    pub relay_failures: AtomicU64,
 }
 
 impl App {
@@ -102,7 +82,12 @@ impl App {
         let auth = Authenticator::new(&config.auth, config.retention.guest_cart.0)
             .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         let topology = Topology::load(&config)?;
-        let store = Arc::new(Store::new(&config)?);
+        let metrics = Arc::new(Metrics::new(BuildLabels {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            region: config.region.id.to_string(),
+            ring_version: topology.ring.spec().version.to_string(),
+        }));
+        let store = Arc::new(Store::new(&config, &metrics)?);
         store.cache.spawn_repair(CACHE_REPAIR_PERIOD);
         store.spawn_heartbeats();
         let region_header = HeaderValue::from_str(&config.region.id)?;
@@ -125,7 +110,12 @@ impl App {
                 breaker_failures: config.forward.breaker_failures,
                 breaker_cooldown: config.forward.breaker_cooldown.0,
             };
-            let forwarder = Arc::new(Forwarder::new(peers, client, settings)?);
+            let forwarder = Arc::new(Forwarder::new(
+                peers,
+                client,
+                settings,
+                metrics.forward.clone(),
+            )?);
             (Some(forwarder), Some(Arc::new(server)))
         } else {
             (None, None)
@@ -147,7 +137,7 @@ impl App {
             ));
             sender
         });
-        let limits = Arc::new(RateLimits::new(&config.rate_limit)?);
+        let limits = Arc::new(RateLimits::new(&config.rate_limit, &metrics.limits)?);
         limits.spawn_housekeeping(LIMITS_HOUSEKEEPING_PERIOD);
         Ok(Arc::new(App {
             limits: ArcSwap::new(limits),
@@ -161,12 +151,8 @@ impl App {
             forwarder,
             internal_tls,
             invalidations,
-            topology_mismatches: AtomicU64::new(0),
-            invalidations_dropped: AtomicU64::new(0),
-            lifecycle: LifecycleCounters::default(),
-            min_version_beyond_cart: AtomicU64::new(0),
+            metrics,
             health: tokio::sync::watch::Sender::new(None),
-            health_probes: AtomicU64::new(0),
             draining: AtomicBool::new(false),
         }))
         .inspect(|app| app.spawn_background())
@@ -186,6 +172,20 @@ impl App {
                 app.health.send_replace(Some(status));
             }
         });
+        for shard in self.store.home_shards() {
+            let store = Arc::downgrade(&self.store);
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(SHARD_GAUGES_PERIOD);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    let Some(store) = store.upgrade() else { return };
+                    if let Err(error) = store.refresh_shard_gauges(&shard).await {
+                        tracing::debug!(%shard, %error, "shard gauges not refreshed");
+                    }
+                }
+            });
+        }
         if self.config.events.relay {
             for shard in self.store.home_shards() {
                 let app = Arc::downgrade(self);
@@ -233,15 +233,14 @@ impl App {
         .await
         {
             Ok(pass) => {
-                self.lifecycle
+                self.metrics
+                    .lifecycle
                     .events_published
-                    .fetch_add(pass.published, Ordering::Relaxed);
+                    .inc_by(pass.published);
                 Ok(pass.published)
             }
             Err(error) => {
-                self.lifecycle
-                    .relay_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.lifecycle.relay_failures.inc();
                 tracing::debug!(%shard, %error, "outbox relay pass failed; events stay in the outbox");
                 Err(error)
             }
@@ -253,13 +252,13 @@ impl App {
     pub async fn janitor_once(
         &self,
     ) -> Result<crate::store::janitor::JanitorReport, crate::store::StoreError> {
-        let c = &self.lifecycle;
-        c.janitor_passes.fetch_add(1, Ordering::Relaxed);
+        let c: &LifecycleMetrics = &self.metrics.lifecycle;
+        c.janitor_passes.inc();
         let (report, purged) =
             match crate::store::janitor::run_once(&self.store, &self.config).await {
                 Ok(done) => done,
                 Err(error) => {
-                    c.janitor_failures.fetch_add(1, Ordering::Relaxed);
+                    c.janitor_failures.inc();
                     tracing::warn!(%error, "janitor pass failed");
                     return Err(error);
                 }
@@ -268,20 +267,14 @@ impl App {
             self.store.cache.store_committed(cart).await;
             self.invalidate_elsewhere(&OwnerKey::from_stored(cart.owner.clone()), cart.version);
         }
-        c.janitor_skipped_shards
-            .fetch_add(report.skipped.len() as u64, Ordering::Relaxed);
-        c.carts_purged
-            .fetch_add(report.carts_purged, Ordering::Relaxed);
-        c.tombstones_deleted
-            .fetch_add(report.tombstones_deleted, Ordering::Relaxed);
+        c.janitor_skipped_shards.inc_by(report.skipped.len() as u64);
+        c.carts_purged.inc_by(report.carts_purged);
+        c.tombstones_deleted.inc_by(report.tombstones_deleted);
         c.idempotency_keys_purged
-            .fetch_add(report.idempotency_keys_purged, Ordering::Relaxed);
-        c.merge_records_purged
-            .fetch_add(report.merge_records_purged, Ordering::Relaxed);
-        c.reservations_released
-            .fetch_add(report.reservations_released, Ordering::Relaxed);
-        c.orders_expired
-            .fetch_add(report.orders_expired, Ordering::Relaxed);
+            .inc_by(report.idempotency_keys_purged);
+        c.merge_records_purged.inc_by(report.merge_records_purged);
+        c.reservations_released.inc_by(report.reservations_released);
+        c.orders_expired.inc_by(report.orders_expired);
         tracing::info!(
             shards = ?report.shards,
             skipped = ?report.skipped,
@@ -296,10 +289,9 @@ impl App {
         Ok(report)
     }
 
-    /// The counters in Prometheus text format.
     /// Probes PostgreSQL and Redis once (the background health task's step).
     async fn probe_health(&self) -> HealthStatus {
-        self.health_probes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.edge.health_probes.inc();
         let (database, redis) = tokio::join!(
             self.store.databases_healthy(HEALTH_PROBE_TIMEOUT),
             self.store.cache.ping()
@@ -326,114 +318,15 @@ impl App {
         }
     }
 
-    pub fn metrics_text(&self) -> String {
-        let c = &self.lifecycle;
-        let store = &self.store.counters;
-        let cache = &self.store.cache.counters;
-        let rows: [(&str, &str, u64); 19] = [
-            (
-                "cartedge_janitor_passes_total",
-                "Janitor passes started.",
-                c.janitor_passes.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_janitor_failures_total",
-                "Janitor passes that failed.",
-                c.janitor_failures.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_janitor_skipped_shards_total",
-                "Shards skipped because another janitor held them.",
-                c.janitor_skipped_shards.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_janitor_carts_purged_total",
-                "Inactive carts purged.",
-                c.carts_purged.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_janitor_tombstones_deleted_total",
-                "Purged-cart tombstones deleted.",
-                c.tombstones_deleted.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_janitor_idempotency_keys_purged_total",
-                "Idempotency keys purged.",
-                c.idempotency_keys_purged.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_janitor_merge_records_purged_total",
-                "Merge records purged.",
-                c.merge_records_purged.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_janitor_reservations_released_total",
-                "Expired stock reservations released.",
-                c.reservations_released.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_janitor_orders_expired_total",
-                "Unpaid orders expired.",
-                c.orders_expired.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_events_published_total",
-                "Outbox events published to the stream.",
-                c.events_published.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_events_relay_failures_total",
-                "Outbox relay passes that failed.",
-                c.relay_failures.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_cache_hits_total",
-                "Cart reads answered by the cache.",
-                store.cache_hits.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_cache_misses_total",
-                "Cart reads the cache could not answer.",
-                store.cache_misses.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_cache_errors_total",
-                "Cache operations that failed.",
-                cache.errors.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_replica_fallbacks_total",
-                "Reads sent to the primary because the replica was unavailable.",
-                store.replica_fallbacks.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_topology_mismatches_total",
-                "Edge-to-edge requests refused for another ring.",
-                self.topology_mismatches.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_invalidations_dropped_total",
-                "Cross-region invalidations dropped (queue full).",
-                self.invalidations_dropped.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_min_version_beyond_cart_total",
-                "Reads whose Cart-Min-Version was above the home primary's cart.",
-                self.min_version_beyond_cart.load(Ordering::Relaxed),
-            ),
-            (
-                "cartedge_health_probes_total",
-                "Background probes of PostgreSQL and Redis for /health.",
-                self.health_probes.load(Ordering::Relaxed),
-            ),
-        ];
-        let mut text = String::with_capacity(rows.len() * 160);
-        for (name, help, value) in rows {
-            text.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
-            ));
+    /// The admin `/metrics` exposition: gauges read at scrape time (pool connections, limiter
+    /// keys, breakers) are refreshed first, then every family is encoded.
+    pub fn metrics_text(&self, format: Format) -> String {
+        self.store.export_pool_connections();
+        self.limits.load().export_keys();
+        if let Some(forwarder) = &self.forwarder {
+            forwarder.export_breakers();
         }
-        text
+        self.metrics.encode(format)
     }
 
     /// Applies what may change without a restart: verification keys (rotation), token
@@ -444,7 +337,7 @@ impl App {
     pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
         let auth = Authenticator::new(&config.auth, config.retention.guest_cart.0)
             .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
-        let limits = Arc::new(RateLimits::new(&config.rate_limit)?);
+        let limits = Arc::new(RateLimits::new(&config.rate_limit, &self.metrics.limits)?);
         let certificate = match (&self.public_tls, config.server.public_tls()) {
             (Some(_), Some((cert, key))) => Some(
                 load_certified_key(cert, key).map_err(|e| anyhow::anyhow!("public TLS: {e:#}"))?,
@@ -476,7 +369,7 @@ impl App {
                 .try_send((owner.as_str().to_string(), version))
                 .is_err()
             {
-                self.invalidations_dropped.fetch_add(1, Ordering::Relaxed);
+                self.metrics.forward.invalidation("dropped");
             }
         }
     }

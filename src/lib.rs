@@ -30,6 +30,7 @@ pub mod forward;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod limits;
+pub mod metrics;
 pub mod pki;
 pub mod preflight;
 pub mod server;

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +21,9 @@ use http::HeaderMap;
 use ipnet::IpNet;
 
 use crate::config::{QuotaConfig, RateLimitConfig};
+use crate::metrics::{LimitMetrics, LimiterLabels, TierClassLabels};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 type Limiter<K> =
     RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
@@ -100,10 +102,14 @@ struct Keyed<K: std::hash::Hash + Eq + Clone> {
     limiter: ArcSwap<Limiter<K>>,
     quota: Quota,
     policy: Arc<Policy>,
+    /// `cartedge_rate_limited_total` for this limiter's tier and class, resolved once.
+    refused: Counter,
+    /// `cartedge_rate_limiter_keys` for this limiter.
+    keys: Gauge,
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Keyed<K> {
-    fn new(name: &str, quota: &QuotaConfig) -> Keyed<K> {
+    fn new(name: &str, quota: &QuotaConfig, refused: Counter, keys: Gauge) -> Keyed<K> {
         let per_second = NonZeroU32::new(quota.per_second.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(quota.burst.max(1)).unwrap_or(NonZeroU32::MIN);
         let window_secs = (u64::from(burst.get()))
@@ -118,6 +124,8 @@ impl<K: std::hash::Hash + Eq + Clone> Keyed<K> {
                 burst: burst.get(),
                 window_secs,
             }),
+            refused,
+            keys,
         }
     }
 
@@ -149,6 +157,7 @@ impl<K: std::hash::Hash + Eq + Clone> Keyed<K> {
                 retry_after_secs: 0,
             },
             Err(not_until) => {
+                self.refused.inc();
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
                 Verdict {
                     policy: self.policy.clone(),
@@ -167,26 +176,44 @@ pub struct RateLimits {
     trusted_proxies: Vec<IpNet>,
     max_keys: usize,
     /// Times a limiter was cleared because it held more than `max_keys` keys.
-    pub overflows: AtomicU64,
+    pub overflows: Counter,
 }
 
 impl RateLimits {
-    pub fn new(config: &RateLimitConfig) -> anyhow::Result<RateLimits> {
+    /// Builds the limiters; their refusals and key counts go to `metrics` (shared by the
+    /// limits a reload builds, so counts carry over).
+    pub fn new(config: &RateLimitConfig, metrics: &LimitMetrics) -> anyhow::Result<RateLimits> {
+        let keyed = |name: String, quota: &QuotaConfig, tier: &'static str, class: &'static str| {
+            let refused = metrics
+                .limited
+                .get_or_create(&TierClassLabels { tier, class })
+                .clone();
+            let keys = metrics
+                .keys
+                .get_or_create(&LimiterLabels {
+                    limiter: name.clone(),
+                })
+                .clone();
+            (name, *quota, refused, keys)
+        };
         let mut owners = HashMap::new();
         for (tier, tier_name, quotas) in [
             (Tier::User, "user", &config.user),
             (Tier::Guest, "guest", &config.guest),
             (Tier::Service, "service", &config.service),
         ] {
-            for (class, class_name, quota) in [
-                (Class::Read, "reads", &quotas.reads),
-                (Class::Write, "writes", &quotas.writes),
-                (Class::Checkout, "checkout", &quotas.checkout),
+            for (class, class_name, class_label, quota) in [
+                (Class::Read, "reads", "read", &quotas.reads),
+                (Class::Write, "writes", "write", &quotas.writes),
+                (Class::Checkout, "checkout", "checkout", &quotas.checkout),
             ] {
-                owners.insert(
-                    (tier, class),
-                    Keyed::new(&format!("{tier_name}-{class_name}"), quota),
+                let (name, quota, refused, keys) = keyed(
+                    format!("{tier_name}-{class_name}"),
+                    quota,
+                    tier_name,
+                    class_label,
                 );
+                owners.insert((tier, class), Keyed::new(&name, &quota, refused, keys));
             }
         }
         let trusted_proxies = config
@@ -200,10 +227,18 @@ impl RateLimits {
         Ok(RateLimits {
             enabled: config.enabled,
             owners,
-            anonymous: Keyed::new("anonymous", &config.anonymous),
+            anonymous: {
+                let (name, quota, refused, keys) = keyed(
+                    "anonymous".to_string(),
+                    &config.anonymous,
+                    "anonymous",
+                    "any",
+                );
+                Keyed::new(&name, &quota, refused, keys)
+            },
             trusted_proxies,
             max_keys: config.max_keys,
-            overflows: AtomicU64::new(0),
+            overflows: metrics.overflows.clone(),
         })
     }
 
@@ -253,6 +288,14 @@ impl RateLimits {
         self.owners.values().map(Keyed::len).sum::<usize>() + self.anonymous.len()
     }
 
+    /// Sets `cartedge_rate_limiter_keys` from every limiter's current size.
+    pub fn export_keys(&self) {
+        for keyed in self.owners.values() {
+            keyed.keys.set(keyed.len() as i64);
+        }
+        self.anonymous.keys.set(self.anonymous.len() as i64);
+    }
+
     fn housekeeping(&self) {
         let cleared = self
             .owners
@@ -262,7 +305,7 @@ impl RateLimits {
             .filter(|cleared| *cleared)
             .count();
         if cleared > 0 {
-            self.overflows.fetch_add(cleared as u64, Ordering::Relaxed);
+            self.overflows.inc_by(cleared as u64);
             tracing::warn!(
                 cleared,
                 max_keys = self.max_keys,
@@ -320,7 +363,7 @@ mod tests {
 
     #[test]
     fn a_burst_is_admitted_then_refused_with_a_retry_time() {
-        let limits = RateLimits::new(&config()).unwrap();
+        let limits = RateLimits::new(&config(), &LimitMetrics::default()).unwrap();
         for n in 0..20 {
             let verdict = limits.check_owner(Tier::User, Class::Write, "u:a").unwrap();
             assert!(verdict.admitted(), "request {n}");
@@ -347,7 +390,7 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_believed_only_from_trusted_proxies() {
-        let limits = RateLimits::new(&config()).unwrap();
+        let limits = RateLimits::new(&config(), &LimitMetrics::default()).unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(
             "x-forwarded-for",
@@ -367,21 +410,21 @@ mod tests {
 
     #[test]
     fn housekeeping_bounds_the_number_of_keys() {
-        let limits = RateLimits::new(&config()).unwrap();
+        let limits = RateLimits::new(&config(), &LimitMetrics::default()).unwrap();
         for n in 0..10 {
             limits.check_ip(IpAddr::from([192, 0, 2, n]));
         }
         assert_eq!(limits.live_keys(), 10);
         limits.housekeeping();
         assert!(limits.live_keys() <= 3, "{}", limits.live_keys());
-        assert_eq!(limits.overflows.load(Ordering::Relaxed), 1);
+        assert_eq!(limits.overflows.get(), 1);
     }
 
     #[test]
     fn disabled_limits_check_nothing() {
         let mut disabled = config();
         disabled.enabled = false;
-        let limits = RateLimits::new(&disabled).unwrap();
+        let limits = RateLimits::new(&disabled, &LimitMetrics::default()).unwrap();
         assert!(limits.check_owner(Tier::User, Class::Read, "u:a").is_none());
         assert!(limits.check_ip(IpAddr::from([192, 0, 2, 1])).is_none());
     }

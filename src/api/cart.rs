@@ -70,8 +70,7 @@ pub async fn view(
         // version this cart never had (a stale or foreign token). The primary's cart is the
         // newest there is, so it is the answer, without forwarding anywhere and without a
         // warning.
-        app.min_version_beyond_cart
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        app.metrics.edge.min_version_beyond_cart.inc();
         tracing::debug!(owner = %placed.key, version = cart.version, min_version, "cart-min-version beyond the cart");
     } else if cart.version < min_version && surface != Surface::Internal {
         // Outside the home region the replica may not have replayed the caller's last write

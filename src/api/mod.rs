@@ -214,8 +214,32 @@ pub async fn handle(
         strip_body(&mut response);
     }
     app.decorate(response.headers_mut(), over_tls);
+    observe(&app, surface, &method, &path, response.status(), started);
     tracing::debug!(%method, %path, status = response.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
     Ok(response)
+}
+
+/// Counts a request in `cartedge_http_requests_total` and its duration. The route label is
+/// the matched route's template (looked up again: a scan of the static table, no allocation),
+/// never the raw path.
+fn observe(
+    app: &App,
+    surface: Surface,
+    method: &Method,
+    path: &str,
+    status: http::StatusCode,
+    started: Instant,
+) {
+    let route = match router::lookup(&ROUTES, surface, method, path) {
+        Lookup::Found(route, _) => route.pattern,
+        Lookup::MethodNotAllowed(_) | Lookup::NotFound => crate::metrics::UNMATCHED_ROUTE,
+    };
+    app.metrics.http.observe(
+        route,
+        crate::metrics::method_label(method),
+        status.as_u16(),
+        started.elapsed(),
+    );
 }
 
 /// A HEAD answer: the GET's status and headers, `Content-Length` the GET body's, no body.
@@ -257,7 +281,7 @@ async fn dispatch(
             }
             return Ok(response);
         }
-        Handler::Metrics => return Ok(operator::metrics(app)),
+        Handler::Metrics => return Ok(operator::metrics(app, &parts.headers)),
         Handler::Invalidate => {
             let bytes = request::read_body(&parts, body, internal::MAX_BODY_BYTES, true).await?;
             return internal::invalidate(app, &bytes).await;
@@ -285,8 +309,7 @@ fn check_ring(app: &App, headers: &http::HeaderMap) -> Result<(), ApiError> {
     if ring == Some(app.topology.ring.fingerprint()) {
         return Ok(());
     }
-    app.topology_mismatches
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    app.metrics.edge.topology_mismatches.inc();
     tracing::error!(theirs = ?ring, ours = app.topology.ring.fingerprint(), "request from an edge with another ring refused");
     Err(ApiError::TopologyMismatch)
 }

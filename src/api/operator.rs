@@ -36,12 +36,17 @@ pub async fn health(app: &App) -> Response<Body> {
     response::json(code, serde_json::to_vec(&body).unwrap_or_default())
 }
 
-/// Prometheus text exposition of the edge's counters (admin surface).
-pub fn metrics(app: &App) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(app.metrics_text())));
+/// The edge's metrics (admin surface): OpenMetrics when the scraper asks for it (Prometheus
+/// does), else the classic Prometheus text format.
+pub fn metrics(app: &App, headers: &http::HeaderMap) -> Response<Body> {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok());
+    let format = crate::metrics::Format::from_accept(accept);
+    let mut response = Response::new(Full::new(Bytes::from(app.metrics_text(format))));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
+        HeaderValue::from_static(format.content_type()),
     );
     response
 }

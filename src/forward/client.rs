@@ -6,7 +6,7 @@
 //! connection dropped after the home edge committed is answered from the stored response.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,10 +15,14 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::tls::edge_server_name;
+use crate::metrics::{ForwardMetrics, PeerLabels, PeerOutcomeLabels};
 
 /// Headers that identify a forwarded request.
 pub mod names {
@@ -130,6 +134,14 @@ impl Breaker {
         self.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
+    /// Whether requests are refused right now (for the breaker gauge; changes nothing).
+    fn is_open(&self) -> bool {
+        self.open_until
+            .lock()
+            .map(|until| until.is_some_and(|until| Instant::now() < until))
+            .unwrap_or(false)
+    }
+
     fn failure(&self, threshold: u32, cooldown: Duration) {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures >= threshold {
@@ -151,22 +163,54 @@ struct Peer {
     authority: String,
     sender: tokio::sync::Mutex<Option<http2::SendRequest<Full<Bytes>>>>,
     breaker: Breaker,
+    metrics: PeerMetrics,
 }
 
-/// Counters for metrics.
-#[derive(Debug, Default)]
-pub struct ForwardCounters {
-    pub forwarded: AtomicU64,
-    pub failed: AtomicU64,
-    pub retried: AtomicU64,
-    pub circuit_open: AtomicU64,
+/// One peer's metric handles, resolved once so a forward allocates no label.
+struct PeerMetrics {
+    ok: Counter,
+    error: Counter,
+    timeout: Counter,
+    too_large: Counter,
+    breaker_refused: Counter,
+    retries: Counter,
+    duration: Histogram,
+    breaker_open: Gauge,
+}
+
+impl PeerMetrics {
+    fn new(metrics: &ForwardMetrics, region: &str) -> PeerMetrics {
+        let outcome = |outcome| {
+            metrics
+                .requests
+                .get_or_create(&PeerOutcomeLabels {
+                    peer: region.to_string(),
+                    outcome,
+                })
+                .clone()
+        };
+        let peer = PeerLabels {
+            peer: region.to_string(),
+        };
+        PeerMetrics {
+            ok: outcome("ok"),
+            error: outcome("error"),
+            timeout: outcome("timeout"),
+            too_large: outcome("too_large"),
+            breaker_refused: outcome("breaker_open"),
+            retries: metrics.retries.get_or_create(&peer).clone(),
+            duration: metrics.duration.get_or_create(&peer).clone(),
+            breaker_open: metrics.breaker_open.get_or_create(&peer).clone(),
+        }
+    }
 }
 
 pub struct Forwarder {
     connector: TlsConnector,
     peers: HashMap<String, Arc<Peer>>,
     settings: Settings,
-    pub counters: ForwardCounters,
+    /// The forwarding families (also used by `invalidate` for its outcomes).
+    pub metrics: ForwardMetrics,
 }
 
 /// `https://host:port[/]` → `host:port`.
@@ -184,6 +228,7 @@ impl Forwarder {
         peers: impl IntoIterator<Item = (&'a str, &'a str)>,
         tls: rustls::ClientConfig,
         settings: Settings,
+        metrics: ForwardMetrics,
     ) -> anyhow::Result<Forwarder> {
         let mut map = HashMap::new();
         for (region, url) in peers {
@@ -196,6 +241,7 @@ impl Forwarder {
                     authority: format!("{region}.edge.cartedge.internal"),
                     sender: tokio::sync::Mutex::new(None),
                     breaker: Breaker::default(),
+                    metrics: PeerMetrics::new(&metrics, region),
                 }),
             );
         }
@@ -203,8 +249,17 @@ impl Forwarder {
             connector: TlsConnector::from(Arc::new(tls)),
             peers: map,
             settings,
-            counters: ForwardCounters::default(),
+            metrics,
         })
+    }
+
+    /// Sets `cartedge_forward_breaker_open` for every peer (at scrape time).
+    pub fn export_breakers(&self) {
+        for peer in self.peers.values() {
+            peer.metrics
+                .breaker_open
+                .set(i64::from(peer.breaker.is_open()));
+        }
     }
 
     /// Seconds a client should wait before retrying a failed forward.
@@ -301,7 +356,7 @@ impl Forwarder {
             .get(region)
             .ok_or_else(|| ForwardError::UnknownPeer(region.to_string()))?;
         if !peer.breaker.allow() {
-            self.counters.circuit_open.fetch_add(1, Ordering::Relaxed);
+            peer.metrics.breaker_refused.inc();
             return Err(ForwardError::CircuitOpen(region.to_string()));
         }
         let build = || -> Result<Request<Full<Bytes>>, String> {
@@ -323,20 +378,25 @@ impl Forwarder {
                 Err(AttemptError::Transport(first)) => {
                     // The connection may have died (peer restarted, link reset): once more on
                     // a fresh connection. Safe: writes carry an Idempotency-Key.
-                    self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                    peer.metrics.retries.inc();
                     tracing::debug!(region, error = %first, "forward failed; retrying on a new connection");
                     self.attempt(peer, true, build()?).await
                 }
             }
         };
+        let started = Instant::now();
         let outcome = tokio::time::timeout(self.settings.timeout, exchange).await;
+        peer.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(Ok(answer)) => {
                 peer.breaker.success();
-                self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+                peer.metrics.ok.inc();
                 Ok(answer)
             }
             Ok(Err(AttemptError::Transport(message))) => {
+                peer.metrics.error.inc();
                 self.fail(peer);
                 Err(ForwardError::Transport {
                     region: region.to_string(),
@@ -345,6 +405,7 @@ impl Forwarder {
             }
             Ok(Err(AttemptError::TooLarge)) => {
                 // A peer that answers like this is broken: let the breaker count it.
+                peer.metrics.too_large.inc();
                 self.fail(peer);
                 Err(ForwardError::AnswerTooLarge {
                     region: region.to_string(),
@@ -352,6 +413,7 @@ impl Forwarder {
                 })
             }
             Err(_) => {
+                peer.metrics.timeout.inc();
                 self.fail(peer);
                 // A request stuck on a dead link must not pin the next one to it.
                 if let Ok(mut slot) = peer.sender.try_lock() {
@@ -363,7 +425,6 @@ impl Forwarder {
     }
 
     fn fail(&self, peer: &Peer) {
-        self.counters.failed.fetch_add(1, Ordering::Relaxed);
         peer.breaker.failure(
             self.settings.breaker_failures,
             self.settings.breaker_cooldown,

@@ -73,11 +73,17 @@ pub async fn run(
                     .send(peer, Method::POST, PATH, &headers, body)
                     .await
                 {
-                    Ok(answer) if answer.status.is_success() => {}
+                    Ok(answer) if answer.status.is_success() => {
+                        forwarder.metrics.invalidation("delivered")
+                    }
                     Ok(answer) => {
+                        forwarder.metrics.invalidation("refused");
                         tracing::warn!(%peer, status = %answer.status, "invalidation refused")
                     }
-                    Err(error) => tracing::debug!(%peer, %error, "invalidation not delivered"),
+                    Err(error) => {
+                        forwarder.metrics.invalidation("failed");
+                        tracing::debug!(%peer, %error, "invalidation not delivered")
+                    }
                 }
             }
         });

@@ -14,7 +14,7 @@
 //! flushed, so no cart older than a write made during an outage is served afterwards.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use redis::Script;
 use crate::config::RedisConfig;
 use crate::domain::cart::StoredCart;
 use crate::domain::ids::OwnerKey;
+use crate::metrics::CacheMetrics;
 
 /// Format of the `c` field, stored as `f`. An entry in another format (an edge of another
 /// release during a rolling deploy) is a miss and may be replaced at the same version.
@@ -60,13 +61,8 @@ pub struct CacheRead {
     pub cart: Option<StoredCart>,
     /// The newest version the cache has seen for the owner (a fence or the cart's own).
     pub newest_version: Option<i64>,
-}
-
-/// Cache counters for health and metrics.
-#[derive(Debug, Default)]
-pub struct CacheCounters {
-    pub errors: AtomicU64,
-    pub fills_refused: AtomicU64,
+    /// Whether Redis answered (false: skipped or failed, already counted as such).
+    pub answered: bool,
 }
 
 pub struct Cache {
@@ -82,11 +78,11 @@ pub struct Cache {
     /// Set when `pending` overflowed: every cache read is skipped until a flush succeeds.
     distrust_all: AtomicBool,
     max_pending: usize,
-    pub counters: CacheCounters,
+    metrics: CacheMetrics,
 }
 
 impl Cache {
-    pub fn new(config: &RedisConfig) -> anyhow::Result<Cache> {
+    pub fn new(config: &RedisConfig, metrics: CacheMetrics) -> anyhow::Result<Cache> {
         let client = redis::Client::open(config.url.expose())?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout.0.max(Duration::from_millis(200))))
@@ -104,7 +100,7 @@ impl Cache {
             has_pending: AtomicBool::new(false),
             distrust_all: AtomicBool::new(false),
             max_pending: config.max_pending_invalidations,
-            counters: CacheCounters::default(),
+            metrics,
         })
     }
 
@@ -124,8 +120,12 @@ impl Cache {
                 .unwrap_or(true)
     }
 
-    fn note_error(&self, what: &str, error: &dyn std::fmt::Display) {
-        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+    fn note_error(&self, what: &'static str, error: &dyn std::fmt::Display) {
+        let op = match what {
+            "get" | "decode" => "read",
+            other => other,
+        };
+        self.metrics.count(op, "error");
         tracing::warn!(operation = what, %error, "cache unavailable");
     }
 
@@ -138,6 +138,7 @@ impl Cache {
     /// seen (a fence left by a write whose cart it does not hold is a read-your-writes hint).
     pub async fn read(&self, owner: &OwnerKey) -> CacheRead {
         if self.distrust_all.load(Ordering::Acquire) || self.is_pending(owner.as_str()) {
+            self.metrics.read_skipped.inc();
             return CacheRead::default();
         }
         let mut connection = self.connection.clone();
@@ -156,6 +157,7 @@ impl Cache {
                         CacheRead {
                             cart: Some(cart),
                             newest_version: Some(version),
+                            answered: true,
                         }
                     }
                     _ => {
@@ -163,6 +165,7 @@ impl Cache {
                         CacheRead {
                             cart: None,
                             newest_version: Some(version),
+                            answered: false,
                         }
                     }
                 }
@@ -170,6 +173,7 @@ impl Cache {
             Ok(Ok((version, _, _))) => CacheRead {
                 cart: None,
                 newest_version: version,
+                answered: true,
             },
             Ok(Err(error)) => {
                 self.note_error("get", &error);
@@ -205,15 +209,18 @@ impl Cache {
     /// Fills the cache after a database read, unless a newer version is already there.
     pub async fn fill(&self, cart: &StoredCart) {
         if self.distrust_all.load(Ordering::Acquire) || self.is_pending(&cart.owner) {
+            self.metrics.fill_skipped.inc();
             return;
         }
         let Ok(body) = serde_json::to_string(cart) else {
             return;
         };
         match self.fenced_set(&cart.owner, cart.version, &body).await {
-            Ok(true) => {}
+            Ok(true) => {
+                self.metrics.fill_ok.inc();
+            }
             Ok(false) => {
-                self.counters.fills_refused.fetch_add(1, Ordering::Relaxed);
+                self.metrics.fill_refused.inc();
             }
             Err(error) => self.note_error("fill", &error),
         }
@@ -223,18 +230,26 @@ impl Cache {
     /// and fenced later; reads skip the cache for it meanwhile.
     pub async fn store_committed(&self, cart: &StoredCart) {
         let body = serde_json::to_string(cart).unwrap_or_default();
-        if let Err(error) = self.fenced_set(&cart.owner, cart.version, &body).await {
-            self.note_error("store", &error);
-            self.remember(&cart.owner, cart.version);
+        match self.fenced_set(&cart.owner, cart.version, &body).await {
+            Ok(true) => self.metrics.count("store", "ok"),
+            Ok(false) => self.metrics.count("store", "refused"),
+            Err(error) => {
+                self.note_error("store", &error);
+                self.remember(&cart.owner, cart.version);
+            }
         }
     }
 
     /// Fences an owner at `version` (drops any older cached cart) without a cart body: for
     /// writes committed elsewhere (forwarded writes, invalidations from other regions).
     pub async fn fence(&self, owner: &str, version: i64) {
-        if let Err(error) = self.fenced_set(owner, version, "").await {
-            self.note_error("fence", &error);
-            self.remember(owner, version);
+        match self.fenced_set(owner, version, "").await {
+            Ok(true) => self.metrics.count("fence", "ok"),
+            Ok(false) => self.metrics.count("fence", "refused"),
+            Err(error) => {
+                self.note_error("fence", &error);
+                self.remember(owner, version);
+            }
         }
     }
 

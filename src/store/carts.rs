@@ -8,6 +8,8 @@
 
 use bytes::Bytes;
 use deadpool_postgres::Object;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
@@ -176,12 +178,25 @@ pub enum Claim {
 /// the server aborts the transaction.
 pub struct WriteTx {
     transaction: Transaction<Object>,
+    /// `cartedge_db_query_duration_seconds` of the shard's primary: begin to commit.
+    timer: Histogram,
+    started: std::time::Instant,
+    /// `cartedge_idempotent_replays_total`.
+    replays: Counter,
 }
 
 impl WriteTx {
-    pub(super) async fn begin(client: Object) -> Result<WriteTx, StoreError> {
+    pub(super) async fn begin(
+        client: Object,
+        timer: Histogram,
+        replays: Counter,
+    ) -> Result<WriteTx, StoreError> {
+        let started = std::time::Instant::now();
         Ok(WriteTx {
             transaction: Transaction::begin(client).await?,
+            timer,
+            started,
+            replays,
         })
     }
 
@@ -232,6 +247,7 @@ impl WriteTx {
             .ok()
             .filter(|status| (100..=599).contains(status))
             .ok_or_else(|| corrupt(format!("status {status}")))?;
+        self.replays.inc();
         Ok(Claim::Replay(StoredResponse {
             status,
             headers,
@@ -462,7 +478,11 @@ impl WriteTx {
     }
 
     pub async fn commit(self) -> Result<(), StoreError> {
-        self.transaction.commit().await
+        let committed = self.transaction.commit().await;
+        if committed.is_ok() {
+            self.timer.observe(self.started.elapsed().as_secs_f64());
+        }
+        committed
     }
 
     pub async fn rollback(self) {

@@ -16,7 +16,7 @@ pub mod orders;
 pub mod tx;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use tokio_postgres::NoTls;
 use crate::config::Config;
 use crate::domain::cart::StoredCart;
 use crate::domain::ids::OwnerKey;
+use crate::metrics::{CacheMetrics, DbMetrics, Metrics, PoolLabels, ShardLabels, ShardRoleLabels};
 
 pub use cache::Cache;
 pub use carts::{CartOp, Claim, StoredResponse, WriteTx};
@@ -102,14 +103,6 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     }
 }
 
-/// Counters other layers (metrics, health) read.
-#[derive(Debug, Default)]
-pub struct StoreCounters {
-    pub replica_fallbacks: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-}
-
 /// One shard's pools in this region: the primary only where the shard is homed.
 struct ShardPools {
     primary: Option<Pool>,
@@ -117,6 +110,14 @@ struct ShardPools {
     /// How far the replica is behind its primary, in ms, per the heartbeat; -1 when unknown.
     lag_ms: Arc<AtomicI64>,
 }
+
+/// The `role` label of a primary's and a replica's metrics.
+const PRIMARY: &str = "primary";
+const REPLICA: &str = "replica";
+
+/// The most rows a gauge query counts: beyond it the gauge saturates, so the query stays
+/// bounded however large a shard grows.
+pub const GAUGE_ROW_CAP: i64 = 100_000;
 
 /// How often heartbeats are written (home shards) and replica lag is read (the others).
 const HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
@@ -128,7 +129,10 @@ pub struct Store {
     pub catalog: Catalog,
     /// The catalog's primary, where stock is reserved (None in regions without it).
     catalog_primary: Option<Pool>,
-    pub counters: StoreCounters,
+    metrics: DbMetrics,
+    cache_metrics: CacheMetrics,
+    /// Counted by [`WriteTx::claim_idempotency`] on a replay.
+    replays: prometheus_client::metrics::counter::Counter,
 }
 
 /// A 64-bit advisory-lock key for a named task on one shard.
@@ -202,7 +206,7 @@ pub fn build_pool(dsn: &str, config: &Config) -> anyhow::Result<Pool> {
 }
 
 impl Store {
-    pub fn new(config: &Config) -> anyhow::Result<Store> {
+    pub fn new(config: &Config, metrics: &Metrics) -> anyhow::Result<Store> {
         let mut shards = HashMap::new();
         for shard in &config.database.shards {
             let primary = if shard.primary.is_empty() {
@@ -232,10 +236,12 @@ impl Store {
         };
         Ok(Store {
             shards,
-            cache: Arc::new(Cache::new(&config.redis)?),
+            cache: Arc::new(Cache::new(&config.redis, metrics.cache.clone())?),
             catalog: Catalog::new(catalog_pool, config.cart.catalog_cache_ttl.0),
             catalog_primary,
-            counters: StoreCounters::default(),
+            metrics: metrics.db.clone(),
+            cache_metrics: metrics.cache.clone(),
+            replays: metrics.edge.idempotent_replays.clone(),
         })
     }
 
@@ -262,9 +268,7 @@ impl Store {
         match (pools.replica.get().await, &pools.primary) {
             (Ok(client), _) => Ok((client, Source::Replica)),
             (Err(error), Some(primary)) => {
-                self.counters
-                    .replica_fallbacks
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.replica_fallbacks.inc();
                 tracing::warn!(%error, shard, "replica unavailable, reading from the primary");
                 Ok((primary.get().await?, Source::Primary))
             }
@@ -314,6 +318,18 @@ impl Store {
                     } else {
                         let lag = measure(&shard, pools).await.unwrap_or(-1);
                         pools.lag_ms.store(lag, Ordering::Relaxed);
+                        let labels = ShardLabels {
+                            shard: shard.clone(),
+                        };
+                        if lag >= 0 {
+                            store
+                                .metrics
+                                .replica_lag
+                                .get_or_create(&labels)
+                                .set(lag as f64 / 1000.0);
+                        } else {
+                            store.metrics.replica_lag.remove(&labels);
+                        }
                     }
                 }
             });
@@ -344,7 +360,9 @@ impl Store {
 
     /// Opens a write transaction on the shard's primary.
     pub async fn begin_write(&self, shard: &str) -> Result<WriteTx, StoreError> {
-        WriteTx::begin(self.db_write(shard).await?).await
+        let client = self.db_write(shard).await?;
+        let timer = self.metrics.query_timer(shard, PRIMARY);
+        WriteTx::begin(client, timer, self.replays.clone()).await
     }
 
     /// Reads a cart cache-aside: the cache, then the replica, then the primary when the
@@ -364,11 +382,13 @@ impl Store {
         let min_version = min_version.max(cached.newest_version.unwrap_or(0));
         if let Some(cart) = cached.cart {
             if cart.version >= min_version {
-                self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.cache_metrics.read_hit.inc();
                 return Ok((cart, Source::Cache, min_version));
             }
         }
-        self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
+        if cached.answered {
+            self.cache_metrics.read_miss.inc();
+        }
         let (cart, source) = self.read_from_database(shard, owner, min_version).await?;
         self.cache.fill(&cart).await;
         Ok((cart, source, min_version))
@@ -384,13 +404,18 @@ impl Store {
         min_version: i64,
     ) -> Result<(StoredCart, Source), StoreError> {
         let (client, source) = self.db_read(shard).await?;
-        let cart = carts::load(&client, owner).await?;
+        let cart = self
+            .timed(shard, source, carts::load(&client, owner))
+            .await?;
         if cart.version >= min_version || !self.is_home(shard) {
             return Ok((cart, source));
         }
         drop(client);
         let (client, source) = self.db_read_prefer_primary(shard).await?;
-        Ok((carts::load(&client, owner).await?, source))
+        let cart = self
+            .timed(shard, source, carts::load(&client, owner))
+            .await?;
+        Ok((cart, source))
     }
 
     /// One cart read from the shard's primary (home region only).
@@ -399,8 +424,103 @@ impl Store {
         shard: &str,
         owner: &OwnerKey,
     ) -> Result<StoredCart, StoreError> {
-        let (client, _) = self.db_read_prefer_primary(shard).await?;
-        carts::load(&client, owner).await
+        let (client, source) = self.db_read_prefer_primary(shard).await?;
+        self.timed(shard, source, carts::load(&client, owner)).await
+    }
+
+    /// Runs one query, observing its duration under the shard and the role it ran on.
+    async fn timed<T>(
+        &self,
+        shard: &str,
+        source: Source,
+        query: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let role = if source == Source::Replica {
+            REPLICA
+        } else {
+            PRIMARY
+        };
+        let started = std::time::Instant::now();
+        let result = query.await;
+        self.metrics
+            .query_duration
+            .get_or_create(&ShardRoleLabels {
+                shard: shard.to_string(),
+                role,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Sets `cartedge_db_pool_connections` from every shard pool's current status (at scrape
+    /// time: reading a pool's status takes no connection).
+    pub fn export_pool_connections(&self) {
+        for (shard, pools) in &self.shards {
+            let roles = [
+                (PRIMARY, pools.primary.as_ref()),
+                (REPLICA, Some(&pools.replica)),
+            ];
+            for (role, pool) in roles {
+                let Some(pool) = pool else { continue };
+                let status = pool.status();
+                let idle = status.available as i64;
+                let in_use = (status.size as i64 - idle).max(0);
+                for (state, value) in [("idle", idle), ("in_use", in_use)] {
+                    self.metrics
+                        .pool_connections
+                        .get_or_create(&PoolLabels {
+                            shard: shard.clone(),
+                            role,
+                            state,
+                        })
+                        .set(value);
+                }
+            }
+        }
+    }
+
+    /// Refreshes a home shard's business gauges and outbox backlog: two bounded queries on
+    /// its replica (an index range scan over `carts.updated_at`, capped at
+    /// [`GAUGE_ROW_CAP`] rows, and a capped count of the outbox), under the pool's
+    /// `statement_timeout`.
+    pub async fn refresh_shard_gauges(&self, shard: &str) -> Result<(), StoreError> {
+        let (client, source) = self.db_read(shard).await?;
+        let cap = GAUGE_ROW_CAP;
+        let carts = client
+            .prepare_cached(
+                "SELECT count(*)::bigint, coalesce(avg(lines), 0)::float8 FROM (                    SELECT (SELECT count(*) FROM cart_items i WHERE i.owner = c.owner) AS lines                    FROM carts c                    WHERE c.updated_at > now() - interval '24 hours' AND c.purged_at IS NULL                    LIMIT $1) active",
+            )
+            .await?;
+        let row = self
+            .timed(shard, source, async {
+                Ok(client.query_one(&carts, &[&cap]).await?)
+            })
+            .await?;
+        let (active, lines_avg): (i64, f64) = (row.try_get(0)?, row.try_get(1)?);
+        let backlog = client
+            .prepare_cached(
+                "SELECT count(*)::bigint FROM (SELECT 1 FROM cart_events LIMIT $1) waiting",
+            )
+            .await?;
+        let row = self
+            .timed(shard, source, async {
+                Ok(client.query_one(&backlog, &[&cap]).await?)
+            })
+            .await?;
+        let waiting: i64 = row.try_get(0)?;
+        let labels = ShardLabels {
+            shard: shard.to_string(),
+        };
+        self.metrics.carts_active.get_or_create(&labels).set(active);
+        self.metrics
+            .cart_lines_avg
+            .get_or_create(&labels)
+            .set(lines_avg);
+        self.metrics
+            .outbox_backlog
+            .get_or_create(&labels)
+            .set(waiting);
+        Ok(())
     }
 
     /// Whether every primary homed here (or, in a region that homes none, every replica)

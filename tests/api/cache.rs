@@ -45,21 +45,9 @@ async fn a_slow_reader_cannot_fill_the_cache_with_a_cart_older_than_a_committed_
     // …a writer commits version 2 and leaves it in the cache…
     assert_eq!(app.add("alice", "sku-00001", 1).await.version(), 2);
     // …and only then does the reader fill. The fence refuses the older version.
-    let refused_before = app
-        .app
-        .store
-        .cache
-        .counters
-        .fills_refused
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let refused_before = app.app.metrics.cache.fill_refused.get();
     app.app.store.cache.fill(&stale).await;
-    let refused_after = app
-        .app
-        .store
-        .cache
-        .counters
-        .fills_refused
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let refused_after = app.app.metrics.cache.fill_refused.get();
     assert_eq!(refused_after, refused_before + 1);
     let view = app.user("alice", "GET", "/api/v1/cart", None).await;
     assert_eq!(view.header("cart-source"), Some("cache"));

@@ -1,6 +1,7 @@
 //! The cart API's success paths and every client error code.
 
 use crate::helpers::{h, TestApp, TestOptions, TestResponse};
+use cartedge::metrics::Format;
 use http::StatusCode;
 
 #[tokio::test]
@@ -657,10 +658,10 @@ async fn a_min_version_beyond_the_cart_is_answered_by_the_home_primary_once_with
     );
     assert!(
         app.app
-            .metrics_text()
+            .metrics_text(Format::Text)
             .contains("\ncartedge_min_version_beyond_cart_total 1\n"),
         "{}",
-        app.app.metrics_text()
+        app.app.metrics_text(Format::Text)
     );
 }
 
@@ -714,7 +715,7 @@ async fn a_min_version_cookie_counts_only_for_the_owner_it_was_issued_for() {
     }
     assert!(app
         .app
-        .metrics_text()
+        .metrics_text(Format::Text)
         .contains("\ncartedge_min_version_beyond_cart_total 0\n"));
     // Alice's own cookie still holds.
     let own = app

@@ -1,7 +1,6 @@
 //! The cart lifecycle in one region: merge on login, price changes, checkout with stock
 //! reservation, orders and payment, the janitor and the event outbox.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -704,7 +703,7 @@ async fn the_janitor_purges_what_aged_keeps_what_is_fresh_and_runs_once_per_shar
     let second = app.app.janitor_once().await.unwrap();
     assert_eq!(second.carts_purged, 0);
     assert_eq!(second.tombstones_deleted, 2);
-    let metrics = app.app.metrics_text();
+    let metrics = app.app.metrics_text(cartedge::metrics::Format::Text);
     assert!(
         metrics.contains("cartedge_janitor_carts_purged_total 3"),
         "{metrics}"
@@ -801,7 +800,7 @@ async fn events_reach_the_stream_in_order_per_cart_and_wait_out_a_relay_outage()
         .await;
     // The relay (every 50 ms) tries and fails against the dead Redis: wait for two failed
     // passes after the last write, bounded to 10 s.
-    let failures = || outage.app.lifecycle.relay_failures.load(Ordering::Relaxed);
+    let failures = || outage.app.metrics.lifecycle.relay_failures.get();
     let before = failures();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while failures() < before + 2 && std::time::Instant::now() < deadline {

@@ -14,6 +14,7 @@ mod idempotency;
 mod layering;
 mod lifecycle;
 mod local;
+mod metrics;
 mod openapi;
 mod preflight;
 mod protection;

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use cartedge::app::App;
 use cartedge::config::{Config, Sources};
 use cartedge::forward::{tls, Forwarder, Settings};
+use cartedge::metrics::Format;
 use cartedge_dev::linkproxy::{LinkProxy, LinkSpec, PartitionMode};
 use cartedge_dev::procs::{PgInstance, PgOptions};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
@@ -540,6 +541,35 @@ async fn a_partition_fails_forwarded_writes_fast_keeps_reads_and_loses_nothing_a
     assert!(generated
         .header("idempotency-key")
         .is_some_and(|k| k.starts_with("fwd-")));
+    // th's forwarding metrics: three forwards answered, the cut ones failed, every one timed.
+    let th_metrics = regions.th.app.metrics_text(Format::Text);
+    assert!(
+        metric_value(
+            &th_metrics,
+            "cartedge_forward_requests_total{peer=\"sg\",outcome=\"ok\"}"
+        )
+        .is_some_and(|count| count >= 3.0),
+        "{th_metrics}"
+    );
+    let failed_forwards: f64 = ["error", "timeout", "breaker_open"]
+        .iter()
+        .filter_map(|outcome| {
+            metric_value(
+                &th_metrics,
+                &format!("cartedge_forward_requests_total{{peer=\"sg\",outcome=\"{outcome}\"}}"),
+            )
+        })
+        .sum();
+    assert!(failed_forwards >= 2.0, "{th_metrics}");
+    assert!(
+        metric_value(
+            &th_metrics,
+            "cartedge_forward_duration_seconds_count{peer=\"sg\"}"
+        )
+        .is_some_and(|count| count >= 4.0),
+        "{th_metrics}"
+    );
+    assert!(th_metrics.contains("cartedge_forward_breaker_open{peer=\"sg\"} "));
     let read = regions.get(&regions.th, &user, None).await;
     assert_eq!(read.status, StatusCode::OK, "reads keep working in th");
     assert_eq!(read.header("cart-region"), Some("th"));
@@ -586,6 +616,37 @@ async fn a_partition_fails_forwarded_writes_fast_keeps_reads_and_loses_nothing_a
         .await;
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(regions.quantity_at_home(&user, "sku-00002").await, quantity);
+    assert!(regions.sg.app.metrics.edge.idempotent_replays.get() >= 1);
+    // th measures the lag of its replica of sg's shard from the heartbeat (about once a
+    // second); sg delivered its commits' invalidations to th.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut lag, mut delivered) = (None, None);
+    while std::time::Instant::now() < deadline && (lag.is_none() || delivered.is_none()) {
+        lag = metric_value(
+            &regions.th.app.metrics_text(Format::Text),
+            "cartedge_replica_lag_seconds{shard=\"sg-1\"}",
+        );
+        delivered = metric_value(
+            &regions.sg.app.metrics_text(Format::Text),
+            "cartedge_invalidations_total{outcome=\"delivered\"}",
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        lag.is_some_and(|seconds| seconds >= 0.0),
+        "no replica lag at th"
+    );
+    assert!(
+        delivered.is_some_and(|count| count >= 1.0),
+        "no invalidation delivered by sg"
+    );
+}
+
+/// The value of the sample `series` (name and labels exactly) in an exposition.
+fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -661,6 +722,7 @@ async fn edges_refuse_writes_from_another_ring_and_never_forward_a_forwarded_req
             breaker_failures: 100,
             breaker_cooldown: Duration::from_millis(100),
         },
+        cartedge::metrics::ForwardMetrics::default(),
     )
     .unwrap();
     let user_of_th = regions.user_homed_in("th", "misdirected");
@@ -686,14 +748,7 @@ async fn edges_refuse_writes_from_another_ring_and_never_forward_a_forwarded_req
         .unwrap();
     assert_eq!(other_ring.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(String::from_utf8_lossy(&other_ring.body).contains("topology_mismatch"));
-    assert_eq!(
-        regions
-            .sg
-            .app
-            .topology_mismatches
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(regions.sg.app.metrics.edge.topology_mismatches.get(), 1);
 
     headers.insert(
         "cart-ring",
@@ -915,11 +970,7 @@ async fn a_min_version_beyond_the_cart_is_answered_by_the_home_primary_in_both_r
             .iter()
             .any(|w| w["code"] == "stale_possible")
     };
-    let beyond = |edge: &Edge| {
-        edge.app
-            .min_version_beyond_cart
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let beyond = |edge: &Edge| edge.app.metrics.edge.min_version_beyond_cart.get();
 
     // At home: the primary's cart is the answer, read here, never forwarded to sg itself.
     let home = regions.get(&regions.sg, &user, Some(9)).await;
