@@ -15,6 +15,7 @@ mod layering;
 mod lifecycle;
 mod local;
 mod openapi;
+mod ops;
 mod preflight;
 mod protection;
 mod regions;
