@@ -119,6 +119,10 @@ pub enum LocalCommand {
         edge_port: u16,
         #[arg(long, default_value_t = 9080)]
         admin_port: u16,
+        /// Also run Prometheus (Debian package `prometheus`) scraping every edge, with
+        /// ops/prometheus/alerts.yml loaded; its URL goes to cluster.json as `prometheus_url`.
+        #[arg(long)]
+        with_prometheus: bool,
     },
     /// Stop a detached local cluster.
     Down {
@@ -322,6 +326,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             dir,
             edge_port,
             admin_port,
+            with_prometheus,
         }) => {
             local::up(local::UpOptions {
                 dir: dir.clone(),
@@ -329,6 +334,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 edge_port: *edge_port,
                 admin_port: *admin_port,
                 defaults: cli.defaults(),
+                with_prometheus: *with_prometheus,
             })
             .await
         }

@@ -8,8 +8,10 @@
 //! one Redis and one edge. The catalog is homed in `sg` (in shard `sg-1`'s database) and reaches
 //! the other regions through their replicas of `sg-1`. Every inter-region path — edge to edge
 //! and every replication stream — runs through the link proxy with a one-way delay of half the
-//! region pair's round trip. This module is developer tooling: the edge never calls it, and it
-//! parses no command line (`crate::cli` hands it plain values).
+//! region pair's round trip. With `--with-prometheus` a Prometheus server scrapes every edge's
+//! admin listener with the rules of `ops/prometheus/alerts.yml` loaded. This module is developer
+//! tooling: the edge never calls it, and it parses no command line (`crate::cli` hands it plain
+//! values).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -24,7 +26,9 @@ use serde::{Deserialize, Serialize};
 use cartedge::config::{Config, Sources};
 use cartedge::service::{reload_on_sighup, serve_bound, Listeners};
 use cartedge_dev::linkproxy::{self, LinkProxy, LinkSpec};
-use cartedge_dev::procs::{self, Lifetime, PgInstance, PgOptions, RedisInstance};
+use cartedge_dev::procs::{
+    self, Lifetime, PgInstance, PgOptions, PrometheusInstance, RedisInstance,
+};
 
 /// Where the local cluster keeps its state unless told otherwise (`--dir`).
 pub const DEFAULT_DIR: &str = ".cartedge/local";
@@ -34,6 +38,11 @@ pub const DEMO_ITEMS: i32 = 10_000;
 pub const DATABASE: &str = "cartedge";
 /// The regions of the local cluster: id, currency, and the offset of its edge and admin ports.
 pub const REGIONS: [(&str, &str, u16); 3] = [("sg", "SGD", 0), ("id", "IDR", 1), ("th", "THB", 2)];
+/// The alert and recording rules `--with-prometheus` loads, as shipped in `ops/`.
+const ALERT_RULES: &str = include_str!("../../ops/prometheus/alerts.yml");
+/// How often the local Prometheus scrapes each edge and evaluates the rules: short, so a test or
+/// a developer sees a change within seconds.
+const PROMETHEUS_INTERVAL: &str = "1s";
 /// Round trips between the regions, near real South-East Asian figures (ms).
 pub const ROUND_TRIPS_MS: [(&str, &str, u64); 3] =
     [("sg", "id", 15), ("sg", "th", 30), ("id", "th", 45)];
@@ -56,6 +65,9 @@ fn one_way_ms(a: &str, b: &str) -> u64 {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ClusterFile {
     pub regions: Vec<ClusterRegion>,
+    /// The local Prometheus (`--with-prometheus`), e.g. `http://127.0.0.1:41234`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus_url: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -83,6 +95,8 @@ struct Pids {
     redis: Vec<u32>,
     #[serde(default)]
     proxy: Vec<u32>,
+    #[serde(default)]
+    prometheus: Vec<u32>,
 }
 
 impl Pids {
@@ -97,6 +111,7 @@ impl Pids {
             .chain(&self.postgres)
             .chain(&self.redis)
             .chain(&self.proxy)
+            .chain(&self.prometheus)
     }
 }
 
@@ -124,6 +139,8 @@ pub struct UpOptions {
     pub admin_port: u16,
     /// Defaults file to layer under the generated region files (None: embedded).
     pub defaults: Option<PathBuf>,
+    /// Also run a Prometheus server scraping every edge's admin listener, rules loaded.
+    pub with_prometheus: bool,
 }
 
 /// The generated region file of a local edge.
@@ -454,6 +471,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
     std::fs::create_dir_all(&regions_dir)?;
     let mut cluster = ClusterFile {
         regions: Vec::new(),
+        prometheus_url: None,
     };
     let mut configs = Vec::new();
     for plan in &plans {
@@ -535,6 +553,15 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
         let sources = Sources::new(options.defaults.clone(), Some(path.clone()));
         loaded.push(Config::load(&sources, std::env::vars())?);
     }
+    let prometheus = if options.with_prometheus {
+        let prometheus = start_prometheus(&dir, &plans, lifetime).await?;
+        pids.prometheus.push(prometheus.pid());
+        std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
+        cluster.prometheus_url = Some(prometheus.url());
+        Some(prometheus)
+    } else {
+        None
+    };
     std::fs::write(
         dir.join("cluster.json"),
         serde_json::to_vec_pretty(&cluster)?,
@@ -574,7 +601,11 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
                 })?;
         }
         print_banner(&loaded, &dir);
+        print_prometheus(prometheus.as_ref());
         // Detached servers keep running; their handles must not stop them.
+        if let Some(prometheus) = prometheus {
+            std::mem::forget(prometheus);
+        }
         for pg in started.postgres {
             std::mem::forget(pg);
         }
@@ -608,6 +639,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
         edges.push(tokio::spawn(serve_bound(app, listeners)));
     }
     print_banner(&loaded, &dir);
+    print_prometheus(prometheus.as_ref());
     eprintln!("cartedge: serving in the foreground; Ctrl-C stops everything");
     for edge in edges {
         let _ = edge.await;
@@ -617,12 +649,62 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
         let _ = task.await;
         drop(proxy);
     }
+    drop(prometheus);
     drop(started);
     for file in ["pids.json", "cluster.json", "proxy.json"] {
         let _ = std::fs::remove_file(dir.join(file));
     }
     eprintln!("cartedge: local cluster stopped");
     Ok(())
+}
+
+/// Writes `prometheus/prometheus.yml` (every edge's admin listener as a target labelled with its
+/// region, scraped every [`PROMETHEUS_INTERVAL`]) and `prometheus/alerts.yml`, then starts
+/// Prometheus on a free loopback port with its data in `prometheus/data`.
+async fn start_prometheus(
+    dir: &Path,
+    plans: &[RegionPlan],
+    lifetime: Lifetime,
+) -> Result<PrometheusInstance> {
+    eprintln!("cartedge: starting Prometheus…");
+    tokio::task::spawn_blocking(procs::ensure_prometheus).await??;
+    let root = dir.join("prometheus");
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("alerts.yml"), ALERT_RULES)?;
+    let config = root.join("prometheus.yml");
+    std::fs::write(&config, prometheus_config(plans))?;
+    let data = root.join("data");
+    tokio::task::spawn_blocking(move || PrometheusInstance::start(&config, &data, None, lifetime))
+        .await?
+}
+
+/// The local Prometheus' configuration: one `cartedge` job, a static target per region.
+fn prometheus_config(plans: &[RegionPlan]) -> String {
+    let mut targets = String::new();
+    for plan in plans {
+        targets.push_str(&format!(
+            "      - targets: [\"{admin}\"]\n        labels:\n          region: \"{id}\"\n",
+            admin = plan.admin,
+            id = plan.id
+        ));
+    }
+    format!(
+        "# Generated by `cartedge local up --with-prometheus`; local development only.\n\
+         global:\n  scrape_interval: {PROMETHEUS_INTERVAL}\n  scrape_timeout: {PROMETHEUS_INTERVAL}\n\
+         \x20 evaluation_interval: {PROMETHEUS_INTERVAL}\n\n\
+         rule_files:\n  - alerts.yml\n\n\
+         scrape_configs:\n  - job_name: cartedge\n    metrics_path: /metrics\n    static_configs:\n{targets}"
+    )
+}
+
+fn print_prometheus(prometheus: Option<&PrometheusInstance>) {
+    if let Some(prometheus) = prometheus {
+        println!(
+            "  prometheus {}  (every edge's /metrics each {PROMETHEUS_INTERVAL}, ops/prometheus/alerts.yml loaded; log {})\n",
+            prometheus.url(),
+            prometheus.log_path().display()
+        );
+    }
 }
 
 /// Spawns a process in its own session with output to `log`; returns its pid.
@@ -817,6 +899,9 @@ pub fn down(dir: &Path) -> Result<()> {
         procs::stop_pid(*pid, libc::SIGTERM, Duration::from_secs(20))?;
     }
     for pid in &pids.proxy {
+        procs::stop_pid(*pid, libc::SIGTERM, Duration::from_secs(10))?;
+    }
+    for pid in &pids.prometheus {
         procs::stop_pid(*pid, libc::SIGTERM, Duration::from_secs(10))?;
     }
     for pid in &pids.postgres {

@@ -16,6 +16,7 @@ mod lifecycle;
 mod local;
 mod metrics;
 mod openapi;
+mod ops;
 mod preflight;
 mod protection;
 mod regions;

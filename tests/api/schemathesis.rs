@@ -80,7 +80,7 @@ fn summary(report: &str) -> String {
 
 /// Whether the environment is a CI run, where skipping is not allowed: `CI` set to anything
 /// but empty, `0` or `false` (CI services set `CI=true`).
-fn running_in_ci(ci: Option<&str>) -> bool {
+pub(crate) fn running_in_ci(ci: Option<&str>) -> bool {
     ci.is_some_and(|value| {
         let value = value.trim();
         !(value.is_empty() || value == "0" || value.eq_ignore_ascii_case("false"))

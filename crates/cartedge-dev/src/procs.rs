@@ -1,4 +1,5 @@
-//! Starting and stopping real, local PostgreSQL and Redis server processes.
+//! Starting and stopping real, local PostgreSQL and Redis server processes (and
+//! the Prometheus server of `cartedge local up --with-prometheus`).
 //!
 //! This module owns the *processes* behind the integration tests and the
 //! `cartedge local up` cluster: locating (and, as root, installing) the server
@@ -8,7 +9,8 @@
 //! them again (by handle or, for detached servers, by pid).
 //!
 //! It must not do anything else: no SQL beyond the readiness probe
-//! (`pg_isready`), no schema or migrations, no Redis commands beyond `PING`, and
+//! (`pg_isready`), no schema or migrations, no Redis commands beyond `PING`, no
+//! Prometheus request beyond `/-/ready` (its configuration is the caller's), and
 //! no application logic. Callers connect on their own using
 //! [`PgInstance::dsn`] and [`RedisInstance::url`].
 //!
@@ -50,6 +52,13 @@ const LOG_TAIL_BYTES: u64 = 4000;
 const PORT_ATTEMPTS: usize = 3;
 /// Conventional Debian location of redis-server.
 const REDIS_SERVER_DEFAULT: &str = "/usr/bin/redis-server";
+/// Debian location of the Prometheus server (package `prometheus`).
+const PROMETHEUS_DEFAULT: &str = "/usr/bin/prometheus";
+/// How long to wait for Prometheus to answer `/-/ready` after spawning it (it
+/// replays its write-ahead log first, which is quick for a local cluster's).
+const PROMETHEUS_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long Prometheus may take to exit after SIGTERM before we SIGKILL it.
+const PROMETHEUS_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Name of the config file we own inside a PostgreSQL data directory.
 const PG_CONF_FILE: &str = "cartedge.conf";
 /// Line appended once to `postgresql.conf` so our settings (written to
@@ -1169,6 +1178,190 @@ fn redis_ping(port: u16) -> bool {
         }
     }
     buf[..len].starts_with(b"+PONG")
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus
+// ---------------------------------------------------------------------------
+
+/// Makes sure the Prometheus server binary exists: when it is missing and we
+/// run as root, installs the Debian package `prometheus` (which also brings
+/// `promtool`); otherwise says what to install.
+pub fn ensure_prometheus() -> Result<()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    if prometheus_bin().is_some() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "the Prometheus server is missing; install it with `sudo apt-get install -y \
+             prometheus` (automatic installation only happens when running as root)"
+        );
+    }
+    tracing::info!("installing prometheus with apt-get");
+    run_apt(&["update"])?;
+    run_apt(&["install", "-y", "--no-install-recommends", "prometheus"])?;
+    if prometheus_bin().is_none() {
+        bail!("apt-get install prometheus succeeded but {PROMETHEUS_DEFAULT} is still missing");
+    }
+    Ok(())
+}
+
+/// A running (or stopped) local Prometheus server on 127.0.0.1, with the
+/// configuration file the caller wrote and its data in `data_dir`.
+///
+/// Its output goes to `<data_dir>/../prometheus.log`.
+#[derive(Debug)]
+pub struct PrometheusInstance {
+    /// TCP port of its HTTP API and UI on 127.0.0.1.
+    pub port: u16,
+    log_path: PathBuf,
+    proc: ServerProc,
+}
+
+impl PrometheusInstance {
+    /// Starts `prometheus` with `config` (its rule files are resolved relative
+    /// to the configuration file), storage in `data_dir` (created if missing),
+    /// listening on `port` (or a free one), and waits (bounded) until it answers
+    /// `/-/ready`.
+    pub fn start(
+        config: &Path,
+        data_dir: &Path,
+        port: Option<u16>,
+        lifetime: Lifetime,
+    ) -> Result<PrometheusInstance> {
+        let bin = prometheus_bin().ok_or_else(|| {
+            anyhow!(
+                "prometheus not found ({PROMETHEUS_DEFAULT} or PATH); call ensure_prometheus() \
+                 as root or `apt-get install prometheus`"
+            )
+        })?;
+        let config = absolute(config)?;
+        let data_dir = absolute(data_dir)?;
+        create_dirs_0755(&data_dir)?;
+        let log_path = data_dir
+            .parent()
+            .unwrap_or(&data_dir)
+            .join("prometheus.log");
+        let (port, proc) = start_with_port_retry(port, |port| {
+            start_prometheus(&bin, &config, &data_dir, port, lifetime, &log_path)
+        })?;
+        tracing::info!(port, pid = proc.pid, "prometheus started");
+        Ok(PrometheusInstance {
+            port,
+            log_path,
+            proc,
+        })
+    }
+
+    /// Pid of the prometheus process; what `local up --detach` records to stop
+    /// it later.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid
+    }
+
+    /// Base URL of its HTTP API: `http://127.0.0.1:P`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Path of the server's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// SIGTERM, wait up to 10 s, then SIGKILL. Idempotent; reaps the child.
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+}
+
+impl Drop for PrometheusInstance {
+    /// Same rule as [`PgInstance`]: stop TiedToParent, leave Detached running.
+    fn drop(&mut self) {
+        if self.proc.lifetime == Lifetime::TiedToParent {
+            self.stop();
+        }
+    }
+}
+
+fn prometheus_bin() -> Option<PathBuf> {
+    let default = Path::new(PROMETHEUS_DEFAULT);
+    if is_executable(default) {
+        return Some(default.to_path_buf());
+    }
+    find_in_path("prometheus")
+}
+
+/// Spawns prometheus with output appended to the log and waits for `/-/ready`.
+fn start_prometheus(
+    bin: &Path,
+    config: &Path,
+    data_dir: &Path,
+    port: u16,
+    lifetime: Lifetime,
+    log_path: &Path,
+) -> Result<ServerProc> {
+    let offset = file_len(log_path);
+    let log = open_log(log_path)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", data_dir.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .current_dir(data_dir)
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let mut proc = ServerProc::spawn(cmd, lifetime, libc::SIGTERM, PROMETHEUS_STOP_TIMEOUT)
+        .context("starting prometheus")?;
+    let deadline = Instant::now() + PROMETHEUS_READY_TIMEOUT;
+    loop {
+        if proc.exited() {
+            // A taken port reads "address already in use" in its log; the retry
+            // in `start_with_port_retry` looks for the capitalised form.
+            let tail = log_since(log_path, offset);
+            let taken = if tail.contains("address already in use") {
+                " (Address already in use)"
+            } else {
+                ""
+            };
+            bail!(
+                "prometheus (pid {}, port {port}) exited during startup{taken}; {}:\n{tail}",
+                proc.pid,
+                log_path.display(),
+            );
+        }
+        if http_get_ok(port, "/-/ready") {
+            return Ok(proc);
+        }
+        if Instant::now() >= deadline {
+            proc.stop();
+            bail!(
+                "prometheus (port {port}) was not ready within {PROMETHEUS_READY_TIMEOUT:?}; {}:\n{}",
+                log_path.display(),
+                log_since(log_path, offset)
+            );
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// Sends `GET path` over HTTP/1.1 to 127.0.0.1:`port` and expects a 200.
+fn http_get_ok(port: u16, path: &str) -> bool {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let timeout = Some(Duration::from_secs(1));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    if stream.set_read_timeout(timeout).is_err()
+        || stream.set_write_timeout(timeout).is_err()
+        || stream.write_all(request.as_bytes()).is_err()
+    {
+        return false;
+    }
+    let mut head = [0_u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
 
 // ---------------------------------------------------------------------------
