@@ -194,28 +194,102 @@ pub async fn handle(
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
     let method = request.method().clone();
-    let path = request.uri().path().to_string();
     let over_tls = request.extensions().get::<OverTls>().is_some();
     let deadline = tokio::time::Instant::now() + app.config.server.request_timeout.0;
     request.extensions_mut().insert(request::Deadline(deadline));
+    let traced = TracedRequest::start(&app, surface, &request);
     // A body read running into the same deadline answers 408 itself: `timeout_at` polls the
     // inner future before its own timer, so this 503 is for handling that ran too long.
-    let mut response =
-        match tokio::time::timeout_at(deadline, dispatch(&app, surface, request)).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => error.into_response(),
-            Err(_) => ApiError::Unavailable {
-                retry_after_secs: 1,
-                cause: "request timed out".into(),
-            }
-            .into_response(),
-        };
+    let dispatched = traced.run(dispatch(&app, surface, request));
+    let mut response = match tokio::time::timeout_at(deadline, dispatched).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => error.into_response(),
+        Err(_) => ApiError::Unavailable {
+            retry_after_secs: 1,
+            cause: "request timed out".into(),
+        }
+        .into_response(),
+    };
     if method == Method::HEAD {
         strip_body(&mut response);
     }
     app.decorate(response.headers_mut(), over_tls);
-    tracing::debug!(%method, %path, status = response.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
+    traced.finish(&mut response, started);
     Ok(response)
+}
+
+/// One request's trace and its log line: the request span (trace and span ids, region, route,
+/// method; status and latency recorded at the end), the trace context handlers pass on to
+/// other edges, and the owner a handler names. Writes and errors are logged at INFO; successful
+/// reads only at the configured sampling rate.
+struct TracedRequest {
+    context: crate::telemetry::TraceContext,
+    span: tracing::Span,
+    owner: crate::telemetry::OwnerSlot,
+    read: bool,
+}
+
+impl TracedRequest {
+    fn start(app: &App, surface: Surface, request: &Request<Incoming>) -> TracedRequest {
+        use crate::telemetry::{TraceContext, TRACEPARENT};
+        let traceparent = request.headers().get(TRACEPARENT);
+        let context = TraceContext::for_request(traceparent.and_then(|v| v.to_str().ok()));
+        let route = match router::lookup(&ROUTES, surface, request.method(), request.uri().path()) {
+            Lookup::Found(route, _) => route.pattern,
+            _ => "unmatched",
+        };
+        let span = tracing::info_span!(
+            "request",
+            trace_id = %context.trace_id(),
+            span_id = %context.span_id(),
+            region = %app.config.region.id,
+            route,
+            method = %request.method(),
+            status = tracing::field::Empty,
+            latency_ms = tracing::field::Empty,
+        );
+        TracedRequest {
+            context,
+            span,
+            owner: crate::telemetry::OwnerSlot::default(),
+            read: matches!(*request.method(), Method::GET | Method::HEAD),
+        }
+    }
+
+    /// Runs the request's future inside its span and trace context.
+    async fn run<F: std::future::Future>(&self, future: F) -> F::Output {
+        use tracing::Instrument as _;
+        crate::telemetry::in_trace(self.context, self.owner.clone(), future)
+            .instrument(self.span.clone())
+            .await
+    }
+
+    fn finish(&self, response: &mut Response<Body>, started: Instant) {
+        if let Ok(value) = http::HeaderValue::from_str(&self.context.header_value()) {
+            response
+                .headers_mut()
+                .insert(crate::telemetry::TRACERESPONSE, value);
+        }
+        let status = response.status().as_u16();
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.span.record("status", status);
+        self.span.record("latency_ms", latency_ms);
+        if self.read && status < 400 && !crate::telemetry::sample_read() {
+            return;
+        }
+        let owner = self.owner.take();
+        let _inside = self.span.enter();
+        tracing::info!(
+            trace_id = %self.context.trace_id(),
+            span_id = %self.context.span_id(),
+            status,
+            latency_ms,
+            owner = owner.kind(),
+            user_id = owner.user_id(),
+            session = owner.session_tag(),
+            "request"
+        );
+    }
 }
 
 /// A HEAD answer: the GET's status and headers, `Content-Length` the GET body's, no body.
@@ -291,6 +365,39 @@ fn check_ring(app: &App, headers: &http::HeaderMap) -> Result<(), ApiError> {
     Err(ApiError::TopologyMismatch)
 }
 
+/// Tells the request's log line whom it served: a user by id, a guest only by the keyed tag of
+/// its session (never the id).
+fn note_owner(app: &App, operation: &Operation<'_>) {
+    use crate::domain::ids::Owner;
+    use crate::telemetry::LoggedOwner;
+    let owner = match operation {
+        Operation::View(read) => read.as_ref().map(|read| &read.cart.owner),
+        Operation::Write(write) => Some(&write.cart.owner),
+        Operation::Merge(merge) => Some(&merge.user.owner),
+        Operation::Checkout(checkout) => Some(&checkout.user.owner),
+        Operation::GetOrder(_) | Operation::Settle(_) => None,
+    };
+    let logged = match owner {
+        Some(Owner::User(user)) => LoggedOwner::User(user.as_str().to_string()),
+        Some(Owner::Guest(session)) => LoggedOwner::Guest(crate::telemetry::session_tag(
+            app.config.auth.session_secret.expose().as_bytes(),
+            session.as_str(),
+        )),
+        None => match operation {
+            Operation::GetOrder(lookup) => match lookup.owner.as_str().split_once(':') {
+                Some(("u", user)) => LoggedOwner::User(user.to_string()),
+                Some(("g", session)) => LoggedOwner::Guest(crate::telemetry::session_tag(
+                    app.config.auth.session_secret.expose().as_bytes(),
+                    session,
+                )),
+                _ => LoggedOwner::Anonymous,
+            },
+            _ => LoggedOwner::Anonymous,
+        },
+    };
+    crate::telemetry::note_owner(logged);
+}
+
 /// Runs a command where its placement says: relayed to the home region, or here.
 async fn run(app: &App, command: Command<'_>) -> Result<Response<Body>, ApiError> {
     let Command {
@@ -303,6 +410,7 @@ async fn run(app: &App, command: Command<'_>) -> Result<Response<Body>, ApiError
         verdict: _,
     } = command;
     let key = idempotency_key.as_deref();
+    note_owner(app, &operation);
     if let Some(home) = forward_to {
         let (owner, new_session) = match &operation {
             Operation::Write(write) => (Some(&write.cart.key), write.new_session.as_ref()),

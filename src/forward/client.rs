@@ -18,7 +18,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
+use tracing::Instrument as _;
+
 use super::tls::edge_server_name;
+use crate::telemetry::TRACEPARENT;
 
 /// Headers that identify a forwarded request.
 pub mod names {
@@ -28,6 +31,31 @@ pub mod names {
     pub const RING: &str = "cart-ring";
     /// The home region that applied a write.
     pub const HOME_REGION: &str = "cart-home-region";
+}
+
+/// Logs a forward's duration when it ends (answered, failed or cancelled), inside its span.
+struct ForwardTimer<'a> {
+    span: &'a tracing::Span,
+    peer: &'a str,
+    started: Instant,
+}
+
+impl<'a> ForwardTimer<'a> {
+    fn start(span: &'a tracing::Span, peer: &'a str) -> ForwardTimer<'a> {
+        ForwardTimer {
+            span,
+            peer,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for ForwardTimer<'_> {
+    fn drop(&mut self) {
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.span
+            .in_scope(|| tracing::info!(peer = self.peer, latency_ms, "forward"));
+    }
 }
 
 /// Bounds of forwarding.
@@ -304,12 +332,25 @@ impl Forwarder {
             self.counters.circuit_open.fetch_add(1, Ordering::Relaxed);
             return Err(ForwardError::CircuitOpen(region.to_string()));
         }
+        // This forward is a span of the caller's trace: the peer continues it from here.
+        let trace = crate::telemetry::current().map(|context| context.child());
+        let span = tracing::info_span!(
+            "forward",
+            peer = region,
+            method = %method,
+            path = path_and_query,
+            span_id = trace.map(|t| t.span_id()).as_deref(),
+        );
+        let _timed = ForwardTimer::start(&span, region);
         let build = || -> Result<Request<Full<Bytes>>, String> {
             let mut builder = Request::builder()
                 .method(method.clone())
                 .uri(format!("https://{}{}", peer.authority, path_and_query));
             for (name, value) in headers {
                 builder = builder.header(name, value);
+            }
+            if let Some(trace) = trace.filter(|_| !headers.contains_key(TRACEPARENT)) {
+                builder = builder.header(TRACEPARENT, trace.header_value());
             }
             builder
                 .body(Full::new(body.clone()))
@@ -324,12 +365,14 @@ impl Forwarder {
                     // The connection may have died (peer restarted, link reset): once more on
                     // a fresh connection. Safe: writes carry an Idempotency-Key.
                     self.counters.retried.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(region, error = %first, "forward failed; retrying on a new connection");
+                    tracing::warn!(region, error = %first, "forward failed; retrying on a new connection");
                     self.attempt(peer, true, build()?).await
                 }
             }
         };
-        let outcome = tokio::time::timeout(self.settings.timeout, exchange).await;
+        let outcome = tokio::time::timeout(self.settings.timeout, exchange)
+            .instrument(span.clone())
+            .await;
         match outcome {
             Ok(Ok(answer)) => {
                 peer.breaker.success();

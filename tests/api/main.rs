@@ -22,4 +22,5 @@ mod ring;
 mod schemathesis;
 mod shutdown;
 mod tls;
+mod tracing;
 mod transport;
