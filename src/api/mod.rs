@@ -214,7 +214,7 @@ pub async fn handle(
         strip_body(&mut response);
     }
     app.decorate(response.headers_mut(), over_tls);
-    traced.finish(&mut response, started);
+    traced.finish(&app.config.region.id, &mut response, started);
     Ok(response)
 }
 
@@ -226,7 +226,8 @@ struct TracedRequest {
     context: crate::telemetry::TraceContext,
     span: tracing::Span,
     owner: crate::telemetry::OwnerSlot,
-    read: bool,
+    route: &'static str,
+    method: Method,
 }
 
 impl TracedRequest {
@@ -252,7 +253,8 @@ impl TracedRequest {
             context,
             span,
             owner: crate::telemetry::OwnerSlot::default(),
-            read: matches!(*request.method(), Method::GET | Method::HEAD),
+            route,
+            method: request.method().clone(),
         }
     }
 
@@ -264,7 +266,7 @@ impl TracedRequest {
             .await
     }
 
-    fn finish(&self, response: &mut Response<Body>, started: Instant) {
+    fn finish(&self, region: &str, response: &mut Response<Body>, started: Instant) {
         if let Ok(value) = http::HeaderValue::from_str(&self.context.header_value()) {
             response
                 .headers_mut()
@@ -274,14 +276,20 @@ impl TracedRequest {
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         self.span.record("status", status);
         self.span.record("latency_ms", latency_ms);
-        if self.read && status < 400 && !crate::telemetry::sample_read() {
+        let read = matches!(self.method, Method::GET | Method::HEAD);
+        if read && status < 400 && !crate::telemetry::sample_read() {
             return;
         }
         let owner = self.owner.take();
         let _inside = self.span.enter();
+        // The line carries the span's fields itself, so it reads alone (a log pipeline need
+        // not join it with its span).
         tracing::info!(
             trace_id = %self.context.trace_id(),
             span_id = %self.context.span_id(),
+            region = %region,
+            route = self.route,
+            method = %self.method,
             status,
             latency_ms,
             owner = owner.kind(),

@@ -21,7 +21,7 @@ use tokio_rustls::TlsConnector;
 use tracing::Instrument as _;
 
 use super::tls::edge_server_name;
-use crate::telemetry::TRACEPARENT;
+use crate::telemetry::{TraceContext, TRACEPARENT};
 
 /// Headers that identify a forwarded request.
 pub mod names {
@@ -332,13 +332,18 @@ impl Forwarder {
             self.counters.circuit_open.fetch_add(1, Ordering::Relaxed);
             return Err(ForwardError::CircuitOpen(region.to_string()));
         }
-        // This forward is a span of the caller's trace: the peer continues it from here.
-        let trace = crate::telemetry::current().map(|context| context.child());
+        // This forward is a span of the caller's trace (the request this task serves, or the
+        // one the caller named in `traceparent`): the peer continues it from here.
+        let trace = headers
+            .get(TRACEPARENT)
+            .and_then(|value| TraceContext::parse(value.to_str().ok()?))
+            .or_else(|| crate::telemetry::current().map(|context| context.child()));
         let span = tracing::info_span!(
             "forward",
             peer = region,
             method = %method,
             path = path_and_query,
+            trace_id = trace.map(|t| t.trace_id()).as_deref(),
             span_id = trace.map(|t| t.span_id()).as_deref(),
         );
         let _timed = ForwardTimer::start(&span, region);

@@ -331,6 +331,47 @@ async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
         }
     }
 
+    // SIGHUP applies a new read sampling rate: with every read sampled, a read's line appears.
+    let sg_file = dir.join("regions/sg.toml");
+    let text = std::fs::read_to_string(&sg_file).unwrap();
+    assert!(text.contains("[log]\n"), "{text}");
+    std::fs::write(
+        &sg_file,
+        text.replace("[log]\n", "[log]\nread_sample_rate = 1.0\n"),
+    )
+    .unwrap();
+    let pids: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("pids.json")).unwrap()).unwrap();
+    let sg_pid = pids["edges"][0].as_u64().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &sg_pid])
+        .status()
+        .unwrap()
+        .success());
+    let read_trace = "0000000000000000000000007eadbeef";
+    let mut read_logged = false;
+    for _ in 0..100 {
+        if log_of("sg").contains("log settings reloaded") {
+            let mut headers = bearer.clone();
+            headers.push((
+                "traceparent",
+                format!("00-{read_trace}-00f067aa0ba902b7-01"),
+            ));
+            let (status, _) = http(&format!("{sg}/api/v1/cart"), "GET", &headers, None).await;
+            assert_eq!(status, 200);
+            for _ in 0..100 {
+                read_logged = log_of("sg").contains(read_trace);
+                if read_logged {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(read_logged, "a read after the reload to rate 1 is logged");
+
     let partition = cli(&["local", "partition", "sg", "th", "--dir", &dir_arg]);
     assert!(
         partition.status.success(),
