@@ -802,6 +802,22 @@ mod tests {
     }
 
     #[test]
+    fn the_read_sample_rate_defaults_to_one_percent_and_stays_within_0_and_1() {
+        let config = Config::load(&sources_with(""), SECRETS).unwrap();
+        assert_eq!(config.log.read_sample_rate, 0.01);
+        for rate in ["1.5", "-0.1", "nan"] {
+            let overlay = format!("[log]\nread_sample_rate = {rate}\n");
+            let error = Config::load(&sources_with(&overlay), SECRETS).unwrap_err();
+            assert!(
+                error.to_string().contains("log.read_sample_rate"),
+                "{rate}: {error}"
+            );
+        }
+        let overlay = "[log]\nread_sample_rate = 1.0\n";
+        assert!(Config::load(&sources_with(overlay), SECRETS).is_ok());
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let error = Config::load(&sources_with("[cart]\nmax_linez = 3\n"), SECRETS).unwrap_err();
         assert!(error.to_string().contains("max_linez"), "{error}");

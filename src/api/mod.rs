@@ -219,9 +219,9 @@ pub async fn handle(
 }
 
 /// One request's trace and its log line: the request span (trace and span ids, region, route,
-/// method; status and latency recorded at the end), the trace context handlers pass on to
-/// other edges, and the owner a handler names. Writes and errors are logged at INFO; successful
-/// reads only at the configured sampling rate.
+/// method, and the owner once known: what the lines logged inside the request carry), the
+/// trace context handlers pass on to other edges, and the owner a handler names. Writes and
+/// errors are logged at INFO; successful reads only at the configured sampling rate.
 struct TracedRequest {
     context: crate::telemetry::TraceContext,
     span: tracing::Span,
@@ -246,8 +246,9 @@ impl TracedRequest {
             region = %app.config.region.id,
             route,
             method = %request.method(),
-            status = tracing::field::Empty,
-            latency_ms = tracing::field::Empty,
+            owner = tracing::field::Empty,
+            user_id = tracing::field::Empty,
+            session = tracing::field::Empty,
         );
         TracedRequest {
             context,
@@ -274,8 +275,6 @@ impl TracedRequest {
         }
         let status = response.status().as_u16();
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-        self.span.record("status", status);
-        self.span.record("latency_ms", latency_ms);
         let read = matches!(self.method, Method::GET | Method::HEAD);
         if read && status < 400 && !crate::telemetry::sample_read() {
             return;
@@ -403,6 +402,15 @@ fn note_owner(app: &App, operation: &Operation<'_>) {
             _ => LoggedOwner::Anonymous,
         },
     };
+    // Lines logged later in the request (a store error, a forward) name the owner too.
+    let span = tracing::Span::current();
+    span.record("owner", logged.kind());
+    if let Some(user) = logged.user_id() {
+        span.record("user_id", user);
+    }
+    if let Some(tag) = logged.session_tag() {
+        span.record("session", tag);
+    }
     crate::telemetry::note_owner(logged);
 }
 
