@@ -64,7 +64,7 @@ pub struct App {
     /// The internal listener's TLS (mutual) configuration.
     pub internal_tls: Option<Arc<rustls::ServerConfig>>,
     /// Cross-region cache invalidations to send after local commits.
-    invalidations: Option<mpsc::Sender<(String, i64)>>,
+    invalidations: Option<mpsc::Sender<crate::forward::invalidate::Queued>>,
     /// Edge rate limits; swapped whole by [`App::reload`].
     pub limits: ArcSwap<RateLimits>,
     /// The registry behind the admin `/metrics` (every module keeps handles to its families).
@@ -366,7 +366,11 @@ impl App {
     pub fn invalidate_elsewhere(&self, owner: &OwnerKey, version: i64) {
         if let Some(queue) = &self.invalidations {
             if queue
-                .try_send((owner.as_str().to_string(), version))
+                .try_send((
+                    owner.as_str().to_string(),
+                    version,
+                    crate::telemetry::current(),
+                ))
                 .is_err()
             {
                 self.metrics.forward.invalidation("dropped");

@@ -187,7 +187,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Serve => {
             let config = cli.load_config()?;
             cartedge::preflight::check(&config)?;
-            cartedge::telemetry::init(&config.log);
+            // Held until the edge stops: dropping it flushes the queued log lines.
+            let _log_guard = cartedge::telemetry::init(&config.log);
             let app = App::new(config.clone())?;
             let listeners = Listeners::bind(&config).await?;
             reload_on_sighup(app.clone(), cli.sources()?);

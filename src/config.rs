@@ -362,10 +362,19 @@ pub struct IdempotencyConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    /// `text` or `json`.
+    /// `json`, `text`, or `auto` (text when stderr is a terminal, JSON otherwise).
     pub format: String,
     /// A `tracing` filter directive, e.g. `info,cartedge=debug`; `RUST_LOG` wins when set.
+    /// Changed on SIGHUP.
     pub filter: String,
+    /// The share of successful reads whose request line is logged at INFO (0..=1; writes and
+    /// errors are always logged). Changed on SIGHUP.
+    #[serde(default = "default_read_sample_rate")]
+    pub read_sample_rate: f64,
+}
+
+fn default_read_sample_rate() -> f64 {
+    0.01
 }
 
 /// A duration written as a human string (`"250ms"`, `"1h"`).
@@ -647,8 +656,11 @@ impl Config {
         if self.forward.invalidation_queue == 0 {
             problems.push("forward.invalidation_queue must be at least 1".into());
         }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            problems.push("log.format must be text or json".into());
+        if !matches!(self.log.format.as_str(), "text" | "json" | "auto") {
+            problems.push("log.format must be text, json or auto".into());
+        }
+        if !(0.0..=1.0).contains(&self.log.read_sample_rate) {
+            problems.push("log.read_sample_rate must be between 0 and 1".into());
         }
         if problems.is_empty() {
             Ok(())
@@ -788,6 +800,22 @@ mod tests {
             config.auth.keys[0].secret.expose(),
             "fedcba9876543210fedcba9876543210"
         );
+    }
+
+    #[test]
+    fn the_read_sample_rate_defaults_to_one_percent_and_stays_within_0_and_1() {
+        let config = Config::load(&sources_with(""), SECRETS).unwrap();
+        assert_eq!(config.log.read_sample_rate, 0.01);
+        for rate in ["1.5", "-0.1", "nan"] {
+            let overlay = format!("[log]\nread_sample_rate = {rate}\n");
+            let error = Config::load(&sources_with(&overlay), SECRETS).unwrap_err();
+            assert!(
+                error.to_string().contains("log.read_sample_rate"),
+                "{rate}: {error}"
+            );
+        }
+        let overlay = "[log]\nread_sample_rate = 1.0\n";
+        assert!(Config::load(&sources_with(overlay), SECRETS).is_ok());
     }
 
     #[test]

@@ -43,7 +43,8 @@ impl Listeners {
 }
 
 /// On SIGHUP, re-reads the configuration and applies what may change without a restart
-/// (keys, rate limits); a configuration that does not load is logged and changes nothing.
+/// (keys, rate limits, the log filter and read sampling); a configuration that does not load is
+/// logged and changes nothing.
 pub fn reload_on_sighup(app: Arc<App>, sources: Sources) {
     #[cfg(unix)]
     tokio::spawn(async move {
@@ -55,7 +56,14 @@ pub fn reload_on_sighup(app: Arc<App>, sources: Sources) {
         while hangups.recv().await.is_some() {
             let outcome = Config::load(&sources, std::env::vars())
                 .map_err(anyhow::Error::from)
-                .and_then(|config| app.reload(&config));
+                .and_then(|config| {
+                    // The filter is checked before anything changes, so a bad one changes nothing.
+                    crate::telemetry::check_filter(&config.log).map_err(anyhow::Error::msg)?;
+                    app.reload(&config)?;
+                    crate::telemetry::reload(&config.log).map_err(anyhow::Error::msg)?;
+                    tracing::info!(filter = %config.log.filter, read_sample_rate = config.log.read_sample_rate, "log settings reloaded");
+                    Ok(())
+                });
             if let Err(error) = outcome {
                 tracing::error!(error = %format!("{error:#}"), "reload refused; keeping the running configuration");
             }

@@ -1,6 +1,8 @@
 //! Handlers of the internal (edge-to-edge, mutual-TLS) surface: cache invalidations from other
 //! regions and the steps of a merge run on a guest cart homed here. The ring check that guards
 //! this surface runs in `api::handle` before routing; the steps' storage is `store::merge`.
+//! A request here continues the sending edge's trace (`traceparent`, read in `api::handle`), so
+//! an invalidation or merge step logs under the trace of the write that caused it.
 
 use serde::{Deserialize, Serialize};
 

@@ -194,52 +194,115 @@ pub async fn handle(
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
     let method = request.method().clone();
-    let path = request.uri().path().to_string();
     let over_tls = request.extensions().get::<OverTls>().is_some();
     let deadline = tokio::time::Instant::now() + app.config.server.request_timeout.0;
     request.extensions_mut().insert(request::Deadline(deadline));
+    let traced = TracedRequest::start(&app, surface, &request);
     // A body read running into the same deadline answers 408 itself: `timeout_at` polls the
     // inner future before its own timer, so this 503 is for handling that ran too long.
-    let mut response =
-        match tokio::time::timeout_at(deadline, dispatch(&app, surface, request)).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => error.into_response(),
-            Err(_) => ApiError::Unavailable {
-                retry_after_secs: 1,
-                cause: "request timed out".into(),
-            }
-            .into_response(),
-        };
+    let dispatched = traced.run(dispatch(&app, surface, request));
+    let mut response = match tokio::time::timeout_at(deadline, dispatched).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => error.into_response(),
+        Err(_) => ApiError::Unavailable {
+            retry_after_secs: 1,
+            cause: "request timed out".into(),
+        }
+        .into_response(),
+    };
     if method == Method::HEAD {
         strip_body(&mut response);
     }
     app.decorate(response.headers_mut(), over_tls);
-    observe(&app, surface, &method, &path, response.status(), started);
-    tracing::debug!(%method, %path, status = response.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
+    app.metrics.http.observe(
+        traced.route,
+        crate::metrics::method_label(&method),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    traced.finish(&app.config.region.id, &mut response, started);
     Ok(response)
 }
 
-/// Counts a request in `cartedge_http_requests_total` and its duration. The route label is
-/// the matched route's template (looked up again: a scan of the static table, no allocation),
-/// never the raw path.
-fn observe(
-    app: &App,
-    surface: Surface,
-    method: &Method,
-    path: &str,
-    status: http::StatusCode,
-    started: Instant,
-) {
-    let route = match router::lookup(&ROUTES, surface, method, path) {
-        Lookup::Found(route, _) => route.pattern,
-        Lookup::MethodNotAllowed(_) | Lookup::NotFound => crate::metrics::UNMATCHED_ROUTE,
-    };
-    app.metrics.http.observe(
-        route,
-        crate::metrics::method_label(method),
-        status.as_u16(),
-        started.elapsed(),
-    );
+/// One request's trace and its log line: the request span (trace and span ids, region, route,
+/// method, and the owner once known: what the lines logged inside the request carry), the
+/// trace context handlers pass on to other edges, and the owner a handler names. Writes and
+/// errors are logged at INFO; successful reads only at the configured sampling rate.
+struct TracedRequest {
+    context: crate::telemetry::TraceContext,
+    span: tracing::Span,
+    owner: crate::telemetry::OwnerSlot,
+    route: &'static str,
+    method: Method,
+}
+
+impl TracedRequest {
+    fn start(app: &App, surface: Surface, request: &Request<Incoming>) -> TracedRequest {
+        use crate::telemetry::{TraceContext, TRACEPARENT};
+        let traceparent = request.headers().get(TRACEPARENT);
+        let context = TraceContext::for_request(traceparent.and_then(|v| v.to_str().ok()));
+        let route = match router::lookup(&ROUTES, surface, request.method(), request.uri().path()) {
+            Lookup::Found(route, _) => route.pattern,
+            _ => crate::metrics::UNMATCHED_ROUTE,
+        };
+        let span = tracing::info_span!(
+            "request",
+            trace_id = %context.trace_id(),
+            span_id = %context.span_id(),
+            region = %app.config.region.id,
+            route,
+            method = %request.method(),
+            owner = tracing::field::Empty,
+            user_id = tracing::field::Empty,
+            session = tracing::field::Empty,
+        );
+        TracedRequest {
+            context,
+            span,
+            owner: crate::telemetry::OwnerSlot::default(),
+            route,
+            method: request.method().clone(),
+        }
+    }
+
+    /// Runs the request's future inside its span and trace context.
+    async fn run<F: std::future::Future>(&self, future: F) -> F::Output {
+        use tracing::Instrument as _;
+        crate::telemetry::in_trace(self.context, self.owner.clone(), future)
+            .instrument(self.span.clone())
+            .await
+    }
+
+    fn finish(&self, region: &str, response: &mut Response<Body>, started: Instant) {
+        if let Ok(value) = http::HeaderValue::from_str(&self.context.header_value()) {
+            response
+                .headers_mut()
+                .insert(crate::telemetry::TRACERESPONSE, value);
+        }
+        let status = response.status().as_u16();
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let read = matches!(self.method, Method::GET | Method::HEAD);
+        if read && status < 400 && !crate::telemetry::sample_read() {
+            return;
+        }
+        let owner = self.owner.take();
+        let _inside = self.span.enter();
+        // The line carries the span's fields itself, so it reads alone (a log pipeline need
+        // not join it with its span).
+        tracing::info!(
+            trace_id = %self.context.trace_id(),
+            span_id = %self.context.span_id(),
+            region = %region,
+            route = self.route,
+            method = %self.method,
+            status,
+            latency_ms,
+            owner = owner.kind(),
+            user_id = owner.user_id(),
+            session = owner.session_tag(),
+            "request"
+        );
+    }
 }
 
 /// A HEAD answer: the GET's status and headers, `Content-Length` the GET body's, no body.
@@ -314,6 +377,48 @@ fn check_ring(app: &App, headers: &http::HeaderMap) -> Result<(), ApiError> {
     Err(ApiError::TopologyMismatch)
 }
 
+/// Tells the request's log line whom it served: a user by id, a guest only by the keyed tag of
+/// its session (never the id).
+fn note_owner(app: &App, operation: &Operation<'_>) {
+    use crate::domain::ids::Owner;
+    use crate::telemetry::LoggedOwner;
+    let owner = match operation {
+        Operation::View(read) => read.as_ref().map(|read| &read.cart.owner),
+        Operation::Write(write) => Some(&write.cart.owner),
+        Operation::Merge(merge) => Some(&merge.user.owner),
+        Operation::Checkout(checkout) => Some(&checkout.user.owner),
+        Operation::GetOrder(_) | Operation::Settle(_) => None,
+    };
+    let logged = match owner {
+        Some(Owner::User(user)) => LoggedOwner::User(user.as_str().to_string()),
+        Some(Owner::Guest(session)) => LoggedOwner::Guest(crate::telemetry::session_tag(
+            app.config.auth.session_secret.expose().as_bytes(),
+            session.as_str(),
+        )),
+        None => match operation {
+            Operation::GetOrder(lookup) => match lookup.owner.as_str().split_once(':') {
+                Some(("u", user)) => LoggedOwner::User(user.to_string()),
+                Some(("g", session)) => LoggedOwner::Guest(crate::telemetry::session_tag(
+                    app.config.auth.session_secret.expose().as_bytes(),
+                    session,
+                )),
+                _ => LoggedOwner::Anonymous,
+            },
+            _ => LoggedOwner::Anonymous,
+        },
+    };
+    // Lines logged later in the request (a store error, a forward) name the owner too.
+    let span = tracing::Span::current();
+    span.record("owner", logged.kind());
+    if let Some(user) = logged.user_id() {
+        span.record("user_id", user);
+    }
+    if let Some(tag) = logged.session_tag() {
+        span.record("session", tag);
+    }
+    crate::telemetry::note_owner(logged);
+}
+
 /// Runs a command where its placement says: relayed to the home region, or here.
 async fn run(app: &App, command: Command<'_>) -> Result<Response<Body>, ApiError> {
     let Command {
@@ -326,6 +431,7 @@ async fn run(app: &App, command: Command<'_>) -> Result<Response<Body>, ApiError
         verdict: _,
     } = command;
     let key = idempotency_key.as_deref();
+    note_owner(app, &operation);
     if let Some(home) = forward_to {
         let (owner, new_session) = match &operation {
             Operation::Write(write) => (Some(&write.cart.key), write.new_session.as_ref()),

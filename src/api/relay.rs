@@ -1,7 +1,9 @@
 //! Relaying a request to the edge of the region that is home to its cart or order, and relaying
 //! the answer back. It owns which request headers travel, the edge-to-edge headers
 //! (`Cart-Forwarded-From`, `Cart-Ring`), the key every relayed write carries, and fencing this
-//! region's cache after a relayed write. Whether to relay is decided elsewhere (`command`).
+//! region's cache after a relayed write. Whether to relay is decided elsewhere (`command`). The
+//! client's `traceparent` is not relayed as sent: the forwarder sends the request's own trace on
+//! (a child span of this edge's), so the home edge's lines join this one's.
 
 use std::sync::Arc;
 

@@ -21,8 +21,11 @@ use prometheus_client::metrics::histogram::Histogram;
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
+use tracing::Instrument as _;
+
 use super::tls::edge_server_name;
 use crate::metrics::{ForwardMetrics, PeerLabels, PeerOutcomeLabels};
+use crate::telemetry::{TraceContext, TRACEPARENT};
 
 /// Headers that identify a forwarded request.
 pub mod names {
@@ -32,6 +35,31 @@ pub mod names {
     pub const RING: &str = "cart-ring";
     /// The home region that applied a write.
     pub const HOME_REGION: &str = "cart-home-region";
+}
+
+/// Logs a forward's duration when it ends (answered, failed or cancelled), inside its span.
+struct ForwardTimer<'a> {
+    span: &'a tracing::Span,
+    peer: &'a str,
+    started: Instant,
+}
+
+impl<'a> ForwardTimer<'a> {
+    fn start(span: &'a tracing::Span, peer: &'a str) -> ForwardTimer<'a> {
+        ForwardTimer {
+            span,
+            peer,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for ForwardTimer<'_> {
+    fn drop(&mut self) {
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.span
+            .in_scope(|| tracing::info!(peer = self.peer, latency_ms, "forward"));
+    }
 }
 
 /// Bounds of forwarding.
@@ -359,12 +387,30 @@ impl Forwarder {
             peer.metrics.breaker_refused.inc();
             return Err(ForwardError::CircuitOpen(region.to_string()));
         }
+        // This forward is a span of the caller's trace (the request this task serves, or the
+        // one the caller named in `traceparent`): the peer continues it from here.
+        let trace = headers
+            .get(TRACEPARENT)
+            .and_then(|value| TraceContext::parse(value.to_str().ok()?))
+            .or_else(|| crate::telemetry::current().map(|context| context.child()));
+        let span = tracing::info_span!(
+            "forward",
+            peer = region,
+            method = %method,
+            path = path_and_query,
+            trace_id = trace.map(|t| t.trace_id()).as_deref(),
+            span_id = trace.map(|t| t.span_id()).as_deref(),
+        );
+        let _timed = ForwardTimer::start(&span, region);
         let build = || -> Result<Request<Full<Bytes>>, String> {
             let mut builder = Request::builder()
                 .method(method.clone())
                 .uri(format!("https://{}{}", peer.authority, path_and_query));
             for (name, value) in headers {
                 builder = builder.header(name, value);
+            }
+            if let Some(trace) = trace.filter(|_| !headers.contains_key(TRACEPARENT)) {
+                builder = builder.header(TRACEPARENT, trace.header_value());
             }
             builder
                 .body(Full::new(body.clone()))
@@ -379,13 +425,15 @@ impl Forwarder {
                     // The connection may have died (peer restarted, link reset): once more on
                     // a fresh connection. Safe: writes carry an Idempotency-Key.
                     peer.metrics.retries.inc();
-                    tracing::debug!(region, error = %first, "forward failed; retrying on a new connection");
+                    tracing::warn!(region, error = %first, "forward failed; retrying on a new connection");
                     self.attempt(peer, true, build()?).await
                 }
             }
         };
         let started = Instant::now();
-        let outcome = tokio::time::timeout(self.settings.timeout, exchange).await;
+        let outcome = tokio::time::timeout(self.settings.timeout, exchange)
+            .instrument(span.clone())
+            .await;
         peer.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());

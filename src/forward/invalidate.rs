@@ -1,6 +1,7 @@
 //! Cross-region cache invalidation: after a commit, the home edge tells every other region's
 //! edges the cart's new version, so they fence their caches. Asynchronous, batched and bounded:
-//! a lost message is bounded by the cache TTL and by `Cart-Min-Version`.
+//! a lost message is bounded by the cache TTL and by `Cart-Min-Version`. Each message carries a
+//! `traceparent` continuing the trace of a write it reports.
 
 use std::sync::Arc;
 
@@ -11,11 +12,15 @@ use tokio::sync::mpsc;
 
 use super::client::names;
 use super::Forwarder;
+use crate::telemetry::{TraceContext, TRACEPARENT};
 
 /// The internal path invalidations are posted to.
 pub const PATH: &str = "/internal/v1/invalidate";
 /// Most carts in one message.
 const MAX_BATCH: usize = 256;
+
+/// What a commit queues: the owner key, its new version, and the committing request's trace.
+pub type Queued = (String, i64, Option<TraceContext>);
 
 /// One cart's new version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,7 +43,7 @@ pub async fn run(
     peers: Vec<String>,
     region: String,
     fingerprint: String,
-    mut queue: mpsc::Receiver<(String, i64)>,
+    mut queue: mpsc::Receiver<Queued>,
 ) {
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -54,10 +59,23 @@ pub async fn run(
     }
     let mut buffer = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut buffer, MAX_BATCH).await > 0 {
+        // A batch continues the trace of the first write in it that had one (one parent per
+        // message); the other writes' traces are named in this line.
+        let traces: Vec<TraceContext> = buffer.iter().filter_map(|queued| queued.2).collect();
+        if traces.len() > 1 {
+            tracing::debug!(traces = ?traces.iter().map(TraceContext::trace_id).collect::<Vec<_>>(), "invalidation batch carries several writes' traces");
+        }
+        let mut headers = headers.clone();
+        if let Some(value) = traces
+            .first()
+            .and_then(|trace| HeaderValue::from_str(&trace.child().header_value()).ok())
+        {
+            headers.insert(TRACEPARENT, value);
+        }
         let batch = Batch {
             carts: buffer
                 .drain(..)
-                .map(|(owner, version)| Invalidation { owner, version })
+                .map(|(owner, version, _)| Invalidation { owner, version })
                 .collect(),
         };
         let Ok(body) = serde_json::to_vec(&batch) else {
@@ -82,7 +100,7 @@ pub async fn run(
                     }
                     Err(error) => {
                         forwarder.metrics.invalidation("failed");
-                        tracing::debug!(%peer, %error, "invalidation not delivered")
+                        tracing::warn!(%peer, %error, "invalidation not delivered")
                     }
                 }
             }

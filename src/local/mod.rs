@@ -78,6 +78,10 @@ pub struct ClusterRegion {
     pub currency: String,
     pub redis_url: String,
     pub postgres: Vec<ClusterPostgres>,
+    /// The edge's JSON log file (detached clusters; in the foreground every edge logs to the
+    /// terminal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -523,6 +527,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
              [auth]\nissuer = \"cartedge-local\"\naudience = \"cartedge-api\"\nleeway = \"1s\"\n\
              session_secret = \"{session}\"\n\n\
              [[auth.keys]]\nkid = \"local-hs256\"\nalgorithm = \"HS256\"\nsecret = \"{jwt}\"\n\n\
+             [log]\nformat = \"{log_format}\"\n\n\
              [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"{catalog_primary}\"\n\n{shards}",
             id = plan.id,
             currency = plan.currency,
@@ -535,6 +540,8 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             redis = redis_urls[plan.id],
             session = secrets.session_secret,
             jwt = secrets.jwt_secret,
+            // A detached edge writes its log file in JSON; in the foreground the terminal decides.
+            log_format = if options.detach { "json" } else { "auto" },
         );
         let path = region_file(&dir, plan.id);
         write_secret_file(&path, text.as_bytes())?;
@@ -545,6 +552,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             currency: plan.currency.into(),
             redis_url: redis_urls[plan.id].clone(),
             postgres,
+            log: options.detach.then(|| edge_log(&dir, plan.id)),
         });
         configs.push(path);
     }
@@ -571,7 +579,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
 
     if options.detach {
         for (path, plan) in configs.iter().zip(&plans) {
-            let log = std::fs::File::create(dir.join(format!("edge-{}.log", plan.id)))?;
+            let log = std::fs::File::create(edge_log(&dir, plan.id))?;
             let mut command = Command::new(std::env::current_exe()?);
             command.arg("--config").arg(path);
             if let Some(defaults) = &options.defaults {
@@ -586,7 +594,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
         }
         for plan in &plans {
-            let log = dir.join(format!("edge-{}.log", plan.id));
+            let log = edge_log(&dir, plan.id);
             wait_ready(plan.admin, Duration::from_secs(30))
                 .await
                 .with_context(|| {
@@ -615,7 +623,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
         return Ok(());
     }
 
-    cartedge::telemetry::init(&loaded[0].log);
+    let _log_guard = cartedge::telemetry::init(&loaded[0].log);
     let mut edges = Vec::new();
     for (config, plan) in loaded.iter().zip(&plans) {
         let app = cartedge::app::App::new(config.clone())?;
@@ -705,6 +713,11 @@ fn print_prometheus(prometheus: Option<&PrometheusInstance>) {
             prometheus.log_path().display()
         );
     }
+}
+
+/// A detached edge's log file (its stderr: JSON lines).
+fn edge_log(dir: &Path, region: &str) -> PathBuf {
+    dir.join(format!("edge-{region}.log"))
 }
 
 /// Spawns a process in its own session with output to `log`; returns its pid.

@@ -1,6 +1,7 @@
 //! The README's first command, end to end: `local up --detach` brings up three regions, a
 //! cross-region write and read-your-writes work, the link can be cut and healed, `local down`
-//! stops everything.
+//! stops everything; each edge's JSON log names the traces of forwarded writes and never a
+//! session id or token.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -72,6 +73,39 @@ async fn http(
     (
         status,
         serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Like [`http`], with the answer's headers.
+async fn http_with_headers(
+    url: &str,
+    method: &str,
+    headers: &[(&str, String)],
+    body: Option<&str>,
+) -> (u16, serde_json::Value, http::HeaderMap) {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let mut request = http::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    if body.is_some() {
+        request = request.header("content-type", "application/json");
+    }
+    let request = request
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.unwrap_or("").to_string(),
+        )))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        parts.headers,
     )
 }
 
@@ -215,6 +249,128 @@ async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
     assert_eq!(status, 200);
     assert_eq!(read_at_th["version"], via_th["version"]);
     assert_eq!(read_at_th["total_items"], 7);
+
+    // One write per region, each with its own known trace: the two that were forwarded (every
+    // region but alice's home) leave their trace id in both the receiving and the home edge's
+    // JSON log. A guest write and its session id and the bearer token never reach a log.
+    let edge_urls: Vec<String> = (0..3)
+        .map(|offset| format!("http://127.0.0.1:{}", edge_port + offset))
+        .collect();
+    let mut forwarded = Vec::new();
+    for (index, (region, url)) in ["sg", "id", "th"].iter().zip(&edge_urls).enumerate() {
+        let trace_id = format!("{:032x}", 0x7ace_0000_u128 + index as u128 + 1);
+        let mut headers = bearer.clone();
+        headers.push(("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01")));
+        let (status, _, answer_headers) = http_with_headers(
+            &format!("{url}/api/v1/cart/items/sku-00001"),
+            "PUT",
+            &headers,
+            Some(r#"{"quantity":5}"#),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let traceresponse = answer_headers["traceresponse"].to_str().unwrap();
+        assert!(traceresponse.contains(&trace_id), "{traceresponse}");
+        let home = answer_headers["cart-home-region"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        if home != *region {
+            forwarded.push((region.to_string(), home, trace_id));
+        }
+    }
+    assert_eq!(forwarded.len(), 2, "alice has one home: {forwarded:?}");
+    let (status, guest, guest_headers) = http_with_headers(
+        &format!("{}/api/v1/cart/items", edge_urls[1]),
+        "POST",
+        &[],
+        Some(r#"{"item_id":"sku-00003","quantity":1}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{guest}");
+    let session = guest_headers["cart-session"].to_str().unwrap().to_string();
+    let log_of = |region: &str| -> String {
+        let entry = regions.iter().find(|r| r["id"] == region).unwrap();
+        std::fs::read_to_string(entry["log"].as_str().expect("cluster.json names the log")).unwrap()
+    };
+    for (received, home, trace_id) in &forwarded {
+        // The home edge logs when its answer is sent: poll its file, bounded.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut found = (false, false);
+        for _ in 0..200 {
+            let lines_with = |region: &str| {
+                log_of(region)
+                    .lines()
+                    .filter(|line| line.contains(trace_id.as_str()))
+                    .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+                    .any(|line| line["message"] == "request" && line["trace_id"] == *trace_id)
+            };
+            found = (lines_with(received), lines_with(home));
+            if found == (true, true) || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            found,
+            (true, true),
+            "trace {trace_id} in the logs of {received} (received) and {home} (home)"
+        );
+    }
+    let token = bearer[0].1.trim_start_matches("Bearer ");
+    for region in ["sg", "id", "th"] {
+        let log = log_of(region);
+        assert!(!log.contains(&session), "{region}'s log holds a session id");
+        assert!(!log.contains(token), "{region}'s log holds a token");
+        for line in log.lines().filter(|line| line.starts_with('{')) {
+            let line: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert!(
+                line["timestamp"].is_string() && line["level"].is_string(),
+                "{line}"
+            );
+        }
+    }
+
+    // SIGHUP applies a new read sampling rate: with every read sampled, a read's line appears.
+    let sg_file = dir.join("regions/sg.toml");
+    let text = std::fs::read_to_string(&sg_file).unwrap();
+    assert!(text.contains("[log]\n"), "{text}");
+    std::fs::write(
+        &sg_file,
+        text.replace("[log]\n", "[log]\nread_sample_rate = 1.0\n"),
+    )
+    .unwrap();
+    let pids: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("pids.json")).unwrap()).unwrap();
+    let sg_pid = pids["edges"][0].as_u64().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &sg_pid])
+        .status()
+        .unwrap()
+        .success());
+    let read_trace = "0000000000000000000000007eadbeef";
+    let mut read_logged = false;
+    for _ in 0..100 {
+        if log_of("sg").contains("log settings reloaded") {
+            let mut headers = bearer.clone();
+            headers.push((
+                "traceparent",
+                format!("00-{read_trace}-00f067aa0ba902b7-01"),
+            ));
+            let (status, _) = http(&format!("{sg}/api/v1/cart"), "GET", &headers, None).await;
+            assert_eq!(status, 200);
+            for _ in 0..100 {
+                read_logged = log_of("sg").contains(read_trace);
+                if read_logged {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(read_logged, "a read after the reload to rate 1 is logged");
 
     let partition = cli(&["local", "partition", "sg", "th", "--dir", &dir_arg]);
     assert!(

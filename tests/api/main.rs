@@ -24,4 +24,5 @@ mod ring;
 mod schemathesis;
 mod shutdown;
 mod tls;
+mod tracing;
 mod transport;
