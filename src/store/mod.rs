@@ -378,7 +378,15 @@ impl Store {
         owner: &OwnerKey,
         min_version: i64,
     ) -> Result<(StoredCart, Source, i64), StoreError> {
-        let cached = self.cache.read(owner).await;
+        let span = tracing::debug_span!("cache", op = "read");
+        let started = std::time::Instant::now();
+        let cached = tracing::Instrument::instrument(self.cache.read(owner), span.clone()).await;
+        tracing::debug!(
+            parent: &span,
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            hit = cached.cart.is_some(),
+            "cache read"
+        );
         let min_version = min_version.max(cached.newest_version.unwrap_or(0));
         if let Some(cart) = cached.cart {
             if cart.version >= min_version {
@@ -440,15 +448,20 @@ impl Store {
         } else {
             PRIMARY
         };
+        // A DEBUG span per query (free unless DEBUG is on for `cartedge::store`): the lines
+        // logged inside it name the shard and role, and its end is a line with its duration.
+        let span = tracing::debug_span!("db", shard, role);
         let started = std::time::Instant::now();
-        let result = query.await;
+        let result = tracing::Instrument::instrument(query, span.clone()).await;
+        let elapsed = started.elapsed();
         self.metrics
             .query_duration
             .get_or_create(&ShardRoleLabels {
                 shard: shard.to_string(),
                 role,
             })
-            .observe(started.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
+        tracing::debug!(parent: &span, latency_ms = elapsed.as_secs_f64() * 1000.0, ok = result.is_ok(), "db query");
         result
     }
 
