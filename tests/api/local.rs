@@ -52,28 +52,8 @@ async fn http(
     headers: &[(&str, String)],
     body: Option<&str>,
 ) -> (u16, serde_json::Value) {
-    use http_body_util::BodyExt;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
-    let mut request = http::Request::builder().method(method).uri(url);
-    for (name, value) in headers {
-        request = request.header(*name, value);
-    }
-    if body.is_some() {
-        request = request.header("content-type", "application/json");
-    }
-    let request = request
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            body.unwrap_or("").to_string(),
-        )))
-        .unwrap();
-    let response = client.request(request).await.unwrap();
-    let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-    )
+    let (status, json, _) = http_with_headers(url, method, headers, body).await;
+    (status, json)
 }
 
 /// Like [`http`], with the answer's headers.
