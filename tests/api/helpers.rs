@@ -322,6 +322,51 @@ pub fn defaults_path() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml")
 }
 
+/// The `cartedge` binary with the repository's defaults file.
+pub fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cartedge"))
+        .arg("--defaults")
+        .arg(defaults_path())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A detached local cluster (`local up --detach --dir`), always stopped: its servers outlive
+/// the test process otherwise.
+pub struct LocalCluster {
+    pub dir: std::path::PathBuf,
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(env!("CARGO_BIN_EXE_cartedge"))
+            .args(["local", "down", "--dir"])
+            .arg(&self.dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Where tests/api/local.rs and tests/api/ops.rs look for cluster ports: separate ranges, both
+/// below Linux's ephemeral range (32768+), so the two clusters never collide and no outgoing
+/// connection takes a port while a cluster comes up.
+pub const LOCAL_TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+pub const OPS_TEST_PORTS: std::ops::Range<u16> = 12_000..19_900;
+
+/// A port `p` with `p`, `p + 1` and `p + 2` free on 127.0.0.1, at or after `after`, in `range`
+/// (the start spread by the process id so parallel runs rarely probe the same ports).
+pub fn three_free_ports(after: u16, range: std::ops::Range<u16>) -> u16 {
+    let spread = (range.end - range.start) / 2;
+    let start = after.max(range.start + (std::process::id() % 300) as u16 * 20 % spread);
+    for base in (start..range.end).step_by(7) {
+        if (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no three consecutive free ports in {range:?}");
+}
+
 pub fn test_config(dsn: &str, redis_url: &str, prefix: &str, overlay: &str) -> Config {
     let sources = Sources {
         defaults: Some(defaults_path()),

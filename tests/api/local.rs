@@ -3,48 +3,9 @@
 //! stops everything; each edge's JSON log names the traces of forwarded writes and never a
 //! session id or token.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use crate::helpers::defaults_path;
-use cartedge_dev::procs::free_port;
-
-struct Cluster {
-    dir: PathBuf,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        // Detached servers outlive the test process: always stop them.
-        let _ = Command::new(env!("CARGO_BIN_EXE_cartedge"))
-            .args(["local", "down", "--dir"])
-            .arg(&self.dir)
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A port `p` with `p`, `p + 1` and `p + 2` free on 127.0.0.1, below Linux's ephemeral range
-/// (32768+) so no other test's outgoing connection takes one while the cluster comes up.
-fn three_free_ports(after: u16) -> u16 {
-    let start =
-        after.max(20_000 + (std::process::id() % 400) as u16 * 20 + (free_port().unwrap() % 10));
-    for base in (start..32_000).step_by(7) {
-        if (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no three consecutive free ports");
-}
-
-fn cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cartedge"))
-        .arg("--defaults")
-        .arg(defaults_path())
-        .args(args)
-        .output()
-        .unwrap()
-}
+use crate::helpers::{cli, three_free_ports, LocalCluster as Cluster, LOCAL_TEST_PORTS};
 
 async fn http(
     url: &str,
@@ -95,8 +56,8 @@ async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
     std::fs::create_dir_all(&dir).unwrap();
     let cluster = Cluster { dir: dir.clone() };
     let dir_arg = dir.to_str().unwrap().to_string();
-    let edge_port = three_free_ports(0);
-    let admin_port = three_free_ports(edge_port + 3);
+    let edge_port = three_free_ports(0, LOCAL_TEST_PORTS);
+    let admin_port = three_free_ports(edge_port + 3, LOCAL_TEST_PORTS);
     let up = cli(&[
         "local",
         "up",
@@ -404,9 +365,9 @@ async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
         "--dir",
         &dir_arg,
         "--edge-port",
-        &three_free_ports(0).to_string(),
+        &three_free_ports(0, LOCAL_TEST_PORTS).to_string(),
         "--admin-port",
-        &three_free_ports(edge_port + 3).to_string(),
+        &three_free_ports(edge_port + 3, LOCAL_TEST_PORTS).to_string(),
     ]);
     assert!(
         !again.status.success(),

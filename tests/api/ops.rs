@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::helpers::defaults_path;
+use crate::helpers::{cli, three_free_ports, LocalCluster as Cluster, OPS_TEST_PORTS};
 use crate::schemathesis::running_in_ci;
 
 const RULES: &str = "ops/prometheus/alerts.yml";
@@ -244,42 +244,6 @@ fn the_dashboard_uses_a_datasource_input_a_region_variable_and_only_known_variab
     );
 }
 
-/// A detached local cluster, always stopped.
-struct Cluster {
-    dir: PathBuf,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(env!("CARGO_BIN_EXE_cartedge"))
-            .args(["local", "down", "--dir"])
-            .arg(&self.dir)
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A port `p` with `p`, `p + 1` and `p + 2` free on 127.0.0.1, in a range of its own (below the
-/// one tests/api/local.rs uses and Linux's ephemeral ports) so the two clusters never collide.
-fn three_free_ports(after: u16) -> u16 {
-    let start = after.max(12_000 + (std::process::id() % 300) as u16 * 20);
-    for base in (start..19_900).step_by(7) {
-        if (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no three consecutive free ports");
-}
-
-fn cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cartedge"))
-        .arg("--defaults")
-        .arg(defaults_path())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 /// Percent-encodes a query parameter value (everything but RFC 3986's unreserved characters).
 fn encode(value: &str) -> String {
     value
@@ -440,8 +404,8 @@ async fn local_prometheus_scrapes_every_edge_and_answers_every_dashboard_express
     std::fs::create_dir_all(&dir).unwrap();
     let cluster = Cluster { dir: dir.clone() };
     let dir_arg = dir.to_str().unwrap().to_string();
-    let edge_port = three_free_ports(0);
-    let admin_port = three_free_ports(edge_port + 3);
+    let edge_port = three_free_ports(0, OPS_TEST_PORTS);
+    let admin_port = three_free_ports(edge_port + 3, OPS_TEST_PORTS);
     let up = cli(&[
         "local",
         "up",

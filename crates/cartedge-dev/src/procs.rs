@@ -1097,11 +1097,59 @@ fn libpq_quote(value: &str) -> String {
 // ---------------------------------------------------------------------------
 
 fn redis_server_bin() -> Option<PathBuf> {
-    let default = Path::new(REDIS_SERVER_DEFAULT);
+    server_bin(REDIS_SERVER_DEFAULT, "redis-server")
+}
+
+/// A server binary: its Debian path, else `name` on PATH.
+fn server_bin(default: &str, name: &str) -> Option<PathBuf> {
+    let default = Path::new(default);
     if is_executable(default) {
         return Some(default.to_path_buf());
     }
-    find_in_path("redis-server")
+    find_in_path(name)
+}
+
+/// Waits until a just-spawned server answers `ready`, bounded by `timeout`. If it exits first,
+/// or the time runs out (it is then stopped), the error quotes its log since `offset`; an exit
+/// whose log says the port was taken says `(Address already in use)`, which
+/// `start_with_port_retry` looks for.
+fn wait_ready(
+    mut proc: ServerProc,
+    name: &str,
+    port: u16,
+    log_path: &Path,
+    offset: u64,
+    timeout: Duration,
+    ready: impl Fn() -> bool,
+) -> Result<ServerProc> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if proc.exited() {
+            let tail = log_since(log_path, offset);
+            let taken = if tail.contains("address already in use") {
+                " (Address already in use)"
+            } else {
+                ""
+            };
+            bail!(
+                "{name} (pid {}, port {port}) exited during startup{taken}; {}:\n{tail}",
+                proc.pid,
+                log_path.display(),
+            );
+        }
+        if ready() {
+            return Ok(proc);
+        }
+        if Instant::now() >= deadline {
+            proc.stop();
+            bail!(
+                "{name} (port {port}) was not ready within {timeout:?}; {}:\n{}",
+                log_path.display(),
+                log_since(log_path, offset)
+            );
+        }
+        thread::sleep(POLL);
+    }
 }
 
 /// Spawns redis-server with output appended to the log and waits for PONG.
@@ -1123,32 +1171,17 @@ fn start_redis(
         .current_dir(dir)
         .stdout(log.try_clone()?)
         .stderr(log);
-    let mut proc = ServerProc::spawn(cmd, lifetime, libc::SIGTERM, REDIS_STOP_TIMEOUT)
+    let proc = ServerProc::spawn(cmd, lifetime, libc::SIGTERM, REDIS_STOP_TIMEOUT)
         .context("starting redis-server")?;
-
-    let deadline = Instant::now() + REDIS_READY_TIMEOUT;
-    loop {
-        if proc.exited() {
-            bail!(
-                "redis-server (pid {}, port {port}) exited during startup; {}:\n{}",
-                proc.pid,
-                log_path.display(),
-                log_since(log_path, offset)
-            );
-        }
-        if redis_ping(port) {
-            return Ok(proc);
-        }
-        if Instant::now() >= deadline {
-            proc.stop();
-            bail!(
-                "redis-server (port {port}) did not answer PING within {REDIS_READY_TIMEOUT:?}; {}:\n{}",
-                log_path.display(),
-                log_since(log_path, offset)
-            );
-        }
-        thread::sleep(POLL);
-    }
+    wait_ready(
+        proc,
+        "redis-server",
+        port,
+        log_path,
+        offset,
+        REDIS_READY_TIMEOUT,
+        || redis_ping(port),
+    )
 }
 
 /// Sends an inline `PING` and expects `+PONG`.
@@ -1287,11 +1320,7 @@ impl Drop for PrometheusInstance {
 }
 
 fn prometheus_bin() -> Option<PathBuf> {
-    let default = Path::new(PROMETHEUS_DEFAULT);
-    if is_executable(default) {
-        return Some(default.to_path_buf());
-    }
-    find_in_path("prometheus")
+    server_bin(PROMETHEUS_DEFAULT, "prometheus")
 }
 
 /// Spawns prometheus with output appended to the log and waits for `/-/ready`.
@@ -1312,38 +1341,17 @@ fn start_prometheus(
         .current_dir(data_dir)
         .stdout(log.try_clone()?)
         .stderr(log);
-    let mut proc = ServerProc::spawn(cmd, lifetime, libc::SIGTERM, PROMETHEUS_STOP_TIMEOUT)
+    let proc = ServerProc::spawn(cmd, lifetime, libc::SIGTERM, PROMETHEUS_STOP_TIMEOUT)
         .context("starting prometheus")?;
-    let deadline = Instant::now() + PROMETHEUS_READY_TIMEOUT;
-    loop {
-        if proc.exited() {
-            // A taken port reads "address already in use" in its log; the retry
-            // in `start_with_port_retry` looks for the capitalised form.
-            let tail = log_since(log_path, offset);
-            let taken = if tail.contains("address already in use") {
-                " (Address already in use)"
-            } else {
-                ""
-            };
-            bail!(
-                "prometheus (pid {}, port {port}) exited during startup{taken}; {}:\n{tail}",
-                proc.pid,
-                log_path.display(),
-            );
-        }
-        if http_get_ok(port, "/-/ready") {
-            return Ok(proc);
-        }
-        if Instant::now() >= deadline {
-            proc.stop();
-            bail!(
-                "prometheus (port {port}) was not ready within {PROMETHEUS_READY_TIMEOUT:?}; {}:\n{}",
-                log_path.display(),
-                log_since(log_path, offset)
-            );
-        }
-        thread::sleep(POLL);
-    }
+    wait_ready(
+        proc,
+        "prometheus",
+        port,
+        log_path,
+        offset,
+        PROMETHEUS_READY_TIMEOUT,
+        || http_get_ok(port, "/-/ready"),
+    )
 }
 
 /// Sends `GET path` over HTTP/1.1 to 127.0.0.1:`port` and expects a 200.
