@@ -20,6 +20,7 @@ fn auth_config() -> AuthConfig {
         max_token_lifetime: Dur(Duration::from_secs(24 * 3600)),
         session_secret: Secret::new("s".repeat(32)),
         session_id_version: 2,
+        require_region_claim: false,
         keys: vec![JwtKeyConfig {
             kid: "k".into(),
             algorithm: "HS256".into(),

@@ -80,7 +80,8 @@ impl App {
     /// dependency is down and reports it on `/health`.
     pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
         let auth = Authenticator::new(&config.auth, config.retention.guest_cart.0)
-            .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("auth: {e}"))?
+            .minting_for(config.region.id.clone());
         let topology = Topology::load(&config)?;
         let metrics = Arc::new(Metrics::new(BuildLabels {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -335,8 +336,10 @@ impl App {
     /// turning public TLS on or off (the listener's protocol is fixed at start-up). Every part
     /// is built first, so a bad file changes nothing.
     pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
+        // The region is fixed at start-up, like the listeners.
         let auth = Authenticator::new(&config.auth, config.retention.guest_cart.0)
-            .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("auth: {e}"))?
+            .minting_for(self.config.region.id.clone());
         let limits = Arc::new(RateLimits::new(&config.rate_limit, &self.metrics.limits)?);
         let certificate = match (&self.public_tls, config.server.public_tls()) {
             (Some(_), Some((cert, key))) => Some(

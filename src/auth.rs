@@ -13,12 +13,16 @@
 //!   never expires by age (the janitor purges its idle cart); minted only while
 //!   `auth.session_id_version = 1` (a rolling upgrade from a release that reads only v1).
 //! - v2: version byte `0x02`, issue time (unix seconds, 48-bit big-endian), 16 random bytes,
-//!   tag = 39 bytes, 52 characters.
+//!   tag = 39 bytes, 52 characters. Minted only while `auth.session_id_version = 2`.
+//! - v3 (minted by default): version byte `0x03`, issue time as in v2, the guest's **home
+//!   region** (the region whose edge minted the id: its length, then its id zero-padded to 8
+//!   bytes), 16 random bytes, tag = 48 bytes, 64 characters. The home region is signed with the
+//!   rest, so a guest cannot move its cart to another region by editing its id.
 //!
 //! A v1 id is recognised by its length alone (its first byte is random); every later format is
-//! longer than 43 characters and starts with its version byte, so a later format (v3 binding the
-//! guest's home region) adds its fields after the issue time under a new version byte and
-//! context string without any reading of an older id changing.
+//! longer than 43 characters and starts with its version byte, so a later format adds its fields
+//! under a new version byte and context string without any reading of an older id changing.
+//! v1 and v2 ids name no home region: their carts stay where the global ring put them.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -32,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AuthConfig, JwtKeyConfig};
-use crate::domain::ids::{SessionId, UserId};
+use crate::domain::ids::{RegionId, SessionId, UserId};
 
 /// Why a credential was refused. Deliberately coarse: a caller learns that its token or session
 /// is not accepted, never which check failed. `api::error` turns it into the 401 answers.
@@ -52,6 +56,7 @@ const SESSION_TAG_BYTES: usize = 16;
 /// and one format's signed bytes can never be read as another's.
 const SESSION_CONTEXT_V1: &[u8] = b"cartedge guest session v1\0";
 const SESSION_CONTEXT_V2: &[u8] = b"cartedge guest session v2\0";
+const SESSION_CONTEXT_V3: &[u8] = b"cartedge guest session v3\0";
 /// A v1 id: 32 bytes in unpadded base64url.
 const SESSION_V1_CHARS: usize = 43;
 const SESSION_V2: u8 = 2;
@@ -60,8 +65,17 @@ const SESSION_TIME_BYTES: usize = 6;
 const SESSION_V2_BYTES: usize = 1 + SESSION_TIME_BYTES + SESSION_RANDOM_BYTES + SESSION_TAG_BYTES;
 /// 39 bytes are exactly 52 base64url characters (no padding bits, so one encoding per id).
 const SESSION_V2_CHARS: usize = SESSION_V2_BYTES / 3 * 4;
+const SESSION_V3: u8 = 3;
+/// Room for a region id in a v3 id (region ids are at most 8 letters).
+const SESSION_REGION_BYTES: usize = 8;
+/// Where a v3 id's region length byte sits (after the version byte and the issue time).
+const SESSION_V3_REGION_AT: usize = 1 + SESSION_TIME_BYTES;
+const SESSION_V3_BYTES: usize =
+    SESSION_V3_REGION_AT + 1 + SESSION_REGION_BYTES + SESSION_RANDOM_BYTES + SESSION_TAG_BYTES;
+/// 48 bytes are exactly 64 base64url characters.
+const SESSION_V3_CHARS: usize = SESSION_V3_BYTES / 3 * 4;
 /// The longest presented value worth decoding (every format's length is checked exactly).
-const SESSION_MAX_CHARS: usize = SESSION_V2_CHARS;
+const SESSION_MAX_CHARS: usize = SESSION_V3_CHARS;
 
 /// A presented guest session id that is authentic (signed by this server).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +153,9 @@ struct Claims {
     /// A service role, e.g. the payment service's (`checkout.payment_role`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     role: Option<String>,
+    /// The shopper's home region (their market), set by the identity service at sign-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    region: Option<String>,
 }
 
 struct VerifyingKey {
@@ -181,6 +198,9 @@ pub struct Verified {
     pub service: bool,
     /// The token's `role` claim.
     pub role: Option<String>,
+    /// The token's `region` claim: the user's home region. Whether the region exists is the
+    /// topology's business (checked where the owner is placed), not this module's.
+    pub region: Option<RegionId>,
 }
 
 /// Verifies bearer tokens and signs/verifies guest sessions.
@@ -196,8 +216,12 @@ pub struct Authenticator {
     /// How long a guest session id is accepted after its issue time (`retention.guest_cart`,
     /// the same span after which the janitor purges an idle guest cart), in seconds.
     session_lifetime: u64,
-    /// Mint v1 ids (`auth.session_id_version = 1`, during a rolling upgrade).
-    mint_v1: bool,
+    /// The format minted (`auth.session_id_version`): 1 or 2 only during a rolling upgrade.
+    mint_version: u8,
+    /// The region bound into minted v3 ids: this edge's (see [`Authenticator::minting_for`]).
+    home_region: Option<RegionId>,
+    /// `auth.require_region_claim`.
+    require_region_claim: bool,
 }
 
 impl Authenticator {
@@ -245,8 +269,22 @@ impl Authenticator {
             max_lifetime: config.max_token_lifetime.0.as_secs(),
             session_mac,
             session_lifetime: session_lifetime.as_secs(),
-            mint_v1: config.session_id_version == 1,
+            mint_version: config.session_id_version,
+            home_region: None,
+            require_region_claim: config.require_region_claim,
         })
+    }
+
+    /// Whether user tokens without a `region` claim are refused (`auth.require_region_claim`).
+    pub fn require_region_claim(&self) -> bool {
+        self.require_region_claim
+    }
+
+    /// Binds `region` (this edge's) into the guest session ids minted from now on (v3). Without
+    /// it, or with `auth.session_id_version` below 3, minted ids name no home region.
+    pub fn minting_for(mut self, region: RegionId) -> Authenticator {
+        self.home_region = Some(region);
+        self
     }
 
     /// Verifies a bearer token and returns its user.
@@ -289,10 +327,15 @@ impl Authenticator {
         {
             return Err(INVALID);
         }
+        let region = match &data.claims.region {
+            Some(region) => Some(RegionId::parse(region).map_err(|_| INVALID)?),
+            None => None,
+        };
         let verified = Verified {
             user: UserId::parse(&data.claims.sub).map_err(|_| INVALID)?,
             service: data.claims.tier.as_deref() == Some("service"),
             role: data.claims.role,
+            region,
         };
         self.verified
             .insert(digest, verified.clone(), data.claims.exp);
@@ -309,12 +352,36 @@ impl Authenticator {
         tag
     }
 
-    /// Mints a new guest session id, issued now: v2, or v1 when configured so.
+    /// Mints a new guest session id, issued now: v3 bound to this edge's region, or the older
+    /// format `auth.session_id_version` names.
     pub fn issue_session(&self) -> SessionId {
-        if self.mint_v1 {
-            return self.issue_session_v1();
+        let now = jsonwebtoken::get_current_timestamp();
+        match (self.mint_version, &self.home_region) {
+            (1, _) => self.issue_session_v1(),
+            (3.., Some(region)) => self.issue_session_v3(now, region),
+            _ => self.issue_session_at(now),
         }
-        self.issue_session_at(jsonwebtoken::get_current_timestamp())
+    }
+
+    /// A v3 id issued at `issued_unix` whose home region is `region`.
+    pub fn issue_session_v3(&self, issued_unix: u64, region: &RegionId) -> SessionId {
+        let mut raw = [0u8; SESSION_V3_BYTES];
+        raw[0] = SESSION_V3;
+        let time = issued_unix.to_be_bytes();
+        raw[1..SESSION_V3_REGION_AT].copy_from_slice(&time[time.len() - SESSION_TIME_BYTES..]);
+        let name = region.as_bytes();
+        // RegionId guarantees 1..=8 bytes; a longer one cannot be constructed.
+        let len = name.len().min(SESSION_REGION_BYTES);
+        raw[SESSION_V3_REGION_AT] = len as u8;
+        let region_at = SESSION_V3_REGION_AT + 1;
+        raw[region_at..region_at + len].copy_from_slice(&name[..len]);
+        let random_at = region_at + SESSION_REGION_BYTES;
+        let signed = SESSION_V3_BYTES - SESSION_TAG_BYTES;
+        let random: [u8; SESSION_RANDOM_BYTES] = rand::random();
+        raw[random_at..signed].copy_from_slice(&random);
+        let tag = self.session_tag(SESSION_CONTEXT_V3, &raw[..signed]);
+        raw[signed..].copy_from_slice(&tag);
+        SessionId::verified(URL_SAFE_NO_PAD.encode(raw))
     }
 
     fn issue_session_v1(&self) -> SessionId {
@@ -326,8 +393,9 @@ impl Authenticator {
         SessionId::verified(URL_SAFE_NO_PAD.encode(raw))
     }
 
-    /// Mints a guest session id stamped with `issued_unix` (seconds). Request handling always
-    /// uses [`issue_session`](Self::issue_session); tests use this to hold an old id.
+    /// Mints a v2 guest session id (no home region) stamped with `issued_unix` (seconds).
+    /// Request handling always uses [`issue_session`](Self::issue_session); tests use this to
+    /// hold an old id.
     pub fn issue_session_at(&self, issued_unix: u64) -> SessionId {
         let random: [u8; SESSION_RANDOM_BYTES] = rand::random();
         let mut raw = [0u8; SESSION_V2_BYTES];
@@ -354,12 +422,17 @@ impl Authenticator {
             return Err(INVALID);
         }
         let raw = URL_SAFE_NO_PAD.decode(presented).map_err(|_| INVALID)?;
+        let issue_time = |raw: &[u8]| {
+            let mut time = [0u8; 8];
+            time[8 - SESSION_TIME_BYTES..].copy_from_slice(&raw[1..1 + SESSION_TIME_BYTES]);
+            u64::from_be_bytes(time)
+        };
         let (context, issued) = match (presented.len(), raw.first()) {
             (SESSION_V1_CHARS, _) => (SESSION_CONTEXT_V1, None),
-            (SESSION_V2_CHARS, Some(&SESSION_V2)) => {
-                let mut time = [0u8; 8];
-                time[8 - SESSION_TIME_BYTES..].copy_from_slice(&raw[1..1 + SESSION_TIME_BYTES]);
-                (SESSION_CONTEXT_V2, Some(u64::from_be_bytes(time)))
+            (SESSION_V2_CHARS, Some(&SESSION_V2)) => (SESSION_CONTEXT_V2, Some(issue_time(&raw))),
+            // The region must read back as a region id, or the id is not one of ours.
+            (SESSION_V3_CHARS, Some(&SESSION_V3)) if v3_region(&raw).is_some() => {
+                (SESSION_CONTEXT_V3, Some(issue_time(&raw)))
             }
             _ => return Err(INVALID),
         };
@@ -383,6 +456,33 @@ impl Authenticator {
     }
 }
 
+/// The home region a guest session id names (v3), read without checking its signature: for ids
+/// already verified where the request entered (an owner key `g:<id>` passed between edges). v1
+/// and v2 ids, and anything that is not a session id, name none.
+pub fn session_home(session: &str) -> Option<RegionId> {
+    if session.len() != SESSION_V3_CHARS {
+        return None;
+    }
+    let raw = URL_SAFE_NO_PAD.decode(session).ok()?;
+    (raw.first() == Some(&SESSION_V3))
+        .then(|| v3_region(&raw))
+        .flatten()
+}
+
+/// The region field of a decoded v3 id, if it holds a region id.
+fn v3_region(raw: &[u8]) -> Option<RegionId> {
+    let len = usize::from(*raw.get(SESSION_V3_REGION_AT)?);
+    if !(1..=SESSION_REGION_BYTES).contains(&len) {
+        return None;
+    }
+    let field =
+        raw.get(SESSION_V3_REGION_AT + 1..SESSION_V3_REGION_AT + 1 + SESSION_REGION_BYTES)?;
+    if field[len..].iter().any(|b| *b != 0) {
+        return None;
+    }
+    RegionId::parse(std::str::from_utf8(&field[..len]).ok()?).ok()
+}
+
 /// Signs a user token with the first HS256 key of `config` (the local cluster's tooling and
 /// tests; production tokens come from the identity provider).
 pub fn issue_token(
@@ -402,7 +502,33 @@ pub fn issue_token_for_tier(
     now_unix: u64,
     tier: Option<&str>,
 ) -> Result<String, String> {
-    sign_token(config, sub, ttl, now_unix, tier, None)
+    let extra = ExtraClaims {
+        tier,
+        ..ExtraClaims::default()
+    };
+    sign_token(config, sub, ttl, now_unix, &extra)
+}
+
+/// The optional claims a minted token may carry.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ExtraClaims<'a> {
+    /// `service` for load generators.
+    pub tier: Option<&'a str>,
+    /// The payment service's role.
+    pub role: Option<&'a str>,
+    /// The user's home region.
+    pub region: Option<&'a str>,
+}
+
+/// As [`issue_token`], with any of the optional claims.
+pub fn issue_token_with(
+    config: &AuthConfig,
+    sub: &str,
+    ttl: Duration,
+    now_unix: u64,
+    extra: &ExtraClaims<'_>,
+) -> Result<String, String> {
+    sign_token(config, sub, ttl, now_unix, extra)
 }
 
 /// As [`issue_token`], with a `role` claim (the payment service's token).
@@ -413,7 +539,11 @@ pub fn issue_token_with_role(
     now_unix: u64,
     role: &str,
 ) -> Result<String, String> {
-    sign_token(config, sub, ttl, now_unix, None, Some(role))
+    let extra = ExtraClaims {
+        role: Some(role),
+        ..ExtraClaims::default()
+    };
+    sign_token(config, sub, ttl, now_unix, &extra)
 }
 
 fn sign_token(
@@ -421,10 +551,12 @@ fn sign_token(
     sub: &str,
     ttl: Duration,
     now_unix: u64,
-    tier: Option<&str>,
-    role: Option<&str>,
+    extra: &ExtraClaims<'_>,
 ) -> Result<String, String> {
     UserId::parse(sub).map_err(|e| e.to_string())?;
+    if let Some(region) = extra.region {
+        RegionId::parse(region).map_err(|e| e.to_string())?;
+    }
     let key = config
         .keys
         .iter()
@@ -438,8 +570,9 @@ fn sign_token(
         iss: (!config.issuer.is_empty()).then(|| config.issuer.clone()),
         aud: (!config.audience.is_empty()).then(|| config.audience.clone()),
         iat: Some(now_unix),
-        tier: tier.map(str::to_string),
-        role: role.map(str::to_string),
+        tier: extra.tier.map(str::to_string),
+        role: extra.role.map(str::to_string),
+        region: extra.region.map(str::to_string),
     };
     jsonwebtoken::encode(
         &header,
@@ -511,6 +644,7 @@ mod tests {
             max_token_lifetime: Dur(Duration::from_secs(24 * 3600)),
             session_secret: Secret::new("s".repeat(32)),
             session_id_version: 2,
+            require_region_claim: false,
             keys: vec![JwtKeyConfig {
                 kid: "k1".into(),
                 algorithm: "HS256".into(),
@@ -611,6 +745,7 @@ mod tests {
             iat: None,
             tier: None,
             role: None,
+            region: None,
         };
         let signing = EncodingKey::from_ed_der(pkcs8.as_ref());
         let mut header = Header::new(Algorithm::EdDSA);
@@ -712,6 +847,89 @@ mod tests {
         v3[0] = 3;
         let v3 = signed_with(&auth, SESSION_CONTEXT_V2, v3);
         assert!(auth.verify_session_at(&v3, issued).is_err());
+    }
+
+    #[test]
+    fn v3_sessions_bind_the_minting_region_under_the_signature() {
+        let th = RegionId::parse("th").unwrap();
+        let mut minting = config();
+        minting.session_id_version = 3;
+        let auth = Authenticator::new(&minting, Duration::from_secs(3600))
+            .unwrap()
+            .minting_for(th.clone());
+        let session = auth.issue_session();
+        assert_eq!(session.as_str().len(), SESSION_V3_CHARS);
+        assert_eq!(session_home(session.as_str()), Some(th.clone()));
+        assert_eq!(
+            auth.verify_session(session.as_str()),
+            Ok(Session::Live(session.clone()))
+        );
+        // Another edge with the same secret reads it (any region verifies any region's ids).
+        let elsewhere = Authenticator::new(&config(), Duration::from_secs(3600)).unwrap();
+        assert_eq!(
+            elsewhere.verify_session(session.as_str()),
+            Ok(Session::Live(session.clone()))
+        );
+        // Moving the cart to another region by editing the id breaks the tag.
+        let mut raw = URL_SAFE_NO_PAD.decode(session.as_str()).unwrap();
+        raw[SESSION_V3_REGION_AT + 1..SESSION_V3_REGION_AT + 3].copy_from_slice(b"sg");
+        let moved = URL_SAFE_NO_PAD.encode(&raw);
+        assert_eq!(session_home(&moved).as_deref(), Some("sg"));
+        assert_eq!(auth.verify_session(&moved), Err(AuthError::InvalidSession));
+        // A correctly signed v3 id whose region field is not a region id is not one of ours.
+        let mut bad = URL_SAFE_NO_PAD.decode(session.as_str()).unwrap();
+        bad[SESSION_V3_REGION_AT] = 9;
+        let bad = signed_with(&auth, SESSION_CONTEXT_V3, bad);
+        assert_eq!(session_home(&bad), None);
+        assert!(auth.verify_session(&bad).is_err());
+        // The issue time still bounds its life.
+        let issued = 1_800_000_000;
+        let old = auth.issue_session_v3(issued, &th);
+        assert_eq!(
+            auth.verify_session_at(old.as_str(), issued + 3601),
+            Ok(Session::Expired)
+        );
+        // Older formats, and edges configured for them, name no home region.
+        let v2 = auth.issue_session_at(issued);
+        assert_eq!(session_home(v2.as_str()), None);
+        let mut rolling = minting.clone();
+        rolling.session_id_version = 2;
+        let rolling = Authenticator::new(&rolling, Duration::from_secs(3600))
+            .unwrap()
+            .minting_for(th);
+        assert_eq!(rolling.issue_session().as_str().len(), SESSION_V2_CHARS);
+    }
+
+    #[test]
+    fn the_region_claim_is_read_and_must_be_a_region_id() {
+        let auth = Authenticator::new(&config(), SESSION_LIFETIME).unwrap();
+        let mint = |region: Option<&str>| {
+            let extra = ExtraClaims {
+                region,
+                ..ExtraClaims::default()
+            };
+            issue_token_with(&config(), "alice", Duration::from_secs(60), now(), &extra)
+        };
+        let homed = auth.verify(&mint(Some("id")).unwrap()).unwrap();
+        assert_eq!(homed.region.as_deref(), Some("id"));
+        assert_eq!(auth.verify(&mint(None).unwrap()).unwrap().region, None);
+        // The tooling refuses to mint a malformed claim; a token carrying one is refused.
+        assert!(mint(Some("Not A Region")).is_err());
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k1".into());
+        let claims = Claims {
+            sub: "alice".into(),
+            exp: now() + 60,
+            iss: Some("iss-a".into()),
+            aud: Some("aud-a".into()),
+            iat: None,
+            tier: None,
+            role: None,
+            region: Some("SG!".into()),
+        };
+        let key = EncodingKey::from_secret("k".repeat(32).as_bytes());
+        let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+        assert_eq!(auth.verify(&token), Err(AuthError::InvalidToken));
     }
 
     #[test]

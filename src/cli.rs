@@ -51,6 +51,9 @@ pub enum Command {
         /// Role claim, e.g. `payment` for the payment service (`checkout.payment_role`).
         #[arg(long, conflicts_with = "tier")]
         role: Option<String>,
+        /// Home region claim: the user's market, whose shards hold the cart.
+        #[arg(long)]
+        region: Option<String>,
     },
     /// Run the janitor for the shards homed in this region: purge inactive carts, old
     /// idempotency keys and merge records, release expired reservations. Prints each pass as
@@ -76,6 +79,9 @@ pub enum RingCommand {
     /// Print `shard=<shard id> home=<region id>` for an owner key (`u:<sub>` or `g:<session>`).
     Locate {
         owner: String,
+        /// Place a user as a token with this `region` claim would be placed.
+        #[arg(long)]
+        region: Option<String>,
         /// Ring file.
         #[arg(long, default_value = "config/ring.toml")]
         ring: PathBuf,
@@ -254,25 +260,26 @@ pub async fn run(cli: Cli) -> Result<()> {
             ttl,
             tier,
             role,
+            region,
         } => {
             let config = cli.load_config()?;
             let ttl = humantime::parse_duration(ttl).context("--ttl")?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_secs();
-            let token = match role {
-                Some(role) => {
-                    cartedge::auth::issue_token_with_role(&config.auth, sub, ttl, now, role)
+            if let Some(region) = region {
+                let topology = cartedge::topology::Topology::load(&config)?;
+                if !topology.ring.homes_shards(region) {
+                    bail!("--region {region}: no shard of the ring is homed there");
                 }
-                None => cartedge::auth::issue_token_for_tier(
-                    &config.auth,
-                    sub,
-                    ttl,
-                    now,
-                    tier.as_deref(),
-                ),
             }
-            .map_err(|e| anyhow::anyhow!(e))?;
+            let extra = cartedge::auth::ExtraClaims {
+                tier: tier.as_deref(),
+                role: role.as_deref(),
+                region: region.as_deref(),
+            };
+            let token = cartedge::auth::issue_token_with(&config.auth, sub, ttl, now, &extra)
+                .map_err(|e| anyhow::anyhow!(e))?;
             println!("{token}");
             Ok(())
         }
@@ -347,12 +354,25 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Local(LocalCommand::LinkProxy { links, state }) => {
             local::run_link_proxy(links, state).await
         }
-        Command::Ring(RingCommand::Locate { owner, ring }) => {
-            if !(owner.starts_with("u:") || owner.starts_with("g:")) || owner.len() < 3 {
-                bail!("an owner key is u:<user id> or g:<session id>");
-            }
+        Command::Ring(RingCommand::Locate {
+            owner,
+            region,
+            ring,
+        }) => {
+            let home = match (owner.split_once(':'), region) {
+                (Some(("u", user)), region) if !user.is_empty() => region.clone(),
+                (Some(("g", _)), Some(_)) => {
+                    bail!("a guest's home region is bound inside its session id; drop --region")
+                }
+                (Some(("g", session)), None) if !session.is_empty() => {
+                    cartedge::auth::session_home(session).map(|r| r.to_string())
+                }
+                _ => bail!("an owner key is u:<user id> or g:<session id>"),
+            };
             let ring = load_ring(ring)?;
-            let placement = ring.locate(owner);
+            let placement = ring
+                .place(owner, home.as_deref())
+                .with_context(|| format!("no shard of the ring is homed in {home:?}"))?;
             println!("shard={} home={}", placement.shard, placement.home);
             Ok(())
         }

@@ -330,10 +330,15 @@ pub struct AuthConfig {
     pub max_token_lifetime: Dur,
     /// HMAC key for guest session ids (at least 32 bytes).
     pub session_secret: Secret,
-    /// The guest session id format minted: 2 (carries its issue time, expires) or 1 (the old
-    /// format, never expires by age). Both are always accepted; 1 is for a rolling upgrade
-    /// while some region still runs a release that cannot read v2 ids.
+    /// The guest session id format minted: 3 (carries its issue time and the minting region,
+    /// the guest's home), 2 (issue time only) or 1 (the old format, never expires by age). All
+    /// are always accepted; 2 and 1 are for a rolling upgrade while some region still runs a
+    /// release that cannot read the newer ids.
     pub session_id_version: u8,
+    /// Refuse user tokens without a `region` claim (401) instead of placing their owners on the
+    /// global ring.
+    #[serde(default)]
+    pub require_region_claim: bool,
     /// Verification keys; a token names one by `kid`, or the only key is used.
     pub keys: Vec<JwtKeyConfig>,
 }
@@ -600,8 +605,8 @@ impl Config {
         if self.auth.keys.is_empty() {
             problems.push("auth.keys must name at least one key".into());
         }
-        if !(1..=2).contains(&self.auth.session_id_version) {
-            problems.push("auth.session_id_version must be 1 or 2".into());
+        if !(1..=3).contains(&self.auth.session_id_version) {
+            problems.push("auth.session_id_version must be 1, 2 or 3".into());
         }
         if self.server.max_headers == 0 || self.server.max_header_bytes < 1024 {
             problems.push(

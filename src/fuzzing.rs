@@ -52,6 +52,7 @@ pub fn auth_config() -> AuthConfig {
         max_token_lifetime: Dur(std::time::Duration::from_secs(24 * 3600)),
         session_secret: Secret::new(SESSION_SECRET),
         session_id_version: 2,
+        require_region_claim: false,
         keys: TOKEN_KEYS
             .iter()
             .map(|(kid, secret)| JwtKeyConfig {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Response;
 
-use super::command::{CartWrite, Change, Placed, ViewCart};
+use super::command::{self, CartWrite, Change, Placed, ViewCart};
 use super::error::ApiError;
 use super::idempotency;
 use super::relay::{self, RelayHead};
@@ -156,7 +156,7 @@ pub async fn write(
         cart: mut placed,
         mut new_session,
         change,
-        origin_currency,
+        home_currency,
     } = write;
     let (operation, item, if_match) = change.fingerprint_parts();
     let fingerprint = idempotency::fingerprint(operation, item, if_match, body);
@@ -198,7 +198,7 @@ pub async fn write(
                 item: catalog_item.as_deref(),
                 request: &add_request,
                 variant: add.variant.as_ref(),
-                new_cart_currency: origin_currency,
+                new_cart_currency: home_currency,
                 max_lines: app.config.cart.max_lines,
             }
         }
@@ -275,7 +275,7 @@ fn successor_session(app: &App, shard: &str) -> Result<SessionId, ApiError> {
         .map(|_| auth.issue_session())
         .find(|session| {
             let key = Owner::Guest(session.clone()).key();
-            app.topology.ring.locate(key.as_str()).shard == shard
+            command::guest_placement(app, &key).is_ok_and(|placement| placement.shard == shard)
         })
         .ok_or_else(|| {
             ApiError::Internal(format!(

@@ -19,18 +19,18 @@ use super::error::ApiError;
 use super::lifecycle::Settlement;
 use super::relay::RelayHead;
 use super::request::{
-    self, AddItemBody, Caller, CheckoutBody, ClearBody, IfNoneMatch, MergeBody, RequestParts,
-    SetQuantityBody, ValidAdd,
+    self, AddItemBody, Caller, CheckoutBody, ClearBody, Identity, IfNoneMatch, MergeBody,
+    RequestParts, SetQuantityBody, ValidAdd,
 };
 use super::{Handler, Peer, Surface};
 use crate::app::App;
 use crate::domain::cart::Quantity;
-use crate::domain::ids::{Owner, OwnerKey, SessionId};
+use crate::domain::ids::{Owner, OwnerKey, RegionId, SessionId};
 use crate::domain::lifecycle::MergeStrategy;
 use crate::domain::money::Currency;
 use crate::domain::order::OrderId;
+use crate::domain::ring::Placement;
 use crate::domain::variant::LineId;
-use crate::forward::client::names as fwd;
 use crate::limits::{Class, RateLimits, Verdict};
 
 /// A cart request, read and validated.
@@ -58,16 +58,59 @@ pub struct Placed<'a> {
 }
 
 impl<'a> Placed<'a> {
-    fn new(app: &'a App, owner: Owner) -> Placed<'a> {
+    /// Places an owner: a user on the ring of its token's home region (`claim`), or on the
+    /// global ring when the token names none (refused when `auth.require_region_claim`); a guest
+    /// on the ring of the region bound into its session id (v1 and v2 ids: the global ring). A
+    /// claim naming a region that homes no shard is not a credential this deployment issued.
+    fn new(app: &'a App, owner: Owner, claim: Option<&RegionId>) -> Result<Placed<'a>, ApiError> {
         let key = owner.key();
-        let placement = app.topology.ring.locate(key.as_str());
-        Placed {
+        let placement = match &owner {
+            Owner::User(_) => {
+                if claim.is_none() && app.auth.load().require_region_claim() {
+                    return Err(ApiError::Unauthenticated(
+                        "the bearer token must name the user's home region (region claim)",
+                    ));
+                }
+                app.topology
+                    .ring
+                    .place(key.as_str(), claim.map(|r| r.as_str()))
+                    .ok_or(ApiError::Unauthenticated(
+                        "the token's region claim names no region of this deployment",
+                    ))?
+            }
+            Owner::Guest(_) => guest_placement(app, &key)?,
+        };
+        Ok(Placed {
             owner,
             key,
             shard: placement.shard,
             home: placement.home,
-        }
+        })
     }
+
+    /// The currency of the cart's home region: a cart is priced there, whichever edge the
+    /// client called.
+    pub fn currency(&self, app: &App) -> Currency {
+        app.topology
+            .regions
+            .get(self.home)
+            .map(|region| region.currency)
+            .unwrap_or(app.config.region.currency)
+    }
+}
+
+/// Where a guest's cart lives (`g:<session id>`): on the ring of the region bound into a v3
+/// session id, else on the global ring. The id was verified where the request entered; a key
+/// naming a region that homes no shard is refused as an invalid session.
+pub fn guest_placement<'a>(app: &'a App, guest: &OwnerKey) -> Result<Placement<'a>, ApiError> {
+    let home = guest
+        .as_str()
+        .strip_prefix("g:")
+        .and_then(crate::auth::session_home);
+    app.topology
+        .ring
+        .place(guest.as_str(), home.as_deref())
+        .ok_or(ApiError::InvalidSession)
 }
 
 pub enum Operation<'a> {
@@ -93,8 +136,8 @@ pub struct CartWrite<'a> {
     /// A session minted for a caller that had none; the write creates its cart.
     pub new_session: Option<SessionId>,
     pub change: Change,
-    /// The currency of the region whose edge the client called (a new cart takes it).
-    pub origin_currency: Currency,
+    /// The currency of the cart's home region (a new cart takes it).
+    pub home_currency: Currency,
 }
 
 /// A validated mutation of one cart.
@@ -178,7 +221,9 @@ pub async fn read<'a>(
     body: Incoming,
 ) -> Result<Command<'a>, ApiError> {
     let request = RequestParts::new(parts);
-    let (caller, role, verdict) = admit(app, surface, handler, parts, &request)?;
+    let (identity, verdict) = admit(app, surface, handler, parts, &request)?;
+    let (caller, role, claim) = (identity.caller, identity.role, identity.region);
+    let claim = claim.as_ref();
     let body = match body_rule(handler) {
         Some(required) => {
             request::read_body(parts, body, app.config.server.max_body_bytes, required).await?
@@ -187,13 +232,13 @@ pub async fn read<'a>(
     };
     let param = param.unwrap_or_default();
     let (operation, idempotency_key) = match handler {
-        Handler::ViewCart => (view(app, &request, caller)?, None),
-        Handler::Merge => merge(app, &request, caller, &body)?,
-        Handler::Checkout => checkout(app, &request, caller, &body)?,
+        Handler::ViewCart => (view(app, &request, caller, claim)?, None),
+        Handler::Merge => merge(app, &request, caller, claim, &body)?,
+        Handler::Checkout => checkout(app, &request, caller, claim, &body)?,
         Handler::GetOrder => (get_order(app, caller, param)?, None),
         Handler::Settle(action) => (settle(app, &caller, role, param, action)?, None),
         Handler::AddItem | Handler::SetItem | Handler::RemoveItem | Handler::ClearCart => {
-            write(app, surface, &request, parts, caller, handler, param, &body)?
+            write(app, &request, caller, claim, handler, param, &body)?
         }
         Handler::Health
         | Handler::Ready
@@ -259,7 +304,7 @@ fn admit(
     handler: Handler,
     parts: &Parts,
     request: &RequestParts<'_>,
-) -> Result<(Caller, Option<String>, Option<Verdict>), ApiError> {
+) -> Result<(Identity, Option<Verdict>), ApiError> {
     let limited = surface == Surface::Public;
     let limits = app.limits.load();
     let client_ip = || client_ip(&limits, parts);
@@ -296,13 +341,14 @@ fn admit(
     if let Some(verdict) = verdict.as_ref().filter(|v| !v.admitted()) {
         return Err(ApiError::RateLimited(verdict.clone()));
     }
-    Ok((identity.caller, identity.role, verdict))
+    Ok((identity, verdict))
 }
 
 fn view<'a>(
     app: &'a App,
     request: &RequestParts<'_>,
     caller: Caller,
+    claim: Option<&RegionId>,
 ) -> Result<Operation<'a>, ApiError> {
     request.check_user_id(&caller, request.query_user_id()?)?;
     let owner = match caller {
@@ -311,7 +357,7 @@ fn view<'a>(
         // A guest with no session sees an empty cart; nothing is created.
         Caller::Anonymous => return Ok(Operation::View(None)),
     };
-    let cart = Placed::new(app, owner);
+    let cart = Placed::new(app, owner, claim)?;
     let min_version = request.min_version(&app.auth.load(), &cart.key)?;
     Ok(Operation::View(Some(ViewCart {
         cart,
@@ -338,13 +384,11 @@ impl ParsedWrite {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn write<'a>(
     app: &'a App,
-    surface: Surface,
     request: &RequestParts<'_>,
-    parts: &Parts,
     caller: Caller,
+    claim: Option<&RegionId>,
     handler: Handler,
     line_segment: &str,
     body: &[u8],
@@ -382,34 +426,21 @@ fn write<'a>(
             (Owner::Guest(session.clone()), Some(session))
         }
     };
+    let cart = Placed::new(app, owner, claim)?;
     let write = CartWrite {
-        cart: Placed::new(app, owner),
+        home_currency: cart.currency(app),
+        cart,
         new_session,
         change,
-        origin_currency: origin_currency(app, surface, parts),
     };
     Ok((Operation::Write(write), key))
-}
-
-/// The currency of the region whose edge received the request from the client: this one, or
-/// for a relayed request the relaying region's.
-fn origin_currency(app: &App, surface: Surface, parts: &Parts) -> Currency {
-    if surface != Surface::Internal {
-        return app.config.region.currency;
-    }
-    parts
-        .headers
-        .get(fwd::FORWARDED_FROM)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|region| app.topology.regions.get(region))
-        .map(|peer| peer.currency)
-        .unwrap_or(app.config.region.currency)
 }
 
 fn merge<'a>(
     app: &'a App,
     request: &RequestParts<'_>,
     caller: Caller,
+    claim: Option<&RegionId>,
     body: &[u8],
 ) -> Result<(Operation<'a>, Option<String>), ApiError> {
     let Caller::User(user) = &caller else {
@@ -427,7 +458,7 @@ fn merge<'a>(
     })?;
     let key = request.idempotency_key()?.map(str::to_string);
     let merge = MergeCarts {
-        user: Placed::new(app, Owner::User(user)),
+        user: Placed::new(app, Owner::User(user), claim)?,
         guest: Owner::Guest(session).key(),
         strategy: parsed.strategy.unwrap_or_default(),
     };
@@ -438,6 +469,7 @@ fn checkout<'a>(
     app: &'a App,
     request: &RequestParts<'_>,
     caller: Caller,
+    claim: Option<&RegionId>,
     body: &[u8],
 ) -> Result<(Operation<'a>, Option<String>), ApiError> {
     let user = match &caller {
@@ -456,7 +488,7 @@ fn checkout<'a>(
     let parsed: CheckoutBody = request::parse_body_or_default(body)?;
     request.check_user_id(&caller, parsed.user_id.as_deref())?;
     let checkout = Checkout {
-        user: Placed::new(app, Owner::User(user)),
+        user: Placed::new(app, Owner::User(user), claim)?,
         key: key.clone(),
         accept_price_changes: parsed.accept_price_changes.unwrap_or(false),
     };

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::{request, response, Body};
+use super::{command, request, response, Body};
 use crate::app::App;
 use crate::domain::cart::StoredCart;
 use crate::domain::ids::OwnerKey;
@@ -104,7 +104,7 @@ pub fn guest_of(step: &MergeStep) -> Result<OwnerKey, ApiError> {
 /// Runs a merge step on a guest cart homed in this region.
 pub async fn run_step(app: &App, step: Step, request: &MergeStep) -> Result<StepAnswer, ApiError> {
     let guest = guest_of(request)?;
-    let placement = app.topology.ring.locate(guest.as_str());
+    let placement = command::guest_placement(app, &guest)?;
     if *placement.home != app.config.region.id {
         return Err(ApiError::Misdirected);
     }

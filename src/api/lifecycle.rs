@@ -9,7 +9,7 @@ use http::{Method, Response, StatusCode};
 use serde::Serialize;
 
 use super::cart::render_view;
-use super::command::{Checkout, MergeCarts, OrderLookup, Settle};
+use super::command::{self, Checkout, MergeCarts, OrderLookup, Settle};
 use super::error::ApiError;
 use super::idempotency;
 use super::internal::{self, MergeStep, Step, StepAnswer, StepStatus};
@@ -39,7 +39,7 @@ const STEP_RETRY_AFTER_SECS: u32 = 2;
 /// Runs one merge step against the guest cart's home: here, or that region's edge.
 async fn guest_step(app: &App, step: Step, request: &MergeStep) -> Result<StepAnswer, ApiError> {
     let guest = internal::guest_of(request)?;
-    let placement = app.topology.ring.locate(guest.as_str());
+    let placement = command::guest_placement(app, &guest)?;
     if *placement.home == app.config.region.id {
         return internal::run_step(app, step, request).await;
     }

@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::names;
 use crate::auth::{Authenticator, Session};
 use crate::domain::cart::Quantity;
-use crate::domain::ids::{ItemId, OwnerKey, SessionId, UserId};
+use crate::domain::ids::{ItemId, OwnerKey, RegionId, SessionId, UserId};
 use crate::domain::money::Money;
 use crate::domain::variant;
 use crate::domain::variant::LineId;
@@ -36,6 +36,8 @@ pub struct Identity {
     pub tier: Tier,
     /// The bearer token's `role` claim (the payment service's, for settling orders).
     pub role: Option<String>,
+    /// The bearer token's `region` claim: the user's home region.
+    pub region: Option<RegionId>,
 }
 
 /// Borrowed view of a request's head with the contract's accessors.
@@ -105,6 +107,7 @@ impl<'a> RequestParts<'a> {
                     Tier::User
                 },
                 role: verified.role,
+                region: verified.region,
             });
         }
         let caller = match self.guest_session(auth)? {
@@ -115,6 +118,7 @@ impl<'a> RequestParts<'a> {
             caller,
             tier: Tier::Guest,
             role: None,
+            region: None,
         })
     }
 

@@ -1,5 +1,12 @@
-//! The consistent-hash ring that places every cart owner on a shard, and each shard's home
+//! The consistent-hash rings that place every cart owner on a shard, and each shard's home
 //! region.
+//!
+//! One ring file describes two kinds of ring, built from the same shard list and the same
+//! hashing: the **global ring** over every shard (owners without a home region: user tokens
+//! without a `region` claim, guest sessions minted before sessions named their region) and one
+//! **regional ring** per region over the shards homed there (owners with a home region). An
+//! owner's home region therefore decides its region, and the regional ring only picks among that
+//! region's shards; the version and fingerprint cover both kinds.
 //!
 //! Placement must never drift: a silent change would send users to a shard that does not hold
 //! their cart. So hashing is pinned here, not left to `Hash` impls that the standard library may
@@ -7,7 +14,7 @@
 //! placement of 10 000 owner keys is checked against a golden file
 //! (`tests/golden/ring-placement.txt`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 
 use super::ids::{RegionId, ShardId};
@@ -81,10 +88,12 @@ pub struct Placement<'a> {
     pub home: &'a RegionId,
 }
 
-/// An immutable, validated ring.
+/// An immutable, validated ring file: the global ring and every regional ring.
 pub struct Ring {
     spec: RingSpec,
     ring: HashRing<VirtualNode>,
+    /// One ring per region that homes shards, over those shards only.
+    regional: BTreeMap<RegionId, HashRing<VirtualNode>>,
     fingerprint: String,
 }
 
@@ -121,22 +130,17 @@ impl Ring {
                 )));
             }
         }
-        let mut nodes = Vec::new();
-        for (position, shard) in spec.shards.iter().enumerate() {
-            for index in 0..spec.vnodes * shard.weight {
-                nodes.push(VirtualNode {
-                    shard: position,
-                    label: shard.id.to_string(),
-                    index,
-                });
-            }
-        }
-        let mut ring = HashRing::new();
-        ring.batch_add(nodes);
+        let ring = hash_ring(&spec, |_| true);
+        let homes: BTreeSet<&RegionId> = spec.shards.iter().map(|s| &s.home).collect();
+        let regional = homes
+            .into_iter()
+            .map(|home| (home.clone(), hash_ring(&spec, |s| &s.home == home)))
+            .collect();
         let fingerprint = fingerprint(&spec);
         Ok(Ring {
             spec,
             ring,
+            regional,
             fingerprint,
         })
     }
@@ -150,17 +154,40 @@ impl Ring {
         &self.fingerprint
     }
 
-    /// The shard and home region of an owner key (`u:<sub>` / `g:<session>`).
+    /// The shard and home region of an owner key (`u:<sub>` / `g:<session>`) that has no home
+    /// region of its own: the global ring decides both.
     pub fn locate(&self, owner_key: &str) -> Placement<'_> {
-        let node = self
-            .ring
-            .get(&KeyBytes(owner_key.as_bytes()))
-            .expect("a validated ring has nodes");
+        self.placement(&self.ring, owner_key)
+            .expect("a validated ring has nodes")
+    }
+
+    /// The shard of an owner whose home region is `home`, on that region's ring; None when no
+    /// shard is homed in `home`.
+    pub fn locate_in(&self, owner_key: &str, home: &str) -> Option<Placement<'_>> {
+        self.placement(self.regional.get(home)?, owner_key)
+    }
+
+    /// Where an owner lives: on its home region's ring when it has a home region, else on the
+    /// global ring. None when `home` homes no shard.
+    pub fn place(&self, owner_key: &str, home: Option<&str>) -> Option<Placement<'_>> {
+        match home {
+            Some(home) => self.locate_in(owner_key, home),
+            None => Some(self.locate(owner_key)),
+        }
+    }
+
+    /// Whether some shard is homed in `region` (so an owner can be homed there).
+    pub fn homes_shards(&self, region: &str) -> bool {
+        self.regional.contains_key(region)
+    }
+
+    fn placement(&self, ring: &HashRing<VirtualNode>, owner_key: &str) -> Option<Placement<'_>> {
+        let node = ring.get(&KeyBytes(owner_key.as_bytes()))?;
         let shard = &self.spec.shards[node.shard];
-        Placement {
+        Some(Placement {
             shard: &shard.id,
             home: &shard.home,
-        }
+        })
     }
 
     /// Shards homed in `region`.
@@ -172,9 +199,31 @@ impl Ring {
     }
 }
 
+/// A hash ring over the shards `include` keeps, `vnodes × weight` virtual nodes each.
+fn hash_ring(spec: &RingSpec, include: impl Fn(&ShardSpec) -> bool) -> HashRing<VirtualNode> {
+    let mut nodes = Vec::new();
+    for (position, shard) in spec.shards.iter().enumerate() {
+        if !include(shard) {
+            continue;
+        }
+        for index in 0..spec.vnodes * shard.weight {
+            nodes.push(VirtualNode {
+                shard: position,
+                label: shard.id.to_string(),
+                index,
+            });
+        }
+    }
+    let mut ring = HashRing::new();
+    ring.batch_add(nodes);
+    ring
+}
+
 fn fingerprint(spec: &RingSpec) -> String {
     let mut hasher = Sha256::new();
-    hasher.update(b"cartedge ring v1\n");
+    // v2: placement is the global ring plus one ring per region (v1 edges knew only the global
+    // ring, so the two must not accept each other's forwarded requests).
+    hasher.update(b"cartedge ring v2: global and regional rings\n");
     hasher.update(format!(
         "version={}\nvnodes={}\n",
         spec.version, spec.vnodes
@@ -290,6 +339,63 @@ mod tests {
             "{:?}",
             plan.flows
         );
+    }
+
+    #[test]
+    fn a_home_region_keeps_its_owners_on_its_own_shards_spread_evenly() {
+        let ring = Ring::new(spec(&[
+            ("sg-1", "sg"),
+            ("sg-2", "sg"),
+            ("id-1", "id"),
+            ("th-1", "th"),
+        ]))
+        .unwrap();
+        let keys = sample_owner_keys(20_000);
+        let mut counts = std::collections::HashMap::new();
+        for key in &keys {
+            let placement = ring.locate_in(key, "sg").unwrap();
+            assert_eq!(placement.home, "sg");
+            *counts.entry(placement.shard.to_string()).or_insert(0usize) += 1;
+            assert_eq!(ring.locate_in(key, "th").unwrap().shard, "th-1");
+            assert_eq!(ring.place(key, None), Some(ring.locate(key)));
+            assert_eq!(ring.place(key, Some("sg")), ring.locate_in(key, "sg"));
+        }
+        assert_eq!(counts.len(), 2);
+        for (shard, count) in counts {
+            let share = count as f64 / keys.len() as f64;
+            assert!((share - 0.5).abs() < 0.05, "{shard}: {share}");
+        }
+        assert!(ring.homes_shards("id"));
+        assert!(!ring.homes_shards("vn"));
+        assert_eq!(ring.locate_in("u:alice", "vn"), None);
+        assert_eq!(ring.place("u:alice", Some("vn")), None);
+    }
+
+    #[test]
+    fn a_shard_added_in_one_region_moves_no_owner_homed_in_another() {
+        let before = Ring::new(spec(&[("sg-1", "sg"), ("id-1", "id"), ("id-2", "id")])).unwrap();
+        let after = Ring::new(spec(&[
+            ("sg-1", "sg"),
+            ("id-1", "id"),
+            ("id-2", "id"),
+            ("sg-2", "sg"),
+        ]))
+        .unwrap();
+        let keys = sample_owner_keys(10_000);
+        let mut moved_in_sg = 0;
+        for key in &keys {
+            assert_eq!(before.locate_in(key, "id"), after.locate_in(key, "id"));
+            let (from, to) = (
+                before.locate_in(key, "sg").unwrap().shard,
+                after.locate_in(key, "sg").unwrap().shard,
+            );
+            if from != to {
+                assert_eq!(to, "sg-2");
+                moved_in_sg += 1;
+            }
+        }
+        let share = moved_in_sg as f64 / keys.len() as f64;
+        assert!((share - 0.5).abs() < 0.05, "moved {share}");
     }
 
     #[test]

@@ -831,22 +831,6 @@ async fn wait_ready(admin: SocketAddr, limit: Duration) -> Result<()> {
     bail!("not ready after {limit:?}")
 }
 
-/// A demo user whose cart the local ring homes in `region`.
-fn demo_user_homed_in(dir: &Path, region: &str) -> String {
-    let names = [
-        "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
-    ];
-    cartedge::topology::load_ring(&dir.join("ring.toml"))
-        .ok()
-        .and_then(|ring| {
-            names
-                .iter()
-                .find(|n| ring.locate(&format!("u:{n}")).home == region)
-                .map(|n| n.to_string())
-        })
-        .unwrap_or_else(|| "alice".into())
-}
-
 fn print_banner(configs: &[Config], dir: &Path) {
     let exe = std::env::current_exe()
         .ok()
@@ -880,10 +864,10 @@ fn print_banner(configs: &[Config], dir: &Path) {
             .unwrap_or_default()
     };
     let (sg, th) = (edge("sg"), edge("th"));
-    let user = demo_user_homed_in(dir, "sg");
+    let user = "alice";
     lines.push_str(&format!(
-        "  state      {}\n\nTry it ({user}'s cart is homed in sg: `{exe} ring locate u:{user} --ring {}`):\n\
-         \n  TOKEN=$({exe} token --sub {user})\
+        "  state      {}\n\nTry it ({user} shops in Singapore: her token's region claim homes her cart in sg, `{exe} ring locate u:{user} --region sg --ring {}`):\n\
+         \n  TOKEN=$({exe} token --sub {user} --region sg)\
          \n  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\\
          \n       -d '{{\"item_id\":\"sku-00001\",\"quantity\":2}}' {sg}/api/v1/cart/items\
          \n  curl -s -H \"Authorization: Bearer $TOKEN\" {sg}/api/v1/cart\
@@ -892,7 +876,7 @@ fn print_banner(configs: &[Config], dir: &Path) {
          \n  curl -si -X DELETE -H \"Authorization: Bearer $TOKEN\" {th}/api/v1/cart/items/sku-00001   # via th: see Cart-Home-Region, Cart-Version\
          \n  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Cart-Min-Version: 3' {th}/api/v1/cart   # read-your-writes anywhere\
          \n  curl -si -H 'Content-Type: application/json' -d '{{\"item_id\":\"sku-00002\",\"quantity\":1}}' {sg}/api/v1/cart/items   # guest: note Cart-Session\
-         \n  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Cart-Session: <it>' -X POST {sg}/api/v1/cart/merge   # log-in: guest cart into dave's\
+         \n  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Cart-Session: <it>' -X POST {sg}/api/v1/cart/merge   # log-in: guest cart into {user}'s\
          \n  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Idempotency-Key: co-1' -X POST {sg}/api/v1/cart/checkout   # order, stock reserved\
          \n  curl -s {sg}/health\
          \n  {exe} local partition sg th   # then writes at th for sg carts get 503; `{exe} local heal sg th`\n",

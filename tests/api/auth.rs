@@ -296,3 +296,71 @@ async fn one_user_never_sees_or_changes_another_users_cart() {
         3
     );
 }
+
+/// A token for `sub` whose `region` claim is `region`.
+fn homed_token(app: &TestApp, sub: &str, region: &str) -> String {
+    let extra = cartedge::auth::ExtraClaims {
+        region: Some(region),
+        ..Default::default()
+    };
+    cartedge::auth::issue_token_with(
+        &app.config.auth,
+        sub,
+        Duration::from_secs(600),
+        crate::helpers::now_unix(),
+        &extra,
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn require_region_claim_refuses_user_tokens_without_a_home_region() {
+    let app = TestApp::spawn_with(crate::helpers::TestOptions {
+        overlay: "[auth]\nrequire_region_claim = true\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let bearer = |token: String| h("authorization", &format!("Bearer {token}"));
+    for (method, path, body) in [
+        ("POST", "/api/v1/cart/items", Some(ADD)),
+        ("GET", "/api/v1/cart", None),
+    ] {
+        let unclaimed = app
+            .send(method, path, &[bearer(app.token("alice"))], body)
+            .await;
+        assert_eq!(
+            unclaimed.status,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path}"
+        );
+        assert_eq!(unclaimed.error_code(), "unauthenticated");
+        assert!(unclaimed.header("www-authenticate").is_some());
+        let homed = app
+            .send(
+                method,
+                path,
+                &[bearer(homed_token(&app, "alice", "sg"))],
+                body,
+            )
+            .await;
+        assert_eq!(homed.status, StatusCode::OK, "{method} {path}");
+        // This deployment homes no shard in th: such a claim is not one of its credentials.
+        let foreign = app
+            .send(
+                method,
+                path,
+                &[bearer(homed_token(&app, "alice", "th"))],
+                body,
+            )
+            .await;
+        assert_eq!(foreign.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+    }
+    // Guests have no token: they are homed by their session, and unaffected.
+    let guest = app.send("POST", "/api/v1/cart/items", &[], Some(ADD)).await;
+    assert_eq!(guest.status, StatusCode::OK);
+    assert_eq!(
+        app.query_i64("SELECT count(*) FROM carts WHERE owner = 'u:alice'")
+            .await,
+        1
+    );
+}

@@ -358,6 +358,8 @@ async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
     .await;
     assert_eq!(status, 404, "the admin listener serves no cart API");
 
+    one_region_down_stops_only_its_own_shoppers(&dir, &dir_arg, edge_port).await;
+
     let again = cli(&[
         "local",
         "up",
@@ -384,4 +386,148 @@ async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
         .await
         .is_err());
     drop(cluster);
+}
+
+/// A bearer header for `sub` whose token homes it in `region` (minted by `cartedge token`).
+fn homed_bearer(dir: &std::path::Path, sub: &str, region: &str) -> (&'static str, String) {
+    let config = dir.join("regions/sg.toml");
+    let token = cli(&[
+        "--config",
+        config.to_str().unwrap(),
+        "token",
+        "--sub",
+        sub,
+        "--region",
+        region,
+    ]);
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    (
+        "authorization",
+        format!("Bearer {}", String::from_utf8(token.stdout).unwrap().trim()),
+    )
+}
+
+/// A request of the drill: method, URL, body, extra headers.
+type Step<'a> = (&'a str, String, Option<&'a str>, Vec<(&'a str, String)>);
+
+/// The issue's fault-isolation drill: with `sg` cut from every other region, shoppers homed in
+/// `id` and `th` add, update, merge and check out at their home edges without one failed
+/// request; a shopper homed in `sg` writing at `th` is refused fast with 503
+/// `home_region_unavailable`; reads keep working everywhere.
+async fn one_region_down_stops_only_its_own_shoppers(
+    dir: &std::path::Path,
+    dir_arg: &str,
+    edge_port: u16,
+) {
+    let edge = |region: &str| {
+        let offset = ["sg", "id", "th"]
+            .iter()
+            .position(|r| *r == region)
+            .unwrap();
+        format!("http://127.0.0.1:{}", edge_port + offset as u16)
+    };
+    // Before the cut: each shopper's guest cart, started at their home edge, and a cart of a
+    // shopper homed in sg.
+    let mut guests = Vec::new();
+    for region in ["id", "th"] {
+        let (status, guest, headers) = http_with_headers(
+            &format!("{}/api/v1/cart/items", edge(region)),
+            "POST",
+            &[],
+            Some(r#"{"item_id":"sku-00007","quantity":2}"#),
+        )
+        .await;
+        assert_eq!(status, 200, "{guest}");
+        assert_eq!(headers["cart-home-region"], region);
+        guests.push(headers["cart-session"].to_str().unwrap().to_string());
+    }
+    let singaporean = vec![homed_bearer(dir, "isolation-sg", "sg")];
+    let (status, cart) = http(
+        &format!("{}/api/v1/cart/items", edge("sg")),
+        "POST",
+        &singaporean,
+        Some(r#"{"item_id":"sku-00005","quantity":1}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{cart}");
+
+    for other in ["id", "th"] {
+        let cut = cli(&["local", "partition", "sg", other, "--dir", dir_arg]);
+        assert!(cut.status.success());
+    }
+
+    for (region, session) in ["id", "th"].into_iter().zip(&guests) {
+        let url = edge(region);
+        let bearer = vec![homed_bearer(dir, &format!("isolation-{region}"), region)];
+        let steps: [Step; 4] = [
+            (
+                "POST",
+                format!("{url}/api/v1/cart/items"),
+                Some(r#"{"item_id":"sku-00001","quantity":2}"#),
+                vec![],
+            ),
+            (
+                "PUT",
+                format!("{url}/api/v1/cart/items/sku-00001"),
+                Some(r#"{"quantity":3}"#),
+                vec![],
+            ),
+            (
+                "POST",
+                format!("{url}/api/v1/cart/merge"),
+                None,
+                vec![("cart-session", session.clone())],
+            ),
+            (
+                "POST",
+                format!("{url}/api/v1/cart/checkout"),
+                None,
+                vec![("idempotency-key", format!("isolation-{region}"))],
+            ),
+        ];
+        for (method, target, body, extra) in steps {
+            let mut headers = bearer.clone();
+            headers.extend(extra);
+            let (status, answer, answer_headers) =
+                http_with_headers(&target, method, &headers, body).await;
+            assert!(
+                (200..300).contains(&status),
+                "{method} {target} for a shopper homed in {region}, sg cut off: {status} {answer}"
+            );
+            assert_eq!(
+                answer_headers["cart-home-region"], region,
+                "{method} {target}"
+            );
+        }
+    }
+
+    // The shopper homed in sg, at th: refused fast, with a retry hint; reads still answer.
+    let (status, refused, headers) = http_with_headers(
+        &format!("{}/api/v1/cart/items", edge("th")),
+        "POST",
+        &singaporean,
+        Some(r#"{"item_id":"sku-00005","quantity":1}"#),
+    )
+    .await;
+    assert_eq!(status, 503, "{refused}");
+    assert_eq!(refused["error"]["code"], "home_region_unavailable");
+    assert!(headers.contains_key("retry-after"));
+    for region in ["sg", "id", "th"] {
+        let (status, cart) = http(
+            &format!("{}/api/v1/cart", edge(region)),
+            "GET",
+            &singaporean,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "read at {region}: {cart}");
+    }
+    for other in ["id", "th"] {
+        let heal = cli(&["local", "heal", "sg", other, "--dir", dir_arg]);
+        assert!(heal.status.success());
+    }
 }

@@ -261,8 +261,8 @@ fn check_config_and_serve_refuse_each_broken_region_file_alike_before_binding() 
         ),
         (
             "session-id-version",
-            "[auth]\nsession_id_version = 3\n".into(),
-            "auth.session_id_version must be 1 or 2".into(),
+            "[auth]\nsession_id_version = 4\n".into(),
+            "auth.session_id_version must be 1, 2 or 3".into(),
         ),
         (
             "missing-catalog-primary",

@@ -434,8 +434,8 @@ async fn a_write_at_th_for_an_sg_user_is_forwarded_applied_once_and_read_back_wi
     assert_eq!(written.version(), 1);
     assert_eq!(
         written.json()["currency"],
-        "THB",
-        "a new cart takes the currency of the region that received the request"
+        "SGD",
+        "a cart is priced in its home region's currency, whichever edge received the request"
     );
     let bound = regions
         .sg
@@ -813,40 +813,47 @@ async fn a_commit_at_home_fences_the_other_regions_cache() {
     regions.replica_sql("SELECT pg_wal_replay_resume()").await;
 }
 
-/// A guest session (minted by an anonymous add at `edge`) whose cart the ring homes in
-/// `region`.
-async fn guest_homed_in(regions: &TwoRegions, edge: &Edge, region: &str, item: &str) -> String {
-    for _ in 0..64 {
-        let body = format!(r#"{{"item_id":"{item}","quantity":2}}"#);
-        let added = regions
-            .send(edge, "POST", "/api/v1/cart/items", &[], Some(&body))
-            .await;
-        assert_eq!(added.status, StatusCode::OK, "{:?}", added.body);
-        let session = added.header("cart-session").unwrap().to_string();
-        if regions
-            .sg
-            .app
-            .topology
-            .ring
-            .locate(&format!("g:{session}"))
-            .home
-            == region
-        {
-            return session;
-        }
-    }
-    panic!("no guest session homed in {region} after 64 tries");
+/// A guest session minted by an anonymous add at `edge`: its cart is homed in `edge`'s region,
+/// bound inside the session id.
+async fn guest_minted_at(regions: &TwoRegions, edge: &Edge, item: &str) -> String {
+    let body = format!(r#"{{"item_id":"{item}","quantity":2}}"#);
+    let added = regions
+        .send(edge, "POST", "/api/v1/cart/items", &[], Some(&body))
+        .await;
+    assert_eq!(added.status, StatusCode::OK, "{:?}", added.body);
+    let session = added.header("cart-session").unwrap().to_string();
+    let region = edge.app.config.region.id.to_string();
+    assert_eq!(added.header("cart-home-region"), Some(region.as_str()));
+    assert_eq!(
+        cartedge::auth::session_home(&session).as_deref(),
+        Some(region.as_str())
+    );
+    session
+}
+
+/// The shard holding a guest's cart (on its home region's ring).
+fn guest_shard(regions: &TwoRegions, session: &str) -> String {
+    let home = cartedge::auth::session_home(session);
+    regions
+        .sg
+        .app
+        .topology
+        .ring
+        .place(&format!("g:{session}"), home.as_deref())
+        .unwrap()
+        .shard
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_cart_homed_in_sg_merges_into_a_user_cart_homed_in_th_and_checks_out() {
     let regions = TwoRegions::start("2s").await;
     let user = regions.user_homed_in("th", "merge");
-    // The user's cart (THB, homed in th) is written through th; the guest shops in th too, but
-    // the ring homes its cart in sg.
+    // The user's cart (THB, homed in th) is written through th; the guest started shopping in
+    // sg (its session, minted there, homes its cart in sg) and goes on at th.
     let added = regions.add(&regions.th, &user, "sku-00001", 1, None).await;
     assert_eq!(added.status, StatusCode::OK, "{:?}", added.body);
-    let session = guest_homed_in(&regions, &regions.th, "sg", "sku-00001").await;
+    let session = guest_minted_at(&regions, &regions.sg, "sku-00001").await;
     let extra = regions
         .send(
             &regions.th,
@@ -908,10 +915,9 @@ async fn a_guest_cart_homed_in_sg_merges_into_a_user_cart_homed_in_th_and_checks
     assert_ne!(successor, session);
     assert!(after.cookie("cart_session").is_some());
     assert_eq!(after.json()["items"].as_array().unwrap().len(), 1);
-    let ring = &regions.sg.app.topology.ring;
     assert_eq!(
-        ring.locate(&format!("g:{successor}")).shard,
-        ring.locate(&format!("g:{session}")).shard
+        guest_shard(&regions, &successor),
+        guest_shard(&regions, &session)
     );
     // Checkout at sg runs in th against the catalog primary.
     let order = regions
@@ -1008,4 +1014,228 @@ async fn a_min_version_beyond_the_cart_is_answered_by_the_home_primary_in_both_r
     );
     assert_eq!(beyond(&regions.sg), 2, "counted where the primary answered");
     let _ = &regions.th_primary;
+}
+
+/// A token whose `region` claim homes `sub` in `region`.
+fn homed_token(regions: &TwoRegions, sub: &str, region: &str) -> String {
+    let extra = cartedge::auth::ExtraClaims {
+        region: Some(region),
+        ..Default::default()
+    };
+    cartedge::auth::issue_token_with(
+        &regions.sg.app.config.auth,
+        sub,
+        Duration::from_secs(3600),
+        crate::helpers::now_unix(),
+        &extra,
+    )
+    .unwrap()
+}
+
+/// The quantity of `item` in `owner`'s cart on the database `pg` (0 when absent).
+async fn quantity_in(pg: &PgInstance, owner: &str, item: &str) -> i64 {
+    let (client, connection) = tokio_postgres::connect(&pg.dsn("cartedge"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    let row = client
+        .query_opt(
+            "SELECT quantity::bigint FROM cart_items WHERE owner = $1 AND item_id = $2",
+            &[&owner, &item],
+        )
+        .await
+        .unwrap();
+    drop(client);
+    let _ = driver.await;
+    row.map(|r| r.get(0)).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_region_claim_homes_a_shopper_in_their_own_region_and_prices_the_cart_there() {
+    let regions = TwoRegions::start("2s").await;
+    let add = |token: &str, quantity: i64| {
+        (
+            vec![("authorization", format!("Bearer {token}"))],
+            format!(r#"{{"item_id":"sku-00001","quantity":{quantity}}}"#),
+        )
+    };
+    // A Thai shopper whom the global ring would home in sg: the claim homes the cart in th.
+    let thai = regions.user_homed_in("sg", "thai");
+    let token = homed_token(&regions, &thai, "th");
+    let (headers, body) = add(&token, 2);
+    let at_home = regions
+        .send(
+            &regions.th,
+            "POST",
+            "/api/v1/cart/items",
+            &headers,
+            Some(&body),
+        )
+        .await;
+    assert_eq!(at_home.status, StatusCode::OK, "{:?}", at_home.body);
+    assert_eq!(at_home.header("cart-home-region"), Some("th"));
+    assert_eq!(at_home.json()["currency"], "THB");
+    // Travelling: sg relays the write to th, and the cart stays in THB.
+    let (headers, body) = add(&token, 1);
+    let away = regions
+        .send(
+            &regions.sg,
+            "POST",
+            "/api/v1/cart/items",
+            &headers,
+            Some(&body),
+        )
+        .await;
+    assert_eq!(away.status, StatusCode::OK, "{:?}", away.body);
+    assert_eq!(away.header("cart-home-region"), Some("th"));
+    assert_eq!(away.json()["currency"], "THB");
+    let owner = format!("u:{thai}");
+    assert_eq!(
+        quantity_in(&regions.th_primary, &owner, "sku-00001").await,
+        3
+    );
+    assert_eq!(
+        quantity_in(&regions.sg_primary, &owner, "sku-00001").await,
+        0
+    );
+    // Read back at sg with the version the write returned: never older.
+    let version = away.version().to_string();
+    let read = regions
+        .send(
+            &regions.sg,
+            "GET",
+            "/api/v1/cart",
+            &[
+                ("authorization", format!("Bearer {token}")),
+                ("cart-min-version", version),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert_eq!(read.quantity_of("sku-00001"), 3);
+
+    // A Singaporean whom the global ring would home in th, adding at th: relayed to sg, priced
+    // in SGD although the first write came through Bangkok.
+    let singaporean = regions.user_homed_in("th", "singaporean");
+    let token = homed_token(&regions, &singaporean, "sg");
+    let (headers, body) = add(&token, 1);
+    let relayed = regions
+        .send(
+            &regions.th,
+            "POST",
+            "/api/v1/cart/items",
+            &headers,
+            Some(&body),
+        )
+        .await;
+    assert_eq!(relayed.status, StatusCode::OK, "{:?}", relayed.body);
+    assert_eq!(relayed.header("cart-home-region"), Some("sg"));
+    assert_eq!(relayed.json()["currency"], "SGD");
+    let owner = format!("u:{singaporean}");
+    assert_eq!(
+        quantity_in(&regions.sg_primary, &owner, "sku-00001").await,
+        1
+    );
+
+    // A claim naming a region that homes no shard is no credential of this deployment.
+    let stranger = homed_token(&regions, "stranger", "vn");
+    for edge in [&regions.sg, &regions.th] {
+        let (headers, body) = add(&stranger, 1);
+        let refused = regions
+            .send(edge, "POST", "/api/v1/cart/items", &headers, Some(&body))
+            .await;
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(refused.error_code(), "unauthenticated");
+        let read = regions
+            .send(edge, "GET", "/api/v1/cart", &headers, None)
+            .await;
+        assert_eq!(read.status, StatusCode::UNAUTHORIZED);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_is_homed_where_its_session_was_minted_and_old_credentials_keep_their_carts() {
+    let regions = TwoRegions::start("2s").await;
+    // A guest minted at th: homed in th (the id says so), whichever edge it calls next.
+    let session = guest_minted_at(&regions, &regions.th, "sku-00001").await;
+    let owner = format!("g:{session}");
+    let more = regions
+        .send(
+            &regions.sg,
+            "POST",
+            "/api/v1/cart/items",
+            &[("cart-session", session.clone())],
+            Some(r#"{"item_id":"sku-00001","quantity":1}"#),
+        )
+        .await;
+    assert_eq!(more.status, StatusCode::OK, "{:?}", more.body);
+    assert_eq!(more.header("cart-home-region"), Some("th"));
+    assert_eq!(more.json()["currency"], "THB");
+    assert_eq!(
+        quantity_in(&regions.th_primary, &owner, "sku-00001").await,
+        3
+    );
+
+    // Credentials from before home regions: a v2 session (no region inside) and a token
+    // without a claim. Both stay on the global ring, so they reach the carts they already
+    // have. Pick ones the global ring homes in sg, written at th.
+    let auth = regions.th.app.auth.load();
+    let ring = &regions.sg.app.topology.ring;
+    let old_session = (0..256)
+        .map(|_| auth.issue_session_at(crate::helpers::now_unix()))
+        .find(|s| ring.locate(&format!("g:{}", s.as_str())).home == "sg")
+        .unwrap();
+    assert_eq!(cartedge::auth::session_home(old_session.as_str()), None);
+    let old_user = regions.user_homed_in("sg", "old-token");
+    let old_owner_keys = [
+        format!("g:{}", old_session.as_str()),
+        format!("u:{old_user}"),
+    ];
+    let credentials = [
+        ("cart-session", old_session.as_str().to_string()),
+        (
+            "authorization",
+            format!("Bearer {}", regions.token(&old_user)),
+        ),
+    ];
+    for (credential, owner) in credentials.iter().zip(&old_owner_keys) {
+        // The cart they already had (written on sg-1, where the global ring puts them).
+        execute(
+            &regions.sg_primary.dsn("cartedge"),
+            &format!(
+                "INSERT INTO carts (owner, version, currency, updated_at) VALUES ('{owner}', 1, 'SGD', now());
+                 INSERT INTO cart_items (owner, line_id, item_id, quantity, unit_price_minor, currency, added_at)
+                 VALUES ('{owner}', 'sku-00002', 'sku-00002', 4, 100, 'SGD', now())"
+            ),
+        )
+        .await;
+        let read = regions
+            .send(
+                &regions.sg,
+                "GET",
+                "/api/v1/cart",
+                std::slice::from_ref(credential),
+                None,
+            )
+            .await;
+        assert_eq!(read.status, StatusCode::OK, "{owner}: {:?}", read.body);
+        assert_eq!(read.quantity_of("sku-00002"), 4, "{owner}");
+        let added = regions
+            .send(
+                &regions.th,
+                "POST",
+                "/api/v1/cart/items",
+                std::slice::from_ref(credential),
+                Some(r#"{"item_id":"sku-00002","quantity":1}"#),
+            )
+            .await;
+        assert_eq!(added.status, StatusCode::OK, "{owner}: {:?}", added.body);
+        assert_eq!(added.header("cart-home-region"), Some("sg"), "{owner}");
+        assert_eq!(added.quantity_of("sku-00002"), 5, "{owner}");
+        assert_eq!(
+            quantity_in(&regions.sg_primary, owner, "sku-00002").await,
+            5
+        );
+    }
 }
