@@ -63,21 +63,24 @@ fn start_replica(primary: &PgInstance, parent: &Path, name: &str) -> PgInstance 
     PgInstance::start_replica(primary, &dir.join("data"), PgOptions::default()).unwrap()
 }
 
-async fn prepare_primary(pg: &PgInstance, catalog: bool) {
+/// Creates and migrates the region's database, with the region's own demo catalog priced in
+/// `currencies`.
+async fn prepare_primary(pg: &PgInstance, currencies: &[&str]) {
     execute(&pg.dsn("postgres"), "CREATE DATABASE cartedge").await;
     let dsn = pg.dsn("cartedge");
     cartedge::store::migrate::run(&dsn).await.unwrap();
-    if catalog {
-        let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+    let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    for currency in currencies {
+        let currency = cartedge::domain::money::Currency::parse(currency).unwrap();
+        cartedge::store::catalog::load_demo(&client, 50, currency)
             .await
             .unwrap();
-        let driver = tokio::spawn(connection);
-        cartedge::store::catalog::load_demo(&client, 50)
-            .await
-            .unwrap();
-        drop(client);
-        let _ = driver.await;
     }
+    drop(client);
+    let _ = driver.await;
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -87,7 +90,7 @@ fn edge_config(
     currency: &str,
     shards: &[(&str, Option<String>, String)],
     catalog: &str,
-    catalog_primary: &str,
+    peer_catalog: (&str, String),
     redis_prefix: &str,
     peer: (&str, String),
     forward_timeout: &str,
@@ -106,7 +109,10 @@ fn edge_config(
          [events]\nstream = \"{redis_prefix}cart-events\"\n\
          [auth]\nissuer = \"cartedge-test\"\naudience = \"cartedge-api\"\nsession_secret = \"{SESSION_SECRET}\"\n\
          [[auth.keys]]\nkid = \"test\"\nalgorithm = \"HS256\"\nsecret = \"{JWT_SECRET}\"\n\
-         [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"{catalog_primary}\"\n",
+         [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"{catalog}\"\n\
+         [database.peer_catalogs]\n{peer_catalog_region} = \"{peer_catalog_dsn}\"\n",
+        peer_catalog_region = peer_catalog.0,
+        peer_catalog_dsn = peer_catalog.1,
         ring = dir.join("ring.toml").display(),
         regions = dir.join("regions").display(),
         pki = dir.join("pki").display(),
@@ -178,8 +184,11 @@ impl TwoRegions {
                 .await
                 .unwrap()
         };
-        prepare_primary(&sg_primary, true).await;
-        prepare_primary(&th_primary, false).await;
+        // Each region sells from its own catalog. sg's also prices in THB: a new cart takes
+        // the currency of the edge that received its first write, so carts homed in sg may
+        // be in THB.
+        prepare_primary(&sg_primary, &["SGD", "THB"]).await;
+        prepare_primary(&th_primary, &["THB"]).await;
         let (th_replica_of_sg, sg_replica_of_th) = {
             let base = base.clone();
             let sg_port = sg_primary.port;
@@ -249,7 +258,7 @@ impl TwoRegions {
                 ("th-1", None, sg_replica_of_th.dsn("cartedge")),
             ],
             &sg_primary.dsn("cartedge"),
-            &sg_primary.dsn("cartedge"),
+            ("th", sg_replica_of_th.dsn("cartedge")),
             &format!("{prefix}:sg:"),
             (
                 "th",
@@ -269,8 +278,8 @@ impl TwoRegions {
                     th_primary.dsn("cartedge"),
                 ),
             ],
-            &th_replica_of_sg.dsn("cartedge"),
-            &sg_primary.dsn("cartedge"),
+            &th_primary.dsn("cartedge"),
+            ("sg", th_replica_of_sg.dsn("cartedge")),
             &format!("{prefix}:th:"),
             (
                 "sg",
