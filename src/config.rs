@@ -850,6 +850,28 @@ mod tests {
     }
 
     #[test]
+    fn peer_catalogs_are_overridden_from_the_environment_and_redacted() {
+        let mut env = SECRETS.to_vec();
+        env.push((
+            "CARTEDGE__DATABASE__PEER_CATALOGS__TH",
+            "host=th-replica password=pw",
+        ));
+        env.push(("CARTEDGE__DATABASE__PEER_CATALOGS__ZZ", "host=zz"));
+        let config = Config::load(&sources_with(""), env).unwrap();
+        let peers = &config.database.peer_catalogs;
+        assert_eq!(peers["th"].expose(), "host=th-replica password=pw");
+        assert_eq!(
+            peers["zz"].expose(),
+            "host=zz",
+            "an unknown region is preflight's"
+        );
+        assert!(peers["id"].expose().contains("pg-id-1-replica.sg."));
+        let printed = config.redacted_toml();
+        assert!(!printed.contains("th-replica"), "{printed}");
+        assert!(!printed.contains("pg-id-1-replica"), "{printed}");
+    }
+
+    #[test]
     fn a_numeric_looking_secret_stays_a_string() {
         let mut env = SECRETS.to_vec();
         env[0].1 = "12345678901234567890123456789012";
