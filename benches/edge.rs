@@ -52,6 +52,7 @@ fn five_item_cart() -> (StoredCart, Vec<CatalogItem>) {
         .iter()
         .map(|line| CatalogItem {
             item_id: line.item_id.clone(),
+            name: format!("Item {}", line.item_id),
             active: true,
             stock: 1000,
             prices: vec![Money::new(line.unit_price_minor, sgd)],

@@ -265,11 +265,18 @@ pub struct DatabaseConfig {
     /// Every shard of the ring as this region reaches it.
     #[serde(default)]
     pub shards: Vec<ShardDatabase>,
-    /// Catalog reads (this region's replica of the catalog's home database).
+    /// Reads of this region's own catalog (items, names, prices in this region's currency,
+    /// stock): a replica of `catalog_primary` or the primary itself.
     pub catalog: Secret,
-    /// The catalog's primary, for `cartedge catalog …`; empty in regions that do not write it.
+    /// This region's own catalog primary: checkouts of carts homed here reserve stock on it and
+    /// `cartedge catalog …` writes it. Required where the region homes shards.
     pub catalog_primary: Secret,
-    /// Connections per pool (primary, replica and catalog each get one pool).
+    /// Region id → this region's replica of that region's catalog. A cart is priced from its
+    /// home region's catalog, so a visiting shopper's cart read here needs one for every other
+    /// region that homes shards.
+    #[serde(default)]
+    pub peer_catalogs: BTreeMap<String, Secret>,
+    /// Connections per pool (primary, replica and every catalog each get one pool).
     pub pool_size: usize,
     /// Bound on establishing one connection.
     pub connect_timeout: Dur,
@@ -845,6 +852,28 @@ mod tests {
         assert!(printed.contains("<redacted>"));
         assert!(!printed.contains("0123456789abcdef"));
         assert!(!format!("{config:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn peer_catalogs_are_overridden_from_the_environment_and_redacted() {
+        let mut env = SECRETS.to_vec();
+        env.push((
+            "CARTEDGE__DATABASE__PEER_CATALOGS__TH",
+            "host=th-replica password=pw",
+        ));
+        env.push(("CARTEDGE__DATABASE__PEER_CATALOGS__ZZ", "host=zz"));
+        let config = Config::load(&sources_with(""), env).unwrap();
+        let peers = &config.database.peer_catalogs;
+        assert_eq!(peers["th"].expose(), "host=th-replica password=pw");
+        assert_eq!(
+            peers["zz"].expose(),
+            "host=zz",
+            "an unknown region is preflight's"
+        );
+        assert!(peers["id"].expose().contains("pg-id-1-replica.sg."));
+        let printed = config.redacted_toml();
+        assert!(!printed.contains("th-replica"), "{printed}");
+        assert!(!printed.contains("pg-id-1-replica"), "{printed}");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! edge-to-edge CA, certificate and key (and that the certificate names this edge), trusted
 //! proxy networks, database connection strings, the Redis URL, the log filter, every peer's
 //! internal URL, and the region set against the ring (through `topology`), including the
-//! catalog primary that a region homing shards needs for checkout. Both `cartedge serve` and
+//! catalog primary that a region homing shards needs for checkout and a replica of the catalog
+//! of every other region that homes shards (`database.peer_catalogs`). Both `cartedge serve` and
 //! `cartedge check-config` run [`check`], so `check-config` refuses exactly what `serve` would
 //! refuse, with the same message; `App::new` then finds nothing left to refuse.
 //!
@@ -69,6 +70,7 @@ pub fn check(config: &Config) -> Result<Topology, PreflightError> {
     if let Some(topology) = &topology {
         check_peers(config, topology, &mut problems);
         check_catalog_primary(config, topology, &mut problems);
+        check_peer_catalogs(config, topology, &mut problems);
     }
     match topology {
         Some(topology) if problems.is_empty() => Ok(topology),
@@ -162,6 +164,9 @@ fn check_connection_strings(config: &Config, problems: &mut Vec<String>) {
     if !database.catalog_primary.is_empty() {
         dsns.push(("database.catalog_primary".into(), &database.catalog_primary));
     }
+    for (region, dsn) in &database.peer_catalogs {
+        dsns.push((format!("database.peer_catalogs.{region}"), dsn));
+    }
     for (key, dsn) in dsns {
         if let Err(error) = dsn.expose().parse::<tokio_postgres::Config>() {
             problems.push(format!(
@@ -240,7 +245,7 @@ pub fn check_internal_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A region that homes shards runs checkouts, which reserve stock on the catalog's primary.
+/// A region that homes shards runs checkouts, which reserve stock on its own catalog's primary.
 fn check_catalog_primary(config: &Config, topology: &Topology, problems: &mut Vec<String>) {
     if !config.database.catalog_primary.is_empty() {
         return;
@@ -255,9 +260,42 @@ fn check_catalog_primary(config: &Config, topology: &Topology, problems: &mut Ve
         .collect();
     if !homed.is_empty() {
         problems.push(format!(
-            "database.catalog_primary is required: region {} is home to shard(s) {}, whose checkouts reserve stock on the catalog's primary",
+            "database.catalog_primary is required: region {} is home to shard(s) {}, whose checkouts reserve stock on its own catalog's primary",
             config.region.id,
             homed.join(", ")
+        ));
+    }
+}
+
+/// Every other region that homes shards has a replica of its catalog here (a visiting
+/// shopper's cart is priced from its home catalog), and every entry names another region.
+fn check_peer_catalogs(config: &Config, topology: &Topology, problems: &mut Vec<String>) {
+    let here = config.region.id.as_str();
+    let peers = &config.database.peer_catalogs;
+    for region in peers.keys() {
+        if region == here {
+            problems.push(format!(
+                "database.peer_catalogs.{region}: this region's own catalog is database.catalog"
+            ));
+        } else if !topology.regions.contains_key(region.as_str()) {
+            problems.push(format!(
+                "database.peer_catalogs.{region}: no region {region:?} in topology.regions_dir"
+            ));
+        }
+    }
+    let mut homing: Vec<&str> = topology
+        .ring
+        .spec()
+        .shards
+        .iter()
+        .map(|shard| shard.home.as_str())
+        .filter(|home| *home != here && !peers.contains_key(*home))
+        .collect();
+    homing.sort_unstable();
+    homing.dedup();
+    for region in homing {
+        problems.push(format!(
+            "database.peer_catalogs.{region} is required: region {region} homes shards, and its shoppers' carts read here are priced from its catalog"
         ));
     }
 }

@@ -17,6 +17,7 @@ use super::{Body, Surface};
 use crate::app::App;
 use crate::domain::cart::{self, AddRequest, CartView, StoredCart};
 use crate::domain::ids::{Owner, OwnerKey, SessionId};
+use crate::store::catalog::Lookup;
 use crate::store::{CartOp, Source};
 
 /// Warning codes this module adds to a view (the domain adds the per-line ones).
@@ -28,14 +29,32 @@ const ITEM_UNAVAILABLE: &str = "item_unavailable";
 /// How often a read waiting for replication re-reads the replica.
 const REPLICA_POLL: Duration = Duration::from_millis(20);
 
-/// Builds the client's view with current catalog prices.
-pub async fn render_view(app: &App, cart: &StoredCart) -> CartView {
-    let lookup = app
-        .store
-        .catalog
-        .lookup(cart.lines.iter().map(|l| l.item_id.as_str()))
-        .await;
-    let mut view = cart::view(cart, app.config.region.currency, |id| lookup.get(id));
+/// Builds the client's view of a cart homed in `home`, with current prices and names from that
+/// region's catalog (read here: this region's own, or its replica of the home's), in the cart's
+/// own currency (an owner without a cart yet: the home region's).
+pub async fn render_view(app: &App, cart: &StoredCart, home: &str) -> CartView {
+    let home_currency = app
+        .topology
+        .regions
+        .get(home)
+        .map_or(app.config.region.currency, |region| region.currency);
+    let lookup = match app.store.catalog_of(home) {
+        Some(catalog) => {
+            catalog
+                .lookup(cart.lines.iter().map(|l| l.item_id.as_str()))
+                .await
+        }
+        None => {
+            if !cart.lines.is_empty() {
+                tracing::warn!(home, "no replica of the home region's catalog here (database.peer_catalogs); cart view without current prices");
+            }
+            Lookup {
+                items: Default::default(),
+                complete: cart.lines.is_empty(),
+            }
+        }
+    };
+    let mut view = cart::view(cart, home_currency, |id| lookup.get(id));
     if !lookup.complete {
         view.warnings.retain(|w| w.code != ITEM_UNAVAILABLE);
         view.warnings.push(cart::Warning {
@@ -56,7 +75,7 @@ pub async fn view(
 ) -> Result<Response<Body>, ApiError> {
     let Some(read) = read else {
         let cart = StoredCart::empty("");
-        let view = render_view(app, &cart).await;
+        let view = render_view(app, &cart, &app.config.region.id).await;
         return Ok(response::cart_view(app, &view, Source::Replica, None));
     };
     let placed = &read.cart;
@@ -113,7 +132,7 @@ pub async fn view(
     if read.if_none_match.matches(cart.version) && warnings.is_empty() {
         return Ok(response::not_modified(app, cart.version, source));
     }
-    let mut view = render_view(app, &cart).await;
+    let mut view = render_view(app, &cart, placed.home).await;
     view.warnings.extend(warnings);
     let session = match &placed.owner {
         Owner::Guest(session) => Some(SessionHeader::Existing(session)),
@@ -161,9 +180,15 @@ pub async fn write(
     let (operation, item, if_match) = change.fingerprint_parts();
     let fingerprint = idempotency::fingerprint(operation, item, if_match, body);
 
-    // Adds need the catalog's current entry; read it fresh, before taking the cart's lock.
+    // Adds need the catalog's current entry; read it fresh, before taking the cart's lock. A
+    // write runs at the owner's home edge, so the home catalog is this region's own.
     let catalog_item = match &change {
-        Change::Add(add) => app.store.catalog.get_fresh(add.item_id.as_str()).await?,
+        Change::Add(add) => {
+            app.store
+                .own_catalog()
+                .get_fresh(add.item_id.as_str())
+                .await?
+        }
         _ => None,
     };
 
@@ -226,7 +251,7 @@ pub async fn write(
             return Err(ApiError::Rule(rule));
         }
     };
-    let view = render_view(app, &cart).await;
+    let view = render_view(app, &cart, placed.home).await;
     let session_header = new_session
         .as_ref()
         .map(SessionHeader::New)

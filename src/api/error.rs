@@ -15,7 +15,6 @@ use super::names;
 use crate::auth::AuthError;
 use crate::domain::cart::CartRule;
 use crate::domain::lifecycle::{PriceChange, Shortage};
-use crate::domain::money::Currency;
 use crate::domain::order::OrderStatus;
 use crate::limits::Verdict;
 use crate::store::StoreError;
@@ -66,7 +65,6 @@ error_codes! {
     QuantityLimit => "quantity_limit", CONFLICT;
     CartFull => "cart_full", CONFLICT;
     MergeInProgress => "merge_in_progress", CONFLICT;
-    MergeCurrencyMismatch => "merge_currency_mismatch", CONFLICT;
     RequestInProgress => "request_in_progress", CONFLICT;
     PriceChanged => "price_changed", CONFLICT;
     CartEmpty => "cart_empty", CONFLICT;
@@ -132,9 +130,6 @@ pub enum ApiError {
     /// Merge: the guest cart is frozen by another user's merge.
     #[error("this guest cart is being merged into another user's cart")]
     GuestCartBusy,
-    /// Merge: the two carts hold different currencies.
-    #[error("the guest cart and the user's cart are in different currencies")]
-    MergeCurrencyMismatch { user: Currency, guest: Currency },
     #[error("the cart is empty")]
     CartEmpty,
     #[error("prices changed since these items were added; review them and check out with accept_price_changes")]
@@ -255,7 +250,6 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => C::IdempotencyKeyReused,
             ApiError::RateLimited(_) => C::RateLimited,
             ApiError::GuestCartBusy => C::MergeInProgress,
-            ApiError::MergeCurrencyMismatch { .. } => C::MergeCurrencyMismatch,
             ApiError::CartEmpty => C::CartEmpty,
             ApiError::PriceChanged { .. } => C::PriceChanged,
             ApiError::StockShort { .. } => C::OutOfStock,
@@ -309,9 +303,6 @@ impl ApiError {
                 "requested": requested,
                 "available": available,
             }] }),
-            ApiError::MergeCurrencyMismatch { user, guest } => {
-                json!({ "user_currency": user, "guest_currency": guest })
-            }
             ApiError::PriceChanged { lines } => json!({ "lines": lines }),
             ApiError::StockShort { items } => json!({ "items": items }),
             ApiError::OrderNotPending { status } | ApiError::ReservationExpired { status } => {
@@ -414,7 +405,7 @@ impl ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::money::Money;
+    use crate::domain::money::{Currency, Money};
 
     /// One value of every variant (and of every cart rule). The match below has no wildcard, so
     /// a new variant fails to compile until it is sampled here.
@@ -472,10 +463,6 @@ mod tests {
             ApiError::IdempotencyKeyReused,
             ApiError::RateLimited(verdict),
             ApiError::GuestCartBusy,
-            ApiError::MergeCurrencyMismatch {
-                user: sgd,
-                guest: Currency::parse("THB").unwrap(),
-            },
             ApiError::CartEmpty,
             ApiError::PriceChanged {
                 lines: vec![PriceChange {
@@ -533,7 +520,6 @@ mod tests {
                 | ApiError::IdempotencyKeyReused
                 | ApiError::RateLimited(_)
                 | ApiError::GuestCartBusy
-                | ApiError::MergeCurrencyMismatch { .. }
                 | ApiError::CartEmpty
                 | ApiError::PriceChanged { .. }
                 | ApiError::StockShort { .. }

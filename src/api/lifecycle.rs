@@ -18,9 +18,7 @@ use super::{names, response, Body, Surface};
 use crate::app::App;
 use crate::domain::cart::StoredCart;
 use crate::domain::ids::{tagged_digest, OwnerKey};
-use crate::domain::lifecycle::{
-    price_checkout, CheckoutRefusal, CurrentOffer, MergeRefusal, MergeReport,
-};
+use crate::domain::lifecycle::{price_checkout, CheckoutRefusal, CurrentOffer, MergeReport};
 use crate::domain::order::{OrderId, OrderStatus};
 use crate::store::merge::{Frozen, MergeOutcome};
 use crate::store::orders::{self, Locked, Order, Reservation};
@@ -114,9 +112,26 @@ pub async fn merge(
     if frozen.cart.lines.is_empty() {
         // Nothing to merge (no guest cart, or a merge that already finished): the user's cart.
         let cart = app.store.load_from_primary(user.shard, &user_key).await?;
-        let (response, _) = merged_response(app, &cart, &MergeReport::default(), false).await;
+        let (response, _) =
+            merged_response(app, &cart, user.home, &MergeReport::default(), false).await;
         return Ok(response);
     }
+    // A guest cart in another currency (one homed in another region) is re-priced from this,
+    // the user's home, region's catalog: read its entries of the guest's items before taking
+    // the user cart's lock. Unreadable: the merge fails only if it needs them.
+    let item_ids: Vec<&str> = frozen
+        .cart
+        .lines
+        .iter()
+        .map(|line| line.item_id.as_str())
+        .collect();
+    let home_catalog = match app.store.own_catalog().get_fresh_many(&item_ids).await {
+        Ok(items) => Some(items),
+        Err(error) => {
+            tracing::warn!(%error, "catalog unavailable; a merge that re-prices will fail");
+            None
+        }
+    };
     let fingerprint =
         idempotency::fingerprint("merge", guest_key.as_str(), Some(frozen.version), bytes);
     let mut tx = app.store.begin_write(user.shard).await?;
@@ -132,24 +147,20 @@ pub async fn merge(
             strategy,
             app.config.cart.max_lines,
             app.config.region.currency,
+            home_catalog.as_ref(),
         )
         .await?;
     match outcome {
-        MergeOutcome::Refused(MergeRefusal::CurrencyMismatch { user, guest }) => {
-            tx.rollback().await;
-            if let Err(error) = guest_step(app, Step::Abort, &step).await {
-                tracing::warn!(%error, "could not lift a refused merge's freeze; a retry will");
-            }
-            Err(ApiError::MergeCurrencyMismatch { user, guest })
-        }
         MergeOutcome::AlreadyApplied { report } => {
             tx.rollback().await;
             finish_guest(app, &step).await;
             let cart = app.store.load_from_primary(user.shard, &user_key).await?;
-            Ok(merged_response(app, &cart, &report, true).await.0)
+            Ok(merged_response(app, &cart, user.home, &report, true)
+                .await
+                .0)
         }
         MergeOutcome::Applied { cart, report } => {
-            let (mut response, body) = merged_response(app, &cart, &report, true).await;
+            let (mut response, body) = merged_response(app, &cart, user.home, &report, true).await;
             if let Some(key) = idempotency_key {
                 let stored = idempotency::to_stored(&response, body);
                 tx.record_idempotency(&user_key, key, &fingerprint, &stored)
@@ -176,6 +187,7 @@ async fn finish_guest(app: &App, step: &MergeStep) {
 async fn merged_response(
     app: &App,
     cart: &StoredCart,
+    home: &str,
     report: &MergeReport,
     written: bool,
 ) -> (Response<Body>, Bytes) {
@@ -185,7 +197,7 @@ async fn merged_response(
         cart: &'a crate::domain::cart::CartView,
         report: &'a MergeReport,
     }
-    let view = render_view(app, cart).await;
+    let view = render_view(app, cart, home).await;
     let merged = Merged {
         cart: &view,
         report,

@@ -125,6 +125,8 @@ impl StoredCart {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CatalogItem {
     pub item_id: String,
+    /// The product name shown on cart lines.
+    pub name: String,
     pub active: bool,
     pub stock: i64,
     pub prices: Vec<Money>,
@@ -247,6 +249,9 @@ pub struct LineView {
     /// What `PUT`/`DELETE /cart/items/{line_id}` address.
     pub line_id: String,
     pub item_id: String,
+    /// The catalog's name for the item; None when the item is gone from the catalog (or the
+    /// catalog could not be read).
+    pub name: Option<String>,
     pub quantity: u16,
     pub variant: Option<Value>,
     pub unit_price: Money,
@@ -325,6 +330,7 @@ pub fn view<'a>(
             LineView {
                 line_id: line.line_id.clone(),
                 item_id: line.item_id.clone(),
+                name: entry.map(|e| e.name.clone()),
                 quantity: line.quantity,
                 variant: line.variant.clone(),
                 unit_price: Money::new(line.unit_price_minor, currency),
@@ -372,6 +378,7 @@ mod tests {
     fn item(stock: i64, price: i64) -> CatalogItem {
         CatalogItem {
             item_id: "sku-1".into(),
+            name: "Item one".into(),
             active: true,
             stock,
             prices: vec![Money::new(price, sgd())],
@@ -509,6 +516,8 @@ mod tests {
         assert_eq!(view.total_price, Money::new(305, sgd()));
         assert!(view.items[0].price_changed);
         assert_eq!(view.items[0].current_price, Some(Money::new(120, sgd())));
+        assert_eq!(view.items[0].name.as_deref(), Some("Item one"));
+        assert_eq!(view.items[1].name, None, "gone from the catalog");
         assert!(!view.items[1].price_changed);
         assert_eq!(view.price_changed_lines, 1);
         let codes: Vec<_> = view.warnings.iter().map(|w| w.code).collect();

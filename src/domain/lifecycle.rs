@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::cart::{StoredCart, StoredLine, MAX_QUANTITY};
+use super::cart::{CatalogItem, StoredCart, StoredLine, MAX_QUANTITY};
 use super::money::{Currency, Money};
 
 /// How quantities of a line in both carts (same item, same variant: same line id) combine.
@@ -69,46 +69,75 @@ pub struct MergeWrite {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergePlan {
     /// The user cart's currency afterwards.
-    pub currency: Option<Currency>,
+    pub currency: Currency,
     pub writes: Vec<MergeWrite>,
     pub report: MergeReport,
 }
 
-/// Why a merge cannot happen.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MergeRefusal {
-    CurrencyMismatch { user: Currency, guest: Currency },
+/// The reason a guest line is skipped when the user's home catalog does not sell its item in
+/// the user's currency (no price in it, inactive, or absent).
+pub const NOT_SOLD_IN_REGION: &str = "not_sold_in_region";
+
+/// The currency the user's cart has after a merge: its own while it holds lines, else the
+/// user's home region's (an empty cart is as good as a new one).
+pub fn merge_currency(user: &StoredCart, home_currency: Currency) -> Currency {
+    match user.currency {
+        Some(currency) if !user.lines.is_empty() => currency,
+        _ => home_currency,
+    }
+}
+
+/// Whether merging `guest` into `user` re-prices the guest's lines: the guest cart is in
+/// another currency than the user's cart will be (a guest who shopped in another region).
+pub fn merge_reprices(user: &StoredCart, guest: &StoredCart, home_currency: Currency) -> bool {
+    let currency = merge_currency(user, home_currency);
+    !guest.lines.is_empty() && guest.currency.is_some_and(|guest| guest != currency)
 }
 
 /// Decides how `guest` merges into `user`. Lines with the same line id combine; the same item in
 /// different variants stays in separate lines. Existing user lines keep their captured price
 /// (except under `keep_guest`, where the guest's line wins whole); guest lines keep theirs.
 /// New lines beyond `max_lines` are skipped and reported.
-pub fn plan_merge(
+///
+/// A guest cart in another currency than the user's (see [`merge_reprices`]) is re-priced
+/// first: each guest line takes the current price, in the user's currency, of `home_catalog`
+/// (the user's home region's catalog); a line whose item that catalog does not sell in that
+/// currency (no price, inactive, absent) is skipped as [`NOT_SOLD_IN_REGION`].
+pub fn plan_merge<'a>(
     user: &StoredCart,
     guest: &StoredCart,
     strategy: MergeStrategy,
     max_lines: u32,
-) -> Result<MergePlan, MergeRefusal> {
-    if guest.lines.is_empty() {
-        return Ok(MergePlan {
-            currency: user.currency,
-            writes: Vec::new(),
-            report: MergeReport::default(),
-        });
-    }
-    if let (Some(user_currency), Some(guest_currency)) = (user.currency, guest.currency) {
-        if user_currency != guest_currency {
-            return Err(MergeRefusal::CurrencyMismatch {
-                user: user_currency,
-                guest: guest_currency,
-            });
-        }
-    }
+    home_currency: Currency,
+    home_catalog: impl Fn(&str) -> Option<&'a CatalogItem>,
+) -> MergePlan {
+    let currency = merge_currency(user, home_currency);
+    let reprice = merge_reprices(user, guest, home_currency);
     let mut report = MergeReport::default();
     let mut writes = Vec::new();
     let mut line_count = user.lines.len();
-    for line in &guest.lines {
+    for guest_line in &guest.lines {
+        let repriced;
+        let line = if reprice {
+            let price = home_catalog(&guest_line.item_id)
+                .filter(|item| item.active)
+                .and_then(|item| item.price_in(currency));
+            let Some(price) = price else {
+                report.skipped.push(Skipped {
+                    line_id: guest_line.line_id.clone(),
+                    item_id: guest_line.item_id.clone(),
+                    reason: NOT_SOLD_IN_REGION.into(),
+                });
+                continue;
+            };
+            repriced = StoredLine {
+                unit_price_minor: price.amount_minor,
+                ..guest_line.clone()
+            };
+            &repriced
+        } else {
+            guest_line
+        };
         match user.lines.iter().find(|l| l.line_id == line.line_id) {
             Some(existing) => {
                 report.merged_lines += 1;
@@ -151,11 +180,11 @@ pub fn plan_merge(
             }
         }
     }
-    Ok(MergePlan {
-        currency: user.currency.or(guest.currency),
+    MergePlan {
+        currency,
         writes,
         report,
-    })
+    }
 }
 
 fn clamp(requested: u32) -> u16 {
@@ -311,6 +340,16 @@ mod tests {
         }
     }
 
+    /// A merge of carts in one currency (no catalog needed).
+    fn merged(
+        user: &StoredCart,
+        guest: &StoredCart,
+        strategy: MergeStrategy,
+        max: u32,
+    ) -> MergePlan {
+        plan_merge(user, guest, strategy, max, sgd(), |_| None)
+    }
+
     fn quantities(plan: &MergePlan) -> Vec<(String, u16, i64)> {
         plan.writes
             .iter()
@@ -329,7 +368,7 @@ mod tests {
             (MergeStrategy::KeepGuest, Some(3), 120),
         ];
         for (strategy, quantity_of_a, price_of_a) in expect {
-            let plan = plan_merge(&user, &guest, strategy, 100).unwrap();
+            let plan = merged(&user, &guest, strategy, 100);
             let writes = quantities(&plan);
             match quantity_of_a {
                 Some(q) => assert!(
@@ -349,7 +388,7 @@ mod tests {
     fn sums_past_999_are_clamped_and_reported() {
         let user = cart("u:a", vec![line("a", 900, 100)]);
         let guest = cart("g:s", vec![line("a", 200, 100)]);
-        let plan = plan_merge(&user, &guest, MergeStrategy::Sum, 100).unwrap();
+        let plan = merged(&user, &guest, MergeStrategy::Sum, 100);
         assert_eq!(quantities(&plan), [("a".to_string(), 999, 100)]);
         assert_eq!(
             plan.report.clamped,
@@ -366,30 +405,110 @@ mod tests {
     fn new_lines_past_the_line_limit_are_skipped() {
         let user = cart("u:a", vec![line("a", 1, 1)]);
         let guest = cart("g:s", vec![line("b", 1, 1), line("c", 1, 1)]);
-        let plan = plan_merge(&user, &guest, MergeStrategy::Sum, 2).unwrap();
+        let plan = merged(&user, &guest, MergeStrategy::Sum, 2);
         assert_eq!(plan.report.added_lines, 1);
         assert_eq!(plan.report.skipped.len(), 1);
         assert_eq!(plan.report.skipped[0].reason, "cart_full");
     }
 
     #[test]
-    fn different_currencies_refuse_and_an_empty_guest_cart_changes_nothing() {
+    fn a_guest_cart_in_another_currency_is_repriced_from_the_home_catalog() {
+        let thb = Currency::parse("THB").unwrap();
+        let user = cart("u:a", vec![line("a", 1, 100)]);
+        let mut guest = cart(
+            "g:s",
+            vec![
+                line("a", 2, 2600),
+                line("b", 1, 5200),
+                line("thai", 1, 900),
+                line("retired", 1, 900),
+                line("gone", 1, 900),
+            ],
+        );
+        guest.currency = Some(thb);
+        let offer = |id: &str, active: bool, prices: Vec<Money>| CatalogItem {
+            item_id: id.into(),
+            name: id.into(),
+            active,
+            stock: 10,
+            prices,
+        };
+        let catalog = [
+            offer("a", true, vec![Money::new(110, sgd())]),
+            offer(
+                "b",
+                true,
+                vec![Money::new(210, sgd()), Money::new(5200, thb)],
+            ),
+            offer("thai", true, vec![Money::new(900, thb)]),
+            offer("retired", false, vec![Money::new(300, sgd())]),
+        ];
+        let lookup = |id: &str| catalog.iter().find(|item| item.item_id == id);
+        assert!(merge_reprices(&user, &guest, sgd()));
+        for strategy in [MergeStrategy::Sum, MergeStrategy::KeepGuest] {
+            let plan = plan_merge(&user, &guest, strategy, 10, sgd(), lookup);
+            assert_eq!(plan.currency, sgd());
+            let writes = quantities(&plan);
+            // The shared line keeps the user's price under sum, takes the guest's (re-priced
+            // in SGD) under keep_guest; the new line arrives at the SGD catalog price.
+            let shared_price = if strategy == MergeStrategy::Sum {
+                100
+            } else {
+                110
+            };
+            let shared_quantity = if strategy == MergeStrategy::Sum { 3 } else { 2 };
+            assert_eq!(
+                writes,
+                [
+                    ("a".to_string(), shared_quantity, shared_price),
+                    ("b".to_string(), 1, 210)
+                ],
+                "{strategy:?}"
+            );
+            let skipped: Vec<(&str, &str)> = plan
+                .report
+                .skipped
+                .iter()
+                .map(|s| (s.item_id.as_str(), s.reason.as_str()))
+                .collect();
+            assert_eq!(
+                skipped,
+                [
+                    ("thai", NOT_SOLD_IN_REGION),
+                    ("retired", NOT_SOLD_IN_REGION),
+                    ("gone", NOT_SOLD_IN_REGION)
+                ]
+            );
+            assert_eq!((plan.report.merged_lines, plan.report.added_lines), (1, 1));
+        }
+        // An empty user cart takes the home region's currency, so a THB guest cart is
+        // re-priced into SGD there too; a guest cart in the user's currency is not.
+        let empty = StoredCart::empty("u:b");
+        let plan = plan_merge(&empty, &guest, MergeStrategy::Sum, 10, sgd(), lookup);
+        assert_eq!(plan.currency, sgd());
+        assert_eq!(
+            quantities(&plan),
+            [("a".to_string(), 2, 110), ("b".to_string(), 1, 210)]
+        );
+        let plan = plan_merge(&empty, &guest, MergeStrategy::Sum, 10, thb, lookup);
+        assert_eq!(plan.currency, thb);
+        assert!(plan.report.skipped.is_empty());
+        assert_eq!(quantities(&plan)[0], ("a".to_string(), 2, 2600));
+    }
+
+    #[test]
+    fn an_empty_guest_cart_changes_nothing() {
         let user = cart("u:a", vec![line("a", 1, 1)]);
         let mut guest = cart("g:s", vec![line("a", 1, 1)]);
-        guest.currency = Currency::parse("THB");
-        assert!(matches!(
-            plan_merge(&user, &guest, MergeStrategy::Sum, 10),
-            Err(MergeRefusal::CurrencyMismatch { .. })
-        ));
         guest.lines.clear();
-        let plan = plan_merge(&user, &guest, MergeStrategy::Sum, 10).unwrap();
+        let plan = merged(&user, &guest, MergeStrategy::Sum, 10);
         assert!(plan.writes.is_empty());
         assert_eq!(plan.report, MergeReport::default());
         // A user without a cart takes the guest's currency.
         let none = StoredCart::empty("u:b");
         let guest = cart("g:s", vec![line("a", 1, 1)]);
-        let plan = plan_merge(&none, &guest, MergeStrategy::Sum, 10).unwrap();
-        assert_eq!(plan.currency, Some(sgd()));
+        let plan = merged(&none, &guest, MergeStrategy::Sum, 10);
+        assert_eq!(plan.currency, sgd());
     }
 
     #[test]
@@ -435,7 +554,7 @@ mod tests {
             "g:s",
             vec![variant_line("a", "red", 1), variant_line("a", "blue", 4)],
         );
-        let plan = plan_merge(&user, &guest, MergeStrategy::Sum, 10).unwrap();
+        let plan = merged(&user, &guest, MergeStrategy::Sum, 10);
         let writes: Vec<(String, u16)> = plan
             .writes
             .iter()

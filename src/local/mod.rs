@@ -5,8 +5,10 @@
 //! between them) and runs each edge through `cartedge::service`.
 //!
 //! Per region: the primary of the shard homed there, a streaming replica of every other shard,
-//! one Redis and one edge. The catalog is homed in `sg` (in shard `sg-1`'s database) and reaches
-//! the other regions through their replicas of `sg-1`. Every inter-region path — edge to edge
+//! one Redis and one edge. Each region has its own catalog, the demo `sku-00001` … `sku-10000`
+//! priced in its own currency with stock 1000, in its shard's database (`<region>-1`): its
+//! edge reads and reserves on its primary, and the other regions read it through their
+//! replicas of that shard (`database.peer_catalogs`). Every inter-region path — edge to edge
 //! and every replication stream — runs through the link proxy with a one-way delay of half the
 //! region pair's round trip. With `--with-prometheus` a Prometheus server scrapes every edge's
 //! admin listener with the rules of `ops/prometheus/alerts.yml` loaded. This module is developer
@@ -316,11 +318,16 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             );
         }
     }
-    let (catalog, driver) = connect(&primaries["sg"].dsn(DATABASE)).await?;
-    cartedge::store::catalog::load_demo(&catalog, DEMO_ITEMS).await?;
-    drop(catalog);
-    let _ = driver.await;
-    eprintln!("cartedge: demo catalog ready in sg ({DEMO_ITEMS} items)");
+    // Every region sells from its own catalog, priced in its own currency.
+    for (region, currency, _) in REGIONS {
+        let currency = cartedge::domain::money::Currency::parse(currency)
+            .with_context(|| format!("{region}: currency {currency}"))?;
+        let (catalog, driver) = connect(&primaries[region].dsn(DATABASE)).await?;
+        cartedge::store::catalog::load_demo(&catalog, DEMO_ITEMS, currency).await?;
+        drop(catalog);
+        let _ = driver.await;
+    }
+    eprintln!("cartedge: demo catalog ready in every region ({DEMO_ITEMS} items each)");
 
     eprintln!("cartedge: starting a streaming replica of every other shard in each region…");
     // replicas[(region, home)] is `region`'s replica of the shard homed in `home`.
@@ -504,12 +511,14 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
                 });
             }
         }
-        let catalog = if plan.id == "sg" {
-            primary.dsn(DATABASE)
-        } else {
-            replicas[&(plan.id.to_string(), "sg".to_string())].dsn(DATABASE)
-        };
-        let catalog_primary = primaries["sg"].dsn(DATABASE);
+        // The region's own catalog is in its primary; the others' through its replicas of them.
+        let catalog = primary.dsn(DATABASE);
+        let mut peer_catalogs = String::new();
+        for ((region, home), replica) in &replicas {
+            if region == plan.id {
+                peer_catalogs.push_str(&format!("{home} = \"{}\"\n", replica.dsn(DATABASE)));
+            }
+        }
         let mut peer_urls = String::new();
         for other in plans.iter().filter(|o| o.id != plan.id) {
             let via = link_address(&format!("{}->{}:edge", plan.id, other.id))?;
@@ -528,7 +537,8 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
              session_secret = \"{session}\"\n\n\
              [[auth.keys]]\nkid = \"local-hs256\"\nalgorithm = \"HS256\"\nsecret = \"{jwt}\"\n\n\
              [log]\nformat = \"{log_format}\"\n\n\
-             [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"{catalog_primary}\"\n\n{shards}",
+             [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"{catalog}\"\n\n\
+             [database.peer_catalogs]\n{peer_catalogs}\n{shards}",
             id = plan.id,
             currency = plan.currency,
             edge = plan.edge,

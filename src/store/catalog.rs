@@ -1,4 +1,6 @@
-//! The catalog: items, a price per currency in minor units, stock and an active flag.
+//! A region's catalog: items, their names, a price per currency in minor units, stock and an
+//! active flag. Each region has its own (priced in its currency, its stock reserved on its
+//! primary); a [`Catalog`] reads one of them, this region's own or a replica of a peer's.
 //!
 //! Cart views need every line's current price on every read, so entries are reused in-process
 //! for `cart.catalog_cache_ttl` (a few seconds). An entry past its TTL is still served for up to
@@ -23,7 +25,8 @@ const MAX_CACHED_ITEMS: usize = 200_000;
 /// How far past its TTL an entry may be served while its refresh runs.
 const MAX_STALENESS: Duration = Duration::from_secs(30);
 
-const SELECT_ITEMS: &str = "SELECT i.item_id, i.active, i.stock, p.currency, p.amount_minor \
+const SELECT_ITEMS: &str =
+    "SELECT i.item_id, i.active, i.stock, i.name, p.currency, p.amount_minor \
      FROM catalog_items i LEFT JOIN catalog_prices p ON p.item_id = i.item_id \
      WHERE i.item_id = ANY($1)";
 
@@ -70,6 +73,23 @@ impl Catalog {
     /// The current entry of one item, read from the database (not the in-process cache).
     pub async fn get_fresh(&self, item_id: &str) -> Result<Option<Arc<CatalogItem>>, StoreError> {
         self.inner.get_fresh(item_id).await
+    }
+
+    /// The current entries of several items, read from the database in one query (a merge
+    /// re-pricing a guest cart); items the catalog does not hold are absent.
+    pub async fn get_fresh_many(
+        &self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, Arc<CatalogItem>>, StoreError> {
+        let fetched: HashMap<String, Arc<CatalogItem>> = self
+            .inner
+            .fetch(ids)
+            .await?
+            .into_iter()
+            .map(|(id, item)| (id, Arc::new(item)))
+            .collect();
+        self.inner.remember(Instant::now(), ids, &fetched);
+        Ok(fetched)
     }
 
     /// Entries for cart views: cached ones (fresh, or stale while a refresh runs), the rest in
@@ -157,10 +177,11 @@ pub(super) async fn fetch_items(
                 item_id,
                 active: row.try_get(1)?,
                 stock: i64::from(row.try_get::<_, i32>(2)?),
+                name: row.try_get(3)?,
                 prices: Vec::new(),
             });
-            let currency: Option<String> = row.try_get(3)?;
-            let amount: Option<i64> = row.try_get(4)?;
+            let currency: Option<String> = row.try_get(4)?;
+            let amount: Option<i64> = row.try_get(5)?;
             if let (Some(currency), Some(amount)) =
                 (currency.as_deref().and_then(Currency::parse), amount)
             {
@@ -276,7 +297,8 @@ pub async fn set_stock(
     Ok(changed > 0)
 }
 
-/// Minor units per 1.00 SGD for the demo catalog's other currencies (VND has no minor unit).
+/// Demo prices: units of each currency per 1.00 SGD (applied to SGD cents, so the result is in
+/// the currency's minor units; VND has none, so its rate is per SGD cent already).
 const DEMO_RATES: [(&str, i64); 6] = [
     ("SGD", 1),
     ("IDR", 11_800),
@@ -286,11 +308,14 @@ const DEMO_RATES: [(&str, i64); 6] = [
     ("PHP", 42),
 ];
 
-/// Loads the demo catalog: `sku-00001` … `sku-<count>`, stock 1000, priced in six currencies.
-/// Idempotent: existing items are left as they are.
+/// Loads the demo catalog into one region's catalog: `sku-00001` … `sku-<count>`, stock 1000,
+/// priced in `currency` (the region's), the same basket of goods in every region at roughly the
+/// same value. A currency without a demo rate is priced as SGD cents. Idempotent: existing items
+/// and prices are left as they are, and loading it again in another currency adds those prices.
 pub async fn load_demo(
     client: &tokio_postgres::Client,
     count: i32,
+    currency: Currency,
 ) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
@@ -300,17 +325,26 @@ pub async fn load_demo(
             &[&count],
         )
         .await?;
-    for (currency, rate) in DEMO_RATES {
-        // SGD price in cents: 1.00 to 99.99, spread deterministically over the items.
-        client
-            .execute(
-                "INSERT INTO catalog_prices (item_id, currency, amount_minor) \
-                 SELECT format('sku-%s', lpad(n::text, 5, '0')), $2::text, \
-                        (100 + (n * 7919) % 9900)::bigint * $3::bigint \
-                 FROM generate_series(1, $1::int) AS n ON CONFLICT (item_id, currency) DO NOTHING",
-                &[&count, &currency, &rate],
-            )
-            .await?;
-    }
+    let rate = DEMO_RATES
+        .iter()
+        .find(|(code, _)| *code == currency.as_str())
+        .map_or(1, |(_, rate)| *rate);
+    // SGD price in cents: 1.00 to 99.99, spread deterministically over the items.
+    client
+        .execute(
+            "INSERT INTO catalog_prices (item_id, currency, amount_minor) \
+             SELECT format('sku-%s', lpad(n::text, 5, '0')), $2::text, \
+                    (100 + (n * 7919) % 9900)::bigint * $3::bigint \
+             FROM generate_series(1, $1::int) AS n ON CONFLICT (item_id, currency) DO NOTHING",
+            &[&count, &currency.as_str(), &rate],
+        )
+        .await?;
     Ok(())
+}
+
+/// The currencies the demo catalog has rates for.
+pub fn demo_currencies() -> impl Iterator<Item = Currency> {
+    DEMO_RATES
+        .iter()
+        .filter_map(|(code, _)| Currency::parse(code))
 }

@@ -16,16 +16,20 @@
 //!
 //! A crash after 1 leaves the guest cart frozen and unmerged; after 2, merged and frozen. Either
 //! way a retry converges to "merged once, guest cart empty". [`abort`] lifts a freeze whose
-//! merge was refused (different currencies).
+//! merge was refused (edges of earlier releases refused carts in different currencies; a guest
+//! cart in another currency is now re-priced from the user's home catalog instead).
 
 use serde_json::json;
 use tokio_postgres::types::ToSql;
 
 use super::carts::{self, keyed_by_line, WriteTx};
 use super::{events, tx, Store, StoreError};
-use crate::domain::cart::StoredCart;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::domain::cart::{CatalogItem, StoredCart};
 use crate::domain::ids::OwnerKey;
-use crate::domain::lifecycle::{plan_merge, MergeRefusal, MergeReport, MergeStrategy};
+use crate::domain::lifecycle::{merge_reprices, plan_merge, MergeReport, MergeStrategy};
 use crate::domain::money::Currency;
 
 /// A guest cart held still for a merge.
@@ -161,8 +165,6 @@ pub enum MergeOutcome {
     },
     /// This frozen guest version was merged before: nothing done (roll back).
     AlreadyApplied { report: MergeReport },
-    /// Refused (roll back).
-    Refused(MergeRefusal),
 }
 
 impl WriteTx {
@@ -182,6 +184,9 @@ impl WriteTx {
     }
 
     /// Step 2, on the user cart's home shard: merges the frozen guest snapshot once.
+    /// `home_currency` is this (the user's home) region's; `home_catalog` holds this region's
+    /// catalog entries of the guest's items (None: the catalog could not be read), from which a
+    /// guest cart in another currency is re-priced (`domain::lifecycle::plan_merge`).
     #[allow(clippy::too_many_arguments)]
     pub async fn apply_merge(
         &mut self,
@@ -189,10 +194,11 @@ impl WriteTx {
         guest: &Frozen,
         strategy: MergeStrategy,
         max_lines: u32,
-        new_cart_currency: Currency,
+        home_currency: Currency,
+        home_catalog: Option<&HashMap<String, Arc<CatalogItem>>>,
     ) -> Result<MergeOutcome, StoreError> {
         let client = self.client()?;
-        let currency = guest.cart.currency.unwrap_or(new_cart_currency);
+        let currency = home_currency;
         // Lock (or create) the user's cart first: concurrent merges and writes queue here.
         let bump = client
             .prepare_cached(concat!(
@@ -230,10 +236,6 @@ impl WriteTx {
             return Ok(MergeOutcome::AlreadyApplied { report });
         }
         let mut current = carts::load(client, user).await?;
-        if current.lines.is_empty() {
-            // An empty user cart takes the guest cart's currency.
-            current.currency = None;
-        }
         let mut guest_cart = std::borrow::Cow::Borrowed(&guest.cart);
         if !by_line {
             // Legacy mode (a database before V4): lines are keyed by item, as they were.
@@ -244,16 +246,29 @@ impl WriteTx {
                 line.line_id.clone_from(&line.item_id);
             }
         }
-        let plan = match plan_merge(&current, &guest_cart, strategy, max_lines) {
-            Ok(plan) => plan,
-            Err(refusal) => return Ok(MergeOutcome::Refused(refusal)),
-        };
-        if let Some(currency) = plan.currency {
+        if home_catalog.is_none() && merge_reprices(&current, &guest_cart, home_currency) {
+            return Err(StoreError::Unavailable(
+                "the catalog could not be read to re-price a guest cart in another currency".into(),
+            ));
+        }
+        let plan = plan_merge(
+            &current,
+            &guest_cart,
+            strategy,
+            max_lines,
+            home_currency,
+            |id| {
+                home_catalog
+                    .and_then(|items| items.get(id))
+                    .map(Arc::as_ref)
+            },
+        );
+        if current.currency != Some(plan.currency) {
             let set = client
                 .prepare_cached("UPDATE carts SET currency = $2 WHERE owner = $1")
                 .await?;
             client
-                .execute(&set, &[&user.as_str(), &currency.as_str()])
+                .execute(&set, &[&user.as_str(), &plan.currency.as_str()])
                 .await?;
         }
         let upsert = client
@@ -274,7 +289,7 @@ impl WriteTx {
                      variant = EXCLUDED.variant, updated_at = now()"
             })
             .await?;
-        let line_currency = plan.currency.unwrap_or(currency);
+        let line_currency = plan.currency;
         let (user_key, line_currency_code) = (user.as_str(), line_currency.as_str());
         for write in &plan.writes {
             let quantity = i32::from(write.quantity);

@@ -1,4 +1,5 @@
-//! Storage: PostgreSQL pools with explicit intent, the Redis cart cache and the catalog.
+//! Storage: PostgreSQL pools with explicit intent, the Redis cart cache and the catalogs (this
+//! region's own and its replicas of the other regions').
 //!
 //! Nobody outside this module takes a pool. Reads say what they need: [`Store::db_read`] (the
 //! replica, falling back to the primary with a warning and a counter) or
@@ -122,12 +123,18 @@ pub const GAUGE_ROW_CAP: i64 = 100_000;
 /// How often heartbeats are written (home shards) and replica lag is read (the others).
 const HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
 
-/// The region's storage: every shard's pools, the regional cache and the catalog.
+/// The region's storage: every shard's pools, the regional cache and the catalogs.
 pub struct Store {
     shards: HashMap<String, ShardPools>,
     pub cache: Arc<Cache>,
-    pub catalog: Catalog,
-    /// The catalog's primary, where stock is reserved (None in regions without it).
+    /// This region's id: whose catalog [`Store::own_catalog`] is.
+    region: String,
+    /// This region's own catalog, read through `database.catalog`.
+    catalog: Catalog,
+    /// This region's replicas of the other regions' catalogs (`database.peer_catalogs`).
+    peer_catalogs: HashMap<String, Catalog>,
+    /// This region's own catalog primary, where checkouts of carts homed here reserve stock
+    /// (None in regions that home no shards).
     catalog_primary: Option<Pool>,
     metrics: DbMetrics,
     cache_metrics: CacheMetrics,
@@ -225,7 +232,13 @@ impl Store {
                 },
             );
         }
+        let ttl = config.cart.catalog_cache_ttl.0;
         let catalog_pool = build_pool(config.database.catalog.expose(), config)?;
+        let mut peer_catalogs = HashMap::new();
+        for (region, dsn) in &config.database.peer_catalogs {
+            let pool = build_pool(dsn.expose(), config)?;
+            peer_catalogs.insert(region.clone(), Catalog::new(pool, ttl));
+        }
         let catalog_primary = if config.database.catalog_primary.is_empty() {
             None
         } else {
@@ -237,7 +250,9 @@ impl Store {
         Ok(Store {
             shards,
             cache: Arc::new(Cache::new(&config.redis, metrics.cache.clone())?),
-            catalog: Catalog::new(catalog_pool, config.cart.catalog_cache_ttl.0),
+            region: config.region.id.to_string(),
+            catalog: Catalog::new(catalog_pool, ttl),
+            peer_catalogs,
             catalog_primary,
             metrics: metrics.db.clone(),
             cache_metrics: metrics.cache.clone(),
@@ -348,7 +363,24 @@ impl Store {
         shards
     }
 
-    /// Whether this region can reserve stock (holds a connection to the catalog's primary).
+    /// This region's own catalog: adds read it fresh (they run at the owner's home edge) and a
+    /// merge re-prices from it (it runs at the user's home edge).
+    pub fn own_catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// The catalog of `region` as read here: this region's own, or its replica of a peer's.
+    /// None when this region has no replica of it (preflight refuses that for every region
+    /// that homes shards).
+    pub fn catalog_of(&self, region: &str) -> Option<&Catalog> {
+        if region == self.region {
+            Some(&self.catalog)
+        } else {
+            self.peer_catalogs.get(region)
+        }
+    }
+
+    /// Whether this region can reserve stock (holds a connection to its catalog's primary).
     pub fn has_catalog_primary(&self) -> bool {
         self.catalog_primary.is_some()
     }

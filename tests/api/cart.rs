@@ -1044,3 +1044,42 @@ async fn on_a_database_before_v4_lines_are_kept_per_item_as_before() {
     assert_eq!(merged.status, StatusCode::OK, "{:?}", merged.body);
     assert_eq!(merged.quantity_of("sku-00001"), 5);
 }
+
+#[tokio::test]
+async fn cart_lines_carry_the_catalog_name_and_null_once_the_item_is_gone() {
+    let app = TestApp::spawn().await;
+    app.add("namer", "sku-low", 1).await;
+    let added = app.add("namer", "sku-00007", 1).await;
+    assert_eq!(added.status, StatusCode::OK);
+    let line_of = |view: &TestResponse, item: &str| {
+        view.json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|line| line["item_id"] == item)
+            .cloned()
+            .unwrap()
+    };
+    let name_of = |view: &TestResponse, item: &str| line_of(view, item)["name"].clone();
+    assert_eq!(name_of(&added, "sku-low"), "Low stock");
+    assert_eq!(name_of(&added, "sku-00007"), "Demo item 7");
+    // Renamed in the catalog: the next view shows it (the test edge caches no catalog entry).
+    app.sql("UPDATE catalog_items SET name = 'Nearly gone' WHERE item_id = 'sku-low'")
+        .await;
+    app.sql(
+        "DELETE FROM catalog_prices WHERE item_id = 'sku-00007'; \
+         DELETE FROM catalog_items WHERE item_id = 'sku-00007'",
+    )
+    .await;
+    let view = app.user("namer", "GET", "/api/v1/cart", None).await;
+    assert_eq!(name_of(&view, "sku-low"), "Nearly gone");
+    assert_eq!(
+        name_of(&view, "sku-00007"),
+        serde_json::Value::Null,
+        "gone from the catalog"
+    );
+    assert_eq!(
+        line_of(&view, "sku-00007")["current_price"],
+        serde_json::Value::Null
+    );
+}

@@ -40,6 +40,10 @@ fn check_config_prints_the_effective_configuration_with_secrets_redacted() {
     assert!(printed.contains("id = \"sg\""), "{printed}");
     assert!(printed.contains("currency = \"SGD\""));
     assert!(printed.contains("<redacted>"));
+    // The replicas of the other regions' catalogs are connection strings: redacted too.
+    assert!(printed.contains("[database.peer_catalogs]"), "{printed}");
+    assert!(printed.contains("th = \"<redacted>\""), "{printed}");
+    assert!(!printed.contains("pg-th-1-replica"), "{printed}");
     for (_, secret) in SECRETS {
         assert!(!printed.contains(secret), "a secret leaked");
     }
@@ -69,6 +73,45 @@ fn every_production_region_file_passes_check_config_and_names_the_ring() {
             printed.contains("6 regions (id, my, ph, sg, th, vn)"),
             "{printed}"
         );
+    }
+}
+
+#[test]
+fn every_shipped_region_sells_from_its_own_catalog_and_reads_the_others_through_replicas() {
+    let regions = ["sg", "id", "my", "th", "vn", "ph"];
+    for region in regions {
+        let file = format!("{}/regions/{region}.toml", env!("CARGO_MANIFEST_DIR"));
+        let table: toml::Table = toml::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        let database = table["database"].as_table().unwrap();
+        let dsn = |key: &str| database[key].as_str().unwrap().to_string();
+        // Its first shard's primary (and standby) and its replica here, like the shard DSNs.
+        assert!(
+            dsn("catalog_primary").starts_with(&format!(
+                "host=pg-{region}-1.{region}.cartedge.internal,pg-{region}-1-standby.{region}."
+            )),
+            "{region}: {}",
+            dsn("catalog_primary")
+        );
+        assert!(
+            dsn("catalog").starts_with(&format!("host=pg-{region}-1-replica.{region}.")),
+            "{region}: {}",
+            dsn("catalog")
+        );
+        let peers = database["peer_catalogs"].as_table().unwrap();
+        let mut named: Vec<&str> = peers.keys().map(String::as_str).collect();
+        named.sort_unstable();
+        let mut others: Vec<&str> = regions.iter().copied().filter(|r| *r != region).collect();
+        others.sort_unstable();
+        assert_eq!(named, others, "{region}");
+        for (peer, replica) in peers {
+            assert!(
+                replica
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("host=pg-{peer}-1-replica.{region}.")),
+                "{region}: {peer} = {replica}"
+            );
+        }
     }
 }
 

@@ -156,9 +156,13 @@ pub fn shared() -> &'static Shared {
                 .await
                 .unwrap();
             let driver = tokio::spawn(connection);
-            cartedge::store::catalog::load_demo(&client, 200)
-                .await
-                .unwrap();
+            // One test catalog priced in every demo currency, so carts of any currency find
+            // prices (multi-region tests give each region its own catalog instead).
+            for currency in cartedge::store::catalog::demo_currencies() {
+                cartedge::store::catalog::load_demo(&client, 200, currency)
+                    .await
+                    .unwrap();
+            }
             client
                 .batch_execute(
                     "INSERT INTO catalog_items (item_id, name, stock, active) VALUES

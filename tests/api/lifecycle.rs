@@ -204,36 +204,100 @@ async fn a_merge_needs_a_user_token_and_a_guest_session() {
     assert_eq!(guest_cart(&app, &session).await.quantity_of("sku-00001"), 1);
 }
 
-#[tokio::test]
-async fn carts_in_different_currencies_refuse_to_merge_and_change_nothing() {
-    let app = TestApp::spawn().await;
-    app.add("travel", "sku-00001", 1).await;
-    let session = guest_with(&app, &[("sku-00002", 2)]).await;
+/// A guest cart in THB, as a guest who shopped in Bangkok has: its lines at THB catalog
+/// prices, `sku-thb-only` among them.
+async fn thb_guest_with(app: &TestApp, lines: &[(&str, i64)]) -> String {
+    let session = guest_with(app, &lines[..1]).await;
     app.sql(&format!(
         "UPDATE carts SET currency = 'THB' WHERE owner = 'g:{session}'; \
-         UPDATE cart_items SET currency = 'THB' WHERE owner = 'g:{session}'"
+         UPDATE cart_items i SET currency = 'THB', unit_price_minor = p.amount_minor \
+         FROM catalog_prices p \
+         WHERE i.owner = 'g:{session}' AND p.item_id = i.item_id AND p.currency = 'THB'"
     ))
     .await;
-    let refused = merge(&app, "travel", &session, None).await;
-    assert_eq!(refused.status, StatusCode::CONFLICT);
-    assert_eq!(refused.error_code(), "merge_currency_mismatch");
-    assert_eq!(
-        refused.json()["error"]["details"],
-        serde_json::json!({"user_currency": "SGD", "guest_currency": "THB"})
+    for (item, quantity) in &lines[1..] {
+        let body = format!(r#"{{"item_id":"{item}","quantity":{quantity}}}"#);
+        let added = app
+            .send(
+                "POST",
+                "/api/v1/cart/items",
+                &[h("cart-session", &session)],
+                Some(&body),
+            )
+            .await;
+        assert_eq!(added.status, StatusCode::OK, "{:?}", added.body);
+        assert_eq!(added.json()["currency"], "THB");
+    }
+    session
+}
+
+#[tokio::test]
+async fn a_guest_cart_in_another_currency_is_repriced_from_the_users_home_catalog() {
+    let app = TestApp::spawn().await;
+    app.add("travel", "sku-00001", 1).await;
+    let session = thb_guest_with(
+        &app,
+        &[("sku-00002", 2), ("sku-thb-only", 1), ("sku-00001", 3)],
+    )
+    .await;
+    let sgd_price = |item: &'static str| {
+        let app = &app;
+        async move {
+            app.query_i64(&format!(
+                "SELECT amount_minor FROM catalog_prices WHERE item_id = '{item}' AND currency = 'SGD'"
+            ))
+            .await
+        }
+    };
+    let captured_sku1 = price_of(
+        &app.user("travel", "GET", "/api/v1/cart", None).await.json(),
+        "sku-00001",
     );
-    let user = app.user("travel", "GET", "/api/v1/cart", None).await;
-    assert_eq!(user.quantity_of("sku-00002"), 0);
-    assert_eq!(user.quantity_of("sku-00001"), 1);
-    // The guest cart is not left frozen: its owner can still change it.
-    let more = app
-        .send(
-            "PUT",
-            "/api/v1/cart/items/sku-00002",
-            &[h("cart-session", &session)],
-            Some(r#"{"quantity":3}"#),
-        )
+    let merged = merge(&app, "travel", &session, None).await;
+    assert_eq!(merged.status, StatusCode::OK, "{:?}", merged.body);
+    let body = merged.json();
+    assert_eq!(body["currency"], "SGD");
+    // The guest-only SGD-priced line arrives at the SGD catalog price, not its THB amount.
+    assert_eq!(merged.quantity_of("sku-00002"), 2);
+    assert_eq!(price_of(&body, "sku-00002"), sgd_price("sku-00002").await);
+    // The shared line sums and keeps the user's captured price.
+    assert_eq!(merged.quantity_of("sku-00001"), 4);
+    assert_eq!(price_of(&body, "sku-00001"), captured_sku1);
+    // The SGD catalog does not sell the Thai-only item: skipped, not merged.
+    assert_eq!(merged.quantity_of("sku-thb-only"), 0);
+    assert_eq!(
+        body["report"]["skipped"],
+        serde_json::json!([{"line_id": "sku-thb-only", "item_id": "sku-thb-only", "reason": "not_sold_in_region"}])
+    );
+    assert_eq!(
+        (
+            body["report"]["merged_lines"].as_i64(),
+            body["report"]["added_lines"].as_i64()
+        ),
+        (Some(1), Some(1))
+    );
+    let stored = app
+        .query_i64("SELECT count(*) FROM cart_items WHERE owner = 'u:travel' AND currency <> 'SGD'")
         .await;
-    assert_eq!(more.status, StatusCode::OK, "{:?}", more.body);
+    assert_eq!(stored, 0, "every line of the user's cart is in SGD");
+    // The guest cart was merged away (emptied), the skipped line with it.
+    assert_eq!(
+        guest_cart(&app, &session).await.json()["items"],
+        serde_json::json!([])
+    );
+    // A user without a cart gets one in the home region's currency, re-priced the same way.
+    let session = thb_guest_with(&app, &[("sku-00003", 1), ("sku-thb-only", 1)]).await;
+    let fresh = merge(&app, "newcomer", &session, None).await;
+    assert_eq!(fresh.status, StatusCode::OK, "{:?}", fresh.body);
+    assert_eq!(fresh.json()["currency"], "SGD");
+    assert_eq!(
+        price_of(&fresh.json(), "sku-00003"),
+        sgd_price("sku-00003").await
+    );
+    assert_eq!(
+        fresh.json()["report"]["skipped"][0]["reason"],
+        "not_sold_in_region"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,6 +68,7 @@ impl World {
              [tls]\nca_file = \"{pki}/ca.pem\"\ncert_file = \"{pki}/sg.pem\"\nkey_file = \"{pki}/sg.key\"\n\
              [redis]\nurl = \"redis://127.0.0.1:1/\"\n\
              [database]\ncatalog = \"{DSN}\"\ncatalog_primary = \"{DSN}\"\n\
+             [database.peer_catalogs]\nth = \"{DSN}\"\n\
              [[database.shards]]\nid = \"sg-1\"\nprimary = \"{DSN}\"\nreplica = \"{DSN}\"\n\
              [[database.shards]]\nid = \"th-1\"\nreplica = \"{DSN}\"\n\
              [auth]\nsession_secret = \"{SESSION_SECRET}\"\n\
@@ -86,6 +87,19 @@ impl World {
     fn region_file(&self, name: &str, overlay: &str) -> PathBuf {
         let mut region = self.good_region();
         cartedge::config::merge(&mut region, toml::from_str(overlay).expect("overlay TOML"));
+        let path = self.path(&format!("{name}.toml"));
+        std::fs::write(&path, toml::to_string(&region).unwrap()).unwrap();
+        path
+    }
+}
+
+impl World {
+    /// Writes the good region file without the `[database]` key `key`.
+    fn region_file_without(&self, name: &str, key: &str) -> PathBuf {
+        let mut region = self.good_region();
+        if let Some(toml::Value::Table(database)) = region.get_mut("database") {
+            database.remove(key);
+        }
         let path = self.path(&format!("{name}.toml"));
         std::fs::write(&path, toml::to_string(&region).unwrap()).unwrap();
         path
@@ -270,6 +284,21 @@ fn check_config_and_serve_refuse_each_broken_region_file_alike_before_binding() 
             "database.catalog_primary is required: region sg is home to shard(s) sg-1".into(),
         ),
         (
+            "peer-catalog-of-an-unknown-region",
+            format!("[database.peer_catalogs]\nxx = \"{DSN}\"\n"),
+            "database.peer_catalogs.xx: no region \"xx\" in topology.regions_dir".into(),
+        ),
+        (
+            "peer-catalog-of-this-region",
+            format!("[database.peer_catalogs]\nsg = \"{DSN}\"\n"),
+            "database.peer_catalogs.sg: this region's own catalog is database.catalog".into(),
+        ),
+        (
+            "peer-catalog-dsn",
+            "[database.peer_catalogs]\nth = \"host=127.0.0.1 port=notaport\"\n".into(),
+            "database.peer_catalogs.th is not a valid PostgreSQL connection string".into(),
+        ),
+        (
             "shard-not-in-ring",
             format!(
                 "[[database.shards]]\nid = \"sg-1\"\nprimary = \"{DSN}\"\nreplica = \"{DSN}\"\n\
@@ -311,8 +340,19 @@ fn check_config_and_serve_refuse_each_broken_region_file_alike_before_binding() 
         ),
     ];
     assert!(cases.len() >= 12);
-    for (name, overlay, expected) in &cases {
-        let file = world.region_file(name, overlay);
+    let mut files: Vec<(&str, PathBuf, String)> = cases
+        .iter()
+        .map(|(name, overlay, expected)| {
+            (*name, world.region_file(name, overlay), expected.clone())
+        })
+        .collect();
+    // A region homing shards must read the catalog of every other region that does.
+    files.push((
+        "missing-peer-catalog",
+        world.region_file_without("missing-peer-catalog", "peer_catalogs"),
+        "database.peer_catalogs.th is required: region th homes shards".into(),
+    ));
+    for (name, file, expected) in &files {
         let checked = check_config(&file);
         let served = serve(&file);
         let checked_error = String::from_utf8_lossy(&checked.stderr);

@@ -63,21 +63,24 @@ fn start_replica(primary: &PgInstance, parent: &Path, name: &str) -> PgInstance 
     PgInstance::start_replica(primary, &dir.join("data"), PgOptions::default()).unwrap()
 }
 
-async fn prepare_primary(pg: &PgInstance, catalog: bool) {
+/// Creates and migrates the region's database, with the region's own demo catalog priced in
+/// `currencies`.
+async fn prepare_primary(pg: &PgInstance, currencies: &[&str]) {
     execute(&pg.dsn("postgres"), "CREATE DATABASE cartedge").await;
     let dsn = pg.dsn("cartedge");
     cartedge::store::migrate::run(&dsn).await.unwrap();
-    if catalog {
-        let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+    let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    for currency in currencies {
+        let currency = cartedge::domain::money::Currency::parse(currency).unwrap();
+        cartedge::store::catalog::load_demo(&client, 50, currency)
             .await
             .unwrap();
-        let driver = tokio::spawn(connection);
-        cartedge::store::catalog::load_demo(&client, 50)
-            .await
-            .unwrap();
-        drop(client);
-        let _ = driver.await;
     }
+    drop(client);
+    let _ = driver.await;
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -87,7 +90,7 @@ fn edge_config(
     currency: &str,
     shards: &[(&str, Option<String>, String)],
     catalog: &str,
-    catalog_primary: &str,
+    peer_catalog: (&str, String),
     redis_prefix: &str,
     peer: (&str, String),
     forward_timeout: &str,
@@ -106,7 +109,10 @@ fn edge_config(
          [events]\nstream = \"{redis_prefix}cart-events\"\n\
          [auth]\nissuer = \"cartedge-test\"\naudience = \"cartedge-api\"\nsession_secret = \"{SESSION_SECRET}\"\n\
          [[auth.keys]]\nkid = \"test\"\nalgorithm = \"HS256\"\nsecret = \"{JWT_SECRET}\"\n\
-         [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"{catalog_primary}\"\n",
+         [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"{catalog}\"\n\
+         [database.peer_catalogs]\n{peer_catalog_region} = \"{peer_catalog_dsn}\"\n",
+        peer_catalog_region = peer_catalog.0,
+        peer_catalog_dsn = peer_catalog.1,
         ring = dir.join("ring.toml").display(),
         regions = dir.join("regions").display(),
         pki = dir.join("pki").display(),
@@ -178,8 +184,11 @@ impl TwoRegions {
                 .await
                 .unwrap()
         };
-        prepare_primary(&sg_primary, true).await;
-        prepare_primary(&th_primary, false).await;
+        // Each region sells from its own catalog. sg's also prices in THB: a new cart takes
+        // the currency of the edge that received its first write, so carts homed in sg may
+        // be in THB.
+        prepare_primary(&sg_primary, &["SGD", "THB"]).await;
+        prepare_primary(&th_primary, &["THB"]).await;
         let (th_replica_of_sg, sg_replica_of_th) = {
             let base = base.clone();
             let sg_port = sg_primary.port;
@@ -249,7 +258,7 @@ impl TwoRegions {
                 ("th-1", None, sg_replica_of_th.dsn("cartedge")),
             ],
             &sg_primary.dsn("cartedge"),
-            &sg_primary.dsn("cartedge"),
+            ("th", sg_replica_of_th.dsn("cartedge")),
             &format!("{prefix}:sg:"),
             (
                 "th",
@@ -269,8 +278,8 @@ impl TwoRegions {
                     th_primary.dsn("cartedge"),
                 ),
             ],
-            &th_replica_of_sg.dsn("cartedge"),
-            &sg_primary.dsn("cartedge"),
+            &th_primary.dsn("cartedge"),
+            ("sg", th_replica_of_sg.dsn("cartedge")),
             &format!("{prefix}:th:"),
             (
                 "sg",
@@ -1238,4 +1247,89 @@ async fn a_guest_is_homed_where_its_session_was_minted_and_old_credentials_keep_
             5
         );
     }
+}
+
+/// One query's single bigint answer on `pg`'s `cartedge` database.
+async fn query_i64(pg: &PgInstance, sql: &str) -> i64 {
+    let (client, connection) = tokio_postgres::connect(&pg.dsn("cartedge"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    let value: i64 = client.query_one(sql, &[]).await.unwrap().get(0);
+    drop(client);
+    let _ = driver.await;
+    value
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_visiting_shoppers_cart_is_priced_and_named_from_its_home_catalog_and_reserves_there() {
+    let regions = TwoRegions::start("2s").await;
+    let user = regions.user_homed_in("th", "visitor");
+    let added = regions.add(&regions.th, &user, "sku-00001", 2, None).await;
+    assert_eq!(added.status, StatusCode::OK, "{:?}", added.body);
+    assert_eq!(added.json()["currency"], "THB");
+    // sg serves the cart itself once its replica of th-1 has it.
+    let mut replicated = false;
+    for _ in 0..100 {
+        let view = regions.get(&regions.sg, &user, None).await;
+        if view.version() == 1 && view.header("cart-region") == Some("sg") {
+            replicated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(replicated, "sg serves the visitor's cart from its replica");
+    // th's catalog (not sg's, which also prices sku-00001 in THB) renames and re-prices it.
+    execute(
+        &regions.th_primary.dsn("cartedge"),
+        "UPDATE catalog_items SET name = 'Kaeng som' WHERE item_id = 'sku-00001'; \
+         UPDATE catalog_prices SET amount_minor = 4321 WHERE item_id = 'sku-00001' AND currency = 'THB'",
+    )
+    .await;
+    // Read at sg, the visitor's cart shows th's catalog once sg's replica of it has the change.
+    let mut seen = None;
+    for _ in 0..100 {
+        let view = regions.get(&regions.sg, &user, None).await;
+        assert_eq!(view.status, StatusCode::OK);
+        assert_eq!(view.header("cart-region"), Some("sg"), "served at sg");
+        let line = view.json()["items"][0].clone();
+        if line["name"] == "Kaeng som" {
+            seen = Some(line);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let line = seen.expect("sg shows the name from th's catalog");
+    assert_eq!(
+        line["current_price"],
+        serde_json::json!({"amount_minor": 4321, "currency": "THB"})
+    );
+    assert_eq!(line["price_changed"], true);
+    // sg's own catalog still has the old name: a cart homed in sg shows that one.
+    let local = regions.user_homed_in("sg", "visitor-local");
+    let at_home = regions.add(&regions.sg, &local, "sku-00001", 1, None).await;
+    assert_eq!(at_home.json()["items"][0]["name"], "Demo item 1");
+
+    // Checked out through sg, the visitor's order reserves stock in th's catalog only.
+    let stock = "SELECT stock::bigint FROM catalog_items WHERE item_id = 'sku-00001'";
+    let (th_before, sg_before) = (
+        query_i64(&regions.th_primary, stock).await,
+        query_i64(&regions.sg_primary, stock).await,
+    );
+    let order = regions
+        .send(
+            &regions.sg,
+            "POST",
+            "/api/v1/cart/checkout",
+            &[
+                ("authorization", format!("Bearer {}", regions.token(&user))),
+                ("idempotency-key", "visit-1".to_string()),
+            ],
+            Some(r#"{"accept_price_changes":true}"#),
+        )
+        .await;
+    assert_eq!(order.status, StatusCode::CREATED, "{:?}", order.body);
+    assert_eq!(order.json()["total_price"]["amount_minor"], 2 * 4321);
+    assert_eq!(query_i64(&regions.th_primary, stock).await, th_before - 2);
+    assert_eq!(query_i64(&regions.sg_primary, stock).await, sg_before);
 }
