@@ -327,6 +327,9 @@ impl App {
         if let Some(forwarder) = &self.forwarder {
             forwarder.export_breakers();
         }
+        self.metrics
+            .edge
+            .mirror_dropped_lines(crate::telemetry::dropped_lines());
         self.metrics.encode(format)
     }
 

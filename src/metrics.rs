@@ -468,6 +468,8 @@ pub struct EdgeMetrics {
     pub min_version_beyond_cart: Counter,
     pub health_probes: Counter,
     pub idempotent_replays: Counter,
+    /// Mirrors the log writer's process-wide count (see [`EdgeMetrics::mirror_dropped_lines`]).
+    log_lines_dropped: Counter,
 }
 
 impl EdgeMetrics {
@@ -493,7 +495,21 @@ impl EdgeMetrics {
             "Writes answered with the stored answer of an earlier request with the same Idempotency-Key",
             metrics.idempotent_replays.clone(),
         );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log writer could not keep up",
+            metrics.log_lines_dropped.clone(),
+        );
         metrics
+    }
+
+    /// Brings the dropped-log-lines counter up to `total`, the log writer's count so far (a
+    /// counter only grows, and so does the writer's count).
+    pub fn mirror_dropped_lines(&self, total: u64) {
+        let seen = self.log_lines_dropped.get();
+        if total > seen {
+            self.log_lines_dropped.inc_by(total - seen);
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //! `id`, `th`) on 127.0.0.1 under `.cartedge/local/`. A module of the binary, not of the
 //! library: it starts servers through `cartedge_dev::procs` (the process harness the tests
 //! share), links the regions through `cartedge_dev::linkproxy` (which emulates the network
-//! between them) and runs each edge through `cartedge::service`.
+//! between them) and runs each edge as a `cartedge serve` process of its own, which writes JSON
+//! lines to `edge-<region>.log` (named in `cluster.json`), detached or, in the foreground, tied
+//! to this process.
 //!
 //! Per region: the primary of the shard homed there, a streaming replica of every other shard,
 //! one Redis and one edge. Each region has its own catalog, the demo `sku-00001` … `sku-10000`
@@ -26,7 +28,6 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use cartedge::config::{Config, Sources};
-use cartedge::service::{reload_on_sighup, serve_bound, Listeners};
 use cartedge_dev::linkproxy::{self, LinkProxy, LinkSpec};
 use cartedge_dev::procs::{
     self, Lifetime, PgInstance, PgOptions, PrometheusInstance, RedisInstance,
@@ -80,8 +81,7 @@ pub struct ClusterRegion {
     pub currency: String,
     pub redis_url: String,
     pub postgres: Vec<ClusterPostgres>,
-    /// The edge's JSON log file (detached clusters; in the foreground every edge logs to the
-    /// terminal).
+    /// The edge's JSON log file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<PathBuf>,
 }
@@ -550,8 +550,8 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             redis = redis_urls[plan.id],
             session = secrets.session_secret,
             jwt = secrets.jwt_secret,
-            // A detached edge writes its log file in JSON; in the foreground the terminal decides.
-            log_format = if options.detach { "json" } else { "auto" },
+            // Every edge writes its log file in JSON.
+            log_format = "json",
         );
         let path = region_file(&dir, plan.id);
         write_secret_file(&path, text.as_bytes())?;
@@ -562,7 +562,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             currency: plan.currency.into(),
             redis_url: redis_urls[plan.id].clone(),
             postgres,
-            log: options.detach.then(|| edge_log(&dir, plan.id)),
+            log: Some(edge_log(&dir, plan.id)),
         });
         configs.push(path);
     }
@@ -587,39 +587,44 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
     started.postgres.extend(primaries.into_values());
     started.postgres.extend(replicas.into_values());
 
+    // Every edge is a process of its own (`cartedge serve`) writing JSON lines to its log file,
+    // detached or, in the foreground, tied to this process (killed if it dies).
+    let mut edge_children = Vec::new();
+    for (path, plan) in configs.iter().zip(&plans) {
+        let log = std::fs::File::create(edge_log(&dir, plan.id))?;
+        let mut command = Command::new(std::env::current_exe()?);
+        command.arg("--config").arg(path);
+        if let Some(defaults) = &options.defaults {
+            command.arg("--defaults").arg(defaults);
+        }
+        command.arg("serve");
+        // Release the reserved ports only now, a moment before the edge binds them.
+        if let Ok(mut sockets) = plan.sockets.lock() {
+            sockets.take();
+        }
+        let child = spawn_logging(command, log, lifetime)?;
+        pids.edges.push(child.id());
+        edge_children.push(child);
+        std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
+    }
+    for plan in &plans {
+        let log = edge_log(&dir, plan.id);
+        wait_ready(plan.admin, Duration::from_secs(30))
+            .await
+            .with_context(|| {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                format!(
+                    "the {} edge did not become ready; last lines of {}:\n{}",
+                    plan.id,
+                    log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })?;
+    }
+    print_banner(&loaded, &dir);
+    print_prometheus(prometheus.as_ref());
     if options.detach {
-        for (path, plan) in configs.iter().zip(&plans) {
-            let log = std::fs::File::create(edge_log(&dir, plan.id))?;
-            let mut command = Command::new(std::env::current_exe()?);
-            command.arg("--config").arg(path);
-            if let Some(defaults) = &options.defaults {
-                command.arg("--defaults").arg(defaults);
-            }
-            command.arg("serve");
-            // Release the reserved ports only now, a moment before the edge binds them.
-            if let Ok(mut sockets) = plan.sockets.lock() {
-                sockets.take();
-            }
-            pids.edges.push(spawn_detached(command, log)?);
-            std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
-        }
-        for plan in &plans {
-            let log = edge_log(&dir, plan.id);
-            wait_ready(plan.admin, Duration::from_secs(30))
-                .await
-                .with_context(|| {
-                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                    let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                    format!(
-                        "the {} edge did not become ready; last lines of {}:\n{}",
-                        plan.id,
-                        log.display(),
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    )
-                })?;
-        }
-        print_banner(&loaded, &dir);
-        print_prometheus(prometheus.as_ref());
         // Detached servers keep running; their handles must not stop them.
         if let Some(prometheus) = prometheus {
             std::mem::forget(prometheus);
@@ -633,34 +638,17 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
         return Ok(());
     }
 
-    let _log_guard = cartedge::telemetry::init(&loaded[0].log);
-    let mut edges = Vec::new();
-    for (config, plan) in loaded.iter().zip(&plans) {
-        let app = cartedge::app::App::new(config.clone())?;
-        let [edge, admin, internal] = plan
-            .sockets
-            .lock()
-            .ok()
-            .and_then(|mut s| s.take())
-            .context("the reserved listeners are gone")?;
-        let adopt = |socket: std::net::TcpListener| -> Result<tokio::net::TcpListener> {
-            socket.set_nonblocking(true)?;
-            Ok(tokio::net::TcpListener::from_std(socket)?)
-        };
-        let listeners = Listeners {
-            public: adopt(edge)?,
-            admin: Some(adopt(admin)?),
-            internal: Some(adopt(internal)?),
-        };
-        let sources = Sources::new(options.defaults.clone(), Some(region_file(&dir, plan.id)));
-        reload_on_sighup(app.clone(), sources);
-        edges.push(tokio::spawn(serve_bound(app, listeners)));
+    eprintln!(
+        "cartedge: serving in the foreground (edge logs: {}); Ctrl-C stops everything",
+        dir.join("edge-<region>.log").display()
+    );
+    wait_for_stop_signal().await;
+    // Each edge drains (SIGTERM) before the databases and caches behind it stop.
+    for pid in &pids.edges {
+        procs::stop_pid(*pid, libc::SIGTERM, Duration::from_secs(20))?;
     }
-    print_banner(&loaded, &dir);
-    print_prometheus(prometheus.as_ref());
-    eprintln!("cartedge: serving in the foreground; Ctrl-C stops everything");
-    for edge in edges {
-        let _ = edge.await;
+    for mut child in edge_children {
+        let _ = child.wait();
     }
     if let Some((proxy, stop, task)) = in_process_proxy {
         let _ = stop.send(());
@@ -725,9 +713,35 @@ fn print_prometheus(prometheus: Option<&PrometheusInstance>) {
     }
 }
 
-/// A detached edge's log file (its stderr: JSON lines).
+/// An edge's log file (its stderr: JSON lines).
 fn edge_log(dir: &Path, region: &str) -> PathBuf {
     dir.join(format!("edge-{region}.log"))
+}
+
+/// Spawns a process with its output to `log`, detached or tied to this process.
+fn spawn_logging(
+    mut command: Command,
+    log: std::fs::File,
+    lifetime: Lifetime,
+) -> Result<std::process::Child> {
+    command.stdout(log.try_clone()?).stderr(log);
+    procs::spawn_server(command, lifetime)
+}
+
+/// Returns on Ctrl-C (SIGINT) or SIGTERM.
+async fn wait_for_stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
 }
 
 /// Spawns a process in its own session with output to `log`; returns its pid.

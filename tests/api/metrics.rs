@@ -228,6 +228,11 @@ async fn the_admin_metrics_page_exports_every_family_with_bounded_labels_and_pas
         expect_sample(&text, "cartedge_idempotent_replays_total"),
         1.0
     );
+    // The log writer's drops are exported (its queue never filled here).
+    assert_eq!(
+        expect_sample(&text, "cartedge_log_lines_dropped_total"),
+        cartedge::telemetry::dropped_lines() as f64
+    );
     assert_eq!(
         expect_sample(
             &text,

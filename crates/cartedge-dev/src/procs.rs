@@ -590,7 +590,7 @@ impl ServerProc {
 
 /// Spawns a server with stdin from /dev/null (stdout/stderr are set by the
 /// caller to the log file) according to `lifetime`.
-fn spawn_server(mut cmd: Command, lifetime: Lifetime) -> Result<Child> {
+pub fn spawn_server(mut cmd: Command, lifetime: Lifetime) -> Result<Child> {
     cmd.stdin(Stdio::null());
     match lifetime {
         Lifetime::TiedToParent => {
