@@ -150,14 +150,14 @@ fn check_config(file: &Path) -> Output {
 fn the_good_region_file_passes_check_config_and_serve_gets_as_far_as_binding() {
     let world = World::new();
     let file = world.region_file("good", "");
-    let checked = check_config(file);
+    let checked = check_config(&file);
     assert!(
         checked.status.success(),
         "{}",
         String::from_utf8_lossy(&checked.stderr)
     );
     assert!(String::from_utf8_lossy(&checked.stdout).contains("2 regions (sg, th)"));
-    let served = serve(file);
+    let served = serve(&file);
     assert!(!served.status.success());
     let error = String::from_utf8_lossy(&served.stderr);
     let listen = world.held.local_addr().unwrap();
