@@ -353,8 +353,8 @@ fn check_config_and_serve_refuse_each_broken_region_file_alike_before_binding() 
         "database.peer_catalogs.th is required: region th homes shards".into(),
     ));
     for (name, file, expected) in &files {
-        let checked = check_config(&file);
-        let served = serve(&file);
+        let checked = check_config(file);
+        let served = serve(file);
         let checked_error = String::from_utf8_lossy(&checked.stderr);
         let served_error = String::from_utf8_lossy(&served.stderr);
         assert!(
