@@ -63,9 +63,9 @@ pub enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Manage the catalog (on the local cluster, or the database `--config` names).
-    #[command(subcommand)]
-    Catalog(CatalogCommand),
+    /// Manage the regions' catalogs: with `--config`, that region's own catalog; on the local
+    /// cluster, every region's (or the one `--region` names).
+    Catalog(CatalogArgs),
     /// Run a local cluster on 127.0.0.1.
     #[command(subcommand)]
     Local(LocalCommand),
@@ -99,17 +99,28 @@ pub enum RingCommand {
     },
 }
 
+#[derive(Debug, clap::Args)]
+pub struct CatalogArgs {
+    /// Only this region's catalog (its primary). With `--config`, it must be that file's region.
+    #[arg(long, global = true)]
+    pub region: Option<String>,
+    #[command(subcommand)]
+    pub command: CatalogCommand,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum CatalogCommand {
-    /// Import a CSV: header `item_id,name,stock,<CUR>,<CUR>…`, prices in minor units.
+    /// Import a CSV: header `item_id,name,stock,<CUR>,<CUR>…`, prices in minor units. Each
+    /// region's catalog gets the column of its currency (rows without a price there are not
+    /// sold there and skipped).
     Import { file: PathBuf },
-    /// Set one item's price in one currency, in minor units.
+    /// Set one item's price, in minor units, in the catalogs priced in that currency.
     SetPrice {
         item_id: String,
         currency: String,
         amount_minor: i64,
     },
-    /// Set one item's stock.
+    /// Set one item's stock (in each targeted region's catalog).
     SetStock { item_id: String, quantity: i32 },
 }
 
@@ -302,32 +313,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Catalog(command) => {
-            let config = cli.load_config()?;
-            if config.database.catalog_primary.is_empty() {
-                bail!(
-                    "region {} does not hold the catalog's primary (database.catalog_primary)",
-                    config.region.id
-                );
-            }
-            let (mut client, connection) = tokio_postgres::connect(
-                config.database.catalog_primary.expose(),
-                tokio_postgres::NoTls,
-            )
-            .await
-            .context("connecting to the catalog's primary")?;
-            let driver = tokio::spawn(connection);
-            // Prices exist to be paid in some region: a currency no region uses is a typo.
-            let topology = cartedge::topology::Topology::load(&config)?;
-            let currencies: Vec<Currency> = topology
-                .regions
-                .values()
-                .map(|peer| peer.currency)
-                .collect();
-            let outcome = run_catalog(command, &mut client, &currencies).await;
-            drop(client);
-            let _ = driver.await;
-            outcome
+        Command::Catalog(CatalogArgs { region, command }) => {
+            let (targets, currencies) = catalog_targets(&cli, region.as_deref())?;
+            run_catalog(command, &targets, &currencies).await
         }
         Command::Local(LocalCommand::Up {
             detach,
@@ -428,16 +416,132 @@ fn parse_shard(text: &str) -> Result<ShardSpec> {
     })
 }
 
+/// One region's catalog primary a `cartedge catalog` command writes.
+struct CatalogTarget {
+    region: String,
+    currency: Currency,
+    dsn: String,
+}
+
+impl CatalogTarget {
+    fn of(config: &Config) -> Result<CatalogTarget> {
+        if config.database.catalog_primary.is_empty() {
+            bail!(
+                "region {} has no catalog primary (database.catalog_primary)",
+                config.region.id
+            );
+        }
+        Ok(CatalogTarget {
+            region: config.region.id.to_string(),
+            currency: config.region.currency,
+            dsn: config.database.catalog_primary.expose().to_string(),
+        })
+    }
+
+    async fn connect(&self) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+        let (client, connection) = tokio_postgres::connect(&self.dsn, tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connecting to region {}'s catalog primary", self.region))?;
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok((client, driver))
+    }
+}
+
+/// The catalogs a `cartedge catalog` command writes, and every currency some region uses.
+/// With `--config`: that region's own catalog (a `--region` naming another region is an
+/// error: the file reaches only its own primary). On the local cluster: every region's, or the
+/// one `--region` names, each through its generated region file.
+fn catalog_targets(cli: &Cli, region: Option<&str>) -> Result<(Vec<CatalogTarget>, Vec<Currency>)> {
+    let config = cli.load_config()?;
+    let topology = cartedge::topology::Topology::load(&config)?;
+    let currencies: Vec<Currency> = topology
+        .regions
+        .values()
+        .map(|peer| peer.currency)
+        .collect();
+    if let Some(region) = region {
+        if !topology.regions.contains_key(region) {
+            let known: Vec<&str> = topology.regions.keys().map(|id| id.as_str()).collect();
+            bail!(
+                "--region {region}: no such region (the regions are {})",
+                known.join(", ")
+            );
+        }
+    }
+    if let Some(file) = &cli.config {
+        if let Some(region) = region.filter(|region| *region != config.region.id.as_str()) {
+            bail!(
+                "--region {region}: {} is region {}'s file, which reaches only its own catalog; give region {region}'s file",
+                file.display(),
+                config.region.id
+            );
+        }
+        return Ok((vec![CatalogTarget::of(&config)?], currencies));
+    }
+    let dir = Path::new(local::DEFAULT_DIR);
+    let mut targets = Vec::new();
+    for id in topology.regions.keys() {
+        if region.is_some_and(|region| region != id.as_str()) {
+            continue;
+        }
+        let sources = Sources::new(cli.defaults(), Some(local::region_file(dir, id)));
+        let config = Config::load(&sources, std::env::vars())
+            .with_context(|| format!("the local cluster's region {id}"))?;
+        targets.push(CatalogTarget::of(&config)?);
+    }
+    Ok((targets, currencies))
+}
+
 async fn run_catalog(
     command: &CatalogCommand,
-    client: &mut tokio_postgres::Client,
+    targets: &[CatalogTarget],
     currencies: &[Currency],
 ) -> Result<()> {
     match command {
         CatalogCommand::Import { file } => {
             let rows = read_catalog_csv(file)?;
-            let count = catalog::upsert_items(client, &rows).await?;
-            println!("imported {count} items");
+            // Every region's column is there before anything is written.
+            for target in targets {
+                if !rows.is_empty()
+                    && rows
+                        .iter()
+                        .all(|row| row_price(row, target.currency).is_none())
+                {
+                    bail!(
+                        "{} has no {} prices for region {}",
+                        file.display(),
+                        target.currency,
+                        target.region
+                    );
+                }
+            }
+            for target in targets {
+                let sold: Vec<ImportRow> = rows
+                    .iter()
+                    .filter_map(|row| {
+                        let price = row_price(row, target.currency)?;
+                        Some(ImportRow {
+                            prices: vec![price],
+                            ..row.clone()
+                        })
+                    })
+                    .collect();
+                let (client, driver) = target.connect().await?;
+                let count = catalog::upsert_items(&client, &sold).await?;
+                drop(client);
+                let _ = driver.await;
+                let unpriced = rows.len() - sold.len();
+                if unpriced == 0 {
+                    println!("{}: imported {count} items", target.region);
+                } else {
+                    println!(
+                        "{}: imported {count} items ({unpriced} without a {} price, not sold there)",
+                        target.region, target.currency
+                    );
+                }
+            }
         }
         CatalogCommand::SetPrice {
             item_id,
@@ -456,20 +560,74 @@ async fn run_catalog(
             if *amount_minor < 0 {
                 bail!("amount_minor must not be negative");
             }
-            if !catalog::set_price(client, item_id, Money::new(*amount_minor, currency)).await? {
-                bail!("no item {item_id:?} in the catalog");
+            let priced: Vec<&CatalogTarget> =
+                targets.iter().filter(|t| t.currency == currency).collect();
+            if priced.is_empty() {
+                let regions: Vec<String> = targets
+                    .iter()
+                    .map(|t| format!("{} ({})", t.region, t.currency))
+                    .collect();
+                bail!(
+                    "no targeted catalog is priced in {currency}: {}",
+                    regions.join(", ")
+                );
             }
-            println!("{item_id} {currency} {amount_minor}");
+            let price = Money::new(*amount_minor, currency);
+            let what = format!("{item_id} {currency} {amount_minor}");
+            each_catalog(&priced, item_id, &what, async |client| {
+                Ok(catalog::set_price(client, item_id, price).await?)
+            })
+            .await?;
         }
         CatalogCommand::SetStock { item_id, quantity } => {
             if *quantity < 0 {
                 bail!("quantity must not be negative");
             }
-            if !catalog::set_stock(client, item_id, *quantity).await? {
-                bail!("no item {item_id:?} in the catalog");
-            }
-            println!("{item_id} stock {quantity}");
+            let all: Vec<&CatalogTarget> = targets.iter().collect();
+            let what = format!("{item_id} stock {quantity}");
+            each_catalog(&all, item_id, &what, async |client| {
+                Ok(catalog::set_stock(client, item_id, *quantity).await?)
+            })
+            .await?;
         }
+    }
+    Ok(())
+}
+
+/// A CSV row's price in `currency`, if it has one.
+fn row_price(row: &ImportRow, currency: Currency) -> Option<Money> {
+    row.prices.iter().copied().find(|p| p.currency == currency)
+}
+
+/// Runs one change on each target's catalog (`change` answers whether the item exists there),
+/// printing what changed where. Fails when no targeted catalog holds the item; regions that
+/// lack it are named on stderr.
+async fn each_catalog(
+    targets: &[&CatalogTarget],
+    item_id: &str,
+    what: &str,
+    change: impl AsyncFn(&tokio_postgres::Client) -> Result<bool>,
+) -> Result<()> {
+    let mut missing = Vec::new();
+    for target in targets {
+        let (client, driver) = target.connect().await?;
+        let changed = change(&client).await;
+        drop(client);
+        let _ = driver.await;
+        if changed? {
+            println!("{}: {what}", target.region);
+        } else {
+            missing.push(target.region.as_str());
+        }
+    }
+    if missing.len() == targets.len() {
+        bail!(
+            "no item {item_id:?} in the catalog of {}",
+            missing.join(", ")
+        );
+    }
+    for region in missing {
+        eprintln!("{region}: no item {item_id:?} in its catalog, left as it is");
     }
     Ok(())
 }

@@ -25,7 +25,9 @@ pub enum Step {
     Freeze,
     /// Empty and unfreeze the guest cart the user side has merged.
     Finalize,
-    /// Lift the freeze of a merge the user side refused.
+    /// Lift the freeze of a merge the user side refused. This release refuses none (a guest
+    /// cart in another currency is re-priced); kept for user-side edges of earlier releases,
+    /// which refused carts in different currencies, during a rolling upgrade.
     Abort,
 }
 

@@ -19,14 +19,14 @@
 //! merge was refused (edges of earlier releases refused carts in different currencies; a guest
 //! cart in another currency is now re-priced from the user's home catalog instead).
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use serde_json::json;
 use tokio_postgres::types::ToSql;
 
 use super::carts::{self, keyed_by_line, WriteTx};
 use super::{events, tx, Store, StoreError};
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use crate::domain::cart::{CatalogItem, StoredCart};
 use crate::domain::ids::OwnerKey;
 use crate::domain::lifecycle::{merge_reprices, plan_merge, MergeReport, MergeStrategy};

@@ -1083,3 +1083,36 @@ async fn cart_lines_carry_the_catalog_name_and_null_once_the_item_is_gone() {
         serde_json::Value::Null
     );
 }
+
+#[tokio::test]
+async fn a_cart_homed_where_this_region_reads_no_catalog_is_shown_without_prices_or_names() {
+    let app = TestApp::spawn().await;
+    let added = app.add("homeless", "sku-00001", 1).await;
+    assert_eq!(added.status, StatusCode::OK);
+    let (cart, _, _) = app
+        .app
+        .store
+        .load_cart(
+            "sg-1",
+            &cartedge::domain::ids::OwnerKey::from_stored("u:homeless".to_string()),
+            1,
+        )
+        .await
+        .unwrap();
+    // Priced from its home's catalog: sg's own here, so prices and names.
+    let at_home = cartedge::api::cart::render_view(&app.app, &cart, "sg").await;
+    assert!(at_home.warnings.is_empty(), "{:?}", at_home.warnings);
+    assert_eq!(at_home.items[0].name.as_deref(), Some("Demo item 1"));
+    // A home region whose catalog this region has no replica of (`database.peer_catalogs`):
+    // prices unavailable, never another region's catalog.
+    let elsewhere = cartedge::api::cart::render_view(&app.app, &cart, "th").await;
+    let codes: Vec<&str> = elsewhere.warnings.iter().map(|w| w.code).collect();
+    assert_eq!(codes, ["prices_unavailable"]);
+    assert_eq!(elsewhere.items[0].name, None);
+    assert_eq!(elsewhere.items[0].current_price, None);
+    assert_eq!(
+        elsewhere.currency.as_str(),
+        "SGD",
+        "the cart's own currency"
+    );
+}

@@ -3,7 +3,8 @@
 use std::process::{Command, Output};
 
 use crate::helpers::{
-    defaults_path, fresh_database, shared, test_config_text, TestApp, TestOptions,
+    defaults_path, fresh_database, shared, test_config_text, TestApp, TestOptions, JWT_SECRET,
+    SESSION_SECRET,
 };
 use http::StatusCode;
 
@@ -219,7 +220,7 @@ async fn token_migrate_and_catalog_commands_act_on_the_configured_cluster() {
     );
     assert_eq!(
         String::from_utf8_lossy(&import.stdout).trim(),
-        "imported 2 items"
+        "sg: imported 2 items"
     );
     let price = cartedge(
         &[
@@ -328,5 +329,221 @@ async fn janitor_once_runs_one_pass_and_prints_what_it_did() {
             .await
             .quantity_of("sku-00001"),
         1
+    );
+}
+
+/// The local cluster's three regions as the CLI finds them without `--config`:
+/// `.cartedge/local/regions/<id>.toml` under the working directory, each region's catalog in
+/// its own database.
+struct LocalRegions {
+    dir: tempfile::TempDir,
+    /// (region, currency, database DSN)
+    regions: Vec<(&'static str, &'static str, String)>,
+}
+
+impl LocalRegions {
+    async fn new() -> LocalRegions {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join(".cartedge/local");
+        let regions_dir = local.join("regions");
+        std::fs::create_dir_all(&regions_dir).unwrap();
+        let mut regions = Vec::new();
+        for (id, currency) in [("sg", "SGD"), ("id", "IDR"), ("th", "THB")] {
+            regions.push((id, currency, fresh_database().await.1));
+        }
+        let ring = local.join("ring.toml");
+        let mut ring_text = String::from("version = 1\nvnodes = 200\n");
+        for (id, _, _) in &regions {
+            ring_text.push_str(&format!("[[shards]]\nid = \"{id}-1\"\nhome = \"{id}\"\n"));
+        }
+        std::fs::write(&ring, ring_text).unwrap();
+        for (id, currency, dsn) in &regions {
+            let mut text = format!(
+                "[region]\nid = \"{id}\"\ncurrency = \"{currency}\"\n\
+                 [edge]\npublic_url = \"http://127.0.0.1:1\"\ninternal_url = \"https://127.0.0.1:1\"\n\
+                 [topology]\nring_file = \"{ring}\"\nregions_dir = \"{regions}\"\n\
+                 [auth]\nsession_secret = \"{SESSION_SECRET}\"\n\
+                 [[auth.keys]]\nkid = \"test\"\nalgorithm = \"HS256\"\nsecret = \"{JWT_SECRET}\"\n\
+                 [database]\ncatalog = \"{dsn}\"\ncatalog_primary = \"{dsn}\"\n",
+                ring = ring.display(),
+                regions = regions_dir.display(),
+            );
+            for (shard_home, _, shard_dsn) in &regions {
+                text.push_str(&format!(
+                    "[[database.shards]]\nid = \"{shard_home}-1\"\nreplica = \"{shard_dsn}\"\n"
+                ));
+                if shard_home == id {
+                    text.push_str(&format!("primary = \"{shard_dsn}\"\n"));
+                }
+            }
+            std::fs::write(regions_dir.join(format!("{id}.toml")), text).unwrap();
+        }
+        LocalRegions { dir, regions }
+    }
+
+    /// `cartedge <args>` run where the local cluster is (no `--config`: its `sg` file).
+    fn cartedge(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_cartedge"))
+            .current_dir(self.dir.path())
+            .arg("--defaults")
+            .arg(defaults_path())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn file(&self, region: &str) -> String {
+        self.dir
+            .path()
+            .join(format!(".cartedge/local/regions/{region}.toml"))
+            .display()
+            .to_string()
+    }
+
+    async fn query_i64(&self, region: &str, sql: &str) -> Option<i64> {
+        let dsn = &self.regions.iter().find(|r| r.0 == region).unwrap().2;
+        let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let driver = tokio::spawn(connection);
+        let value = client
+            .query_opt(sql, &[])
+            .await
+            .unwrap()
+            .map(|row| row.get(0));
+        drop(client);
+        let _ = driver.await;
+        value
+    }
+}
+
+fn succeeded(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn failed(output: &Output) -> String {
+    assert!(
+        !output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+#[tokio::test]
+async fn catalog_commands_on_the_local_cluster_write_every_regions_catalog_in_its_currency() {
+    let local = LocalRegions::new().await;
+    let price = |currency: &str| {
+        format!("SELECT amount_minor FROM catalog_prices WHERE item_id = 'sku-00001' AND currency = '{currency}'")
+    };
+    let sg_thb_before = local.query_i64("sg", &price("THB")).await;
+
+    // A price in THB changes only the catalog priced in THB: th's.
+    let set = local.cartedge(&["catalog", "set-price", "sku-00001", "THB", "777"]);
+    assert_eq!(succeeded(&set), "th: sku-00001 THB 777");
+    assert_eq!(local.query_i64("th", &price("THB")).await, Some(777));
+    assert_eq!(local.query_i64("sg", &price("THB")).await, sg_thb_before);
+    assert_eq!(local.query_i64("id", &price("THB")).await, sg_thb_before);
+    // No region of the cluster prices in MYR.
+    let error = failed(&local.cartedge(&["catalog", "set-price", "sku-00001", "MYR", "5"]));
+    assert!(error.contains("no region uses MYR"), "{error}");
+
+    // Stock: every region's catalog, or the one --region names.
+    let stock =
+        |item: &str| format!("SELECT stock::bigint FROM catalog_items WHERE item_id = '{item}'");
+    let all = local.cartedge(&["catalog", "set-stock", "sku-00002", "5"]);
+    assert_eq!(
+        succeeded(&all),
+        "id: sku-00002 stock 5\nsg: sku-00002 stock 5\nth: sku-00002 stock 5"
+    );
+    let one = local.cartedge(&["catalog", "set-stock", "sku-00003", "9", "--region", "id"]);
+    assert_eq!(succeeded(&one), "id: sku-00003 stock 9");
+    for (region, expected) in [("sg", 1000), ("id", 9), ("th", 1000)] {
+        assert_eq!(local.query_i64(region, &stock("sku-00002")).await, Some(5));
+        assert_eq!(
+            local.query_i64(region, &stock("sku-00003")).await,
+            Some(expected),
+            "{region}"
+        );
+    }
+
+    // An import gives each region the column of its currency; a row without it is not sold there.
+    let csv = local.dir.path().join("items.csv");
+    std::fs::write(
+        &csv,
+        "item_id,name,stock,SGD,IDR,THB\nnew-1,New one,5,100,1180000,2600\nnew-2,Only in sg,3,200,,\n",
+    )
+    .unwrap();
+    let imported = succeeded(&local.cartedge(&["catalog", "import", csv.to_str().unwrap()]));
+    assert!(imported.contains("sg: imported 2 items"), "{imported}");
+    assert!(
+        imported.contains("th: imported 1 items (1 without a THB price, not sold there)"),
+        "{imported}"
+    );
+    let currencies = "SELECT count(*)::bigint FROM catalog_prices WHERE item_id = 'new-1'";
+    for (region, currency, amount) in [
+        ("sg", "SGD", 100),
+        ("id", "IDR", 1_180_000),
+        ("th", "THB", 2600),
+    ] {
+        assert_eq!(
+            local.query_i64(region, currencies).await,
+            Some(1),
+            "{region}"
+        );
+        let own = format!("SELECT amount_minor FROM catalog_prices WHERE item_id = 'new-1' AND currency = '{currency}'");
+        assert_eq!(
+            local.query_i64(region, &own).await,
+            Some(amount),
+            "{region}"
+        );
+    }
+    assert_eq!(local.query_i64("th", &stock("new-2")).await, None);
+    assert_eq!(local.query_i64("sg", &stock("new-2")).await, Some(3));
+
+    // --region names a region of the cluster; a region file reaches only its own catalog.
+    let error =
+        failed(&local.cartedge(&["catalog", "set-stock", "sku-00002", "1", "--region", "xx"]));
+    assert!(error.contains("--region xx: no such region"), "{error}");
+    let id_file = local.file("id");
+    let error = failed(&local.cartedge(&[
+        "--config",
+        &id_file,
+        "catalog",
+        "set-stock",
+        "sku-00002",
+        "1",
+        "--region",
+        "th",
+    ]));
+    assert!(error.contains("reaches only its own catalog"), "{error}");
+    let own = local.cartedge(&[
+        "--config",
+        &id_file,
+        "catalog",
+        "--region",
+        "id",
+        "set-stock",
+        "sku-00002",
+        "2",
+    ]);
+    assert_eq!(succeeded(&own), "id: sku-00002 stock 2");
+    let error = failed(&local.cartedge(&[
+        "--config",
+        &id_file,
+        "catalog",
+        "set-price",
+        "sku-00001",
+        "SGD",
+        "1",
+    ]));
+    assert!(
+        error.contains("no targeted catalog is priced in SGD: id (IDR)"),
+        "{error}"
     );
 }

@@ -117,6 +117,62 @@ async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
             .all(|p| p["dsn"].as_str().unwrap().contains("dbname=cartedge")));
     }
 
+    // Every region sells from its own catalog: the demo items in its primary, priced in its
+    // currency only, stock 1000; its region file reads the others' through its replicas.
+    for region in regions {
+        let id = region["id"].as_str().unwrap();
+        let dsn = region["postgres"][0]["dsn"].as_str().unwrap();
+        let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let driver = tokio::spawn(connection);
+        let priced: Vec<(String, i64)> = client
+            .query(
+                "SELECT currency, count(*) FROM catalog_prices GROUP BY currency",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        assert_eq!(
+            priced,
+            [(region["currency"].as_str().unwrap().to_string(), 10_000)],
+            "{id}"
+        );
+        let stock: i32 = client
+            .query_one(
+                "SELECT stock FROM catalog_items WHERE item_id = 'sku-10000'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(stock, 1000, "{id}");
+        drop(client);
+        let _ = driver.await;
+        let file: toml::Table = toml::from_str(
+            &std::fs::read_to_string(dir.join(format!("regions/{id}.toml"))).unwrap(),
+        )
+        .unwrap();
+        let database = file["database"].as_table().unwrap();
+        assert_eq!(database["catalog_primary"].as_str(), Some(dsn), "{id}");
+        let mut peers: Vec<&String> = database["peer_catalogs"]
+            .as_table()
+            .unwrap()
+            .keys()
+            .collect();
+        peers.sort();
+        let mut others: Vec<String> = ["id", "sg", "th"]
+            .into_iter()
+            .filter(|other| *other != id)
+            .map(str::to_string)
+            .collect();
+        others.sort();
+        assert_eq!(peers, others.iter().collect::<Vec<_>>(), "{id}");
+    }
+
     // Region files and secrets.json hold the JWT and session secrets: owner-only.
     {
         use std::os::unix::fs::PermissionsExt;

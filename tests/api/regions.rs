@@ -1305,6 +1305,10 @@ async fn a_visiting_shoppers_cart_is_priced_and_named_from_its_home_catalog_and_
         serde_json::json!({"amount_minor": 4321, "currency": "THB"})
     );
     assert_eq!(line["price_changed"], true);
+    // An owner homed in th without a cart is shown an empty cart in THB at sg too.
+    let newcomer = regions.user_homed_in("th", "visitor-empty");
+    let empty = regions.get(&regions.sg, &newcomer, None).await;
+    assert_eq!(empty.json()["currency"], "THB");
     // sg's own catalog still has the old name: a cart homed in sg shows that one.
     let local = regions.user_homed_in("sg", "visitor-local");
     let at_home = regions.add(&regions.sg, &local, "sku-00001", 1, None).await;
