@@ -184,10 +184,8 @@ impl TwoRegions {
                 .await
                 .unwrap()
         };
-        // Each region sells from its own catalog. sg's also prices in THB: a new cart takes
-        // the currency of the edge that received its first write, so carts homed in sg may
-        // be in THB.
-        prepare_primary(&sg_primary, &["SGD", "THB"]).await;
+        // Each region sells from its own catalog, priced in its own currency.
+        prepare_primary(&sg_primary, &["SGD"]).await;
         prepare_primary(&th_primary, &["THB"]).await;
         let (th_replica_of_sg, sg_replica_of_th) = {
             let base = base.clone();
@@ -1279,7 +1277,7 @@ async fn a_visiting_shoppers_cart_is_priced_and_named_from_its_home_catalog_and_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(replicated, "sg serves the visitor's cart from its replica");
-    // th's catalog (not sg's, which also prices sku-00001 in THB) renames and re-prices it.
+    // th's catalog (not sg's) renames and re-prices it.
     execute(
         &regions.th_primary.dsn("cartedge"),
         "UPDATE catalog_items SET name = 'Kaeng som' WHERE item_id = 'sku-00001'; \
