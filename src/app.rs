@@ -55,6 +55,8 @@ pub struct App {
     pub topology: Topology,
     /// `Cart-Region`, pre-encoded once.
     pub region_header: HeaderValue,
+    /// This region's id as every request's log lines carry it (shared, not copied per request).
+    pub region_label: Arc<str>,
     /// Whether the public listener serves TLS (cookies get `Secure`).
     pub tls: bool,
     /// The public listener's TLS (certificate swapped by [`App::reload`]); None: plain HTTP.
@@ -92,6 +94,7 @@ impl App {
         store.cache.spawn_repair(CACHE_REPAIR_PERIOD);
         store.spawn_heartbeats();
         let region_header = HeaderValue::from_str(&config.region.id)?;
+        let region_label = Arc::from(config.region.id.as_str());
         let public_tls = match config.server.public_tls() {
             Some((cert, key)) => Some(PublicTls::load(cert, key)?),
             None => None,
@@ -147,6 +150,7 @@ impl App {
             store,
             topology,
             region_header,
+            region_label,
             tls: public_tls.is_some(),
             public_tls,
             forwarder,

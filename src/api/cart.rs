@@ -95,10 +95,19 @@ pub async fn view(
         // Outside the home region the replica may not have replayed the caller's last write
         // yet: give it a bounded moment, then ask the home region, whose answer (its primary's
         // cart, even when that is below the minimum) is the freshest there is.
-        match wait_for_replica(app, placed.shard, &placed.key, min_version).await? {
+        // Rare paths, boxed so they do not size every read's future.
+        match Box::pin(wait_for_replica(
+            app,
+            placed.shard,
+            &placed.key,
+            min_version,
+        ))
+        .await?
+        {
             Some(replayed) => (cart, source) = (replayed, Source::Replica),
             None => {
-                match relay::forward(app, relay_head, placed.home, None, None, Bytes::new()).await {
+                let home = relay::forward(app, relay_head, placed.home, None, None, Bytes::new());
+                match Box::pin(home).await {
                     Ok(response) => return Ok(response),
                     Err(error) => {
                         tracing::warn!(%error, home = placed.home, "home region unreachable; serving the replica's older cart");

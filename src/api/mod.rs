@@ -215,25 +215,25 @@ pub async fn handle(
     }
     app.decorate(response.headers_mut(), over_tls);
     app.metrics.http.observe(
-        traced.route,
+        traced.fields.route,
         crate::metrics::method_label(&method),
         response.status().as_u16(),
         started.elapsed(),
     );
-    traced.finish(&app.config.region.id, &mut response, started);
+    traced.finish(&mut response, started);
     Ok(response)
 }
 
-/// One request's trace and its log line: the request span (trace and span ids, region, route,
-/// method, and the owner once known: what the lines logged inside the request carry), the
-/// trace context handlers pass on to other edges, and the owner a handler names. Writes and
-/// errors are logged at INFO; successful reads only at the configured sampling rate.
+/// One request's trace and its log line: the request's fields (trace and span ids, region,
+/// route, method, and the owner once known: what every line logged inside the request carries,
+/// see `telemetry::in_trace`), the trace context handlers pass on to other edges, and the owner
+/// a handler names. Writes and errors are logged at INFO; successful reads only at the
+/// configured sampling rate. No tracing span is built per request: the fields ride in the
+/// request task's scope and are written only into the lines actually logged.
 struct TracedRequest {
     context: crate::telemetry::TraceContext,
-    span: tracing::Span,
+    fields: crate::telemetry::RequestFields,
     owner: crate::telemetry::OwnerSlot,
-    route: &'static str,
-    method: Method,
 }
 
 impl TracedRequest {
@@ -245,35 +245,29 @@ impl TracedRequest {
             Lookup::Found(route, _) => route.pattern,
             _ => crate::metrics::UNMATCHED_ROUTE,
         };
-        let span = tracing::info_span!(
-            "request",
-            trace_id = %context.trace_id(),
-            span_id = %context.span_id(),
-            region = %app.config.region.id,
-            route,
-            method = %request.method(),
-            owner = tracing::field::Empty,
-            user_id = tracing::field::Empty,
-            session = tracing::field::Empty,
-        );
         TracedRequest {
             context,
-            span,
+            fields: crate::telemetry::RequestFields {
+                region: app.region_label.clone(),
+                route,
+                method: request.method().clone(),
+            },
             owner: crate::telemetry::OwnerSlot::default(),
-            route,
-            method: request.method().clone(),
         }
     }
 
-    /// Runs the request's future inside its span and trace context.
+    /// Runs the request's future inside its trace context.
     async fn run<F: std::future::Future>(&self, future: F) -> F::Output {
-        use tracing::Instrument as _;
-        crate::telemetry::in_trace(self.context, self.owner.clone(), future)
-            .instrument(self.span.clone())
-            .await
+        crate::telemetry::in_trace(
+            self.context,
+            self.owner.clone(),
+            self.fields.clone(),
+            future,
+        )
+        .await
     }
 
-    fn finish(&self, region: &str, response: &mut Response<Body>, started: Instant) {
+    fn finish(&self, response: &mut Response<Body>, started: Instant) {
         if let Ok(value) = http::HeaderValue::from_str(&self.context.header_value()) {
             response
                 .headers_mut()
@@ -281,20 +275,19 @@ impl TracedRequest {
         }
         let status = response.status().as_u16();
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let read = matches!(self.method, Method::GET | Method::HEAD);
+        let fields = &self.fields;
+        let read = matches!(fields.method, Method::GET | Method::HEAD);
         if read && status < 400 && !crate::telemetry::sample_read() {
             return;
         }
         let owner = self.owner.take();
-        let _inside = self.span.enter();
-        // The line carries the span's fields itself, so it reads alone (a log pipeline need
-        // not join it with its span).
+        // Logged after the request's task scope ended, so the line names its fields itself.
         tracing::info!(
             trace_id = %self.context.trace_id(),
             span_id = %self.context.span_id(),
-            region = %region,
-            route = self.route,
-            method = %self.method,
+            region = &*fields.region,
+            route = fields.route,
+            method = %fields.method,
             status,
             latency_ms,
             owner = owner.kind(),
@@ -347,11 +340,11 @@ async fn dispatch(
         Handler::Metrics => return Ok(operator::metrics(app, &parts.headers)),
         Handler::Invalidate => {
             let bytes = request::read_body(&parts, body, internal::MAX_BODY_BYTES, true).await?;
-            return internal::invalidate(app, &bytes).await;
+            return Box::pin(internal::invalidate(app, &bytes)).await;
         }
         Handler::MergeStep(step) => {
             let bytes = request::read_body(&parts, body, internal::MAX_BODY_BYTES, true).await?;
-            return internal::merge_step(app, step, &bytes).await;
+            return Box::pin(internal::merge_step(app, step, &bytes)).await;
         }
         _ => {}
     }
@@ -408,14 +401,6 @@ fn note_owner(app: &App, operation: &Operation<'_>) {
         },
     };
     // Lines logged later in the request (a store error, a forward) name the owner too.
-    let span = tracing::Span::current();
-    span.record("owner", logged.kind());
-    if let Some(user) = logged.user_id() {
-        span.record("user_id", user);
-    }
-    if let Some(tag) = logged.session_tag() {
-        span.record("session", tag);
-    }
     crate::telemetry::note_owner(logged);
 }
 
@@ -447,23 +432,59 @@ async fn run(app: &App, command: Command<'_>) -> Result<Response<Body>, ApiError
             owner,
             body,
         };
-        return relay::forward_write(app, &relay_head, write).await;
+        return Box::pin(relay::forward_write(app, &relay_head, write)).await;
     }
+    // Only the read's future is held inline: the others are boxed, so the future of every
+    // request is as small as a read's and is not copied around at its full size on each move
+    // (a checkout's state machine is many times a read's).
     match operation {
         Operation::View(read) => cart::view(app, surface, &relay_head, read).await,
-        Operation::Write(write) => cart::write(app, write, key, &body).await,
-        Operation::Merge(merge) => lifecycle::merge(app, merge, key, &body).await,
-        Operation::Checkout(checkout) => lifecycle::checkout(app, checkout, &body).await,
+        Operation::Write(write) => Box::pin(cart::write(app, write, key, &body)).await,
+        Operation::Merge(merge) => Box::pin(lifecycle::merge(app, merge, key, &body)).await,
+        Operation::Checkout(checkout) => Box::pin(lifecycle::checkout(app, checkout, &body)).await,
         Operation::GetOrder(lookup) => {
-            lifecycle::get_order(app, surface, &relay_head, lookup).await
+            Box::pin(lifecycle::get_order(app, surface, &relay_head, lookup)).await
         }
-        Operation::Settle(settle) => lifecycle::settle(app, settle).await,
+        Operation::Settle(settle) => Box::pin(lifecycle::settle(app, settle)).await,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of the future an async fn returns, without calling it.
+    fn future_size<'a, A, B, C, F: std::future::Future>(_: impl FnOnce(A, B, C) -> F) -> usize
+    where
+        A: 'a,
+    {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn a_requests_future_stays_small() {
+        // Every move of the request's future copies it whole; heavy handlers are boxed so a
+        // read's future (the common case) sets the size.
+        let dispatch_size = future_size(dispatch);
+        let run_size = future_size(|app: &App, command: Command<'static>, _: ()| run(app, command));
+        let view_size = future_size(
+            |app: &App, relay: &relay::RelayHead, read: Option<command::ViewCart<'static>>| {
+                cart::view(app, Surface::Public, relay, read)
+            },
+        );
+        let load_size = future_size(|app: &App, key: &crate::domain::ids::OwnerKey, _: ()| {
+            app.store.load_cart("sg-1", key, 0)
+        });
+        let render_size =
+            future_size(|app: &App, cart: &crate::domain::cart::StoredCart, _: ()| {
+                cart::render_view(app, cart, "sg")
+            });
+        eprintln!("dispatch {dispatch_size} run {run_size} view {view_size} load {load_size} render {render_size} bytes");
+        assert!(
+            dispatch_size <= 4096,
+            "dispatch future is {dispatch_size} bytes"
+        );
+    }
 
     fn found(surface: Surface, method: Method, path: &str) -> Option<(Handler, Option<&str>)> {
         match router::lookup(&ROUTES, surface, &method, path) {

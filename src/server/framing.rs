@@ -14,6 +14,7 @@
 //! watching that connection; hyper's own parsing still applies. It must not be used to decide
 //! anything but this refusal.
 
+use std::borrow::Cow;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,8 +76,11 @@ enum State {
 
 #[derive(Debug, Default)]
 struct Head {
+    /// The part of a line that arrived before its end (lines are usually whole in one read and
+    /// then never copied).
     line: Vec<u8>,
-    request_line: Option<Vec<u8>>,
+    /// The request line was seen; `Some(true)` when it is the HTTP/2 preface.
+    request_line: Option<bool>,
     content_length: Option<u64>,
     has_content_length: bool,
     transfer_encoding: Option<Vec<u8>>,
@@ -99,21 +103,35 @@ impl Default for Scanner {
     }
 }
 
-/// Appends `byte` to `line` unless it ends it; returns the finished line without its `\r\n`
-/// (or bare `\n`, which hyper also accepts). `Err` when the line is too long to follow.
-fn push_line(line: &mut Vec<u8>, byte: u8) -> Result<Option<Vec<u8>>, ()> {
-    if byte == b'\n' {
-        let mut done = std::mem::take(line);
-        if done.last() == Some(&b'\r') {
-            done.pop();
+/// Takes the next line out of `bytes`: the finished line without its `\r\n` (or bare `\n`,
+/// which hyper also accepts) when its end is in `bytes`, joined to the part `pending` kept
+/// from earlier reads; `None` when `bytes` ends first (kept in `pending`). `Err` when the line
+/// is too long to follow.
+fn take_line<'b>(pending: &mut Vec<u8>, bytes: &mut &'b [u8]) -> Result<Option<Cow<'b, [u8]>>, ()> {
+    let Some(end) = bytes.iter().position(|b| *b == b'\n') else {
+        if pending.len() + bytes.len() > MAX_LINE {
+            return Err(());
         }
-        return Ok(Some(done));
-    }
-    if line.len() >= MAX_LINE {
+        pending.extend_from_slice(bytes);
+        *bytes = &[];
+        return Ok(None);
+    };
+    let part = &bytes[..end];
+    *bytes = &bytes[end + 1..];
+    if pending.len() + part.len() > MAX_LINE {
         return Err(());
     }
-    line.push(byte);
-    Ok(None)
+    let line = if pending.is_empty() {
+        Cow::Borrowed(part.strip_suffix(b"\r").unwrap_or(part))
+    } else {
+        let mut joined = std::mem::take(pending);
+        joined.extend_from_slice(part);
+        if joined.last() == Some(&b'\r') {
+            joined.pop();
+        }
+        Cow::Owned(joined)
+    };
+    Ok(Some(line))
 }
 
 fn trim(value: &[u8]) -> &[u8] {
@@ -139,7 +157,7 @@ impl Scanner {
     /// in `watch`.
     pub fn feed(&mut self, mut bytes: &[u8], watch: &FramingWatch) {
         while !bytes.is_empty() {
-            match &mut self.state {
+            let taken = match &mut self.state {
                 State::Stopped => return,
                 State::Fixed { remaining } | State::ChunkData { remaining } => {
                     let take = usize::try_from(*remaining)
@@ -153,57 +171,50 @@ impl Scanner {
                             _ => State::Head(Head::default()),
                         };
                     }
+                    continue;
                 }
-                _ => {
-                    let byte = bytes[0];
-                    bytes = &bytes[1..];
-                    self.step(byte, watch);
+                State::Head(Head { line, .. })
+                | State::ChunkSize { line }
+                | State::ChunkEnd { line }
+                | State::Trailers { line } => take_line(line, &mut bytes),
+            };
+            let line = match taken {
+                Err(()) => {
+                    self.state = State::Stopped;
+                    return;
                 }
+                // The rest of the line comes with a later read.
+                Ok(None) => return,
+                Ok(Some(line)) => line,
+            };
+            let next = match &self.state {
+                State::Head(_) => self.head_line(&line, watch),
+                State::ChunkSize { .. } => Some(chunk_size(&line)),
+                State::ChunkEnd { .. } if line.is_empty() => {
+                    Some(State::ChunkSize { line: Vec::new() })
+                }
+                State::ChunkEnd { .. } => Some(State::Stopped),
+                State::Trailers { .. } if line.is_empty() => Some(State::Head(Head::default())),
+                State::Trailers { .. }
+                | State::Fixed { .. }
+                | State::ChunkData { .. }
+                | State::Stopped => None,
+            };
+            if let Some(next) = next {
+                self.state = next;
             }
         }
     }
 
-    /// One byte of a line-oriented state.
-    fn step(&mut self, byte: u8, watch: &FramingWatch) {
-        let next = match &mut self.state {
-            State::Head(head) => match push_line(&mut head.line, byte) {
-                Err(()) => Some(State::Stopped),
-                Ok(None) => None,
-                Ok(Some(line)) => self.head_line(line, watch),
-            },
-            State::ChunkSize { line } => match push_line(line, byte) {
-                Err(()) => Some(State::Stopped),
-                Ok(None) => None,
-                Ok(Some(line)) => Some(chunk_size(&line)),
-            },
-            State::ChunkEnd { line } => match push_line(line, byte) {
-                Err(()) => Some(State::Stopped),
-                Ok(None) => None,
-                Ok(Some(line)) if line.is_empty() => Some(State::ChunkSize { line: Vec::new() }),
-                Ok(Some(_)) => Some(State::Stopped),
-            },
-            State::Trailers { line } => match push_line(line, byte) {
-                Err(()) => Some(State::Stopped),
-                Ok(None) => None,
-                Ok(Some(line)) if line.is_empty() => Some(State::Head(Head::default())),
-                Ok(Some(_)) => None,
-            },
-            State::Fixed { .. } | State::ChunkData { .. } | State::Stopped => None,
-        };
-        if let Some(next) = next {
-            self.state = next;
-        }
-    }
-
     /// A finished head line; the next state when the head is complete or unfollowable.
-    fn head_line(&mut self, line: Vec<u8>, watch: &FramingWatch) -> Option<State> {
+    fn head_line(&mut self, line: &[u8], watch: &FramingWatch) -> Option<State> {
         let State::Head(head) = &mut self.state else {
             return Some(State::Stopped);
         };
         if head.request_line.is_none() {
             // Empty lines before a request line are skipped, as hyper does.
             if !line.is_empty() {
-                head.request_line = Some(line);
+                head.request_line = Some(line.starts_with(b"PRI "));
             }
             return None;
         }
@@ -222,8 +233,7 @@ impl Scanner {
             return None;
         }
         // The head is complete.
-        let request_line = head.request_line.take().unwrap_or_default();
-        if request_line.starts_with(b"PRI ") {
+        if head.request_line == Some(true) {
             // The HTTP/2 preface: the rest is frames, not HTTP/1.
             return Some(State::Stopped);
         }

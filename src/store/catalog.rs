@@ -133,7 +133,8 @@ impl Catalog {
                 complete: true,
             };
         }
-        match inner.fetch(&missing).await {
+        // Boxed: entries are usually cached, and the query's future would size every view's.
+        match Box::pin(inner.fetch(&missing)).await {
             Ok(fetched) => {
                 let fetched: HashMap<String, Arc<CatalogItem>> =
                     fetched.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();

@@ -429,9 +429,13 @@ impl Store {
         if cached.answered {
             self.cache_metrics.read_miss.inc();
         }
-        let (cart, source) = self.read_from_database(shard, owner, min_version).await?;
-        self.cache.fill(&cart).await;
-        Ok((cart, source, min_version))
+        // The miss path is boxed: a cache hit's future (the common read) stays small.
+        Box::pin(async move {
+            let (cart, source) = self.read_from_database(shard, owner, min_version).await?;
+            self.cache.fill(&cart).await;
+            Ok((cart, source, min_version))
+        })
+        .await
     }
 
     /// The database half of [`Store::load_cart`], without touching the cache. Outside the
