@@ -506,7 +506,7 @@ pub fn issue_token_for_tier(
         tier,
         ..ExtraClaims::default()
     };
-    sign_token(config, sub, ttl, now_unix, &extra)
+    issue_token_with(config, sub, ttl, now_unix, &extra)
 }
 
 /// The optional claims a minted token may carry.
@@ -518,17 +518,6 @@ pub struct ExtraClaims<'a> {
     pub role: Option<&'a str>,
     /// The user's home region.
     pub region: Option<&'a str>,
-}
-
-/// As [`issue_token`], with any of the optional claims.
-pub fn issue_token_with(
-    config: &AuthConfig,
-    sub: &str,
-    ttl: Duration,
-    now_unix: u64,
-    extra: &ExtraClaims<'_>,
-) -> Result<String, String> {
-    sign_token(config, sub, ttl, now_unix, extra)
 }
 
 /// As [`issue_token`], with a `role` claim (the payment service's token).
@@ -543,10 +532,11 @@ pub fn issue_token_with_role(
         role: Some(role),
         ..ExtraClaims::default()
     };
-    sign_token(config, sub, ttl, now_unix, &extra)
+    issue_token_with(config, sub, ttl, now_unix, &extra)
 }
 
-fn sign_token(
+/// As [`issue_token`], with any of the optional claims.
+pub fn issue_token_with(
     config: &AuthConfig,
     sub: &str,
     ttl: Duration,
@@ -658,6 +648,20 @@ mod tests {
         config_with_secret(&"k".repeat(32))
     }
 
+    /// Claims of `sub` valid for a minute for issuer `iss-a` and audience `aud-a`, nothing else.
+    fn claims_for(sub: &str) -> Claims {
+        Claims {
+            sub: sub.into(),
+            exp: now() + 60,
+            iss: Some("iss-a".into()),
+            aud: Some("aud-a".into()),
+            iat: None,
+            tier: None,
+            role: None,
+            region: None,
+        }
+    }
+
     fn now() -> u64 {
         jsonwebtoken::get_current_timestamp()
     }
@@ -737,16 +741,7 @@ mod tests {
             public_key_file: Some(path),
         });
         let auth = Authenticator::new(&config, SESSION_LIFETIME).unwrap();
-        let claims = Claims {
-            sub: "erin".into(),
-            exp: now() + 60,
-            iss: Some("iss-a".into()),
-            aud: Some("aud-a".into()),
-            iat: None,
-            tier: None,
-            role: None,
-            region: None,
-        };
+        let claims = claims_for("erin");
         let signing = EncodingKey::from_ed_der(pkcs8.as_ref());
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some("ed-1".into());
@@ -918,14 +913,8 @@ mod tests {
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some("k1".into());
         let claims = Claims {
-            sub: "alice".into(),
-            exp: now() + 60,
-            iss: Some("iss-a".into()),
-            aud: Some("aud-a".into()),
-            iat: None,
-            tier: None,
-            role: None,
             region: Some("SG!".into()),
+            ..claims_for("alice")
         };
         let key = EncodingKey::from_secret("k".repeat(32).as_bytes());
         let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();

@@ -509,14 +509,7 @@ impl TestApp {
     }
 
     pub async fn query_i64(&self, sql: &str) -> i64 {
-        let (client, connection) = tokio_postgres::connect(&self.dsn, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        let driver = tokio::spawn(connection);
-        let value: i64 = client.query_one(sql, &[]).await.unwrap().get(0);
-        drop(client);
-        let _ = driver.await;
-        value
+        query_opt_i64(&self.dsn, sql, &[]).await.expect("a row")
     }
 
     pub fn trigger_shutdown(&mut self) {
@@ -559,4 +552,20 @@ pub fn private_redis(name: &str) -> RedisInstance {
 
 pub fn h(name: &str, value: &str) -> (String, String) {
     (name.to_string(), value.to_string())
+}
+
+/// The first column of the first row of one query on `dsn`, read as a bigint (None: no row).
+pub async fn query_opt_i64(
+    dsn: &str,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Option<i64> {
+    let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    let row = client.query_opt(sql, params).await.unwrap();
+    drop(client);
+    let _ = driver.await;
+    row.map(|row| row.get(0))
 }

@@ -1039,60 +1039,43 @@ fn homed_token(regions: &TwoRegions, sub: &str, region: &str) -> String {
     .unwrap()
 }
 
+/// Adds `quantity` of `sku-00001` at `edge` with `token`.
+async fn add_with_token(
+    regions: &TwoRegions,
+    edge: &Edge,
+    token: &str,
+    quantity: i64,
+) -> TestResponse {
+    let headers = [("authorization", format!("Bearer {token}"))];
+    let body = format!(r#"{{"item_id":"sku-00001","quantity":{quantity}}}"#);
+    regions
+        .send(edge, "POST", "/api/v1/cart/items", &headers, Some(&body))
+        .await
+}
+
 /// The quantity of `item` in `owner`'s cart on the database `pg` (0 when absent).
 async fn quantity_in(pg: &PgInstance, owner: &str, item: &str) -> i64 {
-    let (client, connection) = tokio_postgres::connect(&pg.dsn("cartedge"), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let driver = tokio::spawn(connection);
-    let row = client
-        .query_opt(
-            "SELECT quantity::bigint FROM cart_items WHERE owner = $1 AND item_id = $2",
-            &[&owner, &item],
-        )
-        .await
-        .unwrap();
-    drop(client);
-    let _ = driver.await;
-    row.map(|r| r.get(0)).unwrap_or(0)
+    crate::helpers::query_opt_i64(
+        &pg.dsn("cartedge"),
+        "SELECT quantity::bigint FROM cart_items WHERE owner = $1 AND item_id = $2",
+        &[&owner, &item],
+    )
+    .await
+    .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_region_claim_homes_a_shopper_in_their_own_region_and_prices_the_cart_there() {
     let regions = TwoRegions::start("2s").await;
-    let add = |token: &str, quantity: i64| {
-        (
-            vec![("authorization", format!("Bearer {token}"))],
-            format!(r#"{{"item_id":"sku-00001","quantity":{quantity}}}"#),
-        )
-    };
     // A Thai shopper whom the global ring would home in sg: the claim homes the cart in th.
     let thai = regions.user_homed_in("sg", "thai");
     let token = homed_token(&regions, &thai, "th");
-    let (headers, body) = add(&token, 2);
-    let at_home = regions
-        .send(
-            &regions.th,
-            "POST",
-            "/api/v1/cart/items",
-            &headers,
-            Some(&body),
-        )
-        .await;
+    let at_home = add_with_token(&regions, &regions.th, &token, 2).await;
     assert_eq!(at_home.status, StatusCode::OK, "{:?}", at_home.body);
     assert_eq!(at_home.header("cart-home-region"), Some("th"));
     assert_eq!(at_home.json()["currency"], "THB");
     // Travelling: sg relays the write to th, and the cart stays in THB.
-    let (headers, body) = add(&token, 1);
-    let away = regions
-        .send(
-            &regions.sg,
-            "POST",
-            "/api/v1/cart/items",
-            &headers,
-            Some(&body),
-        )
-        .await;
+    let away = add_with_token(&regions, &regions.sg, &token, 1).await;
     assert_eq!(away.status, StatusCode::OK, "{:?}", away.body);
     assert_eq!(away.header("cart-home-region"), Some("th"));
     assert_eq!(away.json()["currency"], "THB");
@@ -1126,16 +1109,7 @@ async fn the_region_claim_homes_a_shopper_in_their_own_region_and_prices_the_car
     // in SGD although the first write came through Bangkok.
     let singaporean = regions.user_homed_in("th", "singaporean");
     let token = homed_token(&regions, &singaporean, "sg");
-    let (headers, body) = add(&token, 1);
-    let relayed = regions
-        .send(
-            &regions.th,
-            "POST",
-            "/api/v1/cart/items",
-            &headers,
-            Some(&body),
-        )
-        .await;
+    let relayed = add_with_token(&regions, &regions.th, &token, 1).await;
     assert_eq!(relayed.status, StatusCode::OK, "{:?}", relayed.body);
     assert_eq!(relayed.header("cart-home-region"), Some("sg"));
     assert_eq!(relayed.json()["currency"], "SGD");
@@ -1148,14 +1122,12 @@ async fn the_region_claim_homes_a_shopper_in_their_own_region_and_prices_the_car
     // A claim naming a region that homes no shard is no credential of this deployment.
     let stranger = homed_token(&regions, "stranger", "vn");
     for edge in [&regions.sg, &regions.th] {
-        let (headers, body) = add(&stranger, 1);
-        let refused = regions
-            .send(edge, "POST", "/api/v1/cart/items", &headers, Some(&body))
-            .await;
+        let refused = add_with_token(&regions, edge, &stranger, 1).await;
         assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
         assert_eq!(refused.error_code(), "unauthenticated");
+        let bearer = [("authorization", format!("Bearer {stranger}"))];
         let read = regions
-            .send(edge, "GET", "/api/v1/cart", &headers, None)
+            .send(edge, "GET", "/api/v1/cart", &bearer, None)
             .await;
         assert_eq!(read.status, StatusCode::UNAUTHORIZED);
     }
@@ -1249,14 +1221,9 @@ async fn a_guest_is_homed_where_its_session_was_minted_and_old_credentials_keep_
 
 /// One query's single bigint answer on `pg`'s `cartedge` database.
 async fn query_i64(pg: &PgInstance, sql: &str) -> i64 {
-    let (client, connection) = tokio_postgres::connect(&pg.dsn("cartedge"), tokio_postgres::NoTls)
+    crate::helpers::query_opt_i64(&pg.dsn("cartedge"), sql, &[])
         .await
-        .unwrap();
-    let driver = tokio::spawn(connection);
-    let value: i64 = client.query_one(sql, &[]).await.unwrap().get(0);
-    drop(client);
-    let _ = driver.await;
-    value
+        .expect("a row")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
