@@ -358,9 +358,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 _ => bail!("an owner key is u:<user id> or g:<session id>"),
             };
             let ring = load_ring(ring)?;
-            let placement = ring
-                .place(owner, home.as_deref())
-                .with_context(|| format!("no shard of the ring is homed in {home:?}"))?;
+            let placement = ring.place(owner, home.as_deref()).with_context(|| {
+                format!(
+                    "no shard of the ring is homed in {}",
+                    home.as_deref().unwrap_or_default()
+                )
+            })?;
             println!("shard={} home={}", placement.shard, placement.home);
             Ok(())
         }
