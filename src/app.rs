@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::domain::ids::OwnerKey;
+use crate::domain::ids::{OwnerKey, RegionId};
 use crate::forward::{tls, Forwarder, Settings};
 use crate::limits::RateLimits;
 use crate::metrics::{BuildLabels, Format, LifecycleMetrics, Metrics};
@@ -76,15 +76,31 @@ pub struct App {
     draining: AtomicBool,
 }
 
+/// The authenticator of `config`, minting guest sessions homed in `region` (this edge's) when it
+/// homes shards. An edge of a region that homes none (it serves reads and forwards every write) mints
+/// sessions without a home region, which the global ring places: no shard could hold a cart
+/// homed there.
+fn authenticator(
+    config: &Config,
+    region: &RegionId,
+    topology: &Topology,
+) -> anyhow::Result<Authenticator> {
+    let auth = Authenticator::new(&config.auth, config.retention.guest_cart.0)
+        .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+    Ok(if topology.ring.homes_shards(region) {
+        auth.minting_for(region.clone())
+    } else {
+        auth
+    })
+}
+
 impl App {
     /// Builds the state and starts the cache repair task (so call it inside a Tokio runtime).
     /// Connects to nothing yet: pools and the cache connect lazily, so an edge starts while a
     /// dependency is down and reports it on `/health`.
     pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
-        let auth = Authenticator::new(&config.auth, config.retention.guest_cart.0)
-            .map_err(|e| anyhow::anyhow!("auth: {e}"))?
-            .minting_for(config.region.id.clone());
         let topology = Topology::load(&config)?;
+        let auth = authenticator(&config, &config.region.id, &topology)?;
         let metrics = Arc::new(Metrics::new(BuildLabels {
             version: env!("CARGO_PKG_VERSION").to_string(),
             region: config.region.id.to_string(),
@@ -343,10 +359,8 @@ impl App {
     /// turning public TLS on or off (the listener's protocol is fixed at start-up). Every part
     /// is built first, so a bad file changes nothing.
     pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
-        // The region is fixed at start-up, like the listeners.
-        let auth = Authenticator::new(&config.auth, config.retention.guest_cart.0)
-            .map_err(|e| anyhow::anyhow!("auth: {e}"))?
-            .minting_for(self.config.region.id.clone());
+        // The region and the ring are fixed at start-up, like the listeners.
+        let auth = authenticator(config, &self.config.region.id, &self.topology)?;
         let limits = Arc::new(RateLimits::new(&config.rate_limit, &self.metrics.limits)?);
         let certificate = match (&self.public_tls, config.server.public_tls()) {
             (Some(_), Some((cert, key))) => Some(
