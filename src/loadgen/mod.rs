@@ -159,6 +159,7 @@ pub async fn run(args: &Args, defaults: Option<PathBuf>) -> Result<()> {
         let summary = json!({
             "p99_budget_ms": budget.as_secs_f64() * 1000.0,
             "highest_rate_held": edge_max.held,
+            "every_step_held": edge_max.every_step_held,
             "steps": edge_max.steps,
             "baseline": baseline_max.as_ref().map(|b| json!({
                 "highest_rate_held": b.held,
@@ -280,6 +281,8 @@ fn load_regions(dir: &Path, defaults: Option<PathBuf>) -> Result<Vec<Region>> {
 
 struct FindMax {
     held: Option<f64>,
+    /// No step failed: `held` is only a lower bound.
+    every_step_held: bool,
     steps: Vec<serde_json::Value>,
     /// The report of the highest step that held (else the first step's).
     report: Report,
@@ -291,6 +294,7 @@ async fn find_max(args: &Args, mix: &Mix, target: &Target, budget: Duration) -> 
     let budget_ms = budget.as_secs_f64() * 1000.0;
     let mut found = FindMax {
         held: None,
+        every_step_held: true,
         steps: Vec::new(),
         report: Report::default(),
     };
@@ -320,6 +324,7 @@ async fn find_max(args: &Args, mix: &Mix, target: &Target, budget: Duration) -> 
             found.report = report;
         }
         if !held {
+            found.every_step_held = false;
             break;
         }
         found.held = Some(rate);
@@ -433,16 +438,19 @@ async fn run_phase(args: &Args, mix: &Mix, target: &Target, rate: f64) -> Result
 /// The live progress line, about once a second on stderr.
 fn progress(report: &Report, start: Instant, measure_start: Instant) {
     let now = Instant::now();
-    if now < measure_start {
+    // The first quarter second of the measured span is too short for a rate.
+    if now < measure_start + Duration::from_millis(250) {
         eprintln!(
-            "loadgen: {:>6.1}s warm-up",
+            "loadgen {}: {:>6.1}s warming up",
+            report.target,
             now.duration_since(start).as_secs_f64()
         );
         return;
     }
-    let seconds = now.duration_since(measure_start).as_secs_f64().max(0.001);
+    let seconds = now.duration_since(measure_start).as_secs_f64();
     eprintln!(
-        "loadgen: {:>6.1}s {:>9.0} req/s answered, {} errors, p99 {:.2} ms",
+        "loadgen {}: {:>6.1}s {:>9.0} req/s answered, {} errors, p99 {:.2} ms",
+        report.target,
         now.duration_since(start).as_secs_f64(),
         report.answered as f64 / seconds,
         report.overall.error_count(),

@@ -19,7 +19,8 @@ const MAX_RECORDED_MICROS: u64 = 3_600_000_000;
 pub enum Ending {
     /// An HTTP answer; `code` is the `error.code` of an error body.
     Answered { status: u16, code: Option<String> },
-    /// No answer: `timeout`, `connect`, `transport`.
+    /// No answer: `timeout`, `connect`, `transport`; or `no_guest_session`, a merge whose guest
+    /// add was answered without a `Cart-Session`.
     Failed(&'static str),
     /// Not sent: the bound on requests in flight was reached (the schedule did not slow down).
     InFlightLimit,

@@ -127,7 +127,12 @@ pub async fn send(client: &HttpClient, plan: &Plan) -> Sent {
                     session: Some(session),
                     ..
                 }) => session,
-                Ok(answer) => return finish(Ok(answer.ending), 1),
+                // A guest add refused is counted as the merge's failure, under its status.
+                Ok(Answer {
+                    ending: ending @ Ending::Answered { status: 400.., .. },
+                    ..
+                }) => return finish(Ok(ending), 1),
+                Ok(_) => return finish(Err("no_guest_session"), 1),
                 Err(kind) => return finish(Err(kind), 1),
             };
             let merge = build(
