@@ -336,6 +336,7 @@ async fn find_max(args: &Args, mix: &Mix, target: &Target, budget: Duration) -> 
 /// One measured run: the warm-up, then `--duration` at `rate`, then waiting for the answers.
 async fn run_phase(args: &Args, mix: &Mix, target: &Target, rate: f64) -> Result<Report> {
     let client = traffic::client(args.http2, args.connections);
+    let mut planner = Planner::new(args, target)?;
     let (target_name, region_names): (String, Vec<String>) = match target {
         Target::Cluster(regions) => (
             args.cluster.display().to_string(),
@@ -383,7 +384,6 @@ async fn run_phase(args: &Args, mix: &Mix, target: &Target, rate: f64) -> Result
         })
     };
 
-    let mut planner = Planner::new(args, target);
     let bounds: Vec<Arc<Semaphore>> = region_names
         .iter()
         .map(|_| Arc::new(Semaphore::new(args.connections)))
@@ -476,7 +476,7 @@ struct Planner<'a> {
     target: &'a Target,
     tier: Tier,
     items: u32,
-    zipf: Option<Zipf<f64>>,
+    zipf: Zipf<f64>,
     rng: SmallRng,
     /// Unique per run, so idempotency keys never collide with an earlier run's.
     run_id: String,
@@ -487,18 +487,20 @@ struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    fn new(args: &Args, target: &'a Target) -> Planner<'a> {
+    fn new(args: &Args, target: &'a Target) -> Result<Planner<'a>> {
+        let zipf = Zipf::new(args.owners as f64, args.zipf)
+            .map_err(|error| anyhow::anyhow!("--owners/--zipf: {error}"))?;
         let mut rng = SmallRng::from_os_rng();
-        Planner {
+        Ok(Planner {
             target,
             tier: args.tier,
             items: args.items,
-            zipf: Zipf::new(args.owners as f64, args.zipf).ok(),
+            zipf,
             run_id: format!("{:08x}", rng.random::<u32>()),
             rng,
             tokens: HashMap::new(),
             items_of: HashMap::new(),
-        }
+        })
     }
 
     fn plan(&mut self, mix: &Mix, index: u64) -> (usize, Plan) {
@@ -519,11 +521,7 @@ impl<'a> Planner<'a> {
         };
         let op = mix.op_at(index);
         // Zipf gives ranks 1..=owners (as floats); rank 1 is the hottest user.
-        let rank = self
-            .zipf
-            .as_ref()
-            .map_or(1, |zipf| zipf.sample(&mut self.rng) as u64)
-            .max(1);
+        let rank = (self.zipf.sample(&mut self.rng) as u64).max(1);
         let home = schedule::home_of(rank, regions.len());
         let region = &regions[home];
         let authorization = self.token(rank, region);
