@@ -2,8 +2,8 @@
 //! every operation in its mix at a modest rate against a test edge described by a minimal
 //! cluster directory (`cluster.json` and the region file the tokens are minted with). It must
 //! exit 0, write the JSON contract with figures the schedule implies, have really sent what it
-//! says (the edge's own request counter grew at least that much) and draw the SVG plot. No
-//! assertion is about speed.
+//! says (the edge's own request counter grew at least that much) and draw the SVG plot; then a
+//! second, HTTP/2 run with a baseline reports the ratios to it. No assertion is about speed.
 
 use std::time::{Duration, Instant};
 
@@ -190,5 +190,61 @@ async fn loadgen_sends_the_scheduled_mix_and_reports_the_json_contract_and_a_plo
     for op in ["view", "checkout"] {
         assert!(svg.contains(op), "the plot names the {op} series");
     }
+
+    // HTTP/2 with prior knowledge, and a baseline measured in the same run (here the edge's
+    // own `/ready`): the document carries the baseline's figures and the ratios to them.
+    let json_path = dir.path().join("h2.json");
+    let arguments: Vec<String> = vec![
+        "loadgen".into(),
+        "--cluster".into(),
+        dir.path().display().to_string(),
+        "--rate".into(),
+        "50".into(),
+        "--duration".into(),
+        "1s".into(),
+        "--mix".into(),
+        "view=1".into(),
+        "--http2".into(),
+        "--baseline".into(),
+        format!("http://{}/ready", app.address),
+        "--json".into(),
+        json_path.display().to_string(),
+    ];
+    let output = tokio::task::spawn_blocking(move || {
+        let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+        cli(&arguments)
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "loadgen --http2 --baseline failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap())
+        .expect("the --json file is JSON");
+    for document in [&report, &report["baseline"]] {
+        let requests = document["requests"].as_f64().expect("requests");
+        assert!((requests - 50.0).abs() <= 5.0, "{report:#}");
+        assert_eq!(document["errors"], 0, "{report:#}");
+        assert_eq!(
+            document["status"]["200"].as_f64(),
+            Some(requests),
+            "{report:#}"
+        );
+    }
+    assert!(
+        report["ratio_to_baseline"]["achieved_rate"]
+            .as_f64()
+            .expect("a rate ratio")
+            > 0.0,
+        "{report:#}"
+    );
+    assert!(
+        report["ratio_to_baseline"]["operations"]["view"]["p99"]
+            .as_f64()
+            .is_some(),
+        "{report:#}"
+    );
     admin_server.abort();
 }
