@@ -170,15 +170,14 @@ pub async fn run(args: &Args, defaults: Option<PathBuf>) -> Result<()> {
                 _ => None,
             }),
         });
-        println!(
-            "find-max: highest rate with p99 within {:?}: {}",
-            budget,
-            edge_max
-                .held
-                .map_or("none (the first step failed)".to_string(), |r| format!(
-                    "{r:.0}/s"
-                ))
-        );
+        let held = match edge_max.held {
+            None => "none (the first step did not hold)".to_string(),
+            Some(rate) if edge_max.every_step_held => {
+                format!("{rate:.0}/s (every step held: a lower bound, raise --max-steps)")
+            }
+            Some(rate) => format!("{rate:.0}/s"),
+        };
+        println!("find-max: highest rate with p99 within {budget:?}: {held}");
         if let Some(b) = &baseline_max {
             println!(
                 "find-max baseline: {}",
