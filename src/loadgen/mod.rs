@@ -372,8 +372,11 @@ async fn run_phase(args: &Args, mix: &Mix, target: &Target, rate: f64) -> Result
                         let latency = outcome.sent.then(|| {
                             schedule::latency_from_intended(outcome.intended, outcome.completed)
                         });
+                        let lag = outcome.sent.then(|| {
+                            schedule::latency_from_intended(outcome.intended, outcome.dispatched)
+                        });
                         let region = names.get(outcome.region).map_or("?", String::as_str);
-                        report.record(outcome.op, region, latency, outcome.http_requests, &outcome.ending);
+                        report.record(outcome.op, region, latency, lag, outcome.http_requests, &outcome.ending);
                     }
                     _ = ticker.tick() => progress(&report, start, measure_start),
                 }
@@ -400,6 +403,7 @@ async fn run_phase(args: &Args, mix: &Mix, target: &Target, rate: f64) -> Result
                 op: plan.op,
                 region,
                 intended,
+                dispatched: Instant::now(),
                 completed: Instant::now(),
                 sent: false,
                 http_requests: 0,
@@ -410,6 +414,7 @@ async fn run_phase(args: &Args, mix: &Mix, target: &Target, rate: f64) -> Result
         let client: HttpClient = client.clone();
         let outcomes = outcomes.clone();
         let timeout = args.timeout;
+        let dispatched = Instant::now();
         tokio::spawn(async move {
             let sent = tokio::time::timeout(timeout, traffic::send(&client, &plan)).await;
             let completed = Instant::now();
@@ -423,6 +428,7 @@ async fn run_phase(args: &Args, mix: &Mix, target: &Target, rate: f64) -> Result
                 op: plan.op,
                 region,
                 intended,
+                dispatched,
                 completed,
                 sent: true,
                 http_requests,
@@ -463,6 +469,8 @@ struct Outcome {
     op: Op,
     region: usize,
     intended: Instant,
+    /// When the generator handed it to the client.
+    dispatched: Instant,
     completed: Instant,
     sent: bool,
     http_requests: u64,

@@ -132,6 +132,10 @@ pub struct Report {
     pub regions: BTreeMap<String, Tally>,
     /// Every HTTP status seen, with its count.
     pub status: BTreeMap<u16, u64>,
+    /// How late the generator itself sent each request after its intended time (its timer's
+    /// granularity, its own CPU starvation): part of every latency, shown apart so a reader
+    /// can tell the generator's share from the target's.
+    pub dispatch_lag: Tally,
 }
 
 impl Report {
@@ -151,16 +155,27 @@ impl Report {
         }
     }
 
-    /// Counts one measured request; `latency` is None for one that was never sent.
+    /// Counts one measured request; `latency` is None for one that was never sent, `lag` how
+    /// late after its intended time it was sent.
     pub fn record(
         &mut self,
         op: Op,
         region: &str,
         latency: Option<Duration>,
+        lag: Option<Duration>,
         http_requests: u64,
         ending: &Ending,
     ) {
         self.scheduled += 1;
+        if let Some(lag) = lag {
+            self.dispatch_lag.record(
+                Some(lag),
+                &Ending::Answered {
+                    status: 200,
+                    code: None,
+                },
+            );
+        }
         self.http_requests += http_requests;
         if let Ending::Answered { status, .. } = ending {
             self.answered += 1;
@@ -222,6 +237,11 @@ impl Report {
             "errors": self.overall.error_count(),
             "achieved_rate": self.achieved_rate(),
             "overall": self.overall.figures(),
+            "dispatch_lag_ms": {
+                "p50": self.dispatch_lag.percentile_ms(50.0),
+                "p99": self.dispatch_lag.percentile_ms(99.0),
+                "max": self.dispatch_lag.max_ms(),
+            },
             "operations": operations,
             "regions": regions,
             "status": status,
@@ -304,6 +324,13 @@ impl Report {
             .map(|(code, count)| format!("{code} x{count}"))
             .collect();
         let _ = writeln!(out, "status: {}", status.join(", "));
+        let _ = writeln!(
+            out,
+            "the generator's own dispatch lag (in every latency above): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            self.dispatch_lag.percentile_ms(50.0),
+            self.dispatch_lag.percentile_ms(99.0),
+            self.dispatch_lag.max_ms()
+        );
         out
     }
 }
@@ -370,9 +397,16 @@ mod tests {
             status: 429,
             code: Some("rate_limited".into()),
         };
-        report.record(Op::View, "sg", Some(Duration::from_millis(2)), 1, &ok);
-        report.record(Op::View, "sg", Some(Duration::from_millis(4)), 1, &limited);
-        report.record(Op::View, "sg", None, 0, &Ending::InFlightLimit);
+        report.record(Op::View, "sg", Some(Duration::from_millis(2)), None, 1, &ok);
+        report.record(
+            Op::View,
+            "sg",
+            Some(Duration::from_millis(4)),
+            None,
+            1,
+            &limited,
+        );
+        report.record(Op::View, "sg", None, None, 0, &Ending::InFlightLimit);
         assert_eq!(report.requests(), 2);
         assert_eq!(report.scheduled, 3);
         assert_eq!(report.overall.error_count(), 2);
