@@ -1,5 +1,5 @@
 //! The `cartedge` command line: serve, migrate, check-config, token, janitor, catalog, ring,
-//! local. A module of the binary, not of the library: it parses arguments, loads the
+//! local, loadgen. A module of the binary, not of the library: it parses arguments, loads the
 //! configuration and runs each command through the library (`cartedge::service` runs an edge)
 //! or the launcher ([`crate::local`]). Serving and launching live there, not here.
 
@@ -72,6 +72,8 @@ pub enum Command {
     /// Inspect the consistent-hash ring.
     #[command(subcommand)]
     Ring(RingCommand),
+    /// Send open-loop load at a constant rate to the cluster's edges and report latencies.
+    Loadgen(crate::loadgen::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -339,6 +341,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             local::steer(dir, "partition", a, b).await
         }
         Command::Local(LocalCommand::Heal { a, b, dir }) => local::steer(dir, "heal", a, b).await,
+        Command::Loadgen(args) => crate::loadgen::run(args, cli.defaults()).await,
         Command::Local(LocalCommand::LinkProxy { links, state }) => {
             local::run_link_proxy(links, state).await
         }

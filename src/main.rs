@@ -1,8 +1,9 @@
-//! The `cartedge` binary: the command line ([`cli`]) over the service library, and the local
-//! cluster launcher ([`local`]) over the `cartedge-dev` tooling. Neither module is part of the
-//! library.
+//! The `cartedge` binary: the command line ([`cli`]) over the service library, the local
+//! cluster launcher ([`local`]) over the `cartedge-dev` tooling, and the load generator
+//! ([`loadgen`]). None of these modules is part of the library.
 
 mod cli;
+mod loadgen;
 mod local;
 
 use clap::Parser;

@@ -13,6 +13,7 @@ mod helpers;
 mod idempotency;
 mod layering;
 mod lifecycle;
+mod loadgen;
 mod local;
 mod metrics;
 mod openapi;
