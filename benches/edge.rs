@@ -20,6 +20,10 @@ use cartedge::domain::money::{Currency, Money};
 use cartedge::domain::variant::stored_line_id;
 use criterion::{criterion_group, Criterion};
 
+/// The allocator the `cartedge` binary runs with, so allocation costs are the service's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Each benchmark's budget: criterion's mean estimate must stay at or below it.
 const BUDGETS: [(&str, Duration); 9] = [
     ("route_and_parse_add_item", Duration::from_micros(3)),

@@ -77,12 +77,13 @@ struct StoredLineWire {
 
 impl From<StoredLineWire> for StoredLine {
     fn from(wire: StoredLineWire) -> StoredLine {
+        // A stored line id is moved, not copied (the cache hit path decodes every line).
+        let line_id = match wire.line_id {
+            Some(line_id) => line_id,
+            None => stored_line_id(None, &wire.item_id, wire.variant.as_ref()),
+        };
         StoredLine {
-            line_id: stored_line_id(
-                wire.line_id.as_deref(),
-                &wire.item_id,
-                wire.variant.as_ref(),
-            ),
+            line_id,
             item_id: wire.item_id,
             quantity: wire.quantity,
             variant: wire.variant,
