@@ -37,12 +37,23 @@ const SHARD_GAUGES_PERIOD: Duration = Duration::from_secs(30);
 const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The dependencies' state at the last background probe.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HealthStatus {
     /// Every primary homed here (or, homing none, every replica) answered.
     pub database: bool,
     pub redis: bool,
+    /// Each shard's primary (where homed here) and replica, as probed.
+    pub shards: Vec<crate::store::ShardProbe>,
+    /// Each peer region and whether its circuit breaker refuses requests now.
+    pub peers: Vec<(String, bool)>,
     pub checked_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl HealthStatus {
+    /// Whether this edge can serve reads: its Redis or one of its replicas answered.
+    pub fn can_serve_reads(&self) -> bool {
+        self.redis || self.shards.iter().any(|shard| shard.replica)
+    }
 }
 
 /// Everything a request needs, shared by all connections.
@@ -313,13 +324,20 @@ impl App {
     /// Probes PostgreSQL and Redis once (the background health task's step).
     async fn probe_health(&self) -> HealthStatus {
         self.metrics.edge.health_probes.inc();
-        let (database, redis) = tokio::join!(
-            self.store.databases_healthy(HEALTH_PROBE_TIMEOUT),
+        let (shards, redis) = tokio::join!(
+            self.store.probe_shards(HEALTH_PROBE_TIMEOUT),
             self.store.cache.ping()
         );
+        let peers = self
+            .forwarder
+            .as_ref()
+            .map(|forwarder| forwarder.peer_states())
+            .unwrap_or_default();
         HealthStatus {
-            database,
+            database: Store::databases_healthy(&shards),
             redis,
+            shards,
+            peers,
             checked_at: chrono::Utc::now(),
         }
     }
@@ -329,7 +347,7 @@ impl App {
     pub async fn health(&self) -> HealthStatus {
         let mut receiver = self.health.subscribe();
         let status = match receiver.wait_for(Option::is_some).await {
-            Ok(status) => *status,
+            Ok(status) => (*status).clone(),
             // The sender lives in `self`, so the channel cannot close while we hold `&self`.
             Err(_) => None,
         };

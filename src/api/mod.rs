@@ -330,7 +330,7 @@ async fn dispatch(
             let mut response = if handler == Handler::Health {
                 operator::health(app).await
             } else {
-                operator::ready(app)
+                operator::ready(app).await
             };
             if let Some(verdict) = &verdict {
                 crate::limits::set_headers(response.headers_mut(), verdict);

@@ -21,11 +21,32 @@ pub async fn health(app: &App) -> Response<Body> {
         (true, false) => "degraded",
         (true, true) => "ok",
     };
+    let state = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let shards: Vec<serde_json::Value> = status
+        .shards
+        .iter()
+        .map(|shard| {
+            let mut entry = json!({"id": shard.shard, "replica": state(shard.replica)});
+            if let Some(primary) = shard.primary {
+                entry["primary"] = json!(state(primary));
+            }
+            entry
+        })
+        .collect();
+    let peers: Vec<serde_json::Value> = status
+        .peers
+        .iter()
+        .map(|(region, open)| {
+            json!({"region": region, "state": if *open { "breaker_open" } else { "ok" }})
+        })
+        .collect();
     let body = json!({
         "status": summary,
         "region": app.config.region.id,
-        "database": if database { "ok" } else { "unavailable" },
-        "redis": if redis { "ok" } else { "unavailable" },
+        "database": state(database),
+        "redis": state(redis),
+        "shards": shards,
+        "peers": peers,
         "timestamp": status.checked_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     });
     let code = if database {
@@ -51,14 +72,23 @@ pub fn metrics(app: &App, headers: &http::HeaderMap) -> Response<Body> {
     response
 }
 
-/// `GET /ready`: 503 while draining, so load balancers stop sending new requests.
-pub fn ready(app: &App) -> Response<Body> {
+/// `GET /ready`, what a load balancer checks: 503 while draining, so it stops sending new
+/// requests, and 503 when this edge can serve no read (neither its Redis nor any of its replicas
+/// answered the last probe). A homed primary down does not make an edge unready: its reads go
+/// on, and writes for that shard fail fast on their own (503 `unavailable`).
+pub async fn ready(app: &App) -> Response<Body> {
     if app.is_draining() {
-        response::json(
+        return response::json(
             StatusCode::SERVICE_UNAVAILABLE,
             br#"{"status":"draining"}"#.to_vec(),
-        )
-    } else {
+        );
+    }
+    if app.health().await.can_serve_reads() {
         response::json(StatusCode::OK, br#"{"status":"ready"}"#.to_vec())
+    } else {
+        response::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            br#"{"status":"unavailable"}"#.to_vec(),
+        )
     }
 }

@@ -281,6 +281,17 @@ impl Forwarder {
         })
     }
 
+    /// Every peer region, sorted, with whether its breaker refuses requests now.
+    pub fn peer_states(&self) -> Vec<(String, bool)> {
+        let mut states: Vec<(String, bool)> = self
+            .peers
+            .iter()
+            .map(|(region, peer)| (region.clone(), peer.breaker.is_open()))
+            .collect();
+        states.sort();
+        states
+    }
+
     /// Sets `cartedge_forward_breaker_open` for every peer (at scrape time).
     pub fn export_breakers(&self) {
         for peer in self.peers.values() {

@@ -123,6 +123,15 @@ pub const GAUGE_ROW_CAP: i64 = 100_000;
 /// How often heartbeats are written (home shards) and replica lag is read (the others).
 const HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
 
+/// One shard's pools as a health probe found them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardProbe {
+    pub shard: String,
+    /// None where the shard is not homed here (no primary pool).
+    pub primary: Option<bool>,
+    pub replica: bool,
+}
+
 /// The region's storage: every shard's pools, the regional cache and the catalogs.
 pub struct Store {
     shards: HashMap<String, ShardPools>,
@@ -574,27 +583,45 @@ impl Store {
 
     /// Whether every primary homed here (or, in a region that homes none, every replica)
     /// answers a trivial query within `timeout`.
-    pub async fn databases_healthy(&self, timeout: Duration) -> bool {
-        let homed: Vec<&Pool> = self
-            .shards
-            .values()
-            .filter_map(|p| p.primary.as_ref())
-            .collect();
-        let pools: Vec<&Pool> = if homed.is_empty() {
-            self.shards.values().map(|p| &p.replica).collect()
-        } else {
-            homed
+    /// Probes every pool once (`SELECT 1`, bounded by `timeout`), all at once: each shard's
+    /// primary where it is homed here, and its replica.
+    pub async fn probe_shards(&self, timeout: Duration) -> Vec<ShardProbe> {
+        let probe = |pool: &Pool| {
+            let pool = pool.clone();
+            async move {
+                let probe = async {
+                    let client = pool.get().await.ok()?;
+                    client.simple_query("SELECT 1").await.ok()
+                };
+                matches!(tokio::time::timeout(timeout, probe).await, Ok(Some(_)))
+            }
         };
-        let probes = pools.into_iter().map(|pool| async move {
-            let probe = async {
-                let client = pool.get().await.ok()?;
-                client.simple_query("SELECT 1").await.ok()
-            };
-            matches!(tokio::time::timeout(timeout, probe).await, Ok(Some(_)))
+        let probes = self.shards.iter().map(|(shard, pools)| {
+            let primary: futures_util::future::OptionFuture<_> =
+                pools.primary.as_ref().map(probe).into();
+            let replica = probe(&pools.replica);
+            async move {
+                let (primary, replica) = tokio::join!(primary, replica);
+                ShardProbe {
+                    shard: shard.to_string(),
+                    primary,
+                    replica,
+                }
+            }
         });
-        futures_util::future::join_all(probes)
-            .await
-            .into_iter()
-            .all(|ok| ok)
+        let mut probes = futures_util::future::join_all(probes).await;
+        probes.sort_by(|a, b| a.shard.cmp(&b.shard));
+        probes
+    }
+
+    /// Whether the probed databases can take this region's work: every primary homed here
+    /// answered (or, homing none, every replica did).
+    pub fn databases_healthy(probes: &[ShardProbe]) -> bool {
+        let homed: Vec<bool> = probes.iter().filter_map(|p| p.primary).collect();
+        if homed.is_empty() {
+            probes.iter().all(|p| p.replica)
+        } else {
+            homed.into_iter().all(|ok| ok)
+        }
     }
 }

@@ -566,11 +566,15 @@ async fn health_reports_dependencies_and_ready_is_200_while_serving() {
     assert_eq!(body["region"], "sg");
     assert_eq!(body["database"], "ok");
     assert_eq!(body["redis"], "ok");
-    assert!(body["timestamp"].is_string());
     assert_eq!(
-        app.send("GET", "/ready", &[], None).await.status,
-        StatusCode::OK
+        body["shards"],
+        serde_json::json!([{"id": "sg-1", "primary": "ok", "replica": "ok"}])
     );
+    assert_eq!(body["peers"], serde_json::json!([]));
+    assert!(body["timestamp"].is_string());
+    let ready = app.send("GET", "/ready", &[], None).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(ready.json()["status"], "ready");
 }
 
 #[tokio::test]
@@ -620,6 +624,15 @@ async fn health_is_503_when_postgres_is_unreachable_and_degraded_without_redis()
     let down = no_db.send("GET", "/health", &[], None).await;
     assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(down.json()["database"], "unavailable");
+    assert_eq!(
+        down.json()["shards"],
+        serde_json::json!([{"id": "sg-1", "primary": "unavailable", "replica": "unavailable"}])
+    );
+    // Its Redis still answers, so it can serve cached reads: a load balancer keeps it.
+    assert_eq!(
+        no_db.send("GET", "/ready", &[], None).await.status,
+        StatusCode::OK
+    );
     let write = no_db.add("alice", "sku-00001", 1).await;
     assert_eq!(
         (write.status, write.error_code().as_str()),
@@ -634,6 +647,19 @@ async fn health_is_503_when_postgres_is_unreachable_and_degraded_without_redis()
         !message.contains("127.0.0.1") && !message.contains("connect"),
         "{message}"
     );
+
+    // Neither Redis nor any replica: nothing can be read here, so the edge is not ready.
+    let nothing = TestApp::spawn_with(TestOptions {
+        redis_url: Some("redis://127.0.0.1:1/".into()),
+        overlay: "[database]\ncatalog = \"host=127.0.0.1 port=1 user=postgres dbname=x\"\n\
+                  [[database.shards]]\nid = \"sg-1\"\nprimary = \"host=127.0.0.1 port=1 user=postgres dbname=x\"\n\
+                  replica = \"host=127.0.0.1 port=1 user=postgres dbname=x\"\n"
+            .into(),
+    })
+    .await;
+    let unready = nothing.send("GET", "/ready", &[], None).await;
+    assert_eq!(unready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(unready.json()["status"], "unavailable");
 }
 
 #[tokio::test]

@@ -1067,6 +1067,21 @@ async fn quantity_in(pg: &PgInstance, owner: &str, item: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_region_claim_homes_a_shopper_in_their_own_region_and_prices_the_cart_there() {
     let regions = TwoRegions::start("2s").await;
+    // /health names every dependency: th's primary and replica of th-1, its replica of sg-1
+    // (whose primary is sg's), and its one peer.
+    let health = regions.send(&regions.th, "GET", "/health", &[], None).await;
+    assert_eq!(health.status, StatusCode::OK, "{:?}", health.body);
+    assert_eq!(
+        health.json()["shards"],
+        serde_json::json!([
+            {"id": "sg-1", "replica": "ok"},
+            {"id": "th-1", "primary": "ok", "replica": "ok"}
+        ])
+    );
+    assert_eq!(
+        health.json()["peers"],
+        serde_json::json!([{"region": "sg", "state": "ok"}])
+    );
     // A Thai shopper whom the global ring would home in sg: the claim homes the cart in th.
     let thai = regions.user_homed_in("sg", "thai");
     let token = homed_token(&regions, &thai, "th");
