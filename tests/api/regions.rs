@@ -418,16 +418,7 @@ async fn a_write_at_th_for_an_sg_user_is_forwarded_applied_once_and_read_back_wi
             .status,
         StatusCode::OK
     );
-    let mut replicated = false;
-    for _ in 0..100 {
-        let view = regions.get(&regions.th, &earlier, None).await;
-        if view.version() == 1 && view.header("cart-region") == Some("th") {
-            replicated = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(replicated);
+    assert!(served_at(&regions, &regions.th, &earlier, 1).await);
     regions.replica_sql("SELECT pg_wal_replay_pause()").await;
 
     let written = regions.add(&regions.th, &user, "sku-00001", 2, None).await;
@@ -838,6 +829,40 @@ async fn guest_minted_at(regions: &TwoRegions, edge: &Edge, item: &str) -> Strin
     session
 }
 
+/// Whether `edge` comes to serve `user`'s cart at `version` itself (its replica has replayed
+/// it), polling for at most five seconds.
+async fn served_at(regions: &TwoRegions, edge: &Edge, user: &str, version: i64) -> bool {
+    let region = edge.app.config.region.id.to_string();
+    for _ in 0..100 {
+        let view = regions.get(edge, user, None).await;
+        if view.version() == version && view.header("cart-region") == Some(region.as_str()) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Adds `quantity` of `item` at `edge` as the guest holding `session`.
+async fn guest_add(
+    regions: &TwoRegions,
+    edge: &Edge,
+    session: &str,
+    item: &str,
+    quantity: i64,
+) -> TestResponse {
+    let body = format!(r#"{{"item_id":"{item}","quantity":{quantity}}}"#);
+    regions
+        .send(
+            edge,
+            "POST",
+            "/api/v1/cart/items",
+            &[("cart-session", session.to_string())],
+            Some(&body),
+        )
+        .await
+}
+
 /// The shard holding a guest's cart (on its home region's ring).
 fn guest_shard(regions: &TwoRegions, session: &str) -> String {
     let home = cartedge::auth::session_home(session);
@@ -861,15 +886,7 @@ async fn a_guest_cart_homed_in_sg_merges_into_a_user_cart_homed_in_th_and_checks
     let added = regions.add(&regions.th, &user, "sku-00001", 1, None).await;
     assert_eq!(added.status, StatusCode::OK, "{:?}", added.body);
     let session = guest_minted_at(&regions, &regions.sg, "sku-00001").await;
-    let extra = regions
-        .send(
-            &regions.th,
-            "POST",
-            "/api/v1/cart/items",
-            &[("cart-session", session.clone())],
-            Some(r#"{"item_id":"sku-00002","quantity":1}"#),
-        )
-        .await;
+    let extra = guest_add(&regions, &regions.th, &session, "sku-00002", 1).await;
     assert_eq!(extra.status, StatusCode::OK);
     // Log-in happens at the sg edge: it forwards to th, which freezes the guest cart in sg.
     let headers = [
@@ -908,15 +925,7 @@ async fn a_guest_cart_homed_in_sg_merges_into_a_user_cart_homed_in_th_and_checks
     assert_eq!(guest.json()["items"], serde_json::Value::Array(vec![]));
     // The merged-away session writing at th is relayed to sg, whose edge starts a new guest
     // cart (homed where the old one was) instead of reopening the merged one.
-    let after = regions
-        .send(
-            &regions.th,
-            "POST",
-            "/api/v1/cart/items",
-            &[("cart-session", session.clone())],
-            Some(r#"{"item_id":"sku-00003","quantity":1}"#),
-        )
-        .await;
+    let after = guest_add(&regions, &regions.th, &session, "sku-00003", 1).await;
     assert_eq!(after.status, StatusCode::OK, "{:?}", after.body);
     let successor = after.header("cart-session").unwrap().to_string();
     assert_ne!(successor, session);
@@ -1154,15 +1163,7 @@ async fn a_guest_is_homed_where_its_session_was_minted_and_old_credentials_keep_
     // A guest minted at th: homed in th (the id says so), whichever edge it calls next.
     let session = guest_minted_at(&regions, &regions.th, "sku-00001").await;
     let owner = format!("g:{session}");
-    let more = regions
-        .send(
-            &regions.sg,
-            "POST",
-            "/api/v1/cart/items",
-            &[("cart-session", session.clone())],
-            Some(r#"{"item_id":"sku-00001","quantity":1}"#),
-        )
-        .await;
+    let more = guest_add(&regions, &regions.sg, &session, "sku-00001", 1).await;
     assert_eq!(more.status, StatusCode::OK, "{:?}", more.body);
     assert_eq!(more.header("cart-home-region"), Some("th"));
     assert_eq!(more.json()["currency"], "THB");
@@ -1249,16 +1250,10 @@ async fn a_visiting_shoppers_cart_is_priced_and_named_from_its_home_catalog_and_
     assert_eq!(added.status, StatusCode::OK, "{:?}", added.body);
     assert_eq!(added.json()["currency"], "THB");
     // sg serves the cart itself once its replica of th-1 has it.
-    let mut replicated = false;
-    for _ in 0..100 {
-        let view = regions.get(&regions.sg, &user, None).await;
-        if view.version() == 1 && view.header("cart-region") == Some("sg") {
-            replicated = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(replicated, "sg serves the visitor's cart from its replica");
+    assert!(
+        served_at(&regions, &regions.sg, &user, 1).await,
+        "sg serves the visitor's cart from its replica"
+    );
     // th's catalog (not sg's) renames and re-prices it.
     execute(
         &regions.th_primary.dsn("cartedge"),
