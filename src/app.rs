@@ -39,8 +39,6 @@ const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// The dependencies' state at the last background probe.
 #[derive(Debug, Clone)]
 pub struct HealthStatus {
-    /// Every primary homed here (or, homing none, every replica) answered.
-    pub database: bool,
     pub redis: bool,
     /// Each shard's primary (where homed here) and replica, as probed.
     pub shards: Vec<crate::store::ShardProbe>,
@@ -50,6 +48,11 @@ pub struct HealthStatus {
 }
 
 impl HealthStatus {
+    /// Every primary homed here (or, homing none, every replica) answered.
+    pub fn database(&self) -> bool {
+        Store::databases_healthy(&self.shards)
+    }
+
     /// Whether this edge can serve reads: its Redis or one of its replicas answered.
     pub fn can_serve_reads(&self) -> bool {
         self.redis || self.shards.iter().any(|shard| shard.replica)
@@ -334,7 +337,6 @@ impl App {
             .map(|forwarder| forwarder.peer_states())
             .unwrap_or_default();
         HealthStatus {
-            database: Store::databases_healthy(&shards),
             redis,
             shards,
             peers,

@@ -15,7 +15,7 @@ use crate::app::App;
 /// no database answered. `timestamp` is when that probe ran.
 pub async fn health(app: &App) -> Response<Body> {
     let status = app.health().await;
-    let (database, redis) = (status.database, status.redis);
+    let (database, redis) = (status.database(), status.redis);
     let summary = match (database, redis) {
         (false, _) => "unavailable",
         (true, false) => "degraded",
