@@ -3,6 +3,8 @@
 //! - [`procs`]: starts and stops real PostgreSQL (primaries and streaming replicas) and Redis
 //!   server processes on loopback ports, installing the Debian packages when run as root. The
 //!   integration tests and `cartedge local up` share it.
+//! - [`ha`]: the HA cluster's processes: pg_auto_failover monitors and nodes (a primary and a
+//!   synchronous standby per shard) and HAProxy in front of a region's edges.
 //! - [`linkproxy`]: a userspace TCP proxy between local regions, adding one-way delay and
 //!   cutting links on demand, steered over a small HTTP control API.
 //!
@@ -10,5 +12,6 @@
 //! depends on both), and the service library must never depend on it: nothing that spawns
 //! databases or runs `apt-get` ships inside the edge.
 
+pub mod ha;
 pub mod linkproxy;
 pub mod procs;

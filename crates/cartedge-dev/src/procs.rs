@@ -508,17 +508,17 @@ pub fn stop_pid(pid: u32, signal: i32, timeout: Duration) -> Result<()> {
 /// A spawned server process. TiedToParent servers keep their `Child` (so
 /// `stop` can reap them); Detached ones keep only the pid.
 #[derive(Debug)]
-struct ServerProc {
-    pid: u32,
+pub(crate) struct ServerProc {
+    pub(crate) pid: u32,
     child: Option<Child>,
-    lifetime: Lifetime,
+    pub(crate) lifetime: Lifetime,
     running: bool,
     stop_signal: i32,
     stop_timeout: Duration,
 }
 
 impl ServerProc {
-    fn spawn(
+    pub(crate) fn spawn(
         cmd: Command,
         lifetime: Lifetime,
         stop_signal: i32,
@@ -542,7 +542,7 @@ impl ServerProc {
     }
 
     /// Has the process exited? Reaps it if so.
-    fn exited(&mut self) -> bool {
+    pub(crate) fn exited(&mut self) -> bool {
         let gone = match &mut self.child {
             Some(child) => !matches!(child.try_wait(), Ok(None)),
             None => !pid_alive(self.pid),
@@ -554,7 +554,7 @@ impl ServerProc {
     }
 
     /// Signal, wait bounded, SIGKILL, reap. Idempotent.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if !self.running {
             return;
         }
@@ -689,7 +689,7 @@ fn send_signal(pid: libc::pid_t, signal: i32) -> io::Result<bool> {
 
 /// Is `pid` still running? Reaps it if it is an exited child of ours; treats
 /// a zombie that is not ours as gone.
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     let Ok(raw) = libc::pid_t::try_from(pid) else {
         return false;
     };
@@ -769,7 +769,7 @@ where
 
 /// OS user to run PostgreSQL tools as.
 #[derive(Debug, Clone)]
-struct RunAs {
+pub(crate) struct RunAs {
     uid: u32,
     gid: u32,
     name: String,
@@ -778,7 +778,7 @@ struct RunAs {
 
 /// `Some(postgres user)` when we are root (initdb/postgres refuse to run as
 /// root), `None` to run as ourselves.
-fn pg_run_as() -> Result<Option<RunAs>> {
+pub(crate) fn pg_run_as() -> Result<Option<RunAs>> {
     if !is_root() {
         return Ok(None);
     }
@@ -840,7 +840,7 @@ fn lookup_user(name: &str) -> Result<Option<RunAs>> {
 /// Common setup for commands that touch a data directory: run from the
 /// parent directory (accessible to the postgres user, unlike e.g. /root),
 /// C locale, and as the postgres user when root.
-fn pg_command_env(cmd: &mut Command, data_dir: &Path, run_as: Option<&RunAs>) {
+pub(crate) fn pg_command_env(cmd: &mut Command, data_dir: &Path, run_as: Option<&RunAs>) {
     if let Some(parent) = data_dir.parent() {
         cmd.current_dir(parent);
     }
@@ -858,7 +858,7 @@ fn pg_command_env(cmd: &mut Command, data_dir: &Path, run_as: Option<&RunAs>) {
 /// both to the postgres user (the parent so it can traverse it and create its
 /// socket there; not if the parent is `/` or a sticky shared dir like /tmp)
 /// and checks it can reach them.
-fn prepare_pg_dirs(data_dir: &Path, run_as: Option<&RunAs>) -> Result<()> {
+pub(crate) fn prepare_pg_dirs(data_dir: &Path, run_as: Option<&RunAs>) -> Result<()> {
     let parent = data_dir
         .parent()
         .ok_or_else(|| anyhow!("data dir {} has no parent", data_dir.display()))?;
@@ -893,7 +893,7 @@ fn prepare_pg_dirs(data_dir: &Path, run_as: Option<&RunAs>) -> Result<()> {
     Ok(())
 }
 
-fn chown_to(path: &Path, user: &RunAs) -> Result<()> {
+pub(crate) fn chown_to(path: &Path, user: &RunAs) -> Result<()> {
     std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid))
         .with_context(|| format!("chown {} to {}", path.display(), user.name))
 }
@@ -1060,6 +1060,11 @@ fn start_postgres(
     }
 }
 
+/// Whether a local server on `port` accepts connections (`pg_isready`).
+pub(crate) fn pg_ready(port: u16) -> bool {
+    pg_bin_dir().is_ok_and(|bin| pg_isready(&bin, port))
+}
+
 /// `pg_isready -h 127.0.0.1 -p port`: true when the server accepts
 /// connections (a hot standby counts once consistent).
 fn pg_isready(bin_dir: &Path, port: u16) -> bool {
@@ -1101,7 +1106,7 @@ fn redis_server_bin() -> Option<PathBuf> {
 }
 
 /// A server binary: its Debian path, else `name` on PATH.
-fn server_bin(default: &str, name: &str) -> Option<PathBuf> {
+pub(crate) fn server_bin(default: &str, name: &str) -> Option<PathBuf> {
     let default = Path::new(default);
     if is_executable(default) {
         return Some(default.to_path_buf());
@@ -1113,7 +1118,7 @@ fn server_bin(default: &str, name: &str) -> Option<PathBuf> {
 /// or the time runs out (it is then stopped), the error quotes its log since `offset`; an exit
 /// whose log says the port was taken says `(Address already in use)`, which
 /// `start_with_port_retry` looks for.
-fn wait_ready(
+pub(crate) fn wait_ready(
     mut proc: ServerProc,
     name: &str,
     port: u16,
@@ -1376,12 +1381,12 @@ fn http_get_ok(port: u16, path: &str) -> bool {
 // Small utilities
 // ---------------------------------------------------------------------------
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
 
-fn absolute(path: &Path) -> Result<PathBuf> {
+pub(crate) fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
 }
 
@@ -1405,7 +1410,7 @@ fn parse_version(name: &str) -> Option<Vec<u32>> {
 
 /// Creates `dir` and missing ancestors with mode 0755 regardless of umask,
 /// so a server running as another user can traverse what we created.
-fn create_dirs_0755(dir: &Path) -> Result<()> {
+pub(crate) fn create_dirs_0755(dir: &Path) -> Result<()> {
     let mut missing = Vec::new();
     let mut current = Some(dir);
     while let Some(d) = current {
@@ -1426,7 +1431,7 @@ fn create_dirs_0755(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn open_log(path: &Path) -> Result<File> {
+pub(crate) fn open_log(path: &Path) -> Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
@@ -1434,13 +1439,13 @@ fn open_log(path: &Path) -> Result<File> {
         .with_context(|| format!("opening log file {}", path.display()))
 }
 
-fn file_len(path: &Path) -> u64 {
+pub(crate) fn file_len(path: &Path) -> u64 {
     fs::metadata(path).map(|meta| meta.len()).unwrap_or(0)
 }
 
 /// What was appended to the log after `offset`, at most the last
 /// [`LOG_TAIL_BYTES`].
-fn log_since(path: &Path, offset: u64) -> String {
+pub(crate) fn log_since(path: &Path, offset: u64) -> String {
     let Ok(mut file) = File::open(path) else {
         return "<log unreadable>".into();
     };
@@ -1461,7 +1466,7 @@ fn log_since(path: &Path, offset: u64) -> String {
 
 /// Runs a short-lived tool with output appended to `log_path`; on failure the
 /// error quotes what it wrote.
-fn run_logged(mut cmd: Command, log_path: &Path, what: &str) -> Result<()> {
+pub(crate) fn run_logged(mut cmd: Command, log_path: &Path, what: &str) -> Result<()> {
     let offset = file_len(log_path);
     let log = open_log(log_path)?;
     cmd.stdin(Stdio::null())
@@ -1491,7 +1496,7 @@ fn missing_packages() -> Vec<&'static str> {
     missing
 }
 
-fn run_apt(args: &[&str]) -> Result<()> {
+pub(crate) fn run_apt(args: &[&str]) -> Result<()> {
     let out = Command::new("apt-get")
         .args(args)
         .env("DEBIAN_FRONTEND", "noninteractive")
