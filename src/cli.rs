@@ -74,6 +74,9 @@ pub enum Command {
     Ring(RingCommand),
     /// Send open-loop load at a constant rate to the cluster's edges and report latencies.
     Loadgen(crate::loadgen::Args),
+    /// Run a failure drill on the running local cluster (see RELIABILITY.md): one JSON line
+    /// out, non-zero exit when anything acknowledged was lost or the drill's promise broken.
+    Drill(crate::drill::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,6 +145,16 @@ pub enum LocalCommand {
         /// ops/prometheus/alerts.yml loaded; its URL goes to cluster.json as `prometheus_url`.
         #[arg(long)]
         with_prometheus: bool,
+        /// High availability: per region a pg_auto_failover monitor with a primary and a
+        /// synchronous standby per home shard, Redis with a replica and three Sentinels, and
+        /// two edges behind HAProxy (whose front is the region's edge port).
+        #[arg(long)]
+        ha: bool,
+    },
+    /// Print cluster.json as the cluster is now: roles after failovers, pids alive.
+    Status {
+        #[arg(long, default_value = local::DEFAULT_DIR)]
+        dir: PathBuf,
     },
     /// Stop a detached local cluster.
     Down {
@@ -325,6 +338,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             edge_port,
             admin_port,
             with_prometheus,
+            ha,
         }) => {
             local::up(local::UpOptions {
                 dir: dir.clone(),
@@ -333,15 +347,18 @@ pub async fn run(cli: Cli) -> Result<()> {
                 admin_port: *admin_port,
                 defaults: cli.defaults(),
                 with_prometheus: *with_prometheus,
+                ha: *ha,
             })
             .await
         }
         Command::Local(LocalCommand::Down { dir }) => local::down(dir),
+        Command::Local(LocalCommand::Status { dir }) => local::status(dir).await,
         Command::Local(LocalCommand::Partition { a, b, dir }) => {
             local::steer(dir, "partition", a, b).await
         }
         Command::Local(LocalCommand::Heal { a, b, dir }) => local::steer(dir, "heal", a, b).await,
         Command::Loadgen(args) => crate::loadgen::run(args, cli.defaults()).await,
+        Command::Drill(args) => crate::drill::run(args.clone(), cli.defaults()).await,
         Command::Local(LocalCommand::LinkProxy { links, state }) => {
             local::run_link_proxy(links, state).await
         }

@@ -3,6 +3,7 @@
 //! ([`loadgen`]). None of these modules is part of the library.
 
 mod cli;
+mod drill;
 mod loadgen;
 mod local;
 

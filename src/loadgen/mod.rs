@@ -114,11 +114,11 @@ pub struct Args {
 }
 
 /// One region of the cluster under load.
-struct Region {
-    id: String,
-    edge_url: Arc<str>,
-    auth: AuthConfig,
-    token_ttl: Duration,
+pub(crate) struct Region {
+    pub(crate) id: String,
+    pub(crate) edge_url: Arc<str>,
+    pub(crate) auth: AuthConfig,
+    pub(crate) token_ttl: Duration,
 }
 
 /// What a phase sends requests to.
@@ -233,7 +233,7 @@ pub async fn run(args: &Args, defaults: Option<PathBuf>) -> Result<()> {
 }
 
 /// The regions of `cluster.json` with their region files' token keys.
-fn load_regions(dir: &Path, defaults: Option<PathBuf>) -> Result<Vec<Region>> {
+pub(crate) fn load_regions(dir: &Path, defaults: Option<PathBuf>) -> Result<Vec<Region>> {
     let path = dir.join("cluster.json");
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(

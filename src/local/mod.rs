@@ -28,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use cartedge::config::{Config, Sources};
+use cartedge_dev::ha::{Haproxy, Keeper, Monitor};
 use cartedge_dev::linkproxy::{self, LinkProxy, LinkSpec};
 use cartedge_dev::procs::{
     self, Lifetime, PgInstance, PgOptions, PrometheusInstance, RedisInstance,
@@ -76,21 +77,85 @@ pub struct ClusterFile {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ClusterRegion {
     pub id: String,
+    /// Where shoppers connect: the edge, or in HA mode the region's HAProxy front.
     pub edge_url: String,
+    /// The (first) edge's admin listener.
     pub admin_url: String,
     pub currency: String,
+    /// The Redis the edges use (HA mode: the master when the cluster came up).
     pub redis_url: String,
     pub postgres: Vec<ClusterPostgres>,
-    /// The edge's JSON log file.
+    /// The (first) edge's JSON log file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<PathBuf>,
+    /// Every edge of the region (in HA mode two, behind HAProxy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edges: Vec<ClusterEdge>,
+    /// HA mode: the Redis master and its replica.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redis: Vec<ClusterRedis>,
+    /// HA mode: the Sentinels watching the region's Redis.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sentinels: Vec<ClusterRedis>,
+    /// HA mode: the pg_auto_failover monitor of the region's formations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<ClusterMonitor>,
+    /// HA mode: the HAProxy in front of the edges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub haproxy: Option<ClusterHaproxy>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterPostgres {
+    /// `primary`, `standby` (the synchronous standby of a home shard) or `replica` (a
+    /// cross-region streaming replica).
+    pub role: String,
+    pub shards: Vec<String>,
+    pub dsn: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// The postmaster's pid, or in HA mode for primary and standby the node's `pg_autoctl run`
+    /// (leader of the node's process group: signal the group to take the whole node down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// HA mode: the node's name in its pg_auto_failover formation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterEdge {
+    pub url: String,
+    pub admin_url: String,
+    /// Its listener for other regions' edges (behind HAProxy's internal front).
+    #[serde(default)]
+    pub internal: String,
+    pub pid: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<PathBuf>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ClusterPostgres {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterRedis {
+    /// `master` or `replica` (Redis); `sentinel`.
     pub role: String,
-    pub shards: Vec<String>,
-    pub dsn: String,
+    pub url: String,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterMonitor {
+    pub data_dir: PathBuf,
+    /// pg_autoctl's own state (`XDG_*` directories) for this cluster.
+    pub state_dir: PathBuf,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterHaproxy {
+    pub pid: u32,
+    /// HAProxy's statistics page (`;csv` appended gives each server's state).
+    pub stats_url: String,
 }
 
 /// Pids of a detached cluster, for `local down`.
@@ -103,6 +168,13 @@ struct Pids {
     proxy: Vec<u32>,
     #[serde(default)]
     prometheus: Vec<u32>,
+    /// HA mode: pg_autoctl process-group leaders (monitors and nodes), stopped with SIGTERM and
+    /// then their whole group killed.
+    #[serde(default)]
+    groups: Vec<u32>,
+    /// HA mode: HAProxy and Sentinel processes.
+    #[serde(default)]
+    ha: Vec<u32>,
 }
 
 impl Pids {
@@ -118,6 +190,8 @@ impl Pids {
             .chain(&self.redis)
             .chain(&self.proxy)
             .chain(&self.prometheus)
+            .chain(&self.groups)
+            .chain(&self.ha)
     }
 }
 
@@ -147,6 +221,10 @@ pub struct UpOptions {
     pub defaults: Option<PathBuf>,
     /// Also run a Prometheus server scraping every edge's admin listener, rules loaded.
     pub with_prometheus: bool,
+    /// High availability: per region a pg_auto_failover monitor, a primary and a synchronous
+    /// standby per home shard, a Redis master, replica and three Sentinels, and two edges
+    /// behind HAProxy.
+    pub ha: bool,
 }
 
 /// The generated region file of a local edge.
@@ -202,21 +280,235 @@ fn is_alive(pid: u32) -> bool {
 /// Everything started for one run, so a failure part-way can stop what did start.
 struct Started {
     postgres: Vec<PgInstance>,
+    homes: Vec<HomeDb>,
     redis: Vec<RedisInstance>,
+    haproxy: Vec<Haproxy>,
+}
+
+/// One edge's listeners.
+#[derive(Debug, Clone, Copy)]
+struct EdgeAddrs {
+    edge: SocketAddr,
+    admin: SocketAddr,
+    internal: SocketAddr,
+}
+
+/// HA mode: the region's HAProxy listeners.
+#[derive(Debug, Clone, Copy)]
+struct Front {
+    /// Shoppers' HTTP front (`edge_url`).
+    public: SocketAddr,
+    /// The TCP front other regions' edges reach this region through (mTLS passes through).
+    internal: SocketAddr,
+    /// HAProxy's statistics page.
+    stats: SocketAddr,
 }
 
 /// The servers and files of one region.
 struct RegionPlan {
     id: &'static str,
     currency: &'static str,
-    edge: SocketAddr,
-    admin: SocketAddr,
-    internal: SocketAddr,
-    /// The edge's public, admin and internal listeners, bound from the start so no other
-    /// process takes their ports while the cluster comes up; handed to the edge (foreground) or
-    /// released just before it starts (detached).
-    sockets: std::sync::Mutex<Option<[std::net::TcpListener; 3]>>,
+    /// One edge, or two in HA mode.
+    edges: Vec<EdgeAddrs>,
+    front: Option<Front>,
+    /// Every listener above, bound from the start so no other process takes their ports while
+    /// the cluster comes up; released just before HAProxy and the edges start.
+    sockets: std::sync::Mutex<Option<Vec<std::net::TcpListener>>>,
 }
+
+impl RegionPlan {
+    /// Where shoppers connect.
+    fn public(&self) -> SocketAddr {
+        self.front.map_or(self.edges[0].edge, |front| front.public)
+    }
+
+    /// The first edge's admin listener.
+    fn admin(&self) -> SocketAddr {
+        self.edges[0].admin
+    }
+
+    /// Where other regions' edges forward to.
+    fn internal(&self) -> SocketAddr {
+        self.front
+            .map_or(self.edges[0].internal, |front| front.internal)
+    }
+
+    fn release_sockets(&self) {
+        if let Ok(mut sockets) = self.sockets.lock() {
+            sockets.take();
+        }
+    }
+}
+
+/// The database of a region's home shard: one primary, or in HA mode a pg_auto_failover
+/// formation (its monitor, a primary and a synchronous standby).
+enum HomeDb {
+    Single(PgInstance),
+    Formation {
+        monitor: Monitor,
+        nodes: Vec<Keeper>,
+        state_dir: PathBuf,
+    },
+}
+
+impl HomeDb {
+    /// The DSN writes use: in HA mode every node, the writable one chosen at connect time.
+    fn write_dsn(&self, dbname: &str) -> String {
+        match self {
+            HomeDb::Single(pg) => pg.dsn(dbname),
+            HomeDb::Formation { nodes, .. } => multi_host_dsn(
+                &nodes.iter().map(|n| n.port).collect::<Vec<_>>(),
+                dbname,
+                "read-write",
+            ),
+        }
+    }
+
+    /// The DSN the home region reads with: in HA mode whichever node answers first.
+    fn read_dsn(&self, dbname: &str) -> String {
+        match self {
+            HomeDb::Single(pg) => pg.dsn(dbname),
+            HomeDb::Formation { nodes, .. } => multi_host_dsn(
+                &nodes.iter().map(|n| n.port).collect::<Vec<_>>(),
+                dbname,
+                "any",
+            ),
+        }
+    }
+
+    /// Each server's link-name suffix and port.
+    fn nodes(&self) -> Vec<(String, u16)> {
+        match self {
+            HomeDb::Single(pg) => vec![(String::new(), pg.port)],
+            HomeDb::Formation { nodes, .. } => nodes
+                .iter()
+                .map(|n| (format!("-{}", n.name), n.port))
+                .collect(),
+        }
+    }
+
+    /// The port of the server taking writes now.
+    fn primary_port(&self) -> Result<u16> {
+        match self {
+            HomeDb::Single(pg) => Ok(pg.port),
+            HomeDb::Formation { monitor, .. } => monitor
+                .state()?
+                .iter()
+                .find(|n| n.is_writable_primary())
+                .map(|n| n.nodeport)
+                .context("the formation has no primary"),
+        }
+    }
+
+    /// Pids to record for `local down`: postmasters, or process-group leaders.
+    fn pids(&self) -> (Vec<u32>, Vec<u32>) {
+        match self {
+            HomeDb::Single(pg) => (vec![pg.pid()], Vec::new()),
+            HomeDb::Formation { monitor, nodes, .. } => (
+                Vec::new(),
+                std::iter::once(monitor.pid())
+                    .chain(nodes.iter().map(Keeper::pid))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// `cluster.json` entries of the home servers.
+    fn cluster_entries(&self, shard: &str) -> Vec<ClusterPostgres> {
+        match self {
+            HomeDb::Single(pg) => vec![ClusterPostgres {
+                role: "primary".into(),
+                shards: vec![shard.to_string()],
+                dsn: pg.dsn(DATABASE),
+                data_dir: Some(pg.data_dir.clone()),
+                pid: Some(pg.pid()),
+                node: None,
+            }],
+            HomeDb::Formation { monitor, nodes, .. } => {
+                let primary = self.primary_port().ok();
+                let _ = monitor;
+                nodes
+                    .iter()
+                    .map(|n| ClusterPostgres {
+                        role: if Some(n.port) == primary {
+                            "primary"
+                        } else {
+                            "standby"
+                        }
+                        .into(),
+                        shards: vec![shard.to_string()],
+                        dsn: n.dsn(DATABASE),
+                        data_dir: Some(n.data_dir.clone()),
+                        pid: Some(n.pid()),
+                        node: Some(n.name.clone()),
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn monitor_entry(&self) -> Option<ClusterMonitor> {
+        match self {
+            HomeDb::Single(_) => None,
+            HomeDb::Formation {
+                monitor, state_dir, ..
+            } => Some(ClusterMonitor {
+                data_dir: monitor.data_dir.clone(),
+                state_dir: state_dir.clone(),
+                pid: monitor.pid(),
+            }),
+        }
+    }
+}
+
+/// `host=127.0.0.1,… port=P1,… user=postgres dbname=DB target_session_attrs=ATTRS`.
+fn multi_host_dsn(ports: &[u16], dbname: &str, attrs: &str) -> String {
+    let hosts = vec!["127.0.0.1"; ports.len()].join(",");
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!(
+        "host={hosts} port={} user=postgres dbname={dbname} target_session_attrs={attrs}",
+        ports.join(",")
+    )
+}
+
+/// Starts a region's pg_auto_failover formation: the monitor, node `a` (the first primary)
+/// and node `b` (its synchronous standby); returns once the formation has settled.
+fn start_formation(root: &Path, lifetime: Lifetime) -> Result<HomeDb> {
+    let state_dir = root.join("autoctl");
+    let monitor = Monitor::start(&root.join("monitor").join("data"), &state_dir, lifetime)?;
+    let a = Keeper::start(
+        &monitor,
+        &root.join("a").join("data"),
+        "a",
+        DATABASE,
+        lifetime,
+    )?;
+    monitor.wait_for(FORMATION_READY, "the first node primary", |nodes| {
+        nodes
+            .iter()
+            .any(|n| n.nodename == "a" && n.is_writable_primary())
+    })?;
+    let b = Keeper::start(
+        &monitor,
+        &root.join("b").join("data"),
+        "b",
+        DATABASE,
+        lifetime,
+    )?;
+    monitor.wait_for(
+        FORMATION_READY,
+        "a primary and its synchronous standby",
+        |nodes| cartedge_dev::ha::settled(nodes, 2),
+    )?;
+    Ok(HomeDb::Formation {
+        monitor,
+        nodes: vec![a, b],
+        state_dir,
+    })
+}
+
+/// How long a formation may take to come up.
+const FORMATION_READY: Duration = Duration::from_secs(90);
 
 async fn connect(dsn: &str) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
     let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
@@ -255,32 +547,83 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
                     format!("127.0.0.1:{port} is taken; stop what uses it or pass --edge-port/--admin-port")
                 })
             };
-            let edge = bind(options.edge_port + offset)?;
-            let admin = bind(options.admin_port + offset)?;
-            let internal = bind(0)?;
+            let mut sockets = Vec::new();
+            let mut bound = |port: u16| -> Result<SocketAddr> {
+                let socket = bind(port)?;
+                let address = socket.local_addr()?;
+                sockets.push(socket);
+                Ok(address)
+            };
+            let (edges, front) = if options.ha {
+                let front = Front {
+                    public: bound(options.edge_port + offset)?,
+                    internal: bound(0)?,
+                    stats: bound(0)?,
+                };
+                let first = EdgeAddrs {
+                    edge: bound(0)?,
+                    admin: bound(options.admin_port + offset)?,
+                    internal: bound(0)?,
+                };
+                let second = EdgeAddrs {
+                    edge: bound(0)?,
+                    admin: bound(0)?,
+                    internal: bound(0)?,
+                };
+                (vec![first, second], Some(front))
+            } else {
+                let only = EdgeAddrs {
+                    edge: bound(options.edge_port + offset)?,
+                    admin: bound(options.admin_port + offset)?,
+                    internal: bound(0)?,
+                };
+                (vec![only], None)
+            };
             Ok(RegionPlan {
                 id,
                 currency,
-                edge: edge.local_addr()?,
-                admin: admin.local_addr()?,
-                internal: internal.local_addr()?,
-                sockets: std::sync::Mutex::new(Some([edge, admin, internal])),
+                edges,
+                front,
+                sockets: std::sync::Mutex::new(Some(sockets)),
             })
         })
         .collect::<Result<_>>()?;
-    eprintln!("cartedge: checking packages (postgresql, redis-server)…");
-    tokio::task::spawn_blocking(procs::ensure_packages).await??;
+    if options.ha {
+        eprintln!("cartedge: checking packages (postgresql, redis-server, pg_auto_failover, redis-sentinel, haproxy)…");
+        tokio::task::spawn_blocking(cartedge_dev::ha::ensure_ha_packages).await??;
+    } else {
+        eprintln!("cartedge: checking packages (postgresql, redis-server)…");
+        tokio::task::spawn_blocking(procs::ensure_packages).await??;
+    }
     let lifetime = if options.detach {
         Lifetime::Detached
     } else {
         Lifetime::TiedToParent
     };
 
-    eprintln!("cartedge: starting a primary per region…");
     let pg_root = dir.join("postgres");
-    let primaries: BTreeMap<String, PgInstance> = {
+    let primaries: BTreeMap<String, HomeDb> = if options.ha {
+        eprintln!("cartedge: starting a pg_auto_failover formation per region (monitor, primary, synchronous standby)…");
+        let mut starting = Vec::new();
+        for (region, _, _) in REGIONS {
+            let root = pg_root.join(shard_of(region));
+            starting.push((
+                region,
+                tokio::task::spawn_blocking(move || start_formation(&root, lifetime)),
+            ));
+        }
+        let mut primaries = BTreeMap::new();
+        for (region, task) in starting {
+            let home = task
+                .await?
+                .with_context(|| format!("{region}: starting the shard's formation"))?;
+            primaries.insert(region.to_string(), home);
+        }
+        primaries
+    } else {
+        eprintln!("cartedge: starting a primary per region…");
         let pg_root = pg_root.clone();
-        tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, PgInstance>> {
+        tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, HomeDb>> {
             let mut primaries = BTreeMap::new();
             for (region, _, _) in REGIONS {
                 let parent = pg_root.join(shard_of(region));
@@ -292,7 +635,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
                 };
                 primaries.insert(
                     region.to_string(),
-                    PgInstance::start(&parent.join("data"), options)?,
+                    HomeDb::Single(PgInstance::start(&parent.join("data"), options)?),
                 );
             }
             Ok(primaries)
@@ -301,16 +644,21 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
     };
     let mut started = Started {
         postgres: Vec::new(),
+        homes: Vec::new(),
         redis: Vec::new(),
+        haproxy: Vec::new(),
     };
     let mut pids = Pids::default();
-    pids.postgres
-        .extend(primaries.values().map(PgInstance::pid));
+    for home in primaries.values() {
+        let (postmasters, groups) = home.pids();
+        pids.postgres.extend(postmasters);
+        pids.groups.extend(groups);
+    }
     std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
 
     for (region, primary) in &primaries {
-        create_database(&primary.dsn("postgres"), DATABASE).await?;
-        let applied = cartedge::store::migrate::run(&primary.dsn(DATABASE)).await?;
+        create_database(&primary.write_dsn("postgres"), DATABASE).await?;
+        let applied = cartedge::store::migrate::run(&primary.write_dsn(DATABASE)).await?;
         if !applied.is_empty() {
             eprintln!(
                 "cartedge: {region}: migrations applied: {}",
@@ -322,7 +670,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
     for (region, currency, _) in REGIONS {
         let currency = cartedge::domain::money::Currency::parse(currency)
             .with_context(|| format!("{region}: currency {currency}"))?;
-        let (catalog, driver) = connect(&primaries[region].dsn(DATABASE)).await?;
+        let (catalog, driver) = connect(&primaries[region].write_dsn(DATABASE)).await?;
         cartedge::store::catalog::load_demo(&catalog, DEMO_ITEMS, currency).await?;
         drop(catalog);
         let _ = driver.await;
@@ -344,14 +692,21 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
     for (region, home) in &replica_plan {
         let parent = pg_root.join(format!("{}-replica-{region}", shard_of(home)));
         std::fs::create_dir_all(&parent)?;
-        let primary = &primaries[home];
-        let options = PgOptions {
+        let source = primaries[home].primary_port()?;
+        let mut options = PgOptions {
             lifetime,
             fsync: true,
             ..PgOptions::default()
         };
+        if options_ha(&primaries[home]) {
+            // A copy of a pg_auto_failover node: never use the formation's replication slots.
+            options.extra_conf.push("primary_slot_name = ''".into());
+            // A standby's limits must be at least its primary's (pg_auto_failover sets 12).
+            options.extra_conf.push("max_wal_senders = 12".into());
+            options.extra_conf.push("max_replication_slots = 12".into());
+        }
         let replica = tokio::task::block_in_place(|| {
-            PgInstance::start_replica(primary, &parent.join("data"), options)
+            PgInstance::start_replica_of(source, &parent.join("data"), options)
         })?;
         pids.postgres.push(replica.pid());
         replicas.insert((region.clone(), home.clone()), replica);
@@ -367,20 +722,22 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
                 a: source.id.into(),
                 b: target.id.into(),
                 listen: "127.0.0.1:0".parse()?,
-                target: target.internal,
+                target: target.internal(),
                 delay_ms: one_way_ms(source.id, target.id),
             });
         }
     }
     for (region, home) in replicas.keys() {
-        links.push(LinkSpec {
-            name: format!("{region}->{home}:pg-{}", shard_of(home)),
-            a: region.clone(),
-            b: home.clone(),
-            listen: "127.0.0.1:0".parse()?,
-            target: SocketAddr::from(([127, 0, 0, 1], primaries[home].port)),
-            delay_ms: one_way_ms(region, home),
-        });
+        for (suffix, port) in primaries[home].nodes() {
+            links.push(LinkSpec {
+                name: format!("{region}->{home}:pg-{}{suffix}", shard_of(home)),
+                a: region.clone(),
+                b: home.clone(),
+                listen: "127.0.0.1:0".parse()?,
+                target: SocketAddr::from(([127, 0, 0, 1], port)),
+                delay_ms: one_way_ms(region, home),
+            });
+        }
     }
     let proxy_state = dir.join("proxy.json");
     let _ = std::fs::remove_file(&proxy_state);
@@ -437,12 +794,19 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             .with_context(|| format!("no link {name}"))
     };
     // Replication streams now go through the proxy (reloadable since PostgreSQL 13).
+    // In HA mode a replica lists every node of the formation and follows whichever is
+    // writable (after a failover, the new primary on its new timeline).
     for ((region, home), replica) in &replicas {
-        let via = link_address(&format!("{region}->{home}:pg-{}", shard_of(home)))?;
+        let mut ports = Vec::new();
+        for (suffix, _) in primaries[home].nodes() {
+            let via = link_address(&format!("{region}->{home}:pg-{}{suffix}", shard_of(home)))?;
+            ports.push(via.port().to_string());
+        }
         let (client, driver) = connect(&replica.dsn("postgres")).await?;
+        let hosts = vec!["127.0.0.1"; ports.len()].join(",");
         let conninfo = format!(
-            "host=127.0.0.1 port={} user=postgres application_name={region}",
-            via.port()
+            "host={hosts} port={} user=postgres application_name={region} target_session_attrs=read-write",
+            ports.join(",")
         );
         // ALTER SYSTEM takes no parameters; `conninfo` is built from our own numbers.
         client
@@ -488,15 +852,12 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
     for plan in &plans {
         let primary = &primaries[plan.id];
         let mut shards = format!(
-            "[[database.shards]]\nid = \"{}\"\nprimary = \"{dsn}\"\nreplica = \"{dsn}\"\n\n",
+            "[[database.shards]]\nid = \"{}\"\nprimary = \"{}\"\nreplica = \"{}\"\n\n",
             shard_of(plan.id),
-            dsn = primary.dsn(DATABASE)
+            primary.write_dsn(DATABASE),
+            primary.read_dsn(DATABASE),
         );
-        let mut postgres = vec![ClusterPostgres {
-            role: "primary".into(),
-            shards: vec![shard_of(plan.id)],
-            dsn: primary.dsn(DATABASE),
-        }];
+        let mut postgres = primary.cluster_entries(&shard_of(plan.id));
         for ((region, home), replica) in &replicas {
             if region == plan.id {
                 shards.push_str(&format!(
@@ -508,11 +869,14 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
                     role: "replica".into(),
                     shards: vec![shard_of(home)],
                     dsn: replica.dsn(DATABASE),
+                    data_dir: Some(replica.data_dir.clone()),
+                    pid: Some(replica.pid()),
+                    node: None,
                 });
             }
         }
         // The region's own catalog is in its primary; the others' through its replicas of them.
-        let catalog = primary.dsn(DATABASE);
+        let (catalog, catalog_primary) = (primary.read_dsn(DATABASE), primary.write_dsn(DATABASE));
         let mut peer_catalogs = String::new();
         for ((region, home), replica) in &replicas {
             if region == plan.id {
@@ -527,27 +891,32 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
         let text = format!(
             "# Generated by `cartedge local up`; local development only.\n\
              [region]\nid = \"{id}\"\ncurrency = \"{currency}\"\n\n\
-             [edge]\npublic_url = \"http://{edge}\"\ninternal_url = \"https://{internal}\"\n\n\
+             [edge]\npublic_url = \"http://{public}\"\ninternal_url = \"https://{internal_url}\"\n\n\
              [topology]\nring_file = \"{ring}\"\nregions_dir = \"{regions}\"\n\n\
              [topology.peer_urls]\n{peer_urls}\n\
-             [server]\nlisten = \"{edge}\"\nadmin_listen = \"{admin}\"\ninternal_listen = \"{internal}\"\n\n\
+             [server]\nlisten = \"{edge}\"\nadmin_listen = \"{admin}\"\ninternal_listen = \"{internal}\"\n{server_extra}\n\
              [tls]\nca_file = \"{pki}/ca.pem\"\ncert_file = \"{pki}/{id}.pem\"\nkey_file = \"{pki}/{id}.key\"\n\n\
-             [redis]\nurl = \"{redis}\"\n\n\
+             {redis}\n\
              [auth]\nissuer = \"cartedge-local\"\naudience = \"cartedge-api\"\nleeway = \"1s\"\n\
              session_secret = \"{session}\"\n\n\
              [[auth.keys]]\nkid = \"local-hs256\"\nalgorithm = \"HS256\"\nsecret = \"{jwt}\"\n\n\
              [log]\nformat = \"{log_format}\"\n\n\
-             [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"{catalog}\"\n\n\
+             [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"{catalog_primary}\"\n\n\
              [database.peer_catalogs]\n{peer_catalogs}\n{shards}",
             id = plan.id,
             currency = plan.currency,
-            edge = plan.edge,
-            admin = plan.admin,
-            internal = plan.internal,
+            public = plan.public(),
+            internal_url = plan.internal(),
+            edge = plan.edges[0].edge,
+            admin = plan.edges[0].admin,
+            internal = plan.edges[0].internal,
+            // Behind HAProxy (checks every 1 s, out after 2 failures) a stopping edge stays
+            // reachable long enough for HAProxy to stop sending it requests.
+            server_extra = if options.ha { "drain_grace = \"3s\"\n" } else { "" },
             ring = ring_path.display(),
             regions = regions_dir.display(),
             pki = pki.display(),
-            redis = redis_urls[plan.id],
+            redis = redis_section(&redis_urls[plan.id], options.ha),
             session = secrets.session_secret,
             jwt = secrets.jwt_secret,
             // Every edge writes its log file in JSON.
@@ -557,12 +926,17 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
         write_secret_file(&path, text.as_bytes())?;
         cluster.regions.push(ClusterRegion {
             id: plan.id.into(),
-            edge_url: format!("http://{}", plan.edge),
-            admin_url: format!("http://{}", plan.admin),
+            edge_url: format!("http://{}", plan.public()),
+            admin_url: format!("http://{}", plan.admin()),
             currency: plan.currency.into(),
             redis_url: redis_urls[plan.id].clone(),
             postgres,
             log: Some(edge_log(&dir, plan.id)),
+            edges: Vec::new(),
+            redis: Vec::new(),
+            sentinels: Vec::new(),
+            monitor: primary.monitor_entry(),
+            haproxy: None,
         });
         configs.push(path);
     }
@@ -580,49 +954,82 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
     } else {
         None
     };
+    started.homes.extend(primaries.into_values());
+    started.postgres.extend(replicas.into_values());
+
+    // HA mode: HAProxy in front of each region's edges, checking each edge's /ready.
+    if options.ha {
+        for (plan, region) in plans.iter().zip(&mut cluster.regions) {
+            let (Some(front), true) = (plan.front, plan.edges.len() > 1) else {
+                continue;
+            };
+            plan.release_sockets();
+            let root = dir.join("haproxy").join(plan.id);
+            let config = haproxy_config(plan, &front);
+            let haproxy = tokio::task::block_in_place(|| {
+                Haproxy::start(&root, &config, front.stats.port(), lifetime)
+            })?;
+            pids.ha.push(haproxy.pid());
+            region.haproxy = Some(ClusterHaproxy {
+                pid: haproxy.pid(),
+                stats_url: format!("http://{}/stats", front.stats),
+            });
+            started.haproxy.push(haproxy);
+            std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
+        }
+    }
+
+    // Every edge is a process of its own (`cartedge serve`) writing JSON lines to its log file,
+    // detached or, in the foreground, tied to this process (killed if it dies). A region's
+    // second edge (HA mode) runs the same region file with its own listeners.
+    let mut edge_children = Vec::new();
+    for ((path, plan), region) in configs.iter().zip(&plans).zip(&mut cluster.regions) {
+        // Release the reserved ports only now, a moment before the edges bind them.
+        plan.release_sockets();
+        for (index, addrs) in plan.edges.iter().enumerate() {
+            let log_path = edge_log_n(&dir, plan.id, index);
+            let log = std::fs::File::create(&log_path)?;
+            let command = edge_command(path, options.defaults.as_deref(), index, addrs)?;
+            let child = spawn_logging(command, log, lifetime)?;
+            pids.edges.push(child.id());
+            region.edges.push(ClusterEdge {
+                url: format!("http://{}", addrs.edge),
+                admin_url: format!("http://{}", addrs.admin),
+                internal: addrs.internal.to_string(),
+                pid: child.id(),
+                log: Some(log_path),
+            });
+            edge_children.push(child);
+            std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
+        }
+    }
+    for plan in &plans {
+        for (index, addrs) in plan.edges.iter().enumerate() {
+            let log = edge_log_n(&dir, plan.id, index);
+            wait_ready(addrs.admin, Duration::from_secs(30))
+                .await
+                .with_context(|| {
+                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                    format!(
+                        "the {} edge did not become ready; last lines of {}:\n{}",
+                        plan.id,
+                        log.display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    )
+                })?;
+        }
+        if let Some(front) = plan.front {
+            wait_haproxy_up(front.stats, plan.edges.len(), Duration::from_secs(15))
+                .await
+                .with_context(|| format!("{}: HAProxy does not see every edge up", plan.id))?;
+        }
+    }
     std::fs::write(
         dir.join("cluster.json"),
         serde_json::to_vec_pretty(&cluster)?,
     )?;
-    started.postgres.extend(primaries.into_values());
-    started.postgres.extend(replicas.into_values());
-
-    // Every edge is a process of its own (`cartedge serve`) writing JSON lines to its log file,
-    // detached or, in the foreground, tied to this process (killed if it dies).
-    let mut edge_children = Vec::new();
-    for (path, plan) in configs.iter().zip(&plans) {
-        let log = std::fs::File::create(edge_log(&dir, plan.id))?;
-        let mut command = Command::new(std::env::current_exe()?);
-        command.arg("--config").arg(path);
-        if let Some(defaults) = &options.defaults {
-            command.arg("--defaults").arg(defaults);
-        }
-        command.arg("serve");
-        // Release the reserved ports only now, a moment before the edge binds them.
-        if let Ok(mut sockets) = plan.sockets.lock() {
-            sockets.take();
-        }
-        let child = spawn_logging(command, log, lifetime)?;
-        pids.edges.push(child.id());
-        edge_children.push(child);
-        std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
-    }
-    for plan in &plans {
-        let log = edge_log(&dir, plan.id);
-        wait_ready(plan.admin, Duration::from_secs(30))
-            .await
-            .with_context(|| {
-                let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                format!(
-                    "the {} edge did not become ready; last lines of {}:\n{}",
-                    plan.id,
-                    log.display(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            })?;
-    }
-    print_banner(&loaded, &dir);
+    print_banner(&loaded, &cluster, &dir);
     print_prometheus(prometheus.as_ref());
     if options.detach {
         // Detached servers keep running; their handles must not stop them.
@@ -631,6 +1038,12 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
         }
         for pg in started.postgres {
             std::mem::forget(pg);
+        }
+        for home in started.homes {
+            std::mem::forget(home);
+        }
+        for haproxy in started.haproxy {
+            std::mem::forget(haproxy);
         }
         for redis in started.redis {
             std::mem::forget(redis);
@@ -688,11 +1101,13 @@ async fn start_prometheus(
 fn prometheus_config(plans: &[RegionPlan]) -> String {
     let mut targets = String::new();
     for plan in plans {
-        targets.push_str(&format!(
-            "      - targets: [\"{admin}\"]\n        labels:\n          region: \"{id}\"\n",
-            admin = plan.admin,
-            id = plan.id
-        ));
+        for edge in &plan.edges {
+            targets.push_str(&format!(
+                "      - targets: [\"{admin}\"]\n        labels:\n          region: \"{id}\"\n",
+                admin = edge.admin,
+                id = plan.id
+            ));
+        }
     }
     format!(
         "# Generated by `cartedge local up --with-prometheus`; local development only.\n\
@@ -716,6 +1131,121 @@ fn print_prometheus(prometheus: Option<&PrometheusInstance>) {
 /// An edge's log file (its stderr: JSON lines).
 fn edge_log(dir: &Path, region: &str) -> PathBuf {
     dir.join(format!("edge-{region}.log"))
+}
+
+/// The log of a region's edge number `index`: `edge-<region>.log`, then `edge-<region>-b.log`.
+fn edge_log_n(dir: &Path, region: &str, index: usize) -> PathBuf {
+    if index == 0 {
+        edge_log(dir, region)
+    } else {
+        dir.join(format!("edge-{region}-{}.log", edge_letter(index)))
+    }
+}
+
+/// `a`, `b`, … for a region's edges.
+fn edge_letter(index: usize) -> char {
+    char::from(b'a' + u8::try_from(index % 26).unwrap_or(0))
+}
+
+/// `cartedge --config <region file> serve`; every edge after the first has its own listeners
+/// (environment overrides of `server.*`).
+fn edge_command(
+    region_file: &Path,
+    defaults: Option<&Path>,
+    index: usize,
+    addrs: &EdgeAddrs,
+) -> Result<Command> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command.arg("--config").arg(region_file);
+    if let Some(defaults) = defaults {
+        command.arg("--defaults").arg(defaults);
+    }
+    command.arg("serve");
+    if index > 0 {
+        let prefix = cartedge::config::ENV_PREFIX;
+        command
+            .env(format!("{prefix}SERVER__LISTEN"), addrs.edge.to_string())
+            .env(
+                format!("{prefix}SERVER__ADMIN_LISTEN"),
+                addrs.admin.to_string(),
+            )
+            .env(
+                format!("{prefix}SERVER__INTERNAL_LISTEN"),
+                addrs.internal.to_string(),
+            );
+    }
+    Ok(command)
+}
+
+/// The `[redis]` section of a region file.
+fn redis_section(url: &str, _ha: bool) -> String {
+    format!("[redis]\nurl = \"{url}\"\n")
+}
+
+/// HAProxy's configuration for a region: the shoppers' HTTP front balanced over the edges'
+/// public listeners, the TCP front other regions forward to (mTLS passes through) over their
+/// internal listeners, each server checked with `GET /ready` on its admin listener every
+/// second (down after two failures, up after one success: a draining or dead edge is out
+/// within two checks), and a statistics page.
+fn haproxy_config(plan: &RegionPlan, front: &Front) -> String {
+    let mut public = String::new();
+    let mut internal = String::new();
+    for (index, edge) in plan.edges.iter().enumerate() {
+        let name = format!("edge-{}", edge_letter(index));
+        public.push_str(&format!(
+            "    server {name} {} check port {}\n",
+            edge.edge,
+            edge.admin.port()
+        ));
+        internal.push_str(&format!(
+            "    server {name} {} check port {}\n",
+            edge.internal,
+            edge.admin.port()
+        ));
+    }
+    format!(
+        "# Generated by `cartedge local up --ha` for region {id}; local development only.\n\
+         global\n    maxconn 4096\n\n\
+         defaults\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n\
+         \x20   timeout http-keep-alive 60s\n    retries 3\n    option redispatch\n\n\
+         frontend public\n    mode http\n    bind {public_front}\n    default_backend edges\n\n\
+         backend edges\n    mode http\n    balance roundrobin\n\
+         \x20   # A connection refused or closed before any answer (an edge stopping) is retried\n\
+         \x20   # on the other edge: the request never reached the first one.\n\
+         \x20   retry-on conn-failure empty-response\n\
+         \x20   option httpchk GET /ready\n    http-check expect status 200\n\
+         \x20   default-server inter 1s fall 2 rise 1\n{public}\n\
+         frontend internal\n    mode tcp\n    bind {internal_front}\n    default_backend internal\n\n\
+         backend internal\n    mode tcp\n    balance roundrobin\n\
+         \x20   option httpchk GET /ready\n    http-check expect status 200\n\
+         \x20   default-server inter 1s fall 2 rise 1\n{internal}\n\
+         listen stats\n    mode http\n    bind {stats}\n    stats enable\n    stats uri /stats\n",
+        id = plan.id,
+        public_front = front.public,
+        internal_front = front.internal,
+        stats = front.stats,
+    )
+}
+
+/// How many servers of HAProxy's `edges` backend are UP, from its CSV statistics.
+async fn haproxy_servers_up(stats: SocketAddr) -> Result<usize> {
+    let states = haproxy_states(&format!("http://{stats}/stats")).await?;
+    Ok(states.iter().filter(|(_, status)| status == "UP").count())
+}
+
+/// Waits until HAProxy's `edges` backend has `count` servers UP.
+async fn wait_haproxy_up(stats: SocketAddr, count: usize, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let up = haproxy_servers_up(stats).await.unwrap_or(0);
+        if up >= count {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{up} of {count} edges up after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Spawns a process with its output to `log`, detached or tied to this process.
@@ -800,9 +1330,8 @@ async fn wait_for_proxy_state(path: &Path, pid: u32, limit: Duration) -> Result<
     bail!("no {} after {limit:?}", path.display())
 }
 
-/// Cuts (`partition`) or restores (`heal`) every link between two regions of a running local
-/// cluster.
-pub async fn steer(dir: &Path, verb: &str, a: &str, b: &str) -> Result<()> {
+/// [`steer`] without printing (the drills).
+pub async fn steer_quietly(dir: &Path, verb: &str, a: &str, b: &str) -> Result<()> {
     let text = std::fs::read_to_string(dir.join("proxy.json"))
         .with_context(|| format!("no running local cluster in {}", dir.display()))?;
     let proxy: ProxyFile = serde_json::from_str(&text)?;
@@ -811,6 +1340,13 @@ pub async fn steer(dir: &Path, verb: &str, a: &str, b: &str) -> Result<()> {
     if status != 200 {
         bail!("{verb} {a} {b}: {body}");
     }
+    Ok(())
+}
+
+/// Cuts (`partition`) or restores (`heal`) every link between two regions of a running local
+/// cluster.
+pub async fn steer(dir: &Path, verb: &str, a: &str, b: &str) -> Result<()> {
+    steer_quietly(dir, verb, a, b).await?;
     let verb_done = if verb == "partition" {
         "partitioned"
     } else {
@@ -855,7 +1391,7 @@ async fn wait_ready(admin: SocketAddr, limit: Duration) -> Result<()> {
     bail!("not ready after {limit:?}")
 }
 
-fn print_banner(configs: &[Config], dir: &Path) {
+fn print_banner(configs: &[Config], cluster: &ClusterFile, dir: &Path) {
     let exe = std::env::current_exe()
         .ok()
         .and_then(|p| {
@@ -867,11 +1403,19 @@ fn print_banner(configs: &[Config], dir: &Path) {
         })
         .unwrap_or_else(|| "cartedge".into());
     let mut lines = String::from("\ncartedge local cluster is up\n\n");
+    let edge = |id: &str| {
+        cluster
+            .regions
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.edge_url.clone())
+            .unwrap_or_default()
+    };
     for config in configs {
         lines.push_str(&format!(
-            "  region {}  edge http://{}  admin http://{}  ({})\n",
+            "  region {}  edge {}  admin http://{}  ({})\n",
             config.region.id,
-            config.server.listen,
+            edge(config.region.id.as_str()),
             config
                 .server
                 .admin_listen
@@ -880,13 +1424,6 @@ fn print_banner(configs: &[Config], dir: &Path) {
             config.region.currency
         ));
     }
-    let edge = |id: &str| {
-        configs
-            .iter()
-            .find(|c| c.region.id == id)
-            .map(|c| format!("http://{}", c.server.listen))
-            .unwrap_or_default()
-    };
     let (sg, th) = (edge("sg"), edge("th"));
     let user = "alice";
     lines.push_str(&format!(
@@ -925,8 +1462,17 @@ pub fn down(dir: &Path) -> Result<()> {
     for pid in &pids.prometheus {
         procs::stop_pid(*pid, libc::SIGTERM, Duration::from_secs(10))?;
     }
+    for pid in &pids.ha {
+        procs::stop_pid(*pid, libc::SIGTERM, Duration::from_secs(10))?;
+    }
     for pid in &pids.postgres {
         procs::stop_pid(*pid, libc::SIGINT, Duration::from_secs(20))?;
+    }
+    // pg_autoctl nodes, then monitors (recorded last): SIGTERM stops Postgres; whatever of the
+    // group is left after that is killed.
+    for pid in pids.groups.iter().rev() {
+        let _ = procs::stop_pid(*pid, libc::SIGTERM, Duration::from_secs(20));
+        cartedge_dev::ha::signal_group(*pid, libc::SIGKILL);
     }
     for pid in &pids.redis {
         procs::stop_pid(*pid, libc::SIGTERM, Duration::from_secs(10))?;
@@ -935,5 +1481,202 @@ pub fn down(dir: &Path) -> Result<()> {
         let _ = std::fs::remove_file(dir.join(file));
     }
     println!("local cluster stopped");
+    Ok(())
+}
+
+/// Whether a home shard runs as a pg_auto_failover formation.
+fn options_ha(home: &HomeDb) -> bool {
+    matches!(home, HomeDb::Formation { .. })
+}
+
+/// `cartedge local status`: cluster.json as the cluster is now. In HA mode each home shard's
+/// roles come from its pg_auto_failover monitor (`primary`, `standby`; a node the monitor
+/// cannot reach stays listed with its last role and `"pid"` only if it is alive), and each
+/// region's Redis roles from its Sentinels.
+pub async fn status(dir: &Path) -> Result<()> {
+    let cluster = current(dir).await?;
+    println!("{}", serde_json::to_string_pretty(&cluster)?);
+    Ok(())
+}
+
+/// cluster.json as written.
+pub fn read_cluster(dir: &Path) -> Result<ClusterFile> {
+    let text = std::fs::read_to_string(dir.join("cluster.json"))
+        .with_context(|| format!("no running local cluster in {}", dir.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// cluster.json refreshed from the running processes (what `local status` prints).
+pub async fn current(dir: &Path) -> Result<ClusterFile> {
+    let mut cluster = read_cluster(dir)?;
+    for region in &mut cluster.regions {
+        refresh_region(region).await;
+    }
+    Ok(cluster)
+}
+
+/// Records a process that replaced another (a drill restarted an edge or a database node):
+/// `local down` stops the new one, and cluster.json names it.
+fn replace_pid(dir: &Path, old: u32, new: u32) -> Result<()> {
+    if let Some(mut pids) = Pids::read(dir) {
+        for list in [
+            &mut pids.edges,
+            &mut pids.postgres,
+            &mut pids.redis,
+            &mut pids.groups,
+            &mut pids.ha,
+        ] {
+            for pid in list.iter_mut().filter(|pid| **pid == old) {
+                *pid = new;
+            }
+        }
+        std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
+    }
+    let mut cluster = read_cluster(dir)?;
+    for region in &mut cluster.regions {
+        for edge in region.edges.iter_mut().filter(|e| e.pid == old) {
+            edge.pid = new;
+        }
+        for server in region.postgres.iter_mut().filter(|p| p.pid == Some(old)) {
+            server.pid = Some(new);
+        }
+        for redis in region.redis.iter_mut().chain(&mut region.sentinels) {
+            if redis.pid == old {
+                redis.pid = new;
+            }
+        }
+    }
+    std::fs::write(
+        dir.join("cluster.json"),
+        serde_json::to_vec_pretty(&cluster)?,
+    )?;
+    Ok(())
+}
+
+/// Starts a region's edge number `index` again (detached, its log appended), after a drill
+/// stopped or killed it; returns its pid once its `/ready` answers 200.
+pub async fn restart_edge(
+    dir: &Path,
+    defaults: Option<&Path>,
+    region: &str,
+    index: usize,
+    edge: &ClusterEdge,
+) -> Result<u32> {
+    let parse = |url: &str| -> Result<SocketAddr> {
+        url.trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .with_context(|| format!("edge address {url}"))
+    };
+    let addrs = EdgeAddrs {
+        edge: parse(&edge.url)?,
+        admin: parse(&edge.admin_url)?,
+        internal: parse(&edge.internal)?,
+    };
+    let command = edge_command(&region_file(dir, region), defaults, index, &addrs)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(edge_log_n(dir, region, index))?;
+    let child = spawn_logging(command, log, Lifetime::Detached)?;
+    let pid = child.id();
+    replace_pid(dir, edge.pid, pid)?;
+    wait_ready(addrs.admin, Duration::from_secs(30)).await?;
+    Ok(pid)
+}
+
+/// Runs a killed pg_auto_failover node again (detached); pg_auto_failover decides its role.
+pub fn rerun_node(dir: &Path, monitor: &ClusterMonitor, server: &ClusterPostgres) -> Result<u32> {
+    let data_dir = server
+        .data_dir
+        .as_ref()
+        .context("the node has no data directory")?;
+    let node = server.node.as_deref().unwrap_or("node");
+    let log = data_dir
+        .parent()
+        .map(|parent| parent.join(format!("{node}.log")))
+        .context("the node's data directory has no parent")?;
+    let pid = cartedge_dev::ha::rerun_node(data_dir, &monitor.state_dir, &log, Lifetime::Detached)?;
+    if let Some(old) = server.pid {
+        replace_pid(dir, old, pid)?;
+    } else {
+        // The old pid is gone from cluster.json (dead): match the node by its data directory.
+        let mut cluster = read_cluster(dir)?;
+        for region in &mut cluster.regions {
+            for entry in region
+                .postgres
+                .iter_mut()
+                .filter(|p| p.data_dir == server.data_dir)
+            {
+                if let Some(old) = entry.pid.replace(pid) {
+                    replace_pid(dir, old, pid)?;
+                }
+            }
+        }
+        std::fs::write(
+            dir.join("cluster.json"),
+            serde_json::to_vec_pretty(&cluster)?,
+        )?;
+    }
+    Ok(pid)
+}
+
+/// Each server of HAProxy's `edges` backend with its status (`UP`, `DOWN`, `MAINT`, …).
+pub async fn haproxy_states(stats_url: &str) -> Result<Vec<(String, String)>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address: SocketAddr = stats_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/stats")
+        .parse()
+        .context("HAProxy stats address")?;
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(b"GET /stats;csv HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body
+        .lines()
+        .filter(|line| line.starts_with("edges,edge-"))
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(',').collect();
+            Some((fields.get(1)?.to_string(), fields.get(17)?.to_string()))
+        })
+        .collect())
+}
+
+/// Updates one region's roles and pids from the running processes.
+async fn refresh_region(region: &mut ClusterRegion) {
+    if let Some(monitor) = &region.monitor {
+        let (data_dir, state_dir) = (monitor.data_dir.clone(), monitor.state_dir.clone());
+        let nodes =
+            tokio::task::spawn_blocking(move || cartedge_dev::ha::state_of(&data_dir, &state_dir))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+        for server in region.postgres.iter_mut().filter(|p| p.node.is_some()) {
+            if let Some(node) = nodes
+                .iter()
+                .find(|n| Some(&n.nodename) == server.node.as_ref())
+            {
+                server.role = if node.is_writable_primary() {
+                    "primary".into()
+                } else {
+                    "standby".into()
+                };
+            }
+        }
+    }
+    for server in &mut region.postgres {
+        server.pid = server.pid.filter(|pid| is_alive(*pid));
+    }
+    region.edges.retain(|edge| is_alive(edge.pid));
+    let _ = refresh_redis_roles(region).await;
+}
+
+/// Asks the region's first answering Sentinel which Redis is the master now.
+async fn refresh_redis_roles(region: &mut ClusterRegion) -> Result<()> {
+    let _ = region;
     Ok(())
 }

@@ -7,6 +7,7 @@ mod cli;
 mod concurrency;
 mod contract;
 mod corrupt_rows;
+mod drills;
 #[cfg(feature = "fuzzing")]
 mod fuzz_corpus;
 mod helpers;

@@ -135,7 +135,11 @@ impl Autoctl {
         let mut cmd = Command::new("pg_autoctl");
         procs::pg_command_env(&mut cmd, data_dir, self.run_as.as_ref());
         let path = std::env::var_os("PATH").unwrap_or_default();
-        let mut paths = vec![self.pg_ctl.parent().map(Path::to_path_buf).unwrap_or_default()];
+        let mut paths = vec![self
+            .pg_ctl
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()];
         paths.extend(std::env::split_paths(&path));
         cmd.env("XDG_CONFIG_HOME", self.root.join("config"))
             .env("XDG_DATA_HOME", self.root.join("data"))
@@ -152,7 +156,12 @@ impl Autoctl {
     }
 
     /// Spawns `pg_autoctl run --pgdata <data_dir>` as the leader of its own process group.
-    fn spawn_run(&self, data_dir: &Path, log_path: &Path, lifetime: Lifetime) -> Result<ServerProc> {
+    fn spawn_run(
+        &self,
+        data_dir: &Path,
+        log_path: &Path,
+        lifetime: Lifetime,
+    ) -> Result<ServerProc> {
         use std::os::unix::process::CommandExt;
         let log = procs::open_log(log_path)?;
         let mut cmd = self.command(data_dir);
@@ -242,7 +251,9 @@ impl Monitor {
     pub fn start(data_dir: &Path, state_dir: &Path, lifetime: Lifetime) -> Result<Monitor> {
         let autoctl = Autoctl::new(state_dir)?;
         let data_dir = procs::absolute(data_dir)?;
-        let parent = data_dir.parent().context("monitor data dir has no parent")?;
+        let parent = data_dir
+            .parent()
+            .context("monitor data dir has no parent")?;
         procs::create_dirs_0755(parent)?;
         if let Some(user) = &autoctl.run_as {
             procs::chown_to(parent, user)?;
@@ -285,7 +296,8 @@ impl Monitor {
                 &log_path,
                 "pg_autoctl config set",
             )?;
-            let mut tuning = String::from("\n# cartedge: fast failure detection (local HA cluster)\n");
+            let mut tuning =
+                String::from("\n# cartedge: fast failure detection (local HA cluster)\n");
             for (key, value) in MONITOR_TUNING {
                 tuning.push_str(&format!("{key} = {value}\n"));
             }
@@ -536,6 +548,23 @@ impl Drop for Keeper {
             self.stop();
         }
     }
+}
+
+/// Runs an existing node again (`pg_autoctl run`) from its data directory alone, e.g. after a
+/// drill killed it: pg_auto_failover decides its role (an old primary rejoins as a standby).
+/// `state_dir` is the cluster's pg_autoctl state; returns the new group leader's pid.
+pub fn rerun_node(
+    data_dir: &Path,
+    state_dir: &Path,
+    log_path: &Path,
+    lifetime: Lifetime,
+) -> Result<u32> {
+    let autoctl = Autoctl::new(state_dir)?;
+    let proc = autoctl.spawn_run(data_dir, log_path, lifetime)?;
+    let pid = proc.pid;
+    // The handle's drop must not stop a detached node.
+    std::mem::forget(proc);
+    Ok(pid)
 }
 
 /// Kills a node by its group leader's pid, and its postmaster by `postmaster.pid` in case it

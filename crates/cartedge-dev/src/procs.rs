@@ -266,6 +266,16 @@ impl PgInstance {
         data_dir: &Path,
         opts: PgOptions,
     ) -> Result<PgInstance> {
+        Self::start_replica_of(primary.port, data_dir, opts)
+    }
+
+    /// [`PgInstance::start_replica`] of the server on `primary_port` (one this process did not
+    /// start, e.g. a pg_auto_failover node).
+    pub fn start_replica_of(
+        primary_port: u16,
+        data_dir: &Path,
+        opts: PgOptions,
+    ) -> Result<PgInstance> {
         let bin_dir = pg_bin_dir()?;
         let data_dir = absolute(data_dir)?;
         let run_as = pg_run_as()?;
@@ -284,7 +294,7 @@ impl PgInstance {
                 );
             }
             let mut cmd = Command::new(bin_dir.join("pg_basebackup"));
-            cmd.args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+            cmd.args(["-h", "127.0.0.1", "-p", &primary_port.to_string()])
                 .args(["-U", "postgres", "-D"])
                 .arg(&data_dir)
                 .args(["-R", "-X", "stream", "--checkpoint=fast"]);
