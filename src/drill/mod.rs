@@ -105,7 +105,8 @@ pub async fn run(args: Args, defaults: Option<PathBuf>) -> Result<()> {
     let regions = crate::loadgen::load_regions(&args.dir, defaults.clone())?;
     let cluster = local::current(&args.dir).await?;
     let drill = args.drill;
-    if drill != Drill::Partition && drill != Drill::ReplicaPause && drill != Drill::Reload {
+    let needs_ha = matches!(drill, Drill::Redis | Drill::Standby | Drill::Edge);
+    if needs_ha {
         let ha = cluster.regions.iter().all(|r| r.monitor.is_some());
         if !ha {
             bail!(
@@ -325,7 +326,61 @@ async fn wait_settled(dir: &Path, region: &str, limit: Duration) -> Result<Durat
 
 /// Drill `primary`: kill -9 the target region's primary node under load.
 async fn primary(context: &Drilling, cluster: &ClusterFile, summary: &mut Summary) -> Result<()> {
+    if target_region(cluster, TARGET)?.monitor.is_none() {
+        return kill_lone_primary(context, cluster, summary).await;
+    }
     kill_pg_node(context, cluster, summary, "primary").await
+}
+
+/// Drill `primary` on a cluster without `--ha`: the shard's only primary is killed and nothing
+/// takes over. Writes for the shard fail until the drill itself starts the primary again
+/// after the load (standing in for an operator); what was acknowledged survives only because
+/// the same data directory comes back.
+async fn kill_lone_primary(
+    context: &Drilling,
+    cluster: &ClusterFile,
+    summary: &mut Summary,
+) -> Result<()> {
+    let n = context.args.shoppers;
+    let mut shoppers = context.shoppers(TARGET, TARGET, 0, n)?;
+    shoppers.extend(context.shoppers(TARGET, "th", n, n)?);
+    let node = target_region(cluster, TARGET)?
+        .postgres
+        .iter()
+        .find(|p| p.role == "primary")
+        .cloned()
+        .with_context(|| format!("{TARGET} has no primary"))?;
+    let pid = node.pid.context("the primary is not running")?;
+    let started = Instant::now();
+    let killed_at = started + context.fault_delay();
+    let fault = async {
+        tokio::time::sleep_until(killed_at.into()).await;
+        // SAFETY: kill(2) touches no memory.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        }
+        let mut measured = BTreeMap::new();
+        measured.insert(
+            "killed".into(),
+            json!(format!("primary {} (no standby)", node.dsn)),
+        );
+        Ok(measured)
+    };
+    let (runs, measured) = under_load(context, &shoppers, started, fault).await;
+    summary.measured.extend(measured?);
+    let restarted = local::restart_postgres(&context.args.dir, &node).await?;
+    summary.measured.insert(
+        "restarted_by_the_drill_after_ms".into(),
+        ms(killed_at.elapsed()),
+    );
+    let _ = restarted;
+    settle(context, summary, &shoppers, &runs).await?;
+    let struck: Vec<usize> = (0..2 * n).collect();
+    let back = first_ack_after(&runs, &struck, killed_at);
+    summary
+        .measured
+        .insert("writes_back_after_ms".into(), back.map_or(json!(null), ms));
+    Ok(())
 }
 
 /// Drill `standby`: kill -9 the synchronous standby under load.

@@ -1585,6 +1585,49 @@ pub async fn restart_edge(
     Ok(pid)
 }
 
+/// Starts a killed PostgreSQL server (not a pg_auto_failover node) again from its data
+/// directory on its port, detached; returns its new pid. Retried for a few seconds: the
+/// killed postmaster's backends may still hold its shared memory.
+pub async fn restart_postgres(dir: &Path, server: &ClusterPostgres) -> Result<u32> {
+    let data_dir = server
+        .data_dir
+        .clone()
+        .context("the server has no data directory")?;
+    let port: u16 = server
+        .dsn
+        .split_whitespace()
+        .find_map(|part| part.strip_prefix("port="))
+        .and_then(|port| port.parse().ok())
+        .context("no port in the server's dsn")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pg = loop {
+        let data_dir = data_dir.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            PgInstance::start(
+                &data_dir,
+                PgOptions {
+                    port: Some(port),
+                    lifetime: Lifetime::Detached,
+                    fsync: true,
+                    ..PgOptions::default()
+                },
+            )
+        })
+        .await?;
+        match started {
+            Ok(pg) => break pg,
+            Err(error) if Instant::now() >= deadline => return Err(error),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    };
+    let pid = pg.pid();
+    std::mem::forget(pg);
+    if let Some(old) = server.pid {
+        replace_pid(dir, old, pid)?;
+    }
+    Ok(pid)
+}
+
 /// Runs a killed pg_auto_failover node again (detached); pg_auto_failover decides its role.
 pub fn rerun_node(dir: &Path, monitor: &ClusterMonitor, server: &ClusterPostgres) -> Result<u32> {
     let data_dir = server
