@@ -3,6 +3,8 @@
 //! - [`procs`]: starts and stops real PostgreSQL (primaries and streaming replicas) and Redis
 //!   server processes on loopback ports, installing the Debian packages when run as root. The
 //!   integration tests and `cartedge local up` share it.
+//! - [`redis_ha`]: a Redis replica of a running master and the `redis-sentinel` processes
+//!   that watch it (Redis high availability for the tests and `local up --ha`).
 //! - [`linkproxy`]: a userspace TCP proxy between local regions, adding one-way delay and
 //!   cutting links on demand, steered over a small HTTP control API.
 //!
@@ -12,3 +14,4 @@
 
 pub mod linkproxy;
 pub mod procs;
+pub mod redis_ha;

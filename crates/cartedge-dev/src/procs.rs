@@ -38,13 +38,13 @@ const PG_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a PostgreSQL fast shutdown may take before we SIGKILL it.
 const PG_STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long to wait for Redis to answer `PING` after spawning it.
-const REDIS_READY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REDIS_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long Redis may take to exit after SIGTERM before we SIGKILL it.
-const REDIS_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REDIS_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Grace period after SIGKILL before `stop_pid` gives up.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Poll interval for readiness and exit checks.
-const POLL: Duration = Duration::from_millis(20);
+pub(crate) const POLL: Duration = Duration::from_millis(20);
 /// How much of a log file to quote in error messages.
 const LOG_TAIL_BYTES: u64 = 4000;
 /// Attempts with a fresh port when an automatically chosen port was taken
@@ -90,11 +90,11 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Makes sure the PostgreSQL server and redis-server binaries exist.
+/// Makes sure the PostgreSQL server, redis-server and redis-sentinel binaries exist.
 ///
 /// When some are missing and we run as root, installs only the missing Debian
-/// packages (`apt-get update`, then `apt-get install -y postgresql` and/or
-/// `redis-server`, non-interactively). When not root, returns an error saying
+/// packages (`apt-get update`, then `apt-get install -y` of `postgresql`,
+/// `redis-server` and/or `redis-sentinel`, non-interactively). When not root, returns an error saying
 /// what to install. Serialised within the process so parallel tests do not
 /// race on the dpkg lock.
 pub fn ensure_packages() -> Result<()> {
@@ -508,17 +508,17 @@ pub fn stop_pid(pid: u32, signal: i32, timeout: Duration) -> Result<()> {
 /// A spawned server process. TiedToParent servers keep their `Child` (so
 /// `stop` can reap them); Detached ones keep only the pid.
 #[derive(Debug)]
-struct ServerProc {
-    pid: u32,
+pub(crate) struct ServerProc {
+    pub(crate) pid: u32,
     child: Option<Child>,
-    lifetime: Lifetime,
+    pub(crate) lifetime: Lifetime,
     running: bool,
     stop_signal: i32,
     stop_timeout: Duration,
 }
 
 impl ServerProc {
-    fn spawn(
+    pub(crate) fn spawn(
         cmd: Command,
         lifetime: Lifetime,
         stop_signal: i32,
@@ -554,7 +554,7 @@ impl ServerProc {
     }
 
     /// Signal, wait bounded, SIGKILL, reap. Idempotent.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if !self.running {
             return;
         }
@@ -738,7 +738,10 @@ fn wait_gone(pid: u32, timeout: Duration) -> bool {
 
 /// Runs `start(port)` with `fixed` or, if `None`, with a fresh free port,
 /// retrying a few times when the auto-chosen port turned out to be taken.
-fn start_with_port_retry<F>(fixed: Option<u16>, mut start: F) -> Result<(u16, ServerProc)>
+pub(crate) fn start_with_port_retry<F>(
+    fixed: Option<u16>,
+    mut start: F,
+) -> Result<(u16, ServerProc)>
 where
     F: FnMut(u16) -> Result<ServerProc>,
 {
@@ -1096,12 +1099,12 @@ fn libpq_quote(value: &str) -> String {
 // Redis helpers
 // ---------------------------------------------------------------------------
 
-fn redis_server_bin() -> Option<PathBuf> {
+pub(crate) fn redis_server_bin() -> Option<PathBuf> {
     server_bin(REDIS_SERVER_DEFAULT, "redis-server")
 }
 
 /// A server binary: its Debian path, else `name` on PATH.
-fn server_bin(default: &str, name: &str) -> Option<PathBuf> {
+pub(crate) fn server_bin(default: &str, name: &str) -> Option<PathBuf> {
     let default = Path::new(default);
     if is_executable(default) {
         return Some(default.to_path_buf());
@@ -1113,7 +1116,7 @@ fn server_bin(default: &str, name: &str) -> Option<PathBuf> {
 /// or the time runs out (it is then stopped), the error quotes its log since `offset`; an exit
 /// whose log says the port was taken says `(Address already in use)`, which
 /// `start_with_port_retry` looks for.
-fn wait_ready(
+pub(crate) fn wait_ready(
     mut proc: ServerProc,
     name: &str,
     port: u16,
@@ -1185,7 +1188,7 @@ fn start_redis(
 }
 
 /// Sends an inline `PING` and expects `+PONG`.
-fn redis_ping(port: u16) -> bool {
+pub(crate) fn redis_ping(port: u16) -> bool {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
         return false;
@@ -1381,7 +1384,7 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn absolute(path: &Path) -> Result<PathBuf> {
+pub(crate) fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
 }
 
@@ -1405,7 +1408,7 @@ fn parse_version(name: &str) -> Option<Vec<u32>> {
 
 /// Creates `dir` and missing ancestors with mode 0755 regardless of umask,
 /// so a server running as another user can traverse what we created.
-fn create_dirs_0755(dir: &Path) -> Result<()> {
+pub(crate) fn create_dirs_0755(dir: &Path) -> Result<()> {
     let mut missing = Vec::new();
     let mut current = Some(dir);
     while let Some(d) = current {
@@ -1426,7 +1429,7 @@ fn create_dirs_0755(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn open_log(path: &Path) -> Result<File> {
+pub(crate) fn open_log(path: &Path) -> Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
@@ -1434,13 +1437,13 @@ fn open_log(path: &Path) -> Result<File> {
         .with_context(|| format!("opening log file {}", path.display()))
 }
 
-fn file_len(path: &Path) -> u64 {
+pub(crate) fn file_len(path: &Path) -> u64 {
     fs::metadata(path).map(|meta| meta.len()).unwrap_or(0)
 }
 
 /// What was appended to the log after `offset`, at most the last
 /// [`LOG_TAIL_BYTES`].
-fn log_since(path: &Path, offset: u64) -> String {
+pub(crate) fn log_since(path: &Path, offset: u64) -> String {
     let Ok(mut file) = File::open(path) else {
         return "<log unreadable>".into();
     };
@@ -1487,6 +1490,9 @@ fn missing_packages() -> Vec<&'static str> {
     }
     if redis_server_bin().is_none() {
         missing.push("redis-server");
+    }
+    if crate::redis_ha::sentinel_bin().is_none() {
+        missing.push("redis-sentinel");
     }
     missing
 }
