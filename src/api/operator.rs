@@ -12,7 +12,8 @@ use crate::app::App;
 
 /// `GET /health`: the dependencies' state as of the last background probe (refreshed about
 /// once a second and shared by every caller, so this never queries a database itself); 503 when
-/// no database answered. `timestamp` is when that probe ran.
+/// no database answered. `timestamp` is when that probe ran; `redis_master` (only with
+/// `redis.sentinels`) is the master the cache follows.
 pub async fn health(app: &App) -> Response<Body> {
     let status = app.health().await;
     let (database, redis) = (status.database(), status.redis);
@@ -40,7 +41,7 @@ pub async fn health(app: &App) -> Response<Body> {
             json!({"region": region, "state": if *open { "breaker_open" } else { "ok" }})
         })
         .collect();
-    let body = json!({
+    let mut body = json!({
         "status": summary,
         "region": app.config.region.id,
         "database": state(database),
@@ -49,6 +50,9 @@ pub async fn health(app: &App) -> Response<Body> {
         "peers": peers,
         "timestamp": status.checked_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     });
+    if let Some(master) = &status.redis_master {
+        body["redis_master"] = json!(master);
+    }
     let code = if database {
         StatusCode::OK
     } else {
