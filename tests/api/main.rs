@@ -23,6 +23,7 @@ mod protection;
 mod regions;
 mod ring;
 mod schemathesis;
+mod sentinel;
 mod shutdown;
 mod tls;
 mod tracing;

@@ -64,7 +64,9 @@ pub struct RedisReplica {
 impl RedisReplica {
     /// Starts `redis-server --replicaof 127.0.0.1 <master_port>` in `dir` (created if missing)
     /// on `port` (or a free one) and waits (bounded 10 s) until it answers `PING`. Whether it
-    /// has synced is [`RedisReplica::wait_synced`]'s.
+    /// has synced is [`RedisReplica::wait_synced`]'s. The master is told to sync replicas at
+    /// once (`CONFIG SET repl-diskless-sync-delay 0`; the replica starts with the same
+    /// setting, for when it is promoted).
     pub fn start(
         dir: &Path,
         port: Option<u16>,
@@ -77,6 +79,17 @@ impl RedisReplica {
                  `apt-get install redis-server`"
             )
         })?;
+        // A master syncs a new replica only after `repl-diskless-sync-delay` (5 s by default),
+        // waiting for more replicas to share the transfer; one local replica need not wait.
+        if let Err(error) = command(
+            master_port,
+            &["CONFIG", "SET", "repl-diskless-sync-delay", "0"],
+        ) {
+            tracing::warn!(
+                master_port,
+                "could not shorten the master's sync delay: {error:#}"
+            );
+        }
         let dir = absolute(dir)?;
         create_dirs_0755(&dir)?;
         let log_path = dir.join("redis.log");
