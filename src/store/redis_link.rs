@@ -3,9 +3,11 @@
 //!
 //! With sentinels the master is looked up lazily (redis-rs' `SentinelClient`: the sentinels are
 //! asked, a master they flag down is skipped, and the named master must answer `ROLE` as a
-//! master) and kept until something says it is no longer the master: a connection error, a
-//! `READONLY` reply (an old master demoted to replica) or a timeout. The next operation then
-//! looks it up again, so a failover is followed without a restart. Lookups run in a task of
+//! master) and kept until something says it is no longer the master: a connection error or a
+//! `READONLY` reply (an old master demoted to replica). The next operation then looks it up
+//! again, so a failover is followed without a restart. A timeout only makes the link ask the
+//! sentinels again while it keeps the master in use (a partitioned master answers nothing
+//! until Sentinel promotes another, but a slow master is still the master). Lookups run in a task of
 //! their own, one at a time and at most one per [`LOOKUP_INTERVAL`], bounded by
 //! [`LOOKUP_TIMEOUT`]; an operation waits for a running lookup only within its own timeout
 //! (the caller's), and while no master is known it fails at once, which the cache counts as a
@@ -22,7 +24,8 @@ use tokio::sync::watch;
 use crate::config::RedisConfig;
 
 /// Bound on one master lookup: a few round trips to the sentinels (asked concurrently) and one
-/// `ROLE` to the master they name.
+/// `ROLE` to the master they name, each connection and reply bounded by redis-rs' defaults
+/// (1 s to connect, 0.5 s per reply).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Least time between two lookups, so a dead master (every operation failing) costs the
@@ -69,7 +72,7 @@ impl RedisLink {
             master_name: config.master_name.clone(),
             manager_config,
             state,
-            last_lookup: Mutex::new(None),
+            lookups: Mutex::new(Lookups::default()),
             last_master: Mutex::new(None),
         })))
     }
@@ -88,20 +91,25 @@ impl RedisLink {
     }
 
     /// Tells the link an operation on `checkout` failed: a connection error or `READONLY` makes
-    /// the next operation look the master up again.
+    /// the next operation look the master up again; a timeout starts a recheck.
     pub fn failed(&self, checkout: &Checkout, error: &RedisError) {
         if let RedisLink::Sentinel(link) = self {
-            if needs_new_master(error) {
-                link.forget(checkout.generation, error);
+            match suspicion(error) {
+                Suspicion::Gone => link.forget(checkout.generation, error),
+                Suspicion::Slow => {
+                    link.start_lookup(true);
+                }
+                Suspicion::None => {}
             }
         }
     }
 
     /// Tells the link an operation timed out: the master may be gone without a word (a
-    /// partition), so it is looked up again too (the same master is kept if still named).
+    /// partition, after which Sentinel promotes another), so the sentinels are asked again,
+    /// while the master in use stays in use (a slow master is not a reason to stop using it).
     pub fn timed_out(&self) {
         if let RedisLink::Sentinel(link) = self {
-            link.forget_current("timed out");
+            link.start_lookup(true);
         }
     }
 
@@ -122,14 +130,29 @@ impl RedisLink {
     }
 }
 
-/// Whether an error says the connection's server is no longer (or not) the master to use.
-pub fn needs_new_master(error: &RedisError) -> bool {
-    error.kind() == ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
-        || error.code() == Some("READONLY")
+/// What an operation's error says about the master it ran on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Suspicion {
+    /// Nothing (a script or type error is the operation's own).
+    None,
+    /// It did not answer in time: maybe slow, maybe cut off. Ask the sentinels, keep it.
+    Slow,
+    /// It is not the master any more (`READONLY`) or cannot be reached: look the master up.
+    Gone,
+}
+
+pub fn suspicion(error: &RedisError) -> Suspicion {
+    if error.is_timeout() {
+        Suspicion::Slow
+    } else if error.kind() == ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
         || error.is_io_error()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
-        || error.is_timeout()
+    {
+        Suspicion::Gone
+    } else {
+        Suspicion::None
+    }
 }
 
 #[derive(Clone)]
@@ -154,17 +177,24 @@ pub struct SentinelLink {
     master_name: String,
     manager_config: ConnectionManagerConfig,
     state: watch::Sender<MasterState>,
-    /// When the last lookup started.
-    last_lookup: Mutex<Option<Instant>>,
+    /// When the last lookup started, and whether one is running (both under one lock, so
+    /// at most one runs and none starts sooner than [`LOOKUP_INTERVAL`] after the last).
+    lookups: Mutex<Lookups>,
     /// The last master found, kept across a lookup so the same address keeps its connection.
     last_master: Mutex<Option<Master>>,
+}
+
+#[derive(Default)]
+struct Lookups {
+    last_started: Option<Instant>,
+    running: bool,
 }
 
 impl SentinelLink {
     async fn connection(self: &Arc<Self>) -> RedisResult<Checkout> {
         let mut receiver = self.state.subscribe();
         let unknown = matches!(*receiver.borrow_and_update(), MasterState::Unknown);
-        if unknown && !self.start_lookup() {
+        if unknown && !self.start_lookup(false) {
             return Err(no_master_known());
         }
         let state = receiver
@@ -180,16 +210,24 @@ impl SentinelLink {
         }
     }
 
-    /// Starts a lookup in a task of its own, unless the last one started less than
-    /// [`LOOKUP_INTERVAL`] ago. Returns whether one is running now (this one or another's).
-    fn start_lookup(self: &Arc<Self>) -> bool {
+    /// Starts a lookup in a task of its own, unless one is running or the last one started
+    /// less than [`LOOKUP_INTERVAL`] ago. `keep_current`: the master in use stays in use
+    /// meanwhile (a recheck); otherwise the state says a lookup is running, so operations wait
+    /// for it. Returns whether a lookup runs now or a master became known meanwhile.
+    fn start_lookup(self: &Arc<Self>, keep_current: bool) -> bool {
+        let Ok(mut lookups) = self.lookups.lock() else {
+            return false;
+        };
+        if lookups.running {
+            return true;
+        }
+        if lookups
+            .last_started
+            .is_some_and(|at| at.elapsed() < LOOKUP_INTERVAL)
         {
-            let Ok(mut last_lookup) = self.last_lookup.lock() else {
-                return false;
-            };
-            if last_lookup.is_some_and(|at| at.elapsed() < LOOKUP_INTERVAL) {
-                return matches!(*self.state.borrow(), MasterState::Resolving);
-            }
+            return false;
+        }
+        if !keep_current {
             let started = self.state.send_if_modified(|state| {
                 if matches!(state, MasterState::Unknown) {
                     *state = MasterState::Resolving;
@@ -199,15 +237,25 @@ impl SentinelLink {
                 }
             });
             if !started {
+                // Another caller's lookup found a master since we looked.
                 return true;
             }
-            *last_lookup = Some(Instant::now());
         }
+        lookups.running = true;
+        lookups.last_started = Some(Instant::now());
+        drop(lookups);
         let link = Arc::clone(self);
-        tokio::spawn(async move { link.look_up().await });
+        tokio::spawn(async move {
+            link.look_up().await;
+            if let Ok(mut lookups) = link.lookups.lock() {
+                lookups.running = false;
+            }
+        });
         true
     }
 
+    /// One lookup. Found: the master becomes (or stays) the one in use. Not found: a waiting
+    /// state becomes unknown; a master in use stays (its own failures will retire it).
     async fn look_up(&self) {
         let lookup = async {
             let mut sentinel = self.sentinel.lock().await;
@@ -217,18 +265,18 @@ impl SentinelLink {
             Ok(Ok(client)) => client,
             Ok(Err(error)) => {
                 tracing::warn!(master_name = %self.master_name, %error, "no redis master found through the sentinels");
-                self.state.send_replace(MasterState::Unknown);
+                self.give_up();
                 return;
             }
             Err(_) => {
                 tracing::warn!(master_name = %self.master_name, timeout = ?LOOKUP_TIMEOUT, "redis master lookup through the sentinels timed out");
-                self.state.send_replace(MasterState::Unknown);
+                self.give_up();
                 return;
             }
         };
         let address = client.get_connection_info().addr().to_string();
         let Ok(mut last_master) = self.last_master.lock() else {
-            self.state.send_replace(MasterState::Unknown);
+            self.give_up();
             return;
         };
         let master = match last_master.as_ref() {
@@ -245,7 +293,7 @@ impl SentinelLink {
                     Ok(connection) => connection,
                     Err(error) => {
                         tracing::warn!(%error, "cannot build a connection to the redis master");
-                        self.state.send_replace(MasterState::Unknown);
+                        self.give_up();
                         return;
                     }
                 };
@@ -266,6 +314,17 @@ impl SentinelLink {
         self.state.send_replace(MasterState::Ready(master));
     }
 
+    fn give_up(&self) {
+        self.state.send_if_modified(|state| {
+            if matches!(state, MasterState::Resolving) {
+                *state = MasterState::Unknown;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
     /// Forgets the master `generation` came from (not a newer one another lookup found).
     fn forget(&self, generation: u64, error: &RedisError) {
         let forgotten = self.state.send_if_modified(|state| match state {
@@ -278,14 +337,6 @@ impl SentinelLink {
         if forgotten {
             tracing::warn!(master_name = %self.master_name, %error, "redis master failed; asking the sentinels again");
         }
-    }
-
-    fn forget_current(&self, reason: &'static str) {
-        let generation = match &*self.state.borrow() {
-            MasterState::Ready(master) => master.generation,
-            MasterState::Unknown | MasterState::Resolving => return,
-        };
-        self.forget(generation, &RedisError::from((ErrorKind::Io, reason)));
     }
 }
 
@@ -301,20 +352,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn readonly_and_connection_failures_need_a_new_master_but_script_errors_do_not() {
+    fn readonly_and_connection_failures_retire_the_master_a_timeout_only_rechecks_it() {
         let readonly = RedisError::from((
             ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
             "You can't write against a read only replica.",
         ));
-        assert!(needs_new_master(&readonly));
+        assert_eq!(suspicion(&readonly), Suspicion::Gone);
         let dropped = RedisError::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
-        assert!(needs_new_master(&dropped));
+        assert_eq!(suspicion(&dropped), Suspicion::Gone);
         let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(needs_new_master(&refused));
+        assert_eq!(suspicion(&refused), Suspicion::Gone);
+        let slow = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert_eq!(suspicion(&slow), Suspicion::Slow);
         let wrong_type = RedisError::from((
             ErrorKind::Server(redis::ServerErrorKind::ResponseError),
             "WRONGTYPE",
         ));
-        assert!(!needs_new_master(&wrong_type));
+        assert_eq!(suspicion(&wrong_type), Suspicion::None);
     }
 }
