@@ -18,11 +18,10 @@
 //! followed without a restart.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use std::future::Future;
 
 use redis::aio::ConnectionManager;
 use redis::{RedisError, RedisResult, Script};
@@ -148,11 +147,6 @@ impl Cache {
     /// The Redis master in use when it comes from sentinels (`host:port`), for `/health`.
     pub fn master(&self) -> Option<String> {
         self.link.master()
-    }
-
-    /// Whether the master is found through Redis Sentinel.
-    pub fn follows_sentinels(&self) -> bool {
-        self.link.follows_sentinels()
     }
 
     fn key(&self, owner: &str) -> String {

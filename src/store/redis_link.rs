@@ -123,11 +123,6 @@ impl RedisLink {
             },
         }
     }
-
-    /// Whether the master comes from sentinels.
-    pub fn follows_sentinels(&self) -> bool {
-        matches!(self, RedisLink::Sentinel(_))
-    }
 }
 
 /// What an operation's error says about the master it ran on.
@@ -141,6 +136,8 @@ pub enum Suspicion {
     Gone,
 }
 
+/// Reads an operation's error: timeouts first (they are I/O errors too), then `READONLY` and
+/// the connection failures.
 pub fn suspicion(error: &RedisError) -> Suspicion {
     if error.is_timeout() {
         Suspicion::Slow
