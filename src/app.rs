@@ -40,6 +40,8 @@ const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub struct HealthStatus {
     pub redis: bool,
+    /// With `redis.sentinels`: the master the cache uses (`host:port`), if one is known.
+    pub redis_master: Option<String>,
     /// Each shard's primary (where homed here) and replica, as probed.
     pub shards: Vec<crate::store::ShardProbe>,
     /// Each peer region and whether its circuit breaker refuses requests now.
@@ -338,6 +340,7 @@ impl App {
             .unwrap_or_default();
         HealthStatus {
             redis,
+            redis_master: self.store.cache.master(),
             shards,
             peers,
             checked_at: chrono::Utc::now(),

@@ -312,6 +312,25 @@ pub struct RedisConfig {
     /// Owners whose invalidation failed are remembered up to this many; past it the whole
     /// cache is distrusted and flushed when Redis is reachable again.
     pub max_pending_invalidations: usize,
+    /// Redis Sentinel addresses (`redis://host:port`): when set, the master is whichever one
+    /// these sentinels name for `master_name`, looked up again after a connection error or a
+    /// `READONLY` reply, and `url` must keep its default (it would be ignored). Empty: `url`.
+    #[serde(default)]
+    pub sentinels: Vec<Secret>,
+    /// The master's name in the sentinels' `sentinel monitor` lines; set with `sentinels`.
+    #[serde(default)]
+    pub master_name: String,
+}
+
+/// `redis.url` as the defaults file sets it. With `redis.sentinels` any other value is refused:
+/// the sentinels name the master, so an address in `url` would be silently ignored.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/";
+
+impl RedisConfig {
+    /// Whether the master is found through Redis Sentinel rather than `url`.
+    pub fn uses_sentinels(&self) -> bool {
+        !self.sentinels.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -558,6 +577,17 @@ impl Config {
         }
         if self.redis.ttl.0 < Duration::from_secs(1) {
             problems.push("redis.ttl must be at least 1s".into());
+        }
+        let redis = &self.redis;
+        if redis.sentinels.is_empty() != redis.master_name.is_empty() {
+            problems.push(
+                "redis.sentinels and redis.master_name must both be set or both be empty".into(),
+            );
+        }
+        if redis.uses_sentinels() && redis.url.expose() != DEFAULT_REDIS_URL {
+            problems.push(format!(
+                "redis.url must stay {DEFAULT_REDIS_URL:?} when redis.sentinels is set: the sentinels name the master"
+            ));
         }
         if !(1..=1000).contains(&self.cart.max_lines) {
             problems.push("cart.max_lines must be within 1..=1000".into());
@@ -917,6 +947,39 @@ mod tests {
         );
         let any_port = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n";
         assert!(Config::load(&sources_with(any_port), SECRETS).is_ok());
+    }
+
+    #[test]
+    fn sentinels_need_a_master_name_and_leave_the_url_at_its_default() {
+        let sentinels = "sentinels = [\"redis://127.0.0.1:26379\"]\n";
+        let without_name = format!("[redis]\nurl = \"{DEFAULT_REDIS_URL}\"\n{sentinels}");
+        let error = Config::load(&sources_with(&without_name), SECRETS).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("redis.sentinels and redis.master_name must both be set"),
+            "{error}"
+        );
+        let name_only = format!("[redis]\nurl = \"{DEFAULT_REDIS_URL}\"\nmaster_name = \"sg\"\n");
+        assert!(Config::load(&sources_with(&name_only), SECRETS).is_err());
+        let both =
+            format!("[redis]\nurl = \"{DEFAULT_REDIS_URL}\"\n{sentinels}master_name = \"sg\"\n");
+        let config = Config::load(&sources_with(&both), SECRETS).unwrap();
+        assert!(config.redis.uses_sentinels());
+        assert!(config.redacted_toml().contains("<redacted>"));
+        let ambiguous =
+            format!("[redis]\nurl = \"redis://10.0.0.7:6379/\"\n{sentinels}master_name = \"sg\"\n");
+        let error = Config::load(&sources_with(&ambiguous), SECRETS).unwrap_err();
+        assert!(
+            error.to_string().contains("the sentinels name the master"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_defaults_file_sets_the_default_redis_url() {
+        let defaults: toml::Table = toml::from_str(include_str!("../config/default.toml")).unwrap();
+        assert_eq!(defaults["redis"]["url"].as_str(), Some(DEFAULT_REDIS_URL));
     }
 
     #[test]

@@ -178,6 +178,11 @@ fn check_connection_strings(config: &Config, problems: &mut Vec<String>) {
     if redis::Client::open(config.redis.url.expose()).is_err() {
         problems.push("redis.url is not a valid redis URL".into());
     }
+    for (index, sentinel) in config.redis.sentinels.iter().enumerate() {
+        if redis::Client::open(sentinel.expose()).is_err() {
+            problems.push(format!("redis.sentinels[{index}] is not a valid redis URL"));
+        }
+    }
 }
 
 /// The log filter: without this check a typo silently falls back to `info`.

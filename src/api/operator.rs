@@ -12,7 +12,8 @@ use crate::app::App;
 
 /// `GET /health`: the dependencies' state as of the last background probe (refreshed about
 /// once a second and shared by every caller, so this never queries a database itself); 503 when
-/// no database answered. `timestamp` is when that probe ran.
+/// no database answered. `timestamp` is when that probe ran; `redis_master` is the master
+/// the cache follows with `redis.sentinels` (null without them or while none is known).
 pub async fn health(app: &App) -> Response<Body> {
     let status = app.health().await;
     let (database, redis) = (status.database(), status.redis);
@@ -45,6 +46,7 @@ pub async fn health(app: &App) -> Response<Body> {
         "region": app.config.region.id,
         "database": state(database),
         "redis": state(redis),
+        "redis_master": status.redis_master,
         "shards": shards,
         "peers": peers,
         "timestamp": status.checked_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),

@@ -12,14 +12,21 @@
 //! its fence retried in the background; until then reads of that owner skip the cache. If too
 //! many are pending, the whole cache is distrusted until Redis is back and our keys are
 //! flushed, so no cart older than a write made during an outage is served afterwards.
+//!
+//! Which Redis that is (`redis.url`, or the master Redis Sentinel names) is `redis_link`'s:
+//! every operation takes its connection there and reports its failures back, so a failover is
+//! followed without a restart.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::Script;
+use redis::aio::ConnectionManager;
+use redis::{RedisError, RedisResult, Script};
+
+use super::redis_link::RedisLink;
 
 use crate::config::RedisConfig;
 use crate::domain::cart::StoredCart;
@@ -65,8 +72,24 @@ pub struct CacheRead {
     pub answered: bool,
 }
 
+/// Why one cache operation got no answer.
+#[derive(Debug)]
+enum Failure {
+    Redis(RedisError),
+    TimedOut,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Redis(error) => error.fmt(f),
+            Failure::TimedOut => f.write_str("timed out"),
+        }
+    }
+}
+
 pub struct Cache {
-    connection: ConnectionManager,
+    link: RedisLink,
     prefix: String,
     ttl_ms: u64,
     timeout: Duration,
@@ -83,15 +106,8 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(config: &RedisConfig, metrics: CacheMetrics) -> anyhow::Result<Cache> {
-        let client = redis::Client::open(config.url.expose())?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout.0.max(Duration::from_millis(200))))
-            .set_response_timeout(Some(config.timeout.0))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
         Ok(Cache {
-            connection,
+            link: RedisLink::new(config)?,
             prefix: config.key_prefix.clone(),
             ttl_ms: config.ttl.0.as_millis() as u64,
             timeout: config.timeout.0,
@@ -102,6 +118,35 @@ impl Cache {
             max_pending: config.max_pending_invalidations,
             metrics,
         })
+    }
+
+    /// Runs one operation on a connection to the current Redis, the whole of it (a master
+    /// lookup included) bounded by `redis.timeout`, and tells the link how it failed.
+    async fn run<T, F, Fut>(&self, operation: F) -> Result<T, Failure>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let attempt = async {
+            let checkout = self.link.connection().await?;
+            let result = operation(checkout.connection.clone()).await;
+            if let Err(error) = &result {
+                self.link.failed(&checkout, error);
+            }
+            result
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(result) => result.map_err(Failure::Redis),
+            Err(_) => {
+                self.link.timed_out();
+                Err(Failure::TimedOut)
+            }
+        }
+    }
+
+    /// The Redis master in use when it comes from sentinels (`host:port`), for `/health`.
+    pub fn master(&self) -> Option<String> {
+        self.link.master()
     }
 
     fn key(&self, owner: &str) -> String {
@@ -141,17 +186,22 @@ impl Cache {
             self.metrics.read_skipped.inc();
             return CacheRead::default();
         }
-        let mut connection = self.connection.clone();
         let mut command = redis::cmd("HMGET");
         command
             .arg(self.key(owner.as_str()))
             .arg("v")
             .arg("c")
             .arg("f");
-        let request =
-            command.query_async::<(Option<i64>, Option<Vec<u8>>, Option<String>)>(&mut connection);
-        match tokio::time::timeout(self.timeout, request).await {
-            Ok(Ok((Some(version), Some(body), Some(format)))) if format == FORMAT => {
+        let command = &command;
+        let answer = self
+            .run(|mut connection| async move {
+                command
+                    .query_async::<(Option<i64>, Option<Vec<u8>>, Option<String>)>(&mut connection)
+                    .await
+            })
+            .await;
+        match answer {
+            Ok((Some(version), Some(body), Some(format))) if format == FORMAT => {
                 match serde_json::from_slice::<StoredCart>(&body) {
                     Ok(cart) if cart.version == version && cart.owner == owner.as_str() => {
                         CacheRead {
@@ -170,40 +220,32 @@ impl Cache {
                     }
                 }
             }
-            Ok(Ok((version, _, _))) => CacheRead {
+            Ok((version, _, _)) => CacheRead {
                 cart: None,
                 newest_version: version,
                 answered: true,
             },
-            Ok(Err(error)) => {
-                self.note_error("get", &error);
-                CacheRead::default()
-            }
-            Err(_) => {
-                self.note_error("get", &"timed out");
+            Err(failure) => {
+                self.note_error("get", &failure);
                 CacheRead::default()
             }
         }
     }
 
     async fn fenced_set(&self, owner: &str, version: i64, body: &str) -> Result<bool, String> {
-        let mut connection = self.connection.clone();
         let mut invocation = self.script.key(self.key(owner));
         invocation
             .arg(version)
             .arg(body)
             .arg(self.ttl_ms)
             .arg(FORMAT);
-        match tokio::time::timeout(
-            self.timeout,
-            invocation.invoke_async::<i64>(&mut connection),
+        let invocation = &invocation;
+        self.run(
+            |mut connection| async move { invocation.invoke_async::<i64>(&mut connection).await },
         )
         .await
-        {
-            Ok(Ok(applied)) => Ok(applied == 1),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err("timed out".into()),
-        }
+        .map(|applied| applied == 1)
+        .map_err(|failure| failure.to_string())
     }
 
     /// Fills the cache after a database read, unless a newer version is already there.
@@ -281,10 +323,13 @@ impl Cache {
 
     /// Whether Redis answers a PING within the timeout.
     pub async fn ping(&self) -> bool {
-        let mut connection = self.connection.clone();
         let command = redis::cmd("PING");
-        let ping = command.query_async::<String>(&mut connection);
-        matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)))
+        let command = &command;
+        self.run(
+            |mut connection| async move { command.query_async::<String>(&mut connection).await },
+        )
+        .await
+        .is_ok()
     }
 
     /// One repair pass: fence every pending owner, or flush our keys when distrusting all.
@@ -317,8 +362,16 @@ impl Cache {
         }
     }
 
-    async fn flush_prefix(&self) -> Result<(), redis::RedisError> {
-        let mut connection = self.connection.clone();
+    async fn flush_prefix(&self) -> Result<(), RedisError> {
+        let checkout = self.link.connection().await?;
+        let result = self.flush_prefix_on(checkout.connection.clone()).await;
+        if let Err(error) = &result {
+            self.link.failed(&checkout, error);
+        }
+        result
+    }
+
+    async fn flush_prefix_on(&self, mut connection: ConnectionManager) -> Result<(), RedisError> {
         let pattern = format!("{}*", self.prefix);
         let mut cursor: u64 = 0;
         // Bounded: a SCAN cursor returns to 0 after one full pass over the keyspace.
@@ -351,7 +404,7 @@ impl Cache {
         stream: &str,
         max_len: usize,
         entries: &[Vec<(&'static str, String)>],
-    ) -> Result<(), redis::RedisError> {
+    ) -> Result<(), RedisError> {
         let mut pipeline = redis::pipe();
         for fields in entries {
             pipeline
@@ -364,8 +417,13 @@ impl Cache {
                 .arg(fields)
                 .ignore();
         }
-        let mut connection = self.connection.clone();
-        pipeline.query_async::<()>(&mut connection).await
+        let checkout = self.link.connection().await?;
+        let mut connection = checkout.connection.clone();
+        let result = pipeline.query_async::<()>(&mut connection).await;
+        if let Err(error) = &result {
+            self.link.failed(&checkout, error);
+        }
+        result
     }
 
     /// Runs [`Cache::repair_once`] every `period` for as long as the cache is alive.

@@ -24,6 +24,7 @@ mod protection;
 mod regions;
 mod ring;
 mod schemathesis;
+mod sentinel;
 mod shutdown;
 mod tls;
 mod tracing;

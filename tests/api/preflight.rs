@@ -208,6 +208,21 @@ fn check_config_and_serve_refuse_each_broken_region_file_alike_before_binding() 
             "redis.url is not a valid redis URL".into(),
         ),
         (
+            "redis-sentinels-without-master-name",
+            "[redis]\nurl = \"redis://127.0.0.1:6379/\"\nsentinels = [\"redis://127.0.0.1:26379\"]\n".into(),
+            "redis.sentinels and redis.master_name must both be set or both be empty".into(),
+        ),
+        (
+            "redis-sentinels-beside-an-address",
+            "[redis]\nurl = \"redis://10.1.2.3:6379/\"\nsentinels = [\"redis://127.0.0.1:26379\"]\nmaster_name = \"sg\"\n".into(),
+            "redis.url must stay \"redis://127.0.0.1:6379/\" when redis.sentinels is set".into(),
+        ),
+        (
+            "redis-sentinel-url",
+            "[redis]\nurl = \"redis://127.0.0.1:6379/\"\nsentinels = [\"redis://127.0.0.1:26379\", \"sentinel:26380\"]\nmaster_name = \"sg\"\n".into(),
+            "redis.sentinels[1] is not a valid redis URL".into(),
+        ),
+        (
             "missing-edge-key-file",
             format!("[tls]\nkey_file = \"{pki}/missing.key\"\n"),
             format!("tls.cert_file/tls.key_file: cannot read {pki}/missing.key"),

@@ -5,6 +5,8 @@
 //!   integration tests and `cartedge local up` share it.
 //! - [`ha`]: the HA cluster's processes: pg_auto_failover monitors and nodes (a primary and a
 //!   synchronous standby per shard) and HAProxy in front of a region's edges.
+//! - [`redis_ha`]: a Redis replica of a running master and the `redis-sentinel` processes
+//!   that watch it (Redis high availability for the tests and `local up --ha`).
 //! - [`linkproxy`]: a userspace TCP proxy between local regions, adding one-way delay and
 //!   cutting links on demand, steered over a small HTTP control API.
 //!
@@ -15,3 +17,4 @@
 pub mod ha;
 pub mod linkproxy;
 pub mod procs;
+pub mod redis_ha;

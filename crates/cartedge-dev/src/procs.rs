@@ -38,13 +38,13 @@ const PG_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a PostgreSQL fast shutdown may take before we SIGKILL it.
 const PG_STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long to wait for Redis to answer `PING` after spawning it.
-const REDIS_READY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REDIS_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long Redis may take to exit after SIGTERM before we SIGKILL it.
-const REDIS_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REDIS_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Grace period after SIGKILL before `stop_pid` gives up.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Poll interval for readiness and exit checks.
-const POLL: Duration = Duration::from_millis(20);
+pub(crate) const POLL: Duration = Duration::from_millis(20);
 /// How much of a log file to quote in error messages.
 const LOG_TAIL_BYTES: u64 = 4000;
 /// Attempts with a fresh port when an automatically chosen port was taken
@@ -90,11 +90,11 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Makes sure the PostgreSQL server and redis-server binaries exist.
+/// Makes sure the PostgreSQL server, redis-server and redis-sentinel binaries exist.
 ///
 /// When some are missing and we run as root, installs only the missing Debian
-/// packages (`apt-get update`, then `apt-get install -y postgresql` and/or
-/// `redis-server`, non-interactively). When not root, returns an error saying
+/// packages (`apt-get update`, then `apt-get install -y` of `postgresql`,
+/// `redis-server` and/or `redis-sentinel`, non-interactively). When not root, returns an error saying
 /// what to install. Serialised within the process so parallel tests do not
 /// race on the dpkg lock.
 pub fn ensure_packages() -> Result<()> {
@@ -748,7 +748,10 @@ fn wait_gone(pid: u32, timeout: Duration) -> bool {
 
 /// Runs `start(port)` with `fixed` or, if `None`, with a fresh free port,
 /// retrying a few times when the auto-chosen port turned out to be taken.
-fn start_with_port_retry<F>(fixed: Option<u16>, mut start: F) -> Result<(u16, ServerProc)>
+pub(crate) fn start_with_port_retry<F>(
+    fixed: Option<u16>,
+    mut start: F,
+) -> Result<(u16, ServerProc)>
 where
     F: FnMut(u16) -> Result<ServerProc>,
 {
@@ -1111,7 +1114,7 @@ fn libpq_quote(value: &str) -> String {
 // Redis helpers
 // ---------------------------------------------------------------------------
 
-fn redis_server_bin() -> Option<PathBuf> {
+pub(crate) fn redis_server_bin() -> Option<PathBuf> {
     server_bin(REDIS_SERVER_DEFAULT, "redis-server")
 }
 
@@ -1200,7 +1203,7 @@ fn start_redis(
 }
 
 /// Sends an inline `PING` and expects `+PONG`.
-fn redis_ping(port: u16) -> bool {
+pub(crate) fn redis_ping(port: u16) -> bool {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
         return false;
@@ -1502,6 +1505,9 @@ fn missing_packages() -> Vec<&'static str> {
     }
     if redis_server_bin().is_none() {
         missing.push("redis-server");
+    }
+    if crate::redis_ha::sentinel_bin().is_none() {
+        missing.push("redis-sentinel");
     }
     missing
 }
