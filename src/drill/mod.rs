@@ -86,7 +86,6 @@ const TARGET: &str = "sg";
 /// Failover must be over within this after a primary is killed (the bound).
 const FAILOVER_BOUND: Duration = Duration::from_secs(15);
 /// Sentinel must have promoted a replica within this after the master is killed.
-#[allow(dead_code)] // the redis drill, once the local cluster runs Sentinel
 const SENTINEL_BOUND: Duration = Duration::from_secs(10);
 /// The edge's request timeout (the shipped default): no write may take longer, plus slack.
 const WRITE_BOUND: Duration = Duration::from_millis(11_000);
@@ -949,10 +948,161 @@ fn strip_reload_block(text: &str) -> String {
     }
 }
 
-/// Drill `redis`: kill the target region's Redis master under load.
+/// Drill `redis`: kill -9 the target region's Redis master under load. Reads fall back to
+/// PostgreSQL until Sentinel promotes the replica and the edges find it; none may fail, and
+/// the cache must serve hits again afterwards.
 async fn redis(context: &Drilling, cluster: &ClusterFile, summary: &mut Summary) -> Result<()> {
-    let _ = (context, cluster, summary);
-    bail!("the redis drill needs Sentinel in the local cluster")
+    let n = context.args.shoppers;
+    let region = target_region(cluster, TARGET)?;
+    let master = region
+        .redis
+        .iter()
+        .find(|r| r.role == "master")
+        .cloned()
+        .with_context(|| format!("{TARGET} lists no Redis master"))?;
+    let sentinels: Vec<u16> = region
+        .sentinels
+        .iter()
+        .filter_map(|s| s.url.rsplit(':').next()?.trim_end_matches('/').parse().ok())
+        .collect();
+    let admins: Vec<String> = region.edges.iter().map(|e| e.admin_url.clone()).collect();
+    let mut shoppers = context.shoppers(TARGET, TARGET, 0, n)?;
+    shoppers.extend(context.shoppers("id", TARGET, n, n)?);
+    let name = local::redis_master_name(TARGET);
+    let started = Instant::now();
+    let killed_at = started + context.fault_delay();
+    let late = started + context.args.duration * 3 / 5;
+    let end = started + context.args.duration;
+    let fault = async {
+        tokio::time::sleep_until(killed_at.into()).await;
+        let before = cache_reads(&admins).await;
+        // SAFETY: kill(2) touches no memory.
+        unsafe {
+            libc::kill(master.pid as libc::pid_t, libc::SIGKILL);
+        }
+        let mut measured = BTreeMap::new();
+        let old_port = master
+            .url
+            .trim_end_matches('/')
+            .rsplit(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let mut promoted = None;
+        while killed_at.elapsed() < SENTINEL_BOUND + Duration::from_secs(5) {
+            let ports = sentinels.clone();
+            let name = name.clone();
+            let now = tokio::task::spawn_blocking(move || {
+                ports.into_iter().find_map(|port| {
+                    cartedge_dev::redis_ha::master_addr_by_name(port, &name)
+                        .ok()
+                        .flatten()
+                })
+            })
+            .await?;
+            if let Some(address) = now.filter(|a| a.port().to_string() != old_port) {
+                promoted = Some(address);
+                measured.insert("sentinel_promoted_after_ms".into(), ms(killed_at.elapsed()));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let new_master = promoted.context("Sentinel promoted no replica")?;
+        tokio::time::sleep_until(late.into()).await;
+        let recovering = cache_reads(&admins).await;
+        tokio::time::sleep_until(end.into()).await;
+        let after = cache_reads(&admins).await;
+        measured.insert(
+            "hit_rate_before".into(),
+            json!(hit_rate(before.0, before.1)),
+        );
+        measured.insert(
+            "hit_rate_after".into(),
+            json!(hit_rate(after.0 - recovering.0, after.1 - recovering.1)),
+        );
+        measured.insert("new_master".into(), json!(new_master.to_string()));
+        measured.insert("cache_hits_after".into(), json!(after.0 - recovering.0));
+        Ok(measured)
+    };
+    let (runs, measured) = under_load(context, &shoppers, started, fault).await;
+    summary.measured.extend(measured?);
+    let new_port = summary
+        .measured
+        .get("new_master")
+        .and_then(serde_json::Value::as_str)
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .map(|a| a.port())
+        .context("no new master")?;
+    let hits_after = summary
+        .measured
+        .get("cache_hits_after")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    // The killed master comes back as a replica of the new one.
+    local::restart_redis_as_replica(&context.args.dir, &master, new_port)?;
+    settle(context, summary, &shoppers, &runs).await?;
+    if summary.failed_reads > 0 {
+        bail!(
+            "{} reads failed while Redis failed over",
+            summary.failed_reads
+        );
+    }
+    let promoted = summary
+        .measured
+        .get("sentinel_promoted_after_ms")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(u64::MAX);
+    if Duration::from_millis(promoted) > SENTINEL_BOUND {
+        bail!("Sentinel promoted a replica only after {promoted} ms");
+    }
+    if hits_after == 0 {
+        bail!("the cache served no hit after the failover");
+    }
+    Ok(())
+}
+
+/// The sum over `admins` of the edges' cache reads: (hits, all).
+async fn cache_reads(admins: &[String]) -> (u64, u64) {
+    let mut hits = 0;
+    let mut all = 0;
+    for admin in admins {
+        let Ok(text) = metrics_text(admin).await else {
+            continue;
+        };
+        for line in text.lines() {
+            if !line.starts_with("cartedge_cache_requests_total") || !line.contains("op=\"read\"") {
+                continue;
+            }
+            let value: u64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .map_or(0, |v| v as u64);
+            all += value;
+            if line.contains("result=\"hit\"") {
+                hits += value;
+            }
+        }
+    }
+    (hits, all)
+}
+
+fn hit_rate(hits: u64, all: u64) -> f64 {
+    if all == 0 {
+        0.0
+    } else {
+        (hits as f64 / all as f64 * 1000.0).round() / 1000.0
+    }
+}
+
+/// An edge's `/metrics` text.
+async fn metrics_text(admin_url: &str) -> Result<String> {
+    use http_body_util::BodyExt;
+    let client = load::client();
+    let uri: http::Uri = format!("{admin_url}/metrics").parse()?;
+    let response = tokio::time::timeout(Duration::from_secs(5), client.get(uri)).await??;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Seconds since the Unix epoch, for tokens' `iat` and `exp`.

@@ -33,6 +33,7 @@ use cartedge_dev::linkproxy::{self, LinkProxy, LinkSpec};
 use cartedge_dev::procs::{
     self, Lifetime, PgInstance, PgOptions, PrometheusInstance, RedisInstance,
 };
+use cartedge_dev::redis_ha::{RedisReplica, SentinelInstance};
 
 /// Where the local cluster keeps its state unless told otherwise (`--dir`).
 pub const DEFAULT_DIR: &str = ".cartedge/local";
@@ -141,6 +142,9 @@ pub struct ClusterRedis {
     pub role: String,
     pub url: String,
     pub pid: u32,
+    /// Its working directory (log, and a sentinel's rewritten configuration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -819,13 +823,25 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
 
     eprintln!("cartedge: starting Redis and edge certificates…");
     let mut redis_urls = BTreeMap::new();
+    let mut redis_ha: BTreeMap<&str, RedisHa> = BTreeMap::new();
+    let mut redis_pids: BTreeMap<&str, u32> = BTreeMap::new();
     for plan in &plans {
         let redis_dir = dir.join("redis").join(plan.id);
         std::fs::create_dir_all(&redis_dir)?;
         let redis =
             tokio::task::block_in_place(|| RedisInstance::start(&redis_dir, None, lifetime))?;
         pids.redis.push(redis.pid());
+        redis_pids.insert(plan.id, redis.pid());
         redis_urls.insert(plan.id, redis.url());
+        if options.ha {
+            let ha = tokio::task::block_in_place(|| {
+                start_redis_ha(&dir.join("redis"), plan.id, redis.port, lifetime)
+            })?;
+            pids.redis.push(ha.replica.pid());
+            pids.ha
+                .extend(ha.sentinels.iter().map(SentinelInstance::pid));
+            redis_ha.insert(plan.id, ha);
+        }
         started.redis.push(redis);
     }
     std::fs::write(dir.join("pids.json"), serde_json::to_vec(&pids)?)?;
@@ -916,7 +932,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             ring = ring_path.display(),
             regions = regions_dir.display(),
             pki = pki.display(),
-            redis = redis_section(&redis_urls[plan.id], options.ha),
+            redis = redis_section(&redis_urls[plan.id], redis_ha.get(plan.id)),
             session = secrets.session_secret,
             jwt = secrets.jwt_secret,
             // Every edge writes its log file in JSON.
@@ -938,6 +954,32 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             monitor: primary.monitor_entry(),
             haproxy: None,
         });
+        if let (Some(ha), Some(region)) = (redis_ha.get(plan.id), cluster.regions.last_mut()) {
+            region.redis = vec![
+                ClusterRedis {
+                    role: "master".into(),
+                    url: redis_urls[plan.id].clone(),
+                    pid: redis_pids[plan.id],
+                    dir: Some(dir.join("redis").join(plan.id)),
+                },
+                ClusterRedis {
+                    role: "replica".into(),
+                    url: ha.replica.url(),
+                    pid: ha.replica.pid(),
+                    dir: Some(ha.replica.dir.clone()),
+                },
+            ];
+            region.sentinels = ha
+                .sentinels
+                .iter()
+                .map(|s| ClusterRedis {
+                    role: "sentinel".into(),
+                    url: s.url(),
+                    pid: s.pid(),
+                    dir: Some(s.dir.clone()),
+                })
+                .collect();
+        }
         configs.push(path);
     }
     let mut loaded = Vec::new();
@@ -1044,6 +1086,9 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
         }
         for haproxy in started.haproxy {
             std::mem::forget(haproxy);
+        }
+        for ha in redis_ha.into_values() {
+            std::mem::forget(ha);
         }
         for redis in started.redis {
             std::mem::forget(redis);
@@ -1177,9 +1222,71 @@ fn edge_command(
     Ok(command)
 }
 
-/// The `[redis]` section of a region file.
-fn redis_section(url: &str, _ha: bool) -> String {
-    format!("[redis]\nurl = \"{url}\"\n")
+/// The `[redis]` section of a region file: the one Redis, or in HA mode the Sentinels that
+/// name the master.
+fn redis_section(url: &str, ha: Option<&RedisHa>) -> String {
+    match ha {
+        None => format!("[redis]\nurl = \"{url}\"\n"),
+        Some(ha) => {
+            let sentinels: Vec<String> = ha
+                .sentinels
+                .iter()
+                .map(|s| format!("\"{}\"", s.url()))
+                .collect();
+            format!(
+                "[redis]\nsentinels = [{}]\nmaster_name = \"{}\"\n",
+                sentinels.join(", "),
+                ha.master_name
+            )
+        }
+    }
+}
+
+/// HA mode: a region's Redis replica and the three Sentinels watching its master.
+struct RedisHa {
+    master_name: String,
+    replica: RedisReplica,
+    sentinels: Vec<SentinelInstance>,
+}
+
+/// The Sentinel name of a region's Redis master.
+pub fn redis_master_name(region: &str) -> String {
+    format!("cartedge-{region}")
+}
+
+/// Starts a replica of the region's Redis master and three Sentinels (quorum 2), and waits
+/// until they know each other: only then can they fail over.
+fn start_redis_ha(
+    root: &Path,
+    region: &str,
+    master_port: u16,
+    lifetime: Lifetime,
+) -> Result<RedisHa> {
+    let master_name = redis_master_name(region);
+    let replica_dir = root.join(format!("{region}-replica"));
+    std::fs::create_dir_all(&replica_dir)?;
+    let replica = RedisReplica::start(&replica_dir, None, master_port, lifetime)?;
+    replica.wait_synced(Duration::from_secs(15))?;
+    let mut sentinels = Vec::new();
+    for n in 1..=3 {
+        let sentinel_dir = root.join(format!("{region}-sentinel-{n}"));
+        std::fs::create_dir_all(&sentinel_dir)?;
+        sentinels.push(SentinelInstance::start(
+            &sentinel_dir,
+            &master_name,
+            master_port,
+            2,
+            lifetime,
+        )?);
+    }
+    for sentinel in &sentinels {
+        sentinel.wait_monitoring(1, 2, Duration::from_secs(20))?;
+    }
+    Ok(RedisHa {
+        master_name,
+        replica,
+        sentinels,
+    })
 }
 
 /// HAProxy's configuration for a region: the shoppers' HTTP front balanced over the edges'
@@ -1664,6 +1771,18 @@ pub fn rerun_node(dir: &Path, monitor: &ClusterMonitor, server: &ClusterPostgres
     Ok(pid)
 }
 
+/// Starts a killed Redis of a region again, detached, as a replica of the current master
+/// (Sentinel would make it one anyway); returns its pid.
+pub fn restart_redis_as_replica(dir: &Path, old: &ClusterRedis, master_port: u16) -> Result<u32> {
+    let redis_dir = old.dir.clone().context("the Redis has no directory")?;
+    let port = url_port(&old.url).context("the Redis URL has no port")?;
+    let replica = RedisReplica::start(&redis_dir, Some(port), master_port, Lifetime::Detached)?;
+    let pid = replica.pid();
+    std::mem::forget(replica);
+    replace_pid(dir, old.pid, pid)?;
+    Ok(pid)
+}
+
 /// Each server of HAProxy's `edges` backend with its status (`UP`, `DOWN`, `MAINT`, …).
 pub async fn haproxy_states(stats_url: &str) -> Result<Vec<(String, String)>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1720,6 +1839,36 @@ async fn refresh_region(region: &mut ClusterRegion) {
 
 /// Asks the region's first answering Sentinel which Redis is the master now.
 async fn refresh_redis_roles(region: &mut ClusterRegion) -> Result<()> {
-    let _ = region;
+    let name = redis_master_name(&region.id);
+    let ports: Vec<u16> = region
+        .sentinels
+        .iter()
+        .filter_map(|s| url_port(&s.url))
+        .collect();
+    let master = tokio::task::spawn_blocking(move || {
+        ports.into_iter().find_map(|port| {
+            cartedge_dev::redis_ha::master_addr_by_name(port, &name)
+                .ok()
+                .flatten()
+        })
+    })
+    .await?;
+    let Some(master) = master else {
+        return Ok(());
+    };
+    for redis in &mut region.redis {
+        redis.role = if url_port(&redis.url) == Some(master.port()) {
+            "master".into()
+        } else {
+            "replica".into()
+        };
+    }
+    region.redis.retain(|r| is_alive(r.pid));
+    region.sentinels.retain(|s| is_alive(s.pid));
     Ok(())
+}
+
+/// The port of `redis://127.0.0.1:P/`-like URLs.
+fn url_port(url: &str) -> Option<u16> {
+    url.trim_end_matches('/').rsplit(':').next()?.parse().ok()
 }
