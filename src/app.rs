@@ -282,8 +282,8 @@ impl App {
         }
     }
 
-    /// One janitor pass (see `store::janitor`), with caches updated for purged carts, counters
-    /// and a log line.
+    /// One janitor pass (see `store::janitor`), with caches updated for the carts it purged or
+    /// whose stale merge it settled, counters and a log line.
     pub async fn janitor_once(
         &self,
     ) -> Result<crate::store::janitor::JanitorReport, crate::store::StoreError> {
@@ -310,6 +310,9 @@ impl App {
         c.merge_records_purged.inc_by(report.merge_records_purged);
         c.reservations_released.inc_by(report.reservations_released);
         c.orders_expired.inc_by(report.orders_expired);
+        c.merges_settled_finished.inc_by(report.merges_finished);
+        c.merges_settled_rolled_back
+            .inc_by(report.merges_rolled_back);
         tracing::info!(
             shards = ?report.shards,
             skipped = ?report.skipped,
@@ -319,6 +322,8 @@ impl App {
             merge_records_purged = report.merge_records_purged,
             reservations_released = report.reservations_released,
             orders_expired = report.orders_expired,
+            merges_finished = report.merges_finished,
+            merges_rolled_back = report.merges_rolled_back,
             "janitor pass"
         );
         Ok(report)

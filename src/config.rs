@@ -76,6 +76,10 @@ pub struct JanitorConfig {
     pub batch_size: i64,
     /// Batches per task per shard per pass, so one pass is bounded.
     pub max_batches: u32,
+    /// A merge whose guest cart has been frozen this long without a retry is settled by the
+    /// janitor: finished when it reached the user's cart, rolled back otherwise. Longer than
+    /// `server.request_timeout`, so a merge still being handled is not settled under it.
+    pub stale_merge_after: Dur,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -589,6 +593,9 @@ impl Config {
         }
         if self.janitor.interval.0 < Duration::from_secs(1) {
             problems.push("janitor.interval must be at least 1s".into());
+        }
+        if self.janitor.stale_merge_after.0 <= self.server.request_timeout.0 {
+            problems.push("janitor.stale_merge_after must be longer than server.request_timeout".into());
         }
         if self.events.stream.is_empty()
             || self.events.max_len == 0

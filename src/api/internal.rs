@@ -25,9 +25,10 @@ pub enum Step {
     Freeze,
     /// Empty and unfreeze the guest cart the user side has merged.
     Finalize,
-    /// Lift the freeze of a merge the user side refused. This release refuses none (a guest
-    /// cart in another currency is re-priced); kept for user-side edges of earlier releases,
-    /// which refused carts in different currencies, during a rolling upgrade.
+    /// Lift the freeze of a merge the user side refused or the janitor rolled back (its
+    /// snapshot fenced off on the user's shard). This release refuses no merge (a guest cart in
+    /// another currency is re-priced); user-side edges of earlier releases refused carts in
+    /// different currencies.
     Abort,
 }
 
@@ -48,6 +49,11 @@ pub struct MergeStep {
     pub user: String,
     #[serde(default)]
     pub version: i64,
+    /// The user cart's shard, recorded with a freeze so the janitor can settle a merge nobody
+    /// retried. Absent from edges of earlier releases (their freezes are left to the guest
+    /// cart's lifetime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_shard: Option<String>,
 }
 
 /// A step's answer.
@@ -117,7 +123,14 @@ pub async fn run_step(app: &App, step: Step, request: &MergeStep) -> Result<Step
     };
     match step {
         Step::Freeze => {
-            let outcome = merge::freeze(&app.store, placement.shard, &guest, &request.user).await?;
+            let outcome = merge::freeze(
+                &app.store,
+                placement.shard,
+                &guest,
+                &request.user,
+                request.user_shard.as_deref(),
+            )
+            .await?;
             Ok(match outcome {
                 FreezeOutcome::Frozen(frozen) => StepAnswer {
                     status: StepStatus::Frozen,
@@ -147,7 +160,7 @@ pub async fn run_step(app: &App, step: Step, request: &MergeStep) -> Result<Step
             Ok(done)
         }
         Step::Abort => {
-            merge::abort(
+            let lifted = merge::abort(
                 &app.store,
                 placement.shard,
                 &guest,
@@ -155,6 +168,10 @@ pub async fn run_step(app: &App, step: Step, request: &MergeStep) -> Result<Step
                 request.version,
             )
             .await?;
+            if let Some(cart) = lifted {
+                app.store.cache.store_committed(&cart).await;
+                app.invalidate_elsewhere(&guest, cart.version);
+            }
             Ok(done)
         }
     }

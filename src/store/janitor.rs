@@ -5,8 +5,23 @@
 //! happens in bounded batches (`janitor.batch_size` rows, at most `janitor.max_batches` per
 //! task), each its own short transaction, walking the `updated_at`/`created_at` indexes.
 //!
-//! A guest cart frozen by a merge that was never retried is purged like any other once its
-//! lifetime passed (the merge either reached the user's cart or was abandoned with the session).
+//! Merges nobody finished: a guest cart frozen by a merge (`store::merge`) longer than
+//! `janitor.stale_merge_after`, with no retry restarting its age, is settled on the user cart's
+//! shard ([`merge::settle`]) and then, on the guest's shard:
+//! - **finished** ([`merge::finalize`]: guest cart emptied and marked merged away) when step 2
+//!   committed. That is exactly what a retry would do at that point: the user's cart already
+//!   holds the lines, once, under the merge record that makes every later retry add nothing.
+//! - **rolled back** ([`merge::abort`]: the freeze lifted, the lines kept, the version bumped)
+//!   when it did not. Finishing would mean running step 2 ourselves, and the freeze does not
+//!   record what a retry needs for it: the client's strategy, its idempotency key and answer,
+//!   the user's home catalog for re-pricing. So the guest gets their cart back and can use it or
+//!   merge again. A fence recorded in place of the merge record makes that final: an edge still
+//!   holding the snapshot (a retry racing the janitor) adds nothing and merges afresh.
+//!
+//! Only merges whose user cart lives on a shard homed here are settled (the janitor cannot
+//! lock another region's primary); those, and freezes taken by edges of earlier releases
+//! (which record neither age nor user shard), are purged with the guest cart's lifetime as
+//! before.
 //!
 //! A purged cart keeps its row, emptied, with its version bumped (a tombstone) for
 //! `retention.tombstone`: caches and clients that saw version N never see a smaller version for
@@ -16,9 +31,11 @@ use std::time::Duration;
 
 use deadpool_postgres::Object;
 
+use super::merge::{self, Settled};
 use super::{orders, Store, StoreError};
 use crate::config::Config;
 use crate::domain::cart::StoredCart;
+use crate::domain::ids::OwnerKey;
 use crate::domain::order::OrderStatus;
 
 /// What one pass did.
@@ -34,6 +51,10 @@ pub struct JanitorReport {
     pub merge_records_purged: u64,
     pub reservations_released: u64,
     pub orders_expired: u64,
+    /// Stale merges finished (guest cart emptied; the user's cart had the lines).
+    pub merges_finished: u64,
+    /// Stale merges rolled back (guest cart unfrozen with its lines).
+    pub merges_rolled_back: u64,
 }
 
 /// Advisory-lock key of a shard's janitor (a session lock on the shard's primary).
@@ -46,7 +67,8 @@ fn catalog_lock_key() -> i64 {
     super::lock_key("cartedge-janitor", "catalog")
 }
 
-/// Purged carts, for the caller to update caches with (owner → tombstone).
+/// Carts a pass changed (purged: their tombstones; settled merges: the guest carts), for the
+/// caller to update caches with.
 pub type Purged = Vec<StoredCart>;
 
 /// Runs one pass over every shard homed here (and the catalog's reservations, where the
@@ -143,7 +165,7 @@ const PURGE_CARTS: &str = "\
     emptied AS (DELETE FROM cart_items i USING doomed d WHERE i.owner = d.owner), \
     purged AS ( \
         UPDATE carts c SET version = c.version + 1, purged_at = now(), updated_at = now(), \
-            merging_into = NULL, merge_version = NULL \
+            merging_into = NULL, merge_version = NULL, merge_started_at = NULL, merge_user_shard = NULL \
         FROM doomed d WHERE c.owner = d.owner RETURNING c.owner, c.version, c.currency), \
     logged AS ( \
         INSERT INTO cart_events (owner, cart_version, kind, payload) \
@@ -213,6 +235,7 @@ async fn shard_pass(
         size,
     )
     .await?;
+    settle_stale_merges(store, client, shard, config, report, purged).await?;
     report.merge_records_purged += batches(
         client,
         "DELETE FROM cart_merges WHERE (user_owner, guest_owner, guest_version) IN \
@@ -258,6 +281,98 @@ async fn shard_pass(
         }
     }
     Ok(())
+}
+
+/// Frozen guest carts on a shard older than `janitor.stale_merge_after` whose user cart is on
+/// one of the shards homed here (`$3`), oldest first: (guest, user, frozen version, user
+/// cart's shard).
+const STALE_MERGES: &str = "\
+    SELECT owner, merging_into, merge_version, merge_user_shard FROM carts \
+    WHERE merging_into IS NOT NULL AND merge_version IS NOT NULL \
+      AND merge_user_shard = ANY($3::text[]) \
+      AND merge_started_at < now() - make_interval(secs => $1) \
+    ORDER BY merge_started_at LIMIT $2";
+
+/// Settles the stale merges of guest carts on `shard` (see the module docs). One bounded batch
+/// per pass; each merge is settled on its own, and one that fails is logged and retried by the
+/// next pass.
+async fn settle_stale_merges(
+    store: &Store,
+    client: &Object,
+    shard: &str,
+    config: &Config,
+    report: &mut JanitorReport,
+    changed: &mut Purged,
+) -> Result<(), StoreError> {
+    let home_shards = store.home_shards();
+    let stale = client.prepare_cached(STALE_MERGES).await?;
+    let rows = client
+        .query(
+            &stale,
+            &[
+                &secs(config.janitor.stale_merge_after.0),
+                &config.janitor.batch_size,
+                &home_shards,
+            ],
+        )
+        .await?;
+    for row in rows {
+        let guest = OwnerKey::from_stored(row.try_get::<_, String>(0)?);
+        let user: String = row.try_get(1)?;
+        let version: i64 = row.try_get(2)?;
+        let user_shard: String = row.try_get(3)?;
+        let (settled, cart) = match settle_one(store, shard, &user_shard, &guest, &user, version)
+            .await
+        {
+            Ok(Some(settled)) => settled,
+            // A retry (or another janitor) got there first; it is counted where it happened.
+            Ok(None) => continue,
+            Err(error) => {
+                // The fence, if recorded, stays: the next pass (or a retry) lifts the freeze.
+                tracing::warn!(%error, guest = %guest, %user, frozen_version = version, "stale merge not settled; the next pass tries again");
+                continue;
+            }
+        };
+        let outcome = match settled {
+            Settled::Applied => {
+                report.merges_finished += 1;
+                "finished"
+            }
+            Settled::Fenced => {
+                report.merges_rolled_back += 1;
+                "rolled_back"
+            }
+        };
+        tracing::info!(
+            guest = %guest,
+            %user,
+            frozen_version = version,
+            version = cart.version,
+            outcome,
+            "stale merge settled by the janitor"
+        );
+        changed.push(cart);
+    }
+    Ok(())
+}
+
+/// Settles one stale merge: decided on the user's shard, carried out on the guest's. Returns
+/// what was decided and the guest cart as it now is, or None when the freeze was no longer this
+/// merge's.
+async fn settle_one(
+    store: &Store,
+    shard: &str,
+    user_shard: &str,
+    guest: &OwnerKey,
+    user: &str,
+    version: i64,
+) -> Result<Option<(Settled, StoredCart)>, StoreError> {
+    let settled = merge::settle(store, user_shard, user, guest.as_str(), version).await?;
+    let cart = match settled {
+        Settled::Applied => merge::finalize(store, shard, guest, user, version).await?,
+        Settled::Fenced => merge::abort(store, shard, guest, user, version).await?,
+    };
+    Ok(cart.map(|cart| (settled, cart)))
 }
 
 async fn reservation_pass(
