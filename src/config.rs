@@ -595,7 +595,9 @@ impl Config {
             problems.push("janitor.interval must be at least 1s".into());
         }
         if self.janitor.stale_merge_after.0 <= self.server.request_timeout.0 {
-            problems.push("janitor.stale_merge_after must be longer than server.request_timeout".into());
+            problems.push(
+                "janitor.stale_merge_after must be longer than server.request_timeout".into(),
+            );
         }
         if self.events.stream.is_empty()
             || self.events.max_len == 0
