@@ -127,6 +127,10 @@ pub struct RateLimitConfig {
     pub trusted_proxies: Vec<String>,
     /// Keys one limiter may hold before it is cleared (bounds memory under floods).
     pub max_keys: usize,
+    /// Edges serving this region. The quotas above are the region's; each edge enforces its
+    /// share (rate and burst divided by this, rounded up, never below 1), since edges keep
+    /// their counts apart.
+    pub edges: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -590,6 +594,9 @@ impl Config {
                 "janitor.batch_size must be within 1..=10000 and janitor.max_batches at least 1"
                     .into(),
             );
+        }
+        if !(1..=1000).contains(&self.rate_limit.edges) {
+            problems.push("rate_limit.edges must be within 1..=1000".into());
         }
         if self.janitor.interval.0 < Duration::from_secs(1) {
             problems.push("janitor.interval must be at least 1s".into());
