@@ -1,5 +1,6 @@
 //! Handlers of the internal (edge-to-edge, mutual-TLS) surface: cache invalidations from other
-//! regions and the steps of a merge run on a guest cart homed here. The ring check that guards
+//! regions, the steps of a merge run on a guest cart homed here, and the settling of a stale
+//! merge into a user cart homed here (asked by the guest home's janitor). The ring check that guards
 //! this surface runs in `api::handle` before routing; the steps' storage is `store::merge`.
 //! A request here continues the sending edge's trace (`traceparent`, read in `api::handle`), so
 //! an invalidation or merge step logs under the trace of the write that caused it.
@@ -96,6 +97,36 @@ pub async fn merge_step(app: &App, step: Step, body: &[u8]) -> Result<Response<B
     Ok(response::json(
         StatusCode::OK,
         serde_json::to_vec(&answer).unwrap_or_default(),
+    ))
+}
+
+/// `POST /internal/v1/merge/settle`: whether a stale merge reached the user cart homed here,
+/// fencing it off when it did not (`store::merge::settle`).
+pub async fn merge_settle(app: &App, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let request: forward::settle::Request = request::parse_json(body)?;
+    if !request.guest.starts_with("g:") || !request.user.starts_with("u:") {
+        return Err(ApiError::InvalidRequest(
+            "guest must be a guest owner and user a user owner".into(),
+        ));
+    }
+    if !app.store.is_home(&request.user_shard) {
+        return Err(ApiError::Misdirected);
+    }
+    let settled = merge::settle(
+        &app.store,
+        &request.user_shard,
+        &request.user,
+        &request.guest,
+        request.version,
+    )
+    .await?;
+    let decision = match settled {
+        merge::Settled::Applied => forward::settle::Decision::Applied,
+        merge::Settled::Fenced => forward::settle::Decision::Fenced,
+    };
+    Ok(response::json(
+        StatusCode::OK,
+        serde_json::to_vec(&forward::settle::Answer { decision }).unwrap_or_default(),
     ))
 }
 

@@ -18,10 +18,11 @@
 //!   merge again. A fence recorded in place of the merge record makes that final: an edge still
 //!   holding the snapshot (a retry racing the janitor) adds nothing and merges afresh.
 //!
-//! Only merges whose user cart lives on a shard homed here are settled (the janitor cannot
-//! lock another region's primary); those, and freezes taken by edges of earlier releases
-//! (which record neither age nor user shard), are purged with the guest cart's lifetime as
-//! before.
+//! When the user's cart lives on a shard homed elsewhere, the decision is that region's: the
+//! pass hands such merges back ([`Pass::elsewhere`]) and the caller asks the user home's edge
+//! (`forward::settle`), then carries the answer out here ([`carry_out`]). Freezes taken by
+//! edges of earlier releases (which record neither age nor user shard) are purged with the
+//! guest cart's lifetime as before.
 //!
 //! A purged cart keeps its row, emptied, with its version bumped (a tombstone) for
 //! `retention.tombstone`: caches and clients that saw version N never see a smaller version for
@@ -71,14 +72,32 @@ fn catalog_lock_key() -> i64 {
 /// caller to update caches with.
 pub type Purged = Vec<StoredCart>;
 
+/// A merge frozen past `janitor.stale_merge_after` on a guest shard homed here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleMerge {
+    pub guest: OwnerKey,
+    /// The guest cart's shard (homed here).
+    pub shard: String,
+    pub user: String,
+    /// The frozen guest version.
+    pub version: i64,
+    /// The user cart's shard, where the merge is decided.
+    pub user_shard: String,
+}
+
+/// What one pass did, the carts it changed, and the stale merges it left for the caller to
+/// settle with the user cart's home region.
+#[derive(Debug, Default)]
+pub struct Pass {
+    pub report: JanitorReport,
+    pub changed: Purged,
+    pub elsewhere: Vec<StaleMerge>,
+}
+
 /// Runs one pass over every shard homed here (and the catalog's reservations, where the
-/// catalog primary is configured). Returns what it did and the carts it purged.
-pub async fn run_once(
-    store: &Store,
-    config: &Config,
-) -> Result<(JanitorReport, Purged), StoreError> {
-    let mut report = JanitorReport::default();
-    let mut purged = Vec::new();
+/// catalog primary is configured).
+pub async fn run_once(store: &Store, config: &Config) -> Result<Pass, StoreError> {
+    let mut pass = Pass::default();
     let mut shards: Vec<&String> = store.shards.keys().collect();
     shards.sort();
     for shard in shards {
@@ -87,25 +106,25 @@ pub async fn run_once(
         }
         let client = store.db_write(shard).await?;
         if !try_lock(&client, lock_key(shard)).await? {
-            report.skipped.push(shard.clone());
+            pass.report.skipped.push(shard.clone());
             continue;
         }
-        let result = shard_pass(store, &client, shard, config, &mut report, &mut purged).await;
+        let result = shard_pass(store, &client, shard, config, &mut pass).await;
         unlock(client, lock_key(shard)).await;
         result?;
-        report.shards.push(shard.clone());
+        pass.report.shards.push(shard.clone());
     }
     if let Some(pool) = &store.catalog_primary {
         let client = pool.get().await?;
         if try_lock(&client, catalog_lock_key()).await? {
-            let result = reservation_pass(store, config, &mut report).await;
+            let result = reservation_pass(store, config, &mut pass.report).await;
             unlock(client, catalog_lock_key()).await;
             result?;
         } else {
-            report.skipped.push("catalog".into());
+            pass.report.skipped.push("catalog".into());
         }
     }
-    Ok((report, purged))
+    Ok(pass)
 }
 
 async fn try_lock(client: &Object, key: i64) -> Result<bool, StoreError> {
@@ -177,8 +196,7 @@ async fn shard_pass(
     client: &Object,
     shard: &str,
     config: &Config,
-    report: &mut JanitorReport,
-    purged: &mut Purged,
+    pass: &mut Pass,
 ) -> Result<(), StoreError> {
     let retention = &config.retention;
     let janitor = &config.janitor;
@@ -209,14 +227,14 @@ async fn shard_pass(
             cart.version = row.try_get(1)?;
             let currency: String = row.try_get(2)?;
             cart.currency = crate::domain::money::Currency::parse(&currency);
-            purged.push(cart);
+            pass.changed.push(cart);
         }
-        report.carts_purged += rows.len() as u64;
+        pass.report.carts_purged += rows.len() as u64;
         if (rows.len() as i64) < size {
             break;
         }
     }
-    report.tombstones_deleted += batches(
+    pass.report.tombstones_deleted += batches(
         client,
         "DELETE FROM carts WHERE owner IN (SELECT owner FROM carts \
          WHERE purged_at < now() - make_interval(secs => $1) LIMIT $2)",
@@ -225,7 +243,7 @@ async fn shard_pass(
         size,
     )
     .await?;
-    report.idempotency_keys_purged += batches(
+    pass.report.idempotency_keys_purged += batches(
         client,
         "DELETE FROM idempotency_keys WHERE (owner, key) IN (SELECT owner, key \
          FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1) \
@@ -235,8 +253,8 @@ async fn shard_pass(
         size,
     )
     .await?;
-    settle_stale_merges(store, client, shard, config, report, purged).await?;
-    report.merge_records_purged += batches(
+    settle_stale_merges(store, client, shard, config, pass).await?;
+    pass.report.merge_records_purged += batches(
         client,
         "DELETE FROM cart_merges WHERE (user_owner, guest_owner, guest_version) IN \
          (SELECT user_owner, guest_owner, guest_version FROM cart_merges \
@@ -261,7 +279,7 @@ async fn shard_pass(
             continue;
         }
         match orders::release(store, order_id.as_str()).await {
-            Ok(true) => report.reservations_released += 1,
+            Ok(true) => pass.report.reservations_released += 1,
             Ok(false) => {}
             // Logged where found; the order stays pending (its stock was not returned) and
             // the rest of the pass goes on.
@@ -275,7 +293,7 @@ async fn shard_pass(
             OrderStatus::Expired
         };
         match orders::settle_order(store, shard, &order_id, status).await {
-            Ok(Some(order)) if order.status == OrderStatus::Expired => report.orders_expired += 1,
+            Ok(Some(order)) if order.status == OrderStatus::Expired => pass.report.orders_expired += 1,
             Ok(_) | Err(StoreError::Corrupt(_)) => {}
             Err(error) => return Err(error),
         }
@@ -283,28 +301,26 @@ async fn shard_pass(
     Ok(())
 }
 
-/// Frozen guest carts on a shard older than `janitor.stale_merge_after` whose user cart is on
-/// one of the shards homed here (`$3`), oldest first: (guest, user, frozen version, user
-/// cart's shard).
+/// Frozen guest carts on a shard older than `janitor.stale_merge_after`, oldest first: (guest,
+/// user, frozen version, user cart's shard).
 const STALE_MERGES: &str = "\
     SELECT owner, merging_into, merge_version, merge_user_shard FROM carts \
     WHERE merging_into IS NOT NULL AND merge_version IS NOT NULL \
-      AND merge_user_shard = ANY($3::text[]) \
+      AND merge_user_shard IS NOT NULL \
       AND merge_started_at < now() - make_interval(secs => $1) \
     ORDER BY merge_started_at LIMIT $2";
 
-/// Settles the stale merges of guest carts on `shard` (see the module docs). One bounded batch
-/// per pass; each merge is settled on its own, and one that fails is logged and retried by the
+/// Settles the stale merges of guest carts on `shard` whose user cart is homed here too, and
+/// hands the others back in [`Pass::elsewhere`] (see the module docs). One bounded batch per
+/// pass; each merge is settled on its own, and one that fails is logged and tried again by the
 /// next pass.
 async fn settle_stale_merges(
     store: &Store,
     client: &Object,
     shard: &str,
     config: &Config,
-    report: &mut JanitorReport,
-    changed: &mut Purged,
+    pass: &mut Pass,
 ) -> Result<(), StoreError> {
-    let home_shards = store.home_shards();
     let stale = client.prepare_cached(STALE_MERGES).await?;
     let rows = client
         .query(
@@ -312,67 +328,78 @@ async fn settle_stale_merges(
             &[
                 &secs(config.janitor.stale_merge_after.0),
                 &config.janitor.batch_size,
-                &home_shards,
             ],
         )
         .await?;
     for row in rows {
-        let guest = OwnerKey::from_stored(row.try_get::<_, String>(0)?);
-        let user: String = row.try_get(1)?;
-        let version: i64 = row.try_get(2)?;
-        let user_shard: String = row.try_get(3)?;
-        let (settled, cart) = match settle_one(store, shard, &user_shard, &guest, &user, version)
-            .await
-        {
-            Ok(Some(settled)) => settled,
-            // A retry (or another janitor) got there first; it is counted where it happened.
-            Ok(None) => continue,
+        let merge = StaleMerge {
+            guest: OwnerKey::from_stored(row.try_get::<_, String>(0)?),
+            shard: shard.to_string(),
+            user: row.try_get(1)?,
+            version: row.try_get(2)?,
+            user_shard: row.try_get(3)?,
+        };
+        if !store.is_home(&merge.user_shard) {
+            pass.elsewhere.push(merge);
+            continue;
+        }
+        let settled =
+            merge::settle(store, &merge.user_shard, &merge.user, merge.guest.as_str(), merge.version)
+                .await;
+        let done = match settled {
+            Ok(settled) => carry_out(store, &merge, settled, &mut pass.report).await,
+            Err(error) => Err(error),
+        };
+        match done {
+            Ok(Some(cart)) => pass.changed.push(cart),
+            Ok(None) => {}
+            // The fence, if recorded, stays: the next pass (or a retry) lifts the freeze.
             Err(error) => {
-                // The fence, if recorded, stays: the next pass (or a retry) lifts the freeze.
-                tracing::warn!(%error, guest = %guest, %user, frozen_version = version, "stale merge not settled; the next pass tries again");
-                continue;
+                tracing::warn!(%error, guest = %merge.guest, user = %merge.user, frozen_version = merge.version, "stale merge not settled; the next pass tries again");
             }
-        };
-        let outcome = match settled {
-            Settled::Applied => {
-                report.merges_finished += 1;
-                "finished"
-            }
-            Settled::Fenced => {
-                report.merges_rolled_back += 1;
-                "rolled_back"
-            }
-        };
-        tracing::info!(
-            guest = %guest,
-            %user,
-            frozen_version = version,
-            version = cart.version,
-            outcome,
-            "stale merge settled by the janitor"
-        );
-        changed.push(cart);
+        }
     }
     Ok(())
 }
 
-/// Settles one stale merge: decided on the user's shard, carried out on the guest's. Returns
-/// what was decided and the guest cart as it now is, or None when the freeze was no longer this
-/// merge's.
-async fn settle_one(
+/// Carries out what the user's side decided about a stale merge, on the guest's shard (homed
+/// here): finishes it (`Applied`) or rolls it back (`Fenced`). Counts it in `report` and logs
+/// it; returns the guest cart as it now is, or None when the freeze was no longer this merge's
+/// (a retry or another janitor got there first, and is counted where it happened).
+pub async fn carry_out(
     store: &Store,
-    shard: &str,
-    user_shard: &str,
-    guest: &OwnerKey,
-    user: &str,
-    version: i64,
-) -> Result<Option<(Settled, StoredCart)>, StoreError> {
-    let settled = merge::settle(store, user_shard, user, guest.as_str(), version).await?;
+    merge: &StaleMerge,
+    settled: Settled,
+    report: &mut JanitorReport,
+) -> Result<Option<StoredCart>, StoreError> {
+    let (guest, user, version) = (&merge.guest, merge.user.as_str(), merge.version);
     let cart = match settled {
-        Settled::Applied => merge::finalize(store, shard, guest, user, version).await?,
-        Settled::Fenced => merge::abort(store, shard, guest, user, version).await?,
+        Settled::Applied => merge::finalize(store, &merge.shard, guest, user, version).await?,
+        Settled::Fenced => merge::abort(store, &merge.shard, guest, user, version).await?,
     };
-    Ok(cart.map(|cart| (settled, cart)))
+    let Some(cart) = cart else {
+        return Ok(None);
+    };
+    let outcome = match settled {
+        Settled::Applied => {
+            report.merges_finished += 1;
+            "finished"
+        }
+        Settled::Fenced => {
+            report.merges_rolled_back += 1;
+            "rolled_back"
+        }
+    };
+    tracing::info!(
+        guest = %guest,
+        user,
+        user_shard = %merge.user_shard,
+        frozen_version = version,
+        version = cart.version,
+        outcome,
+        "stale merge settled by the janitor"
+    );
+    Ok(Some(cart))
 }
 
 async fn reservation_pass(
