@@ -293,7 +293,9 @@ async fn shard_pass(
             OrderStatus::Expired
         };
         match orders::settle_order(store, shard, &order_id, status).await {
-            Ok(Some(order)) if order.status == OrderStatus::Expired => pass.report.orders_expired += 1,
+            Ok(Some(order)) if order.status == OrderStatus::Expired => {
+                pass.report.orders_expired += 1
+            }
             Ok(_) | Err(StoreError::Corrupt(_)) => {}
             Err(error) => return Err(error),
         }
@@ -343,9 +345,14 @@ async fn settle_stale_merges(
             pass.elsewhere.push(merge);
             continue;
         }
-        let settled =
-            merge::settle(store, &merge.user_shard, &merge.user, merge.guest.as_str(), merge.version)
-                .await;
+        let settled = merge::settle(
+            store,
+            &merge.user_shard,
+            &merge.user,
+            merge.guest.as_str(),
+            merge.version,
+        )
+        .await;
         let done = match settled {
             Ok(settled) => carry_out(store, &merge, settled, &mut pass.report).await,
             Err(error) => Err(error),
