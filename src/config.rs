@@ -936,6 +936,32 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_merge_outlives_a_request_and_a_region_has_at_least_one_edge() {
+        let defaults = Config::load(&sources_with(""), SECRETS).unwrap();
+        assert_eq!(
+            defaults.janitor.stale_merge_after.0,
+            Duration::from_secs(300)
+        );
+        assert_eq!(defaults.rate_limit.edges, 1);
+        let eager = "[janitor]\nstale_merge_after = \"5s\"\n";
+        let error = Config::load(&sources_with(eager), SECRETS).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("janitor.stale_merge_after must be longer than server.request_timeout"),
+            "{error}"
+        );
+        let none = "[rate_limit]\nedges = 0\n";
+        let error = Config::load(&sources_with(none), SECRETS).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("rate_limit.edges must be within 1..=1000"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn durations_are_human_strings() {
         let config = Config::load(&sources_with("[redis]\nttl = \"90m\"\n"), SECRETS).unwrap();
         assert_eq!(config.redis.ttl.0, Duration::from_secs(90 * 60));
