@@ -12,5 +12,7 @@ CREATE INDEX carts_merge_started_at_idx ON carts (merge_started_at)
 
 -- A record whose `abandoned_at` is set is a fence, not a merge: the janitor rolled that frozen
 -- guest version back, and an edge that still holds its snapshot must not apply it. Older edges
--- read such a record as an applied merge with an empty report (they add nothing).
+-- read such a record as an applied merge with an empty report: they add nothing, but during a
+-- rolling upgrade one that meets a fence before the janitor lifted the freeze would empty the
+-- guest cart (upgrade the edges of a region together, or keep the janitor off until done).
 ALTER TABLE cart_merges ADD COLUMN abandoned_at timestamptz;
