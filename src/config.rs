@@ -77,8 +77,9 @@ pub struct JanitorConfig {
     /// Batches per task per shard per pass, so one pass is bounded.
     pub max_batches: u32,
     /// A merge whose guest cart has been frozen this long without a retry is settled by the
-    /// janitor: finished when it reached the user's cart, rolled back otherwise. Longer than
-    /// `server.request_timeout`, so a merge still being handled is not settled under it.
+    /// janitor: finished when it reached the user's cart, rolled back otherwise. Keep it well
+    /// above `server.request_timeout`: a merge still being handled that is rolled back under
+    /// it stays correct (it meets the fence and merges afresh) but does its work twice.
     pub stale_merge_after: Dur,
 }
 
@@ -601,10 +602,10 @@ impl Config {
         if self.janitor.interval.0 < Duration::from_secs(1) {
             problems.push("janitor.interval must be at least 1s".into());
         }
-        if self.janitor.stale_merge_after.0 <= self.server.request_timeout.0 {
-            problems.push(
-                "janitor.stale_merge_after must be longer than server.request_timeout".into(),
-            );
+        // Not tied to server.request_timeout by a check (configurations valid before the key
+        // existed stay valid): settling a merge still in flight is safe, only wasteful.
+        if self.janitor.stale_merge_after.0 < Duration::from_secs(1) {
+            problems.push("janitor.stale_merge_after must be at least 1s".into());
         }
         if self.events.stream.is_empty()
             || self.events.max_len == 0
@@ -936,19 +937,19 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_merge_outlives_a_request_and_a_region_has_at_least_one_edge() {
+    fn stale_merges_and_edges_per_region_have_defaults_and_bounds() {
         let defaults = Config::load(&sources_with(""), SECRETS).unwrap();
         assert_eq!(
             defaults.janitor.stale_merge_after.0,
             Duration::from_secs(300)
         );
         assert_eq!(defaults.rate_limit.edges, 1);
-        let eager = "[janitor]\nstale_merge_after = \"5s\"\n";
+        let eager = "[janitor]\nstale_merge_after = \"0s\"\n";
         let error = Config::load(&sources_with(eager), SECRETS).unwrap_err();
         assert!(
             error
                 .to_string()
-                .contains("janitor.stale_merge_after must be longer than server.request_timeout"),
+                .contains("janitor.stale_merge_after must be at least 1s"),
             "{error}"
         );
         let none = "[rate_limit]\nedges = 0\n";
