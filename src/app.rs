@@ -61,6 +61,20 @@ impl HealthStatus {
     }
 }
 
+/// Why a stale merge homed partly elsewhere was not settled in this pass (logged; the next pass
+/// asks again).
+#[derive(Debug, thiserror::Error)]
+enum SettleElsewhereError {
+    #[error("shard {0} is not on the ring")]
+    UnknownShard(String),
+    #[error("region {0} is not reachable: no edge-to-edge TLS is configured")]
+    NoForwarder(String),
+    #[error(transparent)]
+    Ask(#[from] crate::forward::settle::SettleError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
 /// Everything a request needs, shared by all connections.
 pub struct App {
     pub config: Config,
@@ -284,23 +298,35 @@ impl App {
         }
     }
 
-    /// One janitor pass (see `store::janitor`), with caches updated for purged carts, counters
-    /// and a log line.
+    /// One janitor pass (see `store::janitor`), with caches updated for the carts it purged or
+    /// whose stale merge it settled, counters and a log line.
     pub async fn janitor_once(
         &self,
     ) -> Result<crate::store::janitor::JanitorReport, crate::store::StoreError> {
         let c: &LifecycleMetrics = &self.metrics.lifecycle;
         c.janitor_passes.inc();
-        let (report, purged) =
-            match crate::store::janitor::run_once(&self.store, &self.config).await {
-                Ok(done) => done,
+        let crate::store::janitor::Pass {
+            mut report,
+            mut changed,
+            elsewhere,
+        } = match crate::store::janitor::run_once(&self.store, &self.config).await {
+            Ok(pass) => pass,
+            Err(error) => {
+                c.janitor_failures.inc();
+                tracing::warn!(%error, "janitor pass failed");
+                return Err(error);
+            }
+        };
+        for merge in &elsewhere {
+            match self.settle_elsewhere(merge, &mut report).await {
+                Ok(Some(cart)) => changed.push(cart),
+                Ok(None) => {}
                 Err(error) => {
-                    c.janitor_failures.inc();
-                    tracing::warn!(%error, "janitor pass failed");
-                    return Err(error);
+                    tracing::warn!(%error, guest = %merge.guest, user = %merge.user, frozen_version = merge.version, "stale merge not settled; the next pass tries again");
                 }
-            };
-        for cart in &purged {
+            }
+        }
+        for cart in &changed {
             self.store.cache.store_committed(cart).await;
             self.invalidate_elsewhere(&OwnerKey::from_stored(cart.owner.clone()), cart.version);
         }
@@ -312,6 +338,9 @@ impl App {
         c.merge_records_purged.inc_by(report.merge_records_purged);
         c.reservations_released.inc_by(report.reservations_released);
         c.orders_expired.inc_by(report.orders_expired);
+        c.merges_settled_finished.inc_by(report.merges_finished);
+        c.merges_settled_rolled_back
+            .inc_by(report.merges_rolled_back);
         tracing::info!(
             shards = ?report.shards,
             skipped = ?report.skipped,
@@ -321,9 +350,54 @@ impl App {
             merge_records_purged = report.merge_records_purged,
             reservations_released = report.reservations_released,
             orders_expired = report.orders_expired,
+            merges_finished = report.merges_finished,
+            merges_rolled_back = report.merges_rolled_back,
             "janitor pass"
         );
         Ok(report)
+    }
+
+    /// Settles a stale merge whose user cart is homed in another region: that region's edge
+    /// decides (`forward::settle`), this one carries the decision out on the guest's shard.
+    async fn settle_elsewhere(
+        &self,
+        merge: &crate::store::janitor::StaleMerge,
+        report: &mut crate::store::janitor::JanitorReport,
+    ) -> Result<Option<crate::domain::cart::StoredCart>, SettleElsewhereError> {
+        use crate::forward::settle::{self, Decision};
+        use crate::store::merge::Settled;
+        let home = self
+            .topology
+            .ring
+            .spec()
+            .shards
+            .iter()
+            .find(|shard| shard.id == merge.user_shard)
+            .map(|shard| shard.home.to_string())
+            .ok_or_else(|| SettleElsewhereError::UnknownShard(merge.user_shard.clone()))?;
+        let forwarder = self
+            .forwarder
+            .as_ref()
+            .ok_or_else(|| SettleElsewhereError::NoForwarder(home.clone()))?;
+        let request = settle::Request {
+            guest: merge.guest.as_str().to_string(),
+            user: merge.user.clone(),
+            version: merge.version,
+            user_shard: merge.user_shard.clone(),
+        };
+        let decision = settle::ask(
+            forwarder,
+            &home,
+            &self.config.region.id,
+            self.topology.ring.fingerprint(),
+            &request,
+        )
+        .await?;
+        let settled = match decision {
+            Decision::Applied => Settled::Applied,
+            Decision::Fenced => Settled::Fenced,
+        };
+        Ok(crate::store::janitor::carry_out(&self.store, merge, settled, report).await?)
     }
 
     /// Probes PostgreSQL and Redis once (the background health task's step).

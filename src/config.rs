@@ -76,6 +76,11 @@ pub struct JanitorConfig {
     pub batch_size: i64,
     /// Batches per task per shard per pass, so one pass is bounded.
     pub max_batches: u32,
+    /// A merge whose guest cart has been frozen this long without a retry is settled by the
+    /// janitor: finished when it reached the user's cart, rolled back otherwise. Keep it well
+    /// above `server.request_timeout`: a merge still being handled that is rolled back under
+    /// it stays correct (it meets the fence and merges afresh) but does its work twice.
+    pub stale_merge_after: Dur,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -123,6 +128,10 @@ pub struct RateLimitConfig {
     pub trusted_proxies: Vec<String>,
     /// Keys one limiter may hold before it is cleared (bounds memory under floods).
     pub max_keys: usize,
+    /// Edges serving this region. The quotas above are the region's; each edge enforces its
+    /// share (rate and burst divided by this, rounded up, never below 1), since edges keep
+    /// their counts apart.
+    pub edges: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -617,8 +626,16 @@ impl Config {
                     .into(),
             );
         }
+        if !(1..=1000).contains(&self.rate_limit.edges) {
+            problems.push("rate_limit.edges must be within 1..=1000".into());
+        }
         if self.janitor.interval.0 < Duration::from_secs(1) {
             problems.push("janitor.interval must be at least 1s".into());
+        }
+        // Not tied to server.request_timeout by a check (configurations valid before the key
+        // existed stay valid): settling a merge still in flight is safe, only wasteful.
+        if self.janitor.stale_merge_after.0 < Duration::from_secs(1) {
+            problems.push("janitor.stale_merge_after must be at least 1s".into());
         }
         if self.events.stream.is_empty()
             || self.events.max_len == 0
@@ -972,6 +989,32 @@ mod tests {
         let error = Config::load(&sources_with(&ambiguous), SECRETS).unwrap_err();
         assert!(
             error.to_string().contains("the sentinels name the master"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn stale_merges_and_edges_per_region_have_defaults_and_bounds() {
+        let defaults = Config::load(&sources_with(""), SECRETS).unwrap();
+        assert_eq!(
+            defaults.janitor.stale_merge_after.0,
+            Duration::from_secs(300)
+        );
+        assert_eq!(defaults.rate_limit.edges, 1);
+        let eager = "[janitor]\nstale_merge_after = \"0s\"\n";
+        let error = Config::load(&sources_with(eager), SECRETS).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("janitor.stale_merge_after must be at least 1s"),
+            "{error}"
+        );
+        let none = "[rate_limit]\nedges = 0\n";
+        let error = Config::load(&sources_with(none), SECRETS).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("rate_limit.edges must be within 1..=1000"),
             "{error}"
         );
     }

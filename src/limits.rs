@@ -1,6 +1,12 @@
 //! Edge rate limiting with governor: per cart owner (by tier and request class) and per client
 //! IP for requests without valid credentials.
 //!
+//! The configured quotas are the region's. Each edge keeps its own counts (nothing is shared
+//! between edges), so with `rate_limit.edges` edges serving a region each enforces its share:
+//! rate and burst divided by the edge count, rounded up, never below 1 ([`edge_share`]). Behind
+//! a load balancer that spreads an owner's requests evenly the region then admits the
+//! configured quota (more by at most the rounding); an owner pinned to one edge gets one share.
+//!
 //! Memory stays bounded under a flood of distinct keys: a housekeeping task drops keys whose
 //! state is indistinguishable from fresh (`retain_recent`) and, past `rate_limit.max_keys`,
 //! clears a limiter outright (counted). The client IP is the socket peer, or the right-most
@@ -169,6 +175,17 @@ impl<K: std::hash::Hash + Eq + Clone> Keyed<K> {
     }
 }
 
+/// One edge's share of a regional quota served by `edges` edges: rate and burst divided by the
+/// edge count, rounded up (the region may admit up to `edges - 1` more than configured, never
+/// less), and never below 1.
+pub fn edge_share(quota: &QuotaConfig, edges: u32) -> QuotaConfig {
+    let edges = edges.max(1);
+    QuotaConfig {
+        per_second: quota.per_second.div_ceil(edges).max(1),
+        burst: quota.burst.div_ceil(edges).max(1),
+    }
+}
+
 pub struct RateLimits {
     enabled: bool,
     owners: HashMap<(Tier, Class), Keyed<String>>,
@@ -180,7 +197,8 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
-    /// Builds the limiters; their refusals and key counts go to `metrics` (shared by the
+    /// Builds the limiters, each enforcing this edge's share of its quota
+    /// (`rate_limit.edges`); their refusals and key counts go to `metrics` (shared by the
     /// limits a reload builds, so counts carry over).
     pub fn new(config: &RateLimitConfig, metrics: &LimitMetrics) -> anyhow::Result<RateLimits> {
         let keyed = |name: String, quota: &QuotaConfig, tier: &'static str, class: &'static str| {
@@ -194,7 +212,7 @@ impl RateLimits {
                     limiter: name.clone(),
                 })
                 .clone();
-            (name, *quota, refused, keys)
+            (name, edge_share(quota, config.edges), refused, keys)
         };
         let mut owners = HashMap::new();
         for (tier, tier_name, quotas) in [
@@ -358,6 +376,7 @@ mod tests {
             anonymous: quota(50, 100),
             trusted_proxies: vec!["10.0.0.0/8".into()],
             max_keys: 3,
+            edges: 1,
         }
     }
 
@@ -418,6 +437,34 @@ mod tests {
         limits.housekeeping();
         assert!(limits.live_keys() <= 3, "{}", limits.live_keys());
         assert_eq!(limits.overflows.get(), 1);
+    }
+
+    #[test]
+    fn an_edge_enforces_its_share_rounded_up_and_never_below_one() {
+        let share = |per_second, burst, edges| {
+            let share = edge_share(&quota(per_second, burst), edges);
+            (share.per_second, share.burst)
+        };
+        assert_eq!(share(20, 40, 1), (20, 40));
+        assert_eq!(share(20, 40, 2), (10, 20));
+        assert_eq!(share(10, 5, 2), (5, 3), "rounded up");
+        assert_eq!(share(1, 5, 3), (1, 2), "never below 1");
+        assert_eq!(share(1, 1, 4), (1, 1));
+        assert_eq!(share(7, 7, 0), (7, 7), "no edge count means one edge");
+    }
+
+    #[test]
+    fn the_policy_header_names_the_share_this_edge_enforces() {
+        let mut shared = config();
+        shared.edges = 2;
+        let limits = RateLimits::new(&shared, &LimitMetrics::default()).unwrap();
+        for n in 0..10 {
+            let verdict = limits.check_owner(Tier::User, Class::Write, "u:a").unwrap();
+            assert!(verdict.admitted(), "request {n}");
+        }
+        let refused = limits.check_owner(Tier::User, Class::Write, "u:a").unwrap();
+        assert!(!refused.admitted(), "half the burst of 20");
+        assert_eq!(refused.policy_header(), "\"user-writes\";q=10;w=2");
     }
 
     #[test]

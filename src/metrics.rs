@@ -391,6 +391,9 @@ pub struct LifecycleMetrics {
     pub merge_records_purged: Counter,
     pub reservations_released: Counter,
     pub orders_expired: Counter,
+    /// Stale merges the janitor settled: `outcome` is `finished` or `rolled_back`.
+    pub merges_settled_finished: Counter,
+    pub merges_settled_rolled_back: Counter,
     pub events_published: Counter,
     pub relay_failures: Counter,
 }
@@ -457,7 +460,28 @@ impl LifecycleMetrics {
         ] {
             registry.register(name, help, counter.clone());
         }
-        metrics
+        // Both series exist from start, so a rate over them is never absent.
+        let settled: Family<OutcomeLabels, Counter> = Family::default();
+        let finished = settled
+            .get_or_create(&OutcomeLabels {
+                outcome: "finished",
+            })
+            .clone();
+        let rolled_back = settled
+            .get_or_create(&OutcomeLabels {
+                outcome: "rolled_back",
+            })
+            .clone();
+        registry.register(
+            "janitor_merges_resolved",
+            "Stale merges the janitor settled, by outcome (finished: the user cart had the lines; rolled_back: the guest cart unfrozen)",
+            settled,
+        );
+        LifecycleMetrics {
+            merges_settled_finished: finished,
+            merges_settled_rolled_back: rolled_back,
+            ..metrics
+        }
     }
 }
 

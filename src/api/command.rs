@@ -244,6 +244,7 @@ pub async fn read<'a>(
         | Handler::Ready
         | Handler::Metrics
         | Handler::Invalidate
+        | Handler::MergeSettle
         | Handler::MergeStep(_) => return Err(ApiError::NotFound),
     };
     let here = app.config.region.id.as_str();

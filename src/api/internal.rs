@@ -1,5 +1,6 @@
 //! Handlers of the internal (edge-to-edge, mutual-TLS) surface: cache invalidations from other
-//! regions and the steps of a merge run on a guest cart homed here. The ring check that guards
+//! regions, the steps of a merge run on a guest cart homed here, and the settling of a stale
+//! merge into a user cart homed here (asked by the guest home's janitor). The ring check that guards
 //! this surface runs in `api::handle` before routing; the steps' storage is `store::merge`.
 //! A request here continues the sending edge's trace (`traceparent`, read in `api::handle`), so
 //! an invalidation or merge step logs under the trace of the write that caused it.
@@ -25,9 +26,10 @@ pub enum Step {
     Freeze,
     /// Empty and unfreeze the guest cart the user side has merged.
     Finalize,
-    /// Lift the freeze of a merge the user side refused. This release refuses none (a guest
-    /// cart in another currency is re-priced); kept for user-side edges of earlier releases,
-    /// which refused carts in different currencies, during a rolling upgrade.
+    /// Lift the freeze of a merge the user side refused or the janitor rolled back (its
+    /// snapshot fenced off on the user's shard). This release refuses no merge (a guest cart in
+    /// another currency is re-priced); user-side edges of earlier releases refused carts in
+    /// different currencies.
     Abort,
 }
 
@@ -48,6 +50,11 @@ pub struct MergeStep {
     pub user: String,
     #[serde(default)]
     pub version: i64,
+    /// The user cart's shard, recorded with a freeze so the janitor can settle a merge nobody
+    /// retried. Absent from edges of earlier releases (their freezes are left to the guest
+    /// cart's lifetime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_shard: Option<String>,
 }
 
 /// A step's answer.
@@ -93,6 +100,36 @@ pub async fn merge_step(app: &App, step: Step, body: &[u8]) -> Result<Response<B
     ))
 }
 
+/// `POST /internal/v1/merge/settle`: whether a stale merge reached the user cart homed here,
+/// fencing it off when it did not (`store::merge::settle`).
+pub async fn merge_settle(app: &App, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let request: forward::settle::Request = request::parse_json(body)?;
+    if !request.guest.starts_with("g:") || !request.user.starts_with("u:") {
+        return Err(ApiError::InvalidRequest(
+            "guest must be a guest owner and user a user owner".into(),
+        ));
+    }
+    if !app.store.is_home(&request.user_shard) {
+        return Err(ApiError::Misdirected);
+    }
+    let settled = merge::settle(
+        &app.store,
+        &request.user_shard,
+        &request.user,
+        &request.guest,
+        request.version,
+    )
+    .await?;
+    let decision = match settled {
+        merge::Settled::Applied => forward::settle::Decision::Applied,
+        merge::Settled::Fenced => forward::settle::Decision::Fenced,
+    };
+    Ok(response::json(
+        StatusCode::OK,
+        serde_json::to_vec(&forward::settle::Answer { decision }).unwrap_or_default(),
+    ))
+}
+
 /// The guest owner a step names.
 pub fn guest_of(step: &MergeStep) -> Result<OwnerKey, ApiError> {
     if !step.guest.starts_with("g:") {
@@ -117,7 +154,14 @@ pub async fn run_step(app: &App, step: Step, request: &MergeStep) -> Result<Step
     };
     match step {
         Step::Freeze => {
-            let outcome = merge::freeze(&app.store, placement.shard, &guest, &request.user).await?;
+            let outcome = merge::freeze(
+                &app.store,
+                placement.shard,
+                &guest,
+                &request.user,
+                request.user_shard.as_deref(),
+            )
+            .await?;
             Ok(match outcome {
                 FreezeOutcome::Frozen(frozen) => StepAnswer {
                     status: StepStatus::Frozen,
@@ -147,7 +191,7 @@ pub async fn run_step(app: &App, step: Step, request: &MergeStep) -> Result<Step
             Ok(done)
         }
         Step::Abort => {
-            merge::abort(
+            let lifted = merge::abort(
                 &app.store,
                 placement.shard,
                 &guest,
@@ -155,6 +199,10 @@ pub async fn run_step(app: &App, step: Step, request: &MergeStep) -> Result<Step
                 request.version,
             )
             .await?;
+            if let Some(cart) = lifted {
+                app.store.cache.store_committed(&cart).await;
+                app.invalidate_elsewhere(&guest, cart.version);
+            }
             Ok(done)
         }
     }

@@ -77,6 +77,11 @@ async fn guest_step(app: &App, step: Step, request: &MergeStep) -> Result<StepAn
     })
 }
 
+/// How many times one merge request freezes the guest cart: a second time only when the first
+/// snapshot had been rolled back by the janitor meanwhile (its freeze is lifted, then merged
+/// afresh).
+const MERGE_ATTEMPTS: usize = 2;
+
 /// `POST /cart/merge`: the caller's guest cart into their user cart.
 pub async fn merge(
     app: &App,
@@ -84,16 +89,34 @@ pub async fn merge(
     idempotency_key: Option<&str>,
     bytes: &Bytes,
 ) -> Result<Response<Body>, ApiError> {
+    for _ in 0..MERGE_ATTEMPTS {
+        if let Some(response) = merge_once(app, &merge, idempotency_key, bytes).await? {
+            return Ok(response);
+        }
+    }
+    // Rolled back under this request twice: a client retry starts over.
+    Err(ApiError::GuestCartBusy)
+}
+
+/// One freeze-apply-finalize round; None when the janitor had rolled the frozen snapshot back
+/// (`store::merge::settle`): the freeze is lifted here and the caller starts over.
+async fn merge_once(
+    app: &App,
+    merge: &MergeCarts<'_>,
+    idempotency_key: Option<&str>,
+    bytes: &Bytes,
+) -> Result<Option<Response<Body>>, ApiError> {
     let MergeCarts {
         user,
         guest: guest_key,
         strategy,
     } = merge;
-    let user_key = user.key;
+    let user_key = &user.key;
     let step = MergeStep {
         guest: guest_key.as_str().to_string(),
         user: user_key.as_str().to_string(),
         version: 0,
+        user_shard: Some(user.shard.to_string()),
     };
     let frozen = guest_step(app, Step::Freeze, &step).await?;
     if frozen.status == StepStatus::Busy {
@@ -111,10 +134,10 @@ pub async fn merge(
     };
     if frozen.cart.lines.is_empty() {
         // Nothing to merge (no guest cart, or a merge that already finished): the user's cart.
-        let cart = app.store.load_from_primary(user.shard, &user_key).await?;
+        let cart = app.store.load_from_primary(user.shard, user_key).await?;
         let (response, _) =
             merged_response(app, &cart, user.home, &MergeReport::default(), false).await;
-        return Ok(response);
+        return Ok(Some(response));
     }
     // A guest cart in another currency (one homed in another region) is re-priced from this,
     // the user's home, region's catalog: read its entries of the guest's items before taking
@@ -136,15 +159,15 @@ pub async fn merge(
         idempotency::fingerprint("merge", guest_key.as_str(), Some(frozen.version), bytes);
     let mut tx = app.store.begin_write(user.shard).await?;
     if let Some(key) = idempotency_key {
-        if let Some(answer) = idempotency::claim(&mut tx, &user_key, key, &fingerprint).await? {
-            return answer;
+        if let Some(answer) = idempotency::claim(&mut tx, user_key, key, &fingerprint).await? {
+            return answer.map(Some);
         }
     }
     let outcome = tx
         .apply_merge(
-            &user_key,
+            user_key,
             &frozen,
-            strategy,
+            *strategy,
             app.config.cart.max_lines,
             app.config.region.currency,
             home_catalog.as_ref(),
@@ -154,24 +177,34 @@ pub async fn merge(
         MergeOutcome::AlreadyApplied { report } => {
             tx.rollback().await;
             finish_guest(app, &step).await;
-            let cart = app.store.load_from_primary(user.shard, &user_key).await?;
-            Ok(merged_response(app, &cart, user.home, &report, true)
-                .await
-                .0)
+            let cart = app.store.load_from_primary(user.shard, user_key).await?;
+            Ok(Some(
+                merged_response(app, &cart, user.home, &report, true)
+                    .await
+                    .0,
+            ))
+        }
+        MergeOutcome::Fenced => {
+            tx.rollback().await;
+            tracing::info!(guest = %step.guest, version = step.version, "merge snapshot was rolled back by the janitor; merging afresh");
+            // The janitor may not have lifted the freeze yet: lifting it here is its own step,
+            // safe to repeat.
+            guest_step(app, Step::Abort, &step).await?;
+            Ok(None)
         }
         MergeOutcome::Applied { cart, report } => {
             let (mut response, body) = merged_response(app, &cart, user.home, &report, true).await;
             if let Some(key) = idempotency_key {
                 let stored = idempotency::to_stored(&response, body);
-                tx.record_idempotency(&user_key, key, &fingerprint, &stored)
+                tx.record_idempotency(user_key, key, &fingerprint, &stored)
                     .await?;
             }
             tx.commit().await?;
             app.store.cache.store_committed(&cart).await;
-            app.invalidate_elsewhere(&user_key, cart.version);
+            app.invalidate_elsewhere(user_key, cart.version);
             finish_guest(app, &step).await;
             response::expire_session_cookie(app, response.headers_mut());
-            Ok(response)
+            Ok(Some(response))
         }
     }
 }

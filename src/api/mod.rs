@@ -88,6 +88,9 @@ pub enum Handler {
     Ready,
     Metrics,
     Invalidate,
+    /// The janitor of a guest cart's home region asks about a stale merge into a user cart
+    /// homed here.
+    MergeSettle,
     MergeStep(internal::Step),
 }
 
@@ -123,7 +126,7 @@ const fn internal(pattern: &'static str, name: &'static str, handler: Handler) -
 /// Every route of every surface. A path matched on a surface but not for the request's method
 /// is a 405 whose `Allow` lists the methods below in this order (HEAD after each GET: a GET
 /// route answers HEAD without the body); anything else is a 404.
-pub static ROUTES: [Route<Handler>; 17] = {
+pub static ROUTES: [Route<Handler>; 18] = {
     use Handler as H;
     use Method as M;
     use Surfaces as S;
@@ -177,6 +180,7 @@ pub static ROUTES: [Route<Handler>; 17] = {
             H::MergeStep(Step::Finalize),
         ),
         internal(Step::Abort.path(), "merge_abort", H::MergeStep(Step::Abort)),
+        internal(forward::settle::PATH, "merge_settle", H::MergeSettle),
     ]
 };
 
@@ -345,6 +349,10 @@ async fn dispatch(
         Handler::MergeStep(step) => {
             let bytes = request::read_body(&parts, body, internal::MAX_BODY_BYTES, true).await?;
             return Box::pin(internal::merge_step(app, step, &bytes)).await;
+        }
+        Handler::MergeSettle => {
+            let bytes = request::read_body(&parts, body, internal::MAX_BODY_BYTES, true).await?;
+            return Box::pin(internal::merge_settle(app, &bytes)).await;
         }
         _ => {}
     }

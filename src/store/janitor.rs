@@ -5,8 +5,24 @@
 //! happens in bounded batches (`janitor.batch_size` rows, at most `janitor.max_batches` per
 //! task), each its own short transaction, walking the `updated_at`/`created_at` indexes.
 //!
-//! A guest cart frozen by a merge that was never retried is purged like any other once its
-//! lifetime passed (the merge either reached the user's cart or was abandoned with the session).
+//! Merges nobody finished: a guest cart frozen by a merge (`store::merge`) longer than
+//! `janitor.stale_merge_after`, with no retry restarting its age, is settled on the user cart's
+//! shard ([`merge::settle`]) and then, on the guest's shard:
+//! - **finished** ([`merge::finalize`]: guest cart emptied and marked merged away) when step 2
+//!   committed. That is exactly what a retry would do at that point: the user's cart already
+//!   holds the lines, once, under the merge record that makes every later retry add nothing.
+//! - **rolled back** ([`merge::abort`]: the freeze lifted, the lines kept, the version bumped)
+//!   when it did not. Finishing would mean running step 2 ourselves, and the freeze does not
+//!   record what a retry needs for it: the client's strategy, its idempotency key and answer,
+//!   the user's home catalog for re-pricing. So the guest gets their cart back and can use it or
+//!   merge again. A fence recorded in place of the merge record makes that final: an edge still
+//!   holding the snapshot (a retry racing the janitor) adds nothing and merges afresh.
+//!
+//! When the user's cart lives on a shard homed elsewhere, the decision is that region's: the
+//! pass hands such merges back ([`Pass::elsewhere`]) and the caller asks the user home's edge
+//! (`forward::settle`), then carries the answer out here ([`carry_out`]). Freezes taken by
+//! edges of earlier releases (which record neither age nor user shard) are purged with the
+//! guest cart's lifetime as before.
 //!
 //! A purged cart keeps its row, emptied, with its version bumped (a tombstone) for
 //! `retention.tombstone`: caches and clients that saw version N never see a smaller version for
@@ -16,9 +32,11 @@ use std::time::Duration;
 
 use deadpool_postgres::Object;
 
+use super::merge::{self, Settled};
 use super::{orders, Store, StoreError};
 use crate::config::Config;
 use crate::domain::cart::StoredCart;
+use crate::domain::ids::OwnerKey;
 use crate::domain::order::OrderStatus;
 
 /// What one pass did.
@@ -34,6 +52,10 @@ pub struct JanitorReport {
     pub merge_records_purged: u64,
     pub reservations_released: u64,
     pub orders_expired: u64,
+    /// Stale merges finished (guest cart emptied; the user's cart had the lines).
+    pub merges_finished: u64,
+    /// Stale merges rolled back (guest cart unfrozen with its lines).
+    pub merges_rolled_back: u64,
 }
 
 /// Advisory-lock key of a shard's janitor (a session lock on the shard's primary).
@@ -46,17 +68,36 @@ fn catalog_lock_key() -> i64 {
     super::lock_key("cartedge-janitor", "catalog")
 }
 
-/// Purged carts, for the caller to update caches with (owner → tombstone).
+/// Carts a pass changed (purged: their tombstones; settled merges: the guest carts), for the
+/// caller to update caches with.
 pub type Purged = Vec<StoredCart>;
 
+/// A merge frozen past `janitor.stale_merge_after` on a guest shard homed here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleMerge {
+    pub guest: OwnerKey,
+    /// The guest cart's shard (homed here).
+    pub shard: String,
+    pub user: String,
+    /// The frozen guest version.
+    pub version: i64,
+    /// The user cart's shard, where the merge is decided.
+    pub user_shard: String,
+}
+
+/// What one pass did, the carts it changed, and the stale merges it left for the caller to
+/// settle with the user cart's home region.
+#[derive(Debug, Default)]
+pub struct Pass {
+    pub report: JanitorReport,
+    pub changed: Purged,
+    pub elsewhere: Vec<StaleMerge>,
+}
+
 /// Runs one pass over every shard homed here (and the catalog's reservations, where the
-/// catalog primary is configured). Returns what it did and the carts it purged.
-pub async fn run_once(
-    store: &Store,
-    config: &Config,
-) -> Result<(JanitorReport, Purged), StoreError> {
-    let mut report = JanitorReport::default();
-    let mut purged = Vec::new();
+/// catalog primary is configured).
+pub async fn run_once(store: &Store, config: &Config) -> Result<Pass, StoreError> {
+    let mut pass = Pass::default();
     let mut shards: Vec<&String> = store.shards.keys().collect();
     shards.sort();
     for shard in shards {
@@ -65,25 +106,25 @@ pub async fn run_once(
         }
         let client = store.db_write(shard).await?;
         if !try_lock(&client, lock_key(shard)).await? {
-            report.skipped.push(shard.clone());
+            pass.report.skipped.push(shard.clone());
             continue;
         }
-        let result = shard_pass(store, &client, shard, config, &mut report, &mut purged).await;
+        let result = shard_pass(store, &client, shard, config, &mut pass).await;
         unlock(client, lock_key(shard)).await;
         result?;
-        report.shards.push(shard.clone());
+        pass.report.shards.push(shard.clone());
     }
     if let Some(pool) = &store.catalog_primary {
         let client = pool.get().await?;
         if try_lock(&client, catalog_lock_key()).await? {
-            let result = reservation_pass(store, config, &mut report).await;
+            let result = reservation_pass(store, config, &mut pass.report).await;
             unlock(client, catalog_lock_key()).await;
             result?;
         } else {
-            report.skipped.push("catalog".into());
+            pass.report.skipped.push("catalog".into());
         }
     }
-    Ok((report, purged))
+    Ok(pass)
 }
 
 async fn try_lock(client: &Object, key: i64) -> Result<bool, StoreError> {
@@ -143,7 +184,7 @@ const PURGE_CARTS: &str = "\
     emptied AS (DELETE FROM cart_items i USING doomed d WHERE i.owner = d.owner), \
     purged AS ( \
         UPDATE carts c SET version = c.version + 1, purged_at = now(), updated_at = now(), \
-            merging_into = NULL, merge_version = NULL \
+            merging_into = NULL, merge_version = NULL, merge_started_at = NULL, merge_user_shard = NULL \
         FROM doomed d WHERE c.owner = d.owner RETURNING c.owner, c.version, c.currency), \
     logged AS ( \
         INSERT INTO cart_events (owner, cart_version, kind, payload) \
@@ -155,8 +196,7 @@ async fn shard_pass(
     client: &Object,
     shard: &str,
     config: &Config,
-    report: &mut JanitorReport,
-    purged: &mut Purged,
+    pass: &mut Pass,
 ) -> Result<(), StoreError> {
     let retention = &config.retention;
     let janitor = &config.janitor;
@@ -187,14 +227,14 @@ async fn shard_pass(
             cart.version = row.try_get(1)?;
             let currency: String = row.try_get(2)?;
             cart.currency = crate::domain::money::Currency::parse(&currency);
-            purged.push(cart);
+            pass.changed.push(cart);
         }
-        report.carts_purged += rows.len() as u64;
+        pass.report.carts_purged += rows.len() as u64;
         if (rows.len() as i64) < size {
             break;
         }
     }
-    report.tombstones_deleted += batches(
+    pass.report.tombstones_deleted += batches(
         client,
         "DELETE FROM carts WHERE owner IN (SELECT owner FROM carts \
          WHERE purged_at < now() - make_interval(secs => $1) LIMIT $2)",
@@ -203,7 +243,7 @@ async fn shard_pass(
         size,
     )
     .await?;
-    report.idempotency_keys_purged += batches(
+    pass.report.idempotency_keys_purged += batches(
         client,
         "DELETE FROM idempotency_keys WHERE (owner, key) IN (SELECT owner, key \
          FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1) \
@@ -213,7 +253,8 @@ async fn shard_pass(
         size,
     )
     .await?;
-    report.merge_records_purged += batches(
+    settle_stale_merges(store, client, shard, config, pass).await?;
+    pass.report.merge_records_purged += batches(
         client,
         "DELETE FROM cart_merges WHERE (user_owner, guest_owner, guest_version) IN \
          (SELECT user_owner, guest_owner, guest_version FROM cart_merges \
@@ -238,7 +279,7 @@ async fn shard_pass(
             continue;
         }
         match orders::release(store, order_id.as_str()).await {
-            Ok(true) => report.reservations_released += 1,
+            Ok(true) => pass.report.reservations_released += 1,
             Ok(false) => {}
             // Logged where found; the order stays pending (its stock was not returned) and
             // the rest of the pass goes on.
@@ -252,12 +293,120 @@ async fn shard_pass(
             OrderStatus::Expired
         };
         match orders::settle_order(store, shard, &order_id, status).await {
-            Ok(Some(order)) if order.status == OrderStatus::Expired => report.orders_expired += 1,
+            Ok(Some(order)) if order.status == OrderStatus::Expired => {
+                pass.report.orders_expired += 1
+            }
             Ok(_) | Err(StoreError::Corrupt(_)) => {}
             Err(error) => return Err(error),
         }
     }
     Ok(())
+}
+
+/// Frozen guest carts on a shard older than `janitor.stale_merge_after`, oldest first: (guest,
+/// user, frozen version, user cart's shard).
+const STALE_MERGES: &str = "\
+    SELECT owner, merging_into, merge_version, merge_user_shard FROM carts \
+    WHERE merging_into IS NOT NULL AND merge_version IS NOT NULL \
+      AND merge_user_shard IS NOT NULL \
+      AND merge_started_at < now() - make_interval(secs => $1) \
+    ORDER BY merge_started_at LIMIT $2";
+
+/// Settles the stale merges of guest carts on `shard` whose user cart is homed here too, and
+/// hands the others back in [`Pass::elsewhere`] (see the module docs). One bounded batch per
+/// pass; each merge is settled on its own, and one that fails is logged and tried again by the
+/// next pass.
+async fn settle_stale_merges(
+    store: &Store,
+    client: &Object,
+    shard: &str,
+    config: &Config,
+    pass: &mut Pass,
+) -> Result<(), StoreError> {
+    let stale = client.prepare_cached(STALE_MERGES).await?;
+    let rows = client
+        .query(
+            &stale,
+            &[
+                &secs(config.janitor.stale_merge_after.0),
+                &config.janitor.batch_size,
+            ],
+        )
+        .await?;
+    for row in rows {
+        let merge = StaleMerge {
+            guest: OwnerKey::from_stored(row.try_get::<_, String>(0)?),
+            shard: shard.to_string(),
+            user: row.try_get(1)?,
+            version: row.try_get(2)?,
+            user_shard: row.try_get(3)?,
+        };
+        if !store.is_home(&merge.user_shard) {
+            pass.elsewhere.push(merge);
+            continue;
+        }
+        let settled = merge::settle(
+            store,
+            &merge.user_shard,
+            &merge.user,
+            merge.guest.as_str(),
+            merge.version,
+        )
+        .await;
+        let done = match settled {
+            Ok(settled) => carry_out(store, &merge, settled, &mut pass.report).await,
+            Err(error) => Err(error),
+        };
+        match done {
+            Ok(Some(cart)) => pass.changed.push(cart),
+            Ok(None) => {}
+            // The fence, if recorded, stays: the next pass (or a retry) lifts the freeze.
+            Err(error) => {
+                tracing::warn!(%error, guest = %merge.guest, user = %merge.user, frozen_version = merge.version, "stale merge not settled; the next pass tries again");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Carries out what the user's side decided about a stale merge, on the guest's shard (homed
+/// here): finishes it (`Applied`) or rolls it back (`Fenced`). Counts it in `report` and logs
+/// it; returns the guest cart as it now is, or None when the freeze was no longer this merge's
+/// (a retry or another janitor got there first, and is counted where it happened).
+pub async fn carry_out(
+    store: &Store,
+    merge: &StaleMerge,
+    settled: Settled,
+    report: &mut JanitorReport,
+) -> Result<Option<StoredCart>, StoreError> {
+    let (guest, user, version) = (&merge.guest, merge.user.as_str(), merge.version);
+    let cart = match settled {
+        Settled::Applied => merge::finalize(store, &merge.shard, guest, user, version).await?,
+        Settled::Fenced => merge::abort(store, &merge.shard, guest, user, version).await?,
+    };
+    let Some(cart) = cart else {
+        return Ok(None);
+    };
+    let outcome = match settled {
+        Settled::Applied => {
+            report.merges_finished += 1;
+            "finished"
+        }
+        Settled::Fenced => {
+            report.merges_rolled_back += 1;
+            "rolled_back"
+        }
+    };
+    tracing::info!(
+        guest = %guest,
+        user,
+        user_shard = %merge.user_shard,
+        frozen_version = version,
+        version = cart.version,
+        outcome,
+        "stale merge settled by the janitor"
+    );
+    Ok(Some(cart))
 }
 
 async fn reservation_pass(

@@ -15,9 +15,12 @@
 //!    behaves like no session from then on: [`WriteTx::merged_away`] is how the write path asks.
 //!
 //! A crash after 1 leaves the guest cart frozen and unmerged; after 2, merged and frozen. Either
-//! way a retry converges to "merged once, guest cart empty". [`abort`] lifts a freeze whose
-//! merge was refused (edges of earlier releases refused carts in different currencies; a guest
-//! cart in another currency is now re-priced from the user's home catalog instead).
+//! way a retry converges to "merged once, guest cart empty". When nobody retries, the janitor
+//! settles the merge (`store::janitor`): [`settle`] on the user's shard says whether step 2 ran
+//! (then [`finalize`], what a retry would do) or fences it off for good (then [`abort`], which
+//! gives the guest their cart back). [`abort`] also lifts a freeze whose merge was refused
+//! (edges of earlier releases refused carts in different currencies; a guest cart in another
+//! currency is now re-priced from the user's home catalog instead).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,12 +50,16 @@ pub enum FreezeOutcome {
     Busy,
 }
 
-/// Step 1, on the guest cart's home shard.
+/// Step 1, on the guest cart's home shard. `user_shard` is where the user's cart lives (None
+/// from edges of earlier releases): recorded with the freeze so the janitor can settle a merge
+/// nobody retried. Freezing again for the same user returns the same snapshot and restarts the
+/// freeze's age, so the janitor leaves a merge alone while its client is retrying it.
 pub async fn freeze(
     store: &Store,
     shard: &str,
     guest: &OwnerKey,
     user: &str,
+    user_shard: Option<&str>,
 ) -> Result<FreezeOutcome, StoreError> {
     let client = store.db_write(shard).await?;
     tx::run(client, async |client| {
@@ -72,19 +79,33 @@ pub async fn freeze(
         let merge_version: Option<i64> = row.try_get(2)?;
         let cart = carts::load(client, guest).await?;
         match merging_into {
-            Some(into) if into == user => Ok(FreezeOutcome::Frozen(Frozen {
-                cart,
-                version: merge_version.unwrap_or(version),
-            })),
+            Some(into) if into == user => {
+                let touch = client
+                    .prepare_cached(
+                        "UPDATE carts SET merge_started_at = now(), \
+                         merge_user_shard = COALESCE($2, merge_user_shard) WHERE owner = $1",
+                    )
+                    .await?;
+                client
+                    .execute(&touch, &[&guest.as_str(), &user_shard])
+                    .await?;
+                Ok(FreezeOutcome::Frozen(Frozen {
+                    cart,
+                    version: merge_version.unwrap_or(version),
+                }))
+            }
             Some(_) => Ok(FreezeOutcome::Busy),
             None if cart.lines.is_empty() => Ok(FreezeOutcome::Frozen(Frozen { cart, version })),
             None => {
                 let mark = client
                     .prepare_cached(
-                        "UPDATE carts SET merging_into = $2, merge_version = version WHERE owner = $1",
+                        "UPDATE carts SET merging_into = $2, merge_version = version, \
+                         merge_started_at = now(), merge_user_shard = $3 WHERE owner = $1",
                     )
                     .await?;
-                client.execute(&mark, &[&guest.as_str(), &user]).await?;
+                client
+                    .execute(&mark, &[&guest.as_str(), &user, &user_shard])
+                    .await?;
                 Ok(FreezeOutcome::Frozen(Frozen { cart, version }))
             }
         }
@@ -106,6 +127,7 @@ pub async fn finalize(
         let lift = client
             .prepare_cached(
                 "UPDATE carts SET merging_into = NULL, merge_version = NULL, \
+                 merge_started_at = NULL, merge_user_shard = NULL, \
                  version = version + 1, updated_at = now(), merged_at = now() \
                  WHERE owner = $1 AND merging_into = $2 AND merge_version = $3 RETURNING version",
             )
@@ -134,25 +156,110 @@ pub async fn finalize(
     .await
 }
 
-/// Lifts `user`'s freeze at `version` without touching the lines (the merge was refused).
+/// Lifts `user`'s freeze at `version` without touching the lines: the merge was refused, or
+/// fenced off by [`settle`]. The version moves on, so a later merge freezes a new version and
+/// never meets this one's fence. Returns the cart when this call lifted the freeze (None: it
+/// was not that freeze any more).
 pub async fn abort(
     store: &Store,
     shard: &str,
     guest: &OwnerKey,
     user: &str,
     version: i64,
-) -> Result<(), StoreError> {
+) -> Result<Option<StoredCart>, StoreError> {
     let client = store.db_write(shard).await?;
-    let lift = client
-        .prepare_cached(
-            "UPDATE carts SET merging_into = NULL, merge_version = NULL \
-             WHERE owner = $1 AND merging_into = $2 AND merge_version = $3",
+    tx::run(client, async |client| {
+        let lift = client
+            .prepare_cached(
+                "UPDATE carts SET merging_into = NULL, merge_version = NULL, \
+                 merge_started_at = NULL, merge_user_shard = NULL, \
+                 version = version + 1, updated_at = now() \
+                 WHERE owner = $1 AND merging_into = $2 AND merge_version = $3 RETURNING version",
+            )
+            .await?;
+        let Some(row) = client
+            .query_opt(&lift, &[&guest.as_str(), &user, &version])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let new_version: i64 = row.try_get(0)?;
+        events::record(
+            client,
+            guest.as_str(),
+            new_version,
+            "merge_rolled_back",
+            &json!({ "into": user, "frozen_version": version }),
         )
         .await?;
-    client
-        .execute(&lift, &[&guest.as_str(), &user, &version])
-        .await?;
-    Ok(())
+        Ok(Some(carts::load(client, guest).await?))
+    })
+    .await
+}
+
+/// What the user's side says about a frozen guest version (see [`settle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Step 2 committed: the merge is finished by emptying the guest cart ([`finalize`]).
+    Applied,
+    /// Step 2 never committed and now never will (a fence is recorded in its place): the merge
+    /// is rolled back by lifting the freeze ([`abort`]).
+    Fenced,
+}
+
+/// Decides a merge nobody finished, on the user cart's home shard: whether `guest`'s frozen
+/// `version` reached `user`'s cart. If not, a fence takes the merge record's place in the same
+/// transaction, so an edge still holding that snapshot (a client's retry at this moment) finds
+/// it in [`WriteTx::apply_merge`] and adds nothing. The user's cart row is locked first, as
+/// step 2 locks it, so a step 2 in flight either committed before (`Applied`) or comes after
+/// and meets the fence; two janitors settling the same merge get the same answer.
+pub async fn settle(
+    store: &Store,
+    user_shard: &str,
+    user: &str,
+    guest: &str,
+    version: i64,
+) -> Result<Settled, StoreError> {
+    let client = store.db_write(user_shard).await?;
+    tx::run(client, async |client| {
+        let lock = client
+            .prepare_cached("SELECT 1 FROM carts WHERE owner = $1 FOR UPDATE")
+            .await?;
+        client.query_opt(&lock, &[&user]).await?;
+        // Without a user cart row there is nothing to lock; the record's primary key still
+        // orders this against a step 2 creating the cart (its insert waits on ours, or ours on
+        // its, and the loser sees the winner's record).
+        let fence = client
+            .prepare_cached(
+                "INSERT INTO cart_merges (user_owner, guest_owner, guest_version, report, abandoned_at) \
+                 VALUES ($1, $2, $3, $4, now()) ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        let empty = serde_json::to_value(MergeReport::default()).unwrap_or_default();
+        if client
+            .execute(&fence, &[&user, &guest, &version, &empty])
+            .await?
+            == 1
+        {
+            return Ok(Settled::Fenced);
+        }
+        let recorded = client
+            .prepare_cached(
+                "SELECT abandoned_at IS NOT NULL FROM cart_merges \
+                 WHERE user_owner = $1 AND guest_owner = $2 AND guest_version = $3",
+            )
+            .await?;
+        let fenced: bool = client
+            .query_one(&recorded, &[&user, &guest, &version])
+            .await?
+            .try_get(0)?;
+        Ok(if fenced {
+            Settled::Fenced
+        } else {
+            Settled::Applied
+        })
+    })
+    .await
 }
 
 /// What step 2 found.
@@ -165,6 +272,9 @@ pub enum MergeOutcome {
     },
     /// This frozen guest version was merged before: nothing done (roll back).
     AlreadyApplied { report: MergeReport },
+    /// The janitor rolled this frozen guest version back ([`settle`] fenced it): nothing done
+    /// (roll back); the guest cart is to be unfrozen ([`abort`]) and merged afresh.
+    Fenced,
 }
 
 impl WriteTx {
@@ -215,7 +325,7 @@ impl WriteTx {
             .try_get(1)?;
         let done = client
             .prepare_cached(
-                "SELECT report FROM cart_merges \
+                "SELECT report, abandoned_at IS NOT NULL FROM cart_merges \
                  WHERE user_owner = $1 AND guest_owner = $2 AND guest_version = $3",
             )
             .await?;
@@ -226,6 +336,9 @@ impl WriteTx {
             )
             .await?
         {
+            if row.try_get::<_, bool>(1)? {
+                return Ok(MergeOutcome::Fenced);
+            }
             let report: serde_json::Value = row.try_get(0)?;
             let report = serde_json::from_value(report).map_err(|error| {
                 StoreError::corrupt(format!(
@@ -308,13 +421,15 @@ impl WriteTx {
             client.execute(&upsert, &params).await?;
         }
         let report = serde_json::to_value(&plan.report).unwrap_or_default();
+        // A janitor settling this merge without a user cart row to lock may have fenced it since
+        // the check above: then nothing of this transaction may commit.
         let record = client
             .prepare_cached(
                 "INSERT INTO cart_merges (user_owner, guest_owner, guest_version, report) \
-                 VALUES ($1, $2, $3, $4)",
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
             )
             .await?;
-        client
+        let recorded = client
             .execute(
                 &record,
                 &[
@@ -325,6 +440,9 @@ impl WriteTx {
                 ],
             )
             .await?;
+        if recorded == 0 {
+            return Ok(MergeOutcome::Fenced);
+        }
         let cart = carts::load(client, user).await?;
         events::record(
             client,

@@ -1094,3 +1094,261 @@ async fn order_lines_keep_their_variant_and_line_id() {
         .await;
     assert_eq!(read.json()["items"], items);
 }
+
+/// Makes every frozen guest cart's freeze ten minutes old (past the default
+/// `janitor.stale_merge_after` of five).
+async fn age_freezes(app: &TestApp) {
+    app.sql(
+        "UPDATE carts SET merge_started_at = now() - interval '10 minutes' \
+         WHERE merging_into IS NOT NULL",
+    )
+    .await;
+}
+
+/// Makes every row change matching `trigger` (e.g. `BEFORE INSERT ON cart_merges FOR EACH
+/// ROW`) fail.
+async fn inject_failure(app: &TestApp, trigger: &str) {
+    app.sql(&format!(
+        "CREATE OR REPLACE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$; \
+         CREATE TRIGGER inject {trigger} EXECUTE FUNCTION fail();"
+    ))
+    .await;
+}
+
+/// Removes `session`'s sku-00006 line: 200 once the guest can use their cart, 409
+/// `merge_in_progress` while it is frozen.
+async fn guest_removes_a_line(app: &TestApp, session: &str) -> crate::helpers::TestResponse {
+    app.send(
+        "DELETE",
+        "/api/v1/cart/items/sku-00006",
+        &[h("cart-session", session)],
+        None,
+    )
+    .await
+}
+
+fn merges_settled(app: &TestApp, outcome: &str) -> String {
+    let metrics = app.app.metrics_text(cartedge::metrics::Format::Text);
+    metrics
+        .lines()
+        .find(|line| {
+            line.starts_with(&format!(
+                "cartedge_janitor_merges_resolved_total{{outcome=\"{outcome}\"}}"
+            ))
+        })
+        .unwrap_or_else(|| panic!("no {outcome} series:\n{metrics}"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_stale_merge_that_never_reached_the_user_cart_is_rolled_back_and_the_guest_keeps_it() {
+    let app = TestApp::spawn().await;
+    app.add("abandoned", "sku-00001", 1).await;
+    let session = guest_with(&app, &[("sku-00001", 2), ("sku-00006", 4)]).await;
+    // The merge freezes the guest cart, then fails on the user's side; nobody retries.
+    inject_failure(&app, "BEFORE INSERT ON cart_merges FOR EACH ROW").await;
+    let failed = merge(&app, "abandoned", &session, None).await;
+    assert!(failed.status.is_server_error(), "{}", failed.status);
+    app.sql("DROP TRIGGER inject ON cart_merges").await;
+    let frozen_version = guest_cart(&app, &session).await.version();
+
+    // Younger than janitor.stale_merge_after: left alone.
+    let young = app.app.janitor_once().await.unwrap();
+    assert_eq!((young.merges_finished, young.merges_rolled_back), (0, 0));
+    assert_eq!(
+        guest_removes_a_line(&app, &session).await.error_code(),
+        "merge_in_progress"
+    );
+
+    age_freezes(&app).await;
+    let report = app.app.janitor_once().await.unwrap();
+    assert_eq!(report.merges_rolled_back, 1, "{report:?}");
+    assert_eq!(report.merges_finished, 0, "{report:?}");
+    assert_eq!(
+        merges_settled(&app, "rolled_back"),
+        "cartedge_janitor_merges_resolved_total{outcome=\"rolled_back\"} 1"
+    );
+    // The guest has their cart back, lines and all, at a newer version (the cache too).
+    let guest = guest_cart(&app, &session).await;
+    assert!(guest.version() > frozen_version);
+    assert_eq!(guest.quantity_of("sku-00006"), 4);
+    let user = app.user("abandoned", "GET", "/api/v1/cart", None).await;
+    assert_eq!(user.quantity_of("sku-00001"), 1, "nothing reached the user");
+    let removed = guest_removes_a_line(&app, &session).await;
+    assert_eq!(removed.status, StatusCode::OK, "{:?}", removed.body);
+    // A later merge takes the cart as it is now, once.
+    let merged = merge(&app, "abandoned", &session, None).await;
+    assert_eq!(merged.status, StatusCode::OK, "{:?}", merged.body);
+    assert_eq!(merged.quantity_of("sku-00001"), 3);
+    assert_eq!(merged.quantity_of("sku-00006"), 0);
+    assert_eq!(
+        guest_cart(&app, &session).await.json()["items"],
+        Value::Array(vec![])
+    );
+    // Settled once: a second pass finds nothing.
+    let again = app.app.janitor_once().await.unwrap();
+    assert_eq!((again.merges_finished, again.merges_rolled_back), (0, 0));
+}
+
+#[tokio::test]
+async fn a_stale_merge_that_reached_the_user_cart_is_finished_with_the_lines_there_once() {
+    let app = TestApp::spawn().await;
+    app.add("half-done", "sku-00001", 1).await;
+    let session = guest_with(&app, &[("sku-00001", 2), ("sku-00006", 4)]).await;
+    // The user's side commits; emptying the guest cart fails; nobody retries.
+    inject_failure(
+        &app,
+        "BEFORE DELETE ON cart_items FOR EACH ROW WHEN (OLD.owner LIKE 'g:%')",
+    )
+    .await;
+    let half = merge(&app, "half-done", &session, None).await;
+    assert_eq!(half.status, StatusCode::OK, "{:?}", half.body);
+    app.sql("DROP TRIGGER inject ON cart_items").await;
+    assert_eq!(
+        guest_removes_a_line(&app, &session).await.error_code(),
+        "merge_in_progress"
+    );
+    let young = app.app.janitor_once().await.unwrap();
+    assert_eq!((young.merges_finished, young.merges_rolled_back), (0, 0));
+
+    age_freezes(&app).await;
+    let report = app.app.janitor_once().await.unwrap();
+    assert_eq!(report.merges_finished, 1, "{report:?}");
+    assert_eq!(report.merges_rolled_back, 0, "{report:?}");
+    assert_eq!(
+        merges_settled(&app, "finished"),
+        "cartedge_janitor_merges_resolved_total{outcome=\"finished\"} 1"
+    );
+    // Finished as a retry would: the guest cart is emptied and merged away, the user's holds
+    // the guest's lines once.
+    assert_eq!(
+        guest_cart(&app, &session).await.json()["items"],
+        Value::Array(vec![])
+    );
+    assert_eq!(
+        app.query_i64(
+            "SELECT count(*) FROM carts WHERE owner LIKE 'g:%' AND merged_at IS NOT NULL"
+        )
+        .await,
+        1
+    );
+    let user = app.user("half-done", "GET", "/api/v1/cart", None).await;
+    assert_eq!(user.quantity_of("sku-00001"), 3);
+    assert_eq!(user.quantity_of("sku-00006"), 4);
+    let retried = merge(&app, "half-done", &session, None).await;
+    assert_eq!(retried.status, StatusCode::OK);
+    assert_eq!(retried.quantity_of("sku-00001"), 3, "not doubled");
+    assert_eq!(retried.quantity_of("sku-00006"), 4, "not doubled");
+}
+
+#[tokio::test]
+async fn a_retry_holding_a_snapshot_the_janitor_rolled_back_adds_nothing_of_it_and_merges_afresh() {
+    let app = TestApp::spawn().await;
+    app.add("fenced", "sku-00001", 1).await;
+    let session = guest_with(&app, &[("sku-00001", 2), ("sku-00006", 4)]).await;
+    inject_failure(&app, "BEFORE INSERT ON cart_merges FOR EACH ROW").await;
+    let failed = merge(&app, "fenced", &session, None).await;
+    assert!(failed.status.is_server_error(), "{}", failed.status);
+    app.sql("DROP TRIGGER inject ON cart_merges").await;
+    age_freezes(&app).await;
+    // The janitor decides on the user's side, then fails to lift the freeze: the guest cart is
+    // still frozen at the snapshot a retry now gets, and that snapshot is fenced off.
+    inject_failure(
+        &app,
+        "BEFORE UPDATE ON carts FOR EACH ROW \
+         WHEN (OLD.merging_into IS NOT NULL AND NEW.merging_into IS NULL)",
+    )
+    .await;
+    let report = app.app.janitor_once().await.unwrap();
+    assert_eq!((report.merges_finished, report.merges_rolled_back), (0, 0));
+    assert_eq!(
+        app.query_i64("SELECT count(*) FROM cart_merges WHERE abandoned_at IS NOT NULL")
+            .await,
+        1
+    );
+    app.sql("DROP TRIGGER inject ON carts").await;
+    let retried = merge(&app, "fenced", &session, None).await;
+    assert_eq!(retried.status, StatusCode::OK, "{:?}", retried.body);
+    assert_eq!(
+        retried.quantity_of("sku-00001"),
+        3,
+        "the guest's lines once"
+    );
+    assert_eq!(
+        retried.quantity_of("sku-00006"),
+        4,
+        "the guest's lines once"
+    );
+    assert_eq!(
+        guest_cart(&app, &session).await.json()["items"],
+        Value::Array(vec![])
+    );
+    let last = merge(&app, "fenced", &session, None).await;
+    assert_eq!(last.quantity_of("sku-00001"), 3, "still not doubled");
+    let after = app.app.janitor_once().await.unwrap();
+    assert_eq!((after.merges_finished, after.merges_rolled_back), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_at_the_moment_the_janitor_settles_a_stale_merge_merges_exactly_once() {
+    let app = Arc::new(TestApp::spawn().await);
+    for round in 0..4 {
+        let user = format!("racer{round}");
+        app.add(&user, "sku-00001", 1).await;
+        let session = guest_with(&app, &[("sku-00001", 2), ("sku-00006", 4)]).await;
+        // Round 0 and 2: the merge never reached the user; 1 and 3: it did, the guest's
+        // clean-up failed.
+        let trigger = if round % 2 == 0 {
+            ("BEFORE INSERT ON cart_merges FOR EACH ROW", "cart_merges")
+        } else {
+            (
+                "BEFORE DELETE ON cart_items FOR EACH ROW WHEN (OLD.owner LIKE 'g:%')",
+                "cart_items",
+            )
+        };
+        inject_failure(&app, trigger.0).await;
+        let _ = merge(&app, &user, &session, None).await;
+        app.sql(&format!("DROP TRIGGER inject ON {}", trigger.1))
+            .await;
+        age_freezes(&app).await;
+        let janitor = {
+            let app = app.clone();
+            tokio::spawn(async move { app.app.janitor_once().await.unwrap() })
+        };
+        let retry = merge(&app, &user, &session, None).await;
+        let report = janitor.await.unwrap();
+        assert!(
+            retry.status == StatusCode::OK || retry.status == StatusCode::CONFLICT,
+            "round {round}: {} {:?}",
+            retry.status,
+            retry.body
+        );
+        assert!(report.merges_finished + report.merges_rolled_back <= 1);
+        // Whatever the interleaving, one more merge leaves the guest's lines in the user's
+        // cart exactly once and the guest cart empty.
+        let settled = merge(&app, &user, &session, None).await;
+        assert_eq!(
+            settled.status,
+            StatusCode::OK,
+            "round {round}: {:?}",
+            settled.body
+        );
+        assert_eq!(settled.quantity_of("sku-00001"), 3, "round {round}");
+        assert_eq!(settled.quantity_of("sku-00006"), 4, "round {round}");
+        assert_eq!(
+            guest_cart(&app, &session).await.json()["items"],
+            Value::Array(vec![]),
+            "round {round}"
+        );
+        assert_eq!(
+            app.query_i64(&format!(
+                "SELECT count(*) FROM cart_merges WHERE user_owner = 'u:{user}' \
+                 AND abandoned_at IS NULL"
+            ))
+            .await,
+            1,
+            "round {round}: one merge applied"
+        );
+    }
+}

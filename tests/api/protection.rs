@@ -295,3 +295,92 @@ async fn a_reload_applies_new_quotas_and_rotated_keys_without_a_restart() {
         StatusCode::OK
     );
 }
+
+/// Reads by `token` sent alternately to each edge in `edges`, `rounds` times round: how many were
+/// admitted, and how long it took (every answer is 200 or 429).
+async fn admitted_across(edges: &[&TestApp], token: &str, rounds: usize) -> (usize, Duration) {
+    let started = std::time::Instant::now();
+    let mut admitted = 0;
+    for round in 0..rounds {
+        for (n, edge) in edges.iter().enumerate() {
+            let response = edge.user_with_token(token, "GET", "/api/v1/cart").await;
+            match response.status {
+                StatusCode::OK => admitted += 1,
+                StatusCode::TOO_MANY_REQUESTS => {
+                    assert_eq!(response.error_code(), "rate_limited");
+                }
+                other => panic!("round {round}, edge {n}: {other}"),
+            }
+        }
+    }
+    (admitted, started.elapsed())
+}
+
+/// Asserts `admitted` is `expected` plus at most what `edges` edges refilled at `per_second`
+/// each while the requests ran.
+fn assert_admitted(
+    admitted: usize,
+    expected: usize,
+    edges: usize,
+    per_second: usize,
+    took: Duration,
+) {
+    let refilled = edges * per_second * (took.as_secs() as usize + 1);
+    assert!(
+        (expected..=expected + refilled).contains(&admitted),
+        "admitted {admitted}, expected {expected} (+{refilled} refilled in {took:?})"
+    );
+}
+
+#[tokio::test]
+async fn two_edges_of_a_region_admit_the_regional_burst_once_not_twice() {
+    // The region's quota: a burst of 10 reads, then one a second.
+    let overlay = |edges: u32| {
+        format!(
+            "[rate_limit]\nenabled = true\nedges = {edges}\n\
+             [rate_limit.user]\nreads = {{ per_second = 1, burst = 10 }}\n"
+        )
+    };
+    let first = TestApp::spawn_with(TestOptions {
+        overlay: overlay(2),
+        ..TestOptions::default()
+    })
+    .await;
+    let database = first.dsn.rsplit('/').next().unwrap().to_string();
+    let second = TestApp::spawn_on(
+        &first.dsn,
+        &database,
+        TestOptions {
+            overlay: overlay(2),
+            ..TestOptions::default()
+        },
+    )
+    .await;
+    let edges = [&first, &second];
+    // A shopper's token (user tier), alternating between the two edges as an even load
+    // balancer would: each edge admits its share (5), the region the burst (10).
+    let (admitted, took) = admitted_across(&edges, &first.token("shared-shopper"), 20).await;
+    assert_admitted(admitted, 10, 2, 1, took);
+    let policy = first
+        .user("policy-reader", "GET", "/api/v1/cart", None)
+        .await;
+    assert_eq!(
+        policy.header("ratelimit-policy"),
+        Some("\"user-reads\";q=5;w=5"),
+        "each edge names the share it enforces"
+    );
+
+    // Reloaded to one edge per region (as each edge's SIGHUP does), the same loop by another
+    // shopper gets the whole burst on each edge: twice the region's quota.
+    let single = crate::helpers::test_config(
+        &first.dsn,
+        first.config.redis.url.expose(),
+        &first.config.redis.key_prefix,
+        &overlay(1),
+    );
+    for edge in edges {
+        edge.app.reload(&single).unwrap();
+    }
+    let (admitted, took) = admitted_across(&edges, &first.token("another-shopper"), 20).await;
+    assert_admitted(admitted, 20, 2, 1, took);
+}

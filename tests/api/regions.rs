@@ -1312,3 +1312,99 @@ async fn a_visiting_shoppers_cart_is_priced_and_named_from_its_home_catalog_and_
     assert_eq!(query_i64(&regions.th_primary, stock).await, th_before - 2);
     assert_eq!(query_i64(&regions.sg_primary, stock).await, sg_before);
 }
+
+/// `user` logs in at sg with the guest `session`.
+async fn merge_at_sg(regions: &TwoRegions, user: &str, session: &str) -> TestResponse {
+    let headers = [
+        ("authorization", format!("Bearer {}", regions.token(user))),
+        ("cart-session", session.to_string()),
+    ];
+    regions
+        .send(&regions.sg, "POST", "/api/v1/cart/merge", &headers, None)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_merge_into_a_user_cart_homed_elsewhere_is_settled_by_the_guests_home_janitor() {
+    let regions = TwoRegions::start("2s").await;
+    let sg = regions.sg_primary.dsn("cartedge");
+    let th = regions.th_primary.dsn("cartedge");
+    let user = regions.user_homed_in("th", "stale");
+    let added = regions.add(&regions.th, &user, "sku-00001", 1, None).await;
+    assert_eq!(added.status, StatusCode::OK, "{:?}", added.body);
+    let fail = "CREATE OR REPLACE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS \
+                $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$;";
+    let age = "UPDATE carts SET merge_started_at = now() - interval '10 minutes' \
+               WHERE merging_into IS NOT NULL";
+
+    // 1. A guest homed in sg; the merge (run in th) fails before the user's cart is written.
+    let abandoned = guest_minted_at(&regions, &regions.sg, "sku-00001").await;
+    execute(
+        &th,
+        &format!(
+            "{fail} CREATE TRIGGER inject BEFORE INSERT ON cart_merges \
+             FOR EACH ROW EXECUTE FUNCTION fail();"
+        ),
+    )
+    .await;
+    assert!(merge_at_sg(&regions, &user, &abandoned)
+        .await
+        .status
+        .is_server_error());
+    execute(&th, "DROP TRIGGER inject ON cart_merges").await;
+    execute(&sg, age).await;
+    // sg's janitor asks th, which fences the merge off: sg rolls it back.
+    let report = regions.sg.app.janitor_once().await.unwrap();
+    assert_eq!(
+        (report.merges_finished, report.merges_rolled_back),
+        (0, 1),
+        "{report:?}"
+    );
+    let again = guest_add(&regions, &regions.sg, &abandoned, "sku-00002", 1).await;
+    assert_eq!(again.status, StatusCode::OK, "the guest uses their cart");
+    assert_eq!(again.quantity_of("sku-00001"), 2);
+    assert_eq!(
+        regions
+            .get(&regions.th, &user, None)
+            .await
+            .quantity_of("sku-00001"),
+        1
+    );
+
+    // 2. Another guest; the merge reaches the user's cart in th, emptying the guest cart in sg
+    // fails.
+    let half = guest_minted_at(&regions, &regions.sg, "sku-00003").await;
+    execute(
+        &sg,
+        &format!(
+            "{fail} CREATE TRIGGER inject BEFORE DELETE ON cart_items \
+             FOR EACH ROW WHEN (OLD.owner LIKE 'g:%') EXECUTE FUNCTION fail();"
+        ),
+    )
+    .await;
+    let merged = merge_at_sg(&regions, &user, &half).await;
+    assert_eq!(merged.status, StatusCode::OK, "{:?}", merged.body);
+    assert_eq!(merged.quantity_of("sku-00003"), 2);
+    execute(&sg, "DROP TRIGGER inject ON cart_items").await;
+    execute(&sg, age).await;
+    // th says the merge was applied: sg finishes it, adding nothing.
+    let report = regions.sg.app.janitor_once().await.unwrap();
+    assert_eq!(
+        (report.merges_finished, report.merges_rolled_back),
+        (1, 0),
+        "{report:?}"
+    );
+    let guest = regions
+        .send(
+            &regions.sg,
+            "GET",
+            "/api/v1/cart",
+            &[("cart-session", half.clone())],
+            None,
+        )
+        .await;
+    assert_eq!(guest.json()["items"], serde_json::Value::Array(vec![]));
+    let user_cart = regions.get(&regions.th, &user, None).await;
+    assert_eq!(user_cart.quantity_of("sku-00003"), 2, "once");
+    assert_eq!(user_cart.quantity_of("sku-00001"), 1);
+}
