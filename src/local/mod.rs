@@ -918,7 +918,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
              [[auth.keys]]\nkid = \"local-hs256\"\nalgorithm = \"HS256\"\nsecret = \"{jwt}\"\n\n\
              [log]\nformat = \"{log_format}\"\n\n\
              [database]\ncatalog = \"{catalog}\"\ncatalog_primary = \"{catalog_primary}\"\n\n\
-             [database.peer_catalogs]\n{peer_catalogs}\n{shards}{rate_limit}",
+             [database.peer_catalogs]\n{peer_catalogs}\n{shards}[rate_limit]\nedges = {edges}\n",
             id = plan.id,
             currency = plan.currency,
             public = plan.public(),
@@ -930,7 +930,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             // reachable long enough for HAProxy to stop sending it requests.
             server_extra = if options.ha { "drain_grace = \"3s\"\n" } else { "" },
             // Each of a region's edges enforces its share of the regional quotas.
-            rate_limit = format!("[rate_limit]\nedges = {}\n", plan.edges.len()),
+            edges = plan.edges.len(),
             ring = ring_path.display(),
             regions = regions_dir.display(),
             pki = pki.display(),

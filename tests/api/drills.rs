@@ -73,6 +73,23 @@ fn sg_node(status: &serde_json::Value, role: &str) -> String {
         .to_string()
 }
 
+/// The URL of the sg Redis master.
+fn redis_master(status: &serde_json::Value) -> String {
+    status["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "sg")
+        .unwrap()["redis"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["role"] == "master")
+        .and_then(|r| r["url"].as_str())
+        .unwrap_or_else(|| panic!("no sg Redis master in {status}"))
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_failure_drill_holds_on_the_ha_cluster() {
     let dir = std::env::temp_dir().join(format!("cartedge-ha-{}", std::process::id()));
@@ -124,11 +141,30 @@ async fn every_failure_drill_holds_on_the_ha_cluster() {
             assert!(server["data_dir"].is_string() && server["dsn"].is_string());
         }
         assert!(region["haproxy"]["pid"].as_u64().is_some(), "{id}");
+        let redis: Vec<&str> = region["redis"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(redis, ["master", "replica"], "{id}");
+        assert_eq!(region["sentinels"].as_array().unwrap().len(), 3, "{id}");
     }
     assert!(before["regions"][0]["edge_url"]
         .as_str()
         .unwrap()
         .ends_with(&format!(":{edge_port}")));
+
+    // The Redis master dies: Sentinel promotes the replica, reads go on, the cache comes back.
+    let old_master = redis_master(&before);
+    let summary = drill(&dir_arg, "redis");
+    assert_eq!(summary["failed_reads"], 0, "{summary}");
+    assert!(summary["measured"]["cache_hits_after"].as_u64().unwrap() > 0);
+    assert_ne!(
+        redis_master(&status(&dir_arg)),
+        old_master,
+        "local status names the promoted Redis"
+    );
 
     // The primary dies: the standby takes over, writes come back within 15 s, nothing is lost.
     let old_primary = sg_node(&before, "primary");
