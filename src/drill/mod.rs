@@ -785,9 +785,9 @@ async fn replica_pause(
     let dsn = replica.dsn.clone();
     let fault = async {
         tokio::time::sleep_until(paused_at.into()).await;
-        replay(&dsn, "pg_wal_replay_pause").await?;
+        local::set_replay_paused(&dsn, true).await?;
         tokio::time::sleep_until(resume_at.into()).await;
-        replay(&dsn, "pg_wal_replay_resume").await?;
+        local::set_replay_paused(&dsn, false).await?;
         let mut measured = BTreeMap::new();
         measured.insert(
             "replay_paused_ms".into(),
@@ -797,24 +797,10 @@ async fn replica_pause(
     };
     let (runs, measured) = under_load(context, &shoppers, started, fault).await;
     if measured.is_err() {
-        let _ = replay(&replica.dsn, "pg_wal_replay_resume").await;
+        let _ = local::set_replay_paused(&replica.dsn, false).await;
     }
     summary.measured.extend(measured?);
     settle(context, summary, &shoppers, &runs).await?;
-    Ok(())
-}
-
-/// Calls `pg_wal_replay_pause()` or `pg_wal_replay_resume()` on a replica.
-async fn replay(dsn: &str, function: &str) -> Result<()> {
-    let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
-    let driver = tokio::spawn(connection);
-    let statement = match function {
-        "pg_wal_replay_pause" => "SELECT pg_wal_replay_pause()",
-        _ => "SELECT pg_wal_replay_resume()",
-    };
-    client.execute(statement, &[]).await?;
-    drop(client);
-    let _ = driver.await;
     Ok(())
 }
 

@@ -1785,6 +1785,20 @@ pub fn restart_redis_as_replica(dir: &Path, old: &ClusterRedis, master_port: u16
     Ok(pid)
 }
 
+/// Pauses or resumes a replica's WAL replay (`pg_wal_replay_pause()` / `_resume()`).
+pub async fn set_replay_paused(dsn: &str, paused: bool) -> Result<()> {
+    let (client, driver) = connect(dsn).await?;
+    let statement = if paused {
+        "SELECT pg_wal_replay_pause()"
+    } else {
+        "SELECT pg_wal_replay_resume()"
+    };
+    client.execute(statement, &[]).await?;
+    drop(client);
+    let _ = driver.await;
+    Ok(())
+}
+
 /// Each server of HAProxy's `edges` backend with its status (`UP`, `DOWN`, `MAINT`, …).
 pub async fn haproxy_states(stats_url: &str) -> Result<Vec<(String, String)>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
