@@ -138,6 +138,7 @@ impl App {
         }));
         let store = Arc::new(Store::new(&config, &metrics)?);
         store.cache.spawn_repair(CACHE_REPAIR_PERIOD);
+        store.cache.spawn_tracking();
         store.spawn_heartbeats();
         let region_header = HeaderValue::from_str(&config.region.id)?;
         let region_label = Arc::from(config.region.id.as_str());

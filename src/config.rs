@@ -21,6 +21,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::domain::ids::RegionId;
 use crate::domain::money::Currency;
 
+fn default_near_cache_entries() -> usize {
+    100_000
+}
+
 /// The prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "CARTEDGE__";
 
@@ -321,6 +325,10 @@ pub struct RedisConfig {
     /// Owners whose invalidation failed are remembered up to this many; past it the whole
     /// cache is distrusted and flushed when Redis is reachable again.
     pub max_pending_invalidations: usize,
+    /// Carts kept decoded in the edge's memory in front of Redis, coherent through Redis'
+    /// invalidation pushes (`CLIENT TRACKING`); 0 turns the near cache off.
+    #[serde(default = "default_near_cache_entries")]
+    pub near_cache_entries: usize,
     /// Redis Sentinel addresses (`redis://host:port`): when set, the master is whichever one
     /// these sentinels name for `master_name`, looked up again after a connection error or a
     /// `READONLY` reply, and `url` must keep its default (it would be ignored). Empty: `url`.

@@ -190,6 +190,8 @@ pub struct CacheMetrics {
     pub fill_ok: Counter,
     pub fill_refused: Counter,
     pub fill_skipped: Counter,
+    /// Reads the near cache answered (also counted as read hits).
+    pub near_hit: Counter,
 }
 
 impl CacheMetrics {
@@ -197,7 +199,7 @@ impl CacheMetrics {
         let family: Family<CacheLabels, Counter> = Family::default();
         registry.register(
             "cache_requests",
-            "Cache requests by operation (read, fill, store, fence) and result",
+            "Cache requests by operation (read, fill, store, fence; near: reads the in-process near cache answered) and result",
             family.clone(),
         );
         let get = |op, result| family.get_or_create(&CacheLabels { op, result }).clone();
@@ -208,6 +210,7 @@ impl CacheMetrics {
             fill_ok: get("fill", "ok"),
             fill_refused: get("fill", "refused"),
             fill_skipped: get("fill", "skipped"),
+            near_hit: get("near", "hit"),
             family,
         }
     }

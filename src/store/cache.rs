@@ -26,6 +26,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{RedisError, RedisResult, Script};
 
+use super::near::NearCache;
 use super::redis_link::RedisLink;
 
 use crate::config::RedisConfig;
@@ -102,6 +103,11 @@ pub struct Cache {
     distrust_all: AtomicBool,
     max_pending: usize,
     metrics: CacheMetrics,
+    /// Decoded carts in this edge's memory, coherent through Redis' invalidation pushes.
+    near: Arc<NearCache>,
+    /// `redis.url` when no sentinels are configured: where the near cache's tracking
+    /// connection goes (with sentinels: the current master).
+    direct_url: Option<String>,
 }
 
 impl Cache {
@@ -117,7 +123,34 @@ impl Cache {
             distrust_all: AtomicBool::new(false),
             max_pending: config.max_pending_invalidations,
             metrics,
+            near: Arc::new(NearCache::new(
+                config.near_cache_entries,
+                &config.key_prefix,
+            )),
+            direct_url: (!config.uses_sentinels()).then(|| config.url.expose().to_string()),
         })
+    }
+
+    /// Starts the near cache's tracking connection (a no-op when `redis.near_cache_entries` is
+    /// 0); it ends when the cache is dropped.
+    pub fn spawn_tracking(self: &Arc<Self>) {
+        let cache = Arc::downgrade(self);
+        let near = Arc::downgrade(&self.near);
+        tokio::spawn(super::near::track(near, move || {
+            let cache = cache.upgrade()?;
+            match &cache.direct_url {
+                Some(url) => Some(url.clone()),
+                None => cache
+                    .link
+                    .master()
+                    .map(|master| format!("redis://{master}/")),
+            }
+        }));
+    }
+
+    /// The near cache, for the metrics and tests.
+    pub fn near(&self) -> &NearCache {
+        &self.near
     }
 
     /// Runs one operation on a connection to the current Redis, the whole of it (a master
@@ -186,6 +219,16 @@ impl Cache {
             self.metrics.read_skipped.inc();
             return CacheRead::default();
         }
+        if let Some(cart) = self.near.get(owner.as_str()) {
+            // Counted as a read hit by the caller, like any cart the cache answers with.
+            self.metrics.near_hit.inc();
+            return CacheRead {
+                newest_version: Some(cart.version),
+                cart: Some(StoredCart::clone(&cart)),
+                answered: true,
+            };
+        }
+        let generation = self.near.generation();
         let mut command = redis::cmd("HMGET");
         command
             .arg(self.key(owner.as_str()))
@@ -204,6 +247,7 @@ impl Cache {
             Ok((Some(version), Some(body), Some(format))) if format == FORMAT => {
                 match serde_json::from_slice::<StoredCart>(&body) {
                     Ok(cart) if cart.version == version && cart.owner == owner.as_str() => {
+                        self.near.fill(&cart, generation);
                         CacheRead {
                             cart: Some(cart),
                             newest_version: Some(version),
@@ -272,7 +316,11 @@ impl Cache {
     /// and fenced later; reads skip the cache for it meanwhile.
     pub async fn store_committed(&self, cart: &StoredCart) {
         let body = serde_json::to_string(cart).unwrap_or_default();
-        match self.fenced_set(&cart.owner, cart.version, &body).await {
+        let stored = self.fenced_set(&cart.owner, cart.version, &body).await;
+        // Redis pushes the invalidation too; dropping the entry here as well means this edge's
+        // next read never waits on that push.
+        self.near.invalidate(&cart.owner);
+        match stored {
             Ok(true) => self.metrics.count("store", "ok"),
             Ok(false) => self.metrics.count("store", "refused"),
             Err(error) => {
@@ -285,7 +333,9 @@ impl Cache {
     /// Fences an owner at `version` (drops any older cached cart) without a cart body: for
     /// writes committed elsewhere (forwarded writes, invalidations from other regions).
     pub async fn fence(&self, owner: &str, version: i64) {
-        match self.fenced_set(owner, version, "").await {
+        let fenced = self.fenced_set(owner, version, "").await;
+        self.near.invalidate(owner);
+        match fenced {
             Ok(true) => self.metrics.count("fence", "ok"),
             Ok(false) => self.metrics.count("fence", "refused"),
             Err(error) => {

@@ -13,6 +13,7 @@ pub mod events;
 pub mod janitor;
 pub mod merge;
 pub mod migrate;
+pub mod near;
 pub mod orders;
 mod redis_link;
 pub mod tx;

@@ -202,3 +202,79 @@ async fn too_many_missed_invalidations_distrust_the_whole_cache_until_it_is_flus
         );
     }
 }
+
+/// Waits (bounded) until an edge's near cache is subscribed to Redis' invalidations.
+async fn near_cache_listening(app: &TestApp) {
+    for _ in 0..100 {
+        if app.app.store.cache.near().is_listening() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the near cache never subscribed to invalidations");
+}
+
+/// Two edges of one region on one Redis, each with its near cache: a version either edge
+/// acknowledged is never followed by an older one on the other when the reader carries it
+/// (`Cart-Min-Version`, as the writer's cookie does), and even a reader without it sees the
+/// new version as soon as Redis' invalidation push arrives (an edge that missed it would serve
+/// its in-memory cart forever). Reads in between are near-cache hits, not Redis round trips.
+#[tokio::test]
+async fn two_edges_of_a_region_never_serve_a_version_older_than_either_acknowledged() {
+    let first = TestApp::spawn().await;
+    let database = first.dsn.rsplit('/').next().unwrap().to_string();
+    let second = TestApp::spawn_on(&first.dsn, &database, TestOptions::default()).await;
+    near_cache_listening(&first).await;
+    near_cache_listening(&second).await;
+    let edges = [&first, &second];
+    for round in 0..12 {
+        let (writer, reader) = (edges[round % 2], edges[(round + 1) % 2]);
+        let version = writer.add("alice", "sku-00001", 1).await.version();
+        let seen = reader
+            .send(
+                "GET",
+                "/api/v1/cart",
+                &[
+                    reader.bearer("alice"),
+                    crate::helpers::h("cart-min-version", &version.to_string()),
+                ],
+                None,
+            )
+            .await;
+        assert_eq!(seen.status, StatusCode::OK);
+        assert!(
+            seen.version() >= version,
+            "round {round}: the other edge served {} after {version} was acknowledged",
+            seen.version()
+        );
+        // Without the version: the invalidation reaches the reader within a bounded time.
+        let mut plain = 0;
+        for _ in 0..100 {
+            plain = reader
+                .user("alice", "GET", "/api/v1/cart", None)
+                .await
+                .version();
+            if plain >= version {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            plain, version,
+            "round {round}: the invalidation never arrived"
+        );
+    }
+    for edge in edges {
+        // The first read may fill the edge's memory (its own write dropped its entry)…
+        edge.user("alice", "GET", "/api/v1/cart", None).await;
+        // …the next is answered from it.
+        let before = edge.app.metrics.cache.near_hit.get();
+        let view = edge.user("alice", "GET", "/api/v1/cart", None).await;
+        assert_eq!(view.header("cart-source"), Some("cache"));
+        assert_eq!(
+            edge.app.metrics.cache.near_hit.get(),
+            before + 1,
+            "a repeated read is answered from the edge's memory"
+        );
+    }
+}
