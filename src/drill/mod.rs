@@ -222,20 +222,54 @@ async fn under_load<F>(
 where
     F: std::future::Future<Output = Result<BTreeMap<String, serde_json::Value>>>,
 {
-    let pace = context.pace(started);
+    load_beside(context, shoppers, context.pace(started), false, fault).await
+}
+
+/// [`under_load`] whose shoppers keep going until `fault` is done (bounded by 5 minutes).
+async fn under_load_until_done<F>(
+    context: &Drilling,
+    shoppers: &[Shopper],
+    started: Instant,
+    fault: F,
+) -> (Vec<ShopperRun>, Result<BTreeMap<String, serde_json::Value>>)
+where
+    F: std::future::Future<Output = Result<BTreeMap<String, serde_json::Value>>>,
+{
+    let pace = Pace {
+        interval: context.args.interval,
+        until: started + Duration::from_secs(300),
+    };
+    load_beside(context, shoppers, pace, true, fault).await
+}
+
+/// Spawns every shopper at `pace`, awaits `fault`, then (with `stop_when_done`) stops them,
+/// and collects their runs.
+async fn load_beside<F>(
+    context: &Drilling,
+    shoppers: &[Shopper],
+    pace: Pace,
+    stop_when_done: bool,
+    fault: F,
+) -> (Vec<ShopperRun>, Result<BTreeMap<String, serde_json::Value>>)
+where
+    F: std::future::Future<Output = Result<BTreeMap<String, serde_json::Value>>>,
+{
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let tasks: Vec<_> = shoppers
         .iter()
         .cloned()
         .map(|shopper| {
+            let stop = stop_when_done.then(|| stopped.clone());
             tokio::spawn(load::run_shopper(
                 context.client.clone(),
                 shopper,
                 pace,
-                None,
+                stop,
             ))
         })
         .collect();
     let measured = fault.await;
+    let _ = stop.send(true);
     let mut runs = Vec::new();
     for task in tasks {
         runs.push(task.await.unwrap_or_default());
@@ -579,41 +613,6 @@ async fn edge(context: &Drilling, cluster: &ClusterFile, summary: &mut Summary) 
         bail!("{failed} requests failed during the rolling restart");
     }
     Ok(())
-}
-
-/// [`under_load`] whose shoppers keep going until `fault` is done (bounded by 5 minutes).
-async fn under_load_until_done<F>(
-    context: &Drilling,
-    shoppers: &[Shopper],
-    started: Instant,
-    fault: F,
-) -> (Vec<ShopperRun>, Result<BTreeMap<String, serde_json::Value>>)
-where
-    F: std::future::Future<Output = Result<BTreeMap<String, serde_json::Value>>>,
-{
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let limit = started + Duration::from_secs(300);
-    let tasks: Vec<_> = shoppers
-        .iter()
-        .cloned()
-        .map(|shopper| {
-            let client = context.client.clone();
-            let interval = context.args.interval;
-            let stopped = stopped.clone();
-            let pace = Pace {
-                interval,
-                until: limit,
-            };
-            tokio::spawn(load::run_shopper(client, shopper, pace, Some(stopped)))
-        })
-        .collect();
-    let measured = fault.await;
-    let _ = stop.send(true);
-    let mut runs = Vec::new();
-    for task in tasks {
-        runs.push(task.await.unwrap_or_default());
-    }
-    (runs, measured)
 }
 
 /// Waits until HAProxy sees `count` edges UP.

@@ -7,7 +7,7 @@
 //! struck (a failover happened, a request was refused during the partition) so a drill whose
 //! fault missed cannot pass.
 
-use crate::helpers::{cli, three_free_ports, LocalCluster as Cluster};
+use crate::helpers::{cli, local_up};
 
 /// Edge and admin ports of the HA test cluster: a range of their own, below the ephemeral one.
 const HA_TEST_PORTS: std::ops::Range<u16> = 10_000..11_990;
@@ -92,30 +92,8 @@ fn redis_master(status: &serde_json::Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_failure_drill_holds_on_the_ha_cluster() {
-    let dir = std::env::temp_dir().join(format!("cartedge-ha-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cluster = Cluster { dir: dir.clone() };
-    let dir_arg = dir.to_str().unwrap().to_string();
-    let edge_port = three_free_ports(0, HA_TEST_PORTS);
-    let admin_port = three_free_ports(edge_port + 3, HA_TEST_PORTS);
-    let up = cli(&[
-        "local",
-        "up",
-        "--ha",
-        "--detach",
-        "--dir",
-        &dir_arg,
-        "--edge-port",
-        &edge_port.to_string(),
-        "--admin-port",
-        &admin_port.to_string(),
-    ]);
-    assert!(
-        up.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&up.stdout),
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let started = local_up("ha", HA_TEST_PORTS, &["--ha"]);
+    let (dir_arg, edge_port) = (started.dir.clone(), started.edge_port);
 
     // cluster.json lists every HA part; the region's edge_url is HAProxy's front.
     let before = status(&dir_arg);
@@ -239,5 +217,5 @@ async fn every_failure_drill_holds_on_the_ha_cluster() {
         "{summary}"
     );
 
-    drop(cluster);
+    drop(started);
 }

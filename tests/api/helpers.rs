@@ -352,6 +352,56 @@ impl Drop for LocalCluster {
     }
 }
 
+/// A detached local cluster a test brought up (`local up --detach` in a directory of its own),
+/// stopped when dropped.
+pub struct StartedCluster {
+    pub cluster: LocalCluster,
+    /// The cluster's directory, as the `--dir` argument.
+    pub dir: String,
+    /// The sg edge's (or HAProxy front's) port; id and th use the next two.
+    pub edge_port: u16,
+    /// The sg admin port; id and th use the next two.
+    pub admin_port: u16,
+    /// What `local up` printed.
+    pub stdout: String,
+}
+
+/// Brings up `local up --detach <extra…>` in `<tmp>/cartedge-<name>-<pid>` on edge and admin
+/// ports from `ports`; fails the test with `local up`'s output when it does not come up.
+pub fn local_up(name: &str, ports: std::ops::Range<u16>, extra: &[&str]) -> StartedCluster {
+    let dir = std::env::temp_dir().join(format!("cartedge-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster = LocalCluster { dir: dir.clone() };
+    let dir_arg = dir.to_str().unwrap().to_string();
+    let edge_port = three_free_ports(0, ports.clone());
+    let admin_port = three_free_ports(edge_port + 3, ports);
+    let (edge, admin) = (edge_port.to_string(), admin_port.to_string());
+    let mut args = vec!["local", "up", "--detach"];
+    args.extend_from_slice(extra);
+    args.extend([
+        "--dir",
+        &dir_arg,
+        "--edge-port",
+        &edge,
+        "--admin-port",
+        &admin,
+    ]);
+    let up = cli(&args);
+    let stdout = String::from_utf8_lossy(&up.stdout).to_string();
+    assert!(
+        up.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    StartedCluster {
+        cluster,
+        dir: dir_arg,
+        edge_port,
+        admin_port,
+        stdout,
+    }
+}
+
 /// Where tests/api/local.rs and tests/api/ops.rs look for cluster ports: separate ranges, both
 /// below Linux's ephemeral range (32768+), so the two clusters never collide and no outgoing
 /// connection takes a port while a cluster comes up.

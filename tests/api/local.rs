@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use crate::helpers::{cli, three_free_ports, LocalCluster as Cluster, LOCAL_TEST_PORTS};
+use crate::helpers::{cli, local_up, three_free_ports, LOCAL_TEST_PORTS};
 
 async fn http(
     url: &str,
@@ -52,29 +52,11 @@ async fn http_with_headers(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
-    let dir = std::env::temp_dir().join(format!("cartedge-local-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cluster = Cluster { dir: dir.clone() };
-    let dir_arg = dir.to_str().unwrap().to_string();
-    let edge_port = three_free_ports(0, LOCAL_TEST_PORTS);
-    let admin_port = three_free_ports(edge_port + 3, LOCAL_TEST_PORTS);
-    let up = cli(&[
-        "local",
-        "up",
-        "--detach",
-        "--dir",
-        &dir_arg,
-        "--edge-port",
-        &edge_port.to_string(),
-        "--admin-port",
-        &admin_port.to_string(),
-    ]);
-    let stdout = String::from_utf8_lossy(&up.stdout).to_string();
-    assert!(
-        up.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let started = local_up("local", LOCAL_TEST_PORTS, &[]);
+    let dir = started.cluster.dir.clone();
+    let (dir_arg, edge_port, admin_port) =
+        (started.dir.clone(), started.edge_port, started.admin_port);
+    let stdout = started.stdout.clone();
     assert!(
         stdout.contains(&format!("http://127.0.0.1:{edge_port}/api/v1/cart")),
         "{stdout}"
@@ -441,7 +423,7 @@ async fn local_up_detach_serves_three_regions_and_local_down_stops_them() {
     assert!(tokio::net::TcpStream::connect(("127.0.0.1", edge_port))
         .await
         .is_err());
-    drop(cluster);
+    drop(started);
 }
 
 /// A bearer header for `sub` whose token homes it in `region` (minted by `cartedge token`).

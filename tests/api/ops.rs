@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::helpers::{cli, three_free_ports, LocalCluster as Cluster, OPS_TEST_PORTS};
+use crate::helpers::{cli, local_up, OPS_TEST_PORTS};
 use crate::schemathesis::running_in_ci;
 
 const RULES: &str = "ops/prometheus/alerts.yml";
@@ -400,30 +400,10 @@ async fn local_prometheus_scrapes_every_edge_and_answers_every_dashboard_express
     if tool_or_skip("prometheus", "local prometheus").is_none() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("cartedge-ops-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cluster = Cluster { dir: dir.clone() };
-    let dir_arg = dir.to_str().unwrap().to_string();
-    let edge_port = three_free_ports(0, OPS_TEST_PORTS);
-    let admin_port = three_free_ports(edge_port + 3, OPS_TEST_PORTS);
-    let up = cli(&[
-        "local",
-        "up",
-        "--detach",
-        "--with-prometheus",
-        "--dir",
-        &dir_arg,
-        "--edge-port",
-        &edge_port.to_string(),
-        "--admin-port",
-        &admin_port.to_string(),
-    ]);
-    assert!(
-        up.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&up.stdout),
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let started = local_up("ops", OPS_TEST_PORTS, &["--with-prometheus"]);
+    let dir = started.cluster.dir.clone();
+    let (dir_arg, edge_port, admin_port) =
+        (started.dir.clone(), started.edge_port, started.admin_port);
     let cluster_file: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
     let prometheus = cluster_file["prometheus_url"]
@@ -583,5 +563,5 @@ async fn local_prometheus_scrapes_every_edge_and_answers_every_dashboard_express
             .is_err(),
         "local down stops Prometheus"
     );
-    drop(cluster);
+    drop(started);
 }
