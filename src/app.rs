@@ -22,6 +22,18 @@ use crate::topology::Topology;
 /// How often missed cache invalidations are retried.
 const CACHE_REPAIR_PERIOD: Duration = Duration::from_millis(250);
 
+/// Parked adds one reconciler pass reads (a full batch is followed by another pass at once).
+const RECONCILE_BATCH: i64 = 500;
+
+/// What one reconciler pass did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReconcilePass {
+    pub applied: u64,
+    pub rejected: u64,
+    /// The pass read a full batch: more may be waiting.
+    pub full_batch: bool,
+}
+
 /// How often rate limiters drop idle keys.
 const LIMITS_HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(10);
 
@@ -255,6 +267,23 @@ impl App {
                 });
             }
         }
+        if crate::store::parking::parking_shard(&self.store).is_some() && self.forwarder.is_some() {
+            // Runs even with `parking.enabled` off, so adds parked before are still delivered.
+            let app = Arc::downgrade(self);
+            tokio::spawn(async move {
+                loop {
+                    let Some(app) = app.upgrade() else { return };
+                    let pause = match app.reconcile_parked_once().await {
+                        Ok(pass) if pass.full_batch && pass.applied + pass.rejected > 0 => {
+                            Duration::ZERO
+                        }
+                        _ => app.config.parking.interval.0,
+                    };
+                    drop(app);
+                    tokio::time::sleep(pause).await;
+                }
+            });
+        }
         if self.config.janitor.enabled {
             let app = Arc::downgrade(self);
             let period = self.config.janitor.interval.0;
@@ -269,6 +298,132 @@ impl App {
                 }
             });
         }
+    }
+
+    /// One reconciler pass over this region's parked adds (`store::parking`), if this edge gets
+    /// the region's reconciler lock: the oldest pending adds, in arrival order, are sent to
+    /// their home regions with their keys (`forward::parked`). An applied add fences this
+    /// region's cache at the version home answered with, then is deleted; a refused one (or one
+    /// older than `parking.max_age`) becomes a rejected record; an owner whose add must wait
+    /// has its later adds wait too, and a home that cannot be reached is not tried again in
+    /// this pass. Every edge then refreshes `cartedge_parked_writes`.
+    pub async fn reconcile_parked_once(&self) -> Result<ReconcilePass, crate::store::StoreError> {
+        use crate::store::parking;
+        let Some(shard) = parking::parking_shard(&self.store) else {
+            return Ok(ReconcilePass::default());
+        };
+        let mut pass = ReconcilePass::default();
+        if let Some(lock) = parking::lock(&self.store, &shard).await? {
+            let worked = self.reconcile_with(&lock).await;
+            lock.finish().await;
+            pass = worked?;
+        }
+        match parking::counts(&self.store, &shard).await {
+            Ok((pending, rejected)) => {
+                let gauge = &self.metrics.parking.parked_writes;
+                use crate::metrics::StateLabels;
+                gauge
+                    .get_or_create(&StateLabels { state: "pending" })
+                    .set(pending);
+                gauge
+                    .get_or_create(&StateLabels { state: "rejected" })
+                    .set(rejected);
+            }
+            Err(error) => tracing::debug!(%shard, %error, "parked writes not counted"),
+        }
+        Ok(pass)
+    }
+
+    async fn reconcile_with(
+        &self,
+        lock: &crate::store::parking::Reconciling,
+    ) -> Result<ReconcilePass, crate::store::StoreError> {
+        use crate::forward::parked::{self, Outcome};
+        use std::collections::HashSet;
+        let adds = lock
+            .pending(self.config.parking.max_age.0, RECONCILE_BATCH)
+            .await?;
+        let mut pass = ReconcilePass {
+            full_batch: adds.len() as i64 >= RECONCILE_BATCH,
+            ..ReconcilePass::default()
+        };
+        let mut waiting_owners: HashSet<&str> = HashSet::new();
+        let mut unreachable: HashSet<&str> = HashSet::new();
+        let metrics = &self.metrics.parking;
+        for add in &adds {
+            if waiting_owners.contains(add.owner.as_str()) {
+                continue;
+            }
+            if add.expired {
+                let reason = format!(
+                    "the home region {} could not be reached within {}; the add was not applied",
+                    add.home,
+                    humantime::format_duration(self.config.parking.max_age.0)
+                );
+                lock.rejected(add, "parked_too_long", &reason).await?;
+                metrics.expired.inc();
+                pass.rejected += 1;
+                continue;
+            }
+            let forwarder = match &self.forwarder {
+                Some(forwarder) if !unreachable.contains(add.home.as_str()) => forwarder,
+                _ => {
+                    waiting_owners.insert(&add.owner);
+                    continue;
+                }
+            };
+            let request = parked::Request {
+                owner: add.owner.clone(),
+                idempotency_key: add.idempotency_key.clone(),
+                home_shard: add.home_shard.clone(),
+                body: add.body.clone(),
+            };
+            let sent = parked::send(
+                forwarder,
+                &add.home,
+                &self.config.region.id,
+                self.topology.ring.fingerprint(),
+                &request,
+            )
+            .await;
+            match sent {
+                Ok(Outcome::Applied { version }) => {
+                    // Fenced before the row goes: a read here in between sees the add twice
+                    // for a moment, never not at all.
+                    if let Some(version) = version {
+                        self.store.cache.fence(&add.owner, version).await;
+                    }
+                    lock.applied(add).await?;
+                    metrics.applied.inc();
+                    pass.applied += 1;
+                }
+                Ok(Outcome::Refused { code, message }) => {
+                    tracing::info!(owner = %add.owner, home = %add.home, %code, "parked add refused by its home region");
+                    lock.rejected(add, &code, &message).await?;
+                    metrics.rejected.inc();
+                    pass.rejected += 1;
+                }
+                Ok(Outcome::Retry { status }) => {
+                    tracing::debug!(owner = %add.owner, home = %add.home, %status, "parked add to be retried");
+                    lock.attempted(add).await?;
+                    waiting_owners.insert(&add.owner);
+                }
+                Err(error) => {
+                    tracing::debug!(home = %add.home, %error, "home region still unreachable; parked adds wait");
+                    lock.attempted(add).await?;
+                    waiting_owners.insert(&add.owner);
+                    unreachable.insert(&add.home);
+                }
+            }
+        }
+        if pass.applied + pass.rejected > 0 {
+            tracing::info!(
+                applied = pass.applied,
+                rejected = pass.rejected,
+                "parked adds reconciled"
+            );
+        }
+        Ok(pass)
     }
 
     /// Publishes one batch of a shard's outbox; returns how many events went out.

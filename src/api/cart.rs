@@ -11,6 +11,7 @@ use http::Response;
 use super::command::{self, CartWrite, Change, Placed, ViewCart};
 use super::error::ApiError;
 use super::idempotency;
+use super::parking;
 use super::relay::{self, RelayHead};
 use super::response::{self, SessionHeader};
 use super::{Body, Surface};
@@ -138,15 +139,31 @@ pub async fn view(
             });
         }
     }
+    let session = match &placed.owner {
+        Owner::Guest(session) => Some(SessionHeader::Existing(session)),
+        Owner::User(_) => None,
+    };
+    if surface == Surface::Public {
+        // Adds parked here for a cart homed elsewhere are part of the cart this region shows.
+        if let Some(parked) = Box::pin(parking::for_read(app, placed)).await {
+            let mut view = Box::pin(parking::render(app, &cart, placed, &parked)).await;
+            view.warnings.extend(warnings);
+            let pending = parked.pending.len();
+            return Ok(parking::respond(
+                app,
+                &view,
+                source,
+                session,
+                pending,
+                http::StatusCode::OK,
+            ));
+        }
+    }
     if read.if_none_match.matches(cart.version) && warnings.is_empty() {
         return Ok(response::not_modified(app, cart.version, source));
     }
     let mut view = render_view(app, &cart, placed.home).await;
     view.warnings.extend(warnings);
-    let session = match &placed.owner {
-        Owner::Guest(session) => Some(SessionHeader::Existing(session)),
-        Owner::User(_) => None,
-    };
     Ok(response::cart_view(app, &view, source, session))
 }
 

@@ -14,6 +14,7 @@ pub mod janitor;
 pub mod merge;
 pub mod migrate;
 pub mod orders;
+pub mod parking;
 mod redis_link;
 pub mod tx;
 
