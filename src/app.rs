@@ -25,6 +25,21 @@ const CACHE_REPAIR_PERIOD: Duration = Duration::from_millis(250);
 /// Parked adds one reconciler pass reads (a full batch is followed by another pass at once).
 const RECONCILE_BATCH: i64 = 500;
 
+/// How often a write waits for an owner's parked add another task is delivering, and how long
+/// each time (bounded: about a second in all).
+const FLUSH_ATTEMPTS: usize = 20;
+const FLUSH_PAUSE: Duration = Duration::from_millis(50);
+
+/// What became of one parked add sent home.
+enum Delivery {
+    Applied,
+    Rejected,
+    /// The home asked to retry (a concurrent request with its key, a merge, an outage there).
+    Wait,
+    /// The home region could not be reached.
+    Unreachable,
+}
+
 /// What one reconciler pass did.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ReconcilePass {
@@ -314,7 +329,7 @@ impl App {
         };
         let mut pass = ReconcilePass::default();
         if let Some(lock) = parking::lock(&self.store, &shard).await? {
-            let worked = self.reconcile_with(&lock).await;
+            let worked = self.reconcile_with(&shard, &lock).await;
             lock.finish().await;
             pass = worked?;
         }
@@ -336,9 +351,9 @@ impl App {
 
     async fn reconcile_with(
         &self,
+        shard: &str,
         lock: &crate::store::parking::Reconciling,
     ) -> Result<ReconcilePass, crate::store::StoreError> {
-        use crate::forward::parked::{self, Outcome};
         use std::collections::HashSet;
         let adds = lock
             .pending(self.config.parking.max_age.0, RECONCILE_BATCH)
@@ -349,68 +364,21 @@ impl App {
         };
         let mut waiting_owners: HashSet<&str> = HashSet::new();
         let mut unreachable: HashSet<&str> = HashSet::new();
-        let metrics = &self.metrics.parking;
         for add in &adds {
             if waiting_owners.contains(add.owner.as_str()) {
                 continue;
             }
-            if add.expired {
-                let reason = format!(
-                    "the home region {} could not be reached within {}; the add was not applied",
-                    add.home,
-                    humantime::format_duration(self.config.parking.max_age.0)
-                );
-                lock.rejected(add, "parked_too_long", &reason).await?;
-                metrics.expired.inc();
-                pass.rejected += 1;
+            if unreachable.contains(add.home.as_str()) && !add.expired {
+                waiting_owners.insert(&add.owner);
                 continue;
             }
-            let forwarder = match &self.forwarder {
-                Some(forwarder) if !unreachable.contains(add.home.as_str()) => forwarder,
-                _ => {
-                    waiting_owners.insert(&add.owner);
-                    continue;
-                }
-            };
-            let request = parked::Request {
-                owner: add.owner.clone(),
-                idempotency_key: add.idempotency_key.clone(),
-                home_shard: add.home_shard.clone(),
-                body: add.body.clone(),
-            };
-            let sent = parked::send(
-                forwarder,
-                &add.home,
-                &self.config.region.id,
-                self.topology.ring.fingerprint(),
-                &request,
-            )
-            .await;
-            match sent {
-                Ok(Outcome::Applied { version }) => {
-                    // Fenced before the row goes: a read here in between sees the add twice
-                    // for a moment, never not at all.
-                    if let Some(version) = version {
-                        self.store.cache.fence(&add.owner, version).await;
-                    }
-                    lock.applied(add).await?;
-                    metrics.applied.inc();
-                    pass.applied += 1;
-                }
-                Ok(Outcome::Refused { code, message }) => {
-                    tracing::info!(owner = %add.owner, home = %add.home, %code, "parked add refused by its home region");
-                    lock.rejected(add, &code, &message).await?;
-                    metrics.rejected.inc();
-                    pass.rejected += 1;
-                }
-                Ok(Outcome::Retry { status }) => {
-                    tracing::debug!(owner = %add.owner, home = %add.home, %status, "parked add to be retried");
-                    lock.attempted(add).await?;
+            match self.deliver_parked(shard, add).await? {
+                Delivery::Applied => pass.applied += 1,
+                Delivery::Rejected => pass.rejected += 1,
+                Delivery::Wait => {
                     waiting_owners.insert(&add.owner);
                 }
-                Err(error) => {
-                    tracing::debug!(home = %add.home, %error, "home region still unreachable; parked adds wait");
-                    lock.attempted(add).await?;
+                Delivery::Unreachable => {
                     waiting_owners.insert(&add.owner);
                     unreachable.insert(&add.home);
                 }
@@ -424,6 +392,106 @@ impl App {
             );
         }
         Ok(pass)
+    }
+
+    /// Delivers one parked add to its home region (`forward::parked`), with its key, and
+    /// records the outcome: applied (this region's cache fenced at the version home answered
+    /// with, then the row deleted), refused or older than `parking.max_age` (a rejected
+    /// record), or still waiting.
+    async fn deliver_parked(
+        &self,
+        shard: &str,
+        add: &crate::store::parking::ParkedAdd,
+    ) -> Result<Delivery, crate::store::StoreError> {
+        use crate::forward::parked::{self, Outcome};
+        use crate::store::parking;
+        let metrics = &self.metrics.parking;
+        if add.expired {
+            let reason = format!(
+                "the home region {} could not be reached within {}; the add was not applied",
+                add.home,
+                humantime::format_duration(self.config.parking.max_age.0)
+            );
+            parking::rejected(&self.store, shard, add, "parked_too_long", &reason).await?;
+            metrics.expired.inc();
+            return Ok(Delivery::Rejected);
+        }
+        let Some(forwarder) = &self.forwarder else {
+            return Ok(Delivery::Unreachable);
+        };
+        let request = parked::Request {
+            owner: add.owner.clone(),
+            idempotency_key: add.idempotency_key.clone(),
+            home_shard: add.home_shard.clone(),
+            body: add.body.clone(),
+        };
+        let sent = parked::send(
+            forwarder,
+            &add.home,
+            &self.config.region.id,
+            self.topology.ring.fingerprint(),
+            &request,
+        )
+        .await;
+        Ok(match sent {
+            Ok(Outcome::Applied { version }) => {
+                // Fenced before the row goes: a read here in between sees the add twice for a
+                // moment, never not at all.
+                if let Some(version) = version {
+                    self.store.cache.fence(&add.owner, version).await;
+                }
+                parking::applied(&self.store, shard, add).await?;
+                metrics.applied.inc();
+                Delivery::Applied
+            }
+            Ok(Outcome::Refused { code, message }) => {
+                tracing::info!(owner = %add.owner, home = %add.home, %code, "parked add refused by its home region");
+                parking::rejected(&self.store, shard, add, &code, &message).await?;
+                metrics.rejected.inc();
+                Delivery::Rejected
+            }
+            Ok(Outcome::Retry { status }) => {
+                tracing::debug!(owner = %add.owner, home = %add.home, %status, "parked add to be retried");
+                parking::attempted(&self.store, shard, add).await?;
+                Delivery::Wait
+            }
+            Err(error) => {
+                tracing::debug!(home = %add.home, %error, "home region still unreachable; parked adds wait");
+                parking::attempted(&self.store, shard, add).await?;
+                Delivery::Unreachable
+            }
+        })
+    }
+
+    /// Delivers `owner`'s parked adds before another write of that owner is relayed home, so
+    /// the home region applies the owner's writes in the order this region accepted them.
+    /// Returns whether none is left pending (false: the home region cannot take them now).
+    /// An add another task is delivering at the same moment is waited for, briefly.
+    pub async fn flush_parked(&self, owner: &OwnerKey) -> Result<bool, crate::store::StoreError> {
+        use crate::store::parking;
+        let Some(shard) = parking::parking_shard(&self.store) else {
+            return Ok(true);
+        };
+        let max_age = self.config.parking.max_age.0;
+        for _ in 0..FLUSH_ATTEMPTS {
+            let adds = parking::pending_of(&self.store, &shard, owner, max_age).await?;
+            let mut waiting = false;
+            for add in &adds {
+                match self.deliver_parked(&shard, add).await? {
+                    Delivery::Applied | Delivery::Rejected => {}
+                    Delivery::Wait => {
+                        waiting = true;
+                        break;
+                    }
+                    Delivery::Unreachable => return Ok(false),
+                }
+            }
+            if !waiting {
+                return Ok(true);
+            }
+            tokio::time::sleep(FLUSH_PAUSE).await;
+        }
+        Ok(false)
     }
 
     /// Publishes one batch of a shard's outbox; returns how many events went out.

@@ -436,7 +436,7 @@ async fn run(app: &App, command: Command<'_>) -> Result<Response<Body>, ApiError
     note_owner(app, &operation);
     if let Some(home) = forward_to {
         if let Operation::Write(write) = &operation {
-            if matches!(write.change, command::Change::Add(_)) {
+            if surface == Surface::Public && matches!(write.change, command::Change::Add(_)) {
                 // An add is parked here when its home region cannot be reached.
                 return Box::pin(parking::forward_add(
                     app,
@@ -456,6 +456,20 @@ async fn run(app: &App, command: Command<'_>) -> Result<Response<Body>, ApiError
             Operation::Checkout(checkout) => (Some(&checkout.user.key), None),
             Operation::Settle(_) | Operation::View(_) | Operation::GetOrder(_) => (None, None),
         };
+        // The key is minted here when the client sent none, so a 503 names the key the write
+        // would have run under.
+        let minted;
+        let key = match (key, owner) {
+            (None, Some(_)) => {
+                minted = relay::mint_key();
+                Some(minted.as_str())
+            }
+            (key, _) => key,
+        };
+        if let (Some(owner), Surface::Public) = (owner, surface) {
+            // The owner's adds parked here reach home before this write does.
+            Box::pin(parking::flush(app, owner, home, key)).await?;
+        }
         let write = relay::Write {
             surface,
             home,

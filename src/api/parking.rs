@@ -20,7 +20,7 @@ use super::response::{self, SessionHeader};
 use super::{names, Body, Surface};
 use crate::app::App;
 use crate::domain::cart::{self, CartView, PendingAdd, StoredCart, Warning};
-use crate::domain::ids::Owner;
+use crate::domain::ids::{Owner, OwnerKey};
 use crate::domain::variant::LineId;
 use crate::store::parking::{self, Caps, NewParkedAdd, ParkOutcome, ParkedAdd};
 use crate::store::Source;
@@ -40,7 +40,8 @@ pub struct Parked {
 /// Relays an add to the owner's home region; when that region cannot be reached, parks it
 /// here. The key the add runs under (the client's, or one minted here and returned) is the
 /// same for the relay and the parked add, so an add that reached home before its answer was
-/// lost is a replay when the reconciler delivers it.
+/// lost is a replay when the reconciler delivers it. The owner's adds parked earlier go first
+/// ([`flush`]); while they cannot, this one is parked behind them.
 pub async fn forward_add(
     app: &App,
     head: &RelayHead,
@@ -53,6 +54,9 @@ pub async fn forward_add(
     let key = client_key
         .map(str::to_string)
         .unwrap_or_else(relay::mint_key);
+    if let Err(unreachable) = flush(app, &write.cart.key, home, Some(&key)).await {
+        return Box::pin(park(app, write, &key, &body, unreachable)).await;
+    }
     let relayed = relay::Write {
         surface,
         home,
@@ -66,6 +70,38 @@ pub async fn forward_add(
             Box::pin(park(app, write, &key, &body, unreachable)).await
         }
         answered => answered,
+    }
+}
+
+/// Before a write of `owner` is relayed to its home region, delivers the owner's adds parked
+/// here (in arrival order), so the home applies the owner's writes in the order this region
+/// accepted them: a quantity set after a parked add must not be overtaken by it. While they
+/// cannot be delivered, the write gets the 503 `home_region_unavailable` it would get from an
+/// unreachable home. A parking shard that cannot be read does not hold the write up (logged).
+pub async fn flush(
+    app: &App,
+    owner: &OwnerKey,
+    home: &str,
+    idempotency_key: Option<&str>,
+) -> Result<(), ApiError> {
+    match app.flush_parked(owner).await {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            let retry_after = app
+                .forwarder
+                .as_ref()
+                .map_or(1, |forwarder| forwarder.retry_after_secs());
+            Err(ApiError::home_unreachable(
+                &"parked adds of the owner could not be delivered first",
+                home,
+                retry_after,
+                idempotency_key,
+            ))
+        }
+        Err(error) => {
+            tracing::warn!(%error, owner = %owner, "parked adds not read before relaying a write; relayed anyway");
+            Ok(())
+        }
     }
 }
 

@@ -235,20 +235,6 @@ pub async fn for_read(
     Ok((pending, rejected))
 }
 
-/// Whether `owner` has pending parked adds here.
-pub async fn has_pending(store: &Store, shard: &str, owner: &OwnerKey) -> Result<bool, StoreError> {
-    let client = store.db_write(shard).await?;
-    let statement = client
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM parked_writes WHERE owner = $1 AND state = 'pending')",
-        )
-        .await?;
-    Ok(client
-        .query_one(&statement, &[&owner.as_str()])
-        .await?
-        .try_get(0)?)
-}
-
 /// The reconciler's hold on the parking shard: a session advisory lock on a dedicated
 /// connection, so one reconciler per region works at a time. Release it with
 /// [`Reconciling::finish`].
@@ -300,44 +286,6 @@ impl Reconciling {
             .collect()
     }
 
-    /// The home region applied the add: it is no longer parked.
-    pub async fn applied(&self, add: &ParkedAdd) -> Result<(), StoreError> {
-        let client = self.client()?;
-        client
-            .execute(
-                "DELETE FROM parked_writes WHERE owner = $1 AND idempotency_key = $2",
-                &[&add.owner, &add.idempotency_key],
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// The add will never be applied: kept as a rejected record for the owner's next read.
-    pub async fn rejected(&self, add: &ParkedAdd, code: &str, reason: &str) -> Result<(), StoreError> {
-        let client = self.client()?;
-        client
-            .execute(
-                "UPDATE parked_writes SET state = 'rejected', reason_code = $3, reason = $4 \
-                 WHERE owner = $1 AND idempotency_key = $2 AND state = 'pending'",
-                &[&add.owner, &add.idempotency_key, &code, &reason],
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// One more failed attempt (the home was unreachable or asked to retry).
-    pub async fn attempted(&self, add: &ParkedAdd) -> Result<(), StoreError> {
-        let client = self.client()?;
-        client
-            .execute(
-                "UPDATE parked_writes SET attempts = attempts + 1 \
-                 WHERE owner = $1 AND idempotency_key = $2",
-                &[&add.owner, &add.idempotency_key],
-            )
-            .await?;
-        Ok(())
-    }
-
     /// Releases the lock; a connection that may still hold it is closed, never pooled.
     pub async fn finish(mut self) {
         let Some(client) = self.client.take() else {
@@ -361,6 +309,73 @@ impl Drop for Reconciling {
             let _ = Object::take(client);
         }
     }
+}
+
+/// The pending parked adds of one owner, in arrival order, each marked expired when older
+/// than `max_age`.
+pub async fn pending_of(
+    store: &Store,
+    shard: &str,
+    owner: &OwnerKey,
+    max_age: std::time::Duration,
+) -> Result<Vec<ParkedAdd>, StoreError> {
+    let client = store.db_write(shard).await?;
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS}, parked_at < now() - make_interval(secs => $2) \
+             FROM parked_writes WHERE owner = $1 AND state = 'pending' ORDER BY seq"
+        ))
+        .await?;
+    client
+        .query(&statement, &[&owner.as_str(), &max_age.as_secs_f64()])
+        .await?
+        .iter()
+        .map(|row| decode(row, row.try_get(14)?))
+        .collect()
+}
+
+/// The home region applied the add: it is no longer parked.
+pub async fn applied(store: &Store, shard: &str, add: &ParkedAdd) -> Result<(), StoreError> {
+    let client = store.db_write(shard).await?;
+    client
+        .execute(
+            "DELETE FROM parked_writes WHERE owner = $1 AND idempotency_key = $2",
+            &[&add.owner, &add.idempotency_key],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The add will never be applied: kept as a rejected record for the owner's next read.
+pub async fn rejected(
+    store: &Store,
+    shard: &str,
+    add: &ParkedAdd,
+    code: &str,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let client = store.db_write(shard).await?;
+    client
+        .execute(
+            "UPDATE parked_writes SET state = 'rejected', reason_code = $3, reason = $4 \
+             WHERE owner = $1 AND idempotency_key = $2 AND state = 'pending'",
+            &[&add.owner, &add.idempotency_key, &code, &reason],
+        )
+        .await?;
+    Ok(())
+}
+
+/// One more failed attempt (the home was unreachable or asked to retry).
+pub async fn attempted(store: &Store, shard: &str, add: &ParkedAdd) -> Result<(), StoreError> {
+    let client = store.db_write(shard).await?;
+    client
+        .execute(
+            "UPDATE parked_writes SET attempts = attempts + 1 \
+             WHERE owner = $1 AND idempotency_key = $2",
+            &[&add.owner, &add.idempotency_key],
+        )
+        .await?;
+    Ok(())
 }
 
 /// How many parked adds the region holds, by state (each counted up to [`GAUGE_ROW_CAP`]).

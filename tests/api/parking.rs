@@ -376,3 +376,44 @@ async fn adds_parked_through_lost_answers_and_a_second_cut_are_applied_exactly_o
     assert!(unknown.is_empty(), "never acknowledged: {unknown:?}");
     assert_eq!(lines.len(), ADDS);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_relayed_after_the_heal_first_delivers_the_owners_parked_adds() {
+    // No reconciler pass after start-up: only the write itself can deliver the parked add.
+    let regions = TwoRegions::start_with("700ms", "[parking]\ninterval = \"1h\"\n").await;
+    let user = regions.user_homed_in("sg", "flush");
+    let owner = format!("u:{user}");
+    // Reset: the add's own forward fails at once and never reaches sg later.
+    regions.proxy.partition("sg", "th", PartitionMode::Reset);
+    let parked = regions
+        .add(&regions.th, &user, "sku-00006", 2, Some("flush-add"))
+        .await;
+    assert_eq!(parked.status, StatusCode::ACCEPTED, "{:?}", parked.body);
+    regions.proxy.heal("sg", "th");
+    // The shopper sets the quantity they see: applied after the parked add, not before it.
+    let token = format!("Bearer {}", regions.token(&user));
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    let mut set = None;
+    while Instant::now() < deadline {
+        let answer = regions
+            .send(
+                &regions.th,
+                "PUT",
+                "/api/v1/cart/items/sku-00006",
+                &[("authorization", token.clone())],
+                Some(r#"{"quantity":5}"#),
+            )
+            .await;
+        // 503 while th's breaker to sg is still open from the cut.
+        if answer.status != StatusCode::SERVICE_UNAVAILABLE {
+            set = Some(answer);
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let set = set.expect("the set goes through after the heal");
+    assert_eq!(set.status, StatusCode::OK, "{:?}", set.body);
+    assert_eq!(set.quantity_of("sku-00006"), 5);
+    assert_eq!(regions.quantity_at_home(&user, "sku-00006").await, 5);
+    assert_eq!(parked_at_th(&regions, &owner).await, 0);
+}
