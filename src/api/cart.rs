@@ -334,3 +334,15 @@ fn successor_session(app: &App, shard: &str) -> Result<SessionId, ApiError> {
             ))
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warnings_added_here_are_in_the_closed_list() {
+        for code in [STALE_POSSIBLE, PRICES_UNAVAILABLE, ITEM_UNAVAILABLE] {
+            assert!(cart::WARNING_CODES.contains(&code), "{code}");
+        }
+    }
+}

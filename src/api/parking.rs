@@ -303,3 +303,15 @@ pub fn respond(
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parking_warnings_are_in_the_closed_list() {
+        for code in [WRITE_PENDING, WRITE_REJECTED] {
+            assert!(cart::WARNING_CODES.contains(&code), "{code}");
+        }
+    }
+}

@@ -262,6 +262,19 @@ pub struct LineView {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Every warning code a cart view can carry: the closed list `openapi.json` documents (a test
+/// checks both directions). The per-line ones are set here, the others by the API (`cart`,
+/// `parking`).
+pub const WARNING_CODES: [&str; 7] = [
+    "low_stock",
+    "out_of_stock",
+    "item_unavailable",
+    "prices_unavailable",
+    "stale_possible",
+    "write_pending",
+    "write_rejected",
+];
+
 /// Something the client should know about the cart that is not an error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Warning {
