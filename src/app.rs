@@ -236,8 +236,9 @@ impl App {
         .inspect(|app| app.spawn_background())
     }
 
-    /// Starts the outbox relay (per shard homed here) and the janitor, as configured. They end
-    /// when the app is dropped.
+    /// Starts the outbox relay (per shard homed here), the parked-add reconciler (in a region
+    /// that homes a shard and forwards) and the janitor, as configured. They end when the app is
+    /// dropped.
     fn spawn_background(self: &Arc<Self>) {
         let app = Arc::downgrade(self);
         tokio::spawn(async move {

@@ -155,7 +155,10 @@ pub async fn parked_add(app: &App, body: &[u8]) -> Result<Response<Body>, ApiErr
         }
         Some(("g", session)) => {
             let placement = command::guest_placement(app, &key)?;
-            (Owner::Guest(SessionId::verified(session.to_string())), placement)
+            (
+                Owner::Guest(SessionId::verified(session.to_string())),
+                placement,
+            )
         }
         _ => {
             return Err(ApiError::InvalidRequest(

@@ -574,10 +574,9 @@ async fn one_region_down_stops_only_its_own_shoppers(
     assert_eq!(status, 202, "{parked}");
     assert_eq!(headers["cart-write-pending"], "1");
     assert!(
-        parked["warnings"]
-            .as_array()
-            .is_some_and(|all| all.iter().any(|w| w["code"] == "write_pending"
-                && w["item_id"] == "sku-00005")),
+        parked["warnings"].as_array().is_some_and(|all| all
+            .iter()
+            .any(|w| w["code"] == "write_pending" && w["item_id"] == "sku-00005")),
         "{parked}"
     );
     let (status, refused, headers) = http_with_headers(

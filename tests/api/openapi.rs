@@ -86,7 +86,11 @@ fn the_documented_warning_codes_are_exactly_the_edges() {
         .map(|c| c.as_str().unwrap().to_string())
         .collect();
     let documented_set: BTreeSet<String> = documented.iter().cloned().collect();
-    assert_eq!(documented.len(), documented_set.len(), "a code documented twice");
+    assert_eq!(
+        documented.len(),
+        documented_set.len(),
+        "a code documented twice"
+    );
     assert_eq!(documented_set, edge);
 }
 

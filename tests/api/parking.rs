@@ -44,12 +44,10 @@ async fn parked_at_th(regions: &TwoRegions, owner: &str) -> i64 {
 
 /// Every line of `owner`'s cart at its home primary (sg), item → quantity.
 async fn lines_at_sg(regions: &TwoRegions, owner: &str) -> BTreeMap<String, i64> {
-    let (client, connection) = tokio_postgres::connect(
-        &regions.sg_primary.dsn("cartedge"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
+    let (client, connection) =
+        tokio_postgres::connect(&regions.sg_primary.dsn("cartedge"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
     let driver = tokio::spawn(connection);
     let rows = client
         .query(
@@ -66,12 +64,7 @@ async fn lines_at_sg(regions: &TwoRegions, owner: &str) -> BTreeMap<String, i64>
 fn warnings(response: &TestResponse, code: &str) -> Vec<Value> {
     response.json()["warnings"]
         .as_array()
-        .map(|all| {
-            all.iter()
-                .filter(|w| w["code"] == code)
-                .cloned()
-                .collect()
-        })
+        .map(|all| all.iter().filter(|w| w["code"] == code).cloned().collect())
         .unwrap_or_default()
 }
 
@@ -131,7 +124,11 @@ async fn adds_at_th_for_a_shopper_cut_off_from_sg_are_parked_shown_and_applied_o
     let replayed = regions
         .add(&regions.th, &user, "sku-00003", 1, Some("park-b"))
         .await;
-    assert_eq!(replayed.status, StatusCode::ACCEPTED, "a replay while parked");
+    assert_eq!(
+        replayed.status,
+        StatusCode::ACCEPTED,
+        "a replay while parked"
+    );
     assert_eq!(replayed.header("cart-write-pending"), Some("2"));
     assert_eq!(replayed.quantity_of("sku-00003"), 1, "parked once");
     let third = regions.add(&regions.th, &user, "sku-00004", 3, None).await;
@@ -145,7 +142,10 @@ async fn adds_at_th_for_a_shopper_cut_off_from_sg_are_parked_shown_and_applied_o
     let read = regions.get(&regions.th, &user, None).await;
     assert_eq!(read.status, StatusCode::OK);
     assert_eq!(read.header("cart-write-pending"), Some("3"));
-    assert_eq!(pending_items(&read), ["sku-00002", "sku-00003", "sku-00004"]);
+    assert_eq!(
+        pending_items(&read),
+        ["sku-00002", "sku-00003", "sku-00004"]
+    );
     assert_eq!(read.quantity_of("sku-00001"), 1);
     assert_eq!(read.quantity_of("sku-00002"), 2);
     assert_eq!(read.quantity_of("sku-00003"), 1);
@@ -161,10 +161,7 @@ async fn adds_at_th_for_a_shopper_cut_off_from_sg_are_parked_shown_and_applied_o
             &regions.th,
             "DELETE",
             "/api/v1/cart/items/sku-00009",
-            &[(
-                "authorization",
-                format!("Bearer {}", regions.token(&user)),
-            )],
+            &[("authorization", format!("Bearer {}", regions.token(&user)))],
             None,
         )
         .await;
@@ -184,7 +181,9 @@ async fn adds_at_th_for_a_shopper_cut_off_from_sg_are_parked_shown_and_applied_o
     .collect();
     let mut drained = false;
     while healed_at.elapsed() < DRAIN_LIMIT {
-        if parked_at_th(&regions, &owner).await == 0 && lines_at_sg(&regions, &owner).await == expected {
+        if parked_at_th(&regions, &owner).await == 0
+            && lines_at_sg(&regions, &owner).await == expected
+        {
             drained = true;
             break;
         }
@@ -270,7 +269,11 @@ async fn a_parked_add_past_999_is_reported_once_as_write_rejected_at_th() {
     assert_eq!(reported.quantity_of("sku-00005"), 990);
     // Reported once: the next read has no warning and nothing is left parked.
     let next = regions.get(&regions.th, &user, None).await;
-    assert!(warnings(&next, "write_rejected").is_empty(), "{:?}", next.json());
+    assert!(
+        warnings(&next, "write_rejected").is_empty(),
+        "{:?}",
+        next.json()
+    );
     assert_eq!(parked_at_th(&regions, &owner).await, 0);
     assert_eq!(regions.quantity_at_home(&user, "sku-00005").await, 990);
     assert_eq!(
@@ -285,12 +288,10 @@ async fn a_parked_add_past_999_is_reported_once_as_write_rejected_at_th() {
 /// Every line of `owner`'s cart at sg that is also still parked at th: adds the home region
 /// committed whose answer never reached th.
 async fn committed_but_still_parked(regions: &TwoRegions, owner: &str) -> usize {
-    let (client, connection) = tokio_postgres::connect(
-        &regions.th_primary.dsn("cartedge"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
+    let (client, connection) =
+        tokio_postgres::connect(&regions.th_primary.dsn("cartedge"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
     let driver = tokio::spawn(connection);
     let parked: Vec<String> = client
         .query(
@@ -305,7 +306,10 @@ async fn committed_but_still_parked(regions: &TwoRegions, owner: &str) -> usize 
     drop(client);
     let _ = driver.await;
     let home = lines_at_sg(regions, owner).await;
-    parked.iter().filter(|item| home.contains_key(*item)).count()
+    parked
+        .iter()
+        .filter(|item| home.contains_key(*item))
+        .count()
 }
 
 /// Polls (bounded) until sg has committed an add of `owner` that th still holds parked: an
@@ -369,7 +373,10 @@ async fn adds_parked_through_lost_answers_are_applied_exactly_once() {
     regions.proxy.set_delay("sg", "th", SLOW);
     assert_eq!(add(1, 1, &mut acknowledged).await, StatusCode::ACCEPTED);
     let lost_by_forward = await_lost_answer(&regions, &owners[1]).await;
-    assert_eq!(lost_by_forward, 1, "B's forward committed with its answer lost");
+    assert_eq!(
+        lost_by_forward, 1,
+        "B's forward committed with its answer lost"
+    );
     regions.proxy.set_delay("sg", "th", 0);
 
     // A: parked during a partition.
@@ -421,7 +428,9 @@ async fn adds_parked_through_lost_answers_are_applied_exactly_once() {
             }
         }
         assert!(
-            lines.keys().all(|item| acknowledged[shopper].contains(item)),
+            lines
+                .keys()
+                .all(|item| acknowledged[shopper].contains(item)),
             "lines never acknowledged: {lines:?}"
         );
     }

@@ -382,7 +382,12 @@ impl TwoRegions {
             .await
     }
 
-    pub(crate) async fn get(&self, edge: &Edge, user: &str, min_version: Option<i64>) -> TestResponse {
+    pub(crate) async fn get(
+        &self,
+        edge: &Edge,
+        user: &str,
+        min_version: Option<i64>,
+    ) -> TestResponse {
         let mut headers = vec![("authorization", format!("Bearer {}", self.token(user)))];
         if let Some(version) = min_version {
             headers.push(("cart-min-version", version.to_string()));
