@@ -203,35 +203,51 @@ pub async fn park(
 
 /// An owner's parked adds as a read in this region shows them: the pending ones in arrival
 /// order, and the rejected ones, which are deleted by this call (a rejection is reported once).
+/// One indexed read when nothing was rejected, the common case.
 pub async fn for_read(
     store: &Store,
     shard: &str,
     owner: &OwnerKey,
 ) -> Result<(Vec<ParkedAdd>, Vec<ParkedAdd>), StoreError> {
     let client = store.db_write(shard).await?;
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM parked_writes WHERE owner = $1 ORDER BY seq"
+        ))
+        .await?;
+    let (pending, rejected): (Vec<ParkedAdd>, Vec<ParkedAdd>) = client
+        .query(&statement, &[&owner.as_str()])
+        .await?
+        .iter()
+        .map(|row| decode(row, false))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .partition(|add| add.state == ParkedState::Pending);
+    if rejected.is_empty() {
+        return Ok((pending, rejected));
+    }
+    // Only the rejections read here are taken: one refused meanwhile is reported next time.
+    let keys: Vec<&str> = rejected
+        .iter()
+        .map(|add| add.idempotency_key.as_str())
+        .collect();
     let taken = client
-        .prepare_cached(&format!(
-            "DELETE FROM parked_writes WHERE owner = $1 AND state = 'rejected' RETURNING {COLUMNS}"
-        ))
+        .prepare_cached(
+            "DELETE FROM parked_writes WHERE owner = $1 AND state = 'rejected' \
+             AND idempotency_key = ANY($2) RETURNING idempotency_key",
+        )
         .await?;
-    let mut rejected = client
-        .query(&taken, &[&owner.as_str()])
+    let deleted: Vec<String> = client
+        .query(&taken, &[&owner.as_str(), &keys])
         .await?
         .iter()
-        .map(|row| decode(row, false))
-        .collect::<Result<Vec<_>, _>>()?;
-    rejected.sort_by_key(|add| add.seq);
-    let pending = client
-        .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM parked_writes WHERE owner = $1 AND state = 'pending' ORDER BY seq"
-        ))
-        .await?;
-    let pending = client
-        .query(&pending, &[&owner.as_str()])
-        .await?
-        .iter()
-        .map(|row| decode(row, false))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    // A concurrent read that took a rejection first reports it; this one does not.
+    let rejected = rejected
+        .into_iter()
+        .filter(|add| deleted.contains(&add.idempotency_key))
+        .collect();
     Ok((pending, rejected))
 }
 
