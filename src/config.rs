@@ -1033,6 +1033,33 @@ mod tests {
     }
 
     #[test]
+    fn parking_has_defaults_and_its_max_age_stays_below_the_idempotency_retention() {
+        let defaults = Config::load(&sources_with(""), SECRETS).unwrap();
+        assert!(defaults.parking.enabled);
+        assert_eq!(defaults.parking.max_per_owner, 50);
+        assert_eq!(defaults.parking.max_age.0, Duration::from_secs(6 * 3600));
+        for (overlay, problem) in [
+            (
+                "[parking]\nmax_age = \"24h\"\n",
+                "parking.max_age must be at least 1m and shorter than idempotency.retention",
+            ),
+            (
+                "[parking]\nmax_per_owner = 0\n",
+                "parking.max_per_owner must be within 1..=10000",
+            ),
+            (
+                "[parking]\ninterval = \"10ms\"\n",
+                "parking.interval must be at least 100ms",
+            ),
+        ] {
+            let error = Config::load(&sources_with(overlay), SECRETS).unwrap_err();
+            assert!(error.to_string().contains(problem), "{overlay}: {error}");
+        }
+        let longer = "[idempotency]\nretention = \"48h\"\n[parking]\nmax_age = \"24h\"\n";
+        assert!(Config::load(&sources_with(longer), SECRETS).is_ok());
+    }
+
+    #[test]
     fn stale_merges_and_edges_per_region_have_defaults_and_bounds() {
         let defaults = Config::load(&sources_with(""), SECRETS).unwrap();
         assert_eq!(

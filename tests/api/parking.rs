@@ -490,3 +490,74 @@ async fn a_write_relayed_after_the_heal_first_delivers_the_owners_parked_adds() 
     assert_eq!(regions.quantity_at_home(&user, "sku-00006").await, 5);
     assert_eq!(parked_at_th(&regions, &owner).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parking_is_capped_per_owner_and_an_add_parked_past_max_age_is_rejected_with_its_reason() {
+    let regions = TwoRegions::start_with(
+        "700ms",
+        "[parking]\ninterval = \"200ms\"\nmax_per_owner = 2\nmax_age = \"1h\"\n",
+    )
+    .await;
+    let user = regions.user_homed_in("sg", "capped");
+    let owner = format!("u:{user}");
+    regions.proxy.partition("sg", "th", PartitionMode::Reset);
+    for (n, item) in ["sku-00007", "sku-00008"].into_iter().enumerate() {
+        let parked = regions
+            .add(&regions.th, &user, item, 1, Some(&format!("capped-{n}")))
+            .await;
+        assert_eq!(parked.status, StatusCode::ACCEPTED, "{:?}", parked.body);
+    }
+    // Past the owner's cap: 503 as without parking.
+    let refused = regions
+        .add(&regions.th, &user, "sku-00009", 1, Some("capped-2"))
+        .await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.error_code(), "home_region_unavailable");
+    assert_eq!(refused.header("idempotency-key"), Some("capped-2"));
+    assert_eq!(parked_at_th(&regions, &owner).await, 2);
+    assert_eq!(
+        th_metric(
+            &regions,
+            "cartedge_parked_write_outcomes_total{outcome=\"refused\"}"
+        ),
+        1.0
+    );
+
+    // One of them has waited longer than parking.max_age: the reconciler rejects it although
+    // the home region is still out of reach, and the next read says why.
+    query_i64(
+        &regions.th_primary,
+        "WITH aged AS (UPDATE parked_writes SET parked_at = now() - interval '2 hours' \
+         WHERE owner = $1 AND idempotency_key = 'capped-0' RETURNING 1) \
+         SELECT count(*)::bigint FROM aged",
+        &owner,
+    )
+    .await;
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    let mut reported = None;
+    while Instant::now() < deadline {
+        let read = regions.get(&regions.th, &user, None).await;
+        if !warnings(&read, "write_rejected").is_empty() {
+            reported = Some(read);
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let reported = reported.expect("the expired add is reported");
+    let rejected = warnings(&reported, "write_rejected");
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0]["item_id"], "sku-00007");
+    let message = rejected[0]["message"].as_str().unwrap();
+    assert!(message.contains("parked_too_long"), "{message}");
+    // The other one is still pending, and still shown.
+    assert_eq!(pending_items(&reported), ["sku-00008"]);
+    assert_eq!(reported.header("cart-write-pending"), Some("1"));
+    assert_eq!(reported.quantity_of("sku-00007"), 0);
+    assert_eq!(
+        th_metric(
+            &regions,
+            "cartedge_parked_write_outcomes_total{outcome=\"expired\"}"
+        ),
+        1.0
+    );
+}
