@@ -8,7 +8,10 @@
 -- reconciler forwards an owner's adds in. `body` is the add as the client sent it: the home
 -- edge's idempotency fingerprint covers it, so it is forwarded byte for byte. A row the home
 -- region refused (or that outlived `parking.max_age`) becomes `rejected` with the reason, and
--- is deleted by the owner's next read in this region, which reports it once.
+-- is deleted by the owner's next read in this region, which reports it once. An add the home
+-- applied is marked with the cart version home answered (`applied_version`) before this
+-- region's cache is fenced and the row deleted: a read in between shows it only on a cart older
+-- than that version, so it is seen neither twice nor not at all.
 CREATE TABLE parked_writes (
     owner           text        NOT NULL,
     idempotency_key text        NOT NULL,
@@ -24,6 +27,7 @@ CREATE TABLE parked_writes (
     reason_code     text,
     reason          text,
     attempts        integer     NOT NULL DEFAULT 0,
+    applied_version bigint,
     parked_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (owner, idempotency_key)
 );

@@ -436,9 +436,10 @@ impl App {
         .await;
         Ok(match sent {
             Ok(Outcome::Applied { version }) => {
-                // Fenced before the row goes: a read here in between sees the add twice for a
-                // moment, never not at all.
+                // Marked with the version, then fenced, then gone: a read here in between
+                // shows the add on an older cart only, so never twice and never not at all.
                 if let Some(version) = version {
+                    parking::applying(&self.store, shard, add, version).await?;
                     self.store.cache.fence(&add.owner, version).await;
                 }
                 parking::applied(&self.store, shard, add).await?;

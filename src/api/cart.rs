@@ -80,6 +80,12 @@ pub async fn view(
         return Ok(response::cart_view(app, &view, Source::Replica, None));
     };
     let placed = &read.cart;
+    // Adds parked here for a cart homed elsewhere are part of the cart this region shows; they
+    // are read before the cart (`parking::for_read`).
+    let parked = match surface {
+        Surface::Public => Box::pin(parking::for_read(app, placed)).await.map(Box::new),
+        _ => None,
+    };
     let (mut cart, mut source, min_version) = app
         .store
         .load_cart(placed.shard, &placed.key, read.min_version)
@@ -107,9 +113,11 @@ pub async fn view(
         {
             Some(replayed) => (cart, source) = (replayed, Source::Replica),
             None => {
-                let home = relay::forward(app, relay_head, placed.home, None, None, Bytes::new());
-                match Box::pin(home).await {
-                    Ok(response) => return Ok(response),
+                match Box::pin(ask_home(app, relay_head, placed.home, parked.is_some())).await {
+                    Ok(HomeAnswer::Relayed(response)) => return Ok(response),
+                    Ok(HomeAnswer::Cart(home_cart)) => {
+                        (cart, source) = (*home_cart, Source::Primary)
+                    }
                     Err(error) => {
                         tracing::warn!(%error, home = placed.home, "home region unreachable; serving the replica's older cart");
                         warnings.push(cart::Warning {
@@ -143,9 +151,10 @@ pub async fn view(
         Owner::Guest(session) => Some(SessionHeader::Existing(session)),
         Owner::User(_) => None,
     };
-    if surface == Surface::Public {
-        // Adds parked here for a cart homed elsewhere are part of the cart this region shows.
-        if let Some(parked) = Box::pin(parking::for_read(app, placed)).await {
+    if let Some(mut parked) = parked {
+        Box::pin(parking::in_cart(app, placed, &mut parked, cart.version)).await;
+        let parked = *parked;
+        if !parked.pending.is_empty() || !parked.rejected.is_empty() {
             let mut view = Box::pin(parking::render(app, &cart, placed, &parked)).await;
             view.warnings.extend(warnings);
             let pending = parked.pending.len();
@@ -165,6 +174,32 @@ pub async fn view(
     let mut view = render_view(app, &cart, placed.home).await;
     view.warnings.extend(warnings);
     Ok(response::cart_view(app, &view, source, session))
+}
+
+/// The home region's answer to a read this region could not serve fresh enough.
+enum HomeAnswer {
+    /// Relayed to the client as it is.
+    Relayed(Response<Body>),
+    /// The home's cart, for this region to lay its parked adds over.
+    Cart(Box<StoredCart>),
+}
+
+/// Reads the cart at its home region's edge: its answer is relayed, except that with parked
+/// adds here (`with_parked`) a cart answer is taken apart to show them too.
+async fn ask_home(
+    app: &App,
+    relay_head: &RelayHead,
+    home: &str,
+    with_parked: bool,
+) -> Result<HomeAnswer, ApiError> {
+    let response = relay::forward(app, relay_head, home, None, None, Bytes::new()).await?;
+    if !with_parked {
+        return Ok(HomeAnswer::Relayed(response));
+    }
+    Ok(match parking::cart_of_answer(response).await {
+        Ok(cart) => HomeAnswer::Cart(Box::new(cart)),
+        Err(response) => HomeAnswer::Relayed(response),
+    })
 }
 
 /// Polls the local replica until it holds `min_version`, for at most `forward.replica_wait`.

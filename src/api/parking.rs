@@ -165,9 +165,11 @@ async fn park(
             return Err(unreachable);
         }
     }
-    // The cart as this region knows it: its replica (or cache), with every parked add.
+    // The cart as this region knows it: its replica (or cache), with every parked add (read
+    // first: see `view`).
+    let mut parked = load(app, &shard, placed).await?;
     let (cart, _, _) = app.store.load_cart(placed.shard, &placed.key, 0).await?;
-    let parked = load(app, &shard, placed).await?;
+    in_cart(app, placed, &mut parked, cart.version).await;
     let view = render(app, &cart, placed, &parked).await;
     let session = match &placed.owner {
         Owner::Guest(session) => Some(SessionHeader::Existing(session)),
@@ -190,8 +192,10 @@ async fn park(
 }
 
 /// The owner's parked adds here, for a read of a cart homed elsewhere; None when there are
-/// none (or this region cannot park). A parking shard that cannot be read leaves the read as
-/// it was, logged: reads never fail on its account.
+/// none (or this region cannot park). Read before the cart: an add the reconciler delivers
+/// meanwhile is then either still in this list or already in the cart read after it, and
+/// [`in_cart`] drops it from the list in the second case. A parking shard that cannot be read
+/// leaves the read as it was, logged: reads never fail on its account.
 pub async fn for_read(app: &App, placed: &Placed<'_>) -> Option<Parked> {
     if placed.home == app.config.region.id.as_str() {
         return None;
@@ -210,6 +214,89 @@ pub async fn for_read(app: &App, placed: &Placed<'_>) -> Option<Parked> {
 async fn load(app: &App, shard: &str, placed: &Placed<'_>) -> Result<Parked, ApiError> {
     let (pending, rejected) = parking::for_read(&app.store, shard, &placed.key).await?;
     Ok(Parked { pending, rejected })
+}
+
+/// Drops the pending adds a cart at `cart_version` already holds: one the reconciler saw
+/// applied at that version or before (its row about to go), and one whose key the home region
+/// recorded at that version or before (applied with its answer lost), as this region's replica
+/// of the home shard has the records. A replica that cannot be read keeps them all (logged).
+pub async fn in_cart(app: &App, placed: &Placed<'_>, parked: &mut Parked, cart_version: i64) {
+    parked.pending.retain(|add| {
+        add.applied_version
+            .is_none_or(|applied| applied > cart_version)
+    });
+    if parked.pending.is_empty() {
+        return;
+    }
+    let keys: Vec<&str> = parked
+        .pending
+        .iter()
+        .map(|add| add.idempotency_key.as_str())
+        .collect();
+    match parking::applied_at_home(&app.store, placed.shard, &placed.key, &keys).await {
+        Ok(applied) => {
+            let held: Vec<String> = applied
+                .into_iter()
+                .filter(|(_, version)| *version <= cart_version)
+                .map(|(key, _)| key)
+                .collect();
+            parked
+                .pending
+                .retain(|add| !held.contains(&add.idempotency_key));
+        }
+        Err(error) => {
+            tracing::debug!(%error, owner = %placed.key, "home idempotency records not read; parked adds shown as pending")
+        }
+    }
+}
+
+/// The cart a home edge answered a read with, as stored (to lay this region's parked adds
+/// over it); None when the answer is not a cart.
+pub async fn cart_of_answer(response: Response<Body>) -> Result<StoredCart, Response<Body>> {
+    use http_body_util::BodyExt;
+    if response.status() != StatusCode::OK {
+        return Err(response);
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(never) => match never {},
+    };
+    match stored_from_view(&bytes) {
+        Some(cart) => Ok(cart),
+        None => Err(Response::from_parts(
+            parts,
+            http_body_util::Full::new(bytes),
+        )),
+    }
+}
+
+/// A cart view's JSON read back into the stored cart it was rendered from.
+fn stored_from_view(body: &[u8]) -> Option<StoredCart> {
+    let view: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let time = |value: &serde_json::Value| serde_json::from_value(value.clone()).ok();
+    let lines = view["items"]
+        .as_array()?
+        .iter()
+        .map(|item| {
+            Some(cart::StoredLine {
+                line_id: item["line_id"].as_str()?.to_string(),
+                item_id: item["item_id"].as_str()?.to_string(),
+                quantity: u16::try_from(item["quantity"].as_u64()?).ok()?,
+                variant: Some(item["variant"].clone()).filter(|v| !v.is_null()),
+                unit_price_minor: item["unit_price"]["amount_minor"].as_i64()?,
+                added_at: time(&item["added_at"])?,
+                updated_at: time(&item["updated_at"])?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(StoredCart {
+        owner: view["owner"].as_str()?.to_string(),
+        currency: serde_json::from_value(view["currency"].clone()).ok(),
+        version: view["version"].as_i64()?,
+        lines,
+        updated_at: time(&view["updated_at"]),
+    })
 }
 
 /// The view of `cart` with the pending adds laid over (priced from the home region's catalog
@@ -307,6 +394,30 @@ pub fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cart_view_reads_back_into_its_stored_cart() {
+        let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let stored = StoredCart {
+            owner: "u:a".into(),
+            currency: Some(crate::domain::money::Currency::parse("SGD").unwrap()),
+            version: 7,
+            lines: vec![cart::StoredLine {
+                line_id: "sku-1~0011223344556677".into(),
+                item_id: "sku-1".into(),
+                quantity: 3,
+                variant: Some(serde_json::json!({"size": "m"})),
+                unit_price_minor: 250,
+                added_at: at,
+                updated_at: at,
+            }],
+            updated_at: Some(at),
+        };
+        let view = cart::view(&stored, stored.currency.unwrap(), |_| None);
+        let body = serde_json::to_vec(&view).unwrap();
+        assert_eq!(stored_from_view(&body), Some(stored));
+        assert_eq!(stored_from_view(b"{}"), None);
+    }
 
     #[test]
     fn the_parking_warnings_are_in_the_closed_list() {

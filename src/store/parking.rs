@@ -78,12 +78,15 @@ pub struct ParkedAdd {
     pub reason_code: Option<String>,
     pub reason: Option<String>,
     pub parked_at: DateTime<Utc>,
+    /// The cart version the home region answered when it applied the add (the row is about to
+    /// go): a cart at this version or newer already holds it.
+    pub applied_version: Option<i64>,
     /// Older than `parking.max_age` (as the reconciler's batch query was told).
     pub expired: bool,
 }
 
 const COLUMNS: &str = "seq, owner, idempotency_key, home, home_shard, body, item_id, line_id, \
-     variant, quantity, state, reason_code, reason, parked_at";
+     variant, quantity, state, reason_code, reason, parked_at, applied_version";
 
 fn decode(row: &tokio_postgres::Row, expired: bool) -> Result<ParkedAdd, StoreError> {
     let quantity: i32 = row.try_get(9)?;
@@ -118,6 +121,7 @@ fn decode(row: &tokio_postgres::Row, expired: bool) -> Result<ParkedAdd, StoreEr
         reason_code: row.try_get(11)?,
         reason: row.try_get(12)?,
         parked_at: row.try_get(13)?,
+        applied_version: row.try_get(14)?,
         owner,
         expired,
     })
@@ -251,6 +255,43 @@ pub async fn for_read(
     Ok((pending, rejected))
 }
 
+/// Which of `keys` the home region recorded for `owner` (its idempotency records, as this
+/// region's replica of the home shard has them), with the cart version each answered: an add
+/// applied at home whose answer never reached this region is in every cart at or past it.
+pub async fn applied_at_home(
+    store: &Store,
+    home_shard: &str,
+    owner: &OwnerKey,
+    keys: &[&str],
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let (client, _) = store.db_read(home_shard).await?;
+    let statement = client
+        .prepare_cached(
+            "SELECT key, headers FROM idempotency_keys \
+             WHERE owner = $1 AND key = ANY($2) AND status BETWEEN 200 AND 299",
+        )
+        .await?;
+    let rows = client.query(&statement, &[&owner.as_str(), &keys]).await?;
+    let mut applied = Vec::new();
+    for row in rows {
+        let key: String = row.try_get(0)?;
+        let headers: Value = row.try_get(1)?;
+        // Stored as `[[name, value], …]`; an answer without a version is not counted.
+        let version = headers.as_array().and_then(|pairs| {
+            pairs.iter().find_map(|pair| {
+                let pair = pair.as_array()?;
+                (pair.first()?.as_str()? == "cart-version")
+                    .then(|| pair.get(1)?.as_str()?.parse::<i64>().ok())
+                    .flatten()
+            })
+        });
+        if let Some(version) = version {
+            applied.push((key, version));
+        }
+    }
+    Ok(applied)
+}
+
 /// The reconciler's hold on the parking shard: a session advisory lock on a dedicated
 /// connection, so one reconciler per region works at a time. Release it with
 /// [`Reconciling::finish`].
@@ -298,7 +339,7 @@ impl Reconciling {
             .query(&statement, &[&max_age.as_secs_f64(), &limit])
             .await?
             .iter()
-            .map(|row| decode(row, row.try_get(14)?))
+            .map(|row| decode(row, row.try_get(15)?))
             .collect()
     }
 
@@ -346,8 +387,28 @@ pub async fn pending_of(
         .query(&statement, &[&owner.as_str(), &max_age.as_secs_f64()])
         .await?
         .iter()
-        .map(|row| decode(row, row.try_get(14)?))
+        .map(|row| decode(row, row.try_get(15)?))
         .collect()
+}
+
+/// The home region applied the add at cart version `version`: marked with it first, so reads
+/// here show it only on an older cart while this region's cache is fenced (the caller's next
+/// step), then deleted by [`applied`].
+pub async fn applying(
+    store: &Store,
+    shard: &str,
+    add: &ParkedAdd,
+    version: i64,
+) -> Result<(), StoreError> {
+    let client = store.db_write(shard).await?;
+    client
+        .execute(
+            "UPDATE parked_writes SET applied_version = $3 \
+             WHERE owner = $1 AND idempotency_key = $2",
+            &[&add.owner, &add.idempotency_key, &version],
+        )
+        .await?;
+    Ok(())
 }
 
 /// The home region applied the add: it is no longer parked.

@@ -407,13 +407,27 @@ async fn adds_parked_through_lost_answers_are_applied_exactly_once() {
     let fast_at = Instant::now();
     regions.proxy.set_delay("sg", "th", 0);
     let mut parked = 1;
+    // Reads at th while the backlog drains: every acknowledged add of A shows, once (parked or
+    // applied, never both and never neither).
+    let mut read_breaches = Vec::new();
     while fast_at.elapsed() < DRAIN_LIMIT && parked > 0 {
         parked = 0;
         for owner in &owners {
             parked += parked_at_th(&regions, owner).await;
         }
-        tokio::time::sleep(POLL).await;
+        let read = regions.get(&regions.th, &shoppers[0], None).await;
+        for item in &acknowledged[0] {
+            let quantity = read.quantity_of(item);
+            if quantity != 1 {
+                read_breaches.push(format!("{item} x{quantity}"));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(
+        read_breaches.is_empty(),
+        "reads at th during the drain: {read_breaches:?}"
+    );
     let drained_in = fast_at.elapsed();
     assert_eq!(parked, 0, "not drained within {DRAIN_LIMIT:?}");
     let (mut lost, mut doubled, mut applied) = (Vec::new(), Vec::new(), 0);
