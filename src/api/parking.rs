@@ -251,7 +251,7 @@ pub async fn in_cart(app: &App, placed: &Placed<'_>, parked: &mut Parked, cart_v
 }
 
 /// The cart a home edge answered a read with, as stored (to lay this region's parked adds
-/// over it); None when the answer is not a cart.
+/// over it); the answer itself, untouched, when it is not a cart.
 pub async fn cart_of_answer(response: Response<Body>) -> Result<StoredCart, Response<Body>> {
     use http_body_util::BodyExt;
     if response.status() != StatusCode::OK {
