@@ -22,6 +22,33 @@ use crate::topology::Topology;
 /// How often missed cache invalidations are retried.
 const CACHE_REPAIR_PERIOD: Duration = Duration::from_millis(250);
 
+/// Parked adds one reconciler pass reads (a full batch is followed by another pass at once).
+const RECONCILE_BATCH: i64 = 500;
+
+/// How often a write waits for an owner's parked add another task is delivering, and how long
+/// each time (bounded: about a second in all).
+const FLUSH_ATTEMPTS: usize = 20;
+const FLUSH_PAUSE: Duration = Duration::from_millis(50);
+
+/// What became of one parked add sent home.
+enum Delivery {
+    Applied,
+    Rejected,
+    /// The home asked to retry (a concurrent request with its key, a merge, an outage there).
+    Wait,
+    /// The home region could not be reached.
+    Unreachable,
+}
+
+/// What one reconciler pass did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReconcilePass {
+    pub applied: u64,
+    pub rejected: u64,
+    /// The pass read a full batch: more may be waiting.
+    pub full_batch: bool,
+}
+
 /// How often rate limiters drop idle keys.
 const LIMITS_HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(10);
 
@@ -210,8 +237,9 @@ impl App {
         .inspect(|app| app.spawn_background())
     }
 
-    /// Starts the outbox relay (per shard homed here) and the janitor, as configured. They end
-    /// when the app is dropped.
+    /// Starts the outbox relay (per shard homed here), the parked-add reconciler (in a region
+    /// that homes a shard and forwards) and the janitor, as configured. They end when the app is
+    /// dropped.
     fn spawn_background(self: &Arc<Self>) {
         let app = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -256,6 +284,23 @@ impl App {
                 });
             }
         }
+        if crate::store::parking::parking_shard(&self.store).is_some() && self.forwarder.is_some() {
+            // Runs even with `parking.enabled` off, so adds parked before are still delivered.
+            let app = Arc::downgrade(self);
+            tokio::spawn(async move {
+                loop {
+                    let Some(app) = app.upgrade() else { return };
+                    let pause = match app.reconcile_parked_once().await {
+                        Ok(pass) if pass.full_batch && pass.applied + pass.rejected > 0 => {
+                            Duration::ZERO
+                        }
+                        _ => app.config.parking.interval.0,
+                    };
+                    drop(app);
+                    tokio::time::sleep(pause).await;
+                }
+            });
+        }
         if self.config.janitor.enabled {
             let app = Arc::downgrade(self);
             let period = self.config.janitor.interval.0;
@@ -270,6 +315,186 @@ impl App {
                 }
             });
         }
+    }
+
+    /// One reconciler pass over this region's parked adds (`store::parking`), if this edge gets
+    /// the region's reconciler lock: the oldest pending adds, in arrival order, are sent to
+    /// their home regions with their keys (`forward::parked`). An applied add fences this
+    /// region's cache at the version home answered with, then is deleted; a refused one (or one
+    /// older than `parking.max_age`) becomes a rejected record; an owner whose add must wait
+    /// has its later adds wait too, and a home that cannot be reached is not tried again in
+    /// this pass. Every edge then refreshes `cartedge_parked_writes`.
+    pub async fn reconcile_parked_once(&self) -> Result<ReconcilePass, crate::store::StoreError> {
+        use crate::store::parking;
+        let Some(shard) = parking::parking_shard(&self.store) else {
+            return Ok(ReconcilePass::default());
+        };
+        let mut pass = ReconcilePass::default();
+        if let Some(lock) = parking::lock(&self.store, &shard).await? {
+            let worked = self.reconcile_with(&shard, &lock).await;
+            lock.finish().await;
+            pass = worked?;
+        }
+        match parking::counts(&self.store, &shard).await {
+            Ok((pending, rejected)) => {
+                let gauge = &self.metrics.parking.parked_writes;
+                use crate::metrics::StateLabels;
+                gauge
+                    .get_or_create(&StateLabels { state: "pending" })
+                    .set(pending);
+                gauge
+                    .get_or_create(&StateLabels { state: "rejected" })
+                    .set(rejected);
+            }
+            Err(error) => tracing::debug!(%shard, %error, "parked writes not counted"),
+        }
+        Ok(pass)
+    }
+
+    async fn reconcile_with(
+        &self,
+        shard: &str,
+        lock: &crate::store::parking::Reconciling,
+    ) -> Result<ReconcilePass, crate::store::StoreError> {
+        use std::collections::HashSet;
+        let adds = lock
+            .pending(self.config.parking.max_age.0, RECONCILE_BATCH)
+            .await?;
+        let mut pass = ReconcilePass {
+            full_batch: adds.len() as i64 >= RECONCILE_BATCH,
+            ..ReconcilePass::default()
+        };
+        let mut waiting_owners: HashSet<&str> = HashSet::new();
+        let mut unreachable: HashSet<&str> = HashSet::new();
+        for add in &adds {
+            if waiting_owners.contains(add.owner.as_str()) {
+                continue;
+            }
+            if unreachable.contains(add.home.as_str()) && !add.expired {
+                waiting_owners.insert(&add.owner);
+                continue;
+            }
+            match self.deliver_parked(shard, add).await? {
+                Delivery::Applied => pass.applied += 1,
+                Delivery::Rejected => pass.rejected += 1,
+                Delivery::Wait => {
+                    waiting_owners.insert(&add.owner);
+                }
+                Delivery::Unreachable => {
+                    waiting_owners.insert(&add.owner);
+                    unreachable.insert(&add.home);
+                }
+            }
+        }
+        if pass.applied + pass.rejected > 0 {
+            tracing::info!(
+                applied = pass.applied,
+                rejected = pass.rejected,
+                "parked adds reconciled"
+            );
+        }
+        Ok(pass)
+    }
+
+    /// Delivers one parked add to its home region (`forward::parked`), with its key, and
+    /// records the outcome: applied (this region's cache fenced at the version home answered
+    /// with, then the row deleted), refused or older than `parking.max_age` (a rejected
+    /// record), or still waiting.
+    async fn deliver_parked(
+        &self,
+        shard: &str,
+        add: &crate::store::parking::ParkedAdd,
+    ) -> Result<Delivery, crate::store::StoreError> {
+        use crate::forward::parked::{self, Outcome};
+        use crate::store::parking;
+        let metrics = &self.metrics.parking;
+        if add.expired {
+            let reason = format!(
+                "the home region {} could not be reached within {}; the add was not applied",
+                add.home,
+                humantime::format_duration(self.config.parking.max_age.0)
+            );
+            parking::rejected(&self.store, shard, add, "parked_too_long", &reason).await?;
+            metrics.expired.inc();
+            return Ok(Delivery::Rejected);
+        }
+        let Some(forwarder) = &self.forwarder else {
+            return Ok(Delivery::Unreachable);
+        };
+        let request = parked::Request {
+            owner: add.owner.clone(),
+            idempotency_key: add.idempotency_key.clone(),
+            home_shard: add.home_shard.clone(),
+            body: add.body.clone(),
+        };
+        let sent = parked::send(
+            forwarder,
+            &add.home,
+            &self.config.region.id,
+            self.topology.ring.fingerprint(),
+            &request,
+        )
+        .await;
+        Ok(match sent {
+            Ok(Outcome::Applied { version }) => {
+                // Marked with the version, then fenced, then gone: a read here in between
+                // shows the add on an older cart only, so never twice and never not at all.
+                if let Some(version) = version {
+                    parking::applying(&self.store, shard, add, version).await?;
+                    self.store.cache.fence(&add.owner, version).await;
+                }
+                parking::applied(&self.store, shard, add).await?;
+                metrics.applied.inc();
+                Delivery::Applied
+            }
+            Ok(Outcome::Refused { code, message }) => {
+                tracing::info!(owner = %add.owner, home = %add.home, %code, "parked add refused by its home region");
+                parking::rejected(&self.store, shard, add, &code, &message).await?;
+                metrics.rejected.inc();
+                Delivery::Rejected
+            }
+            Ok(Outcome::Retry { status }) => {
+                tracing::debug!(owner = %add.owner, home = %add.home, %status, "parked add to be retried");
+                parking::attempted(&self.store, shard, add).await?;
+                Delivery::Wait
+            }
+            Err(error) => {
+                tracing::debug!(home = %add.home, %error, "home region still unreachable; parked adds wait");
+                parking::attempted(&self.store, shard, add).await?;
+                Delivery::Unreachable
+            }
+        })
+    }
+
+    /// Delivers `owner`'s parked adds before another write of that owner is relayed home, so
+    /// the home region applies the owner's writes in the order this region accepted them.
+    /// Returns whether none is left pending (false: the home region cannot take them now).
+    /// An add another task is delivering at the same moment is waited for, briefly.
+    pub async fn flush_parked(&self, owner: &OwnerKey) -> Result<bool, crate::store::StoreError> {
+        use crate::store::parking;
+        let Some(shard) = parking::parking_shard(&self.store) else {
+            return Ok(true);
+        };
+        let max_age = self.config.parking.max_age.0;
+        for _ in 0..FLUSH_ATTEMPTS {
+            let adds = parking::pending_of(&self.store, &shard, owner, max_age).await?;
+            let mut waiting = false;
+            for add in &adds {
+                match self.deliver_parked(&shard, add).await? {
+                    Delivery::Applied | Delivery::Rejected => {}
+                    Delivery::Wait => {
+                        waiting = true;
+                        break;
+                    }
+                    Delivery::Unreachable => return Ok(false),
+                }
+            }
+            if !waiting {
+                return Ok(true);
+            }
+            tokio::time::sleep(FLUSH_PAUSE).await;
+        }
+        Ok(false)
     }
 
     /// Publishes one batch of a shard's outbox; returns how many events went out.

@@ -49,6 +49,26 @@ pub struct Config {
     pub janitor: JanitorConfig,
     pub events: EventsConfig,
     pub checkout: CheckoutConfig,
+    pub parking: ParkingConfig,
+}
+
+/// Adds parked in this region while the cart's home region cannot be reached (`api::parking`,
+/// `store::parking`), and the reconciler that forwards them once it can.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParkingConfig {
+    /// Park adds the home region cannot take now (202) instead of answering 503.
+    pub enabled: bool,
+    /// Parked adds (pending or rejected, not yet reported) one owner may have here; past it, 503
+    /// `home_region_unavailable` as without parking.
+    pub max_per_owner: i64,
+    /// Pending parked adds this region holds (counted on its parking shard); past it, 503.
+    pub max_per_region: i64,
+    /// A parked add still not applied this long after it arrived is rejected with a reason. It
+    /// must stay below `idempotency.retention`: the home region must still recognise its key.
+    pub max_age: Dur,
+    /// Time between reconciler passes.
+    pub interval: Dur,
 }
 
 /// How long carts and bookkeeping are kept (the janitor enforces it).
@@ -645,6 +665,25 @@ impl Config {
         if self.janitor.stale_merge_after.0 < Duration::from_secs(1) {
             problems.push("janitor.stale_merge_after must be at least 1s".into());
         }
+        let parking = &self.parking;
+        if !(1..=10_000).contains(&parking.max_per_owner)
+            || !(1..=10_000_000).contains(&parking.max_per_region)
+        {
+            problems.push(
+                "parking.max_per_owner must be within 1..=10000 and parking.max_per_region within 1..=10000000"
+                    .into(),
+            );
+        }
+        if parking.max_age.0 < Duration::from_secs(60)
+            || parking.max_age.0 >= self.idempotency.retention.0
+        {
+            problems.push(
+                "parking.max_age must be at least 1m and shorter than idempotency.retention".into(),
+            );
+        }
+        if parking.interval.0 < Duration::from_millis(100) {
+            problems.push("parking.interval must be at least 100ms".into());
+        }
         if self.events.stream.is_empty()
             || self.events.max_len == 0
             || !(1..=10_000).contains(&self.events.batch)
@@ -999,6 +1038,33 @@ mod tests {
             error.to_string().contains("the sentinels name the master"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn parking_has_defaults_and_its_max_age_stays_below_the_idempotency_retention() {
+        let defaults = Config::load(&sources_with(""), SECRETS).unwrap();
+        assert!(defaults.parking.enabled);
+        assert_eq!(defaults.parking.max_per_owner, 50);
+        assert_eq!(defaults.parking.max_age.0, Duration::from_secs(6 * 3600));
+        for (overlay, problem) in [
+            (
+                "[parking]\nmax_age = \"24h\"\n",
+                "parking.max_age must be at least 1m and shorter than idempotency.retention",
+            ),
+            (
+                "[parking]\nmax_per_owner = 0\n",
+                "parking.max_per_owner must be within 1..=10000",
+            ),
+            (
+                "[parking]\ninterval = \"10ms\"\n",
+                "parking.interval must be at least 100ms",
+            ),
+        ] {
+            let error = Config::load(&sources_with(overlay), SECRETS).unwrap_err();
+            assert!(error.to_string().contains(problem), "{overlay}: {error}");
+        }
+        let longer = "[idempotency]\nretention = \"48h\"\n[parking]\nmax_age = \"24h\"\n";
+        assert!(Config::load(&sources_with(longer), SECRETS).is_ok());
     }
 
     #[test]

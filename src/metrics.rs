@@ -488,6 +488,53 @@ impl LifecycleMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+/// Adds parked while their home region was unreachable: the region's backlog (read from its
+/// parking shard by the reconciler, so every edge of a region reports the same figure) and what
+/// this edge parked, applied and rejected.
+#[derive(Clone)]
+pub struct ParkingMetrics {
+    /// `pending` and `rejected` (not yet reported to their owner) rows.
+    pub parked_writes: Family<StateLabels, Gauge>,
+    pub parked: Counter,
+    pub replayed: Counter,
+    pub refused: Counter,
+    pub applied: Counter,
+    pub rejected: Counter,
+    pub expired: Counter,
+}
+
+impl ParkingMetrics {
+    fn new(registry: &mut Registry) -> ParkingMetrics {
+        let parked_writes: Family<StateLabels, Gauge> = Family::default();
+        registry.register(
+            "parked_writes",
+            "Parked adds in this region by state (pending, rejected), as of the reconciler's last pass (counted up to 100000)",
+            parked_writes.clone(),
+        );
+        let outcomes: Family<OutcomeLabels, Counter> = Family::default();
+        registry.register(
+            "parked_write_outcomes",
+            "Parked adds by outcome: parked, replayed (a retry of a parked key), refused (a cap reached: 503), applied, rejected (home refused), expired (parking.max_age)",
+            outcomes.clone(),
+        );
+        let get = |outcome| outcomes.get_or_create(&OutcomeLabels { outcome }).clone();
+        ParkingMetrics {
+            parked: get("parked"),
+            replayed: get("replayed"),
+            refused: get("refused"),
+            applied: get("applied"),
+            rejected: get("rejected"),
+            expired: get("expired"),
+            parked_writes,
+        }
+    }
+}
+
 /// Edge-wide counters of the request path.
 #[derive(Clone, Default)]
 pub struct EdgeMetrics {
@@ -596,6 +643,7 @@ pub struct Metrics {
     pub limits: LimitMetrics,
     pub lifecycle: LifecycleMetrics,
     pub edge: EdgeMetrics,
+    pub parking: ParkingMetrics,
 }
 
 impl Metrics {
@@ -617,6 +665,7 @@ impl Metrics {
             limits: LimitMetrics::new(&mut registry),
             lifecycle: LifecycleMetrics::new(&mut registry),
             edge: EdgeMetrics::new(&mut registry),
+            parking: ParkingMetrics::new(&mut registry),
             registry,
         }
     }

@@ -11,6 +11,7 @@ use http::Response;
 use super::command::{self, CartWrite, Change, Placed, ViewCart};
 use super::error::ApiError;
 use super::idempotency;
+use super::parking;
 use super::relay::{self, RelayHead};
 use super::response::{self, SessionHeader};
 use super::{Body, Surface};
@@ -79,6 +80,12 @@ pub async fn view(
         return Ok(response::cart_view(app, &view, Source::Replica, None));
     };
     let placed = &read.cart;
+    // Adds parked here for a cart homed elsewhere are part of the cart this region shows; they
+    // are read before the cart (`parking::for_read`).
+    let parked = match surface {
+        Surface::Public => Box::pin(parking::for_read(app, placed)).await.map(Box::new),
+        _ => None,
+    };
     let (mut cart, mut source, min_version) = app
         .store
         .load_cart(placed.shard, &placed.key, read.min_version)
@@ -106,9 +113,11 @@ pub async fn view(
         {
             Some(replayed) => (cart, source) = (replayed, Source::Replica),
             None => {
-                let home = relay::forward(app, relay_head, placed.home, None, None, Bytes::new());
-                match Box::pin(home).await {
-                    Ok(response) => return Ok(response),
+                match Box::pin(ask_home(app, relay_head, placed.home, parked.is_some())).await {
+                    Ok(HomeAnswer::Relayed(response)) => return Ok(response),
+                    Ok(HomeAnswer::Cart(home_cart)) => {
+                        (cart, source) = (*home_cart, Source::Primary)
+                    }
                     Err(error) => {
                         tracing::warn!(%error, home = placed.home, "home region unreachable; serving the replica's older cart");
                         warnings.push(cart::Warning {
@@ -138,16 +147,59 @@ pub async fn view(
             });
         }
     }
+    let session = match &placed.owner {
+        Owner::Guest(session) => Some(SessionHeader::Existing(session)),
+        Owner::User(_) => None,
+    };
+    if let Some(mut parked) = parked {
+        Box::pin(parking::in_cart(app, placed, &mut parked, cart.version)).await;
+        let parked = *parked;
+        if !parked.pending.is_empty() || !parked.rejected.is_empty() {
+            let mut view = Box::pin(parking::render(app, &cart, placed, &parked)).await;
+            view.warnings.extend(warnings);
+            let pending = parked.pending.len();
+            return Ok(parking::respond(
+                app,
+                &view,
+                source,
+                session,
+                pending,
+                http::StatusCode::OK,
+            ));
+        }
+    }
     if read.if_none_match.matches(cart.version) && warnings.is_empty() {
         return Ok(response::not_modified(app, cart.version, source));
     }
     let mut view = render_view(app, &cart, placed.home).await;
     view.warnings.extend(warnings);
-    let session = match &placed.owner {
-        Owner::Guest(session) => Some(SessionHeader::Existing(session)),
-        Owner::User(_) => None,
-    };
     Ok(response::cart_view(app, &view, source, session))
+}
+
+/// The home region's answer to a read this region could not serve fresh enough.
+enum HomeAnswer {
+    /// Relayed to the client as it is.
+    Relayed(Response<Body>),
+    /// The home's cart, for this region to lay its parked adds over.
+    Cart(Box<StoredCart>),
+}
+
+/// Reads the cart at its home region's edge: its answer is relayed, except that with parked
+/// adds here (`with_parked`) a cart answer is taken apart to show them too.
+async fn ask_home(
+    app: &App,
+    relay_head: &RelayHead,
+    home: &str,
+    with_parked: bool,
+) -> Result<HomeAnswer, ApiError> {
+    let response = relay::forward(app, relay_head, home, None, None, Bytes::new()).await?;
+    if !with_parked {
+        return Ok(HomeAnswer::Relayed(response));
+    }
+    Ok(match parking::cart_of_answer(response).await {
+        Ok(cart) => HomeAnswer::Cart(Box::new(cart)),
+        Err(response) => HomeAnswer::Relayed(response),
+    })
 }
 
 /// Polls the local replica until it holds `min_version`, for at most `forward.replica_wait`.
@@ -316,4 +368,16 @@ fn successor_session(app: &App, shard: &str) -> Result<SessionId, ApiError> {
                 "no new guest session placed on shard {shard} in {SUCCESSOR_DRAWS} draws"
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warnings_added_here_are_in_the_closed_list() {
+        for code in [STALE_POSSIBLE, PRICES_UNAVAILABLE, ITEM_UNAVAILABLE] {
+            assert!(cart::WARNING_CODES.contains(&code), "{code}");
+        }
+    }
 }

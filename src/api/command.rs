@@ -245,6 +245,7 @@ pub async fn read<'a>(
         | Handler::Metrics
         | Handler::Invalidate
         | Handler::MergeSettle
+        | Handler::ParkedAdd
         | Handler::MergeStep(_) => return Err(ApiError::NotFound),
     };
     let here = app.config.region.id.as_str();

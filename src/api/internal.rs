@@ -1,6 +1,7 @@
 //! Handlers of the internal (edge-to-edge, mutual-TLS) surface: cache invalidations from other
 //! regions, the steps of a merge run on a guest cart homed here, and the settling of a stale
-//! merge into a user cart homed here (asked by the guest home's janitor). The ring check that guards
+//! merge into a user cart homed here (asked by the guest home's janitor), and adds another
+//! region parked for a cart homed here (sent by its reconciler). The ring check that guards
 //! this surface runs in `api::handle` before routing; the steps' storage is `store::merge`.
 //! A request here continues the sending edge's trace (`traceparent`, read in `api::handle`), so
 //! an invalidation or merge step logs under the trace of the write that caused it.
@@ -128,6 +129,68 @@ pub async fn merge_settle(app: &App, body: &[u8]) -> Result<Response<Body>, ApiE
         StatusCode::OK,
         serde_json::to_vec(&forward::settle::Answer { decision }).unwrap_or_default(),
     ))
+}
+
+/// `POST /internal/v1/parked/add`: an add another region parked while this one was out of its
+/// reach, for a cart homed here. It runs as the client's add would have: the same body under
+/// the same Idempotency-Key, so an add that reached this region before (its answer lost) or a
+/// retry of this call is a replay. The answer is the write's, status and all.
+pub async fn parked_add(app: &App, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    use super::command::{CartWrite, Change, Placed};
+    use crate::domain::ids::{Owner, SessionId, UserId};
+    let parked: forward::parked::Request = request::parse_json(body)?;
+    let here = app.config.region.id.as_str();
+    let key = OwnerKey::from_stored(parked.owner.clone());
+    let (owner, placement) = match parked.owner.split_once(':') {
+        Some(("u", user)) => {
+            let user = UserId::parse(user).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+            // A user is placed by its token's region claim, or (no claim) on the global ring;
+            // the parking edge placed it one of these two ways.
+            let placement = [Some(here), None]
+                .into_iter()
+                .filter_map(|home| app.topology.ring.place(key.as_str(), home))
+                .find(|p| *p.home == *here && *p.shard == *parked.home_shard)
+                .ok_or(ApiError::Misdirected)?;
+            (Owner::User(user), placement)
+        }
+        Some(("g", session)) => {
+            let placement = command::guest_placement(app, &key)?;
+            (
+                Owner::Guest(SessionId::verified(session.to_string())),
+                placement,
+            )
+        }
+        _ => {
+            return Err(ApiError::InvalidRequest(
+                "owner must be a user or guest owner key".into(),
+            ))
+        }
+    };
+    if *placement.home != *here || !app.store.is_home(placement.shard) {
+        return Err(ApiError::Misdirected);
+    }
+    let add_body: request::AddItemBody = request::parse_body(parked.body.as_bytes())?;
+    let add = add_body.validate()?;
+    let cart = Placed {
+        owner,
+        key,
+        shard: placement.shard,
+        home: placement.home,
+    };
+    let write = CartWrite {
+        home_currency: cart.currency(app),
+        cart,
+        new_session: None,
+        change: Change::Add(add),
+    };
+    let body = bytes::Bytes::from(parked.body.into_bytes());
+    Box::pin(super::cart::write(
+        app,
+        write,
+        Some(&parked.idempotency_key),
+        &body,
+    ))
+    .await
 }
 
 /// The guest owner a step names.

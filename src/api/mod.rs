@@ -13,6 +13,7 @@ pub mod idempotency;
 pub mod internal;
 pub mod lifecycle;
 pub mod operator;
+pub mod parking;
 pub mod relay;
 pub mod request;
 pub mod response;
@@ -45,6 +46,7 @@ pub mod names {
     pub const CART_MIN_VERSION: &str = "cart-min-version";
     pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
     pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+    pub const CART_WRITE_PENDING: &str = "cart-write-pending";
     pub const SESSION_COOKIE: &str = "cart_session";
     pub const MIN_VERSION_COOKIE: &str = "cart_min_version";
     pub const APPLICATION_JSON: &str = "application/json";
@@ -92,6 +94,8 @@ pub enum Handler {
     /// homed here.
     MergeSettle,
     MergeStep(internal::Step),
+    /// Another region's reconciler delivers an add it parked for a cart homed here.
+    ParkedAdd,
 }
 
 const fn versioned(
@@ -126,7 +130,7 @@ const fn internal(pattern: &'static str, name: &'static str, handler: Handler) -
 /// Every route of every surface. A path matched on a surface but not for the request's method
 /// is a 405 whose `Allow` lists the methods below in this order (HEAD after each GET: a GET
 /// route answers HEAD without the body); anything else is a 404.
-pub static ROUTES: [Route<Handler>; 18] = {
+pub static ROUTES: [Route<Handler>; 19] = {
     use Handler as H;
     use Method as M;
     use Surfaces as S;
@@ -181,6 +185,7 @@ pub static ROUTES: [Route<Handler>; 18] = {
         ),
         internal(Step::Abort.path(), "merge_abort", H::MergeStep(Step::Abort)),
         internal(forward::settle::PATH, "merge_settle", H::MergeSettle),
+        internal(forward::parked::PATH, "parked_add", H::ParkedAdd),
     ]
 };
 
@@ -354,6 +359,10 @@ async fn dispatch(
             let bytes = request::read_body(&parts, body, internal::MAX_BODY_BYTES, true).await?;
             return Box::pin(internal::merge_settle(app, &bytes)).await;
         }
+        Handler::ParkedAdd => {
+            let bytes = request::read_body(&parts, body, internal::MAX_BODY_BYTES, true).await?;
+            return Box::pin(internal::parked_add(app, &bytes)).await;
+        }
         _ => {}
     }
     let command = command::read(app, surface, handler, param, &parts, body).await?;
@@ -426,12 +435,41 @@ async fn run(app: &App, command: Command<'_>) -> Result<Response<Body>, ApiError
     let key = idempotency_key.as_deref();
     note_owner(app, &operation);
     if let Some(home) = forward_to {
+        if let Operation::Write(write) = &operation {
+            if surface == Surface::Public && matches!(write.change, command::Change::Add(_)) {
+                // An add is parked here when its home region cannot be reached.
+                return Box::pin(parking::forward_add(
+                    app,
+                    &relay_head,
+                    surface,
+                    home,
+                    write,
+                    key,
+                    body,
+                ))
+                .await;
+            }
+        }
         let (owner, new_session) = match &operation {
             Operation::Write(write) => (Some(&write.cart.key), write.new_session.as_ref()),
             Operation::Merge(merge) => (Some(&merge.user.key), None),
             Operation::Checkout(checkout) => (Some(&checkout.user.key), None),
             Operation::Settle(_) | Operation::View(_) | Operation::GetOrder(_) => (None, None),
         };
+        // The key is minted here when the client sent none, so a 503 names the key the write
+        // would have run under.
+        let minted;
+        let key = match (key, owner) {
+            (None, Some(_)) => {
+                minted = relay::mint_key();
+                Some(minted.as_str())
+            }
+            (key, _) => key,
+        };
+        if let (Some(owner), Surface::Public) = (owner, surface) {
+            // The owner's adds parked here reach home before this write does.
+            Box::pin(parking::flush(app, owner, home, key)).await?;
+        }
         let write = relay::Write {
             surface,
             home,

@@ -149,6 +149,11 @@ pub struct Write<'a> {
     pub body: Bytes,
 }
 
+/// An Idempotency-Key for a relayed write whose client sent none.
+pub fn mint_key() -> String {
+    format!("fwd-{}", hex::encode(rand::random::<[u8; 16]>()))
+}
+
 /// Sends a write to the owner's home edge, always with an idempotency key (so a retry after a
 /// lost answer applies once), then fences this region's cache at the version the home answered
 /// with.
@@ -164,7 +169,7 @@ pub async fn forward_write(
     let key = write
         .client_key
         .map(str::to_string)
-        .unwrap_or_else(|| format!("fwd-{}", hex::encode(rand::random::<[u8; 16]>())));
+        .unwrap_or_else(mint_key);
     let mut response = forward(
         app,
         head,

@@ -262,6 +262,19 @@ pub struct LineView {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Every warning code a cart view can carry: the closed list `openapi.json` documents (a test
+/// checks both directions). The per-line ones are set here, the others by the API (`cart`,
+/// `parking`).
+pub const WARNING_CODES: [&str; 7] = [
+    "low_stock",
+    "out_of_stock",
+    "item_unavailable",
+    "prices_unavailable",
+    "stale_possible",
+    "write_pending",
+    "write_rejected",
+];
+
 /// Something the client should know about the cart that is not an error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Warning {
@@ -357,6 +370,86 @@ pub fn view<'a>(
         ),
         updated_at: cart.updated_at,
         warnings,
+    }
+}
+
+/// An add accepted in a visiting region and not yet applied at home (a parked add), as a read
+/// in that region shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingAdd {
+    pub line_id: String,
+    pub item_id: String,
+    pub variant: Option<Value>,
+    pub quantity: u16,
+    /// The home catalog's current price in the cart's currency (what the home region will
+    /// capture), 0 when unknown.
+    pub unit_price_minor: i64,
+    pub parked_at: DateTime<Utc>,
+}
+
+/// The cart as a visiting region knows it: the stored cart with its pending adds laid over, in
+/// their order (a line already there gains the quantity, saturated at [`MAX_QUANTITY`]; a new
+/// line is appended). The version stays the stored cart's: nothing here was committed.
+pub fn with_pending_adds(cart: &StoredCart, adds: &[PendingAdd], currency: Currency) -> StoredCart {
+    let mut shown = cart.clone();
+    if shown.currency.is_none() && !adds.is_empty() {
+        shown.currency = Some(currency);
+    }
+    for add in adds {
+        match shown.lines.iter_mut().find(|l| l.line_id == add.line_id) {
+            Some(line) => {
+                line.quantity = line.quantity.saturating_add(add.quantity).min(MAX_QUANTITY);
+                line.updated_at = line.updated_at.max(add.parked_at);
+            }
+            None => shown.lines.push(StoredLine {
+                line_id: add.line_id.clone(),
+                item_id: add.item_id.clone(),
+                quantity: add.quantity.min(MAX_QUANTITY),
+                variant: add.variant.clone(),
+                unit_price_minor: add.unit_price_minor,
+                added_at: add.parked_at,
+                updated_at: add.parked_at,
+            }),
+        }
+    }
+    shown
+}
+
+#[cfg(test)]
+mod pending_tests {
+    use super::*;
+
+    fn add(line: &str, quantity: u16) -> PendingAdd {
+        PendingAdd {
+            line_id: line.into(),
+            item_id: line.into(),
+            variant: None,
+            quantity,
+            unit_price_minor: 250,
+            parked_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn pending_adds_join_existing_lines_saturated_and_append_new_ones_in_order() {
+        let currency = Currency::parse("SGD").unwrap();
+        let empty = StoredCart::empty("u:a");
+        let shown = with_pending_adds(
+            &empty,
+            &[add("sku-1", 2), add("sku-2", 1), add("sku-1", 3)],
+            currency,
+        );
+        assert_eq!(shown.version, 0);
+        assert_eq!(shown.currency, Some(currency));
+        let lines: Vec<(&str, u16)> = shown
+            .lines
+            .iter()
+            .map(|l| (l.line_id.as_str(), l.quantity))
+            .collect();
+        assert_eq!(lines, [("sku-1", 5), ("sku-2", 1)]);
+        let full = with_pending_adds(&shown, &[add("sku-1", 999)], currency);
+        assert_eq!(full.lines[0].quantity, MAX_QUANTITY);
+        assert_eq!(with_pending_adds(&empty, &[], currency), empty);
     }
 }
 

@@ -15,6 +15,7 @@ pub mod merge;
 pub mod migrate;
 pub mod near;
 pub mod orders;
+pub mod parking;
 mod redis_link;
 pub mod tx;
 

@@ -454,8 +454,9 @@ type Step<'a> = (&'a str, String, Option<&'a str>, Vec<(&'a str, String)>);
 
 /// The issue's fault-isolation drill: with `sg` cut from every other region, shoppers homed in
 /// `id` and `th` add, update, merge and check out at their home edges without one failed
-/// request; a shopper homed in `sg` writing at `th` is refused fast with 503
-/// `home_region_unavailable`; reads keep working everywhere.
+/// request; a shopper homed in `sg` adding at `th` has the add parked there (202), any other
+/// write of theirs at `th` is refused fast with 503 `home_region_unavailable`; reads keep
+/// working everywhere.
 async fn one_region_down_stops_only_its_own_shoppers(
     dir: &std::path::Path,
     dir_arg: &str,
@@ -543,12 +544,28 @@ async fn one_region_down_stops_only_its_own_shoppers(
         }
     }
 
-    // The shopper homed in sg, at th: refused fast, with a retry hint; reads still answer.
-    let (status, refused, headers) = http_with_headers(
+    // The shopper homed in sg, at th: an add is parked there (issue 16) and shown back; a
+    // quantity update is refused fast, with a retry hint; reads still answer.
+    let (status, parked, headers) = http_with_headers(
         &format!("{}/api/v1/cart/items", edge("th")),
         "POST",
         &singaporean,
         Some(r#"{"item_id":"sku-00005","quantity":1}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{parked}");
+    assert_eq!(headers["cart-write-pending"], "1");
+    assert!(
+        parked["warnings"].as_array().is_some_and(|all| all
+            .iter()
+            .any(|w| w["code"] == "write_pending" && w["item_id"] == "sku-00005")),
+        "{parked}"
+    );
+    let (status, refused, headers) = http_with_headers(
+        &format!("{}/api/v1/cart/items/sku-00005", edge("th")),
+        "PUT",
+        &singaporean,
+        Some(r#"{"quantity":3}"#),
     )
     .await;
     assert_eq!(status, 503, "{refused}");

@@ -19,6 +19,7 @@ mod local;
 mod metrics;
 mod openapi;
 mod ops;
+mod parking;
 mod preflight;
 mod protection;
 mod regions;

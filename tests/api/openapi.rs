@@ -71,6 +71,29 @@ fn the_documented_operations_are_exactly_the_public_routes() {
     assert_eq!(documented, routed);
 }
 
+/// Both directions: the documented warning codes are exactly the edge's closed list.
+#[test]
+fn the_documented_warning_codes_are_exactly_the_edges() {
+    let edge: BTreeSet<String> = cartedge::domain::cart::WARNING_CODES
+        .iter()
+        .map(|code| code.to_string())
+        .collect();
+    let documented: Vec<String> = document()["components"]["schemas"]["Warning"]["properties"]
+        ["code"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    let documented_set: BTreeSet<String> = documented.iter().cloned().collect();
+    assert_eq!(
+        documented.len(),
+        documented_set.len(),
+        "a code documented twice"
+    );
+    assert_eq!(documented_set, edge);
+}
+
 /// Both directions: a code the edge can answer with must be documented, and a documented code
 /// must be one the edge has. The edge's list comes from the error enum's own declaration.
 #[test]

@@ -148,6 +148,7 @@ fn every_alert_has_a_severity_a_summary_and_a_runbook_line_in_the_readme() {
         "CartedgeForwardFailures",
         "CartedgeForwardBreakerOpen",
         "CartedgeOutboxBacklogGrowing",
+        "CartedgeParkedWritesBacklogGrowing",
         "CartedgeErrorBudgetBurnFast",
         "CartedgeErrorBudgetBurnSlow",
     ] {

@@ -19,8 +19,8 @@ use tokio::net::TcpListener;
 
 use crate::helpers::{defaults_path, execute, shared, TestResponse, JWT_SECRET, SESSION_SECRET};
 
-struct Edge {
-    app: Arc<App>,
+pub(crate) struct Edge {
+    pub(crate) app: Arc<App>,
     public: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -33,21 +33,24 @@ impl Drop for Edge {
     }
 }
 
-struct TwoRegions {
+pub(crate) struct TwoRegions {
     dir: tempfile::TempDir,
-    sg_primary: PgInstance,
-    th_primary: PgInstance,
+    pub(crate) sg_primary: PgInstance,
+    pub(crate) th_primary: PgInstance,
     /// th's replica of sg-1.
     th_replica_of_sg: PgInstance,
     _sg_replica_of_th: PgInstance,
-    proxy: LinkProxy,
-    sg: Edge,
-    th: Edge,
+    pub(crate) proxy: LinkProxy,
+    pub(crate) sg: Edge,
+    pub(crate) th: Edge,
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         http_body_util::Full<Bytes>,
     >,
 }
+
+/// Adds whose home region cannot be reached answer 503 instead of being parked.
+const NO_PARKING: &str = "[parking]\nenabled = false\n";
 
 const RING: &str = "version = 1\nvnodes = 200\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n[[shards]]\nid = \"th-1\"\nhome = \"th\"\n";
 
@@ -94,6 +97,7 @@ fn edge_config(
     redis_prefix: &str,
     peer: (&str, String),
     forward_timeout: &str,
+    extra: &str,
 ) -> Config {
     let mut text = format!(
         "[region]\nid = \"{region}\"\ncurrency = \"{currency}\"\n\
@@ -120,6 +124,7 @@ fn edge_config(
         peer_id = peer.0,
         peer_url = peer.1,
     );
+    text.push_str(extra);
     for (id, primary, replica) in shards {
         text.push_str(&format!(
             "[[database.shards]]\nid = \"{id}\"\nreplica = \"{replica}\"\n"
@@ -167,6 +172,11 @@ async fn start_edge(config: Config, internal: TcpListener) -> Edge {
 
 impl TwoRegions {
     async fn start(forward_timeout: &str) -> TwoRegions {
+        Self::start_with(forward_timeout, "").await
+    }
+
+    /// Starts both regions with `extra` (TOML sections) added to both edges' configuration.
+    pub(crate) async fn start_with(forward_timeout: &str, extra: &str) -> TwoRegions {
         let shared = shared();
         let dir = tempfile::Builder::new()
             .prefix("cartedge-regions-")
@@ -263,6 +273,7 @@ impl TwoRegions {
                 format!("https://{}", proxy.addr("sg->th:edge").unwrap()),
             ),
             forward_timeout,
+            extra,
         );
         let th_config = edge_config(
             &base,
@@ -284,6 +295,7 @@ impl TwoRegions {
                 format!("https://{}", proxy.addr("th->sg:edge").unwrap()),
             ),
             forward_timeout,
+            extra,
         );
         let sg = start_edge(sg_config, sg_internal).await;
         let th = start_edge(th_config, th_internal).await;
@@ -303,7 +315,7 @@ impl TwoRegions {
         }
     }
 
-    fn token(&self, sub: &str) -> String {
+    pub(crate) fn token(&self, sub: &str) -> String {
         cartedge::auth::issue_token(
             &self.sg.app.config.auth,
             sub,
@@ -314,14 +326,14 @@ impl TwoRegions {
     }
 
     /// A user id the ring homes in `region`.
-    fn user_homed_in(&self, region: &str, salt: &str) -> String {
+    pub(crate) fn user_homed_in(&self, region: &str, salt: &str) -> String {
         (0..10_000)
             .map(|n| format!("{salt}-{n}"))
             .find(|user| self.sg.app.topology.ring.locate(&format!("u:{user}")).home == region)
             .unwrap()
     }
 
-    async fn send(
+    pub(crate) async fn send(
         &self,
         edge: &Edge,
         method: &str,
@@ -353,7 +365,7 @@ impl TwoRegions {
         }
     }
 
-    async fn add(
+    pub(crate) async fn add(
         &self,
         edge: &Edge,
         user: &str,
@@ -370,7 +382,12 @@ impl TwoRegions {
             .await
     }
 
-    async fn get(&self, edge: &Edge, user: &str, min_version: Option<i64>) -> TestResponse {
+    pub(crate) async fn get(
+        &self,
+        edge: &Edge,
+        user: &str,
+        min_version: Option<i64>,
+    ) -> TestResponse {
         let mut headers = vec![("authorization", format!("Bearer {}", self.token(user)))];
         if let Some(version) = min_version {
             headers.push(("cart-min-version", version.to_string()));
@@ -378,7 +395,7 @@ impl TwoRegions {
         self.send(edge, "GET", "/api/v1/cart", &headers, None).await
     }
 
-    async fn quantity_at_home(&self, user: &str, item: &str) -> i64 {
+    pub(crate) async fn quantity_at_home(&self, user: &str, item: &str) -> i64 {
         let (client, connection) =
             tokio_postgres::connect(&self.sg_primary.dsn("cartedge"), tokio_postgres::NoTls)
                 .await
@@ -506,7 +523,8 @@ async fn a_write_at_th_for_an_sg_user_is_forwarded_applied_once_and_read_back_wi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_fails_forwarded_writes_fast_keeps_reads_and_loses_nothing_acknowledged() {
-    let regions = TwoRegions::start("700ms").await;
+    // Without parking, as before it existed (tests/api/parking.rs covers adds parked instead).
+    let regions = TwoRegions::start_with("700ms", NO_PARKING).await;
     let user = regions.user_homed_in("sg", "part");
     let mut acknowledged = 0;
     for _ in 0..3 {
@@ -649,7 +667,7 @@ fn metric_value(exposition: &str, series: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forward_whose_answer_was_lost_after_the_commit_is_retried_and_applied_once() {
-    let regions = TwoRegions::start("800ms").await;
+    let regions = TwoRegions::start_with("800ms", NO_PARKING).await;
     let user = regions.user_homed_in("sg", "lost");
     // Warm the th -> sg connection so the slow link delays only the request and its answer.
     assert_eq!(
