@@ -21,8 +21,15 @@ pub const MAX_VARIANT_BYTES: usize = 1024;
 /// Deepest nesting allowed; the object itself is depth 1.
 pub const MAX_VARIANT_DEPTH: usize = 4;
 
+/// Smallest and largest magnitude of a variant number that is not an integer.
+const DECIMAL_RANGE: std::ops::Range<f64> = 1e-15..1e15;
+
 /// Accepts `null` (no variant) or an object within the size and depth limits whose keys and
-/// strings hold no NUL character (PostgreSQL's `jsonb`, where lines are stored, cannot).
+/// strings hold no NUL character (PostgreSQL's `jsonb`, where lines are stored, cannot) and
+/// whose numbers read back as they were written: integers within 64 bits, or decimals of
+/// magnitude within [`DECIMAL_RANGE`]. `jsonb` keeps a number exactly and prints it without an
+/// exponent, so `1e308` comes back as 309 digits that do not parse as the float they were;
+/// refused here, such a line would be unreadable after its write.
 pub fn validate(value: &Value) -> Result<Option<&Value>, &'static str> {
     match value {
         Value::Null => Ok(None),
@@ -32,6 +39,11 @@ pub fn validate(value: &Value) -> Result<Option<&Value>, &'static str> {
             }
             if has_nul(value) {
                 return Err("variant must not contain NUL characters");
+            }
+            if !numbers_round_trip(value) {
+                return Err(
+                    "variant numbers must be integers within 64 bits, or decimals between 1e-15 and 1e15 in size",
+                );
             }
             let size = serde_json::to_vec(value)
                 .map(|v| v.len())
@@ -54,6 +66,23 @@ pub fn has_nul(value: &Value) -> bool {
             .iter()
             .any(|(key, value)| key.contains('\0') || has_nul(value)),
         _ => false,
+    }
+}
+
+/// Whether every number in `value` is an integer within 64 bits, zero, or a decimal of
+/// magnitude within [`DECIMAL_RANGE`].
+fn numbers_round_trip(value: &Value) -> bool {
+    match value {
+        Value::Number(number) => {
+            number.is_i64()
+                || number.is_u64()
+                || number
+                    .as_f64()
+                    .is_some_and(|f| f == 0.0 || DECIMAL_RANGE.contains(&f.abs()))
+        }
+        Value::Array(items) => items.iter().all(numbers_round_trip),
+        Value::Object(map) => map.values().all(numbers_round_trip),
+        _ => true,
     }
 }
 
