@@ -5,10 +5,9 @@
 //! `api::internal::parked_add`.
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::client::names;
 use super::{ForwardError, Forwarder};
 
 /// The internal path a parked add is posted to.
@@ -89,18 +88,7 @@ pub async fn send(
     fingerprint: &str,
     request: &Request,
 ) -> Result<Outcome, ForwardError> {
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let (Ok(from), Ok(ring)) = (
-        HeaderValue::from_str(from),
-        HeaderValue::from_str(fingerprint),
-    ) {
-        headers.insert(names::FORWARDED_FROM, from);
-        headers.insert(names::RING, ring);
-    }
+    let headers = super::internal_json_headers(from, fingerprint);
     // Serialising a struct of strings cannot fail; an empty body would be refused at home.
     let body = serde_json::to_vec(request).unwrap_or_default();
     let answer = forwarder
@@ -112,6 +100,7 @@ pub async fn send(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     #[test]
     fn answers_are_applied_refused_for_good_or_retried() {

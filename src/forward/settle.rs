@@ -4,10 +4,9 @@
 //! side is `api::internal::merge_settle`.
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::client::names;
 use super::{ForwardError, Forwarder};
 
 /// The internal path a settle request is posted to.
@@ -58,18 +57,7 @@ pub async fn ask(
     fingerprint: &str,
     request: &Request,
 ) -> Result<Decision, SettleError> {
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let (Ok(from), Ok(ring)) = (
-        HeaderValue::from_str(from),
-        HeaderValue::from_str(fingerprint),
-    ) {
-        headers.insert(names::FORWARDED_FROM, from);
-        headers.insert(names::RING, ring);
-    }
+    let headers = super::internal_json_headers(from, fingerprint);
     let body = serde_json::to_vec(request).map_err(|error| SettleError::Unreadable {
         region: region.to_string(),
         cause: error.to_string(),
