@@ -428,9 +428,8 @@ impl HomeDb {
                 pid: Some(pg.pid()),
                 node: None,
             }],
-            HomeDb::Formation { monitor, nodes, .. } => {
+            HomeDb::Formation { nodes, .. } => {
                 let primary = self.primary_port().ok();
-                let _ = monitor;
                 nodes
                     .iter()
                     .map(|n| ClusterPostgres {
@@ -702,7 +701,7 @@ async fn up_in(dir: &Path, options: &UpOptions) -> Result<()> {
             fsync: true,
             ..PgOptions::default()
         };
-        if options_ha(&primaries[home]) {
+        if matches!(primaries[home], HomeDb::Formation { .. }) {
             // A copy of a pg_auto_failover node: never use the formation's replication slots.
             options.extra_conf.push("primary_slot_name = ''".into());
             // A standby's limits must be at least its primary's (pg_auto_failover sets 12).
@@ -1591,11 +1590,6 @@ pub fn down(dir: &Path) -> Result<()> {
     }
     println!("local cluster stopped");
     Ok(())
-}
-
-/// Whether a home shard runs as a pg_auto_failover formation.
-fn options_ha(home: &HomeDb) -> bool {
-    matches!(home, HomeDb::Formation { .. })
 }
 
 /// `cartedge local status`: cluster.json as the cluster is now. In HA mode each home shard's
