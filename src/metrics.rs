@@ -506,6 +506,8 @@ pub struct ParkingMetrics {
     pub applied: Counter,
     pub rejected: Counter,
     pub expired: Counter,
+    /// Reads that laid parked adds over a cart without knowing which of them it already held.
+    pub overlay_unsure: Counter,
 }
 
 impl ParkingMetrics {
@@ -522,6 +524,12 @@ impl ParkingMetrics {
             "Parked adds by outcome: parked, replayed (a retry of a parked key), refused (a cap reached: 503), applied, rejected (home refused), expired (parking.max_age)",
             outcomes.clone(),
         );
+        let overlay_unsure = Counter::default();
+        registry.register(
+            "parked_overlay_unsure",
+            "Reads that showed parked adds as pending without knowing whether the cart shown already held them (the home's records unreadable): such a read may show an add twice",
+            overlay_unsure.clone(),
+        );
         let get = |outcome| outcomes.get_or_create(&OutcomeLabels { outcome }).clone();
         ParkingMetrics {
             parked: get("parked"),
@@ -531,6 +539,7 @@ impl ParkingMetrics {
             rejected: get("rejected"),
             expired: get("expired"),
             parked_writes,
+            overlay_unsure,
         }
     }
 }

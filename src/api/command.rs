@@ -246,6 +246,7 @@ pub async fn read<'a>(
         | Handler::Invalidate
         | Handler::MergeSettle
         | Handler::ParkedAdd
+        | Handler::ParkedApplied
         | Handler::MergeStep(_) => return Err(ApiError::NotFound),
     };
     let here = app.config.region.id.as_str();

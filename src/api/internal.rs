@@ -1,9 +1,9 @@
 //! Handlers of the internal (edge-to-edge, mutual-TLS) surface: cache invalidations from other
-//! regions, the steps of a merge run on a guest cart homed here, and the settling of a stale
-//! merge into a user cart homed here (asked by the guest home's janitor), and adds another
-//! region parked for a cart homed here (sent by its reconciler). The ring check that guards
-//! this surface runs in `api::handle` before routing; the steps' storage is `store::merge`.
-//! A request here continues the sending edge's trace (`traceparent`, read in `api::handle`), so
+//! regions; the steps of a merge run on a guest cart homed here; the settling of a stale merge
+//! into a user cart homed here (asked by the guest home's janitor); adds another region parked
+//! for a cart homed here (sent by its reconciler), and which of them a cart here already holds
+//! (asked by a read there). The ring check that guards this surface runs in `api::handle`
+//! before routing; the steps' storage is `store::merge`. A request here continues the sending edge's trace (`traceparent`, read in `api::handle`), so
 //! an invalidation or merge step logs under the trace of the write that caused it.
 
 use serde::{Deserialize, Serialize};
@@ -191,6 +191,51 @@ pub async fn parked_add(app: &App, body: &[u8]) -> Result<Response<Body>, ApiErr
         &body,
     ))
     .await
+}
+
+/// `POST /internal/v1/parked/applied`: which of another region's parked adds (by key) a cart
+/// homed here holds, read from the shard's primary with the cart's version in one snapshot. A
+/// read there asks when its own replica is older than the cart it shows
+/// (`parking::in_cart`).
+pub async fn parked_applied(app: &App, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    use crate::store::parking::{self, RecordsFrom};
+    let question: forward::parked::AppliedQuestion = request::parse_json(body)?;
+    if !question.owner.starts_with("u:") && !question.owner.starts_with("g:") {
+        return Err(ApiError::InvalidRequest(
+            "owner must be a user or guest owner key".into(),
+        ));
+    }
+    if i64::try_from(question.keys.len()).map_or(true, |n| n > app.config.parking.max_per_owner) {
+        return Err(ApiError::InvalidRequest(format!(
+            "at most {} keys (parking.max_per_owner)",
+            app.config.parking.max_per_owner
+        )));
+    }
+    if !app.store.is_home(&question.home_shard) {
+        return Err(ApiError::Misdirected);
+    }
+    let owner = OwnerKey::from_stored(question.owner);
+    let keys: Vec<&str> = question.keys.iter().map(String::as_str).collect();
+    let found = parking::applied_at_home(
+        &app.store,
+        &question.home_shard,
+        &owner,
+        &keys,
+        RecordsFrom::Primary,
+    )
+    .await?;
+    let answer = forward::parked::AppliedAnswer {
+        applied: found
+            .applied
+            .into_iter()
+            .map(|(key, version)| forward::parked::AppliedKey { key, version })
+            .collect(),
+        cart_version: found.cart_version,
+    };
+    Ok(response::json(
+        StatusCode::OK,
+        serde_json::to_vec(&answer).unwrap_or_default(),
+    ))
 }
 
 /// The guest owner a step names.

@@ -96,6 +96,8 @@ pub enum Handler {
     MergeStep(internal::Step),
     /// Another region's reconciler delivers an add it parked for a cart homed here.
     ParkedAdd,
+    /// Another region's read asks which of its parked adds a cart homed here already holds.
+    ParkedApplied,
 }
 
 const fn versioned(
@@ -130,7 +132,7 @@ const fn internal(pattern: &'static str, name: &'static str, handler: Handler) -
 /// Every route of every surface. A path matched on a surface but not for the request's method
 /// is a 405 whose `Allow` lists the methods below in this order (HEAD after each GET: a GET
 /// route answers HEAD without the body); anything else is a 404.
-pub static ROUTES: [Route<Handler>; 19] = {
+pub static ROUTES: [Route<Handler>; 20] = {
     use Handler as H;
     use Method as M;
     use Surfaces as S;
@@ -186,6 +188,11 @@ pub static ROUTES: [Route<Handler>; 19] = {
         internal(Step::Abort.path(), "merge_abort", H::MergeStep(Step::Abort)),
         internal(forward::settle::PATH, "merge_settle", H::MergeSettle),
         internal(forward::parked::PATH, "parked_add", H::ParkedAdd),
+        internal(
+            forward::parked::APPLIED_PATH,
+            "parked_applied",
+            H::ParkedApplied,
+        ),
     ]
 };
 
@@ -362,6 +369,10 @@ async fn dispatch(
         Handler::ParkedAdd => {
             let bytes = request::read_body(&parts, body, internal::MAX_BODY_BYTES, true).await?;
             return Box::pin(internal::parked_add(app, &bytes)).await;
+        }
+        Handler::ParkedApplied => {
+            let bytes = request::read_body(&parts, body, internal::MAX_BODY_BYTES, true).await?;
+            return Box::pin(internal::parked_applied(app, &bytes)).await;
         }
         _ => {}
     }

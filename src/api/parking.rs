@@ -22,7 +22,8 @@ use crate::app::App;
 use crate::domain::cart::{self, CartView, PendingAdd, StoredCart, Warning};
 use crate::domain::ids::{Owner, OwnerKey};
 use crate::domain::variant::LineId;
-use crate::store::parking::{self, Caps, NewParkedAdd, ParkOutcome, ParkedAdd};
+use crate::forward;
+use crate::store::parking::{self, Caps, NewParkedAdd, ParkOutcome, ParkedAdd, RecordsFrom};
 use crate::store::Source;
 
 /// The warning on a line whose add is parked here, not yet applied at home.
@@ -218,8 +219,15 @@ async fn load(app: &App, shard: &str, placed: &Placed<'_>) -> Result<Parked, Api
 
 /// Drops the pending adds a cart at `cart_version` already holds: one the reconciler saw
 /// applied at that version or before (its row about to go), and one whose key the home region
-/// recorded at that version or before (applied with its answer lost), as this region's replica
-/// of the home shard has the records. A replica that cannot be read keeps them all (logged).
+/// recorded at that version or before (applied with its answer lost, or delivered and not yet
+/// marked here).
+///
+/// The records are read from this region's replica of the home shard, in one snapshot with
+/// the cart's version there; they are complete up to that version only. When the cart shown is
+/// newer (it came from the home region, or from a cache fenced past the replica), the records
+/// are asked of the home region's primary instead: otherwise an add applied between the two
+/// versions would show twice, once in the cart and once as pending. Records that cannot be read
+/// keep the adds pending (logged): the cart may then show such an add twice for that read.
 pub async fn in_cart(app: &App, placed: &Placed<'_>, parked: &mut Parked, cart_version: i64) {
     parked.pending.retain(|add| {
         add.applied_version
@@ -233,21 +241,68 @@ pub async fn in_cart(app: &App, placed: &Placed<'_>, parked: &mut Parked, cart_v
         .iter()
         .map(|add| add.idempotency_key.as_str())
         .collect();
-    match parking::applied_at_home(&app.store, placed.shard, &placed.key, &keys).await {
-        Ok(applied) => {
-            let held: Vec<String> = applied
-                .into_iter()
-                .filter(|(_, version)| *version <= cart_version)
-                .map(|(key, _)| key)
-                .collect();
-            parked
-                .pending
-                .retain(|add| !held.contains(&add.idempotency_key));
-        }
+    let local = parking::applied_at_home(
+        &app.store,
+        placed.shard,
+        &placed.key,
+        &keys,
+        RecordsFrom::Local,
+    )
+    .await;
+    let applied = match local {
+        Ok(found) if found.cart_version >= cart_version => found.applied,
+        Ok(_) => match Box::pin(applied_per_home(app, placed, &keys)).await {
+            Ok(applied) => applied,
+            Err(error) => {
+                app.metrics.parking.overlay_unsure.inc();
+                tracing::warn!(%error, owner = %placed.key, home = placed.home, "the replica is older than the cart shown and the home region did not say which parked adds it holds; shown as pending");
+                return;
+            }
+        },
         Err(error) => {
-            tracing::debug!(%error, owner = %placed.key, "home idempotency records not read; parked adds shown as pending")
+            app.metrics.parking.overlay_unsure.inc();
+            tracing::warn!(%error, owner = %placed.key, "home idempotency records not read; parked adds shown as pending");
+            return;
         }
-    }
+    };
+    let held: Vec<String> = applied
+        .into_iter()
+        .filter(|(_, version)| *version <= cart_version)
+        .map(|(key, _)| key)
+        .collect();
+    parked
+        .pending
+        .retain(|add| !held.contains(&add.idempotency_key));
+}
+
+/// Which of `keys` the home region's primary recorded for the owner (`forward::parked`).
+async fn applied_per_home(
+    app: &App,
+    placed: &Placed<'_>,
+    keys: &[&str],
+) -> Result<Vec<(String, i64)>, String> {
+    let Some(forwarder) = &app.forwarder else {
+        return Err("no forwarder".to_string());
+    };
+    let question = forward::parked::AppliedQuestion {
+        owner: placed.key.as_str().to_string(),
+        home_shard: placed.shard.to_string(),
+        keys: keys.iter().map(|key| (*key).to_string()).collect(),
+    };
+    let answer = forward::parked::ask_applied(
+        forwarder,
+        placed.home,
+        &app.config.region.id,
+        app.topology.ring.fingerprint(),
+        &question,
+    )
+    .await
+    .map_err(|error| error.to_string())?;
+    Ok(answer
+        .applied
+        .into_iter()
+        .map(|applied| (applied.key, applied.version))
+        .collect())
 }
 
 /// The cart a home edge answered a read with, as stored (to lay this region's parked adds

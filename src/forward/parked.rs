@@ -2,7 +2,9 @@
 //! posts it to the home edge's internal surface with its Idempotency-Key, so a retry after a
 //! lost answer is a replay there, never a second add. This module owns the message, the call
 //! and how an answer is classified (applied, refused for good, or to retry); the answer side is
-//! `api::internal::parked_add`.
+//! `api::internal::parked_add`. It also owns the question a read asks the home region when its
+//! own replica is older than the cart it shows: which parked adds that cart already holds
+//! (answered by `api::internal::parked_applied`).
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
@@ -12,6 +14,9 @@ use super::{ForwardError, Forwarder};
 
 /// The internal path a parked add is posted to.
 pub const PATH: &str = "/internal/v1/parked/add";
+
+/// The internal path a read asks which parked adds its home already applied.
+pub const APPLIED_PATH: &str = "/internal/v1/parked/applied";
 
 /// The header naming the cart version a home edge answered with.
 const CART_VERSION: &str = "cart-version";
@@ -27,6 +32,68 @@ pub struct Request {
     pub home_shard: String,
     /// The add's body as the client sent it.
     pub body: String,
+}
+
+/// Which of an owner's parked adds (by key) the home region has applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppliedQuestion {
+    pub owner: String,
+    /// The owner's shard at home.
+    pub home_shard: String,
+    pub keys: Vec<String>,
+}
+
+/// The home's answer: the keys it recorded, each with the cart version it answered, read from
+/// the shard's primary in one snapshot with the cart's version there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppliedAnswer {
+    pub applied: Vec<AppliedKey>,
+    pub cart_version: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppliedKey {
+    pub key: String,
+    pub version: i64,
+}
+
+/// Why the home's answer to an [`AppliedQuestion`] is not known.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error("the home region answered {0}")]
+    Refused(StatusCode),
+    #[error("the home region's answer is unreadable: {0}")]
+    Unreadable(#[from] serde_json::Error),
+}
+
+/// Asks `region`'s edge which of `question.keys` it applied.
+pub async fn ask_applied(
+    forwarder: &Forwarder,
+    region: &str,
+    from: &str,
+    fingerprint: &str,
+    question: &AppliedQuestion,
+) -> Result<AppliedAnswer, AskError> {
+    let headers = super::internal_json_headers(from, fingerprint);
+    let body = serde_json::to_vec(question)?;
+    let answer = forwarder
+        .send(
+            region,
+            Method::POST,
+            APPLIED_PATH,
+            &headers,
+            Bytes::from(body),
+        )
+        .await?;
+    if answer.status != StatusCode::OK {
+        return Err(AskError::Refused(answer.status));
+    }
+    Ok(serde_json::from_slice(&answer.body)?)
 }
 
 /// What the home region did with a parked add.

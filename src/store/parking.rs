@@ -255,27 +255,55 @@ pub async fn for_read(
     Ok((pending, rejected))
 }
 
-/// Which of `keys` the home region recorded for `owner` (its idempotency records, as this
-/// region's replica of the home shard has them), with the cart version each answered: an add
-/// applied at home whose answer never reached this region is in every cart at or past it.
+/// Which of `keys` the home region recorded for `owner`, with the cart version each answered,
+/// and the owner's cart version in the same snapshot: an add applied at home whose answer never
+/// reached this region is in every cart at or past its version, and the records are complete up
+/// to `cart_version` (one statement, one snapshot), not beyond.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppliedAtHome {
+    pub applied: Vec<(String, i64)>,
+    pub cart_version: i64,
+}
+
+/// Where [`applied_at_home`] reads the home shard's records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordsFrom {
+    /// This region's copy (its replica; the primary when the shard is homed here).
+    Local,
+    /// The shard's primary (home region only): complete up to the newest cart there is.
+    Primary,
+}
+
+/// Reads [`AppliedAtHome`] for `keys` of `owner` on `home_shard`.
 pub async fn applied_at_home(
     store: &Store,
     home_shard: &str,
     owner: &OwnerKey,
     keys: &[&str],
-) -> Result<Vec<(String, i64)>, StoreError> {
-    let (client, _) = store.db_read(home_shard).await?;
+    from: RecordsFrom,
+) -> Result<AppliedAtHome, StoreError> {
+    let (client, _) = match from {
+        RecordsFrom::Local => store.db_read(home_shard).await?,
+        RecordsFrom::Primary => store.db_read_prefer_primary(home_shard).await?,
+    };
+    // One row at least (the cart's version), one per record found.
     let statement = client
         .prepare_cached(
-            "SELECT key, headers FROM idempotency_keys \
-             WHERE owner = $1 AND key = ANY($2) AND status BETWEEN 200 AND 299",
+            "SELECT COALESCE((SELECT version FROM carts WHERE owner = $1), 0), k.key, k.headers \
+             FROM (SELECT 1) AS one LEFT JOIN idempotency_keys k \
+             ON k.owner = $1 AND k.key = ANY($2) AND k.status BETWEEN 200 AND 299",
         )
         .await?;
     let rows = client.query(&statement, &[&owner.as_str(), &keys]).await?;
-    let mut applied = Vec::new();
+    let mut found = AppliedAtHome::default();
     for row in rows {
-        let key: String = row.try_get(0)?;
-        let headers: Value = row.try_get(1)?;
+        found.cart_version = row.try_get(0)?;
+        let (Some(key), Some(headers)) = (
+            row.try_get::<_, Option<String>>(1)?,
+            row.try_get::<_, Option<Value>>(2)?,
+        ) else {
+            continue;
+        };
         // Stored as `[[name, value], …]`; an answer without a version is not counted.
         let version = headers.as_array().and_then(|pairs| {
             pairs.iter().find_map(|pair| {
@@ -286,10 +314,10 @@ pub async fn applied_at_home(
             })
         });
         if let Some(version) = version {
-            applied.push((key, version));
+            found.applied.push((key, version));
         }
     }
-    Ok(applied)
+    Ok(found)
 }
 
 /// The reconciler's hold on the parking shard: a session advisory lock on a dedicated

@@ -413,7 +413,7 @@ impl TwoRegions {
         row.map(|r| r.get(0)).unwrap_or(0)
     }
 
-    async fn replica_sql(&self, sql: &str) {
+    pub(crate) async fn replica_sql(&self, sql: &str) {
         execute(&self.th_replica_of_sg.dsn("cartedge"), sql).await;
     }
 
