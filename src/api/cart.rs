@@ -18,8 +18,8 @@ use super::{Body, Surface};
 use crate::app::App;
 use crate::domain::cart::{self, AddRequest, CartView, StoredCart};
 use crate::domain::ids::{Owner, OwnerKey, SessionId};
-use crate::store::catalog::Lookup;
-use crate::store::{CartOp, Source};
+use crate::store::catalog::{Catalog, Lookup};
+use crate::store::{CartOp, NearEntry, Source};
 
 /// Warning codes this module adds to a view (the domain adds the per-line ones).
 const STALE_POSSIBLE: &str = "stale_possible";
@@ -86,6 +86,21 @@ pub async fn view(
         Surface::Public => Box::pin(parking::for_read(app, placed)).await.map(Box::new),
         _ => None,
     };
+    let session = match &placed.owner {
+        Owner::Guest(session) => Some(SessionHeader::Existing(session)),
+        Owner::User(_) => None,
+    };
+    // The common read: this edge holds the cart in memory, fresh enough, with nothing to add.
+    if parked.is_none() && lag_warning(app, placed.shard).is_none() {
+        if let Some(entry) = app.store.near_cart(&placed.key, read.min_version) {
+            let version = entry.cart.version;
+            if read.if_none_match.matches(version) {
+                return Ok(response::not_modified(app, version, Source::Cache));
+            }
+            let body = rendered_body(app, &entry, placed.home).await;
+            return Ok(response::cart(app, body, version, Source::Cache, session));
+        }
+    }
     let (mut cart, mut source, min_version) = app
         .store
         .load_cart(placed.shard, &placed.key, read.min_version)
@@ -133,24 +148,9 @@ pub async fn view(
             }
         }
     }
-    if warnings.is_empty() && !app.store.is_home(placed.shard) {
-        let lag = app.store.replica_lag(placed.shard);
-        if lag.is_none_or(|lag| lag > app.config.forward.max_replica_lag.0) {
-            let behind = match lag {
-                Some(lag) => format!("{} ms behind", lag.as_millis()),
-                None => "of unknown lag".to_string(),
-            };
-            warnings.push(cart::Warning {
-                code: STALE_POSSIBLE,
-                item_id: None,
-                message: format!("served in {} from a replica {behind}", app.config.region.id),
-            });
-        }
+    if warnings.is_empty() {
+        warnings.extend(lag_warning(app, placed.shard));
     }
-    let session = match &placed.owner {
-        Owner::Guest(session) => Some(SessionHeader::Existing(session)),
-        Owner::User(_) => None,
-    };
     if let Some(mut parked) = parked {
         Box::pin(parking::in_cart(app, placed, &mut parked, cart.version)).await;
         let parked = *parked;
@@ -174,6 +174,47 @@ pub async fn view(
     let mut view = render_view(app, &cart, placed.home).await;
     view.warnings.extend(warnings);
     Ok(response::cart_view(app, &view, source, session))
+}
+
+/// The `stale_possible` warning on a cart served outside its shard's home region while the
+/// replica lags more than `forward.max_replica_lag` (or by an unknown amount).
+fn lag_warning(app: &App, shard: &str) -> Option<cart::Warning> {
+    if app.store.is_home(shard) {
+        return None;
+    }
+    let lag = app.store.replica_lag(shard);
+    if lag.is_some_and(|lag| lag <= app.config.forward.max_replica_lag.0) {
+        return None;
+    }
+    let behind = match lag {
+        Some(lag) => format!("{} ms behind", lag.as_millis()),
+        None => "of unknown lag".to_string(),
+    };
+    Some(cart::Warning {
+        code: STALE_POSSIBLE,
+        item_id: None,
+        message: format!("served in {} from a replica {behind}", app.config.region.id),
+    })
+}
+
+/// The response body for a cart held in this edge's memory: the one rendered from it before
+/// when the home catalog has not changed since and it is younger than the catalog's TTL (a
+/// view is then as current as rendering it again would be, give or take that TTL), else
+/// rendered now and kept. A view rendered without current prices is not kept.
+async fn rendered_body(app: &App, entry: &NearEntry, home: &str) -> Bytes {
+    let catalog = app.store.catalog_of(home);
+    // Read before the render's catalog lookup: a change during it makes the body outdated.
+    let epoch = catalog.map_or(0, Catalog::epoch);
+    let max_age = catalog.map_or(Duration::ZERO, Catalog::ttl);
+    if let Some(body) = entry.rendered(epoch, home, max_age) {
+        return body;
+    }
+    let view = render_view(app, &entry.cart, home).await;
+    let body = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
+    if view.warnings.iter().all(|w| w.code != PRICES_UNAVAILABLE) {
+        entry.keep_rendered(epoch, home, body.clone());
+    }
+    body
 }
 
 /// The home region's answer to a read this region could not serve fresh enough.

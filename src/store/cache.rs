@@ -26,7 +26,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{RedisError, RedisResult, Script};
 
-use super::near::NearCache;
+use super::near::{NearCache, NearEntry};
 use super::redis_link::RedisLink;
 
 use crate::config::RedisConfig;
@@ -212,6 +212,21 @@ impl Cache {
         self.read(owner).await.cart
     }
 
+    /// The owner's cart in this edge's memory (the near cache), as [`Cache::read`] would
+    /// answer with it, without a copy: None when the near cache does not hold it or may not
+    /// serve it now. Counted as a near hit. Only a cart at `min_version` or newer is returned.
+    pub fn read_near(&self, owner: &OwnerKey, min_version: i64) -> Option<Arc<NearEntry>> {
+        if self.distrust_all.load(Ordering::Acquire) || self.is_pending(owner.as_str()) {
+            return None;
+        }
+        let entry = self
+            .near
+            .get(owner.as_str())
+            .filter(|entry| entry.cart.version >= min_version)?;
+        self.metrics.near_hit.inc();
+        Some(entry)
+    }
+
     /// What the cache knows of an owner: a trustworthy cart, and the newest version it has
     /// seen (a fence left by a write whose cart it does not hold is a read-your-writes hint).
     pub async fn read(&self, owner: &OwnerKey) -> CacheRead {
@@ -219,12 +234,12 @@ impl Cache {
             self.metrics.read_skipped.inc();
             return CacheRead::default();
         }
-        if let Some(cart) = self.near.get(owner.as_str()) {
+        if let Some(entry) = self.near.get(owner.as_str()) {
             // Counted as a read hit by the caller, like any cart the cache answers with.
             self.metrics.near_hit.inc();
             return CacheRead {
-                newest_version: Some(cart.version),
-                cart: Some(StoredCart::clone(&cart)),
+                newest_version: Some(entry.cart.version),
+                cart: Some(entry.cart.clone()),
                 answered: true,
             };
         }

@@ -10,7 +10,7 @@
 //! admin functions at the bottom back the `cartedge catalog …` commands.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,9 @@ struct Inner {
     entries: RwLock<HashMap<String, Entry>>,
     /// Whether a background refresh is running (at most one at a time).
     refreshing: AtomicBool,
+    /// Advanced whenever what an item's entry says changes (or entries are dropped), so
+    /// something rendered from entries can tell it is still what a render would give.
+    epoch: AtomicU64,
 }
 
 /// Current catalog entries for a set of items; `complete` is false when the catalog could not
@@ -66,8 +69,21 @@ impl Catalog {
                 ttl,
                 entries: RwLock::new(HashMap::new()),
                 refreshing: AtomicBool::new(false),
+                epoch: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Changes whenever a cached entry's content changes; compare it with the value read before
+    /// a [`Catalog::lookup`] to tell whether a view rendered from that lookup is still current
+    /// (as current as entries up to `cart.catalog_cache_ttl` old are).
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch.load(Ordering::Acquire)
+    }
+
+    /// How long entries are reused (`cart.catalog_cache_ttl`).
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
     }
 
     /// The current entry of one item, read from the database (not the in-process cache).
@@ -199,11 +215,18 @@ impl Inner {
             return;
         }
         if let Ok(mut entries) = self.entries.write() {
+            let mut changed = false;
             if entries.len() + ids.len() > MAX_CACHED_ITEMS {
                 entries.clear();
+                changed = true;
             }
             for id in ids {
-                entries.insert(id.to_string(), (now, found.get(*id).cloned()));
+                let item = found.get(*id).cloned();
+                let before = entries.insert(id.to_string(), (now, item.clone()));
+                changed |= before.is_some_and(|(_, before)| before != item);
+            }
+            if changed {
+                self.epoch.fetch_add(1, Ordering::AcqRel);
             }
         }
     }
@@ -348,4 +371,47 @@ pub fn demo_currencies() -> impl Iterator<Item = Currency> {
     DEMO_RATES
         .iter()
         .filter_map(|(code, _)| Currency::parse(code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(price: i64) -> Arc<CatalogItem> {
+        Arc::new(CatalogItem {
+            item_id: "sku-1".into(),
+            name: "one".into(),
+            active: true,
+            stock: 5,
+            prices: vec![Money::new(price, Currency::parse("SGD").unwrap())],
+        })
+    }
+
+    #[tokio::test]
+    async fn the_epoch_moves_when_an_entry_says_something_new_and_only_then() {
+        let config: tokio_postgres::Config = "host=127.0.0.1 dbname=unused".parse().unwrap();
+        let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+        let pool = Pool::builder(manager).max_size(1).build().unwrap();
+        let catalog = Catalog::new(pool, Duration::from_secs(5));
+        let remember = |price: Option<i64>| {
+            let found = price
+                .map(|price| ("sku-1".to_string(), item(price)))
+                .into_iter()
+                .collect();
+            catalog.inner.remember(Instant::now(), &["sku-1"], &found);
+        };
+        let start = catalog.epoch();
+        remember(Some(100));
+        assert_eq!(catalog.epoch(), start, "a first sighting changes no view");
+        remember(Some(100));
+        assert_eq!(
+            catalog.epoch(),
+            start,
+            "a refresh that finds the same entry"
+        );
+        remember(Some(150));
+        assert_eq!(catalog.epoch(), start + 1, "a new price");
+        remember(None);
+        assert_eq!(catalog.epoch(), start + 2, "the item gone");
+    }
 }

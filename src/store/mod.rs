@@ -35,6 +35,7 @@ use crate::metrics::{CacheMetrics, DbMetrics, Metrics, PoolLabels, ShardLabels, 
 pub use cache::Cache;
 pub use carts::{CartOp, Claim, StoredResponse, WriteTx};
 pub use catalog::Catalog;
+pub use near::NearEntry;
 
 /// Where a cart read was answered from; reported as `Cart-Source`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -407,6 +408,15 @@ impl Store {
         let client = self.db_write(shard).await?;
         let timer = self.metrics.query_timer(shard, PRIMARY);
         WriteTx::begin(client, timer, self.replays.clone()).await
+    }
+
+    /// The owner's cart from this edge's memory when it holds one at `min_version` or newer
+    /// (what [`Store::load_cart`] would answer from its cache, without copying the cart);
+    /// None otherwise, and the caller takes the [`Store::load_cart`] path.
+    pub fn near_cart(&self, owner: &OwnerKey, min_version: i64) -> Option<Arc<NearEntry>> {
+        let entry = self.cache.read_near(owner, min_version)?;
+        self.cache_metrics.read_hit.inc();
+        Some(entry)
     }
 
     /// Reads a cart cache-aside: the cache, then the replica, then the primary when the

@@ -17,13 +17,19 @@
 //! used (`Store::load_cart`). Another reader of the same region may see the previous version
 //! for as long as the invalidation takes to arrive (one push on loopback: well under a
 //! millisecond), or up to the liveness bound when Redis' link silently stalls.
+//!
+//! An entry also keeps the last response body rendered from its cart ([`NearEntry::rendered`]),
+//! stamped by the caller with what else the body depends on (the catalog's epoch, the home
+//! region) and its age, so a hot cart is not rendered and encoded again on every read. It goes
+//! with the entry: any change to the cart drops both.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use redis::{PushInfo, PushKind, Value};
 
 use crate::domain::cart::StoredCart;
@@ -35,9 +41,51 @@ const LIVENESS_PERIOD: Duration = Duration::from_millis(200);
 /// Bound on connecting, enabling tracking, and each liveness `PING`.
 const STEP_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// One cart held in memory, with the body last rendered from it.
+pub struct NearEntry {
+    pub cart: StoredCart,
+    rendered: Mutex<Option<Rendered>>,
+}
+
+/// A response body rendered from an entry's cart, and what it was rendered under.
+struct Rendered {
+    body: Bytes,
+    /// What the body depends on besides the cart (the caller's stamp: catalog epoch and home).
+    stamp: (u64, String),
+    at: Instant,
+}
+
+impl NearEntry {
+    fn new(cart: StoredCart) -> NearEntry {
+        NearEntry {
+            cart,
+            rendered: Mutex::new(None),
+        }
+    }
+
+    /// The body rendered from this cart for `home` at catalog `epoch`, if younger than `max_age`.
+    pub fn rendered(&self, epoch: u64, home: &str, max_age: Duration) -> Option<Bytes> {
+        let rendered = self.rendered.lock().ok()?;
+        let rendered = rendered.as_ref()?;
+        (rendered.stamp.0 == epoch && rendered.stamp.1 == home && rendered.at.elapsed() < max_age)
+            .then(|| rendered.body.clone())
+    }
+
+    /// Keeps `body`, rendered from this cart for `home` at catalog `epoch`.
+    pub fn keep_rendered(&self, epoch: u64, home: &str, body: Bytes) {
+        if let Ok(mut rendered) = self.rendered.lock() {
+            *rendered = Some(Rendered {
+                body,
+                stamp: (epoch, home.to_string()),
+                at: Instant::now(),
+            });
+        }
+    }
+}
+
 /// The in-memory carts of one edge.
 pub struct NearCache {
-    shards: Vec<Mutex<HashMap<String, Arc<StoredCart>>>>,
+    shards: Vec<Mutex<HashMap<String, Arc<NearEntry>>>>,
     hasher: std::collections::hash_map::RandomState,
     /// Entries per shard at most.
     shard_capacity: usize,
@@ -62,7 +110,7 @@ impl NearCache {
         }
     }
 
-    fn shard(&self, owner: &str) -> &Mutex<HashMap<String, Arc<StoredCart>>> {
+    fn shard(&self, owner: &str) -> &Mutex<HashMap<String, Arc<NearEntry>>> {
         &self.shards[(self.hasher.hash_one(owner) as usize) % SHARDS]
     }
 
@@ -72,7 +120,7 @@ impl NearCache {
     }
 
     /// The cached cart of `owner`, while tracking is alive.
-    pub fn get(&self, owner: &str) -> Option<Arc<StoredCart>> {
+    pub fn get(&self, owner: &str) -> Option<Arc<NearEntry>> {
         if self.shard_capacity == 0 || !self.is_listening() {
             return None;
         }
@@ -105,7 +153,7 @@ impl NearCache {
                 shard.remove(&victim);
             }
         }
-        shard.insert(cart.owner.clone(), Arc::new(cart.clone()));
+        shard.insert(cart.owner.clone(), Arc::new(NearEntry::new(cart.clone())));
     }
 
     /// Drops one owner's entry (a Redis invalidation, or this edge's own write).
@@ -299,7 +347,7 @@ mod tests {
         assert!(near.get("u:a").is_none());
         near.listen();
         near.fill(&cart("u:a", 1), near.generation());
-        assert_eq!(near.get("u:a").map(|c| c.version), Some(1));
+        assert_eq!(near.get("u:a").map(|c| c.cart.version), Some(1));
         near.deafen();
         assert!(near.get("u:a").is_none());
         near.listen();
@@ -318,7 +366,7 @@ mod tests {
         near.fill(&cart("u:a", 1), before);
         assert!(near.get("u:a").is_none());
         near.fill(&cart("u:a", 2), near.generation());
-        assert_eq!(near.get("u:a").map(|c| c.version), Some(2));
+        assert_eq!(near.get("u:a").map(|c| c.cart.version), Some(2));
         near.on_push(&PushInfo {
             kind: PushKind::Invalidate,
             data: vec![Value::Array(vec![Value::BulkString(b"cart:u:a".to_vec())])],
@@ -345,5 +393,33 @@ mod tests {
             data: vec![],
         });
         assert!(near.get("u:x").is_none() && !near.is_listening());
+    }
+
+    #[test]
+    fn a_rendered_body_serves_only_under_its_stamp_and_age_and_goes_with_its_cart() {
+        let near = NearCache::new(100, "cart:");
+        near.listen();
+        near.fill(&cart("u:a", 1), near.generation());
+        let entry = near.get("u:a").unwrap();
+        let long = Duration::from_secs(60);
+        assert!(
+            entry.rendered(7, "sg", long).is_none(),
+            "nothing rendered yet"
+        );
+        entry.keep_rendered(7, "sg", Bytes::from_static(b"v1"));
+        assert_eq!(entry.rendered(7, "sg", long).as_deref(), Some(&b"v1"[..]));
+        assert!(
+            entry.rendered(8, "sg", long).is_none(),
+            "the catalog changed"
+        );
+        assert!(
+            entry.rendered(7, "th", long).is_none(),
+            "rendered for another home"
+        );
+        assert!(entry.rendered(7, "sg", Duration::ZERO).is_none(), "too old");
+        // A new version of the cart is a new entry, without the old body.
+        near.invalidate("u:a");
+        near.fill(&cart("u:a", 2), near.generation());
+        assert!(near.get("u:a").unwrap().rendered(7, "sg", long).is_none());
     }
 }

@@ -203,6 +203,62 @@ async fn too_many_missed_invalidations_distrust_the_whole_cache_until_it_is_flus
     }
 }
 
+/// Catalog entries reused for a second, as in production (tests otherwise read them fresh).
+const CATALOG_CACHED: &str = "[cart]\ncatalog_cache_ttl = \"1s\"\n";
+
+/// A hot cart's view is rendered once and its body reused from the edge's memory while the
+/// cart and the catalog stay as they were. A write through the edge shows at once; a new price
+/// reaches the view within the catalog's TTL and one refresh, as it does without the reuse (a
+/// body kept past its age, or past a catalog change, would show the old price for ever).
+#[tokio::test]
+async fn a_view_reused_from_memory_shows_a_write_at_once_and_a_new_price_within_the_ttl() {
+    let app = TestApp::spawn_with(TestOptions {
+        overlay: CATALOG_CACHED.into(),
+        ..TestOptions::default()
+    })
+    .await;
+    near_cache_listening(&app).await;
+    let added = app.add("alice", "sku-00005", 2).await;
+    let captured = added.json()["items"][0]["unit_price"]["amount_minor"]
+        .as_i64()
+        .unwrap();
+    let current = |view: &crate::helpers::TestResponse| {
+        view.json()["items"][0]["current_price"]["amount_minor"]
+            .as_i64()
+            .unwrap()
+    };
+    // The first read fills the edge's memory, the second renders from it, the third reuses.
+    let reads: Vec<_> = reads_of_alice(&app, 3).await;
+    assert_eq!(reads[1].body, reads[2].body);
+    assert_eq!(reads[2].header("cart-source"), Some("cache"));
+    assert_eq!(current(&reads[2]), captured);
+
+    app.sql("UPDATE catalog_prices SET amount_minor = amount_minor + 100 WHERE item_id = 'sku-00005' AND currency = 'SGD'")
+        .await;
+    let mut seen = captured;
+    for _ in 0..200 {
+        seen = current(&app.user("alice", "GET", "/api/v1/cart", None).await);
+        if seen == captured + 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, captured + 100, "the new price never reached the view");
+
+    let version = app.add("alice", "sku-00006", 1).await.version();
+    let after = app.user("alice", "GET", "/api/v1/cart", None).await;
+    assert_eq!(after.version(), version);
+    assert_eq!(after.quantity_of("sku-00006"), 1);
+}
+
+async fn reads_of_alice(app: &TestApp, count: usize) -> Vec<crate::helpers::TestResponse> {
+    let mut reads = Vec::new();
+    for _ in 0..count {
+        reads.push(app.user("alice", "GET", "/api/v1/cart", None).await);
+    }
+    reads
+}
+
 /// Waits (bounded) until an edge's near cache is subscribed to Redis' invalidations.
 async fn near_cache_listening(app: &TestApp) {
     for _ in 0..100 {
@@ -219,11 +275,16 @@ async fn near_cache_listening(app: &TestApp) {
 /// (`Cart-Min-Version`, as the writer's cookie does), and even a reader without it sees the
 /// new version as soon as Redis' invalidation push arrives (an edge that missed it would serve
 /// its in-memory cart forever). Reads in between are near-cache hits, not Redis round trips.
+/// The catalog is cached in-process here, so hot carts' views are also reused from memory.
 #[tokio::test]
 async fn two_edges_of_a_region_never_serve_a_version_older_than_either_acknowledged() {
-    let first = TestApp::spawn().await;
+    let options = || TestOptions {
+        overlay: CATALOG_CACHED.into(),
+        ..TestOptions::default()
+    };
+    let first = TestApp::spawn_with(options()).await;
     let database = first.dsn.rsplit('/').next().unwrap().to_string();
-    let second = TestApp::spawn_on(&first.dsn, &database, TestOptions::default()).await;
+    let second = TestApp::spawn_on(&first.dsn, &database, options()).await;
     near_cache_listening(&first).await;
     near_cache_listening(&second).await;
     let edges = [&first, &second];
