@@ -58,6 +58,20 @@ pub struct Policy {
     pub burst: u32,
     /// Seconds to refill the whole burst.
     pub window_secs: u64,
+    /// `RateLimit-Policy` for this policy, built once (it is on every response).
+    header: Option<http::HeaderValue>,
+}
+
+impl Policy {
+    pub fn new(name: &str, burst: u32, window_secs: u64) -> Policy {
+        let text = format!("\"{name}\";q={burst};w={window_secs}");
+        Policy {
+            name: name.to_string(),
+            burst,
+            window_secs,
+            header: http::HeaderValue::from_str(&text).ok(),
+        }
+    }
 }
 
 /// The outcome of one check, carried into the response headers.
@@ -76,10 +90,12 @@ impl Verdict {
 
     /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers structured form).
     pub fn policy_header(&self) -> String {
-        format!(
-            "\"{}\";q={};w={}",
-            self.policy.name, self.policy.burst, self.policy.window_secs
-        )
+        self.policy
+            .header
+            .as_ref()
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// `RateLimit`: remaining quota and seconds until it resets.
@@ -93,13 +109,11 @@ impl Verdict {
 
 /// Sets `RateLimit-Policy` and `RateLimit` from a verdict.
 pub fn set_headers(headers: &mut HeaderMap, verdict: &Verdict) {
-    for (name, value) in [
-        ("ratelimit-policy", verdict.policy_header()),
-        ("ratelimit", verdict.limit_header()),
-    ] {
-        if let Ok(value) = http::HeaderValue::from_str(&value) {
-            headers.insert(name, value);
-        }
+    if let Some(policy) = &verdict.policy.header {
+        headers.insert("ratelimit-policy", policy.clone());
+    }
+    if let Ok(value) = http::HeaderValue::from_str(&verdict.limit_header()) {
+        headers.insert("ratelimit", value);
     }
 }
 
@@ -125,11 +139,7 @@ impl<K: std::hash::Hash + Eq + Clone> Keyed<K> {
         Keyed {
             limiter: ArcSwap::from_pointee(Self::fresh(quota)),
             quota,
-            policy: Arc::new(Policy {
-                name: name.to_string(),
-                burst: burst.get(),
-                window_secs,
-            }),
+            policy: Arc::new(Policy::new(name, burst.get(), window_secs)),
             refused,
             keys,
         }

@@ -412,11 +412,7 @@ mod tests {
     fn one_of_each() -> Vec<ApiError> {
         let sgd = Currency::parse("SGD").unwrap();
         let verdict = Verdict {
-            policy: std::sync::Arc::new(crate::limits::Policy {
-                name: "writes".into(),
-                burst: 1,
-                window_secs: 1,
-            }),
+            policy: std::sync::Arc::new(crate::limits::Policy::new("writes", 1, 1)),
             remaining: 0,
             retry_after_secs: 1,
         };

@@ -6,8 +6,9 @@
 //! Requests are due at `start + i / rate` and each one's latency counts from that intended
 //! time ([`schedule`]), so a stall in the edge or in the generator itself is charged to every
 //! request it delayed. Owners are drawn from a Zipf distribution over `--owners` users spread
-//! over the cluster's regions; each request goes to its owner's home edge with a token minted
-//! for that user (`region` claim, service tier unless `--tier user`). A bounded number of
+//! over the cluster's regions; each request goes to its owner's home edge (or, `--via next`, the
+//! next region's, which forwards its writes) with a token minted for that user (`region` claim,
+//! service tier unless `--tier user`). A bounded number of
 //! requests is in flight per edge; a request due when the bound is reached is counted as an
 //! `in_flight_limit` error and not sent, and the schedule does not slow down. Everything stops
 //! by itself: the schedule is finite and every request has a timeout.
@@ -53,6 +54,16 @@ pub enum Tier {
     User,
 }
 
+/// Which region's edge a request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// The owner's home region: writes are applied there, reads served there.
+    Home,
+    /// The region after the owner's home in `cluster.json`: every write is forwarded to the
+    /// home region and reads are served from that region's replica (shoppers abroad).
+    Next,
+}
+
 /// `cartedge loadgen`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -80,6 +91,9 @@ pub struct Args {
     /// Rate-limit tier of the minted tokens.
     #[arg(long, value_enum, default_value_t = Tier::Service)]
     pub tier: Tier,
+    /// Send each request to its owner's home edge, or to the next region's (forwarded writes).
+    #[arg(long, value_enum, default_value_t = Via::Home)]
+    pub via: Via,
     /// Items adds pick from: `sku-00001` … (the demo catalog has 10 000).
     #[arg(long, default_value_t = 10_000)]
     pub items: u32,
@@ -482,6 +496,7 @@ struct Outcome {
 struct Planner<'a> {
     target: &'a Target,
     tier: Tier,
+    via: Via,
     items: u32,
     zipf: Zipf<f64>,
     rng: SmallRng,
@@ -501,6 +516,7 @@ impl<'a> Planner<'a> {
         Ok(Planner {
             target,
             tier: args.tier,
+            via: args.via,
             items: args.items,
             zipf,
             run_id: format!("{:08x}", rng.random::<u32>()),
@@ -560,15 +576,16 @@ impl<'a> Planner<'a> {
             }
             Op::View => 0,
         };
+        let edge = schedule::edge_of(home, regions.len(), self.via == Via::Next);
         let plan = Plan {
             op,
-            base_url: region.edge_url.clone(),
+            base_url: regions[edge].edge_url.clone(),
             authorization,
             item: format!("sku-{item:05}"),
             idempotency_key,
             baseline: false,
         };
-        (home, plan)
+        (edge, plan)
     }
 
     /// The user's `Bearer` value, minted on first use and again when half its lifetime is gone.

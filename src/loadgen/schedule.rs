@@ -153,9 +153,32 @@ pub fn home_of(user_rank: u64, regions: usize) -> usize {
     (user_rank % regions.max(1) as u64) as usize
 }
 
+/// The region whose edge a request of an owner homed in `home` goes to: the home itself, or
+/// (`abroad`) the next region, which has to forward its writes (itself when there is only one).
+pub fn edge_of(home: usize, regions: usize, abroad: bool) -> usize {
+    if abroad {
+        (home + 1) % regions.max(1)
+    } else {
+        home
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn abroad_every_owner_is_sent_to_another_region_than_its_home() {
+        for regions in 2..=6 {
+            for rank in 1..=60 {
+                let home = home_of(rank, regions);
+                assert_eq!(edge_of(home, regions, false), home);
+                let edge = edge_of(home, regions, true);
+                assert!(edge < regions && edge != home, "{rank} of {regions}");
+            }
+        }
+        assert_eq!(edge_of(0, 1, true), 0, "one region: nowhere else to go");
+    }
 
     #[test]
     fn a_request_sent_late_is_charged_from_its_intended_time() {
