@@ -1,6 +1,7 @@
 //! Hot-path micro-benchmarks, each with its budget: routing + body parsing, token
 //! verification (cold and remembered), guest sessions, ring placement, the rate-limit check,
-//! cart view encoding and cached cart decoding.
+//! cart view encoding, cached cart decoding, and a read answered from the edge's memory (the
+//! near cache with the view body it keeps).
 //!
 //! `scripts/bench` (or `cargo bench --bench edge`) runs them and then prints each estimate
 //! (criterion's mean) beside its budget, exiting non-zero when one is over. The budgets come
@@ -18,6 +19,7 @@ use cartedge::config::{AuthConfig, Dur, JwtKeyConfig, Secret};
 use cartedge::domain::cart::{view, CatalogItem, StoredCart, StoredLine};
 use cartedge::domain::money::{Currency, Money};
 use cartedge::domain::variant::stored_line_id;
+use cartedge::store::near::NearCache;
 use criterion::{criterion_group, Criterion};
 
 /// The allocator the `cartedge` binary runs with, so allocation costs are the service's.
@@ -25,7 +27,7 @@ use criterion::{criterion_group, Criterion};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Each benchmark's budget: criterion's mean estimate must stay at or below it.
-const BUDGETS: [(&str, Duration); 9] = [
+const BUDGETS: [(&str, Duration); 10] = [
     ("route_and_parse_add_item", Duration::from_micros(3)),
     ("verify_hs256_token_first_time", Duration::from_micros(25)),
     ("verify_hs256_token_remembered", Duration::from_micros(1)),
@@ -38,6 +40,7 @@ const BUDGETS: [(&str, Duration); 9] = [
     ("encode_5_item_cart_view", Duration::from_micros(10)),
     ("decode_cached_5_item_cart", Duration::from_micros(5)),
     ("decode_cached_50_item_cart", Duration::from_micros(20)),
+    ("near_cache_hit_with_kept_view", Duration::from_nanos(500)),
 ];
 
 fn auth_config() -> AuthConfig {
@@ -157,6 +160,43 @@ fn cart_encoding(c: &mut Criterion) {
     });
 }
 
+/// The cache-hit read's storage step: the owner's entry in the edge's memory and the view body
+/// kept with it (no copy of the cart, no render, no encode), among 10 000 entries.
+fn near_cache_hit(c: &mut Criterion) {
+    let near = NearCache::new(100_000, "cart:");
+    near.listen();
+    let (cart, catalog) = five_item_cart();
+    let sgd = Currency::parse("SGD").unwrap();
+    let body = bytes::Bytes::from(
+        serde_json::to_vec(&view(&cart, sgd, |id| {
+            catalog.iter().find(|i| i.item_id == id)
+        }))
+        .unwrap(),
+    );
+    let owners: Vec<String> = (0..10_000).map(|n| format!("u:user-{n}")).collect();
+    for owner in &owners {
+        near.fill(
+            &StoredCart {
+                owner: owner.clone(),
+                ..cart.clone()
+            },
+            near.generation(),
+        );
+        near.get(owner)
+            .unwrap()
+            .keep_rendered(1, "sg", body.clone());
+    }
+    let ttl = Duration::from_secs(5);
+    let mut next = 0;
+    c.bench_function("near_cache_hit_with_kept_view", |b| {
+        b.iter(|| {
+            next = (next + 1) % owners.len();
+            let entry = near.get(black_box(&owners[next])).unwrap();
+            black_box(entry.rendered(1, "sg", ttl).unwrap())
+        })
+    });
+}
+
 fn placement_and_limits(c: &mut Criterion) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let ring = cartedge::topology::load_ring(&root.join("config/ring.toml")).unwrap();
@@ -195,7 +235,8 @@ criterion_group!(
     routing_and_parsing,
     token_verification,
     placement_and_limits,
-    cart_encoding
+    cart_encoding,
+    near_cache_hit
 );
 
 fn main() {

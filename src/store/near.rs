@@ -179,9 +179,10 @@ impl NearCache {
         }
     }
 
-    /// Starts serving: called once a fresh tracking subscription is confirmed. Whatever was
-    /// stored before is dropped first (it was not covered by this subscription).
-    fn listen(&self) {
+    /// Starts serving: called once a fresh tracking subscription is confirmed (public for the
+    /// benchmarks; nothing else may call it, or entries would serve without invalidations).
+    /// Whatever was stored before is dropped first (it was not covered by this subscription).
+    pub fn listen(&self) {
         self.clear();
         self.listening.store(true, Ordering::Release);
     }
