@@ -88,6 +88,30 @@ fn th_metric(regions: &TwoRegions, series: &str) -> f64 {
     metric_value(&regions.th.app.metrics_text(Format::Text), series)
 }
 
+/// An add at th that reaches sg (`applied`: item, quantity, key), then, with sg cut off from
+/// th, an add at th that is parked (`parked`); the link is healed before the parked answer
+/// (202) is returned.
+async fn add_then_park(
+    regions: &TwoRegions,
+    user: &str,
+    applied: (&str, i64, Option<&str>),
+    parked: (&str, i64, &str),
+) -> TestResponse {
+    let (item, quantity, key) = applied;
+    let before = regions.add(&regions.th, user, item, quantity, key).await;
+    assert_eq!(before.status, StatusCode::OK, "{:?}", before.body);
+    regions
+        .proxy
+        .partition("sg", "th", PartitionMode::Blackhole);
+    let (item, quantity, key) = parked;
+    let answer = regions
+        .add(&regions.th, user, item, quantity, Some(key))
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{:?}", answer.body);
+    regions.proxy.heal("sg", "th");
+    answer
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adds_at_th_for_a_shopper_cut_off_from_sg_are_parked_shown_and_applied_once_after_heal() {
     let regions = TwoRegions::start_with("700ms", FAST_RECONCILER).await;
@@ -234,19 +258,14 @@ async fn a_parked_add_past_999_is_reported_once_as_write_rejected_at_th() {
     let regions = TwoRegions::start_with("700ms", FAST_RECONCILER).await;
     let user = regions.user_homed_in("sg", "rejected");
     let owner = format!("u:{user}");
-    let before = regions
-        .add(&regions.th, &user, "sku-00005", 990, None)
-        .await;
-    assert_eq!(before.status, StatusCode::OK, "{:?}", before.body);
-    regions
-        .proxy
-        .partition("sg", "th", PartitionMode::Blackhole);
-    let parked = regions
-        .add(&regions.th, &user, "sku-00005", 20, Some("too-many"))
-        .await;
-    assert_eq!(parked.status, StatusCode::ACCEPTED, "{:?}", parked.body);
+    let parked = add_then_park(
+        &regions,
+        &user,
+        ("sku-00005", 990, None),
+        ("sku-00005", 20, "too-many"),
+    )
+    .await;
     assert_eq!(pending_items(&parked), ["sku-00005"]);
-    regions.proxy.heal("sg", "th");
 
     let deadline = Instant::now() + DRAIN_LIMIT;
     let mut reported = None;
@@ -337,18 +356,13 @@ async fn a_parked_add_already_in_the_newer_cart_sg_answers_shows_once_at_th() {
     let regions = TwoRegions::start_with("700ms", "[parking]\ninterval = \"1h\"\n").await;
     let user = regions.user_homed_in("sg", "overlay");
     let owner = format!("u:{user}");
-    let before = regions
-        .add(&regions.th, &user, "sku-00001", 1, Some("overlay-0"))
-        .await;
-    assert_eq!(before.status, StatusCode::OK, "{:?}", before.body);
-    regions
-        .proxy
-        .partition("sg", "th", PartitionMode::Blackhole);
-    let parked = regions
-        .add(&regions.th, &user, "sku-00002", 1, Some("overlay-1"))
-        .await;
-    assert_eq!(parked.status, StatusCode::ACCEPTED, "{:?}", parked.body);
-    regions.proxy.heal("sg", "th");
+    add_then_park(
+        &regions,
+        &user,
+        ("sku-00001", 1, Some("overlay-0")),
+        ("sku-00002", 1, "overlay-1"),
+    )
+    .await;
 
     regions.replica_sql("SELECT pg_wal_replay_pause()").await;
     let at_sg = regions
