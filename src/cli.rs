@@ -91,10 +91,11 @@ pub enum RingCommand {
         #[arg(long, default_value = "config/ring.toml")]
         ring: PathBuf,
     },
-    /// Count how many owners adding shards would move (over a deterministic sample of keys).
+    /// Count how many owners adding shards would move (over a deterministic sample of keys);
+    /// without `--add-shard`, a moving ring's move under way (previous ring -> this one).
     Plan {
         /// `<shard id>@<home region>[:<weight>]`, repeatable.
-        #[arg(long = "add-shard", required = true)]
+        #[arg(long = "add-shard")]
         add_shard: Vec<String>,
         #[arg(long, default_value = "config/ring.toml")]
         ring: PathBuf,
@@ -392,16 +393,42 @@ pub async fn run(cli: Cli) -> Result<()> {
             ring,
             owners,
         }) => {
-            let before = load_ring(ring)?;
-            let mut spec = before.spec().clone();
-            for added in add_shard {
-                spec.shards.push(parse_shard(added)?);
-            }
-            let after = Ring::new(spec).map_err(|e| anyhow::anyhow!("the new ring: {e}"))?;
+            let loaded = load_ring(ring)?;
+            // A moving ring with no shard to add: the plan of the move under way.
+            let (before, after) = match (loaded.previous(), add_shard.is_empty()) {
+                (Some(_), false) => bail!(
+                    "{} is moving from version {}: finish that move (cartedge ring move) first",
+                    ring.display(),
+                    loaded.spec().moving_from.unwrap_or_default()
+                ),
+                (Some(previous), true) => {
+                    let previous = Ring::new(previous.spec().clone())
+                        .map_err(|e| anyhow::anyhow!("the previous ring: {e}"))?;
+                    (previous, loaded)
+                }
+                (None, true) => bail!(
+                    "{} is not moving: name the shards to add with --add-shard",
+                    ring.display()
+                ),
+                (None, false) => {
+                    let mut spec = loaded.spec().clone();
+                    for added in add_shard {
+                        spec.shards.push(parse_shard(added)?);
+                    }
+                    let after =
+                        Ring::new(spec).map_err(|e| anyhow::anyhow!("the new ring: {e}"))?;
+                    (loaded, after)
+                }
+            };
             let keys = sample_owner_keys(*owners);
             let plan = plan_moves(&before, &after, keys.iter().map(String::as_str));
+            let verb = if after.previous().is_some() {
+                "move"
+            } else {
+                "would move"
+            };
             println!(
-                "ring {} -> {}: {} of {} sampled owners would move ({:.1}%)",
+                "ring {} -> {}: {} of {} sampled owners {verb} ({:.1}%)",
                 before.fingerprint(),
                 after.fingerprint(),
                 plan.moved,

@@ -13,6 +13,7 @@ pub mod events;
 pub mod janitor;
 pub mod merge;
 pub mod migrate;
+pub mod moves;
 pub mod near;
 pub mod orders;
 pub mod parking;

@@ -737,6 +737,7 @@ async fn edges_refuse_writes_from_another_ring_and_never_forward_a_forwarded_req
             connect_timeout: Duration::from_millis(500),
             breaker_failures: 100,
             breaker_cooldown: Duration::from_millis(100),
+            ring_moving_from: None,
         },
         cartedge::metrics::ForwardMetrics::default(),
     )
