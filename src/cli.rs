@@ -103,6 +103,25 @@ pub enum RingCommand {
         #[arg(long, default_value_t = 100_000)]
         owners: usize,
     },
+    /// While the ring moves (`moving_from`): move the carts the ring places on a shard homed in
+    /// this region (`--config`) from the shards of the previous ring, a page at a time, with a
+    /// progress line per page. Safe to stop and rerun; run it in every region that homes a
+    /// shard owners move to.
+    Move {
+        /// Owners read per page (and the most moved per page).
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+        /// Moves in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Only report what is left to move (nothing is moved).
+        #[arg(long)]
+        status: bool,
+        /// Users' tokens carry no `region` claim: users are placed on the global ring (without
+        /// this flag a user found on a shard is homed in that shard's region).
+        #[arg(long)]
+        users_without_claim: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -388,6 +407,31 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("shard={} home={}", placement.shard, placement.home);
             Ok(())
         }
+        Command::Ring(RingCommand::Move {
+            batch,
+            concurrency,
+            status,
+            users_without_claim,
+        }) => {
+            let mut config = cli.load_config()?;
+            // This process moves carts and runs nothing in the background.
+            config.janitor.enabled = false;
+            config.events.relay = false;
+            let app = App::new(config)?;
+            let users = if *users_without_claim {
+                cartedge::api::moves::UserHomes::Global
+            } else {
+                cartedge::api::moves::UserHomes::Claimed
+            };
+            ring_move(
+                &app,
+                (*batch).clamp(1, 10_000),
+                *concurrency,
+                *status,
+                users,
+            )
+            .await
+        }
         Command::Ring(RingCommand::Plan {
             add_shard,
             ring,
@@ -441,6 +485,93 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `cartedge ring move`: every shard of the previous ring, page by page.
+async fn ring_move(
+    app: &App,
+    batch: i64,
+    concurrency: usize,
+    status_only: bool,
+    users: cartedge::api::moves::UserHomes,
+) -> Result<()> {
+    use cartedge::api::moves::move_page;
+    let Some(previous) = app.topology.ring.previous() else {
+        bail!("the ring is not moving (no moving_from): nothing to move");
+    };
+    let mut shards: Vec<String> = previous
+        .spec()
+        .shards
+        .iter()
+        .map(|s| s.id.to_string())
+        .collect();
+    shards.sort();
+    // First count what is left, so the progress line has a total.
+    let mut left = 0u64;
+    let mut elsewhere = 0u64;
+    for shard in &shards {
+        let mut cursor = String::new();
+        loop {
+            let page = move_page(app, shard, &cursor, batch, 1, users, false)
+                .await
+                .map_err(|e| anyhow::anyhow!("reading shard {shard}: {e}"))?;
+            left += page.moved;
+            elsewhere += page.elsewhere;
+            match page.next {
+                Some(next) => cursor = next,
+                None => break,
+            }
+        }
+    }
+    let region = &app.config.region.id;
+    if status_only {
+        println!(
+            "{}",
+            serde_json::json!({
+                "region": region.as_str(),
+                "left_to_move_here": left,
+                "left_to_move_elsewhere": elsewhere,
+            })
+        );
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let (mut moved, mut errors) = (0u64, 0u64);
+    for shard in &shards {
+        let mut cursor = String::new();
+        loop {
+            let page = move_page(app, shard, &cursor, batch, concurrency, users, true)
+                .await
+                .map_err(|e| anyhow::anyhow!("moving from shard {shard}: {e}"))?;
+            moved += page.moved;
+            errors += page.errors;
+            let seconds = started.elapsed().as_secs_f64().max(0.001);
+            eprintln!(
+                "ring move {region}: {moved}/{left} owners moved ({:.1}/s), {errors} errors, from {shard}",
+                moved as f64 / seconds
+            );
+            match page.next {
+                Some(next) => cursor = next,
+                None => break,
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "region": region.as_str(),
+            "moved": moved,
+            "errors": errors,
+            "left_to_move_elsewhere": elsewhere,
+            "seconds": seconds,
+            "owners_per_second": moved as f64 / seconds.max(0.001),
+        })
+    );
+    if errors > 0 {
+        bail!("{errors} moves failed; run `cartedge ring move` again to retry them");
+    }
+    Ok(())
 }
 
 /// Reads and validates a ring file.

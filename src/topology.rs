@@ -92,10 +92,7 @@ pub fn load_ring(path: &Path) -> Result<Ring, ConfigError> {
 
 /// Where the ring of version `version` is kept while the ring at `path` moves from it.
 pub fn previous_ring_path(path: &Path, version: u32) -> std::path::PathBuf {
-    let stem = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("ring");
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("ring");
     path.with_file_name(format!("{stem}.v{version}.toml"))
 }
 

@@ -76,11 +76,11 @@ impl<'a> Placed<'a> {
                     ));
                 }
                 let home = claim.map(|r| r.as_str().to_string());
-                let placement = ring.place(key.as_str(), home.as_deref()).ok_or(
-                    ApiError::Unauthenticated(
-                        "the token's region claim names no region of this deployment",
-                    ),
-                )?;
+                let placement =
+                    ring.place(key.as_str(), home.as_deref())
+                        .ok_or(ApiError::Unauthenticated(
+                            "the token's region claim names no region of this deployment",
+                        ))?;
                 (placement, home)
             }
             Owner::Guest(_) => (guest_placement(app, &key)?, guest_home(&key)),
@@ -104,10 +104,7 @@ impl<'a> Placed<'a> {
         home: Option<&str>,
     ) -> Placed<'a> {
         Placed {
-            moving_from: app
-                .topology
-                .ring
-                .previous_placement(key.as_str(), home),
+            moving_from: app.topology.ring.previous_placement(key.as_str(), home),
             owner,
             key,
             shard: placement.shard,

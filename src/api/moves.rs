@@ -18,6 +18,7 @@ use crate::domain::ring::Placement;
 use crate::forward::moves::{self as remote, Request};
 use crate::store::moves::{self, Copied, Freeze, Located};
 use crate::store::Source;
+use futures_util::StreamExt;
 
 /// How long a client waits before retrying a write whose cart's old home did not answer.
 const MOVE_RETRY_AFTER_SECS: u32 = 2;
@@ -139,4 +140,122 @@ pub async fn load(
             Ok((cart, source, min_version))
         }
     }
+}
+
+/// How `ring move` places a user owner found on an old shard: the owner key does not say
+/// whether the user's tokens carry a `region` claim, which decides between the ring of the
+/// shard's home region and the global ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserHomes {
+    /// Tokens carry a `region` claim: a user on a shard is homed in that shard's region.
+    Claimed,
+    /// Tokens carry no claim: users are placed on the global ring.
+    Global,
+}
+
+/// Where the current ring places an owner found on `shard` (a shard of the previous ring),
+/// when that is another shard: (previous placement, new shard). None when the owner stays, the
+/// ring is not moving, or the previous ring does not place the owner on `shard` at all (a row
+/// an earlier ring left behind).
+pub fn target<'a>(
+    app: &'a App,
+    owner: &str,
+    shard: &str,
+    users: UserHomes,
+) -> Option<(Placement<'a>, &'a str)> {
+    let ring = &app.topology.ring;
+    let previous = ring.previous()?;
+    let home = if owner.starts_with("g:") {
+        super::command::guest_home(&OwnerKey::from_stored(owner.to_string()))
+    } else {
+        match users {
+            UserHomes::Claimed => previous
+                .spec()
+                .shards
+                .iter()
+                .find(|s| s.id == shard)
+                .map(|s| s.home.to_string()),
+            UserHomes::Global => None,
+        }
+    };
+    let before = ring.previous_placement(owner, home.as_deref())?;
+    if before.shard != shard {
+        return None;
+    }
+    let now = ring.place(owner, home.as_deref())?;
+    Some((before, now.shard))
+}
+
+/// What one pass of [`move_page`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageReport {
+    /// Owners with a cart row read on the shard.
+    pub scanned: u64,
+    /// Owners whose cart moves to a shard homed here, and were moved (now or before).
+    pub moved: u64,
+    /// Owners whose cart moves to a shard homed in another region (moved by that region's run).
+    pub elsewhere: u64,
+    /// Moves that failed (retried by the next run).
+    pub errors: u64,
+    /// The cursor to continue after; None when the shard is done.
+    pub next: Option<String>,
+}
+
+/// Moves (or, with `act == false`, only counts) one page of owners of `shard` (a shard of the
+/// previous ring) after the cursor `after`: those the current ring places on a shard homed
+/// here, `concurrency` at a time. Safe to stop and rerun: every step is idempotent and a moved
+/// row is never read as unmoved again.
+pub async fn move_page(
+    app: &App,
+    shard: &str,
+    after: &str,
+    limit: i64,
+    concurrency: usize,
+    users: UserHomes,
+    act: bool,
+) -> Result<PageReport, ApiError> {
+    let owners = moves::unmoved_owners(&app.store, shard, after, limit).await?;
+    let mut report = PageReport {
+        scanned: owners.len() as u64,
+        next: (owners.len() as i64 == limit)
+            .then(|| owners.last().cloned())
+            .flatten(),
+        ..PageReport::default()
+    };
+    let mut local = Vec::new();
+    for owner in &owners {
+        let Some((from, to)) = target(app, owner, shard, users) else {
+            continue;
+        };
+        if app.store.is_home(to) {
+            local.push((owner.clone(), from, to));
+        } else {
+            report.elsewhere += 1;
+        }
+    }
+    if !act {
+        report.moved = local.len() as u64;
+        return Ok(report);
+    }
+    // The futures are built in a loop, not by a closure over the items, so the stream stays
+    // `Send` for callers that spawn it.
+    let mut pending = Vec::with_capacity(local.len());
+    for (owner, from, to) in local {
+        pending
+            .push(async move { ensure_moved(app, &OwnerKey::from_stored(owner), from, to).await });
+    }
+    let results: Vec<Result<Moved, ApiError>> = futures_util::stream::iter(pending)
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    for result in results {
+        match result {
+            Ok(_) => report.moved += 1,
+            Err(error) => {
+                report.errors += 1;
+                tracing::warn!(%error, shard, "cart move failed; the next run retries it");
+            }
+        }
+    }
+    Ok(report)
 }

@@ -66,7 +66,13 @@ async fn call<T: serde::de::DeserializeOwned>(
     let headers = super::internal_json_headers(from, fingerprint);
     let body = serde_json::to_vec(request).map_err(|error| unreadable(error.to_string()))?;
     let answer = forwarder
-        .send(region, Method::POST, step.path(), &headers, Bytes::from(body))
+        .send(
+            region,
+            Method::POST,
+            step.path(),
+            &headers,
+            Bytes::from(body),
+        )
         .await?;
     if !answer.status.is_success() {
         return Err(MoveError::Refused {

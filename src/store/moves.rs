@@ -133,7 +133,11 @@ pub async fn freeze(
 }
 
 /// Step 2, on the new shard's primary.
-pub async fn copy(store: &Store, to_shard: &str, snapshot: &Snapshot) -> Result<Copied, StoreError> {
+pub async fn copy(
+    store: &Store,
+    to_shard: &str,
+    snapshot: &Snapshot,
+) -> Result<Copied, StoreError> {
     let owner = snapshot.owner.as_str();
     let mut cart = snapshot.cart.clone();
     let Some(fields) = cart.as_object_mut() else {
@@ -250,18 +254,23 @@ pub async fn locate(
 }
 
 /// One page of owners with a cart row on `shard` not marked moved, after `after` in owner
-/// order (the `ring move` scan). Read on the primary: the scan decides what to move.
+/// order (the `ring move` scan): on the primary where the shard is homed here, else on this
+/// region's replica (each move's freeze then reads the primary).
 pub async fn unmoved_owners(
     store: &Store,
     shard: &str,
     after: &str,
     limit: i64,
 ) -> Result<Vec<String>, StoreError> {
-    let client = store.db_write(shard).await?;
+    let (client, _) = if store.is_home(shard) {
+        store.db_read_prefer_primary(shard).await?
+    } else {
+        store.db_read(shard).await?
+    };
     let page = client
         .prepare_cached(
-            "SELECT owner FROM carts WHERE owner > $1 AND moved_at IS NULL \
-             ORDER BY owner LIMIT $2",
+            "SELECT owner FROM carts WHERE owner > $1 \
+             AND (to_jsonb(carts) ->> 'moved_at') IS NULL ORDER BY owner LIMIT $2",
         )
         .await?;
     let rows = client.query(&page, &[&after, &limit]).await?;

@@ -1,0 +1,481 @@
+//! Adding a shard moves carts online (`moving_from` in the ring file): region `sg` homes
+//! `sg-1`; ring version 2 adds `sg-2` and moves from version 1. An edge on ring 1 wrote the
+//! carts; an edge on ring 2 serves the owners that move, moving each cart on its first write
+//! or through `api::moves::move_page` (what `cartedge ring move` runs).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cartedge::api::moves::{self, move_page, UserHomes};
+use cartedge::domain::ids::OwnerKey;
+use cartedge::store::moves as steps;
+
+use crate::helpers::{fresh_database, h, query_opt_i64, shared, TestApp, TestOptions};
+
+const RING_V1: &str = "version = 1\nvnodes = 200\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n";
+const RING_V2: &str = "version = 2\nvnodes = 200\nmoving_from = 1\n\
+    [[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n[[shards]]\nid = \"sg-2\"\nhome = \"sg\"\n";
+
+/// Both edges of the roll on the same two shard databases and the same Redis cache.
+struct Resharded {
+    _dir: tempfile::TempDir,
+    /// The edge still on ring 1 (only `sg-1`).
+    old: TestApp,
+    /// The edge on ring 2, moving from 1.
+    new: TestApp,
+    sg1: String,
+    sg2: String,
+}
+
+fn shard_overlay(dir: &Path, ring: &str, shards: &[(&str, &str)]) -> String {
+    let mut text = format!(
+        "[topology]\nring_file = \"{}\"\nregions_dir = \"{}\"\n",
+        dir.join(ring).display(),
+        dir.join("regions").display()
+    );
+    for (id, dsn) in shards {
+        text.push_str(&format!(
+            "[[database.shards]]\nid = \"{id}\"\nprimary = \"{dsn}\"\nreplica = \"{dsn}\"\n"
+        ));
+    }
+    text
+}
+
+impl Resharded {
+    async fn start() -> Resharded {
+        let dir = tempfile::Builder::new()
+            .prefix("cartedge-reshard-")
+            .tempdir_in(shared().dir.path())
+            .unwrap();
+        std::fs::create_dir_all(dir.path().join("regions")).unwrap();
+        std::fs::write(dir.path().join("ring.v1.toml"), RING_V1).unwrap();
+        std::fs::write(dir.path().join("ring.toml"), RING_V2).unwrap();
+        let (database, sg1) = fresh_database().await;
+        let (_, sg2) = fresh_database().await;
+        let old = TestApp::spawn_on(
+            &sg1,
+            &database,
+            TestOptions {
+                overlay: shard_overlay(dir.path(), "ring.v1.toml", &[("sg-1", &sg1)]),
+                ..TestOptions::default()
+            },
+        )
+        .await;
+        // Its own cache key prefix: its reads find carts in the databases, not in what the old
+        // edge cached.
+        let new = TestApp::spawn_on(
+            &sg1,
+            &format!("{database}_v2"),
+            TestOptions {
+                overlay: shard_overlay(dir.path(), "ring.toml", &[("sg-1", &sg1), ("sg-2", &sg2)]),
+                ..TestOptions::default()
+            },
+        )
+        .await;
+        assert_eq!(new.app.topology.ring.spec().moving_from, Some(1));
+        Resharded {
+            _dir: dir,
+            old,
+            new,
+            sg1,
+            sg2,
+        }
+    }
+
+    /// `count` users (no region claim: the global ring) the new ring moves from sg-1 to sg-2.
+    fn movers(&self, salt: &str, count: usize) -> Vec<String> {
+        let ring = &self.new.app.topology.ring;
+        let movers: Vec<String> = (0..count * 10)
+            .map(|n| format!("{salt}-{n}"))
+            .filter(|user| {
+                ring.previous_placement(&format!("u:{user}"), None)
+                    .is_some_and(|before| before.shard == "sg-1")
+            })
+            .take(count)
+            .collect();
+        assert_eq!(movers.len(), count);
+        for user in &movers {
+            assert_eq!(ring.locate(&format!("u:{user}")).shard, "sg-2");
+        }
+        movers
+    }
+
+    async fn row_version(&self, dsn: &str, user: &str) -> Option<i64> {
+        query_opt_i64(
+            dsn,
+            "SELECT version FROM carts WHERE owner = $1",
+            &[&format!("u:{user}")],
+        )
+        .await
+    }
+
+    async fn lines(&self, dsn: &str, user: &str) -> i64 {
+        query_opt_i64(
+            dsn,
+            "SELECT count(*) FROM cart_items WHERE owner = $1",
+            &[&format!("u:{user}")],
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn moved(&self, user: &str) -> bool {
+        query_opt_i64(
+            &self.sg1,
+            "SELECT count(*) FROM carts WHERE owner = $1 AND moved_at IS NOT NULL \
+             AND moving_to = 'sg-2'",
+            &[&format!("u:{user}")],
+        )
+        .await
+            == Some(1)
+    }
+}
+
+async fn add(
+    app: &TestApp,
+    user: &str,
+    item: &str,
+    quantity: i64,
+    key: &str,
+) -> crate::helpers::TestResponse {
+    let body = format!(r#"{{"item_id":"{item}","quantity":{quantity}}}"#);
+    app.send(
+        "POST",
+        "/api/v1/cart/items",
+        &[app.bearer(user), h("idempotency-key", key)],
+        Some(&body),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_moved_cart_keeps_its_items_version_and_idempotency_keys() {
+    let cluster = Resharded::start().await;
+    let user = &cluster.movers("keeps", 1)[0];
+    let first = add(&cluster.old, user, "sku-00001", 2, "first-add").await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let second = add(&cluster.old, user, "sku-00002", 1, "second-add").await;
+    assert_eq!(second.status, 200);
+    let before = second.version();
+
+    // Before the move the new edge finds the cart on the old shard, at its version.
+    let read = cluster.new.user(user, "GET", "/api/v1/cart", None).await;
+    assert_eq!(read.status, 200);
+    assert_eq!(read.version(), before);
+    assert_eq!(read.quantity_of("sku-00001"), 2);
+    assert_eq!(cluster.row_version(&cluster.sg2, user).await, None);
+    assert!(!cluster.moved(user).await);
+
+    // The replayed key is the cart's first write on the new ring: the cart moves, then the
+    // key replays from the copied record, byte for byte, adding nothing.
+    let replay = add(&cluster.new, user, "sku-00001", 2, "first-add").await;
+    assert_eq!(replay.status, first.status);
+    assert_eq!(replay.body, first.body);
+    assert!(cluster.moved(user).await, "the old row is marked moved");
+    assert_eq!(
+        cluster.lines(&cluster.sg1, user).await,
+        0,
+        "no stale lines left behind"
+    );
+    assert_eq!(cluster.row_version(&cluster.sg2, user).await, Some(before));
+    assert_eq!(cluster.lines(&cluster.sg2, user).await, 2);
+
+    // A new write lands on the new shard, above the moved version; reads show everything.
+    let third = add(&cluster.new, user, "sku-00003", 4, "third-add").await;
+    assert_eq!(third.status, 200, "{:?}", third.body);
+    assert_eq!(third.version(), before + 1);
+    let read = cluster
+        .new
+        .send(
+            "GET",
+            "/api/v1/cart",
+            &[
+                cluster.new.bearer(user),
+                h("cart-min-version", &before.to_string()),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(read.status, 200);
+    assert_eq!(read.version(), before + 1);
+    assert_eq!(
+        (
+            read.quantity_of("sku-00001"),
+            read.quantity_of("sku-00002"),
+            read.quantity_of("sku-00003")
+        ),
+        (2, 1, 4)
+    );
+    // A second run of the whole move finds it done.
+    let owner = OwnerKey::from_stored(format!("u:{user}"));
+    let from = cluster
+        .new
+        .app
+        .topology
+        .ring
+        .previous_placement(owner.as_str(), None)
+        .unwrap();
+    let again = moves::ensure_moved(&cluster.new.app, &owner, from, "sg-2")
+        .await
+        .unwrap();
+    assert_eq!(again, moves::Moved::Before);
+    assert_eq!(
+        cluster.row_version(&cluster.sg2, user).await,
+        Some(before + 1)
+    );
+}
+
+#[tokio::test]
+async fn a_move_stopped_after_any_step_converges_on_the_next_write() {
+    let cluster = Resharded::start().await;
+    let users = cluster.movers("crash", 2);
+    let store = &cluster.new.app.store;
+    for user in &users {
+        assert_eq!(
+            add(&cluster.old, user, "sku-00010", 3, "seed").await.status,
+            200
+        );
+    }
+    let (frozen_only, copied_too) = (&users[0], &users[1]);
+    // Crash after the freeze: the old row is frozen but still the cart.
+    let owner = format!("u:{frozen_only}");
+    let snapshot = match steps::freeze(store, "sg-1", &owner, "sg-2").await.unwrap() {
+        steps::Freeze::Frozen { snapshot } => snapshot,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(snapshot.version, 1);
+    let read = cluster
+        .new
+        .user(frozen_only, "GET", "/api/v1/cart", None)
+        .await;
+    assert_eq!(read.quantity_of("sku-00010"), 3);
+    // Crash after the copy (its answer lost): copying again does nothing.
+    let owner2 = format!("u:{copied_too}");
+    let steps::Freeze::Frozen {
+        snapshot: snapshot2,
+    } = steps::freeze(store, "sg-1", &owner2, "sg-2").await.unwrap()
+    else {
+        panic!("not frozen");
+    };
+    assert_eq!(
+        steps::copy(store, "sg-2", &snapshot2).await.unwrap(),
+        steps::Copied::Now
+    );
+    assert_eq!(
+        steps::copy(store, "sg-2", &snapshot2).await.unwrap(),
+        steps::Copied::Before
+    );
+    let read = cluster
+        .new
+        .user(copied_too, "GET", "/api/v1/cart", None)
+        .await;
+    assert_eq!((read.version(), read.quantity_of("sku-00010")), (1, 3));
+
+    // The next write of each finishes the move and applies once.
+    for user in [frozen_only, copied_too] {
+        let write = add(&cluster.new, user, "sku-00010", 1, "after-crash").await;
+        assert_eq!(write.status, 200, "{:?}", write.body);
+        assert_eq!((write.version(), write.quantity_of("sku-00010")), (2, 4));
+        assert!(cluster.moved(user).await);
+        assert_eq!(cluster.lines(&cluster.sg1, user).await, 0);
+        assert_eq!(cluster.row_version(&cluster.sg2, user).await, Some(2));
+    }
+    // A mark replayed after it ran changes nothing.
+    assert!(!steps::mark(store, "sg-1", &owner, "sg-2").await.unwrap());
+}
+
+#[tokio::test]
+async fn ring_move_moves_every_remaining_owner_and_then_finds_nothing_left() {
+    let cluster = Resharded::start().await;
+    let users: Vec<String> = (0..40).map(|n| format!("batch-{n}")).collect();
+    for user in &users {
+        assert_eq!(
+            add(&cluster.old, user, "sku-00005", 1, "seed").await.status,
+            200
+        );
+    }
+    let app = &cluster.new.app;
+    let count = |act| async move {
+        let mut total = (0, 0);
+        let mut cursor = String::new();
+        for _ in 0..100 {
+            let page = move_page(app, "sg-1", &cursor, 7, 4, UserHomes::Global, act)
+                .await
+                .unwrap();
+            total.0 += page.moved;
+            total.1 += page.errors;
+            match page.next {
+                Some(next) => cursor = next,
+                None => return total,
+            }
+        }
+        panic!("more than 100 pages");
+    };
+    let ring = &app.topology.ring;
+    let expected = users
+        .iter()
+        .filter(|u| ring.previous_placement(&format!("u:{u}"), None).is_some())
+        .count() as u64;
+    assert!(expected > 0);
+    assert_eq!(
+        count(false).await,
+        (expected, 0),
+        "status counts what is left"
+    );
+    assert_eq!(count(true).await, (expected, 0));
+    assert_eq!(count(false).await, (0, 0), "nothing left after the move");
+    for user in &users {
+        let moves = ring
+            .previous_placement(&format!("u:{user}"), None)
+            .is_some();
+        assert_eq!(cluster.moved(user).await, moves, "{user}");
+        let read = cluster.new.user(user, "GET", "/api/v1/cart", None).await;
+        assert_eq!(read.quantity_of("sku-00005"), 1, "{user}");
+    }
+}
+
+/// The issue's load test, in one region: 200 owners seeded through the edge on ring 1, then
+/// reads and writes through the edge on ring 2 while `move_page` moves everyone left. Every
+/// acknowledged write is in the final carts, every read saw every write acknowledged before it
+/// started, and the movers end up on sg-2.
+#[tokio::test]
+async fn adding_a_shard_under_load_loses_no_acknowledged_write() {
+    const OWNERS: usize = 200;
+    const WRITES_PER_OWNER: usize = 3;
+    let cluster = Arc::new(Resharded::start().await);
+    let users: Vec<String> = (0..OWNERS).map(|n| format!("load-{n}")).collect();
+    for user in &users {
+        assert_eq!(
+            add(&cluster.old, user, "sku-00100", 1, "seed").await.status,
+            200
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Acknowledged quantity per (owner, item).
+    let acknowledged = Arc::new(std::sync::Mutex::new(
+        BTreeMap::<(String, String), i64>::new(),
+    ));
+    let mut tasks = tokio::task::JoinSet::new();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(16));
+    for (n, user) in users.iter().enumerate() {
+        let (cluster, acknowledged, semaphore, user) = (
+            cluster.clone(),
+            acknowledged.clone(),
+            semaphore.clone(),
+            user.clone(),
+        );
+        acknowledged
+            .lock()
+            .unwrap()
+            .insert((user.clone(), "sku-00100".into()), 1);
+        tasks.spawn(async move {
+            let _permit = semaphore.acquire_owned().await.unwrap();
+            let mut stale_reads = 0;
+            for write in 0..WRITES_PER_OWNER {
+                assert!(Instant::now() < deadline, "load test ran out of time");
+                let expected = acknowledged.lock().unwrap().clone();
+                let read = cluster.new.user(&user, "GET", "/api/v1/cart", None).await;
+                assert_eq!(read.status, 200);
+                for ((owner, item), quantity) in &expected {
+                    if *owner == user && read.quantity_of(item) != *quantity {
+                        stale_reads += 1;
+                    }
+                }
+                let item = format!("sku-{:05}", 1 + (n + write) % 90);
+                let key = format!("load-{write}");
+                // An unknown outcome (503) is retried with the same key until acknowledged.
+                for attempt in 0..20 {
+                    let answer = add(&cluster.new, &user, &item, 1, &key).await;
+                    if answer.status == 200 {
+                        *acknowledged
+                            .lock()
+                            .unwrap()
+                            .entry((user.clone(), item.clone()))
+                            .or_insert(0) += 1;
+                        break;
+                    }
+                    assert!(
+                        answer.status.is_server_error() && attempt < 19,
+                        "{:?}",
+                        answer.body
+                    );
+                }
+            }
+            stale_reads
+        });
+    }
+    // `ring move` runs meanwhile, page after page, until nothing is left.
+    let mover = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let app = &cluster.new.app;
+            let mut errors = 0;
+            for _ in 0..50 {
+                let mut cursor = String::new();
+                let mut moved = 0;
+                loop {
+                    let page = move_page(app, "sg-1", &cursor, 25, 4, UserHomes::Global, true)
+                        .await
+                        .unwrap();
+                    moved += page.moved;
+                    errors += page.errors;
+                    match page.next {
+                        Some(next) => cursor = next,
+                        None => break,
+                    }
+                }
+                if moved == 0 {
+                    return errors;
+                }
+            }
+            panic!("ring move did not finish in 50 passes");
+        })
+    };
+    let mut stale_reads = 0;
+    while let Some(result) = tasks.join_next().await {
+        stale_reads += result.unwrap();
+    }
+    assert_eq!(mover.await.unwrap(), 0, "no move failed");
+    assert_eq!(
+        stale_reads, 0,
+        "every read showed the writes acknowledged before it"
+    );
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let ring = &cluster.new.app.topology.ring;
+    let mut movers = 0;
+    for user in &users {
+        let read = cluster.new.user(user, "GET", "/api/v1/cart", None).await;
+        for ((owner, item), quantity) in &acknowledged {
+            if owner == user {
+                assert_eq!(read.quantity_of(item), *quantity, "{user} {item}");
+            }
+        }
+        let lines = read.json()["items"].as_array().unwrap().len();
+        let expected_lines = acknowledged
+            .keys()
+            .filter(|(owner, _)| owner == user)
+            .count();
+        assert_eq!(lines, expected_lines, "{user}: no line doubled or invented");
+        if ring
+            .previous_placement(&format!("u:{user}"), None)
+            .is_some()
+        {
+            movers += 1;
+            assert!(cluster.moved(user).await, "{user} moved");
+            assert_eq!(cluster.lines(&cluster.sg1, user).await, 0);
+            assert_eq!(
+                cluster.lines(&cluster.sg2, user).await as usize,
+                expected_lines
+            );
+        } else {
+            assert_eq!(
+                cluster.row_version(&cluster.sg2, user).await,
+                None,
+                "{user} stays"
+            );
+        }
+    }
+    assert!(movers > OWNERS / 4, "{movers} of {OWNERS} moved");
+}
