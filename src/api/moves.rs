@@ -51,7 +51,7 @@ pub async fn ensure_moved(
         moves::freeze(&app.store, from.shard, owner.as_str(), to_shard).await?
     } else {
         let forwarder = relay::forwarder_to(app, from.home)?;
-        remote::freeze(
+        remote::freeze::<Freeze>(
             forwarder,
             from.home,
             &app.config.region.id,

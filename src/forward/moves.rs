@@ -8,7 +8,6 @@ use http::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::{ForwardError, Forwarder};
-use crate::store::moves::Freeze;
 
 /// A step of a move asked of the old shard's home edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,15 +82,16 @@ async fn call<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&answer.body).map_err(|error| unreadable(error.to_string()))
 }
 
-/// Step 1 at `region`'s edge (the old shard's home). `from` and `fingerprint` are this edge's
-/// region and ring fingerprint.
-pub async fn freeze(
+/// Step 1 at `region`'s edge (the old shard's home), answered with the store's freeze outcome
+/// (`T`, which this layer does not name). `from` and `fingerprint` are this edge's region and
+/// ring fingerprint.
+pub async fn freeze<T: serde::de::DeserializeOwned>(
     forwarder: &Forwarder,
     region: &str,
     from: &str,
     fingerprint: &str,
     request: &Request,
-) -> Result<Freeze, MoveError> {
+) -> Result<T, MoveError> {
     call(forwarder, region, from, fingerprint, Step::Freeze, request).await
 }
 
