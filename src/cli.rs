@@ -284,6 +284,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::CheckConfig => {
             let config = cli.load_config()?;
             let topology = cartedge::preflight::check(&config)?;
+            refuse_unfinished_move(&config, &topology.ring).await?;
             print!("{}", config.redacted_toml());
             let spec = topology.ring.spec();
             println!(
@@ -485,6 +486,54 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Refuses a settled ring while a ring it moved from is still kept beside it
+/// (`<stem>.v<N>.toml`, N below its version) and owners the move concerns have carts on that
+/// ring's shards not marked moved: removing `moving_from` then would hide their carts. Asks the
+/// old shards (this region's replicas of them).
+async fn refuse_unfinished_move(config: &Config, ring: &Ring) -> Result<()> {
+    let path = &config.topology.ring_file;
+    if ring.previous().is_some() {
+        return Ok(());
+    }
+    let version = ring.spec().version;
+    let Some(from) = (1..version)
+        .rev()
+        .find(|n| cartedge::topology::previous_ring_path(path, *n).exists())
+    else {
+        return Ok(());
+    };
+    let previous =
+        cartedge::topology::load_ring(&cartedge::topology::previous_ring_path(path, from))?;
+    let mut spec = ring.spec().clone();
+    spec.moving_from = Some(from);
+    let moving = Ring::moving(spec, previous)
+        .map_err(|e| anyhow::anyhow!("{}: as a move from version {from}: {e}", path.display()))?;
+    let metrics = cartedge::metrics::Metrics::new(cartedge::metrics::BuildLabels {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        region: config.region.id.to_string(),
+        ring_version: version.to_string(),
+    });
+    let store = cartedge::store::Store::new(config, &metrics)?;
+    let users = if config.auth.require_region_claim {
+        cartedge::api::moves::UserHomes::Claimed
+    } else {
+        cartedge::api::moves::UserHomes::Global
+    };
+    let left = cartedge::api::moves::count_unmoved(&store, &moving, users)
+        .await
+        .with_context(|| {
+            format!("asking the shards of ring version {from} what is left to move")
+        })?;
+    if left > 0 {
+        bail!(
+            "{}: moving_from = {from} was removed but {left} owners still have carts to move \
+             from the shards of version {from}: put the marker back and run `cartedge ring move`",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// `cartedge ring move`: every shard of the previous ring, page by page.

@@ -14,10 +14,10 @@ use super::relay;
 use crate::app::App;
 use crate::domain::cart::StoredCart;
 use crate::domain::ids::OwnerKey;
-use crate::domain::ring::Placement;
+use crate::domain::ring::{Placement, Ring};
 use crate::forward::moves::{self as remote, Request};
 use crate::store::moves::{self, Copied, Freeze, Located};
-use crate::store::Source;
+use crate::store::{Source, Store, StoreError};
 use futures_util::StreamExt;
 
 /// How long a client waits before retrying a write whose cart's old home did not answer.
@@ -163,7 +163,16 @@ pub fn target<'a>(
     shard: &str,
     users: UserHomes,
 ) -> Option<(Placement<'a>, &'a str)> {
-    let ring = &app.topology.ring;
+    target_on(&app.topology.ring, owner, shard, users)
+}
+
+/// [`target`] on a given moving ring.
+pub fn target_on<'a>(
+    ring: &'a Ring,
+    owner: &str,
+    shard: &str,
+    users: UserHomes,
+) -> Option<(Placement<'a>, &'a str)> {
     let previous = ring.previous()?;
     let home = if owner.starts_with("g:") {
         super::command::guest_home(&OwnerKey::from_stored(owner.to_string()))
@@ -258,4 +267,34 @@ pub async fn move_page(
         }
     }
     Ok(report)
+}
+
+/// How many owners with a cart on a shard of `ring`'s previous ring the ring still moves
+/// elsewhere (their old row not marked moved): what `check-config` asks the old shards before
+/// the `moving_from` marker may go. Read on this region's replicas.
+pub async fn count_unmoved(
+    store: &Store,
+    ring: &Ring,
+    users: UserHomes,
+) -> Result<u64, StoreError> {
+    const PAGE: i64 = 1_000;
+    let Some(previous) = ring.previous() else {
+        return Ok(0);
+    };
+    let mut left = 0;
+    for shard in &previous.spec().shards {
+        let mut cursor = String::new();
+        loop {
+            let owners = moves::unmoved_owners(store, &shard.id, &cursor, PAGE).await?;
+            left += owners
+                .iter()
+                .filter(|owner| target_on(ring, owner, &shard.id, users).is_some())
+                .count() as u64;
+            match owners.last() {
+                Some(last) if owners.len() as i64 == PAGE => cursor = last.clone(),
+                _ => break,
+            }
+        }
+    }
+    Ok(left)
 }

@@ -17,10 +17,13 @@ use crate::helpers::{fresh_database, h, query_opt_i64, shared, TestApp, TestOpti
 const RING_V1: &str = "version = 1\nvnodes = 200\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n";
 const RING_V2: &str = "version = 2\nvnodes = 200\nmoving_from = 1\n\
     [[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n[[shards]]\nid = \"sg-2\"\nhome = \"sg\"\n";
+/// Ring 2 once the move is over: the marker removed.
+const RING_V2_SETTLED: &str = "version = 2\nvnodes = 200\n\
+    [[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n[[shards]]\nid = \"sg-2\"\nhome = \"sg\"\n";
 
 /// Both edges of the roll on the same two shard databases and the same Redis cache.
 struct Resharded {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     /// The edge still on ring 1 (only `sg-1`).
     old: TestApp,
     /// The edge on ring 2, moving from 1.
@@ -76,7 +79,7 @@ impl Resharded {
         .await;
         assert_eq!(new.app.topology.ring.spec().moving_from, Some(1));
         Resharded {
-            _dir: dir,
+            dir,
             old,
             new,
             sg1,
@@ -117,6 +120,33 @@ impl Resharded {
             "SELECT count(*) FROM cart_items WHERE owner = $1",
             &[&format!("u:{user}")],
         )
+        .await
+        .unwrap()
+    }
+
+    /// `cartedge check-config` of this region with the marker removed from ring 2 (ring 1
+    /// still kept beside it).
+    async fn check_settled_config(&self) -> std::process::Output {
+        let settled = self.dir.path().join("settled");
+        std::fs::create_dir_all(&settled).unwrap();
+        std::fs::write(settled.join("ring.v1.toml"), RING_V1).unwrap();
+        std::fs::write(settled.join("ring.toml"), RING_V2_SETTLED).unwrap();
+        let overlay = shard_overlay(
+            &settled,
+            "ring.toml",
+            &[("sg-1", &self.sg1), ("sg-2", &self.sg2)],
+        )
+        .replace(
+            &settled.join("regions").display().to_string(),
+            &self.dir.path().join("regions").display().to_string(),
+        );
+        let text =
+            crate::helpers::test_config_text(&self.sg1, &shared().redis.url(), "check:", &overlay);
+        let file = self.dir.path().join("settled-sg.toml");
+        std::fs::write(&file, text).unwrap();
+        tokio::task::spawn_blocking(move || {
+            crate::helpers::cli(&["--config", file.to_str().unwrap(), "check-config"])
+        })
         .await
         .unwrap()
     }
@@ -324,8 +354,22 @@ async fn ring_move_moves_every_remaining_owner_and_then_finds_nothing_left() {
         (expected, 0),
         "status counts what is left"
     );
+    // Removing the marker now is refused: the old shard still holds carts to move.
+    let early = cluster.check_settled_config().await;
+    assert!(!early.status.success());
+    let error = String::from_utf8_lossy(&early.stderr);
+    assert!(
+        error.contains(&format!("{expected} owners still have carts to move")),
+        "{error}"
+    );
     assert_eq!(count(true).await, (expected, 0));
     assert_eq!(count(false).await, (0, 0), "nothing left after the move");
+    let done = cluster.check_settled_config().await;
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
     for user in &users {
         let moves = ring
             .previous_placement(&format!("u:{user}"), None)

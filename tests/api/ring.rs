@@ -225,7 +225,10 @@ fn ring_plan_of_a_moving_ring_shows_the_move_under_way_and_refuses_another() {
         String::from_utf8_lossy(&output.stderr)
     );
     let text = String::from_utf8(output.stdout).unwrap();
-    assert!(text.lines().next().unwrap().contains("owners move ("), "{text}");
+    assert!(
+        text.lines().next().unwrap().contains("owners move ("),
+        "{text}"
+    );
     assert!(
         text.lines().skip(1).all(|line| line.contains("-> sg-3:")),
         "{text}"
