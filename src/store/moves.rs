@@ -228,28 +228,17 @@ pub async fn mark(
 }
 
 /// Reads `owner`'s row on `shard` (replica, or primary when the replica is older than
-/// `min_version` here at home), telling a moved row from a cart. The cart is read before the
-/// moved flag: a mark committing in between shows as moved, never as an emptied cart.
+/// `min_version` here at home), telling a moved row from a cart in one statement.
 pub async fn locate(
     store: &Store,
     shard: &str,
     owner: &OwnerKey,
     min_version: i64,
 ) -> Result<Located, StoreError> {
-    let (cart, _) = store.read_from_database(shard, owner, min_version).await?;
-    let (client, _) = store.db_read(shard).await?;
-    let moved = client
-        .prepare_cached(
-            "SELECT to_jsonb(c) ->> 'moving_to', version FROM carts c \
-             WHERE owner = $1 AND (to_jsonb(c) ->> 'moved_at') IS NOT NULL",
-        )
-        .await?;
-    match client.query_opt(&moved, &[&owner.as_str()]).await? {
-        Some(row) => Ok(Located::Moved {
-            to: row.try_get::<_, Option<String>>(0)?.unwrap_or_default(),
-            version: row.try_get(1)?,
-        }),
-        None => Ok(Located::Here(cart)),
+    match store.read_from_database(shard, owner, min_version).await {
+        Ok((cart, _)) => Ok(Located::Here(cart)),
+        Err(StoreError::Moved { to, version }) => Ok(Located::Moved { to, version }),
+        Err(error) => Err(error),
     }
 }
 

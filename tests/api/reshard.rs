@@ -212,6 +212,14 @@ async fn a_moved_cart_keeps_its_items_version_and_idempotency_keys() {
     assert_eq!(cluster.row_version(&cluster.sg2, user).await, Some(before));
     assert_eq!(cluster.lines(&cluster.sg2, user).await, 2);
 
+    // An edge still on ring 1 writes where the cart no longer lives: refused (503, retried),
+    // nothing written there.
+    let stale_edge = add(&cluster.old, user, "sku-00004", 1, "stale-edge").await;
+    assert_eq!(stale_edge.status, 503, "{:?}", stale_edge.body);
+    assert_eq!(stale_edge.error_code(), "unavailable");
+    assert_eq!(cluster.lines(&cluster.sg1, user).await, 0);
+    assert_eq!(cluster.row_version(&cluster.sg1, user).await, Some(before));
+
     // A new write lands on the new shard, above the moved version; reads show everything.
     let third = add(&cluster.new, user, "sku-00003", 4, "third-add").await;
     assert_eq!(third.status, 200, "{:?}", third.body);
@@ -276,6 +284,13 @@ async fn a_move_stopped_after_any_step_converges_on_the_next_write() {
         other => panic!("{other:?}"),
     };
     assert_eq!(snapshot.version, 1);
+    // A frozen row takes no write from an edge still on ring 1: its change would miss the copy.
+    let stale_edge = add(&cluster.old, frozen_only, "sku-00011", 1, "stale-edge").await;
+    assert_eq!(stale_edge.status, 503, "{:?}", stale_edge.body);
+    assert_eq!(
+        cluster.row_version(&cluster.sg1, frozen_only).await,
+        Some(1)
+    );
     let read = cluster
         .new
         .user(frozen_only, "GET", "/api/v1/cart", None)
