@@ -54,6 +54,14 @@ const NO_PARKING: &str = "[parking]\nenabled = false\n";
 
 const RING: &str = "version = 1\nvnodes = 200\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n[[shards]]\nid = \"th-1\"\nhome = \"th\"\n";
 
+/// [`RING`] plus `th-2` (homed in th), moving from version 1 (which stays beside it as
+/// `ring.v1.toml`): see `tests/api/reshard.rs`.
+const RING_MOVING: &str = "version = 2\nvnodes = 200\nmoving_from = 1\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n[[shards]]\nid = \"th-1\"\nhome = \"th\"\n[[shards]]\nid = \"th-2\"\nhome = \"th\"\n";
+
+/// The database of shard `th-2` on th's PostgreSQL server (so th's streaming replica in sg
+/// carries it too).
+pub(crate) const TH2_DATABASE: &str = "cartedge_th2";
+
 fn start_pg(parent: &Path, name: &str) -> PgInstance {
     let dir = parent.join(name);
     std::fs::create_dir_all(&dir).unwrap();
@@ -177,6 +185,15 @@ impl TwoRegions {
 
     /// Starts both regions with `extra` (TOML sections) added to both edges' configuration.
     pub(crate) async fn start_with(forward_timeout: &str, extra: &str) -> TwoRegions {
+        Self::start_layout(forward_timeout, extra, false).await
+    }
+
+    /// Both regions on [`RING_MOVING`]: shard `th-2` added in th, carts moving from ring 1.
+    pub(crate) async fn start_moving(forward_timeout: &str) -> TwoRegions {
+        Self::start_layout(forward_timeout, NO_PARKING, true).await
+    }
+
+    async fn start_layout(forward_timeout: &str, extra: &str, moving: bool) -> TwoRegions {
         let shared = shared();
         let dir = tempfile::Builder::new()
             .prefix("cartedge-regions-")
@@ -197,6 +214,16 @@ impl TwoRegions {
         // Each region sells from its own catalog, priced in its own currency.
         prepare_primary(&sg_primary, &["SGD"]).await;
         prepare_primary(&th_primary, &["THB"]).await;
+        if moving {
+            execute(
+                &th_primary.dsn("postgres"),
+                &format!("CREATE DATABASE {TH2_DATABASE}"),
+            )
+            .await;
+            cartedge::store::migrate::run(&th_primary.dsn(TH2_DATABASE))
+                .await
+                .unwrap();
+        }
         let (th_replica_of_sg, sg_replica_of_th) = {
             let base = base.clone();
             let sg_port = sg_primary.port;
@@ -211,7 +238,12 @@ impl TwoRegions {
             )
         };
         tls::generate_local_pki(&base.join("pki"), &["sg", "th"]).unwrap();
-        std::fs::write(base.join("ring.toml"), RING).unwrap();
+        if moving {
+            std::fs::write(base.join("ring.v1.toml"), RING).unwrap();
+            std::fs::write(base.join("ring.toml"), RING_MOVING).unwrap();
+        } else {
+            std::fs::write(base.join("ring.toml"), RING).unwrap();
+        }
         let regions = base.join("regions");
         std::fs::create_dir_all(&regions).unwrap();
 
@@ -240,9 +272,14 @@ impl TwoRegions {
                 format!(
                     "[region]\nid = \"{id}\"\ncurrency = \"{currency}\"\n[edge]\npublic_url = \"http://127.0.0.1\"\ninternal_url = \"https://{internal}\"\n\
                      [[database.shards]]\nid = \"sg-1\"\nreplica = \"x\"\n{}\
-                     [[database.shards]]\nid = \"th-1\"\nreplica = \"x\"\n{}",
+                     [[database.shards]]\nid = \"th-1\"\nreplica = \"x\"\n{}{}",
                     if id == "sg" { "primary = \"x\"\n" } else { "" },
                     if id == "th" { "primary = \"x\"\n" } else { "" },
+                    match (moving, id) {
+                        (false, _) => "",
+                        (true, "th") => "[[database.shards]]\nid = \"th-2\"\nreplica = \"x\"\nprimary = \"x\"\n",
+                        (true, _) => "[[database.shards]]\nid = \"th-2\"\nreplica = \"x\"\n",
+                    },
                 ),
             )
             .unwrap();
@@ -253,18 +290,35 @@ impl TwoRegions {
             .unwrap()
             .to_string_lossy()
             .to_string();
+        let mut sg_shards = vec![
+            (
+                "sg-1",
+                Some(sg_primary.dsn("cartedge")),
+                sg_primary.dsn("cartedge"),
+            ),
+            ("th-1", None, sg_replica_of_th.dsn("cartedge")),
+        ];
+        let mut th_shards = vec![
+            ("sg-1", None, th_replica_of_sg.dsn("cartedge")),
+            (
+                "th-1",
+                Some(th_primary.dsn("cartedge")),
+                th_primary.dsn("cartedge"),
+            ),
+        ];
+        if moving {
+            sg_shards.push(("th-2", None, sg_replica_of_th.dsn(TH2_DATABASE)));
+            th_shards.push((
+                "th-2",
+                Some(th_primary.dsn(TH2_DATABASE)),
+                th_primary.dsn(TH2_DATABASE),
+            ));
+        }
         let sg_config = edge_config(
             &base,
             "sg",
             "SGD",
-            &[
-                (
-                    "sg-1",
-                    Some(sg_primary.dsn("cartedge")),
-                    sg_primary.dsn("cartedge"),
-                ),
-                ("th-1", None, sg_replica_of_th.dsn("cartedge")),
-            ],
+            &sg_shards,
             &sg_primary.dsn("cartedge"),
             ("th", sg_replica_of_th.dsn("cartedge")),
             &format!("{prefix}:sg:"),
@@ -279,14 +333,7 @@ impl TwoRegions {
             &base,
             "th",
             "THB",
-            &[
-                ("sg-1", None, th_replica_of_sg.dsn("cartedge")),
-                (
-                    "th-1",
-                    Some(th_primary.dsn("cartedge")),
-                    th_primary.dsn("cartedge"),
-                ),
-            ],
+            &th_shards,
             &th_primary.dsn("cartedge"),
             ("sg", th_replica_of_sg.dsn("cartedge")),
             &format!("{prefix}:th:"),

@@ -538,3 +538,99 @@ async fn adding_a_shard_under_load_loses_no_acknowledged_write() {
     }
     assert!(movers > OWNERS / 4, "{movers} of {OWNERS} moved");
 }
+
+/// An owner without a home region (global ring) whose cart the new ring places on a shard
+/// homed in another region: th (the new home) copies it, and sg's edge (the old shard's home)
+/// freezes and marks it, asked over the internal surface.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cart_moving_to_another_region_moves_through_the_old_shards_home_edge() {
+    use crate::regions::{TwoRegions, TH2_DATABASE};
+    let regions = TwoRegions::start_moving("2s").await;
+    let ring = &regions.th.app.topology.ring;
+    let user = (0..10_000)
+        .map(|n| format!("abroad-{n}"))
+        .find(|user| {
+            let key = format!("u:{user}");
+            ring.previous_placement(&key, None)
+                .is_some_and(|before| before.shard == "sg-1")
+                && ring.locate(&key).shard == "th-2"
+        })
+        .unwrap();
+    let owner = format!("u:{user}");
+    // The cart as ring 1 left it on sg-1: version 3, two lines.
+    let sg1 = regions.sg_primary.dsn("cartedge");
+    crate::helpers::execute(
+        &sg1,
+        &format!(
+            "INSERT INTO carts (owner, currency, version) VALUES ('{owner}', 'SGD', 3); \
+             INSERT INTO cart_items (owner, line_id, item_id, quantity, unit_price_minor, currency) \
+             VALUES ('{owner}', 'sku-00001', 'sku-00001', 2, 500, 'SGD'), \
+                    ('{owner}', 'sku-00002', 'sku-00002', 1, 700, 'SGD');"
+        ),
+    )
+    .await;
+    // Read in sg before the move: the old shard's cart.
+    let before = regions.get(&regions.sg, &user, None).await;
+    assert_eq!(before.status, 200, "{:?}", before.body);
+    assert_eq!((before.version(), before.quantity_of("sku-00001")), (3, 2));
+
+    // A write received in sg goes to the new home, th, which moves the cart first.
+    let token = regions.token(&user);
+    let removed = regions
+        .send(
+            &regions.sg,
+            "DELETE",
+            "/api/v1/cart/items/sku-00002",
+            &[
+                ("authorization", format!("Bearer {token}")),
+                ("idempotency-key", "remove-abroad".to_string()),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(removed.status, 200, "{:?}", removed.body);
+    assert_eq!(removed.header("cart-home-region"), Some("th"));
+    assert_eq!(
+        removed.version(),
+        4,
+        "the copy kept version 3; the write made 4"
+    );
+    assert_eq!(removed.quantity_of("sku-00001"), 2);
+    assert_eq!(removed.quantity_of("sku-00002"), 0);
+    let th2 = regions.th_primary.dsn(TH2_DATABASE);
+    let on_th2 = query_opt_i64(
+        &th2,
+        "SELECT version FROM carts WHERE owner = $1",
+        &[&owner],
+    )
+    .await;
+    assert_eq!(on_th2, Some(4));
+    let marked = query_opt_i64(
+        &sg1,
+        "SELECT count(*) FROM carts WHERE owner = $1 AND moved_at IS NOT NULL \
+         AND moving_to = 'th-2' AND NOT EXISTS (SELECT 1 FROM cart_items i WHERE i.owner = $1)",
+        &[&owner],
+    )
+    .await;
+    assert_eq!(marked, Some(1), "sg's edge marked the old row moved");
+
+    // Both regions read the moved cart (sg through its replica of th-2, at least version 4).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for edge in [&regions.th, &regions.sg] {
+        loop {
+            let read = regions.get(edge, &user, Some(4)).await;
+            assert_eq!(read.status, 200, "{:?}", read.body);
+            if read.version() == 4 {
+                assert_eq!(read.quantity_of("sku-00001"), 2);
+                assert_eq!(read.quantity_of("sku-00002"), 0);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "read stuck at {}",
+                read.version()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
