@@ -432,10 +432,13 @@ async fn adding_a_shard_under_load_loses_no_acknowledged_write() {
         tasks.spawn(async move {
             let _permit = semaphore.acquire_owned().await.unwrap();
             let mut stale_reads = 0;
+            let (mut read_ms, mut write_ms) = (Vec::new(), Vec::new());
             for write in 0..WRITES_PER_OWNER {
                 assert!(Instant::now() < deadline, "load test ran out of time");
                 let expected = acknowledged.lock().unwrap().clone();
+                let started = Instant::now();
                 let read = cluster.new.user(&user, "GET", "/api/v1/cart", None).await;
+                read_ms.push(started.elapsed().as_secs_f64() * 1000.0);
                 assert_eq!(read.status, 200);
                 for ((owner, item), quantity) in &expected {
                     if *owner == user && read.quantity_of(item) != *quantity {
@@ -446,7 +449,9 @@ async fn adding_a_shard_under_load_loses_no_acknowledged_write() {
                 let key = format!("load-{write}");
                 // An unknown outcome (503) is retried with the same key until acknowledged.
                 for attempt in 0..20 {
+                    let started = Instant::now();
                     let answer = add(&cluster.new, &user, &item, 1, &key).await;
+                    write_ms.push(started.elapsed().as_secs_f64() * 1000.0);
                     if answer.status == 200 {
                         *acknowledged
                             .lock()
@@ -462,7 +467,7 @@ async fn adding_a_shard_under_load_loses_no_acknowledged_write() {
                     );
                 }
             }
-            stale_reads
+            (stale_reads, read_ms, write_ms)
         });
     }
     // `ring move` runs meanwhile, page after page, until nothing is left.
@@ -470,7 +475,8 @@ async fn adding_a_shard_under_load_loses_no_acknowledged_write() {
         let cluster = cluster.clone();
         tokio::spawn(async move {
             let app = &cluster.new.app;
-            let mut errors = 0;
+            let started = Instant::now();
+            let (mut errors, mut total) = (0, 0);
             for _ in 0..50 {
                 let mut cursor = String::new();
                 let mut moved = 0;
@@ -479,6 +485,7 @@ async fn adding_a_shard_under_load_loses_no_acknowledged_write() {
                         .await
                         .unwrap();
                     moved += page.moved;
+                    total += page.moved;
                     errors += page.errors;
                     match page.next {
                         Some(next) => cursor = next,
@@ -486,17 +493,37 @@ async fn adding_a_shard_under_load_loses_no_acknowledged_write() {
                     }
                 }
                 if moved == 0 {
-                    return errors;
+                    return (errors, total, started.elapsed());
                 }
             }
             panic!("ring move did not finish in 50 passes");
         })
     };
     let mut stale_reads = 0;
+    let (mut read_ms, mut write_ms) = (Vec::new(), Vec::new());
     while let Some(result) = tasks.join_next().await {
-        stale_reads += result.unwrap();
+        let (stale, reads, writes) = result.unwrap();
+        stale_reads += stale;
+        read_ms.extend(reads);
+        write_ms.extend(writes);
     }
-    assert_eq!(mover.await.unwrap(), 0, "no move failed");
+    let (errors, moved_by_ring_move, took) = mover.await.unwrap();
+    assert_eq!(errors, 0, "no move failed");
+    // The figures of the closing note (a debug build on a shared machine: indicative only).
+    let p99 = |mut samples: Vec<f64>| {
+        samples.sort_by(f64::total_cmp);
+        samples[(samples.len() * 99 / 100).min(samples.len() - 1)]
+    };
+    eprintln!(
+        "reshard load: ring move moved {moved_by_ring_move} owners in {:.2}s ({:.0}/s) under load; \
+         read p99 {:.1} ms over {} reads, write p99 {:.1} ms over {} writes",
+        took.as_secs_f64(),
+        moved_by_ring_move as f64 / took.as_secs_f64().max(0.001),
+        p99(read_ms.clone()),
+        read_ms.len(),
+        p99(write_ms.clone()),
+        write_ms.len()
+    );
     assert_eq!(
         stale_reads, 0,
         "every read showed the writes acknowledged before it"
