@@ -58,6 +58,17 @@ const RING: &str = "version = 1\nvnodes = 200\n[[shards]]\nid = \"sg-1\"\nhome =
 /// `ring.v1.toml`): see `tests/api/reshard.rs`.
 const RING_MOVING: &str = "version = 2\nvnodes = 200\nmoving_from = 1\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n[[shards]]\nid = \"th-1\"\nhome = \"th\"\n[[shards]]\nid = \"th-2\"\nhome = \"th\"\n";
 
+/// Which ring each region's edge runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Both on [`RING`].
+    Plain,
+    /// Both on [`RING_MOVING`].
+    Moving,
+    /// th on [`RING_MOVING`], sg still on [`RING`].
+    Rolling,
+}
+
 /// The database of shard `th-2` on th's PostgreSQL server (so th's streaming replica in sg
 /// carries it too).
 pub(crate) const TH2_DATABASE: &str = "cartedge_th2";
@@ -185,15 +196,22 @@ impl TwoRegions {
 
     /// Starts both regions with `extra` (TOML sections) added to both edges' configuration.
     pub(crate) async fn start_with(forward_timeout: &str, extra: &str) -> TwoRegions {
-        Self::start_layout(forward_timeout, extra, false).await
+        Self::start_layout(forward_timeout, extra, Layout::Plain).await
     }
 
     /// Both regions on [`RING_MOVING`]: shard `th-2` added in th, carts moving from ring 1.
     pub(crate) async fn start_moving(forward_timeout: &str) -> TwoRegions {
-        Self::start_layout(forward_timeout, NO_PARKING, true).await
+        Self::start_layout(forward_timeout, NO_PARKING, Layout::Moving).await
     }
 
-    async fn start_layout(forward_timeout: &str, extra: &str, moving: bool) -> TwoRegions {
+    /// The middle of a ring roll: th on [`RING_MOVING`], sg still on ring 1 (its own ring file
+    /// and region files, which do not know `th-2`).
+    pub(crate) async fn start_rolling(forward_timeout: &str) -> TwoRegions {
+        Self::start_layout(forward_timeout, NO_PARKING, Layout::Rolling).await
+    }
+
+    async fn start_layout(forward_timeout: &str, extra: &str, layout: Layout) -> TwoRegions {
+        let moving = layout != Layout::Plain;
         let shared = shared();
         let dir = tempfile::Builder::new()
             .prefix("cartedge-regions-")
@@ -246,6 +264,9 @@ impl TwoRegions {
         }
         let regions = base.join("regions");
         std::fs::create_dir_all(&regions).unwrap();
+        // Ring 1's region files, for an edge still on it.
+        let regions_v1 = base.join("regions-v1");
+        std::fs::create_dir_all(&regions_v1).unwrap();
 
         let sg_internal = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let th_internal = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -263,9 +284,35 @@ impl TwoRegions {
         ])
         .await
         .unwrap();
-        for (id, currency, internal) in [
-            ("sg", "SGD", sg_internal.local_addr().unwrap()),
-            ("th", "THB", th_internal.local_addr().unwrap()),
+        for (id, currency, internal, moving, regions) in [
+            (
+                "sg",
+                "SGD",
+                sg_internal.local_addr().unwrap(),
+                moving,
+                &regions,
+            ),
+            (
+                "th",
+                "THB",
+                th_internal.local_addr().unwrap(),
+                moving,
+                &regions,
+            ),
+            (
+                "sg",
+                "SGD",
+                sg_internal.local_addr().unwrap(),
+                false,
+                &regions_v1,
+            ),
+            (
+                "th",
+                "THB",
+                th_internal.local_addr().unwrap(),
+                false,
+                &regions_v1,
+            ),
         ] {
             std::fs::write(
                 regions.join(format!("{id}.toml")),
@@ -306,8 +353,10 @@ impl TwoRegions {
                 th_primary.dsn("cartedge"),
             ),
         ];
-        if moving {
+        if layout == Layout::Moving {
             sg_shards.push(("th-2", None, sg_replica_of_th.dsn(TH2_DATABASE)));
+        }
+        if moving {
             th_shards.push((
                 "th-2",
                 Some(th_primary.dsn(TH2_DATABASE)),
@@ -344,6 +393,11 @@ impl TwoRegions {
             forward_timeout,
             extra,
         );
+        let mut sg_config = sg_config;
+        if layout == Layout::Rolling {
+            sg_config.topology.ring_file = base.join("ring.v1.toml");
+            sg_config.topology.regions_dir = regions_v1;
+        }
         let sg = start_edge(sg_config, sg_internal).await;
         let th = start_edge(th_config, th_internal).await;
         TwoRegions {
@@ -464,7 +518,7 @@ impl TwoRegions {
         execute(&self.th_replica_of_sg.dsn("cartedge"), sql).await;
     }
 
-    fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.path().to_path_buf()
     }
 }

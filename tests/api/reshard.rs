@@ -661,3 +661,93 @@ async fn a_cart_moving_to_another_region_moves_through_the_old_shards_home_edge(
         }
     }
 }
+
+/// In the middle of a roll (sg still on ring 1, th on ring 2 moving from 1) each side runs the
+/// other's forwarded writes; a sender naming any other ring is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_ring_roll_both_sides_accept_each_others_forwarded_writes() {
+    use crate::regions::TwoRegions;
+    use cartedge::forward::{tls, Forwarder, Settings};
+    let regions = TwoRegions::start_rolling("2s").await;
+    let (v1, v2) = (&regions.sg.app.topology.ring, &regions.th.app.topology.ring);
+    assert_ne!(v1.fingerprint(), v2.fingerprint());
+    assert_eq!(v2.previous().unwrap().fingerprint(), v1.fingerprint());
+    // Users both rings place alike (the roll moves neither), homed in sg and in th.
+    let steady = |home: &str, salt: &str| {
+        (0..10_000)
+            .map(|n| format!("{salt}-{n}"))
+            .find(|user| {
+                let key = format!("u:{user}");
+                v1.locate(&key).home == home && v2.locate(&key).shard == v1.locate(&key).shard
+            })
+            .unwrap()
+    };
+    let (of_sg, of_th) = (steady("sg", "roll-sg"), steady("th", "roll-th"));
+    // sg (ring 1) forwards to th (ring 2 moving from 1): th knows ring 1.
+    let at_th = regions
+        .add(&regions.sg, &of_th, "sku-00001", 1, Some("roll-1"))
+        .await;
+    assert_eq!(at_th.status, 200, "{:?}", at_th.body);
+    assert_eq!(at_th.header("cart-home-region"), Some("th"));
+    // th forwards to sg with `cart-ring-moving-from`: sg accepts a ring moving from its own.
+    let at_sg = regions
+        .add(&regions.th, &of_sg, "sku-00002", 1, Some("roll-2"))
+        .await;
+    assert_eq!(at_sg.status, 200, "{:?}", at_sg.body);
+    assert_eq!(at_sg.header("cart-home-region"), Some("sg"));
+
+    // A ring 2 that says it moves from some other ring is refused by sg.
+    let pki = regions.path().join("pki");
+    let client = tls::client_config(
+        &pki.join("th.pem"),
+        &pki.join("th.key"),
+        &pki.join("ca.pem"),
+    )
+    .unwrap();
+    let sg_url = format!("https://{}", regions.proxy.addr("th->sg:edge").unwrap());
+    let forwarder = Forwarder::new(
+        [("sg", sg_url.as_str())],
+        client,
+        Settings {
+            timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_millis(500),
+            breaker_failures: 100,
+            breaker_cooldown: Duration::from_millis(100),
+            ring_moving_from: Some(http::HeaderValue::from_static("0000000000000000")),
+        },
+        cartedge::metrics::ForwardMetrics::default(),
+    )
+    .unwrap();
+    let mut headers = http::HeaderMap::new();
+    let token = regions.token(&of_sg);
+    headers.insert(
+        "authorization",
+        http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    headers.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert("idempotency-key", http::HeaderValue::from_static("roll-3"));
+    headers.insert("cart-forwarded-from", http::HeaderValue::from_static("th"));
+    headers.insert(
+        "cart-ring",
+        http::HeaderValue::from_str(v2.fingerprint()).unwrap(),
+    );
+    let refused = forwarder
+        .send(
+            "sg",
+            http::Method::POST,
+            "/api/v1/cart/items",
+            &headers,
+            bytes::Bytes::from_static(br#"{"item_id":"sku-00003","quantity":1}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 503);
+    assert!(
+        String::from_utf8_lossy(&refused.body).contains("topology_mismatch"),
+        "{:?}",
+        refused.body
+    );
+}
