@@ -117,10 +117,11 @@ pub enum RingCommand {
         /// Only report what is left to move (nothing is moved).
         #[arg(long)]
         status: bool,
-        /// Users' tokens carry no `region` claim: users are placed on the global ring (without
-        /// this flag a user found on a shard is homed in that shard's region).
-        #[arg(long)]
-        users_without_claim: bool,
+        /// How a user found on a shard is placed: `auto` (by the shard it was found on; owners
+        /// that leaves undecided move on their first write), `claimed` (tokens carry a region
+        /// claim: homed in that shard's region) or `global` (tokens carry none).
+        #[arg(long, default_value = "auto")]
+        users: String,
     },
 }
 
@@ -180,6 +181,18 @@ pub enum LocalCommand {
     Down {
         #[arg(long, default_value = local::DEFAULT_DIR)]
         dir: PathBuf,
+    },
+    /// Add a shard to a region of the running cluster: its primary there, replicas elsewhere,
+    /// the ring moving to a version with it rolled to every edge (each restarted in turn),
+    /// then the carts it takes moved (`ring move`, owners on the global ring). Not with `--ha`.
+    AddShard {
+        /// `<shard id>@<region>`.
+        shard: String,
+        #[arg(long, default_value = local::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Owners read (and moved) per page of the move.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
     },
     /// Cut every link (edges and replication) between two regions of the running cluster.
     Partition {
@@ -373,6 +386,31 @@ pub async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::Local(LocalCommand::Down { dir }) => local::down(dir),
+        Command::Local(LocalCommand::AddShard { shard, dir, batch }) => {
+            let Some((id, home)) = shard.split_once('@') else {
+                bail!("{shard}: expected <shard id>@<region>");
+            };
+            let added = local::add_shard(dir, cli.defaults().as_deref(), id, home).await?;
+            let mut config = Config::load(
+                &Sources::new(cli.defaults(), Some(added.home_file)),
+                std::env::vars(),
+            )?;
+            config.janitor.enabled = false;
+            config.events.relay = false;
+            let app = App::new(config)?;
+            eprintln!(
+                "cartedge: ring moving from version {}; moving the carts {id} takes…",
+                added.moving_from
+            );
+            ring_move(
+                &app,
+                (*batch).clamp(1, 10_000),
+                8,
+                false,
+                cartedge::api::moves::UserHomes::Auto,
+            )
+            .await
+        }
         Command::Local(LocalCommand::Status { dir }) => local::status(dir).await,
         Command::Local(LocalCommand::Partition { a, b, dir }) => {
             local::steer(dir, "partition", a, b).await
@@ -412,18 +450,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             batch,
             concurrency,
             status,
-            users_without_claim,
+            users,
         }) => {
+            let users = cartedge::api::moves::UserHomes::parse(users)
+                .with_context(|| format!("--users {users}: expected auto, claimed or global"))?;
             let mut config = cli.load_config()?;
             // This process moves carts and runs nothing in the background.
             config.janitor.enabled = false;
             config.events.relay = false;
             let app = App::new(config)?;
-            let users = if *users_without_claim {
-                cartedge::api::moves::UserHomes::Global
-            } else {
-                cartedge::api::moves::UserHomes::Claimed
-            };
             ring_move(
                 &app,
                 (*batch).clamp(1, 10_000),
@@ -519,13 +554,21 @@ async fn refuse_unfinished_move(config: &Config, ring: &Ring) -> Result<()> {
     let users = if config.auth.require_region_claim {
         cartedge::api::moves::UserHomes::Claimed
     } else {
-        cartedge::api::moves::UserHomes::Global
+        cartedge::api::moves::UserHomes::Auto
     };
-    let left = cartedge::api::moves::count_unmoved(&store, &moving, users)
+    let (left, ambiguous) = cartedge::api::moves::count_unmoved(&store, &moving, users)
         .await
         .with_context(|| {
             format!("asking the shards of ring version {from} what is left to move")
         })?;
+    if ambiguous > 0 {
+        eprintln!(
+            "warning: {ambiguous} users on the shards of version {from} were not moved and their \
+             placement depends on their tokens' region claim; those whose token moves them lose \
+             sight of their cart once moving_from is gone (run `cartedge ring move --users \
+             claimed|global` first if the deployment knows)"
+        );
+    }
     if left > 0 {
         bail!(
             "{}: moving_from = {from} was removed but {left} owners still have carts to move \
@@ -556,8 +599,7 @@ async fn ring_move(
         .collect();
     shards.sort();
     // First count what is left, so the progress line has a total.
-    let mut left = 0u64;
-    let mut elsewhere = 0u64;
+    let (mut left, mut elsewhere, mut ambiguous) = (0u64, 0u64, 0u64);
     for shard in &shards {
         let mut cursor = String::new();
         loop {
@@ -566,6 +608,7 @@ async fn ring_move(
                 .map_err(|e| anyhow::anyhow!("reading shard {shard}: {e}"))?;
             left += page.moved;
             elsewhere += page.elsewhere;
+            ambiguous += page.ambiguous;
             match page.next {
                 Some(next) => cursor = next,
                 None => break,
@@ -580,6 +623,7 @@ async fn ring_move(
                 "region": region.as_str(),
                 "left_to_move_here": left,
                 "left_to_move_elsewhere": elsewhere,
+                "undecided_users": ambiguous,
             })
         );
         return Ok(());
@@ -613,6 +657,7 @@ async fn ring_move(
             "moved": moved,
             "errors": errors,
             "left_to_move_elsewhere": elsewhere,
+            "undecided_users": ambiguous,
             "seconds": seconds,
             "owners_per_second": moved as f64 / seconds.max(0.001),
         })

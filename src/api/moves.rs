@@ -147,52 +147,86 @@ pub async fn load(
 /// shard's home region and the global ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UserHomes {
+    /// Either, as far as the cart's old shard tells: a placement that would not have put the
+    /// cart there is ruled out; when both remain and disagree about the new shard, the owner is
+    /// [`Decision::Ambiguous`] and left to its first write (which knows its token).
+    Auto,
     /// Tokens carry a `region` claim: a user on a shard is homed in that shard's region.
     Claimed,
     /// Tokens carry no claim: users are placed on the global ring.
     Global,
 }
 
-/// Where the current ring places an owner found on `shard` (a shard of the previous ring),
-/// when that is another shard: (previous placement, new shard). None when the owner stays, the
-/// ring is not moving, or the previous ring does not place the owner on `shard` at all (a row
-/// an earlier ring left behind).
-pub fn target<'a>(
-    app: &'a App,
-    owner: &str,
-    shard: &str,
-    users: UserHomes,
-) -> Option<(Placement<'a>, &'a str)> {
+impl UserHomes {
+    pub fn parse(text: &str) -> Option<UserHomes> {
+        match text {
+            "auto" => Some(UserHomes::Auto),
+            "claimed" => Some(UserHomes::Claimed),
+            "global" => Some(UserHomes::Global),
+            _ => None,
+        }
+    }
+}
+
+/// What the moving ring means for an owner whose cart row is on a shard of the previous ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision<'a> {
+    /// The cart stays (or the row is not where the previous ring put the owner: an earlier
+    /// ring's leftover).
+    Stays,
+    /// The cart moves from the previous placement to the shard named.
+    Moves(Placement<'a>, &'a str),
+    /// The owner's placement depends on its token's claim, which decides between a move and
+    /// none (or two targets): moved by its first write, or by `--users claimed|global`.
+    Ambiguous,
+}
+
+/// Where the current ring places an owner found on `shard` (a shard of the previous ring).
+pub fn target<'a>(app: &'a App, owner: &str, shard: &str, users: UserHomes) -> Decision<'a> {
     target_on(&app.topology.ring, owner, shard, users)
 }
 
 /// [`target`] on a given moving ring.
-pub fn target_on<'a>(
-    ring: &'a Ring,
-    owner: &str,
-    shard: &str,
-    users: UserHomes,
-) -> Option<(Placement<'a>, &'a str)> {
-    let previous = ring.previous()?;
-    let home = if owner.starts_with("g:") {
-        super::command::guest_home(&OwnerKey::from_stored(owner.to_string()))
+pub fn target_on<'a>(ring: &'a Ring, owner: &str, shard: &str, users: UserHomes) -> Decision<'a> {
+    let Some(previous) = ring.previous() else {
+        return Decision::Stays;
+    };
+    let shard_home = previous
+        .spec()
+        .shards
+        .iter()
+        .find(|s| s.id == shard)
+        .map(|s| s.home.to_string());
+    let homes: Vec<Option<String>> = if owner.starts_with("g:") {
+        vec![super::command::guest_home(&OwnerKey::from_stored(
+            owner.to_string(),
+        ))]
     } else {
         match users {
-            UserHomes::Claimed => previous
-                .spec()
-                .shards
-                .iter()
-                .find(|s| s.id == shard)
-                .map(|s| s.home.to_string()),
-            UserHomes::Global => None,
+            UserHomes::Auto => vec![shard_home, None],
+            UserHomes::Claimed => vec![shard_home],
+            UserHomes::Global => vec![None],
         }
     };
-    let before = ring.previous_placement(owner, home.as_deref())?;
-    if before.shard != shard {
-        return None;
+    // Only a placement that put the cart on this shard can be the owner's.
+    let mut outcomes = homes.iter().filter_map(|home| {
+        let before = previous.place(owner, home.as_deref())?;
+        if before.shard != shard {
+            return None;
+        }
+        Some((before, ring.place(owner, home.as_deref())?.shard))
+    });
+    let Some((before, to)) = outcomes.next() else {
+        return Decision::Stays;
+    };
+    if outcomes.any(|(_, other)| other != to) {
+        return Decision::Ambiguous;
     }
-    let now = ring.place(owner, home.as_deref())?;
-    Some((before, now.shard))
+    if to == before.shard {
+        Decision::Stays
+    } else {
+        Decision::Moves(before, to)
+    }
 }
 
 /// What one pass of [`move_page`] did.
@@ -206,6 +240,8 @@ pub struct PageReport {
     pub elsewhere: u64,
     /// Moves that failed (retried by the next run).
     pub errors: u64,
+    /// Owners whose placement depends on their token's claim (see [`Decision::Ambiguous`]).
+    pub ambiguous: u64,
     /// The cursor to continue after; None when the shard is done.
     pub next: Option<String>,
 }
@@ -233,8 +269,13 @@ pub async fn move_page(
     };
     let mut local = Vec::new();
     for owner in &owners {
-        let Some((from, to)) = target(app, owner, shard, users) else {
-            continue;
+        let (from, to) = match target(app, owner, shard, users) {
+            Decision::Stays => continue,
+            Decision::Ambiguous => {
+                report.ambiguous += 1;
+                continue;
+            }
+            Decision::Moves(from, to) => (from, to),
         };
         if app.store.is_home(to) {
             local.push((owner.clone(), from, to));
@@ -270,31 +311,119 @@ pub async fn move_page(
 }
 
 /// How many owners with a cart on a shard of `ring`'s previous ring the ring still moves
-/// elsewhere (their old row not marked moved): what `check-config` asks the old shards before
-/// the `moving_from` marker may go. Read on this region's replicas.
+/// elsewhere (their old row not marked moved), and how many are ambiguous: what `check-config`
+/// asks the old shards before the `moving_from` marker may go. Read on this region's replicas.
 pub async fn count_unmoved(
     store: &Store,
     ring: &Ring,
     users: UserHomes,
-) -> Result<u64, StoreError> {
+) -> Result<(u64, u64), StoreError> {
     const PAGE: i64 = 1_000;
     let Some(previous) = ring.previous() else {
-        return Ok(0);
+        return Ok((0, 0));
     };
-    let mut left = 0;
+    let (mut left, mut ambiguous) = (0, 0);
     for shard in &previous.spec().shards {
         let mut cursor = String::new();
         loop {
             let owners = moves::unmoved_owners(store, &shard.id, &cursor, PAGE).await?;
-            left += owners
-                .iter()
-                .filter(|owner| target_on(ring, owner, &shard.id, users).is_some())
-                .count() as u64;
+            for owner in &owners {
+                match target_on(ring, owner, &shard.id, users) {
+                    Decision::Stays => {}
+                    Decision::Moves(..) => left += 1,
+                    Decision::Ambiguous => ambiguous += 1,
+                }
+            }
             match owners.last() {
                 Some(last) if owners.len() as i64 == PAGE => cursor = last.clone(),
                 _ => break,
             }
         }
     }
-    Ok(left)
+    Ok((left, ambiguous))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ids::{RegionId, ShardId};
+    use crate::domain::ring::{sample_owner_keys, RingSpec, ShardSpec};
+
+    fn spec(version: u32, shards: &[(&str, &str)]) -> RingSpec {
+        RingSpec {
+            version,
+            vnodes: 200,
+            moving_from: None,
+            shards: shards
+                .iter()
+                .map(|(id, home)| ShardSpec {
+                    id: ShardId::parse(id).unwrap(),
+                    home: RegionId::parse(home).unwrap(),
+                    weight: 1,
+                })
+                .collect(),
+        }
+    }
+
+    fn moving_ring(added: (&str, &str)) -> Ring {
+        let old = spec(1, &[("sg-1", "sg"), ("id-1", "id")]);
+        let mut new = spec(2, &[("sg-1", "sg"), ("id-1", "id"), added]);
+        new.moving_from = Some(1);
+        Ring::moving(new, Ring::new(old).unwrap()).unwrap()
+    }
+
+    fn users() -> impl Iterator<Item = String> {
+        sample_owner_keys(4_000)
+            .into_iter()
+            .filter(|k| k.starts_with("u:"))
+    }
+
+    #[test]
+    fn a_shard_added_in_the_carts_region_moves_its_users_whatever_their_token() {
+        // Both placements that put a cart on sg-1 share its virtual node, so a shard added in
+        // sg takes the cart under both or neither: nothing is ambiguous.
+        let ring = moving_ring(("sg-2", "sg"));
+        let mut moves = 0;
+        for key in users() {
+            let auto = target_on(&ring, &key, "sg-1", UserHomes::Auto);
+            assert_eq!(
+                auto,
+                target_on(&ring, &key, "sg-1", UserHomes::Claimed),
+                "{key}"
+            );
+            moves += usize::from(matches!(auto, Decision::Moves(_, "sg-2")));
+        }
+        assert!(moves > 300, "{moves}");
+    }
+
+    #[test]
+    fn a_shard_added_elsewhere_leaves_users_whose_token_decides_to_their_first_write() {
+        // id-2 takes global-ring owners from sg-1, never owners homed in sg: a user found on
+        // sg-1 whom both rings put there is undecided; one only the regional ring puts there
+        // stays.
+        let ring = moving_ring(("id-2", "id"));
+        let previous = ring.previous().unwrap();
+        let mut ambiguous = 0;
+        for key in users() {
+            let global = target_on(&ring, &key, "sg-1", UserHomes::Global);
+            match target_on(&ring, &key, "sg-1", UserHomes::Auto) {
+                Decision::Ambiguous => {
+                    ambiguous += 1;
+                    assert!(matches!(global, Decision::Moves(_, "id-2")), "{key}");
+                }
+                Decision::Stays => {
+                    assert!(
+                        previous.locate(&key).shard != "sg-1" || global == Decision::Stays,
+                        "{key}"
+                    );
+                }
+                Decision::Moves(..) => panic!("{key}: a claimed user would stay on sg-1"),
+            }
+            assert_eq!(
+                target_on(&ring, &key, "sg-1", UserHomes::Claimed),
+                Decision::Stays
+            );
+        }
+        assert!(ambiguous > 50, "{ambiguous}");
+    }
 }

@@ -346,7 +346,7 @@ async fn ring_move_moves_every_remaining_owner_and_then_finds_nothing_left() {
         let mut total = (0, 0);
         let mut cursor = String::new();
         for _ in 0..100 {
-            let page = move_page(app, "sg-1", &cursor, 7, 4, UserHomes::Global, act)
+            let page = move_page(app, "sg-1", &cursor, 7, 4, UserHomes::Auto, act)
                 .await
                 .unwrap();
             total.0 += page.moved;
@@ -481,7 +481,7 @@ async fn adding_a_shard_under_load_loses_no_acknowledged_write() {
                 let mut cursor = String::new();
                 let mut moved = 0;
                 loop {
-                    let page = move_page(app, "sg-1", &cursor, 25, 4, UserHomes::Global, true)
+                    let page = move_page(app, "sg-1", &cursor, 25, 4, UserHomes::Auto, true)
                         .await
                         .unwrap();
                     moved += page.moved;
