@@ -193,6 +193,10 @@ pub enum LocalCommand {
         /// Owners read (and moved) per page of the move.
         #[arg(long, default_value_t = 500)]
         batch: i64,
+        /// Roll the ring only; move later with `ring move --config <dir>/regions/<region>.toml`
+        /// (moving owners move on their first write meanwhile).
+        #[arg(long)]
+        no_move: bool,
     },
     /// Cut every link (edges and replication) between two regions of the running cluster.
     Partition {
@@ -386,11 +390,24 @@ pub async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::Local(LocalCommand::Down { dir }) => local::down(dir),
-        Command::Local(LocalCommand::AddShard { shard, dir, batch }) => {
+        Command::Local(LocalCommand::AddShard {
+            shard,
+            dir,
+            batch,
+            no_move,
+        }) => {
             let Some((id, home)) = shard.split_once('@') else {
                 bail!("{shard}: expected <shard id>@<region>");
             };
             let added = local::add_shard(dir, cli.defaults().as_deref(), id, home).await?;
+            if *no_move {
+                eprintln!(
+                    "cartedge: ring moving from version {}; run `cartedge --config {} ring move`",
+                    added.moving_from,
+                    added.home_file.display()
+                );
+                return Ok(());
+            }
             let mut config = Config::load(
                 &Sources::new(cli.defaults(), Some(added.home_file)),
                 std::env::vars(),

@@ -751,3 +751,154 @@ async fn during_a_ring_roll_both_sides_accept_each_others_forwarded_writes() {
         refused.body
     );
 }
+
+/// One HTTP request to a local cluster edge: (status, JSON body).
+async fn call(
+    url: &str,
+    method: &str,
+    bearer: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("authorization", format!("Bearer {bearer}"));
+    if body.is_some() {
+        request = request.header("content-type", "application/json");
+    }
+    let request = request
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.unwrap_or("").to_string(),
+        )))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// The issue's `cartedge local add-shard`: a shard added to sg of a running local cluster takes
+/// its share of the carts written before, every cart reads back the same in every region, and
+/// nothing is left to move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_add_shard_moves_the_carts_the_new_shard_takes_and_loses_none() {
+    use crate::helpers::{cli, local_up, LOCAL_TEST_PORTS};
+    let started = local_up("add-shard", LOCAL_TEST_PORTS, &[]);
+    let dir = started.cluster.dir.clone();
+    let sg_file = dir.join("regions/sg.toml");
+    let sg_file = sg_file.to_str().unwrap();
+    let token = |sub: &str| {
+        let output = cli(&["--config", sg_file, "token", "--sub", sub]);
+        assert!(output.status.success());
+        String::from_utf8(output.stdout).unwrap().trim().to_string()
+    };
+    let users: Vec<(String, String)> = (0..40)
+        .map(|n| {
+            let user = format!("shopper-{n}");
+            let bearer = token(&user);
+            (user, bearer)
+        })
+        .collect();
+    let sg_edge = format!("http://127.0.0.1:{}", started.edge_port);
+    let th_edge = format!("http://127.0.0.1:{}", started.edge_port + 2);
+    for (_, bearer) in &users {
+        let (status, body) = call(
+            &format!("{sg_edge}/api/v1/cart/items"),
+            "POST",
+            bearer,
+            Some(r#"{"item_id":"sku-00007","quantity":2}"#),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    let added = tokio::task::spawn_blocking({
+        let dir = started.dir.clone();
+        move || cli(&["local", "add-shard", "sg-2@sg", "--dir", &dir])
+    })
+    .await
+    .unwrap();
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(
+        added
+            .stdout
+            .trim_ascii_end()
+            .split(|b| *b == b'\n')
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["errors"], 0, "{report}");
+
+    let ring = cartedge::topology::load_ring(&dir.join("ring.toml")).unwrap();
+    assert_eq!(ring.spec().moving_from, Some(1));
+    let movers = users
+        .iter()
+        .filter(|(user, _)| {
+            ring.previous_placement(&format!("u:{user}"), None)
+                .is_some()
+        })
+        .count();
+    assert!(movers > 0);
+    // Tokens without a region claim: users found on id-1 or th-1 might also be homed there
+    // (then sg-2 takes nothing of theirs), so `--users auto` leaves them to their first write;
+    // this deployment knows its tokens.
+    let moved_first = report["moved"].as_u64().unwrap();
+    assert!(moved_first > 0, "{report}");
+    assert!(report["undecided_users"].as_u64().unwrap() > 0, "{report}");
+    let global = cli(&["--config", sg_file, "ring", "move", "--users", "global"]);
+    assert!(
+        global.status.success(),
+        "{}",
+        String::from_utf8_lossy(&global.stderr)
+    );
+    let second: serde_json::Value = serde_json::from_slice(&global.stdout).unwrap();
+    assert_eq!(
+        second["moved"].as_u64().unwrap() + moved_first,
+        movers as u64,
+        "{second}"
+    );
+    let cluster: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
+    let sg2 = cluster["regions"][0]["postgres"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["shards"][0] == "sg-2" && p["role"] == "primary")
+        .unwrap()["dsn"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (user, bearer) in &users {
+        let owner = format!("u:{user}");
+        let on_sg2 = query_opt_i64(
+            &sg2,
+            "SELECT version FROM carts WHERE owner = $1",
+            &[&owner],
+        )
+        .await;
+        let moves = ring.previous_placement(&owner, None).is_some();
+        assert_eq!(on_sg2.is_some(), moves, "{user}");
+        for edge in [&sg_edge, &th_edge] {
+            let (status, cart) = call(&format!("{edge}/api/v1/cart"), "GET", bearer, None).await;
+            assert_eq!(status, 200, "{cart}");
+            assert_eq!(cart["version"], 1, "{user} at {edge}: {cart}");
+            assert_eq!(cart["items"][0]["quantity"], 2, "{user} at {edge}: {cart}");
+        }
+    }
+    let status = cli(&[
+        "--config", sg_file, "ring", "move", "--status", "--users", "global",
+    ]);
+    let left: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(left["left_to_move_here"], 0, "{left}");
+}
