@@ -833,8 +833,8 @@ async fn local_add_shard_moves_the_carts_the_new_shard_takes_and_loses_none() {
         added
             .stdout
             .trim_ascii_end()
-            .split(|b| *b == b'\n')
-            .last()
+            .rsplit(|b| *b == b'\n')
+            .next()
             .unwrap(),
     )
     .unwrap();
