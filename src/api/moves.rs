@@ -93,10 +93,14 @@ pub async fn ensure_moved(
     })
 }
 
-/// Moves a placed owner's cart to its shard if the ring is moving it (a no-op otherwise).
+/// Moves a placed owner's cart to its shard if the ring is moving it (a no-op otherwise, and
+/// when the new shard already holds the cart: the write after a move costs one primary read,
+/// not a round of steps on the old shard, which may be another region's).
 pub async fn settle_placed(app: &App, placed: &Placed<'_>) -> Result<(), ApiError> {
     if let Some(from) = placed.moving_from {
-        ensure_moved(app, &placed.key, from, placed.shard).await?;
+        if !moves::holds_cart(&app.store, placed.shard, placed.key.as_str()).await? {
+            ensure_moved(app, &placed.key, from, placed.shard).await?;
+        }
     }
     Ok(())
 }

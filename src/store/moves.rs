@@ -242,6 +242,19 @@ pub async fn locate(
     }
 }
 
+/// Whether `owner` has a cart row on `shard` that is the cart (not a moved pointer), read on
+/// the primary: a write of a moving owner whose cart is already there skips the move's steps
+/// (a copy whose mark was lost is finished by `ring move`, which finds the old row unmarked).
+pub async fn holds_cart(store: &Store, shard: &str, owner: &str) -> Result<bool, StoreError> {
+    let client = store.db_write(shard).await?;
+    let present = client
+        .prepare_cached(
+            "SELECT 1 FROM carts WHERE owner = $1 AND (to_jsonb(carts) ->> 'moved_at') IS NULL",
+        )
+        .await?;
+    Ok(client.query_opt(&present, &[&owner]).await?.is_some())
+}
+
 /// One page of owners with a cart row on `shard` not marked moved, after `after` in owner
 /// order (the `ring move` scan): on the primary where the shard is homed here, else on this
 /// region's replica (each move's freeze then reads the primary).

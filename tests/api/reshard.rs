@@ -318,14 +318,26 @@ async fn a_move_stopped_after_any_step_converges_on_the_next_write() {
         .await;
     assert_eq!((read.version(), read.quantity_of("sku-00010")), (1, 3));
 
-    // The next write of each finishes the move and applies once.
+    // The next write of each applies once on the new shard: the frozen one's write finishes
+    // its move; the copied one's finds its cart there and leaves the old row to `ring move`.
     for user in [frozen_only, copied_too] {
         let write = add(&cluster.new, user, "sku-00010", 1, "after-crash").await;
         assert_eq!(write.status, 200, "{:?}", write.body);
         assert_eq!((write.version(), write.quantity_of("sku-00010")), (2, 4));
+        assert_eq!(cluster.row_version(&cluster.sg2, user).await, Some(2));
+    }
+    assert!(cluster.moved(frozen_only).await);
+    assert!(!cluster.moved(copied_too).await, "frozen, not marked yet");
+    let page = move_page(&cluster.new.app, "sg-1", "", 100, 1, UserHomes::Auto, true)
+        .await
+        .unwrap();
+    assert_eq!((page.moved, page.errors), (1, 0));
+    for user in [frozen_only, copied_too] {
         assert!(cluster.moved(user).await);
         assert_eq!(cluster.lines(&cluster.sg1, user).await, 0);
         assert_eq!(cluster.row_version(&cluster.sg2, user).await, Some(2));
+        let read = cluster.new.user(user, "GET", "/api/v1/cart", None).await;
+        assert_eq!((read.version(), read.quantity_of("sku-00010")), (2, 4));
     }
     // A mark replayed after it ran changes nothing.
     assert!(!steps::mark(store, "sg-1", &owner, "sg-2").await.unwrap());
