@@ -68,6 +68,8 @@ pub async fn ensure_moved(
         Freeze::Moved { .. } => return Ok(Moved::Before),
         Freeze::Frozen { snapshot } => snapshot,
     };
+    let mut snapshot = snapshot;
+    reprice(app, &mut snapshot).await?;
     let copied = moves::copy(&app.store, to_shard, &snapshot).await?;
     if app.store.is_home(from.shard) {
         moves::mark(&app.store, from.shard, owner.as_str(), to_shard).await?;
@@ -91,6 +93,44 @@ pub async fn ensure_moved(
         Copied::Now => Moved::Now,
         Copied::Before => Moved::Before,
     })
+}
+
+/// A cart moving to a shard homed in a region with another currency (an owner on the global
+/// ring whose home changes with its shard) is priced from this, its new home region's,
+/// catalog, as a merge re-prices a guest cart: a cart is always in its home region's currency.
+/// A line this catalog does not sell in that currency is dropped (logged). The version is kept.
+async fn reprice(app: &App, snapshot: &mut moves::Snapshot) -> Result<(), ApiError> {
+    let currency = app.config.region.currency;
+    if snapshot.cart.get("currency").and_then(|c| c.as_str()) == Some(currency.as_str()) {
+        return Ok(());
+    }
+    let lines = snapshot.items.as_array().cloned().unwrap_or_default();
+    let ids: Vec<&str> = lines
+        .iter()
+        .filter_map(|line| line.get("item_id")?.as_str())
+        .collect();
+    let catalog = app.store.own_catalog().get_fresh_many(&ids).await?;
+    let mut priced = Vec::with_capacity(lines.len());
+    for mut line in lines {
+        let item = line
+            .get("item_id")
+            .and_then(|i| i.as_str())
+            .unwrap_or_default();
+        let Some(price) = catalog.get(item).and_then(|entry| entry.price_in(currency)) else {
+            tracing::warn!(owner = %snapshot.owner, item, %currency, "line not sold in the cart's new home; left out of the move");
+            continue;
+        };
+        if let Some(fields) = line.as_object_mut() {
+            fields.insert("unit_price_minor".into(), price.amount_minor.into());
+            fields.insert("currency".into(), currency.as_str().into());
+        }
+        priced.push(line);
+    }
+    snapshot.items = serde_json::Value::Array(priced);
+    if let Some(fields) = snapshot.cart.as_object_mut() {
+        fields.insert("currency".into(), currency.as_str().into());
+    }
+    Ok(())
 }
 
 /// Moves a placed owner's cart to its shard if the ring is moving it (a no-op otherwise, and

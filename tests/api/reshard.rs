@@ -652,16 +652,33 @@ async fn a_cart_moving_to_another_region_moves_through_the_old_shards_home_edge(
     )
     .await;
     assert_eq!(marked, Some(1), "sg's edge marked the old row moved");
+    // Its new home prices it: the cart is in th's currency from th's catalog, so adds work.
+    assert_eq!(removed.json()["currency"], "THB");
+    let added = regions
+        .send(
+            &regions.sg,
+            "POST",
+            "/api/v1/cart/items",
+            &[
+                ("authorization", format!("Bearer {token}")),
+                ("idempotency-key", "add-abroad".to_string()),
+            ],
+            Some(r#"{"item_id":"sku-00003","quantity":1}"#),
+        )
+        .await;
+    assert_eq!(added.status, 200, "{:?}", added.body);
+    assert_eq!(added.version(), 5);
 
-    // Both regions read the moved cart (sg through its replica of th-2, at least version 4).
+    // Both regions read the moved cart (sg through its replica of th-2, at least version 5).
     let deadline = Instant::now() + Duration::from_secs(10);
     for edge in [&regions.th, &regions.sg] {
         loop {
-            let read = regions.get(edge, &user, Some(4)).await;
+            let read = regions.get(edge, &user, Some(5)).await;
             assert_eq!(read.status, 200, "{:?}", read.body);
-            if read.version() == 4 {
+            if read.version() == 5 {
                 assert_eq!(read.quantity_of("sku-00001"), 2);
                 assert_eq!(read.quantity_of("sku-00002"), 0);
+                assert_eq!(read.quantity_of("sku-00003"), 1);
                 break;
             }
             assert!(
