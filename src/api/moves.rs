@@ -69,8 +69,15 @@ pub async fn ensure_moved(
         Freeze::Frozen { snapshot } => snapshot,
     };
     let mut snapshot = snapshot;
-    reprice(app, &mut snapshot).await?;
+    let repriced = reprice(app, &mut snapshot).await?;
     let copied = moves::copy(&app.store, to_shard, &snapshot).await?;
+    if repriced && copied == Copied::Now {
+        // The copy is a new state of the cart (one version up): caches holding the old one
+        // are fenced here and in the other regions, as after any write.
+        let cart = app.store.load_from_primary(to_shard, owner).await?;
+        app.store.cache.store_committed(&cart).await;
+        app.invalidate_elsewhere(owner, cart.version);
+    }
     if app.store.is_home(from.shard) {
         moves::mark(&app.store, from.shard, owner.as_str(), to_shard).await?;
     } else {
@@ -98,11 +105,13 @@ pub async fn ensure_moved(
 /// A cart moving to a shard homed in a region with another currency (an owner on the global
 /// ring whose home changes with its shard) is priced from this, its new home region's,
 /// catalog, as a merge re-prices a guest cart: a cart is always in its home region's currency.
-/// A line this catalog does not sell in that currency is dropped (logged). The version is kept.
-async fn reprice(app: &App, snapshot: &mut moves::Snapshot) -> Result<(), ApiError> {
+/// A line this catalog does not sell in that currency is dropped (logged). The copy is then
+/// another cart than the frozen one, so it takes the next version: caches and clients that saw
+/// the frozen version see it change. Returns whether the cart was re-priced.
+async fn reprice(app: &App, snapshot: &mut moves::Snapshot) -> Result<bool, ApiError> {
     let currency = app.config.region.currency;
     if snapshot.cart.get("currency").and_then(|c| c.as_str()) == Some(currency.as_str()) {
-        return Ok(());
+        return Ok(false);
     }
     let lines = snapshot.items.as_array().cloned().unwrap_or_default();
     let ids: Vec<&str> = lines
@@ -129,8 +138,9 @@ async fn reprice(app: &App, snapshot: &mut moves::Snapshot) -> Result<(), ApiErr
     snapshot.items = serde_json::Value::Array(priced);
     if let Some(fields) = snapshot.cart.as_object_mut() {
         fields.insert("currency".into(), currency.as_str().into());
+        fields.insert("version".into(), (snapshot.version + 1).into());
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Moves a placed owner's cart to its shard if the ring is moving it (a no-op otherwise, and

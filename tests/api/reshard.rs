@@ -586,15 +586,13 @@ async fn a_cart_moving_to_another_region_moves_through_the_old_shards_home_edge(
     use crate::regions::{TwoRegions, TH2_DATABASE};
     let regions = TwoRegions::start_moving("2s").await;
     let ring = &regions.th.app.topology.ring;
-    let user = (0..10_000)
-        .map(|n| format!("abroad-{n}"))
-        .find(|user| {
-            let key = format!("u:{user}");
-            ring.previous_placement(&key, None)
-                .is_some_and(|before| before.shard == "sg-1")
-                && ring.locate(&key).shard == "th-2"
-        })
-        .unwrap();
+    let mut movers = (0..10_000).map(|n| format!("abroad-{n}")).filter(|user| {
+        let key = format!("u:{user}");
+        ring.previous_placement(&key, None)
+            .is_some_and(|before| before.shard == "sg-1")
+            && ring.locate(&key).shard == "th-2"
+    });
+    let (user, quiet) = (movers.next().unwrap(), movers.next().unwrap());
     let owner = format!("u:{user}");
     // The cart as ring 1 left it on sg-1: version 3, two lines.
     let sg1 = regions.sg_primary.dsn("cartedge");
@@ -605,6 +603,16 @@ async fn a_cart_moving_to_another_region_moves_through_the_old_shards_home_edge(
              INSERT INTO cart_items (owner, line_id, item_id, quantity, unit_price_minor, currency) \
              VALUES ('{owner}', 'sku-00001', 'sku-00001', 2, 500, 'SGD'), \
                     ('{owner}', 'sku-00002', 'sku-00002', 1, 700, 'SGD');"
+        ),
+    )
+    .await;
+    crate::helpers::execute(
+        &sg1,
+        &format!(
+            "INSERT INTO carts (owner, currency, version) VALUES ('u:{quiet}', 'SGD', 3); \
+             INSERT INTO cart_items (owner, line_id, item_id, quantity, unit_price_minor, currency) \
+             VALUES ('u:{quiet}', 'sku-00001', 'sku-00001', 2, 500, 'SGD'), \
+                    ('u:{quiet}', 'sku-00002', 'sku-00002', 1, 700, 'SGD');"
         ),
     )
     .await;
@@ -631,8 +639,8 @@ async fn a_cart_moving_to_another_region_moves_through_the_old_shards_home_edge(
     assert_eq!(removed.header("cart-home-region"), Some("th"));
     assert_eq!(
         removed.version(),
-        4,
-        "the copy kept version 3; the write made 4"
+        5,
+        "the copy re-priced version 3 into THB as version 4; the write made 5"
     );
     assert_eq!(removed.quantity_of("sku-00001"), 2);
     assert_eq!(removed.quantity_of("sku-00002"), 0);
@@ -643,7 +651,7 @@ async fn a_cart_moving_to_another_region_moves_through_the_old_shards_home_edge(
         &[&owner],
     )
     .await;
-    assert_eq!(on_th2, Some(4));
+    assert_eq!(on_th2, Some(5));
     let marked = query_opt_i64(
         &sg1,
         "SELECT count(*) FROM carts WHERE owner = $1 AND moved_at IS NOT NULL \
@@ -667,15 +675,15 @@ async fn a_cart_moving_to_another_region_moves_through_the_old_shards_home_edge(
         )
         .await;
     assert_eq!(added.status, 200, "{:?}", added.body);
-    assert_eq!(added.version(), 5);
+    assert_eq!(added.version(), 6);
 
-    // Both regions read the moved cart (sg through its replica of th-2, at least version 5).
+    // Both regions read the moved cart (sg through its replica of th-2, at least version 6).
     let deadline = Instant::now() + Duration::from_secs(10);
     for edge in [&regions.th, &regions.sg] {
         loop {
-            let read = regions.get(edge, &user, Some(5)).await;
+            let read = regions.get(edge, &user, Some(6)).await;
             assert_eq!(read.status, 200, "{:?}", read.body);
-            if read.version() == 5 {
+            if read.version() == 6 {
                 assert_eq!(read.quantity_of("sku-00001"), 2);
                 assert_eq!(read.quantity_of("sku-00002"), 0);
                 assert_eq!(read.quantity_of("sku-00003"), 1);
@@ -688,6 +696,33 @@ async fn a_cart_moving_to_another_region_moves_through_the_old_shards_home_edge(
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    // A cart moved by `ring move` (no write): sg had cached it at version 3 in SGD; the
+    // re-priced copy is version 4 in THB and sg's cache is fenced, so sg never serves the old
+    // prices as the current cart.
+    let cached = regions.get(&regions.sg, &quiet, None).await;
+    assert_eq!(
+        (cached.version(), cached.json()["currency"].as_str()),
+        (3, Some("SGD"))
+    );
+    let page = move_page(&regions.th.app, "sg-1", "", 100, 2, UserHomes::Global, true)
+        .await
+        .unwrap();
+    assert_eq!(page.errors, 0);
+    assert!(page.moved >= 1, "{page:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = regions.get(&regions.sg, &quiet, None).await;
+        assert_eq!(read.status, 200, "{:?}", read.body);
+        if read.version() == 4 {
+            assert_eq!(read.json()["currency"], "THB");
+            assert_eq!(read.quantity_of("sku-00002"), 1);
+            break;
+        }
+        assert_eq!(read.version(), 3, "{:?}", read.body);
+        assert!(Instant::now() < deadline, "sg kept serving version 3");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
