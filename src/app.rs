@@ -187,6 +187,10 @@ impl App {
                 connect_timeout: config.forward.connect_timeout.0,
                 breaker_failures: config.forward.breaker_failures,
                 breaker_cooldown: config.forward.breaker_cooldown.0,
+                ring_moving_from: topology
+                    .ring
+                    .previous()
+                    .and_then(|previous| http::HeaderValue::from_str(previous.fingerprint()).ok()),
             };
             let forwarder = Arc::new(Forwarder::new(
                 peers,

@@ -91,16 +91,37 @@ pub enum RingCommand {
         #[arg(long, default_value = "config/ring.toml")]
         ring: PathBuf,
     },
-    /// Count how many owners adding shards would move (over a deterministic sample of keys).
+    /// Count how many owners adding shards would move (over a deterministic sample of keys);
+    /// without `--add-shard`, a moving ring's move under way (previous ring -> this one).
     Plan {
         /// `<shard id>@<home region>[:<weight>]`, repeatable.
-        #[arg(long = "add-shard", required = true)]
+        #[arg(long = "add-shard")]
         add_shard: Vec<String>,
         #[arg(long, default_value = "config/ring.toml")]
         ring: PathBuf,
         /// Sample size.
         #[arg(long, default_value_t = 100_000)]
         owners: usize,
+    },
+    /// While the ring moves (`moving_from`): move the carts the ring places on a shard homed in
+    /// this region (`--config`) from the shards of the previous ring, a page at a time, with a
+    /// progress line per page. Safe to stop and rerun; run it in every region that homes a
+    /// shard owners move to.
+    Move {
+        /// Owners read per page (and the most moved per page).
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+        /// Moves in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Only report what is left to move (nothing is moved).
+        #[arg(long)]
+        status: bool,
+        /// How a user found on a shard is placed: `auto` (by the shard it was found on; owners
+        /// that leaves undecided move on their first write), `claimed` (tokens carry a region
+        /// claim: homed in that shard's region) or `global` (tokens carry none).
+        #[arg(long, default_value = "auto")]
+        users: String,
     },
 }
 
@@ -160,6 +181,22 @@ pub enum LocalCommand {
     Down {
         #[arg(long, default_value = local::DEFAULT_DIR)]
         dir: PathBuf,
+    },
+    /// Add a shard to a region of the running cluster: its primary there, replicas elsewhere,
+    /// the ring moving to a version with it rolled to every edge (each restarted in turn),
+    /// then the carts it takes moved (`ring move`, owners on the global ring). Not with `--ha`.
+    AddShard {
+        /// `<shard id>@<region>`.
+        shard: String,
+        #[arg(long, default_value = local::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Owners read (and moved) per page of the move.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+        /// Roll the ring only; move later with `ring move --config <dir>/regions/<region>.toml`
+        /// (moving owners move on their first write meanwhile).
+        #[arg(long)]
+        no_move: bool,
     },
     /// Cut every link (edges and replication) between two regions of the running cluster.
     Partition {
@@ -264,6 +301,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::CheckConfig => {
             let config = cli.load_config()?;
             let topology = cartedge::preflight::check(&config)?;
+            refuse_unfinished_move(&config, &topology.ring).await?;
             print!("{}", config.redacted_toml());
             let spec = topology.ring.spec();
             println!(
@@ -352,6 +390,44 @@ pub async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::Local(LocalCommand::Down { dir }) => local::down(dir),
+        Command::Local(LocalCommand::AddShard {
+            shard,
+            dir,
+            batch,
+            no_move,
+        }) => {
+            let Some((id, home)) = shard.split_once('@') else {
+                bail!("{shard}: expected <shard id>@<region>");
+            };
+            let added = local::add_shard(dir, cli.defaults().as_deref(), id, home).await?;
+            if *no_move {
+                eprintln!(
+                    "cartedge: ring moving from version {}; run `cartedge --config {} ring move`",
+                    added.moving_from,
+                    added.home_file.display()
+                );
+                return Ok(());
+            }
+            let mut config = Config::load(
+                &Sources::new(cli.defaults(), Some(added.home_file)),
+                std::env::vars(),
+            )?;
+            config.janitor.enabled = false;
+            config.events.relay = false;
+            let app = App::new(config)?;
+            eprintln!(
+                "cartedge: ring moving from version {}; moving the carts {id} takes…",
+                added.moving_from
+            );
+            ring_move(
+                &app,
+                (*batch).clamp(1, 10_000),
+                8,
+                false,
+                cartedge::api::moves::UserHomes::Auto,
+            )
+            .await
+        }
         Command::Local(LocalCommand::Status { dir }) => local::status(dir).await,
         Command::Local(LocalCommand::Partition { a, b, dir }) => {
             local::steer(dir, "partition", a, b).await
@@ -387,21 +463,69 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("shard={} home={}", placement.shard, placement.home);
             Ok(())
         }
+        Command::Ring(RingCommand::Move {
+            batch,
+            concurrency,
+            status,
+            users,
+        }) => {
+            let users = cartedge::api::moves::UserHomes::parse(users)
+                .with_context(|| format!("--users {users}: expected auto, claimed or global"))?;
+            let mut config = cli.load_config()?;
+            // This process moves carts and runs nothing in the background.
+            config.janitor.enabled = false;
+            config.events.relay = false;
+            let app = App::new(config)?;
+            ring_move(
+                &app,
+                (*batch).clamp(1, 10_000),
+                *concurrency,
+                *status,
+                users,
+            )
+            .await
+        }
         Command::Ring(RingCommand::Plan {
             add_shard,
             ring,
             owners,
         }) => {
-            let before = load_ring(ring)?;
-            let mut spec = before.spec().clone();
-            for added in add_shard {
-                spec.shards.push(parse_shard(added)?);
-            }
-            let after = Ring::new(spec).map_err(|e| anyhow::anyhow!("the new ring: {e}"))?;
+            let loaded = load_ring(ring)?;
+            // A moving ring with no shard to add: the plan of the move under way.
+            let (before, after) = match (loaded.previous(), add_shard.is_empty()) {
+                (Some(_), false) => bail!(
+                    "{} is moving from version {}: finish that move (cartedge ring move) first",
+                    ring.display(),
+                    loaded.spec().moving_from.unwrap_or_default()
+                ),
+                (Some(previous), true) => {
+                    let previous = Ring::new(previous.spec().clone())
+                        .map_err(|e| anyhow::anyhow!("the previous ring: {e}"))?;
+                    (previous, loaded)
+                }
+                (None, true) => bail!(
+                    "{} is not moving: name the shards to add with --add-shard",
+                    ring.display()
+                ),
+                (None, false) => {
+                    let mut spec = loaded.spec().clone();
+                    for added in add_shard {
+                        spec.shards.push(parse_shard(added)?);
+                    }
+                    let after =
+                        Ring::new(spec).map_err(|e| anyhow::anyhow!("the new ring: {e}"))?;
+                    (loaded, after)
+                }
+            };
             let keys = sample_owner_keys(*owners);
             let plan = plan_moves(&before, &after, keys.iter().map(String::as_str));
+            let verb = if after.previous().is_some() {
+                "move"
+            } else {
+                "would move"
+            };
             println!(
-                "ring {} -> {}: {} of {} sampled owners would move ({:.1}%)",
+                "ring {} -> {}: {} of {} sampled owners {verb} ({:.1}%)",
                 before.fingerprint(),
                 after.fingerprint(),
                 plan.moved,
@@ -414,6 +538,151 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Refuses a settled ring while a ring it moved from is still kept beside it
+/// (`<stem>.v<N>.toml`, N below its version) and owners the move concerns have carts on that
+/// ring's shards not marked moved: removing `moving_from` then would hide their carts. Asks the
+/// old shards (this region's replicas of them).
+async fn refuse_unfinished_move(config: &Config, ring: &Ring) -> Result<()> {
+    let path = &config.topology.ring_file;
+    if ring.previous().is_some() {
+        return Ok(());
+    }
+    let version = ring.spec().version;
+    let Some(from) = (1..version)
+        .rev()
+        .find(|n| cartedge::topology::previous_ring_path(path, *n).exists())
+    else {
+        return Ok(());
+    };
+    let previous =
+        cartedge::topology::load_ring(&cartedge::topology::previous_ring_path(path, from))?;
+    let mut spec = ring.spec().clone();
+    spec.moving_from = Some(from);
+    let moving = Ring::moving(spec, previous)
+        .map_err(|e| anyhow::anyhow!("{}: as a move from version {from}: {e}", path.display()))?;
+    let metrics = cartedge::metrics::Metrics::new(cartedge::metrics::BuildLabels {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        region: config.region.id.to_string(),
+        ring_version: version.to_string(),
+    });
+    let store = cartedge::store::Store::new(config, &metrics)?;
+    let users = if config.auth.require_region_claim {
+        cartedge::api::moves::UserHomes::Claimed
+    } else {
+        cartedge::api::moves::UserHomes::Auto
+    };
+    let (left, ambiguous) = cartedge::api::moves::count_unmoved(&store, &moving, users)
+        .await
+        .with_context(|| {
+            format!("asking the shards of ring version {from} what is left to move")
+        })?;
+    if ambiguous > 0 {
+        eprintln!(
+            "warning: {ambiguous} users on the shards of version {from} were not moved and their \
+             placement depends on their tokens' region claim; those whose token moves them lose \
+             sight of their cart once moving_from is gone (run `cartedge ring move --users \
+             claimed|global` first if the deployment knows)"
+        );
+    }
+    if left > 0 {
+        bail!(
+            "{}: moving_from = {from} was removed but {left} owners still have carts to move \
+             from the shards of version {from}: put the marker back and run `cartedge ring move`",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `cartedge ring move`: every shard of the previous ring, page by page.
+async fn ring_move(
+    app: &App,
+    batch: i64,
+    concurrency: usize,
+    status_only: bool,
+    users: cartedge::api::moves::UserHomes,
+) -> Result<()> {
+    use cartedge::api::moves::move_page;
+    let Some(previous) = app.topology.ring.previous() else {
+        bail!("the ring is not moving (no moving_from): nothing to move");
+    };
+    let mut shards: Vec<String> = previous
+        .spec()
+        .shards
+        .iter()
+        .map(|s| s.id.to_string())
+        .collect();
+    shards.sort();
+    // First count what is left, so the progress line has a total.
+    let (mut left, mut elsewhere, mut ambiguous) = (0u64, 0u64, 0u64);
+    for shard in &shards {
+        let mut cursor = String::new();
+        loop {
+            let page = move_page(app, shard, &cursor, batch, 1, users, false)
+                .await
+                .map_err(|e| anyhow::anyhow!("reading shard {shard}: {e}"))?;
+            left += page.moved;
+            elsewhere += page.elsewhere;
+            ambiguous += page.ambiguous;
+            match page.next {
+                Some(next) => cursor = next,
+                None => break,
+            }
+        }
+    }
+    let region = &app.config.region.id;
+    if status_only {
+        println!(
+            "{}",
+            serde_json::json!({
+                "region": region.as_str(),
+                "left_to_move_here": left,
+                "left_to_move_elsewhere": elsewhere,
+                "undecided_users": ambiguous,
+            })
+        );
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let (mut moved, mut errors) = (0u64, 0u64);
+    for shard in &shards {
+        let mut cursor = String::new();
+        loop {
+            let page = move_page(app, shard, &cursor, batch, concurrency, users, true)
+                .await
+                .map_err(|e| anyhow::anyhow!("moving from shard {shard}: {e}"))?;
+            moved += page.moved;
+            errors += page.errors;
+            let seconds = started.elapsed().as_secs_f64().max(0.001);
+            eprintln!(
+                "ring move {region}: {moved}/{left} owners moved ({:.1}/s), {errors} errors, from {shard}",
+                moved as f64 / seconds
+            );
+            match page.next {
+                Some(next) => cursor = next,
+                None => break,
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "region": region.as_str(),
+            "moved": moved,
+            "errors": errors,
+            "left_to_move_elsewhere": elsewhere,
+            "undecided_users": ambiguous,
+            "seconds": seconds,
+            "owners_per_second": moved as f64 / seconds.max(0.001),
+        })
+    );
+    if errors > 0 {
+        bail!("{errors} moves failed; run `cartedge ring move` again to retry them");
+    }
+    Ok(())
 }
 
 /// Reads and validates a ring file.

@@ -551,6 +551,8 @@ pub struct EdgeMetrics {
     pub min_version_beyond_cart: Counter,
     pub health_probes: Counter,
     pub idempotent_replays: Counter,
+    /// Carts this edge moved to the shard the ring now places them on (`api::moves`).
+    pub carts_moved: Counter,
     /// Mirrors the log writer's process-wide count (see [`EdgeMetrics::mirror_dropped_lines`]).
     log_lines_dropped: Counter,
 }
@@ -577,6 +579,11 @@ impl EdgeMetrics {
             "idempotent_replays",
             "Writes answered with the stored answer of an earlier request with the same Idempotency-Key",
             metrics.idempotent_replays.clone(),
+        );
+        registry.register(
+            "carts_moved",
+            "Carts moved from the shard of the previous ring to the shard of the current one",
+            metrics.carts_moved.clone(),
         );
         registry.register(
             "log_lines_dropped",

@@ -74,17 +74,37 @@ struct ShardPart {
     replica: Option<String>,
 }
 
-/// Reads and validates a ring file.
+/// Reads and validates a ring file. A ring with `moving_from = N` also reads the ring it moves
+/// from, kept beside it as `<stem>.v<N>.toml` (`config/ring.v1.toml` for `config/ring.toml`).
 pub fn load_ring(path: &Path) -> Result<Ring, ConfigError> {
+    let spec = read_ring_spec(path)?;
+    let invalid = |path: &Path, e: crate::domain::ring::RingError| {
+        ConfigError::Invalid(vec![format!("{}: {e}", path.display())])
+    };
+    let Some(from) = spec.moving_from else {
+        return Ring::new(spec).map_err(|e| invalid(path, e));
+    };
+    let previous_path = previous_ring_path(path, from);
+    let previous_spec = read_ring_spec(&previous_path)?;
+    let previous = Ring::new(previous_spec).map_err(|e| invalid(&previous_path, e))?;
+    Ring::moving(spec, previous).map_err(|e| invalid(path, e))
+}
+
+/// Where the ring of version `version` is kept while the ring at `path` moves from it.
+pub fn previous_ring_path(path: &Path, version: u32) -> std::path::PathBuf {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("ring");
+    path.with_file_name(format!("{stem}.v{version}.toml"))
+}
+
+fn read_ring_spec(path: &Path) -> Result<RingSpec, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    let spec: RingSpec = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.display().to_string(),
         message: e.to_string(),
-    })?;
-    Ring::new(spec).map_err(|e| ConfigError::Invalid(vec![format!("{}: {e}", path.display())]))
+    })
 }
 
 /// Problems of one region's shard list against the ring.
@@ -245,6 +265,7 @@ mod tests {
         Ring::new(RingSpec {
             version: 1,
             vnodes: 200,
+            moving_from: None,
             shards: vec![
                 ShardSpec {
                     id: ShardId::parse("a-1").unwrap(),

@@ -91,7 +91,9 @@ pub async fn view(
         Owner::User(_) => None,
     };
     // The common read: this edge holds the cart in memory, fresh enough, with nothing to add.
-    if parked.is_none() && lag_warning(app, placed.shard).is_none() {
+    // (A cart the ring is moving takes the moves path below.)
+    if parked.is_none() && placed.moving_from.is_none() && lag_warning(app, placed.shard).is_none()
+    {
         if let Some(entry) = app.store.near_cart(&placed.key, read.min_version) {
             let version = entry.cart.version;
             if read.if_none_match.matches(version) {
@@ -101,10 +103,14 @@ pub async fn view(
             return Ok(response::cart(app, body, version, Source::Cache, session));
         }
     }
-    let (mut cart, mut source, min_version) = app
-        .store
-        .load_cart(placed.shard, &placed.key, read.min_version)
-        .await?;
+    let (mut cart, mut source, min_version) = match placed.moving_from {
+        None => {
+            app.store
+                .load_cart(placed.shard, &placed.key, read.min_version)
+                .await?
+        }
+        Some(from) => Box::pin(super::moves::load(app, placed, from, read.min_version)).await?,
+    };
     let mut warnings = Vec::new();
     if cart.version < min_version && app.store.is_home(placed.shard) {
         // Below the minimum even on the home primary (`load_cart` read it): the client names a
@@ -294,6 +300,8 @@ pub async fn write(
         _ => None,
     };
 
+    // A cart the ring is moving is moved before the write applies on its new shard.
+    super::moves::settle_placed(app, &placed).await?;
     let mut tx = app.store.begin_write(placed.shard).await?;
     // The key is claimed and its answer recorded under the owner the client named, even when
     // the write goes to a successor cart: a retry replays the same answer.
@@ -309,6 +317,8 @@ pub async fn write(
         placed = Placed {
             key: Owner::Guest(successor.clone()).key(),
             owner: Owner::Guest(successor.clone()),
+            // A new session has no cart anywhere to move.
+            moving_from: None,
             ..placed
         };
         new_session = Some(successor);

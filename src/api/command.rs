@@ -55,6 +55,9 @@ pub struct Placed<'a> {
     pub key: OwnerKey,
     pub shard: &'a str,
     pub home: &'a str,
+    /// Where the previous ring placed the owner, while the ring is moving it to `shard`
+    /// (`api::moves`); None when settled or not moving this owner.
+    pub moving_from: Option<Placement<'a>>,
 }
 
 impl<'a> Placed<'a> {
@@ -64,28 +67,49 @@ impl<'a> Placed<'a> {
     /// claim naming a region that homes no shard is not a credential this deployment issued.
     fn new(app: &'a App, owner: Owner, claim: Option<&RegionId>) -> Result<Placed<'a>, ApiError> {
         let key = owner.key();
-        let placement = match &owner {
+        let ring = &app.topology.ring;
+        let (placement, home) = match &owner {
             Owner::User(_) => {
                 if claim.is_none() && app.auth.load().require_region_claim() {
                     return Err(ApiError::Unauthenticated(
                         "the bearer token must name the user's home region (region claim)",
                     ));
                 }
-                app.topology
-                    .ring
-                    .place(key.as_str(), claim.map(|r| r.as_str()))
-                    .ok_or(ApiError::Unauthenticated(
-                        "the token's region claim names no region of this deployment",
-                    ))?
+                let home = claim.map(|r| r.as_str().to_string());
+                let placement =
+                    ring.place(key.as_str(), home.as_deref())
+                        .ok_or(ApiError::Unauthenticated(
+                            "the token's region claim names no region of this deployment",
+                        ))?;
+                (placement, home)
             }
-            Owner::Guest(_) => guest_placement(app, &key)?,
+            Owner::Guest(_) => (guest_placement(app, &key)?, guest_home(&key)),
         };
         Ok(Placed {
+            moving_from: ring.previous_placement(key.as_str(), home.as_deref()),
             owner,
             key,
             shard: placement.shard,
             home: placement.home,
         })
+    }
+
+    /// Places an owner whose placement is already known (`placement`, decided with home region
+    /// `home`): adds where the previous ring had it, while the ring is moving it.
+    pub fn known(
+        app: &'a App,
+        owner: Owner,
+        key: OwnerKey,
+        placement: Placement<'a>,
+        home: Option<&str>,
+    ) -> Placed<'a> {
+        Placed {
+            moving_from: app.topology.ring.previous_placement(key.as_str(), home),
+            owner,
+            key,
+            shard: placement.shard,
+            home: placement.home,
+        }
     }
 
     /// The currency of the cart's home region: a cart is priced there, whichever edge the
@@ -103,14 +127,26 @@ impl<'a> Placed<'a> {
 /// session id, else on the global ring. The id was verified where the request entered; a key
 /// naming a region that homes no shard is refused as an invalid session.
 pub fn guest_placement<'a>(app: &'a App, guest: &OwnerKey) -> Result<Placement<'a>, ApiError> {
-    let home = guest
-        .as_str()
-        .strip_prefix("g:")
-        .and_then(crate::auth::session_home);
     app.topology
         .ring
-        .place(guest.as_str(), home.as_deref())
+        .place(guest.as_str(), guest_home(guest).as_deref())
         .ok_or(ApiError::InvalidSession)
+}
+
+/// The home region bound into a guest's session id (v3), None for earlier ids.
+pub fn guest_home(guest: &OwnerKey) -> Option<String> {
+    guest
+        .as_str()
+        .strip_prefix("g:")
+        .and_then(crate::auth::session_home)
+        .map(|home| home.to_string())
+}
+
+/// Where the previous ring placed a guest, while the ring is moving its cart.
+pub fn guest_moving_from<'a>(app: &'a App, guest: &OwnerKey) -> Option<Placement<'a>> {
+    app.topology
+        .ring
+        .previous_placement(guest.as_str(), guest_home(guest).as_deref())
 }
 
 pub enum Operation<'a> {
@@ -247,7 +283,8 @@ pub async fn read<'a>(
         | Handler::MergeSettle
         | Handler::ParkedAdd
         | Handler::ParkedApplied
-        | Handler::MergeStep(_) => return Err(ApiError::NotFound),
+        | Handler::MergeStep(_)
+        | Handler::MoveStep(_) => return Err(ApiError::NotFound),
     };
     let here = app.config.region.id.as_str();
     let home = match &operation {

@@ -184,6 +184,14 @@ impl From<StoreError> for ApiError {
                 cause,
             },
             StoreError::NotHome(_) => ApiError::Misdirected,
+            // An edge still on the previous ring met a cart a move took away (or is taking):
+            // by the client's retry it is on its new shard, or this edge runs the new ring.
+            moved @ (StoreError::Moved { .. } | StoreError::Moving { .. }) => {
+                ApiError::Unavailable {
+                    retry_after_secs: 1,
+                    cause: moved.to_string(),
+                }
+            }
             other => ApiError::Internal(error_chain(&other)),
         }
     }

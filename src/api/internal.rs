@@ -131,6 +131,48 @@ pub async fn merge_settle(app: &App, body: &[u8]) -> Result<Response<Body>, ApiE
     ))
 }
 
+/// `POST /internal/v1/move/…`: a step of a cart move from a shard homed here (freeze or mark,
+/// `store::moves`), asked by the edge that homes the shard the cart moves to.
+pub async fn move_step(
+    app: &App,
+    step: forward::moves::Step,
+    body: &[u8],
+) -> Result<Response<Body>, ApiError> {
+    use crate::store::moves;
+    let request: forward::moves::Request = request::parse_json(body)?;
+    if !(request.owner.starts_with("u:") || request.owner.starts_with("g:")) {
+        return Err(ApiError::InvalidRequest(
+            "owner must be a user or guest owner key".into(),
+        ));
+    }
+    if !app.store.is_home(&request.from_shard) {
+        return Err(ApiError::Misdirected);
+    }
+    let answer = match step {
+        forward::moves::Step::Freeze => serde_json::to_vec(
+            &moves::freeze(
+                &app.store,
+                &request.from_shard,
+                &request.owner,
+                &request.to_shard,
+            )
+            .await?,
+        ),
+        forward::moves::Step::Mark => {
+            let marked = moves::mark(
+                &app.store,
+                &request.from_shard,
+                &request.owner,
+                &request.to_shard,
+            )
+            .await?;
+            serde_json::to_vec(&forward::moves::Marked { marked })
+        }
+    };
+    let answer = answer.map_err(|error| ApiError::Internal(error.to_string()))?;
+    Ok(response::json(StatusCode::OK, answer))
+}
+
 /// `POST /internal/v1/parked/add`: an add another region parked while this one was out of its
 /// reach, for a cart homed here. It runs as the client's add would have: the same body under
 /// the same Idempotency-Key, so an add that reached this region before (its answer lost) or a
@@ -141,23 +183,24 @@ pub async fn parked_add(app: &App, body: &[u8]) -> Result<Response<Body>, ApiErr
     let parked: forward::parked::Request = request::parse_json(body)?;
     let here = app.config.region.id.as_str();
     let key = OwnerKey::from_stored(parked.owner.clone());
-    let (owner, placement) = match parked.owner.split_once(':') {
+    let (owner, placement, home) = match parked.owner.split_once(':') {
         Some(("u", user)) => {
             let user = UserId::parse(user).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
             // A user is placed by its token's region claim, or (no claim) on the global ring;
             // the parking edge placed it one of these two ways.
-            let placement = [Some(here), None]
+            let (placement, home) = [Some(here), None]
                 .into_iter()
-                .filter_map(|home| app.topology.ring.place(key.as_str(), home))
-                .find(|p| *p.home == *here && *p.shard == *parked.home_shard)
+                .filter_map(|home| Some((app.topology.ring.place(key.as_str(), home)?, home)))
+                .find(|(p, _)| *p.home == *here && *p.shard == *parked.home_shard)
                 .ok_or(ApiError::Misdirected)?;
-            (Owner::User(user), placement)
+            (Owner::User(user), placement, home.map(str::to_string))
         }
         Some(("g", session)) => {
             let placement = command::guest_placement(app, &key)?;
             (
                 Owner::Guest(SessionId::verified(session.to_string())),
                 placement,
+                command::guest_home(&key),
             )
         }
         _ => {
@@ -171,12 +214,7 @@ pub async fn parked_add(app: &App, body: &[u8]) -> Result<Response<Body>, ApiErr
     }
     let add_body: request::AddItemBody = request::parse_body(parked.body.as_bytes())?;
     let add = add_body.validate()?;
-    let cart = Placed {
-        owner,
-        key,
-        shard: placement.shard,
-        home: placement.home,
-    };
+    let cart = Placed::known(app, owner, key, placement, home.as_deref());
     let write = CartWrite {
         home_currency: cart.currency(app),
         cart,
@@ -254,6 +292,10 @@ pub async fn run_step(app: &App, step: Step, request: &MergeStep) -> Result<Step
     let placement = command::guest_placement(app, &guest)?;
     if *placement.home != app.config.region.id {
         return Err(ApiError::Misdirected);
+    }
+    // A guest cart the ring is moving is moved before any merge step touches it.
+    if let Some(from) = command::guest_moving_from(app, &guest) {
+        super::moves::ensure_moved(app, &guest, from, placement.shard).await?;
     }
     let done = StepAnswer {
         status: StepStatus::Ok,

@@ -89,6 +89,8 @@ pub async fn merge(
     idempotency_key: Option<&str>,
     bytes: &Bytes,
 ) -> Result<Response<Body>, ApiError> {
+    // A user cart the ring is moving is moved first; the guest's, by the freeze step.
+    super::moves::settle_placed(app, &merge.user).await?;
     for _ in 0..MERGE_ATTEMPTS {
         if let Some(response) = merge_once(app, &merge, idempotency_key, bytes).await? {
             return Ok(response);
@@ -263,6 +265,7 @@ pub async fn checkout(
         key,
         accept_price_changes: accept,
     } = checkout;
+    super::moves::settle_placed(app, &user).await?;
     let key = key.as_str();
     let owner = user.key;
     let fingerprint = idempotency::fingerprint("checkout", "", None, bytes);

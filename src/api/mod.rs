@@ -12,6 +12,7 @@ pub mod error;
 pub mod idempotency;
 pub mod internal;
 pub mod lifecycle;
+pub mod moves;
 pub mod operator;
 pub mod parking;
 pub mod relay;
@@ -94,6 +95,8 @@ pub enum Handler {
     /// homed here.
     MergeSettle,
     MergeStep(internal::Step),
+    /// A step of a cart move on an old shard homed here, asked by the new shard's home edge.
+    MoveStep(forward::moves::Step),
     /// Another region's reconciler delivers an add it parked for a cart homed here.
     ParkedAdd,
     /// Another region's read asks which of its parked adds a cart homed here already holds.
@@ -132,7 +135,7 @@ const fn internal(pattern: &'static str, name: &'static str, handler: Handler) -
 /// Every route of every surface. A path matched on a surface but not for the request's method
 /// is a 405 whose `Allow` lists the methods below in this order (HEAD after each GET: a GET
 /// route answers HEAD without the body); anything else is a 404.
-pub static ROUTES: [Route<Handler>; 20] = {
+pub static ROUTES: [Route<Handler>; 22] = {
     use Handler as H;
     use Method as M;
     use Surfaces as S;
@@ -192,6 +195,16 @@ pub static ROUTES: [Route<Handler>; 20] = {
             forward::parked::APPLIED_PATH,
             "parked_applied",
             H::ParkedApplied,
+        ),
+        internal(
+            forward::moves::Step::Freeze.path(),
+            "move_freeze",
+            H::MoveStep(forward::moves::Step::Freeze),
+        ),
+        internal(
+            forward::moves::Step::Mark.path(),
+            "move_mark",
+            H::MoveStep(forward::moves::Step::Mark),
         ),
     ]
 };
@@ -374,6 +387,10 @@ async fn dispatch(
             let bytes = request::read_body(&parts, body, internal::MAX_BODY_BYTES, true).await?;
             return Box::pin(internal::parked_applied(app, &bytes)).await;
         }
+        Handler::MoveStep(step) => {
+            let bytes = request::read_body(&parts, body, internal::MAX_BODY_BYTES, true).await?;
+            return Box::pin(internal::move_step(app, step, &bytes)).await;
+        }
         _ => {}
     }
     let command = command::read(app, surface, handler, param, &parts, body).await?;
@@ -385,12 +402,16 @@ async fn dispatch(
     Ok(response)
 }
 
-/// An edge runs a request from another edge only if both place owners on the same ring.
+/// An edge runs a request from another edge only if both place owners on the same ring, or
+/// are the two sides of a ring roll (one's ring moving from the other's).
 fn check_ring(app: &App, headers: &http::HeaderMap) -> Result<(), ApiError> {
     let ring = headers
         .get(forward::client::names::RING)
         .and_then(|v| v.to_str().ok());
-    if ring == Some(app.topology.ring.fingerprint()) {
+    let moving_from = headers
+        .get(forward::client::names::RING_MOVING_FROM)
+        .and_then(|v| v.to_str().ok());
+    if app.topology.ring.accepts(ring, moving_from) {
         return Ok(());
     }
     app.metrics.edge.topology_mismatches.inc();

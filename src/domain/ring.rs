@@ -13,6 +13,13 @@
 //! change: virtual nodes and keys feed hashring's SipHash with explicit bytes only, and the
 //! placement of 10 000 owner keys is checked against a golden file
 //! (`tests/golden/ring-placement.txt`).
+//!
+//! A ring can be **moving**: `moving_from = N` names the ring version whose placement owners
+//! are being moved away from (`store::moves`). A moving [`Ring`] holds that previous ring too,
+//! so an edge can say where an owner lived before ([`Ring::previous_placement`]). Placement and
+//! the fingerprint are the new ring's only: the marker changes neither, so removing it once every
+//! owner moved is a no-op for routing, and [`Ring::accepts`] lets edges on either side of the
+//! roll (N, and N+1 moving from N) accept each other's forwarded requests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -34,6 +41,10 @@ pub struct RingSpec {
     pub version: u32,
     /// Virtual nodes per unit of shard weight.
     pub vnodes: u32,
+    /// The version of the ring owners are moving away from while carts move to this one (the
+    /// previous ring file is kept beside this one as `<stem>.v<N>.toml`); absent when settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_from: Option<u32>,
     pub shards: Vec<ShardSpec>,
 }
 
@@ -95,6 +106,8 @@ pub struct Ring {
     /// One ring per region that homes shards, over those shards only.
     regional: BTreeMap<RegionId, HashRing<VirtualNode>>,
     fingerprint: String,
+    /// The ring of version `spec.moving_from`, while owners move away from it.
+    previous: Option<Box<Ring>>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -103,12 +116,74 @@ impl std::fmt::Debug for Ring {
             .field("version", &self.spec.version)
             .field("shards", &self.spec.shards.len())
             .field("fingerprint", &self.fingerprint)
+            .field("moving_from", &self.spec.moving_from)
             .finish()
     }
 }
 
 impl Ring {
+    /// A settled ring. A spec that names `moving_from` needs its previous ring: see
+    /// [`Ring::moving`].
     pub fn new(spec: RingSpec) -> Result<Ring, RingError> {
+        if let Some(from) = spec.moving_from {
+            return Err(RingError(format!(
+                "the ring moves from version {from}, whose ring file is needed too"
+            )));
+        }
+        Ring::build(spec)
+    }
+
+    /// A ring whose owners are moving away from `previous` (the ring of version
+    /// `spec.moving_from`). Only additions and re-weighting are moves this release makes: every
+    /// shard of the previous ring must still be in this one with the same home, so both
+    /// placements' databases stay reachable during the move.
+    pub fn moving(spec: RingSpec, previous: Ring) -> Result<Ring, RingError> {
+        let Some(from) = spec.moving_from else {
+            return Err(RingError("the ring names no moving_from version".into()));
+        };
+        if previous.spec.version != from {
+            return Err(RingError(format!(
+                "moving_from = {from} but the previous ring file has version {}",
+                previous.spec.version
+            )));
+        }
+        if from >= spec.version {
+            return Err(RingError(format!(
+                "moving_from = {from} must be below the ring's version {}",
+                spec.version
+            )));
+        }
+        if previous.previous.is_some() {
+            return Err(RingError(format!(
+                "the ring of version {from} is itself moving: finish that move first"
+            )));
+        }
+        for old in &previous.spec.shards {
+            match spec.shards.iter().find(|s| s.id == old.id) {
+                None => {
+                    return Err(RingError(format!(
+                        "shard {} of version {from} is missing: a move cannot remove a shard",
+                        old.id
+                    )))
+                }
+                Some(new) if new.home != old.home => {
+                    return Err(RingError(format!(
+                        "shard {} is homed in {} in version {from} and {} now: a move cannot rehome a shard",
+                        old.id, old.home, new.home
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let mut settled = spec.clone();
+        settled.moving_from = None;
+        let mut ring = Ring::build(settled)?;
+        ring.spec = spec;
+        ring.previous = Some(Box::new(previous));
+        Ok(ring)
+    }
+
+    fn build(spec: RingSpec) -> Result<Ring, RingError> {
         if spec.vnodes < MIN_VNODES {
             return Err(RingError(format!("vnodes must be at least {MIN_VNODES}")));
         }
@@ -142,7 +217,38 @@ impl Ring {
             ring,
             regional,
             fingerprint,
+            previous: None,
         })
+    }
+
+    /// The ring owners are moving away from (None when settled).
+    pub fn previous(&self) -> Option<&Ring> {
+        self.previous.as_deref()
+    }
+
+    /// Where an owner lived under the previous ring, when the ring is moving and its shard
+    /// changed; None otherwise (settled ring, unchanged placement, or a home region that homed
+    /// no shard before).
+    pub fn previous_placement(&self, owner_key: &str, home: Option<&str>) -> Option<Placement<'_>> {
+        let previous = self.previous.as_deref()?;
+        let before = previous.place(owner_key, home)?;
+        let now = self.place(owner_key, home)?;
+        (before.shard != now.shard).then_some(before)
+    }
+
+    /// Whether this edge runs a request forwarded by an edge whose ring fingerprint is
+    /// `theirs` and which (when moving) moves from `theirs_moving_from`: the same ring, or the
+    /// two sides of a roll (this ring moves from theirs, or theirs moves from this).
+    pub fn accepts(&self, theirs: Option<&str>, theirs_moving_from: Option<&str>) -> bool {
+        let Some(theirs) = theirs else {
+            return false;
+        };
+        theirs == self.fingerprint
+            || self
+                .previous
+                .as_deref()
+                .is_some_and(|previous| previous.fingerprint == theirs)
+            || theirs_moving_from == Some(self.fingerprint.as_str())
     }
 
     pub fn spec(&self) -> &RingSpec {
@@ -294,6 +400,7 @@ mod tests {
         RingSpec {
             version: 1,
             vnodes: 200,
+            moving_from: None,
             shards: shards
                 .iter()
                 .map(|(id, home)| ShardSpec {
@@ -409,6 +516,52 @@ mod tests {
         let file = "version = 1\nvnodes = 200\n[[shards]]\nid = \"bad id\"\nhome = \"sg\"\n";
         let error = toml::from_str::<RingSpec>(file).unwrap_err().to_string();
         assert!(error.contains("shard id must be"), "{error}");
+    }
+
+    #[test]
+    fn a_moving_ring_knows_the_previous_placement_of_the_owners_that_move() {
+        let before = Ring::new(spec(&[("sg-1", "sg"), ("id-1", "id")])).unwrap();
+        let mut next = spec(&[("sg-1", "sg"), ("id-1", "id"), ("sg-2", "sg")]);
+        next.version = 2;
+        next.moving_from = Some(1);
+        let settled_fingerprint = {
+            let mut settled = next.clone();
+            settled.moving_from = None;
+            Ring::new(settled).unwrap().fingerprint().to_string()
+        };
+        let ring = Ring::moving(next.clone(), Ring::new(before.spec().clone()).unwrap()).unwrap();
+        assert_eq!(ring.fingerprint(), settled_fingerprint);
+        let mut moved = 0;
+        for key in sample_owner_keys(4_000) {
+            for home in [None, Some("sg"), Some("id")] {
+                let now = ring.place(&key, home).unwrap();
+                match ring.previous_placement(&key, home) {
+                    Some(old) => {
+                        moved += 1;
+                        assert_eq!(Some(old), before.place(&key, home));
+                        assert_eq!(now.shard, "sg-2");
+                    }
+                    None => assert_eq!(now.shard, before.place(&key, home).unwrap().shard),
+                }
+            }
+        }
+        assert!(moved > 1_000, "{moved}");
+        // Both sides of the roll accept each other; anything else is refused.
+        assert!(ring.accepts(Some(before.fingerprint()), None));
+        assert!(before.accepts(Some(ring.fingerprint()), Some(before.fingerprint())));
+        assert!(!before.accepts(Some(ring.fingerprint()), None));
+        assert!(!before.accepts(Some("0000000000000000"), None));
+        assert!(!ring.accepts(None, None));
+        // The marker needs its previous ring, of that version, not itself moving, keeping every
+        // shard at its home.
+        assert!(Ring::new(next.clone()).is_err());
+        let mut wrong = next.clone();
+        wrong.moving_from = Some(3);
+        assert!(Ring::moving(wrong, Ring::new(before.spec().clone()).unwrap()).is_err());
+        let mut removes = spec(&[("sg-2", "sg"), ("id-1", "id")]);
+        removes.version = 2;
+        removes.moving_from = Some(1);
+        assert!(Ring::moving(removes, Ring::new(before.spec().clone()).unwrap()).is_err());
     }
 
     #[test]

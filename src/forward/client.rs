@@ -33,6 +33,9 @@ pub mod names {
     pub const FORWARDED_FROM: &str = "cart-forwarded-from";
     /// The forwarding edge's ring fingerprint; a receiver with another ring refuses to write.
     pub const RING: &str = "cart-ring";
+    /// While the forwarding edge's ring is moving: the fingerprint of the ring it moves from, so
+    /// an edge still running that ring accepts it during the roll (`Ring::accepts`).
+    pub const RING_MOVING_FROM: &str = "cart-ring-moving-from";
     /// The home region that applied a write.
     pub const HOME_REGION: &str = "cart-home-region";
 }
@@ -63,7 +66,7 @@ impl Drop for ForwardTimer<'_> {
 }
 
 /// Bounds of forwarding.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// Whole forward, connection set-up and retry included.
     pub timeout: Duration,
@@ -73,6 +76,9 @@ pub struct Settings {
     /// How long an open circuit fails fast. After it, requests go through again, but the
     /// failure count stays one short of `breaker_failures`: the next failure re-opens at once.
     pub breaker_cooldown: Duration,
+    /// The fingerprint of the ring this edge's ring moves from (None when settled): sent as
+    /// `cart-ring-moving-from` with every request.
+    pub ring_moving_from: Option<http::HeaderValue>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -419,6 +425,9 @@ impl Forwarder {
                 .uri(format!("https://{}{}", peer.authority, path_and_query));
             for (name, value) in headers {
                 builder = builder.header(name, value);
+            }
+            if let Some(moving_from) = &self.settings.ring_moving_from {
+                builder = builder.header(names::RING_MOVING_FROM, moving_from);
             }
             if let Some(trace) = trace.filter(|_| !headers.contains_key(TRACEPARENT)) {
                 builder = builder.header(TRACEPARENT, trace.header_value());

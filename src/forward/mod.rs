@@ -1,11 +1,13 @@
 //! Edge-to-edge traffic between regions: mutual TLS material ([`tls`]), the HTTP/2 client (one
 //! multiplexed connection per peer) that forwards writes and home-region reads ([`client`]),
 //! the batched cross-region cache fences ([`invalidate`]), the janitor's question about a
-//! stale merge to the user cart's home ([`settle`]) and the reconciler's parked adds sent to
-//! their home ([`parked`]).
+//! stale merge to the user cart's home ([`settle`]), the reconciler's parked adds sent to
+//! their home ([`parked`]) and the steps of a cart move run on the old shard's home
+//! ([`moves`]).
 
 pub mod client;
 pub mod invalidate;
+pub mod moves;
 pub mod parked;
 pub mod settle;
 pub mod tls;

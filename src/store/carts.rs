@@ -38,10 +38,24 @@ pub(super) use keyed_by_line;
 /// The line id is read through `to_jsonb(i)` so this statement also runs on a replica of a
 /// region not yet migrated to V4 (no `line_id` column): the id is then derived from the item and
 /// variant, by the same rule the edge writes it with.
+/// A row a move took away (V8 `moved_at`, read through `to_jsonb` for the same reason) is only a
+/// pointer to the shard named by `moving_to`: it is reported as [`StoreError::Moved`], never
+/// read as a cart.
 const LOAD_CART: &str = "SELECT c.currency, c.version, c.updated_at, i.item_id, i.quantity, \
-     i.variant, i.unit_price_minor, i.added_at, i.updated_at, to_jsonb(i) ->> 'line_id' \
+     i.variant, i.unit_price_minor, i.added_at, i.updated_at, to_jsonb(i) ->> 'line_id', \
+     (to_jsonb(c) ->> 'moved_at') IS NOT NULL, to_jsonb(c) ->> 'moving_to' \
      FROM carts c LEFT JOIN cart_items i ON i.owner = c.owner \
      WHERE c.owner = $1 ORDER BY i.added_at, i.item_id, 10";
+
+/// Appended to the `RETURNING` of the statement that locks a cart for a write: the shard a move
+/// froze the row for (V8 `moving_to`; NULL on a database before V8). A frozen or moved row is
+/// never written: the write is refused with [`StoreError::Moving`] and rolled back.
+macro_rules! moving_to {
+    () => {
+        ", to_jsonb(carts) ->> 'moving_to'"
+    };
+}
+pub(super) use moving_to;
 
 /// A line's quantity as stored, checked against the cart rules (the schema's CHECK says the
 /// same; a row that breaks it is corrupt, never truncated into range).
@@ -58,6 +72,12 @@ pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, Store
     let Some(first) = rows.first() else {
         return Ok(StoredCart::empty(owner.as_str()));
     };
+    if first.try_get::<_, bool>(10)? {
+        return Err(StoreError::Moved {
+            to: first.try_get::<_, Option<String>>(11)?.unwrap_or_default(),
+            version: first.try_get(1)?,
+        });
+    }
     let currency: String = first.try_get(0)?;
     let mut cart = StoredCart {
         owner: owner.as_str().to_string(),
@@ -311,12 +331,14 @@ impl WriteTx {
                          ON CONFLICT (owner) DO UPDATE \
                          SET version = carts.version + 1, updated_at = now(), purged_at = NULL \
                          RETURNING currency, merging_into, ",
-                        keyed_by_line!()
+                        keyed_by_line!(),
+                        moving_to!()
                     ))
                     .await?;
                 let row = client
                     .query_one(&bump, &[&owner_str, &new_cart_currency.as_str()])
                     .await?;
+                refuse_moving(owner_str, row.try_get(3)?)?;
                 let currency: String = row.try_get(0)?;
                 if row.try_get::<_, Option<String>>(1)?.is_some() {
                     return Ok(Err(CartRule::MergeInProgress));
@@ -518,18 +540,33 @@ async fn bump_existing(
         .prepare_cached(concat!(
             "UPDATE carts SET version = version + 1, updated_at = now(), purged_at = NULL \
              WHERE owner = $1 RETURNING version, merging_into, ",
-            keyed_by_line!()
+            keyed_by_line!(),
+            moving_to!()
         ))
         .await?;
     let Some(row) = client.query_opt(&bump, &[&owner]).await? else {
         return Ok(check_version(if_match, 0).and(Err(CartRule::ItemNotInCart)));
     };
+    refuse_moving(owner, row.try_get(3)?)?;
     let bumped: i64 = row.try_get(0)?;
     if row.try_get::<_, Option<String>>(1)?.is_some() {
         return Ok(Err(CartRule::MergeInProgress));
     }
     let by_line: bool = row.try_get(2)?;
     Ok(check_version(if_match, bumped - 1).map(|()| by_line))
+}
+
+/// Refuses a write to a cart row a move froze or moved (`moving_to` set): an edge still on the
+/// previous ring must not write where the cart no longer lives. The caller's transaction is
+/// rolled back and the client retries (503), by then on the cart's new shard.
+pub(super) fn refuse_moving(owner: &str, moving_to: Option<String>) -> Result<(), StoreError> {
+    match moving_to {
+        Some(to) => Err(StoreError::Moving {
+            owner: owner.to_string(),
+            to,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// A 64-bit advisory-lock key for an (owner, idempotency key) pair.

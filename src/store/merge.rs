@@ -28,7 +28,7 @@ use std::sync::Arc;
 use serde_json::json;
 use tokio_postgres::types::ToSql;
 
-use super::carts::{self, keyed_by_line, WriteTx};
+use super::carts::{self, keyed_by_line, moving_to, WriteTx};
 use super::{events, tx, Store, StoreError};
 use crate::domain::cart::{CatalogItem, StoredCart};
 use crate::domain::ids::OwnerKey;
@@ -65,7 +65,8 @@ pub async fn freeze(
     tx::run(client, async |client| {
         let lock = client
             .prepare_cached(
-                "SELECT version, merging_into, merge_version FROM carts WHERE owner = $1 FOR UPDATE",
+                "SELECT version, merging_into, merge_version, to_jsonb(carts) ->> 'moving_to' \
+                 FROM carts WHERE owner = $1 FOR UPDATE",
             )
             .await?;
         let Some(row) = client.query_opt(&lock, &[&guest.as_str()]).await? else {
@@ -74,6 +75,7 @@ pub async fn freeze(
                 version: 0,
             }));
         };
+        carts::refuse_moving(guest.as_str(), row.try_get(3)?)?;
         let version: i64 = row.try_get(0)?;
         let merging_into: Option<String> = row.try_get(1)?;
         let merge_version: Option<i64> = row.try_get(2)?;
@@ -316,13 +318,15 @@ impl WriteTx {
                  ON CONFLICT (owner) DO UPDATE \
                  SET version = carts.version + 1, updated_at = now(), purged_at = NULL \
                  RETURNING version, ",
-                keyed_by_line!()
+                keyed_by_line!(),
+                moving_to!()
             ))
             .await?;
-        let by_line: bool = client
+        let locked = client
             .query_one(&bump, &[&user.as_str(), &currency.as_str()])
-            .await?
-            .try_get(1)?;
+            .await?;
+        carts::refuse_moving(user.as_str(), locked.try_get(2)?)?;
+        let by_line: bool = locked.try_get(1)?;
         let done = client
             .prepare_cached(
                 "SELECT report, abandoned_at IS NOT NULL FROM cart_merges \

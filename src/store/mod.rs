@@ -13,6 +13,7 @@ pub mod events;
 pub mod janitor;
 pub mod merge;
 pub mod migrate;
+pub mod moves;
 pub mod near;
 pub mod orders;
 pub mod parking;
@@ -72,6 +73,14 @@ pub enum StoreError {
     /// and an operator has to look; the row is left as it is.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// The cart row was moved to another shard (`store::moves`): it is a pointer, not the cart.
+    /// The caller reads `to` instead; a client that meets this (an edge on the previous ring)
+    /// is answered 503 and retries.
+    #[error("the cart moved to shard {to} at version {version}")]
+    Moved { to: String, version: i64 },
+    /// A write met a cart row frozen or moved for a move to shard `to`: rolled back, retried.
+    #[error("cart {owner} is moving to shard {to}")]
+    Moving { owner: String, to: String },
 }
 
 impl StoreError {

@@ -441,11 +441,15 @@ impl WriteTx {
     pub async fn lock_for_checkout(&mut self, owner: &OwnerKey) -> Result<Locked, StoreError> {
         let client = self.client()?;
         let lock = client
-            .prepare_cached("SELECT version FROM carts WHERE owner = $1 FOR UPDATE")
+            .prepare_cached(
+                "SELECT version, to_jsonb(carts) ->> 'moving_to' FROM carts \
+                 WHERE owner = $1 FOR UPDATE",
+            )
             .await?;
-        if client.query_opt(&lock, &[&owner.as_str()]).await?.is_none() {
+        let Some(row) = client.query_opt(&lock, &[&owner.as_str()]).await? else {
             return Ok(Locked::Empty);
-        }
+        };
+        carts::refuse_moving(owner.as_str(), row.try_get(1)?)?;
         let cart = carts::load(client, owner).await?;
         Ok(if cart.lines.is_empty() {
             Locked::Empty

@@ -23,6 +23,7 @@ mod parking;
 mod preflight;
 mod protection;
 mod regions;
+mod reshard;
 mod ring;
 mod schemathesis;
 mod sentinel;

@@ -54,6 +54,25 @@ const NO_PARKING: &str = "[parking]\nenabled = false\n";
 
 const RING: &str = "version = 1\nvnodes = 200\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n[[shards]]\nid = \"th-1\"\nhome = \"th\"\n";
 
+/// [`RING`] plus `th-2` (homed in th), moving from version 1 (which stays beside it as
+/// `ring.v1.toml`): see `tests/api/reshard.rs`.
+const RING_MOVING: &str = "version = 2\nvnodes = 200\nmoving_from = 1\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n[[shards]]\nid = \"th-1\"\nhome = \"th\"\n[[shards]]\nid = \"th-2\"\nhome = \"th\"\n";
+
+/// Which ring each region's edge runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Both on [`RING`].
+    Plain,
+    /// Both on [`RING_MOVING`].
+    Moving,
+    /// th on [`RING_MOVING`], sg still on [`RING`].
+    Rolling,
+}
+
+/// The database of shard `th-2` on th's PostgreSQL server (so th's streaming replica in sg
+/// carries it too).
+pub(crate) const TH2_DATABASE: &str = "cartedge_th2";
+
 fn start_pg(parent: &Path, name: &str) -> PgInstance {
     let dir = parent.join(name);
     std::fs::create_dir_all(&dir).unwrap();
@@ -177,6 +196,22 @@ impl TwoRegions {
 
     /// Starts both regions with `extra` (TOML sections) added to both edges' configuration.
     pub(crate) async fn start_with(forward_timeout: &str, extra: &str) -> TwoRegions {
+        Self::start_layout(forward_timeout, extra, Layout::Plain).await
+    }
+
+    /// Both regions on [`RING_MOVING`]: shard `th-2` added in th, carts moving from ring 1.
+    pub(crate) async fn start_moving(forward_timeout: &str) -> TwoRegions {
+        Self::start_layout(forward_timeout, NO_PARKING, Layout::Moving).await
+    }
+
+    /// The middle of a ring roll: th on [`RING_MOVING`], sg still on ring 1 (its own ring file
+    /// and region files, which do not know `th-2`).
+    pub(crate) async fn start_rolling(forward_timeout: &str) -> TwoRegions {
+        Self::start_layout(forward_timeout, NO_PARKING, Layout::Rolling).await
+    }
+
+    async fn start_layout(forward_timeout: &str, extra: &str, layout: Layout) -> TwoRegions {
+        let moving = layout != Layout::Plain;
         let shared = shared();
         let dir = tempfile::Builder::new()
             .prefix("cartedge-regions-")
@@ -197,6 +232,16 @@ impl TwoRegions {
         // Each region sells from its own catalog, priced in its own currency.
         prepare_primary(&sg_primary, &["SGD"]).await;
         prepare_primary(&th_primary, &["THB"]).await;
+        if moving {
+            execute(
+                &th_primary.dsn("postgres"),
+                &format!("CREATE DATABASE {TH2_DATABASE}"),
+            )
+            .await;
+            cartedge::store::migrate::run(&th_primary.dsn(TH2_DATABASE))
+                .await
+                .unwrap();
+        }
         let (th_replica_of_sg, sg_replica_of_th) = {
             let base = base.clone();
             let sg_port = sg_primary.port;
@@ -211,9 +256,17 @@ impl TwoRegions {
             )
         };
         tls::generate_local_pki(&base.join("pki"), &["sg", "th"]).unwrap();
-        std::fs::write(base.join("ring.toml"), RING).unwrap();
+        if moving {
+            std::fs::write(base.join("ring.v1.toml"), RING).unwrap();
+            std::fs::write(base.join("ring.toml"), RING_MOVING).unwrap();
+        } else {
+            std::fs::write(base.join("ring.toml"), RING).unwrap();
+        }
         let regions = base.join("regions");
         std::fs::create_dir_all(&regions).unwrap();
+        // Ring 1's region files, for an edge still on it.
+        let regions_v1 = base.join("regions-v1");
+        std::fs::create_dir_all(&regions_v1).unwrap();
 
         let sg_internal = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let th_internal = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -231,18 +284,49 @@ impl TwoRegions {
         ])
         .await
         .unwrap();
-        for (id, currency, internal) in [
-            ("sg", "SGD", sg_internal.local_addr().unwrap()),
-            ("th", "THB", th_internal.local_addr().unwrap()),
+        for (id, currency, internal, moving, regions) in [
+            (
+                "sg",
+                "SGD",
+                sg_internal.local_addr().unwrap(),
+                moving,
+                &regions,
+            ),
+            (
+                "th",
+                "THB",
+                th_internal.local_addr().unwrap(),
+                moving,
+                &regions,
+            ),
+            (
+                "sg",
+                "SGD",
+                sg_internal.local_addr().unwrap(),
+                false,
+                &regions_v1,
+            ),
+            (
+                "th",
+                "THB",
+                th_internal.local_addr().unwrap(),
+                false,
+                &regions_v1,
+            ),
         ] {
             std::fs::write(
                 regions.join(format!("{id}.toml")),
                 format!(
                     "[region]\nid = \"{id}\"\ncurrency = \"{currency}\"\n[edge]\npublic_url = \"http://127.0.0.1\"\ninternal_url = \"https://{internal}\"\n\
                      [[database.shards]]\nid = \"sg-1\"\nreplica = \"x\"\n{}\
-                     [[database.shards]]\nid = \"th-1\"\nreplica = \"x\"\n{}",
+                     [[database.shards]]\nid = \"th-1\"\nreplica = \"x\"\n{}{}",
                     if id == "sg" { "primary = \"x\"\n" } else { "" },
                     if id == "th" { "primary = \"x\"\n" } else { "" },
+                    match (moving, id) {
+                        (false, _) => "",
+                        (true, "th") => "[[database.shards]]\nid = \"th-2\"\nreplica = \"x\"\nprimary = \"x\"\n",
+                        (true, _) => "[[database.shards]]\nid = \"th-2\"\nreplica = \"x\"\n",
+                    },
                 ),
             )
             .unwrap();
@@ -253,18 +337,37 @@ impl TwoRegions {
             .unwrap()
             .to_string_lossy()
             .to_string();
+        let mut sg_shards = vec![
+            (
+                "sg-1",
+                Some(sg_primary.dsn("cartedge")),
+                sg_primary.dsn("cartedge"),
+            ),
+            ("th-1", None, sg_replica_of_th.dsn("cartedge")),
+        ];
+        let mut th_shards = vec![
+            ("sg-1", None, th_replica_of_sg.dsn("cartedge")),
+            (
+                "th-1",
+                Some(th_primary.dsn("cartedge")),
+                th_primary.dsn("cartedge"),
+            ),
+        ];
+        if layout == Layout::Moving {
+            sg_shards.push(("th-2", None, sg_replica_of_th.dsn(TH2_DATABASE)));
+        }
+        if moving {
+            th_shards.push((
+                "th-2",
+                Some(th_primary.dsn(TH2_DATABASE)),
+                th_primary.dsn(TH2_DATABASE),
+            ));
+        }
         let sg_config = edge_config(
             &base,
             "sg",
             "SGD",
-            &[
-                (
-                    "sg-1",
-                    Some(sg_primary.dsn("cartedge")),
-                    sg_primary.dsn("cartedge"),
-                ),
-                ("th-1", None, sg_replica_of_th.dsn("cartedge")),
-            ],
+            &sg_shards,
             &sg_primary.dsn("cartedge"),
             ("th", sg_replica_of_th.dsn("cartedge")),
             &format!("{prefix}:sg:"),
@@ -279,14 +382,7 @@ impl TwoRegions {
             &base,
             "th",
             "THB",
-            &[
-                ("sg-1", None, th_replica_of_sg.dsn("cartedge")),
-                (
-                    "th-1",
-                    Some(th_primary.dsn("cartedge")),
-                    th_primary.dsn("cartedge"),
-                ),
-            ],
+            &th_shards,
             &th_primary.dsn("cartedge"),
             ("sg", th_replica_of_sg.dsn("cartedge")),
             &format!("{prefix}:th:"),
@@ -297,6 +393,11 @@ impl TwoRegions {
             forward_timeout,
             extra,
         );
+        let mut sg_config = sg_config;
+        if layout == Layout::Rolling {
+            sg_config.topology.ring_file = base.join("ring.v1.toml");
+            sg_config.topology.regions_dir = regions_v1;
+        }
         let sg = start_edge(sg_config, sg_internal).await;
         let th = start_edge(th_config, th_internal).await;
         TwoRegions {
@@ -417,7 +518,7 @@ impl TwoRegions {
         execute(&self.th_replica_of_sg.dsn("cartedge"), sql).await;
     }
 
-    fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.path().to_path_buf()
     }
 }
@@ -737,6 +838,7 @@ async fn edges_refuse_writes_from_another_ring_and_never_forward_a_forwarded_req
             connect_timeout: Duration::from_millis(500),
             breaker_failures: 100,
             breaker_cooldown: Duration::from_millis(100),
+            ring_moving_from: None,
         },
         cartedge::metrics::ForwardMetrics::default(),
     )

@@ -154,3 +154,89 @@ fn ring_plan_counts_owners_moving_only_onto_the_added_shard() {
         "{text}"
     );
 }
+
+/// A moving ring (`moving_from`) built from the shipped ring plus `sg-3`, with the shipped ring
+/// kept beside it as `ring.v1.toml`: (temp dir, path of the moving ring file).
+fn moving_ring_files() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(root().join("config/ring.toml")).unwrap();
+    std::fs::write(dir.path().join("ring.v1.toml"), &shipped).unwrap();
+    let moving = shipped.replace("version = 1\n", "version = 2\nmoving_from = 1\n")
+        + "\n[[shards]]\nid = \"sg-3\"\nhome = \"sg\"\n";
+    let path = dir.path().join("ring.toml");
+    std::fs::write(&path, moving).unwrap();
+    (dir, path)
+}
+
+/// While a ring moves, the previous placement of every owner is the old ring's, as its golden
+/// file pins it: an owner whose shard changed knows where its cart was, on the global ring and
+/// on every regional ring.
+#[test]
+fn a_moving_rings_previous_placement_is_the_old_rings_golden_placement() {
+    let (_dir, path) = moving_ring_files();
+    let moving = cartedge::topology::load_ring(&path).unwrap();
+    let old = cartedge::topology::load_ring(&root().join("config/ring.toml")).unwrap();
+    assert_eq!(moving.previous().unwrap().fingerprint(), old.fingerprint());
+    let golden = std::fs::read_to_string(root().join("tests/golden/ring-placement.txt")).unwrap();
+    let mut moved = 0;
+    for line in golden.lines().skip(1) {
+        let (key, old_shard) = line.split_once(' ').unwrap();
+        let now = moving.locate(key).shard.to_string();
+        match moving.previous_placement(key, None) {
+            Some(before) => {
+                moved += 1;
+                assert_eq!(before.shard, old_shard, "{key}");
+                assert_eq!(now, "sg-3", "{key}");
+            }
+            None => assert_eq!(now, old_shard, "{key}"),
+        }
+    }
+    // 8 shards -> 9: about 1/9 of 10 000.
+    assert!((800..=1500).contains(&moved), "{moved}");
+    for home in ["sg", "id", "th"] {
+        for key in sample_owner_keys(2_000) {
+            let before = old.locate_in(&key, home).unwrap();
+            let now = moving.locate_in(&key, home).unwrap();
+            let expected = (before.shard != now.shard).then_some(before.shard.to_string());
+            let previous = moving
+                .previous_placement(&key, Some(home))
+                .map(|p| p.shard.to_string());
+            assert_eq!(previous, expected, "{key} in {home}");
+        }
+    }
+}
+
+#[test]
+fn ring_plan_of_a_moving_ring_shows_the_move_under_way_and_refuses_another() {
+    let (_dir, path) = moving_ring_files();
+    let plan = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cartedge"))
+            .current_dir(root())
+            .args(["ring", "plan", "--owners", "20000", "--ring"])
+            .arg(&path)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let output = plan(&[]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.lines().next().unwrap().contains("owners move ("),
+        "{text}"
+    );
+    assert!(
+        text.lines().skip(1).all(|line| line.contains("-> sg-3:")),
+        "{text}"
+    );
+    let refused = plan(&["--add-shard", "sg-4@sg"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("finish that move"));
+    // The previous ring file must be there, of the version named.
+    std::fs::remove_file(path.with_file_name("ring.v1.toml")).unwrap();
+    assert!(cartedge::topology::load_ring(&path).is_err());
+}

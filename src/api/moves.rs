@@ -1,0 +1,483 @@
+//! Serving owners whose cart the ring is moving to another shard (`moving_from` in the ring
+//! file): a read finds the cart on the new shard or, not moved yet, on the old one; a write
+//! first moves the cart ([`ensure_moved`]), then applies on the new shard as usual.
+//!
+//! The steps are `store::moves`' (freeze and mark on the old shard, copy on the new). A write
+//! runs at the owner's home edge, which holds the new shard's primary; the old shard's primary
+//! is here too for an owner homed in a region (both shards are that region's), or, for an owner
+//! on the global ring, possibly in another region, whose edge runs freeze and mark
+//! (`forward::moves`, answered by `internal::move_step`).
+
+use super::command::Placed;
+use super::error::ApiError;
+use super::relay;
+use crate::app::App;
+use crate::domain::cart::StoredCart;
+use crate::domain::ids::OwnerKey;
+use crate::domain::ring::{Placement, Ring};
+use crate::forward::moves::{self as remote, Request};
+use crate::store::moves::{self, Copied, Freeze, Located};
+use crate::store::{Source, Store, StoreError};
+use futures_util::StreamExt;
+
+/// How long a client waits before retrying a write whose cart's old home did not answer.
+const MOVE_RETRY_AFTER_SECS: u32 = 2;
+
+/// What [`ensure_moved`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moved {
+    /// The owner had no cart on the old shard.
+    Nothing,
+    /// The cart was moved before.
+    Before,
+    /// This call copied the cart (and marked the old row).
+    Now,
+}
+
+/// Moves `owner`'s cart from `from` (where the previous ring placed it) to `to_shard` (homed
+/// here), unless done before. Every step is idempotent, so a retry after any failure converges.
+pub async fn ensure_moved(
+    app: &App,
+    owner: &OwnerKey,
+    from: Placement<'_>,
+    to_shard: &str,
+) -> Result<Moved, ApiError> {
+    let request = Request {
+        owner: owner.as_str().to_string(),
+        from_shard: from.shard.to_string(),
+        to_shard: to_shard.to_string(),
+    };
+    let frozen = if app.store.is_home(from.shard) {
+        moves::freeze(&app.store, from.shard, owner.as_str(), to_shard).await?
+    } else {
+        let forwarder = relay::forwarder_to(app, from.home)?;
+        remote::freeze::<Freeze>(
+            forwarder,
+            from.home,
+            &app.config.region.id,
+            app.topology.ring.fingerprint(),
+            &request,
+        )
+        .await
+        .map_err(|error| {
+            ApiError::home_unreachable(&error, from.home, MOVE_RETRY_AFTER_SECS, None)
+        })?
+    };
+    let snapshot = match frozen {
+        Freeze::Absent => return Ok(Moved::Nothing),
+        Freeze::Moved { .. } => return Ok(Moved::Before),
+        Freeze::Frozen { snapshot } => snapshot,
+    };
+    let mut snapshot = snapshot;
+    let repriced = reprice(app, &mut snapshot).await?;
+    let copied = moves::copy(&app.store, to_shard, &snapshot).await?;
+    if repriced && copied == Copied::Now {
+        // The copy is a new state of the cart (one version up): caches holding the old one
+        // are fenced here and in the other regions, as after any write.
+        let cart = app.store.load_from_primary(to_shard, owner).await?;
+        app.store.cache.store_committed(&cart).await;
+        app.invalidate_elsewhere(owner, cart.version);
+    }
+    if app.store.is_home(from.shard) {
+        moves::mark(&app.store, from.shard, owner.as_str(), to_shard).await?;
+    } else {
+        let forwarder = relay::forwarder_to(app, from.home)?;
+        remote::mark(
+            forwarder,
+            from.home,
+            &app.config.region.id,
+            app.topology.ring.fingerprint(),
+            &request,
+        )
+        .await
+        .map_err(|error| {
+            ApiError::home_unreachable(&error, from.home, MOVE_RETRY_AFTER_SECS, None)
+        })?;
+    }
+    app.metrics.edge.carts_moved.inc();
+    tracing::info!(owner = %owner, from = %from.shard, to = to_shard, version = snapshot.version, "cart moved");
+    Ok(match copied {
+        Copied::Now => Moved::Now,
+        Copied::Before => Moved::Before,
+    })
+}
+
+/// A cart moving to a shard homed in a region with another currency (an owner on the global
+/// ring whose home changes with its shard) is priced from this, its new home region's,
+/// catalog, as a merge re-prices a guest cart: a cart is always in its home region's currency.
+/// A line this catalog does not sell in that currency is dropped (logged). The copy is then
+/// another cart than the frozen one, so it takes the next version: caches and clients that saw
+/// the frozen version see it change. Returns whether the cart was re-priced.
+async fn reprice(app: &App, snapshot: &mut moves::Snapshot) -> Result<bool, ApiError> {
+    let currency = app.config.region.currency;
+    if snapshot.cart.get("currency").and_then(|c| c.as_str()) == Some(currency.as_str()) {
+        return Ok(false);
+    }
+    let lines = snapshot.items.as_array().cloned().unwrap_or_default();
+    let ids: Vec<&str> = lines
+        .iter()
+        .filter_map(|line| line.get("item_id")?.as_str())
+        .collect();
+    let catalog = app.store.own_catalog().get_fresh_many(&ids).await?;
+    let mut priced = Vec::with_capacity(lines.len());
+    for mut line in lines {
+        let item = line
+            .get("item_id")
+            .and_then(|i| i.as_str())
+            .unwrap_or_default();
+        let Some(price) = catalog.get(item).and_then(|entry| entry.price_in(currency)) else {
+            tracing::warn!(owner = %snapshot.owner, item, %currency, "line not sold in the cart's new home; left out of the move");
+            continue;
+        };
+        if let Some(fields) = line.as_object_mut() {
+            fields.insert("unit_price_minor".into(), price.amount_minor.into());
+            fields.insert("currency".into(), currency.as_str().into());
+        }
+        priced.push(line);
+    }
+    snapshot.items = serde_json::Value::Array(priced);
+    if let Some(fields) = snapshot.cart.as_object_mut() {
+        fields.insert("currency".into(), currency.as_str().into());
+        fields.insert("version".into(), (snapshot.version + 1).into());
+    }
+    Ok(true)
+}
+
+/// Moves a placed owner's cart to its shard if the ring is moving it (a no-op otherwise, and
+/// when the new shard already holds the cart: the write after a move costs one primary read,
+/// not a round of steps on the old shard, which may be another region's).
+pub async fn settle_placed(app: &App, placed: &Placed<'_>) -> Result<(), ApiError> {
+    if let Some(from) = placed.moving_from {
+        if !moves::holds_cart(&app.store, placed.shard, placed.key.as_str()).await? {
+            ensure_moved(app, &placed.key, from, placed.shard).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a moving owner's cart: the new shard (cache first) when it holds the cart, else the
+/// old shard's row, unless that row says it moved, in which case the new shard is read again
+/// no lower than the version the row moved at (the caller's replica checks then apply, as for
+/// any read). Returns what `Store::load_cart` returns.
+pub async fn load(
+    app: &App,
+    placed: &Placed<'_>,
+    from: Placement<'_>,
+    min_version: i64,
+) -> Result<(StoredCart, Source, i64), ApiError> {
+    let (cart, source, min_version) = app
+        .store
+        .load_cart(placed.shard, &placed.key, min_version)
+        .await?;
+    if cart.version > 0 {
+        return Ok((cart, source, min_version));
+    }
+    match moves::locate(&app.store, from.shard, &placed.key, min_version).await? {
+        Located::Here(old) if old.version == 0 => Ok((cart, source, min_version)),
+        Located::Here(old) => {
+            // Not moved yet: the old row is the cart, at a version the copy will keep.
+            app.store.cache.fill(&old).await;
+            let source = if app.store.is_home(from.shard) && old.version < min_version {
+                Source::Primary
+            } else {
+                Source::Replica
+            };
+            Ok((old, source, min_version))
+        }
+        Located::Moved { version, .. } => {
+            let min_version = min_version.max(version);
+            let (cart, source) = app
+                .store
+                .read_from_database(placed.shard, &placed.key, min_version)
+                .await?;
+            app.store.cache.fill(&cart).await;
+            Ok((cart, source, min_version))
+        }
+    }
+}
+
+/// How `ring move` places a user owner found on an old shard: the owner key does not say
+/// whether the user's tokens carry a `region` claim, which decides between the ring of the
+/// shard's home region and the global ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserHomes {
+    /// Either, as far as the cart's old shard tells: a placement that would not have put the
+    /// cart there is ruled out; when both remain and disagree about the new shard, the owner is
+    /// [`Decision::Ambiguous`] and left to its first write (which knows its token).
+    Auto,
+    /// Tokens carry a `region` claim: a user on a shard is homed in that shard's region.
+    Claimed,
+    /// Tokens carry no claim: users are placed on the global ring.
+    Global,
+}
+
+impl UserHomes {
+    pub fn parse(text: &str) -> Option<UserHomes> {
+        match text {
+            "auto" => Some(UserHomes::Auto),
+            "claimed" => Some(UserHomes::Claimed),
+            "global" => Some(UserHomes::Global),
+            _ => None,
+        }
+    }
+}
+
+/// What the moving ring means for an owner whose cart row is on a shard of the previous ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision<'a> {
+    /// The cart stays (or the row is not where the previous ring put the owner: an earlier
+    /// ring's leftover).
+    Stays,
+    /// The cart moves from the previous placement to the shard named.
+    Moves(Placement<'a>, &'a str),
+    /// The owner's placement depends on its token's claim, which decides between a move and
+    /// none (or two targets): moved by its first write, or by `--users claimed|global`.
+    Ambiguous,
+}
+
+/// Where the current ring places an owner found on `shard` (a shard of the previous ring).
+pub fn target<'a>(app: &'a App, owner: &str, shard: &str, users: UserHomes) -> Decision<'a> {
+    target_on(&app.topology.ring, owner, shard, users)
+}
+
+/// [`target`] on a given moving ring.
+pub fn target_on<'a>(ring: &'a Ring, owner: &str, shard: &str, users: UserHomes) -> Decision<'a> {
+    let Some(previous) = ring.previous() else {
+        return Decision::Stays;
+    };
+    let shard_home = previous
+        .spec()
+        .shards
+        .iter()
+        .find(|s| s.id == shard)
+        .map(|s| s.home.to_string());
+    let homes: Vec<Option<String>> = if owner.starts_with("g:") {
+        vec![super::command::guest_home(&OwnerKey::from_stored(
+            owner.to_string(),
+        ))]
+    } else {
+        match users {
+            UserHomes::Auto => vec![shard_home, None],
+            UserHomes::Claimed => vec![shard_home],
+            UserHomes::Global => vec![None],
+        }
+    };
+    // Only a placement that put the cart on this shard can be the owner's.
+    let mut outcomes = homes.iter().filter_map(|home| {
+        let before = previous.place(owner, home.as_deref())?;
+        if before.shard != shard {
+            return None;
+        }
+        Some((before, ring.place(owner, home.as_deref())?.shard))
+    });
+    let Some((before, to)) = outcomes.next() else {
+        return Decision::Stays;
+    };
+    if outcomes.any(|(_, other)| other != to) {
+        return Decision::Ambiguous;
+    }
+    if to == before.shard {
+        Decision::Stays
+    } else {
+        Decision::Moves(before, to)
+    }
+}
+
+/// What one pass of [`move_page`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageReport {
+    /// Owners with a cart row read on the shard.
+    pub scanned: u64,
+    /// Owners whose cart moves to a shard homed here, and were moved (now or before).
+    pub moved: u64,
+    /// Owners whose cart moves to a shard homed in another region (moved by that region's run).
+    pub elsewhere: u64,
+    /// Moves that failed (retried by the next run).
+    pub errors: u64,
+    /// Owners whose placement depends on their token's claim (see [`Decision::Ambiguous`]).
+    pub ambiguous: u64,
+    /// The cursor to continue after; None when the shard is done.
+    pub next: Option<String>,
+}
+
+/// Moves (or, with `act == false`, only counts) one page of owners of `shard` (a shard of the
+/// previous ring) after the cursor `after`: those the current ring places on a shard homed
+/// here, `concurrency` at a time. Safe to stop and rerun: every step is idempotent and a moved
+/// row is never read as unmoved again.
+pub async fn move_page(
+    app: &App,
+    shard: &str,
+    after: &str,
+    limit: i64,
+    concurrency: usize,
+    users: UserHomes,
+    act: bool,
+) -> Result<PageReport, ApiError> {
+    let owners = moves::unmoved_owners(&app.store, shard, after, limit).await?;
+    let mut report = PageReport {
+        scanned: owners.len() as u64,
+        next: (owners.len() as i64 == limit)
+            .then(|| owners.last().cloned())
+            .flatten(),
+        ..PageReport::default()
+    };
+    let mut local = Vec::new();
+    for owner in &owners {
+        let (from, to) = match target(app, owner, shard, users) {
+            Decision::Stays => continue,
+            Decision::Ambiguous => {
+                report.ambiguous += 1;
+                continue;
+            }
+            Decision::Moves(from, to) => (from, to),
+        };
+        if app.store.is_home(to) {
+            local.push((owner.clone(), from, to));
+        } else {
+            report.elsewhere += 1;
+        }
+    }
+    if !act {
+        report.moved = local.len() as u64;
+        return Ok(report);
+    }
+    // The futures are built in a loop, not by a closure over the items, so the stream stays
+    // `Send` for callers that spawn it.
+    let mut pending = Vec::with_capacity(local.len());
+    for (owner, from, to) in local {
+        pending
+            .push(async move { ensure_moved(app, &OwnerKey::from_stored(owner), from, to).await });
+    }
+    let results: Vec<Result<Moved, ApiError>> = futures_util::stream::iter(pending)
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    for result in results {
+        match result {
+            Ok(_) => report.moved += 1,
+            Err(error) => {
+                report.errors += 1;
+                tracing::warn!(%error, shard, "cart move failed; the next run retries it");
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// How many owners with a cart on a shard of `ring`'s previous ring the ring still moves
+/// elsewhere (their old row not marked moved), and how many are ambiguous: what `check-config`
+/// asks the old shards before the `moving_from` marker may go. Read on this region's replicas.
+pub async fn count_unmoved(
+    store: &Store,
+    ring: &Ring,
+    users: UserHomes,
+) -> Result<(u64, u64), StoreError> {
+    const PAGE: i64 = 1_000;
+    let Some(previous) = ring.previous() else {
+        return Ok((0, 0));
+    };
+    let (mut left, mut ambiguous) = (0, 0);
+    for shard in &previous.spec().shards {
+        let mut cursor = String::new();
+        loop {
+            let owners = moves::unmoved_owners(store, &shard.id, &cursor, PAGE).await?;
+            for owner in &owners {
+                match target_on(ring, owner, &shard.id, users) {
+                    Decision::Stays => {}
+                    Decision::Moves(..) => left += 1,
+                    Decision::Ambiguous => ambiguous += 1,
+                }
+            }
+            match owners.last() {
+                Some(last) if owners.len() as i64 == PAGE => cursor = last.clone(),
+                _ => break,
+            }
+        }
+    }
+    Ok((left, ambiguous))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ids::{RegionId, ShardId};
+    use crate::domain::ring::{sample_owner_keys, RingSpec, ShardSpec};
+
+    fn spec(version: u32, shards: &[(&str, &str)]) -> RingSpec {
+        RingSpec {
+            version,
+            vnodes: 200,
+            moving_from: None,
+            shards: shards
+                .iter()
+                .map(|(id, home)| ShardSpec {
+                    id: ShardId::parse(id).unwrap(),
+                    home: RegionId::parse(home).unwrap(),
+                    weight: 1,
+                })
+                .collect(),
+        }
+    }
+
+    fn moving_ring(added: (&str, &str)) -> Ring {
+        let old = spec(1, &[("sg-1", "sg"), ("id-1", "id")]);
+        let mut new = spec(2, &[("sg-1", "sg"), ("id-1", "id"), added]);
+        new.moving_from = Some(1);
+        Ring::moving(new, Ring::new(old).unwrap()).unwrap()
+    }
+
+    fn users() -> impl Iterator<Item = String> {
+        sample_owner_keys(4_000)
+            .into_iter()
+            .filter(|k| k.starts_with("u:"))
+    }
+
+    #[test]
+    fn a_shard_added_in_the_carts_region_moves_its_users_whatever_their_token() {
+        // Both placements that put a cart on sg-1 share its virtual node, so a shard added in
+        // sg takes the cart under both or neither: nothing is ambiguous.
+        let ring = moving_ring(("sg-2", "sg"));
+        let mut moves = 0;
+        for key in users() {
+            let auto = target_on(&ring, &key, "sg-1", UserHomes::Auto);
+            assert_eq!(
+                auto,
+                target_on(&ring, &key, "sg-1", UserHomes::Claimed),
+                "{key}"
+            );
+            moves += usize::from(matches!(auto, Decision::Moves(_, "sg-2")));
+        }
+        assert!(moves > 300, "{moves}");
+    }
+
+    #[test]
+    fn a_shard_added_elsewhere_leaves_users_whose_token_decides_to_their_first_write() {
+        // id-2 takes global-ring owners from sg-1, never owners homed in sg: a user found on
+        // sg-1 whom both rings put there is undecided; one only the regional ring puts there
+        // stays.
+        let ring = moving_ring(("id-2", "id"));
+        let previous = ring.previous().unwrap();
+        let mut ambiguous = 0;
+        for key in users() {
+            let global = target_on(&ring, &key, "sg-1", UserHomes::Global);
+            match target_on(&ring, &key, "sg-1", UserHomes::Auto) {
+                Decision::Ambiguous => {
+                    ambiguous += 1;
+                    assert!(matches!(global, Decision::Moves(_, "id-2")), "{key}");
+                }
+                Decision::Stays => {
+                    assert!(
+                        previous.locate(&key).shard != "sg-1" || global == Decision::Stays,
+                        "{key}"
+                    );
+                }
+                Decision::Moves(..) => panic!("{key}: a claimed user would stay on sg-1"),
+            }
+            assert_eq!(
+                target_on(&ring, &key, "sg-1", UserHomes::Claimed),
+                Decision::Stays
+            );
+        }
+        assert!(ambiguous > 50, "{ambiguous}");
+    }
+}
