@@ -1,6 +1,6 @@
 //! Wiring: builds the edge's shared state from configuration. No request logic lives here.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,6 +124,10 @@ pub struct App {
     pub internal_tls: Option<Arc<rustls::ServerConfig>>,
     /// Cross-region cache invalidations to send after local commits.
     invalidations: Option<mpsc::Sender<crate::forward::invalidate::Queued>>,
+    /// Invalidations queued, and those whose sending has finished (see
+    /// [`App::settle_invalidations`]).
+    invalidations_queued: AtomicU64,
+    invalidations_done: Arc<AtomicU64>,
     /// Edge rate limits; swapped whole by [`App::reload`].
     pub limits: ArcSwap<RateLimits>,
     /// The registry behind the admin `/metrics` (every module keeps handles to its families).
@@ -202,6 +206,7 @@ impl App {
         } else {
             (None, None)
         };
+        let invalidations_done = Arc::new(AtomicU64::new(0));
         let invalidations = forwarder.as_ref().map(|forwarder| {
             let (sender, receiver) = mpsc::channel(config.forward.invalidation_queue);
             let peers: Vec<String> = topology
@@ -216,6 +221,7 @@ impl App {
                 config.region.id.to_string(),
                 topology.ring.fingerprint().to_string(),
                 receiver,
+                invalidations_done.clone(),
             ));
             sender
         });
@@ -234,6 +240,8 @@ impl App {
             forwarder,
             internal_tls,
             invalidations,
+            invalidations_queued: AtomicU64::new(0),
+            invalidations_done,
             metrics,
             health: tokio::sync::watch::Sender::new(None),
             draining: AtomicBool::new(false),
@@ -716,16 +724,39 @@ impl App {
     /// Queues a committed version for the other regions' caches; never waits.
     pub fn invalidate_elsewhere(&self, owner: &OwnerKey, version: i64) {
         if let Some(queue) = &self.invalidations {
-            if queue
-                .try_send((
-                    owner.as_str().to_string(),
-                    version,
-                    crate::telemetry::current(),
-                ))
-                .is_err()
-            {
-                self.metrics.forward.invalidation("dropped");
+            match queue.try_send((
+                owner.as_str().to_string(),
+                version,
+                crate::telemetry::current(),
+            )) {
+                Ok(()) => {
+                    self.invalidations_queued.fetch_add(1, Ordering::AcqRel);
+                }
+                Err(_) => self.metrics.forward.invalidation("dropped"),
             }
+        }
+    }
+
+    /// Waits (at most `within`) until every invalidation queued so far has been sent to the
+    /// other regions (or failed): a command-line process that wrote carts (`ring move`, a
+    /// janitor pass) calls it before exiting, or the fences it queued would die with it.
+    /// True when everything was sent in time.
+    pub async fn settle_invalidations(&self, within: Duration) -> bool {
+        let queued = self.invalidations_queued.load(Ordering::Acquire);
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.invalidations_done.load(Ordering::Acquire) >= queued {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    queued,
+                    done = self.invalidations_done.load(Ordering::Acquire),
+                    "cross-region cache invalidations still unsent at exit"
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -250,6 +250,10 @@ impl Cli {
     }
 }
 
+/// How long a command that wrote carts waits, before exiting, for the cache invalidations it
+/// queued for the other regions.
+const SETTLE_INVALIDATIONS: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs the command line.
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
@@ -358,6 +362,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 let report = app.janitor_once().await.context("janitor pass")?;
                 println!("{}", serde_json::to_string(&report)?);
                 if *once {
+                    app.settle_invalidations(SETTLE_INVALIDATIONS).await;
                     return Ok(());
                 }
                 tokio::select! {
@@ -419,14 +424,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                 "cartedge: ring moving from version {}; moving the carts {id} takes…",
                 added.moving_from
             );
-            ring_move(
+            let moved = ring_move(
                 &app,
                 (*batch).clamp(1, 10_000),
                 8,
                 false,
                 cartedge::api::moves::UserHomes::Auto,
             )
-            .await
+            .await;
+            app.settle_invalidations(SETTLE_INVALIDATIONS).await;
+            moved
         }
         Command::Local(LocalCommand::Status { dir }) => local::status(dir).await,
         Command::Local(LocalCommand::Partition { a, b, dir }) => {
@@ -476,14 +483,16 @@ pub async fn run(cli: Cli) -> Result<()> {
             config.janitor.enabled = false;
             config.events.relay = false;
             let app = App::new(config)?;
-            ring_move(
+            let moved = ring_move(
                 &app,
                 (*batch).clamp(1, 10_000),
                 *concurrency,
                 *status,
                 users,
             )
-            .await
+            .await;
+            app.settle_invalidations(SETTLE_INVALIDATIONS).await;
+            moved
         }
         Command::Ring(RingCommand::Plan {
             add_shard,

@@ -3,6 +3,7 @@
 //! a lost message is bounded by the cache TTL and by `Cart-Min-Version`. Each message carries a
 //! `traceparent` continuing the trace of a write it reports.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -38,12 +39,15 @@ pub struct Batch {
 }
 
 /// Sends queued invalidations to every peer until the queue closes.
+/// `done` counts the invalidations whose sending has finished (delivered or not), so a process
+/// about to exit can wait for what it queued ([`crate::app::App::settle_invalidations`]).
 pub async fn run(
     forwarder: Arc<Forwarder>,
     peers: Vec<String>,
     region: String,
     fingerprint: String,
     mut queue: mpsc::Receiver<Queued>,
+    done: Arc<AtomicU64>,
 ) {
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -78,7 +82,9 @@ pub async fn run(
                 .map(|(owner, version, _)| Invalidation { owner, version })
                 .collect(),
         };
+        let count = batch.carts.len() as u64;
         let Ok(body) = serde_json::to_vec(&batch) else {
+            done.fetch_add(count, Ordering::AcqRel);
             continue;
         };
         let body = Bytes::from(body);
@@ -106,5 +112,6 @@ pub async fn run(
             }
         });
         futures_util::future::join_all(sends).await;
+        done.fetch_add(count, Ordering::AcqRel);
     }
 }

@@ -1528,3 +1528,33 @@ async fn a_stale_merge_into_a_user_cart_homed_elsewhere_is_settled_by_the_guests
     assert_eq!(user_cart.quantity_of("sku-00003"), 2, "once");
     assert_eq!(user_cart.quantity_of("sku-00001"), 1);
 }
+
+/// A process about to exit (a `ring move`, a janitor pass) waits for the cross-region cache
+/// fences it queued: once `settle_invalidations` says so, th's cache has seen each version,
+/// with no polling. If it returned before the send finished, th would not have them yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invalidations_a_process_queued_have_reached_the_other_region_once_settled() {
+    let regions = TwoRegions::start("2s").await;
+    use cartedge::domain::ids::OwnerKey;
+    let owners: Vec<OwnerKey> = (0..40)
+        .map(|n| OwnerKey::from_stored(format!("u:settle-{n}")))
+        .collect();
+    for (n, owner) in owners.iter().enumerate() {
+        regions.sg.app.invalidate_elsewhere(owner, 7 + n as i64);
+    }
+    assert!(
+        regions
+            .sg
+            .app
+            .settle_invalidations(Duration::from_secs(10))
+            .await,
+        "sent within the bound"
+    );
+    for (n, owner) in owners.iter().enumerate() {
+        let seen = regions.th.app.store.cache.read(owner).await.newest_version;
+        assert!(
+            seen.is_some_and(|version| version >= 7 + n as i64),
+            "{owner}: th's cache saw {seen:?}"
+        );
+    }
+}
