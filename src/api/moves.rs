@@ -400,24 +400,7 @@ pub async fn count_unmoved(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::ids::{RegionId, ShardId};
-    use crate::domain::ring::{sample_owner_keys, RingSpec, ShardSpec};
-
-    fn spec(version: u32, shards: &[(&str, &str)]) -> RingSpec {
-        RingSpec {
-            version,
-            vnodes: 200,
-            moving_from: None,
-            shards: shards
-                .iter()
-                .map(|(id, home)| ShardSpec {
-                    id: ShardId::parse(id).unwrap(),
-                    home: RegionId::parse(home).unwrap(),
-                    weight: 1,
-                })
-                .collect(),
-        }
-    }
+    use crate::domain::ring::{sample_owner_keys, test_spec as spec};
 
     fn moving_ring(added: (&str, &str)) -> Ring {
         let old = spec(1, &[("sg-1", "sg"), ("id-1", "id")]);

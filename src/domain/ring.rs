@@ -392,24 +392,30 @@ pub fn sample_owner_keys(count: usize) -> Vec<String> {
         .collect()
 }
 
+/// A settled ring of weight-1 shards given as `(id, home)`, for tests.
+#[cfg(test)]
+pub(crate) fn test_spec(version: u32, shards: &[(&str, &str)]) -> RingSpec {
+    RingSpec {
+        version,
+        vnodes: 200,
+        moving_from: None,
+        shards: shards
+            .iter()
+            .map(|(id, home)| ShardSpec {
+                id: ShardId::parse(id).unwrap(),
+                home: RegionId::parse(home).unwrap(),
+                weight: 1,
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn spec(shards: &[(&str, &str)]) -> RingSpec {
-        RingSpec {
-            version: 1,
-            vnodes: 200,
-            moving_from: None,
-            shards: shards
-                .iter()
-                .map(|(id, home)| ShardSpec {
-                    id: ShardId::parse(id).unwrap(),
-                    home: RegionId::parse(home).unwrap(),
-                    weight: 1,
-                })
-                .collect(),
-        }
+        test_spec(1, shards)
     }
 
     #[test]

@@ -514,6 +514,32 @@ impl TwoRegions {
         row.map(|r| r.get(0)).unwrap_or(0)
     }
 
+    /// A client to sg's internal surface holding th's certificate, through the th→sg link,
+    /// announcing `ring_moving_from` (the ring it moves from) when given.
+    pub(crate) fn th_client_of_sg(&self, ring_moving_from: Option<http::HeaderValue>) -> Forwarder {
+        let pki = self.path().join("pki");
+        let client = tls::client_config(
+            &pki.join("th.pem"),
+            &pki.join("th.key"),
+            &pki.join("ca.pem"),
+        )
+        .unwrap();
+        let sg_url = format!("https://{}", self.proxy.addr("th->sg:edge").unwrap());
+        Forwarder::new(
+            [("sg", sg_url.as_str())],
+            client,
+            Settings {
+                timeout: Duration::from_secs(2),
+                connect_timeout: Duration::from_millis(500),
+                breaker_failures: 100,
+                breaker_cooldown: Duration::from_millis(100),
+                ring_moving_from,
+            },
+            cartedge::metrics::ForwardMetrics::default(),
+        )
+        .unwrap()
+    }
+
     pub(crate) async fn replica_sql(&self, sql: &str) {
         execute(&self.th_replica_of_sg.dsn("cartedge"), sql).await;
     }
@@ -822,27 +848,7 @@ async fn a_forward_whose_answer_was_lost_after_the_commit_is_retried_and_applied
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_refuse_writes_from_another_ring_and_never_forward_a_forwarded_request() {
     let regions = TwoRegions::start("2s").await;
-    let pki = regions.path().join("pki");
-    let client = tls::client_config(
-        &pki.join("th.pem"),
-        &pki.join("th.key"),
-        &pki.join("ca.pem"),
-    )
-    .unwrap();
-    let sg_url = format!("https://{}", regions.proxy.addr("th->sg:edge").unwrap());
-    let forwarder = Forwarder::new(
-        [("sg", sg_url.as_str())],
-        client,
-        Settings {
-            timeout: Duration::from_secs(2),
-            connect_timeout: Duration::from_millis(500),
-            breaker_failures: 100,
-            breaker_cooldown: Duration::from_millis(100),
-            ring_moving_from: None,
-        },
-        cartedge::metrics::ForwardMetrics::default(),
-    )
-    .unwrap();
+    let forwarder = regions.th_client_of_sg(None);
     let user_of_th = regions.user_homed_in("th", "misdirected");
     let token = regions.token(&user_of_th);
     let mut headers = HeaderMap::new();

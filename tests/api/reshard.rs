@@ -745,7 +745,6 @@ async fn a_cart_moving_to_another_region_moves_through_the_old_shards_home_edge(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_a_ring_roll_both_sides_accept_each_others_forwarded_writes() {
     use crate::regions::TwoRegions;
-    use cartedge::forward::{tls, Forwarder, Settings};
     let regions = TwoRegions::start_rolling("2s").await;
     let (v1, v2) = (&regions.sg.app.topology.ring, &regions.th.app.topology.ring);
     assert_ne!(v1.fingerprint(), v2.fingerprint());
@@ -775,27 +774,8 @@ async fn during_a_ring_roll_both_sides_accept_each_others_forwarded_writes() {
     assert_eq!(at_sg.header("cart-home-region"), Some("sg"));
 
     // A ring 2 that says it moves from some other ring is refused by sg.
-    let pki = regions.path().join("pki");
-    let client = tls::client_config(
-        &pki.join("th.pem"),
-        &pki.join("th.key"),
-        &pki.join("ca.pem"),
-    )
-    .unwrap();
-    let sg_url = format!("https://{}", regions.proxy.addr("th->sg:edge").unwrap());
-    let forwarder = Forwarder::new(
-        [("sg", sg_url.as_str())],
-        client,
-        Settings {
-            timeout: Duration::from_secs(2),
-            connect_timeout: Duration::from_millis(500),
-            breaker_failures: 100,
-            breaker_cooldown: Duration::from_millis(100),
-            ring_moving_from: Some(http::HeaderValue::from_static("0000000000000000")),
-        },
-        cartedge::metrics::ForwardMetrics::default(),
-    )
-    .unwrap();
+    let forwarder =
+        regions.th_client_of_sg(Some(http::HeaderValue::from_static("0000000000000000")));
     let mut headers = http::HeaderMap::new();
     let token = regions.token(&of_sg);
     headers.insert(
