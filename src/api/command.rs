@@ -68,25 +68,36 @@ impl<'a> Placed<'a> {
     fn new(app: &'a App, owner: Owner, claim: Option<&RegionId>) -> Result<Placed<'a>, ApiError> {
         let key = owner.key();
         let ring = &app.topology.ring;
-        let (placement, home) = match &owner {
+        // Where the owner is, and (the ring moving it) where the previous ring had it, decided
+        // by the same home region.
+        let (placement, moving_from) = match &owner {
             Owner::User(_) => {
                 if claim.is_none() && app.auth.load().require_region_claim() {
                     return Err(ApiError::Unauthenticated(
                         "the bearer token must name the user's home region (region claim)",
                     ));
                 }
-                let home = claim.map(|r| r.as_str().to_string());
-                let placement =
-                    ring.place(key.as_str(), home.as_deref())
-                        .ok_or(ApiError::Unauthenticated(
-                            "the token's region claim names no region of this deployment",
-                        ))?;
-                (placement, home)
+                let home = claim.map(RegionId::as_str);
+                let placement = ring
+                    .place(key.as_str(), home)
+                    .ok_or(ApiError::Unauthenticated(
+                        "the token's region claim names no region of this deployment",
+                    ))?;
+                (placement, ring.previous_placement(key.as_str(), home))
             }
-            Owner::Guest(_) => (guest_placement(app, &key)?, guest_home(&key)),
+            Owner::Guest(_) => {
+                let home = guest_home(&key);
+                let placement = ring
+                    .place(key.as_str(), home.as_deref())
+                    .ok_or(ApiError::InvalidSession)?;
+                (
+                    placement,
+                    ring.previous_placement(key.as_str(), home.as_deref()),
+                )
+            }
         };
         Ok(Placed {
-            moving_from: ring.previous_placement(key.as_str(), home.as_deref()),
+            moving_from,
             owner,
             key,
             shard: placement.shard,

@@ -59,9 +59,7 @@ pub async fn ensure_moved(
             &request,
         )
         .await
-        .map_err(|error| {
-            ApiError::home_unreachable(&error, from.home, MOVE_RETRY_AFTER_SECS, None)
-        })?
+        .map_err(|error| old_home_unreachable(&error, &from))?
     };
     let snapshot = match frozen {
         Freeze::Absent => return Ok(Moved::Nothing),
@@ -90,9 +88,7 @@ pub async fn ensure_moved(
             &request,
         )
         .await
-        .map_err(|error| {
-            ApiError::home_unreachable(&error, from.home, MOVE_RETRY_AFTER_SECS, None)
-        })?;
+        .map_err(|error| old_home_unreachable(&error, &from))?;
     }
     app.metrics.edge.carts_moved.inc();
     tracing::info!(owner = %owner, from = %from.shard, to = to_shard, version = snapshot.version, "cart moved");
@@ -100,6 +96,11 @@ pub async fn ensure_moved(
         Copied::Now => Moved::Now,
         Copied::Before => Moved::Before,
     })
+}
+
+/// The 503 of a move whose old shard's home edge did not answer a step: retried shortly.
+fn old_home_unreachable(error: &dyn std::fmt::Display, from: &Placement<'_>) -> ApiError {
+    ApiError::home_unreachable(&error, from.home, MOVE_RETRY_AFTER_SECS, None)
 }
 
 /// A cart moving to a shard homed in a region with another currency (an owner on the global
