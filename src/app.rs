@@ -17,7 +17,7 @@ use crate::metrics::{BuildLabels, Format, LifecycleMetrics, Metrics};
 use crate::pki::load_certified_key;
 use crate::pki::public::PublicTls;
 use crate::store::Store;
-use crate::topology::Topology;
+use crate::topology::{Current, Topology};
 
 /// How often missed cache invalidations are retried.
 const CACHE_REPAIR_PERIOD: Duration = Duration::from_millis(250);
@@ -108,8 +108,8 @@ pub struct App {
     /// Swapped whole by [`App::reload`] (key rotation).
     pub auth: ArcSwap<Authenticator>,
     pub store: Arc<Store>,
-    /// The ring and every region.
-    pub topology: Topology,
+    /// The ring and every region; another ring is installed by [`App::reload`].
+    topology: Current,
     /// `Cart-Region`, pre-encoded once.
     pub region_header: HeaderValue,
     /// This region's id as every request's log lines carry it (shared, not copied per request).
@@ -160,8 +160,9 @@ impl App {
     /// Connects to nothing yet: pools and the cache connect lazily, so an edge starts while a
     /// dependency is down and reports it on `/health`.
     pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
-        let topology = Topology::load(&config)?;
-        let auth = authenticator(&config, &config.region.id, &topology)?;
+        let current = Current::new(Topology::load(&config)?);
+        let topology = current.get();
+        let auth = authenticator(&config, &config.region.id, topology)?;
         let metrics = Arc::new(Metrics::new(BuildLabels {
             version: env!("CARGO_PKG_VERSION").to_string(),
             region: config.region.id.to_string(),
@@ -219,7 +220,7 @@ impl App {
                 forwarder.clone(),
                 peers,
                 config.region.id.to_string(),
-                topology.ring.fingerprint().to_string(),
+                current.clone(),
                 receiver,
                 invalidations_done.clone(),
             ));
@@ -232,7 +233,7 @@ impl App {
             config,
             auth: ArcSwap::from_pointee(auth),
             store,
-            topology,
+            topology: current,
             region_header,
             region_label,
             tls: public_tls.is_some(),
@@ -265,36 +266,7 @@ impl App {
             }
         });
         for shard in self.store.home_shards() {
-            let store = Arc::downgrade(&self.store);
-            tokio::spawn(async move {
-                let mut ticks = tokio::time::interval(SHARD_GAUGES_PERIOD);
-                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    ticks.tick().await;
-                    let Some(store) = store.upgrade() else { return };
-                    if let Err(error) = store.refresh_shard_gauges(&shard).await {
-                        tracing::debug!(%shard, %error, "shard gauges not refreshed");
-                    }
-                }
-            });
-        }
-        if self.config.events.relay {
-            for shard in self.store.home_shards() {
-                let app = Arc::downgrade(self);
-                tokio::spawn(async move {
-                    loop {
-                        let Some(app) = app.upgrade() else { return };
-                        let pause = match app.relay_once(&shard).await {
-                            Ok(published) if published as i64 >= app.config.events.batch => {
-                                Duration::ZERO
-                            }
-                            _ => app.config.events.interval.0,
-                        };
-                        drop(app);
-                        tokio::time::sleep(pause).await;
-                    }
-                });
-            }
+            self.spawn_shard_tasks(shard);
         }
         if crate::store::parking::parking_shard(&self.store).is_some() && self.forwarder.is_some() {
             // Runs even with `parking.enabled` off, so adds parked before are still delivered.
@@ -324,6 +296,40 @@ impl App {
                     ticker.tick().await;
                     let Some(app) = app.upgrade() else { return };
                     let _ = app.janitor_once().await;
+                }
+            });
+        }
+    }
+
+    /// The tasks of one shard homed here: its gauges and (`events.relay`) its outbox relay.
+    /// They end when the app is dropped.
+    fn spawn_shard_tasks(self: &Arc<Self>, shard: String) {
+        let store = Arc::downgrade(&self.store);
+        let gauged = shard.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(SHARD_GAUGES_PERIOD);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(store) = store.upgrade() else { return };
+                if let Err(error) = store.refresh_shard_gauges(&gauged).await {
+                    tracing::debug!(shard = %gauged, %error, "shard gauges not refreshed");
+                }
+            }
+        });
+        if self.config.events.relay {
+            let app = Arc::downgrade(self);
+            tokio::spawn(async move {
+                loop {
+                    let Some(app) = app.upgrade() else { return };
+                    let pause = match app.relay_once(&shard).await {
+                        Ok(published) if published as i64 >= app.config.events.batch => {
+                            Duration::ZERO
+                        }
+                        _ => app.config.events.interval.0,
+                    };
+                    drop(app);
+                    tokio::time::sleep(pause).await;
                 }
             });
         }
@@ -443,7 +449,7 @@ impl App {
             forwarder,
             &add.home,
             &self.config.region.id,
-            self.topology.ring.fingerprint(),
+            self.topology().ring.fingerprint(),
             &request,
         )
         .await;
@@ -605,7 +611,7 @@ impl App {
         use crate::forward::settle::{self, Decision};
         use crate::store::merge::Settled;
         let home = self
-            .topology
+            .topology()
             .ring
             .spec()
             .shards
@@ -627,7 +633,7 @@ impl App {
             forwarder,
             &home,
             &self.config.region.id,
-            self.topology.ring.fingerprint(),
+            self.topology().ring.fingerprint(),
             &request,
         )
         .await?;
@@ -689,13 +695,18 @@ impl App {
     }
 
     /// Applies what may change without a restart: verification keys (rotation), token
-    /// settings, rate-limit quotas and tiers, and the public listener's certificate (read
-    /// again from its files). Everything else in `config` is ignored until a restart, and so is
-    /// turning public TLS on or off (the listener's protocol is fixed at start-up). Every part
-    /// is built first, so a bad file changes nothing.
-    pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
-        // The region and the ring are fixed at start-up, like the listeners.
-        let auth = authenticator(config, &self.config.region.id, &self.topology)?;
+    /// settings, rate-limit quotas and tiers, the public listener's certificate (read again
+    /// from its files), and another ring with the shards it adds (see
+    /// [`App::next_topology`]). Everything else in `config` is ignored until a restart, and so
+    /// is turning public TLS on or off (the listener's protocol is fixed at start-up). Every
+    /// part is built first, so a bad file changes nothing.
+    pub fn reload(self: &Arc<Self>, config: &Config) -> anyhow::Result<()> {
+        let topology = self.next_topology(config)?;
+        let auth = authenticator(
+            config,
+            &self.config.region.id,
+            topology.as_ref().map_or(self.topology(), |(next, _)| next),
+        )?;
         let limits = Arc::new(RateLimits::new(&config.rate_limit, &self.metrics.limits)?);
         let certificate = match (&self.public_tls, config.server.public_tls()) {
             (Some(_), Some((cert, key))) => Some(
@@ -711,6 +722,9 @@ impl App {
             }
         };
         limits.spawn_housekeeping(LIMITS_HOUSEKEEPING_PERIOD);
+        if let Some((topology, shards)) = topology {
+            self.install_topology(topology, shards);
+        }
         self.auth.store(Arc::new(auth));
         self.limits.store(limits);
         if let (Some(tls), Some(certificate)) = (&self.public_tls, certificate) {
@@ -719,6 +733,79 @@ impl App {
         }
         tracing::info!("keys and rate limits reloaded");
         Ok(())
+    }
+
+    /// The ring and every region this edge runs on now. Requests read it where they start;
+    /// one that started before a reload finishes on the ring it started on.
+    pub fn topology(&self) -> &'static Topology {
+        self.topology.get()
+    }
+
+    /// The topology `config` describes when its ring differs from the running one (None: the
+    /// same ring), checked as at start-up and against this edge, with the pools of the shards
+    /// it adds built (not serving yet). A reload may add shards, re-weight them, set or remove
+    /// `moving_from`; the region and the set of regions are fixed until a restart, and so are
+    /// the shards an edge serves (none removed, none gaining or losing its primary here), and
+    /// a region that homed no shard at start-up cannot start homing one (its guest sessions,
+    /// parking and reservations are set up at start-up).
+    fn next_topology(
+        &self,
+        config: &Config,
+    ) -> anyhow::Result<Option<(Topology, crate::store::NewShards)>> {
+        let running = self.topology();
+        let next = Topology::load(config)?;
+        if !running.ring_differs(&next) {
+            return Ok(None);
+        }
+        if config.region.id != self.config.region.id {
+            anyhow::bail!(
+                "the region changed ({} → {}): that needs a restart",
+                self.config.region.id,
+                config.region.id
+            );
+        }
+        if !next.regions.keys().eq(running.regions.keys()) {
+            anyhow::bail!(
+                "the set of regions changed: adding or removing a region needs a restart"
+            );
+        }
+        let region = self.config.region.id.as_str();
+        if next.ring.homes_shards(region) != running.ring.homes_shards(region) {
+            anyhow::bail!(
+                "region {region} would start or stop homing shards: that needs a restart"
+            );
+        }
+        let shards = self.store.prepare_shards(config)?;
+        Ok(Some((next, shards)))
+    }
+
+    /// Serves from `topology` (and the shards it adds) from the next request on: pools,
+    /// heartbeats, the outbox relay and shard gauges of new home shards, the ring headers sent
+    /// to other regions and `cartedge_build_info`.
+    fn install_topology(self: &Arc<Self>, topology: Topology, shards: crate::store::NewShards) {
+        let added: Vec<String> = shards.ids().into_iter().map(str::to_string).collect();
+        self.store.add_shards(shards);
+        for shard in added.iter().filter(|shard| self.store.is_home(shard)) {
+            self.spawn_shard_tasks(shard.clone());
+        }
+        let topology = self.topology.replace(topology);
+        if let Some(forwarder) = &self.forwarder {
+            forwarder.set_ring_moving_from(
+                topology
+                    .ring
+                    .previous()
+                    .and_then(|previous| HeaderValue::from_str(previous.fingerprint()).ok()),
+            );
+        }
+        let spec = topology.ring.spec();
+        self.metrics.set_ring_version(spec.version.to_string());
+        tracing::info!(
+            ring_version = spec.version,
+            moving_from = spec.moving_from,
+            fingerprint = topology.ring.fingerprint(),
+            shards_added = ?added,
+            "ring reloaded"
+        );
     }
 
     /// Queues a committed version for the other regions' caches; never waits.

@@ -183,8 +183,8 @@ pub enum LocalCommand {
         dir: PathBuf,
     },
     /// Add a shard to a region of the running cluster: its primary there, replicas elsewhere,
-    /// the ring moving to a version with it rolled to every edge (each restarted in turn),
-    /// then the carts it takes moved (`ring move`, owners on the global ring). Not with `--ha`.
+    /// the ring moving to a version with it rolled to every edge (SIGHUP, no restart), then
+    /// the carts it takes moved (`ring move`, owners on the global ring). Not with `--ha`.
     AddShard {
         /// `<shard id>@<region>`.
         shard: String,
@@ -197,6 +197,13 @@ pub enum LocalCommand {
         /// (moving owners move on their first write meanwhile).
         #[arg(long)]
         no_move: bool,
+    },
+    /// Roll the ring file to every edge of the running cluster without a restart (SIGHUP, one
+    /// edge at a time, each waited for until its `/health` names the file's ring version):
+    /// after editing `<dir>/ring.toml`, e.g. removing `moving_from` once a move is over.
+    Reload {
+        #[arg(long, default_value = local::DEFAULT_DIR)]
+        dir: PathBuf,
     },
     /// Cut every link (edges and replication) between two regions of the running cluster.
     Partition {
@@ -395,6 +402,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::Local(LocalCommand::Down { dir }) => local::down(dir),
+        Command::Local(LocalCommand::Reload { dir }) => {
+            let version = local::reload(dir).await?;
+            println!("every edge serves ring {version}");
+            Ok(())
+        }
         Command::Local(LocalCommand::AddShard {
             shard,
             dir,
@@ -404,7 +416,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let Some((id, home)) = shard.split_once('@') else {
                 bail!("{shard}: expected <shard id>@<region>");
             };
-            let added = local::add_shard(dir, cli.defaults().as_deref(), id, home).await?;
+            let added = local::add_shard(dir, id, home).await?;
             if *no_move {
                 eprintln!(
                     "cartedge: ring moving from version {}; run `cartedge --config {} ring move`",
@@ -614,7 +626,7 @@ async fn ring_move(
     users: cartedge::api::moves::UserHomes,
 ) -> Result<()> {
     use cartedge::api::moves::move_page;
-    let Some(previous) = app.topology.ring.previous() else {
+    let Some(previous) = app.topology().ring.previous() else {
         bail!("the ring is not moving (no moving_from): nothing to move");
     };
     let mut shards: Vec<String> = previous

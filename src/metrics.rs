@@ -652,6 +652,9 @@ impl Format {
 /// keep their own numbers).
 pub struct Metrics {
     registry: Registry,
+    /// `cartedge_build_info`: one series, replaced when the edge reloads another ring.
+    build_info: Family<BuildLabels, Gauge>,
+    build: std::sync::Mutex<BuildLabels>,
     pub http: HttpMetrics,
     pub cache: CacheMetrics,
     pub db: DbMetrics,
@@ -671,9 +674,11 @@ impl Metrics {
         registry.register(
             "build_info",
             "Always 1; the labels name the running build, region and ring",
-            info,
+            info.clone(),
         );
         Metrics {
+            build_info: info,
+            build: std::sync::Mutex::new(build),
             http: HttpMetrics::new(&mut registry),
             cache: CacheMetrics::new(&mut registry),
             db: DbMetrics::new(&mut registry),
@@ -684,6 +689,14 @@ impl Metrics {
             parking: ParkingMetrics::new(&mut registry),
             registry,
         }
+    }
+
+    /// Names another ring version in `cartedge_build_info` (after a reload installed it).
+    pub fn set_ring_version(&self, ring_version: String) {
+        let mut build = self.build.lock().unwrap_or_else(|e| e.into_inner());
+        build.ring_version = ring_version;
+        self.build_info.clear();
+        self.build_info.get_or_create(&build).set(1);
     }
 
     /// The exposition of every family. Gauges read at scrape time are refreshed by the caller

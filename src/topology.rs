@@ -8,6 +8,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use serde::Deserialize;
 
@@ -252,6 +255,51 @@ impl Topology {
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+}
+
+/// The topology an edge runs on now, replaced whole when a reload brings another ring
+/// ([`Current::replace`]); clones share it.
+///
+/// Each topology installed is leaked: [`Current::get`] hands out `&'static Topology`, so a
+/// request's placement (which borrows shard and region ids from the ring) stays valid however
+/// long the request runs, with no reference count taken per request. A topology is a few
+/// kilobytes and is replaced only when the ring file changes (a shard added, a move settled),
+/// a handful of times in an edge's life; a reload that changes nothing replaces nothing.
+#[derive(Clone)]
+pub struct Current(Arc<ArcSwap<&'static Topology>>);
+
+impl Current {
+    pub fn new(topology: Topology) -> Current {
+        let leaked: &'static Topology = Box::leak(Box::new(topology));
+        Current(Arc::new(ArcSwap::from_pointee(leaked)))
+    }
+
+    /// The topology requests use now.
+    pub fn get(&self) -> &'static Topology {
+        **self.0.load()
+    }
+
+    /// Installs `topology` for every request that starts from now on; returns it.
+    pub fn replace(&self, topology: Topology) -> &'static Topology {
+        let leaked: &'static Topology = Box::leak(Box::new(topology));
+        self.0.store(Arc::new(leaked));
+        leaked
+    }
+}
+
+impl std::fmt::Debug for Current {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Current").field(self.get()).finish()
+    }
+}
+
+impl Topology {
+    /// Whether `next` runs another ring: its file (shards, weights, version, markers) or the
+    /// ring it moves from differs. What makes a reload install it.
+    pub fn ring_differs(&self, next: &Topology) -> bool {
+        let previous = |ring: &Ring| ring.previous().map(|p| p.spec().clone());
+        self.ring.spec() != next.ring.spec() || previous(&self.ring) != previous(&next.ring)
     }
 }
 

@@ -35,7 +35,7 @@ const REPLICA_POLL: Duration = Duration::from_millis(20);
 /// own currency (an owner without a cart yet: the home region's).
 pub async fn render_view(app: &App, cart: &StoredCart, home: &str) -> CartView {
     let home_currency = app
-        .topology
+        .topology()
         .regions
         .get(home)
         .map_or(app.config.region.currency, |region| region.currency);

@@ -67,7 +67,7 @@ impl<'a> Placed<'a> {
     /// claim naming a region that homes no shard is not a credential this deployment issued.
     fn new(app: &'a App, owner: Owner, claim: Option<&RegionId>) -> Result<Placed<'a>, ApiError> {
         let key = owner.key();
-        let ring = &app.topology.ring;
+        let ring = &app.topology().ring;
         // Where the owner is, and (the ring moving it) where the previous ring had it, decided
         // by the same home region.
         let (placement, moving_from) = match &owner {
@@ -115,7 +115,7 @@ impl<'a> Placed<'a> {
         home: Option<&str>,
     ) -> Placed<'a> {
         Placed {
-            moving_from: app.topology.ring.previous_placement(key.as_str(), home),
+            moving_from: app.topology().ring.previous_placement(key.as_str(), home),
             owner,
             key,
             shard: placement.shard,
@@ -126,7 +126,7 @@ impl<'a> Placed<'a> {
     /// The currency of the cart's home region: a cart is priced there, whichever edge the
     /// client called.
     pub fn currency(&self, app: &App) -> Currency {
-        app.topology
+        app.topology()
             .regions
             .get(self.home)
             .map(|region| region.currency)
@@ -138,7 +138,7 @@ impl<'a> Placed<'a> {
 /// session id, else on the global ring. The id was verified where the request entered; a key
 /// naming a region that homes no shard is refused as an invalid session.
 pub fn guest_placement<'a>(app: &'a App, guest: &OwnerKey) -> Result<Placement<'a>, ApiError> {
-    app.topology
+    app.topology()
         .ring
         .place(guest.as_str(), guest_home(guest).as_deref())
         .ok_or(ApiError::InvalidSession)
@@ -155,7 +155,7 @@ pub fn guest_home(guest: &OwnerKey) -> Option<String> {
 
 /// Where the previous ring placed a guest, while the ring is moving its cart.
 pub fn guest_moving_from<'a>(app: &'a App, guest: &OwnerKey) -> Option<Placement<'a>> {
-    app.topology
+    app.topology()
         .ring
         .previous_placement(guest.as_str(), guest_home(guest).as_deref())
 }
@@ -593,7 +593,7 @@ fn settle<'a>(
 
 /// The home region of a shard an order id names; an unknown shard is no such order.
 fn shard_home<'a>(app: &'a App, shard: &str) -> Result<&'a str, ApiError> {
-    app.topology
+    app.topology()
         .ring
         .spec()
         .shards

@@ -190,7 +190,7 @@ pub async fn parked_add(app: &App, body: &[u8]) -> Result<Response<Body>, ApiErr
             // the parking edge placed it one of these two ways.
             let (placement, home) = [Some(here), None]
                 .into_iter()
-                .filter_map(|home| Some((app.topology.ring.place(key.as_str(), home)?, home)))
+                .filter_map(|home| Some((app.topology().ring.place(key.as_str(), home)?, home)))
                 .find(|(p, _)| *p.home == *here && *p.shard == *parked.home_shard)
                 .ok_or(ApiError::Misdirected)?;
             (Owner::User(user), placement, home.map(str::to_string))

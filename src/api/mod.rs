@@ -411,11 +411,11 @@ fn check_ring(app: &App, headers: &http::HeaderMap) -> Result<(), ApiError> {
     let moving_from = headers
         .get(forward::client::names::RING_MOVING_FROM)
         .and_then(|v| v.to_str().ok());
-    if app.topology.ring.accepts(ring, moving_from) {
+    if app.topology().ring.accepts(ring, moving_from) {
         return Ok(());
     }
     app.metrics.edge.topology_mismatches.inc();
-    tracing::error!(theirs = ?ring, ours = app.topology.ring.fingerprint(), "request from an edge with another ring refused");
+    tracing::error!(theirs = ?ring, ours = app.topology().ring.fingerprint(), "request from an edge with another ring refused");
     Err(ApiError::TopologyMismatch)
 }
 

@@ -55,7 +55,7 @@ pub async fn ensure_moved(
             forwarder,
             from.home,
             &app.config.region.id,
-            app.topology.ring.fingerprint(),
+            app.topology().ring.fingerprint(),
             &request,
         )
         .await
@@ -84,7 +84,7 @@ pub async fn ensure_moved(
             forwarder,
             from.home,
             &app.config.region.id,
-            app.topology.ring.fingerprint(),
+            app.topology().ring.fingerprint(),
             &request,
         )
         .await
@@ -238,7 +238,7 @@ pub enum Decision<'a> {
 
 /// Where the current ring places an owner found on `shard` (a shard of the previous ring).
 pub fn target<'a>(app: &'a App, owner: &str, shard: &str, users: UserHomes) -> Decision<'a> {
-    target_on(&app.topology.ring, owner, shard, users)
+    target_on(&app.topology().ring, owner, shard, users)
 }
 
 /// [`target`] on a given moving ring.

@@ -10,6 +10,16 @@ use serde_json::json;
 use super::{response, Body};
 use crate::app::App;
 
+/// The ring this edge serves now, as `/health` reports it.
+fn ring_state(app: &App) -> serde_json::Value {
+    let ring = &app.topology().ring;
+    json!({
+        "version": ring.spec().version,
+        "fingerprint": ring.fingerprint(),
+        "moving_from": ring.spec().moving_from,
+    })
+}
+
 /// `GET /health`: the dependencies' state as of the last background probe (refreshed about
 /// once a second and shared by every caller, so this never queries a database itself); 503 when
 /// no database answered. `timestamp` is when that probe ran; `redis_master` is the master
@@ -49,6 +59,7 @@ pub async fn health(app: &App) -> Response<Body> {
         "redis_master": status.redis_master,
         "shards": shards,
         "peers": peers,
+        "ring": ring_state(app),
         "timestamp": status.checked_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     });
     let code = if database {

@@ -293,7 +293,7 @@ async fn applied_per_home(
         forwarder,
         placed.home,
         &app.config.region.id,
-        app.topology.ring.fingerprint(),
+        app.topology().ring.fingerprint(),
         &question,
     )
     .await

@@ -83,7 +83,7 @@ pub fn peer_headers(app: &App, headers: &mut HeaderMap) {
         HeaderName::from_static(fwd::FORWARDED_FROM),
         app.region_header.clone(),
     );
-    if let Ok(ring) = HeaderValue::from_str(app.topology.ring.fingerprint()) {
+    if let Ok(ring) = HeaderValue::from_str(app.topology().ring.fingerprint()) {
         headers.insert(HeaderName::from_static(fwd::RING), ring);
     }
 }

@@ -77,7 +77,7 @@ pub struct Settings {
     /// failure count stays one short of `breaker_failures`: the next failure re-opens at once.
     pub breaker_cooldown: Duration,
     /// The fingerprint of the ring this edge's ring moves from (None when settled): sent as
-    /// `cart-ring-moving-from` with every request.
+    /// `cart-ring-moving-from` with every request (until [`Forwarder::set_ring_moving_from`]).
     pub ring_moving_from: Option<http::HeaderValue>,
 }
 
@@ -243,6 +243,9 @@ pub struct Forwarder {
     connector: TlsConnector,
     peers: HashMap<String, Arc<Peer>>,
     settings: Settings,
+    /// `cart-ring-moving-from` sent with every request: `settings.ring_moving_from` at first,
+    /// replaced when the edge reloads another ring ([`Forwarder::set_ring_moving_from`]).
+    ring_moving_from: arc_swap::ArcSwapOption<http::HeaderValue>,
     /// The forwarding families (also used by `invalidate` for its outcomes).
     pub metrics: ForwardMetrics,
 }
@@ -282,9 +285,18 @@ impl Forwarder {
         Ok(Forwarder {
             connector: TlsConnector::from(Arc::new(tls)),
             peers: map,
+            ring_moving_from: arc_swap::ArcSwapOption::from_pointee(
+                settings.ring_moving_from.clone(),
+            ),
             settings,
             metrics,
         })
+    }
+
+    /// The fingerprint of the ring this edge's ring now moves from (None: settled), sent from
+    /// the next request on.
+    pub fn set_ring_moving_from(&self, fingerprint: Option<http::HeaderValue>) {
+        self.ring_moving_from.store(fingerprint.map(Arc::new));
     }
 
     /// Every peer region, sorted, with whether its breaker refuses requests now.
@@ -426,8 +438,8 @@ impl Forwarder {
             for (name, value) in headers {
                 builder = builder.header(name, value);
             }
-            if let Some(moving_from) = &self.settings.ring_moving_from {
-                builder = builder.header(names::RING_MOVING_FROM, moving_from);
+            if let Some(moving_from) = &*self.ring_moving_from.load() {
+                builder = builder.header(names::RING_MOVING_FROM, &**moving_from);
             }
             if let Some(trace) = trace.filter(|_| !headers.contains_key(TRACEPARENT)) {
                 builder = builder.header(TRACEPARENT, trace.header_value());

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use super::client::names;
 use super::Forwarder;
 use crate::telemetry::{TraceContext, TRACEPARENT};
+use crate::topology::Current;
 
 /// The internal path invalidations are posted to.
 pub const PATH: &str = "/internal/v1/invalidate";
@@ -45,7 +46,7 @@ pub async fn run(
     forwarder: Arc<Forwarder>,
     peers: Vec<String>,
     region: String,
-    fingerprint: String,
+    topology: Current,
     mut queue: mpsc::Receiver<Queued>,
     done: Arc<AtomicU64>,
 ) {
@@ -54,12 +55,8 @@ pub async fn run(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let (Ok(from), Ok(ring)) = (
-        HeaderValue::from_str(&region),
-        HeaderValue::from_str(&fingerprint),
-    ) {
+    if let Ok(from) = HeaderValue::from_str(&region) {
         headers.insert(names::FORWARDED_FROM, from);
-        headers.insert(names::RING, ring);
     }
     let mut buffer = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut buffer, MAX_BATCH).await > 0 {
@@ -70,6 +67,10 @@ pub async fn run(
             tracing::debug!(traces = ?traces.iter().map(TraceContext::trace_id).collect::<Vec<_>>(), "invalidation batch carries several writes' traces");
         }
         let mut headers = headers.clone();
+        // The ring the edge runs now: a reload may have installed another since the last batch.
+        if let Ok(ring) = HeaderValue::from_str(topology.get().ring.fingerprint()) {
+            headers.insert(names::RING, ring);
+        }
         if let Some(value) = traces
             .first()
             .and_then(|trace| HeaderValue::from_str(&trace.child().header_value()).ok())

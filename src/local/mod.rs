@@ -1481,6 +1481,95 @@ async fn create_database(admin_dsn: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// `cartedge local reload`: rolls `<dir>/ring.toml` (checked first) to every edge of the
+/// running cluster; returns its version.
+pub async fn reload(dir: &Path) -> Result<u32> {
+    let cluster = read_cluster(dir)
+        .with_context(|| format!("no local cluster is running in {}", dir.display()))?;
+    let ring = cartedge::topology::load_ring(&dir.join("ring.toml"))?;
+    let version = ring.spec().version;
+    roll_ring(&cluster, version, ring.spec().moving_from).await?;
+    Ok(version)
+}
+
+/// How long an edge may take to serve a ring it was told to reload.
+const RING_ROLL_LIMIT: Duration = Duration::from_secs(20);
+
+/// Sends SIGHUP to every edge of the cluster in turn and waits, each time, until that edge's
+/// `/health` names ring `version` moving from `moving_from` (a reload that refuses the files
+/// leaves the old ring, and the roll stops there with the edge's log named).
+pub async fn roll_ring(
+    cluster: &ClusterFile,
+    version: u32,
+    moving_from: Option<u32>,
+) -> Result<()> {
+    for region in &cluster.regions {
+        for edge in &region.edges {
+            // SAFETY: kill(2) with a pid this cluster started; no memory is involved.
+            if unsafe { libc::kill(edge.pid as libc::pid_t, libc::SIGHUP) } != 0 {
+                bail!(
+                    "the {} edge (pid {}) is not running: {}",
+                    region.id,
+                    edge.pid,
+                    std::io::Error::last_os_error()
+                );
+            }
+            let admin: SocketAddr = edge
+                .admin_url
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .parse()
+                .with_context(|| format!("admin URL {}", edge.admin_url))?;
+            wait_for_ring(admin, (version, moving_from), RING_ROLL_LIMIT)
+                .await
+                .with_context(|| {
+                    format!(
+                        "the {} edge did not take ring {version} moving from {moving_from:?} (see {})",
+                        region.id,
+                        edge.log
+                            .as_deref()
+                            .map_or_else(|| "its log".to_string(), |p| p.display().to_string())
+                    )
+                })?;
+        }
+    }
+    Ok(())
+}
+
+/// Polls `GET /health` on an admin listener until it reports `ring`: its version and the
+/// version it moves from.
+async fn wait_for_ring(admin: SocketAddr, ring: (u32, Option<u32>), limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut seen = None;
+    while Instant::now() < deadline {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let request = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+            let mut answer = Vec::new();
+            if stream.write_all(request).await.is_ok()
+                && stream.read_to_end(&mut answer).await.is_ok()
+            {
+                let body = answer
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map(|at| &answer[at + 4..]);
+                seen = body
+                    .and_then(|body| serde_json::from_slice::<serde_json::Value>(body).ok())
+                    .map(|health| {
+                        let ring = &health["ring"];
+                        (ring["version"].as_u64(), ring["moving_from"].as_u64())
+                    });
+                let wanted = (Some(u64::from(ring.0)), ring.1.map(u64::from));
+                if seen == Some(wanted) {
+                    return Ok(());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("still on ring (version, moving from) {seen:?} after {limit:?}")
+}
+
 async fn wait_ready(admin: SocketAddr, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -1895,16 +1984,11 @@ pub struct AddedShard {
 /// `cartedge local add-shard <id>@<region>`: starts the new shard's primary in `home` and a
 /// streaming replica of it in every other region (direct, not through the link proxy), keeps
 /// the running ring as `ring.v<N>.toml`, writes ring N+1 with the shard and `moving_from = N`,
-/// adds the shard to every region file and restarts every edge in turn (the ring is read at
-/// start-up; each edge drains first). The carts are moved by the caller (`ring move`), and by
+/// adds the shard to every region file and rolls the ring to every edge in turn without a
+/// restart ([`roll_ring`]: SIGHUP, then the edge's `/health` names the new ring). The carts are moved by the caller (`ring move`), and by
 /// each moving owner's first write meanwhile. Refused on an HA cluster (`--ha`) and while the
 /// ring is still moving.
-pub async fn add_shard(
-    dir: &Path,
-    defaults: Option<&Path>,
-    shard: &str,
-    home: &str,
-) -> Result<AddedShard> {
+pub async fn add_shard(dir: &Path, shard: &str, home: &str) -> Result<AddedShard> {
     use cartedge::domain::ids::{RegionId, ShardId};
     use cartedge::domain::ring::{RingSpec, ShardSpec};
     let cluster = read_cluster(dir)
@@ -2029,17 +2113,10 @@ pub async fn add_shard(
     drop((primary, replicas));
 
     eprintln!(
-        "cartedge: restarting every edge on ring {} (one at a time)…",
+        "cartedge: rolling ring {} to every edge (SIGHUP, one at a time, no restart)…",
         spec.version
     );
-    for region in &cluster.regions {
-        for (index, edge) in region.edges.iter().enumerate() {
-            procs::stop_pid(edge.pid, libc::SIGTERM, Duration::from_secs(20))?;
-            restart_edge(dir, defaults, &region.id, index, edge)
-                .await
-                .with_context(|| format!("restarting the {} edge", region.id))?;
-        }
-    }
+    roll_ring(&cluster, spec.version, spec.moving_from).await?;
     Ok(AddedShard {
         home_file: region_file(dir, home),
         moving_from: from,

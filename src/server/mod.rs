@@ -171,7 +171,7 @@ fn spawn_connection(
             let region = edge_tls::peer_edge_name(stream.get_ref().1);
             if !region
                 .as_ref()
-                .is_some_and(|r| app.topology.regions.contains_key(r.as_str()))
+                .is_some_and(|r| app.topology().regions.contains_key(r.as_str()))
             {
                 tracing::warn!(
                     ?peer,

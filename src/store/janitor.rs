@@ -98,12 +98,7 @@ pub struct Pass {
 /// catalog primary is configured).
 pub async fn run_once(store: &Store, config: &Config) -> Result<Pass, StoreError> {
     let mut pass = Pass::default();
-    let mut shards: Vec<&String> = store.shards.keys().collect();
-    shards.sort();
-    for shard in shards {
-        if !store.is_home(shard) {
-            continue;
-        }
+    for shard in &store.home_shards() {
         let client = store.db_write(shard).await?;
         if !try_lock(&client, lock_key(shard)).await? {
             pass.report.skipped.push(shard.clone());

@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
@@ -147,7 +149,8 @@ pub struct ShardProbe {
 
 /// The region's storage: every shard's pools, the regional cache and the catalogs.
 pub struct Store {
-    shards: HashMap<String, ShardPools>,
+    /// Replaced whole when a reload adds shards ([`Store::add_shards`]); never loses one.
+    shards: ArcSwap<HashMap<String, Arc<ShardPools>>>,
     pub cache: Arc<Cache>,
     /// This region's id: whose catalog [`Store::own_catalog`] is.
     region: String,
@@ -234,25 +237,39 @@ pub fn build_pool(dsn: &str, config: &Config) -> anyhow::Result<Pool> {
         .build()?)
 }
 
+/// The pools of one shard as `config` lists it (they connect lazily).
+fn shard_pools(
+    shard: &crate::config::ShardDatabase,
+    config: &Config,
+) -> anyhow::Result<ShardPools> {
+    let primary = if shard.primary.is_empty() {
+        None
+    } else {
+        Some(build_pool(shard.primary.expose(), config)?)
+    };
+    Ok(ShardPools {
+        primary,
+        replica: build_pool(shard.replica.expose(), config)?,
+        lag_ms: Arc::new(AtomicI64::new(-1)),
+    })
+}
+
+/// Shards a reload would add ([`Store::prepare_shards`]), their pools built but not yet
+/// serving.
+pub struct NewShards(Vec<(String, Arc<ShardPools>)>);
+
+impl NewShards {
+    /// The ids of the shards, in the order `config` lists them.
+    pub fn ids(&self) -> Vec<&str> {
+        self.0.iter().map(|(id, _)| id.as_str()).collect()
+    }
+}
+
 impl Store {
     pub fn new(config: &Config, metrics: &Metrics) -> anyhow::Result<Store> {
         let mut shards = HashMap::new();
         for shard in &config.database.shards {
-            let primary = if shard.primary.is_empty() {
-                None
-            } else {
-                Some(build_pool(shard.primary.expose(), config)?)
-            };
-            let replica = build_pool(shard.replica.expose(), config)?;
-            let lag_ms = Arc::new(AtomicI64::new(-1));
-            shards.insert(
-                shard.id.clone(),
-                ShardPools {
-                    primary,
-                    replica,
-                    lag_ms,
-                },
-            );
+            shards.insert(shard.id.clone(), Arc::new(shard_pools(shard, config)?));
         }
         let ttl = config.cart.catalog_cache_ttl.0;
         let catalog_pool = build_pool(config.database.catalog.expose(), config)?;
@@ -270,7 +287,7 @@ impl Store {
             )?)
         };
         Ok(Store {
-            shards,
+            shards: ArcSwap::from_pointee(shards),
             cache: Arc::new(Cache::new(&config.redis, metrics.cache.clone())?),
             region: config.region.id.to_string(),
             catalog: Catalog::new(catalog_pool, ttl),
@@ -282,16 +299,62 @@ impl Store {
         })
     }
 
-    fn pools(&self, shard: &str) -> Result<&ShardPools, StoreError> {
+    fn pools(&self, shard: &str) -> Result<Arc<ShardPools>, StoreError> {
         self.shards
+            .load()
             .get(shard)
+            .cloned()
             .ok_or_else(|| StoreError::Unavailable(format!("shard {shard} is not configured")))
+    }
+
+    /// The shards `config` lists that this store does not have yet, with their pools built
+    /// (nothing serves them until [`Store::add_shards`]). A shard this store has is kept as it
+    /// is: its connection strings changing needs a restart, which is logged.
+    pub fn prepare_shards(&self, config: &Config) -> anyhow::Result<NewShards> {
+        let running = self.shards.load();
+        let mut new = Vec::new();
+        for shard in &config.database.shards {
+            match running.get(&shard.id) {
+                Some(pools) => {
+                    let homed_now = !shard.primary.is_empty();
+                    if pools.primary.is_some() != homed_now {
+                        anyhow::bail!(
+                            "shard {}: gaining or losing its primary here needs a restart",
+                            shard.id
+                        );
+                    }
+                }
+                None => new.push((shard.id.clone(), Arc::new(shard_pools(shard, config)?))),
+            }
+        }
+        let listed: std::collections::HashSet<&str> = config
+            .database
+            .shards
+            .iter()
+            .map(|s| s.id.as_str())
+            .collect();
+        if let Some(gone) = running.keys().find(|id| !listed.contains(id.as_str())) {
+            anyhow::bail!("shard {gone} is no longer listed: removing a shard needs a restart");
+        }
+        Ok(NewShards(new))
+    }
+
+    /// Starts serving the shards [`Store::prepare_shards`] built, with their heartbeats.
+    pub fn add_shards(self: &Arc<Self>, new: NewShards) {
+        let mut shards = HashMap::clone(&self.shards.load());
+        for (id, pools) in &new.0 {
+            shards.insert(id.clone(), pools.clone());
+        }
+        self.shards.store(Arc::new(shards));
+        for (id, pools) in new.0 {
+            self.spawn_heartbeat(id, pools.primary.is_some());
+        }
     }
 
     /// A connection for writes: the shard's primary, which only its home region has.
     pub async fn db_write(&self, shard: &str) -> Result<Object, StoreError> {
-        let primary = self
-            .pools(shard)?
+        let pools = self.pools(shard)?;
+        let primary = pools
             .primary
             .as_ref()
             .ok_or_else(|| StoreError::NotHome(shard.to_string()))?;
@@ -324,7 +387,7 @@ impl Store {
     /// The replica's lag behind the shard's primary (None when unknown). Always zero for a shard
     /// homed here.
     pub fn replica_lag(&self, shard: &str) -> Option<Duration> {
-        let pools = self.shards.get(shard)?;
+        let pools = self.pools(shard).ok()?;
         if pools.primary.is_some() {
             return Some(Duration::ZERO);
         }
@@ -335,48 +398,52 @@ impl Store {
     /// Starts the heartbeat tasks: stamp every shard homed here, measure every other shard's
     /// replica. They end when the store is dropped.
     pub fn spawn_heartbeats(self: &Arc<Self>) {
-        for (shard, pools) in &self.shards {
-            let shard = shard.clone();
-            let store = Arc::downgrade(self);
-            let home = pools.primary.is_some();
-            tokio::spawn(async move {
-                let mut ticker = tokio::time::interval(HEARTBEAT_PERIOD);
-                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    ticker.tick().await;
-                    let Some(store) = store.upgrade() else { return };
-                    let Some(pools) = store.shards.get(&shard) else {
-                        return;
+        for (shard, pools) in self.shards.load().iter() {
+            self.spawn_heartbeat(shard.clone(), pools.primary.is_some());
+        }
+    }
+
+    /// One shard's heartbeat task: `home`, stamp it; else measure its replica's lag.
+    fn spawn_heartbeat(self: &Arc<Self>, shard: String, home: bool) {
+        let store = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(HEARTBEAT_PERIOD);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let Some(store) = store.upgrade() else { return };
+                let Ok(pools) = store.pools(&shard) else {
+                    return;
+                };
+                if home {
+                    if let Err(error) = stamp(&shard, &pools).await {
+                        tracing::debug!(%shard, %error, "heartbeat not written");
+                    }
+                } else {
+                    let lag = measure(&shard, &pools).await.unwrap_or(-1);
+                    pools.lag_ms.store(lag, Ordering::Relaxed);
+                    let labels = ShardLabels {
+                        shard: shard.clone(),
                     };
-                    if home {
-                        if let Err(error) = stamp(&shard, pools).await {
-                            tracing::debug!(%shard, %error, "heartbeat not written");
-                        }
+                    if lag >= 0 {
+                        store
+                            .metrics
+                            .replica_lag
+                            .get_or_create(&labels)
+                            .set(lag as f64 / 1000.0);
                     } else {
-                        let lag = measure(&shard, pools).await.unwrap_or(-1);
-                        pools.lag_ms.store(lag, Ordering::Relaxed);
-                        let labels = ShardLabels {
-                            shard: shard.clone(),
-                        };
-                        if lag >= 0 {
-                            store
-                                .metrics
-                                .replica_lag
-                                .get_or_create(&labels)
-                                .set(lag as f64 / 1000.0);
-                        } else {
-                            store.metrics.replica_lag.remove(&labels);
-                        }
+                        store.metrics.replica_lag.remove(&labels);
                     }
                 }
-            });
-        }
+            }
+        });
     }
 
     /// Shards homed in this region, sorted.
     pub fn home_shards(&self) -> Vec<String> {
         let mut shards: Vec<String> = self
             .shards
+            .load()
             .iter()
             .filter(|(_, p)| p.primary.is_some())
             .map(|(id, _)| id.clone())
@@ -409,7 +476,10 @@ impl Store {
 
     /// Whether this region holds the shard's primary.
     pub fn is_home(&self, shard: &str) -> bool {
-        self.shards.get(shard).is_some_and(|p| p.primary.is_some())
+        self.shards
+            .load()
+            .get(shard)
+            .is_some_and(|p| p.primary.is_some())
     }
 
     /// Opens a write transaction on the shard's primary.
@@ -535,7 +605,7 @@ impl Store {
     /// Sets `cartedge_db_pool_connections` from every shard pool's current status (at scrape
     /// time: reading a pool's status takes no connection).
     pub fn export_pool_connections(&self) {
-        for (shard, pools) in &self.shards {
+        for (shard, pools) in self.shards.load().iter() {
             let roles = [
                 (PRIMARY, pools.primary.as_ref()),
                 (REPLICA, Some(&pools.replica)),
@@ -618,7 +688,8 @@ impl Store {
                 matches!(tokio::time::timeout(timeout, probe).await, Ok(Some(_)))
             }
         };
-        let probes = self.shards.iter().map(|(shard, pools)| {
+        let shards = self.shards.load();
+        let probes = shards.iter().map(|(shard, pools)| {
             let primary: futures_util::future::OptionFuture<_> =
                 pools.primary.as_ref().map(probe).into();
             let replica = probe(&pools.replica);

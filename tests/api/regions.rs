@@ -430,7 +430,15 @@ impl TwoRegions {
     pub(crate) fn user_homed_in(&self, region: &str, salt: &str) -> String {
         (0..10_000)
             .map(|n| format!("{salt}-{n}"))
-            .find(|user| self.sg.app.topology.ring.locate(&format!("u:{user}")).home == region)
+            .find(|user| {
+                self.sg
+                    .app
+                    .topology()
+                    .ring
+                    .locate(&format!("u:{user}"))
+                    .home
+                    == region
+            })
             .unwrap()
     }
 
@@ -876,7 +884,7 @@ async fn edges_refuse_writes_from_another_ring_and_never_forward_a_forwarded_req
 
     headers.insert(
         "cart-ring",
-        HeaderValue::from_str(regions.sg.app.topology.ring.fingerprint()).unwrap(),
+        HeaderValue::from_str(regions.sg.app.topology().ring.fingerprint()).unwrap(),
     );
     let misdirected = forwarder
         .send("sg", Method::POST, "/api/v1/cart/items", &headers, body)
@@ -995,7 +1003,7 @@ fn guest_shard(regions: &TwoRegions, session: &str) -> String {
     regions
         .sg
         .app
-        .topology
+        .topology()
         .ring
         .place(&format!("g:{session}"), home.as_deref())
         .unwrap()
@@ -1302,7 +1310,7 @@ async fn a_guest_is_homed_where_its_session_was_minted_and_old_credentials_keep_
     // without a claim. Both stay on the global ring, so they reach the carts they already
     // have. Pick ones the global ring homes in sg, written at th.
     let auth = regions.th.app.auth.load();
-    let ring = &regions.sg.app.topology.ring;
+    let ring = &regions.sg.app.topology().ring;
     let old_session = (0..256)
         .map(|_| auth.issue_session_at(crate::helpers::now_unix()))
         .find(|s| ring.locate(&format!("g:{}", s.as_str())).home == "sg")

@@ -77,7 +77,7 @@ impl Resharded {
             },
         )
         .await;
-        assert_eq!(new.app.topology.ring.spec().moving_from, Some(1));
+        assert_eq!(new.app.topology().ring.spec().moving_from, Some(1));
         Resharded {
             dir,
             old,
@@ -89,7 +89,7 @@ impl Resharded {
 
     /// `count` users (no region claim: the global ring) the new ring moves from sg-1 to sg-2.
     fn movers(&self, salt: &str, count: usize) -> Vec<String> {
-        let ring = &self.new.app.topology.ring;
+        let ring = &self.new.app.topology().ring;
         let movers: Vec<String> = (0..count * 10)
             .map(|n| format!("{salt}-{n}"))
             .filter(|user| {
@@ -251,7 +251,7 @@ async fn a_moved_cart_keeps_its_items_version_and_idempotency_keys() {
     let from = cluster
         .new
         .app
-        .topology
+        .topology()
         .ring
         .previous_placement(owner.as_str(), None)
         .unwrap();
@@ -370,7 +370,7 @@ async fn ring_move_moves_every_remaining_owner_and_then_finds_nothing_left() {
         }
         panic!("more than 100 pages");
     };
-    let ring = &app.topology.ring;
+    let ring = &app.topology().ring;
     let expected = users
         .iter()
         .filter(|u| ring.previous_placement(&format!("u:{u}"), None).is_some())
@@ -541,7 +541,7 @@ async fn adding_a_shard_under_load_loses_no_acknowledged_write() {
         "every read showed the writes acknowledged before it"
     );
     let acknowledged = acknowledged.lock().unwrap().clone();
-    let ring = &cluster.new.app.topology.ring;
+    let ring = &cluster.new.app.topology().ring;
     let mut movers = 0;
     for user in &users {
         let read = cluster.new.user(user, "GET", "/api/v1/cart", None).await;
@@ -585,7 +585,7 @@ async fn adding_a_shard_under_load_loses_no_acknowledged_write() {
 async fn a_cart_moving_to_another_region_moves_through_the_old_shards_home_edge() {
     use crate::regions::{TwoRegions, TH2_DATABASE};
     let regions = TwoRegions::start_moving("2s").await;
-    let ring = &regions.th.app.topology.ring;
+    let ring = &regions.th.app.topology().ring;
     let mut movers = (0..10_000).map(|n| format!("abroad-{n}")).filter(|user| {
         let key = format!("u:{user}");
         ring.previous_placement(&key, None)
@@ -738,7 +738,10 @@ async fn a_cart_moving_to_another_region_moves_through_the_old_shards_home_edge(
 async fn during_a_ring_roll_both_sides_accept_each_others_forwarded_writes() {
     use crate::regions::TwoRegions;
     let regions = TwoRegions::start_rolling("2s").await;
-    let (v1, v2) = (&regions.sg.app.topology.ring, &regions.th.app.topology.ring);
+    let (v1, v2) = (
+        &regions.sg.app.topology().ring,
+        &regions.th.app.topology().ring,
+    );
     assert_ne!(v1.fingerprint(), v2.fingerprint());
     assert_eq!(v2.previous().unwrap().fingerprint(), v1.fingerprint());
     // Users both rings place alike (the roll moves neither), homed in sg and in th.
@@ -868,6 +871,18 @@ async fn local_add_shard_moves_the_carts_the_new_shard_takes_and_loses_none() {
         assert_eq!(status, 200, "{body}");
     }
 
+    let edge_pids = || -> Vec<u64> {
+        let cluster: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
+        cluster["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|region| region["edges"].as_array().unwrap().clone())
+            .map(|edge| edge["pid"].as_u64().unwrap())
+            .collect()
+    };
+    let pids_before = edge_pids();
     let added = tokio::task::spawn_blocking({
         let dir = started.dir.clone();
         move || cli(&["local", "add-shard", "sg-2@sg", "--dir", &dir])
@@ -892,6 +907,28 @@ async fn local_add_shard_moves_the_carts_the_new_shard_takes_and_loses_none() {
 
     let ring = cartedge::topology::load_ring(&dir.join("ring.toml")).unwrap();
     assert_eq!(ring.spec().moving_from, Some(1));
+    // Rolled without a restart: the same processes, each serving ring 2 moving from 1.
+    assert_eq!(edge_pids(), pids_before, "no edge was restarted");
+    for pid in &pids_before {
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "edge {pid} still runs"
+        );
+    }
+    let health = |edge: &str| {
+        let edge = edge.to_string();
+        async move {
+            let (status, health) = call(&format!("{edge}/health"), "GET", "", None).await;
+            assert_eq!(status, 200, "{health}");
+            (
+                health["ring"]["version"].clone(),
+                health["ring"]["moving_from"].clone(),
+            )
+        }
+    };
+    for edge in [&sg_edge, &th_edge] {
+        assert_eq!(health(edge).await, (2.into(), 1.into()), "{edge}");
+    }
     let movers = users
         .iter()
         .filter(|(user, _)| {
@@ -968,4 +1005,221 @@ async fn local_add_shard_moves_the_carts_the_new_shard_takes_and_loses_none() {
     ]);
     let left: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(left["left_to_move_here"], 0, "{left}");
+
+    // The move over, the marker goes and `local reload` rolls the settled ring, again without
+    // a restart; every cart still reads back.
+    let ring_path = dir.join("ring.toml");
+    let settled = std::fs::read_to_string(&ring_path)
+        .unwrap()
+        .replace("moving_from = 1\n", "");
+    std::fs::write(&ring_path, settled).unwrap();
+    let reloaded = tokio::task::spawn_blocking({
+        let dir = started.dir.clone();
+        move || cli(&["local", "reload", "--dir", &dir])
+    })
+    .await
+    .unwrap();
+    assert!(
+        reloaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reloaded.stderr)
+    );
+    assert_eq!(edge_pids(), pids_before, "no edge was restarted");
+    for edge in [&sg_edge, &th_edge] {
+        assert_eq!(
+            health(edge).await,
+            (2.into(), serde_json::Value::Null),
+            "{edge}"
+        );
+    }
+    for (user, bearer) in &users {
+        let (status, cart) = call(&format!("{th_edge}/api/v1/cart"), "GET", bearer, None).await;
+        assert_eq!(status, 200, "{cart}");
+        assert_eq!(cart["items"][0]["quantity"], 2, "{user}: {cart}");
+    }
+}
+
+/// The "rolled to every edge without a restart": one edge starts on ring 1, carts
+/// are written, ring 2 (adding `sg-2`, moving from 1) and the shard's pools arrive by
+/// `App::reload` (what SIGHUP runs) while readers keep reading, and the edge then serves ring
+/// 2: reads find every cart, a moving owner's write moves its cart to the new shard, the
+/// settled ring (marker removed) reloads the same way, and a reload that removes a shard is
+/// refused with the running ring kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_reloaded_without_a_restart_serves_the_new_shard_and_every_cart_throughout() {
+    let dir = tempfile::Builder::new()
+        .prefix("cartedge-reload-ring-")
+        .tempdir_in(shared().dir.path())
+        .unwrap();
+    let path = dir.path();
+    std::fs::create_dir_all(path.join("regions")).unwrap();
+    std::fs::write(path.join("ring.toml"), RING_V1).unwrap();
+    let (database, sg1) = fresh_database().await;
+    let (_, sg2) = fresh_database().await;
+    let edge = Arc::new(
+        TestApp::spawn_on(
+            &sg1,
+            &database,
+            TestOptions {
+                overlay: shard_overlay(path, "ring.toml", &[("sg-1", &sg1)]),
+                ..TestOptions::default()
+            },
+        )
+        .await,
+    );
+    let config_with = |shards: &[(&str, &str)]| {
+        crate::helpers::test_config(
+            &sg1,
+            edge.config.redis.url.expose(),
+            &edge.config.redis.key_prefix,
+            &shard_overlay(path, "ring.toml", shards),
+        )
+    };
+    let ring_of = |health: &crate::helpers::TestResponse| {
+        let ring = &health.json()["ring"];
+        (ring["version"].as_u64(), ring["moving_from"].as_u64())
+    };
+    assert_eq!(
+        ring_of(&edge.send("GET", "/health", &[], None).await),
+        (Some(1), None)
+    );
+
+    // Owners ring 2 will move from sg-1 to sg-2, each with a cart written on ring 1.
+    std::fs::write(path.join("ring.v1.toml"), RING_V1).unwrap();
+    let next_path = path.join("next.toml");
+    std::fs::write(&next_path, RING_V2.replace("moving_from = 1\n", "")).unwrap();
+    let next = cartedge::topology::load_ring(&next_path).unwrap();
+    let movers: Vec<String> = (0..400)
+        .map(|n| format!("reload-{n}"))
+        .filter(|user| next.locate(&format!("u:{user}")).shard == "sg-2")
+        .take(12)
+        .collect();
+    assert_eq!(movers.len(), 12);
+    for user in &movers {
+        let added = add(&edge, user, "sku-00005", 3, &format!("{user}-first")).await;
+        assert_eq!(added.status, 200, "{:?}", added.body);
+    }
+
+    // Readers run across the reload (bounded: until told to stop, or 30 s).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|reader| {
+            let (edge, stop, movers) = (edge.clone(), stop.clone(), movers.clone());
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let mut reads = 0u32;
+                let mut n = reader;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline
+                {
+                    let user = &movers[n % movers.len()];
+                    let read = edge.user(user, "GET", "/api/v1/cart", None).await;
+                    assert_eq!(read.status, 200, "{user}: {:?}", read.body);
+                    assert_eq!(read.quantity_of("sku-00005"), 3, "{user}: {:?}", read.body);
+                    reads += 1;
+                    n += 3;
+                }
+                reads
+            })
+        })
+        .collect();
+
+    std::fs::write(path.join("ring.toml"), RING_V2).unwrap();
+    edge.app
+        .reload(&config_with(&[("sg-1", &sg1), ("sg-2", &sg2)]))
+        .expect("ring 2 reloads");
+    assert_eq!(
+        ring_of(&edge.send("GET", "/health", &[], None).await),
+        (Some(2), Some(1))
+    );
+    let exposition = edge.app.metrics_text(cartedge::metrics::Format::Text);
+    assert!(
+        exposition.contains("ring_version=\"2\"") && !exposition.contains("ring_version=\"1\""),
+        "cartedge_build_info names the ring served"
+    );
+    // A moving owner's write moves its cart to the new shard first; a replayed key replays.
+    let user = &movers[0];
+    let write = add(&edge, user, "sku-00006", 1, &format!("{user}-second")).await;
+    assert_eq!(write.status, 200, "{:?}", write.body);
+    assert_eq!(write.version(), 2);
+    assert_eq!(
+        query_opt_i64(
+            &sg2,
+            "SELECT version FROM carts WHERE owner = $1",
+            &[&format!("u:{user}")]
+        )
+        .await,
+        Some(2),
+        "the cart lives on sg-2 now"
+    );
+    let replay = add(&edge, user, "sku-00005", 3, &format!("{user}-first")).await;
+    assert_eq!(replay.status, 200);
+    assert_eq!(
+        replay.version(),
+        1,
+        "the first add replays from its moved record"
+    );
+
+    // Every other mover, by the move `ring move` runs.
+    let mut cursor = String::new();
+    loop {
+        let page = move_page(&edge.app, "sg-1", &cursor, 100, 2, UserHomes::Global, true)
+            .await
+            .unwrap();
+        assert_eq!(page.errors, 0);
+        match page.next {
+            Some(next) => cursor = next,
+            None => break,
+        }
+    }
+
+    // The settled ring reloads the same way; a ring that drops a shard is refused.
+    std::fs::write(path.join("ring.toml"), RING_V2_SETTLED).unwrap();
+    edge.app
+        .reload(&config_with(&[("sg-1", &sg1), ("sg-2", &sg2)]))
+        .expect("the settled ring reloads");
+    assert_eq!(
+        ring_of(&edge.send("GET", "/health", &[], None).await),
+        (Some(2), None)
+    );
+    std::fs::write(
+        path.join("ring.toml"),
+        "version = 3\nvnodes = 200\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n",
+    )
+    .unwrap();
+    let refused = edge
+        .app
+        .reload(&config_with(&[("sg-1", &sg1)]))
+        .expect_err("dropping a shard needs a restart");
+    assert!(
+        format!("{refused:#}").contains("sg-2 is no longer listed"),
+        "{refused:#}"
+    );
+    assert_eq!(
+        ring_of(&edge.send("GET", "/health", &[], None).await),
+        (Some(2), None)
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut reads = 0;
+    for reader in readers {
+        reads += reader
+            .await
+            .expect("every read during the reload showed the cart");
+    }
+    assert!(reads > 0);
+    for user in &movers {
+        let read = edge.user(user, "GET", "/api/v1/cart", None).await;
+        assert_eq!(read.status, 200);
+        assert_eq!(read.quantity_of("sku-00005"), 3, "{user}");
+        assert!(
+            query_opt_i64(
+                &sg2,
+                "SELECT version FROM carts WHERE owner = $1",
+                &[&format!("u:{user}")]
+            )
+            .await
+            .is_some(),
+            "{user} moved to sg-2"
+        );
+    }
 }
