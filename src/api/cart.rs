@@ -385,12 +385,7 @@ pub async fn write(
         placed.key.as_str(),
         view.version,
     );
-    if let Some(key) = idempotency_key {
-        let stored = idempotency::to_stored(&response, body);
-        tx.record_idempotency(&claimed, key, &fingerprint, &stored)
-            .await?;
-    }
-    tx.commit().await?;
+    idempotency::commit(tx, idempotency_key, &claimed, &fingerprint, &response, body).await?;
     if cart.version > 0 {
         app.store.cache.store_committed(&cart).await;
         app.invalidate_elsewhere(&placed.key, cart.version);

@@ -50,6 +50,26 @@ pub async fn claim(
     Ok(Some(answer))
 }
 
+/// Commits `tx`, recording `response` (whose body is `body`) under `key` in the same round
+/// trip when the request carried one: the write and its answer commit together or not at all.
+pub async fn commit(
+    tx: WriteTx,
+    key: Option<&str>,
+    owner: &OwnerKey,
+    fingerprint: &[u8],
+    response: &Response<Body>,
+    body: Bytes,
+) -> Result<(), ApiError> {
+    match key {
+        Some(key) => {
+            let stored = to_stored(response, body);
+            tx.commit_recorded(owner, key, fingerprint, &stored).await?
+        }
+        None => tx.commit().await?,
+    }
+    Ok(())
+}
+
 /// The response as recorded under its key (`body` is the response's body, kept by the caller).
 pub fn to_stored(response: &Response<Body>, body: Bytes) -> StoredResponse {
     let headers = response

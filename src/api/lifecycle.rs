@@ -196,12 +196,8 @@ async fn merge_once(
         }
         MergeOutcome::Applied { cart, report } => {
             let (mut response, body) = merged_response(app, &cart, user.home, &report, true).await;
-            if let Some(key) = idempotency_key {
-                let stored = idempotency::to_stored(&response, body);
-                tx.record_idempotency(user_key, key, &fingerprint, &stored)
-                    .await?;
-            }
-            tx.commit().await?;
+            idempotency::commit(tx, idempotency_key, user_key, &fingerprint, &response, body)
+                .await?;
             app.store.cache.store_committed(&cart).await;
             app.invalidate_elsewhere(user_key, cart.version);
             finish_guest(app, &step).await;
@@ -338,10 +334,7 @@ pub async fn checkout(
         let mut response = response::order(app, StatusCode::CREATED, body.clone());
         response::set_version(response.headers_mut(), cleared.version);
         response::mark_write(app, response.headers_mut(), owner.as_str(), cleared.version);
-        let stored = idempotency::to_stored(&response, body);
-        tx.record_idempotency(&owner, key, &fingerprint, &stored)
-            .await?;
-        tx.commit().await?;
+        idempotency::commit(tx, Some(key), &owner, &fingerprint, &response, body).await?;
         Ok::<_, ApiError>((cleared, response))
     }
     .await;

@@ -66,6 +66,8 @@ pub struct ShopperRun {
     pub expectation: Expectation,
     pub requests: u64,
     pub failures: BTreeMap<String, u64>,
+    /// Writes answered 202: an add parked because its home region could not be reached.
+    pub parked: u64,
     pub max_write: Duration,
 }
 
@@ -145,6 +147,9 @@ pub fn parse_cart(body: &[u8]) -> Option<CartSeen> {
 impl ShopperRun {
     fn count(&mut self, answer: &Result<Answer, &'static str>) {
         self.requests += 1;
+        if matches!(answer, Ok(answer) if answer.status == 202) {
+            self.parked += 1;
+        }
         if let Some(key) = failure_key(answer) {
             *self.failures.entry(key).or_default() += 1;
         }

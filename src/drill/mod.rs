@@ -715,6 +715,18 @@ async fn partition(context: &Drilling, summary: &mut Summary) -> Result<()> {
     summary
         .measured
         .insert("home_shoppers_failed_requests".into(), json!(home_failures));
+    let remote_parked: u64 = runs
+        .iter()
+        .filter(|run| {
+            run.writes
+                .first()
+                .is_some_and(|w| remote_ids.contains(&w.shopper))
+        })
+        .map(|run| run.parked)
+        .sum();
+    summary
+        .measured
+        .insert("remote_writes_parked".into(), json!(remote_parked));
     summary.measured.insert(
         "remote_write_slowest_during_partition_ms".into(),
         ms(slowest_remote),

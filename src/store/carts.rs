@@ -5,6 +5,14 @@
 //! cart bumps the cart's version and so takes the cart row's lock: concurrent writers of one cart
 //! queue behind each other and every read-modify-write below happens under that lock. The key's
 //! answer is recorded inside the same transaction.
+//!
+//! Round trips are saved by pipelining where order alone keeps the meaning (PostgreSQL runs a
+//! connection's messages in order): `BEGIN` goes with the first statements, the key's lock with
+//! its lookup, an add's bump with its line context, a change with its event and the cart read
+//! back, the key's record with `COMMIT` (`store::tx`). A keyed add is four round trips.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use deadpool_postgres::Object;
@@ -12,6 +20,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::Statement;
 
 use super::tx::Transaction;
 use super::StoreError;
@@ -69,6 +78,11 @@ fn stored_quantity(owner: &str, line: &str, quantity: i32) -> Result<Quantity, S
 pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, StoreError> {
     let statement = client.prepare_cached(LOAD_CART).await?;
     let rows = client.query(&statement, &[&owner.as_str()]).await?;
+    cart_of(owner, &rows)
+}
+
+/// The cart [`LOAD_CART`]'s rows describe.
+fn cart_of(owner: &OwnerKey, rows: &[tokio_postgres::Row]) -> Result<StoredCart, StoreError> {
     let Some(first) = rows.first() else {
         return Ok(StoredCart::empty(owner.as_str()));
     };
@@ -86,7 +100,7 @@ pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, Store
         lines: Vec::with_capacity(rows.len()),
         updated_at: Some(first.try_get(2)?),
     };
-    for row in &rows {
+    for row in rows {
         let item_id: Option<String> = row.try_get(3)?;
         let Some(item_id) = item_id else { continue };
         let quantity = stored_quantity(owner.as_str(), &item_id, row.try_get(4)?)?;
@@ -103,6 +117,60 @@ pub async fn load(client: &Object, owner: &OwnerKey) -> Result<StoredCart, Store
         });
     }
     Ok(cart)
+}
+
+/// An add's line context on a schema keying lines by line id: the line's quantity (NULL: no
+/// such line) and how many lines the cart has.
+const LINE_CONTEXT_BY_LINE: &str =
+    "SELECT (SELECT quantity FROM cart_items WHERE owner = $1 AND line_id = $2), \
+     (SELECT count(*) FROM cart_items WHERE owner = $1)";
+
+/// The statement that changes a cart's lines in [`WriteTx::apply`], with what it binds (held
+/// here so the pipeline that sends it can borrow them).
+enum Change<'v> {
+    /// An add's upsert; `line_id` None in legacy mode (no line id column).
+    Upsert {
+        statement: Statement,
+        line_id: Option<LineId>,
+        item_id: &'v str,
+        quantity: i32,
+        price: i64,
+        currency: Currency,
+        variant: Option<&'v Value>,
+    },
+    /// A quantity set (`quantity`) or a removal of one line: keyed by line id (`by_line`) or,
+    /// in legacy mode, by item id with the touched row checked against the line.
+    Line {
+        statement: Statement,
+        line_id: &'v LineId,
+        by_line: bool,
+        quantity: Option<i32>,
+    },
+    Clear {
+        statement: Statement,
+    },
+}
+
+/// Whether `params` encode as `statement`'s parameters: what a pipeline ending in `COMMIT`
+/// must know before sending (see `Transaction::commit_with`). Encoding is deterministic, so
+/// parameters that encode here encode again when sent.
+fn check_encodes(statement: &Statement, params: &[&(dyn ToSql + Sync)]) -> Result<(), StoreError> {
+    let types = statement.params();
+    if types.len() != params.len() {
+        return Err(StoreError::corrupt(format!(
+            "statement expects {} parameters, {} given",
+            types.len(),
+            params.len()
+        )));
+    }
+    let mut scratch = bytes::BytesMut::new();
+    for (param, ty) in params.iter().zip(types) {
+        scratch.clear();
+        param
+            .to_sql_checked(ty, &mut scratch)
+            .map_err(|error| StoreError::corrupt(format!("parameter does not encode: {error}")))?;
+    }
+    Ok(())
 }
 
 /// One cart mutation, validated by the API layer.
@@ -197,7 +265,11 @@ pub enum Claim {
 /// explicitly; dropping it unfinished (a panic, a cancelled request) discards the connection so
 /// the server aborts the transaction.
 pub struct WriteTx {
+    /// Deferred: `BEGIN` goes out with the first statements.
     transaction: Transaction<Object>,
+    /// Whether this shard's schema keys lines by line id (V4), as the last bump said: an add
+    /// then reads its line's context in the same round trip as the bump.
+    lines_keyed: Arc<AtomicBool>,
     /// `cartedge_db_query_duration_seconds` of the shard's primary: begin to commit.
     timer: Histogram,
     started: std::time::Instant,
@@ -206,22 +278,26 @@ pub struct WriteTx {
 }
 
 impl WriteTx {
-    pub(super) async fn begin(
+    /// A write transaction on `client` (a primary's connection). Sends nothing yet: `BEGIN`
+    /// goes out with the first statements.
+    pub(super) fn new(
         client: Object,
+        lines_keyed: Arc<AtomicBool>,
         timer: Histogram,
         replays: Counter,
-    ) -> Result<WriteTx, StoreError> {
-        let started = std::time::Instant::now();
-        Ok(WriteTx {
-            transaction: Transaction::begin(client).await?,
+    ) -> WriteTx {
+        WriteTx {
+            transaction: Transaction::deferred(client),
+            lines_keyed,
             timer,
-            started,
+            started: std::time::Instant::now(),
             replays,
-        })
+        }
     }
 
-    pub(super) fn client(&self) -> Result<&Object, StoreError> {
-        self.transaction.connection()
+    /// The connection, the transaction begun.
+    pub(super) async fn client(&self) -> Result<&Object, StoreError> {
+        self.transaction.open().await
     }
 
     /// Claims `key` for `owner`. The advisory lock (held until the transaction ends) makes a
@@ -232,24 +308,37 @@ impl WriteTx {
         key: &str,
         request_hash: &[u8],
     ) -> Result<Claim, StoreError> {
-        let client = self.client()?;
-        let lock = client
-            .prepare_cached("SELECT pg_try_advisory_xact_lock($1)")
+        // The lock, then the record, in one round trip (with `BEGIN` when it is the first):
+        // the server runs them in order, so the record is read after the lock is held.
+        let advisory = advisory_key(owner, key);
+        let (acquired, row) = self
+            .transaction
+            .open_with(|client| async move {
+                let lock = client
+                    .prepare_cached("SELECT pg_try_advisory_xact_lock($1)")
+                    .await?;
+                let select = client
+                    .prepare_cached(
+                        "SELECT request_hash, status, headers, body FROM idempotency_keys \
+                         WHERE owner = $1 AND key = $2",
+                    )
+                    .await?;
+                let owner = owner.as_str();
+                let (lock_params, select_params): (
+                    [&(dyn ToSql + Sync); 1],
+                    [&(dyn ToSql + Sync); 2],
+                ) = ([&advisory], [&owner, &key]);
+                let (acquired, row) = tokio::join!(
+                    client.query_one(&lock, &lock_params),
+                    client.query_opt(&select, &select_params)
+                );
+                Ok((acquired?.try_get::<_, bool>(0)?, row?))
+            })
             .await?;
-        let acquired: bool = client
-            .query_one(&lock, &[&advisory_key(owner, key)])
-            .await?
-            .try_get(0)?;
         if !acquired {
             return Ok(Claim::InProgress);
         }
-        let select = client
-            .prepare_cached(
-                "SELECT request_hash, status, headers, body FROM idempotency_keys \
-                 WHERE owner = $1 AND key = $2",
-            )
-            .await?;
-        let Some(row) = client.query_opt(&select, &[&owner.as_str(), &key]).await? else {
+        let Some(row) = row else {
             return Ok(Claim::Fresh);
         };
         let stored_hash: Vec<u8> = row.try_get(0)?;
@@ -275,15 +364,16 @@ impl WriteTx {
         }))
     }
 
-    /// Records the response of a fresh request under its key, in this transaction.
-    pub async fn record_idempotency(
-        &mut self,
+    /// Records the response of a fresh request under its key and commits, in one round trip:
+    /// the record and the write commit together or not at all.
+    pub async fn commit_recorded(
+        self,
         owner: &OwnerKey,
         key: &str,
         request_hash: &[u8],
         response: &StoredResponse,
     ) -> Result<(), StoreError> {
-        let client = self.client()?;
+        let client = self.client().await?;
         let insert = client
             .prepare_cached(
                 "INSERT INTO idempotency_keys (owner, key, request_hash, status, headers, body) \
@@ -291,32 +381,35 @@ impl WriteTx {
             )
             .await?;
         let headers = serde_json::to_value(&response.headers).unwrap_or(Value::Null);
-        client
-            .execute(
-                &insert,
-                &[
-                    &owner.as_str(),
-                    &key,
-                    &request_hash,
-                    &(response.status as i16),
-                    &headers,
-                    &response.body.as_ref(),
-                ],
-            )
+        let status = response.status as i16;
+        let owner = owner.as_str();
+        let body = response.body.as_ref();
+        let params: [&(dyn ToSql + Sync); 6] =
+            [&owner, &key, &request_hash, &status, &headers, &body];
+        // `commit_with` needs the record on the wire when first polled: the statement is
+        // prepared above and its parameters are known to encode.
+        check_encodes(&insert, &params)?;
+        self.transaction
+            .commit_with(|client| async move {
+                client.execute(&insert, &params).await?;
+                Ok(())
+            })
             .await?;
+        self.timer.observe(self.started.elapsed().as_secs_f64());
         Ok(())
     }
 
     /// Applies one mutation and returns the cart as committed-to-be, or the rule it broke (the
-    /// caller then rolls back).
+    /// caller then rolls back). Three round trips at most: the cart's bump (an add's line
+    /// context with it, once this shard's schema is known to key lines by line id), an add's
+    /// context otherwise, then the change, its outbox event and the cart read back together.
     pub async fn apply(
         &mut self,
         owner: &OwnerKey,
         op: &CartOp<'_>,
     ) -> Result<Result<StoredCart, CartRule>, StoreError> {
-        let client = self.client()?;
         let owner_str = owner.as_str();
-        match op {
+        let (version, change) = match op {
             CartOp::Add {
                 item_id,
                 item,
@@ -325,18 +418,38 @@ impl WriteTx {
                 new_cart_currency,
                 max_lines,
             } => {
-                let bump = client
-                    .prepare_cached(concat!(
-                        "INSERT INTO carts (owner, currency, version) VALUES ($1, $2, 1) \
-                         ON CONFLICT (owner) DO UPDATE \
-                         SET version = carts.version + 1, updated_at = now(), purged_at = NULL \
-                         RETURNING currency, merging_into, ",
-                        keyed_by_line!(),
-                        moving_to!()
-                    ))
-                    .await?;
-                let row = client
-                    .query_one(&bump, &[&owner_str, &new_cart_currency.as_str()])
+                let keyed_line = LineId::of(item_id, *variant);
+                let pipelined = self.lines_keyed.load(Ordering::Relaxed);
+                let (row, keyed_context) = self
+                    .transaction
+                    .open_with(|client| async move {
+                        let bump = client
+                            .prepare_cached(concat!(
+                                "INSERT INTO carts (owner, currency, version) VALUES ($1, $2, 1) \
+                                 ON CONFLICT (owner) DO UPDATE \
+                                 SET version = carts.version + 1, updated_at = now(), \
+                                 purged_at = NULL \
+                                 RETURNING currency, merging_into, ",
+                                keyed_by_line!(),
+                                moving_to!(),
+                                ", version"
+                            ))
+                            .await?;
+                        let currency = new_cart_currency.as_str();
+                        let bump_params: [&(dyn ToSql + Sync); 2] = [&owner_str, &currency];
+                        if !pipelined {
+                            return Ok((client.query_one(&bump, &bump_params).await?, None));
+                        }
+                        // Sent behind the bump, so it reads the lines once the cart is locked.
+                        let context = client.prepare_cached(LINE_CONTEXT_BY_LINE).await?;
+                        let line = keyed_line.as_str();
+                        let context_params: [&(dyn ToSql + Sync); 2] = [&owner_str, &line];
+                        let (row, context) = tokio::join!(
+                            client.query_one(&bump, &bump_params),
+                            client.query_one(&context, &context_params)
+                        );
+                        Ok((row?, Some(context)))
+                    })
                     .await?;
                 refuse_moving(owner_str, row.try_get(3)?)?;
                 let currency: String = row.try_get(0)?;
@@ -344,21 +457,29 @@ impl WriteTx {
                     return Ok(Err(CartRule::MergeInProgress));
                 }
                 let by_line: bool = row.try_get(2)?;
+                self.lines_keyed.store(by_line, Ordering::Relaxed);
+                let version: i64 = row.try_get(4)?;
                 let cart_currency = Currency::parse(&currency).unwrap_or(*new_cart_currency);
+                let client = self.client().await?;
                 // In legacy mode the item id is the line's key.
                 let line_id = LineId::of(item_id, variant.filter(|_| by_line));
-                let context_query = client
-                    .prepare_cached(if by_line {
-                        "SELECT (SELECT quantity FROM cart_items WHERE owner = $1 AND line_id = $2), \
-                         (SELECT count(*) FROM cart_items WHERE owner = $1)"
-                    } else {
-                        "SELECT (SELECT quantity FROM cart_items WHERE owner = $1 AND item_id = $2), \
-                         (SELECT count(*) FROM cart_items WHERE owner = $1)"
-                    })
-                    .await?;
-                let row = client
-                    .query_one(&context_query, &[&owner_str, &line_id.as_str()])
-                    .await?;
+                let row = match keyed_context.filter(|_| by_line) {
+                    Some(context) => context?,
+                    None => {
+                        let context = client
+                            .prepare_cached(if by_line {
+                                LINE_CONTEXT_BY_LINE
+                            } else {
+                                "SELECT (SELECT quantity FROM cart_items \
+                                 WHERE owner = $1 AND item_id = $2), \
+                                 (SELECT count(*) FROM cart_items WHERE owner = $1)"
+                            })
+                            .await?;
+                        client
+                            .query_one(&context, &[&owner_str, &line_id.as_str()])
+                            .await?
+                    }
+                };
                 let existing: Option<i32> = row.try_get(0)?;
                 let existing = existing
                     .map(|q| stored_quantity(owner_str, line_id.as_str(), q))
@@ -376,7 +497,7 @@ impl WriteTx {
                     Ok(plan) => plan,
                     Err(rule) => return Ok(Err(rule)),
                 };
-                let upsert = client
+                let statement = client
                     .prepare_cached(if by_line {
                         "INSERT INTO cart_items \
                          (owner, line_id, item_id, quantity, unit_price_minor, currency, variant) \
@@ -393,110 +514,196 @@ impl WriteTx {
                              updated_at = now()"
                     })
                     .await?;
-                let quantity = i32::from(plan.new_quantity.get());
-                let line_params: [&(dyn ToSql + Sync); 7] = [
-                    &owner_str,
-                    &line_id.as_str(),
-                    &item_id.as_str(),
-                    &quantity,
-                    &plan.unit_price_minor,
-                    &cart_currency.as_str(),
-                    variant,
-                ];
-                if by_line {
-                    client.execute(&upsert, &line_params).await?;
-                } else {
+                let change = Change::Upsert {
+                    statement,
                     // Legacy mode has no line id column.
-                    let mut legacy_params = line_params.to_vec();
-                    legacy_params.remove(1);
-                    client.execute(&upsert, &legacy_params).await?;
-                }
+                    line_id: by_line.then_some(line_id),
+                    item_id: item_id.as_str(),
+                    quantity: i32::from(plan.new_quantity.get()),
+                    price: plan.unit_price_minor,
+                    currency: cart_currency,
+                    variant: *variant,
+                };
+                (version, change)
             }
             CartOp::SetQuantity {
                 line_id,
                 quantity,
                 if_match,
             } => {
-                let by_line = match bump_existing(client, owner_str, *if_match).await? {
-                    Ok(by_line) => by_line,
+                let (version, by_line) = match self.bump_existing(owner_str, *if_match).await? {
+                    Ok(bumped) => bumped,
                     Err(rule) => return Ok(Err(rule)),
                 };
-                let quantity = i32::from(quantity.get());
-                let found = if by_line {
-                    let update = client
-                        .prepare_cached(
-                            "UPDATE cart_items SET quantity = $3, updated_at = now() \
-                             WHERE owner = $1 AND line_id = $2",
-                        )
-                        .await?;
-                    client
-                        .execute(&update, &[&owner_str, &line_id.as_str(), &quantity])
-                        .await?
-                        > 0
-                } else {
-                    let update = client
-                        .prepare_cached(
-                            "UPDATE cart_items SET quantity = $3, updated_at = now() \
-                             WHERE owner = $1 AND item_id = $2 RETURNING variant",
-                        )
-                        .await?;
-                    let rows = client
-                        .query(&update, &[&owner_str, &line_id.item_id(), &quantity])
-                        .await?;
-                    legacy_line_is(&rows, line_id)?
+                let statement = self
+                    .client()
+                    .await?
+                    .prepare_cached(if by_line {
+                        "UPDATE cart_items SET quantity = $3, updated_at = now() \
+                         WHERE owner = $1 AND line_id = $2 RETURNING variant"
+                    } else {
+                        "UPDATE cart_items SET quantity = $3, updated_at = now() \
+                         WHERE owner = $1 AND item_id = $2 RETURNING variant"
+                    })
+                    .await?;
+                let change = Change::Line {
+                    statement,
+                    line_id,
+                    by_line,
+                    quantity: Some(i32::from(quantity.get())),
                 };
-                if !found {
-                    return Ok(Err(CartRule::ItemNotInCart));
-                }
+                (version, change)
             }
             CartOp::Remove { line_id, if_match } => {
-                let by_line = match bump_existing(client, owner_str, *if_match).await? {
-                    Ok(by_line) => by_line,
+                let (version, by_line) = match self.bump_existing(owner_str, *if_match).await? {
+                    Ok(bumped) => bumped,
                     Err(rule) => return Ok(Err(rule)),
                 };
-                let found = if by_line {
-                    let delete = client
-                        .prepare_cached("DELETE FROM cart_items WHERE owner = $1 AND line_id = $2")
-                        .await?;
-                    client
-                        .execute(&delete, &[&owner_str, &line_id.as_str()])
-                        .await?
-                        > 0
-                } else {
-                    let delete = client
-                        .prepare_cached(
-                            "DELETE FROM cart_items WHERE owner = $1 AND item_id = $2 \
-                             RETURNING variant",
-                        )
-                        .await?;
-                    let rows = client
-                        .query(&delete, &[&owner_str, &line_id.item_id()])
-                        .await?;
-                    legacy_line_is(&rows, line_id)?
+                let statement = self
+                    .client()
+                    .await?
+                    .prepare_cached(if by_line {
+                        "DELETE FROM cart_items WHERE owner = $1 AND line_id = $2 \
+                         RETURNING variant"
+                    } else {
+                        "DELETE FROM cart_items WHERE owner = $1 AND item_id = $2 \
+                         RETURNING variant"
+                    })
+                    .await?;
+                let change = Change::Line {
+                    statement,
+                    line_id,
+                    by_line,
+                    quantity: None,
                 };
-                if !found {
-                    return Ok(Err(CartRule::ItemNotInCart));
-                }
+                (version, change)
             }
             CartOp::Clear { if_match } => {
-                match bump_existing(client, owner_str, *if_match).await? {
-                    Ok(_) => {}
+                let version = match self.bump_existing(owner_str, *if_match).await? {
+                    Ok((version, _)) => version,
                     // Clearing a cart that does not exist leaves it not existing.
                     Err(CartRule::ItemNotInCart) => return Ok(Ok(StoredCart::empty(owner_str))),
                     Err(rule) => return Ok(Err(rule)),
-                }
-                let delete = client
+                };
+                let statement = self
+                    .client()
+                    .await?
                     .prepare_cached("DELETE FROM cart_items WHERE owner = $1")
                     .await?;
-                client.execute(&delete, &[&owner_str]).await?;
+                (version, Change::Clear { statement })
+            }
+        };
+        let client = self.client().await?;
+        let (kind, payload) = op.event();
+        let event = client.prepare_cached(super::events::INSERT).await?;
+        let read_back = client.prepare_cached(LOAD_CART).await?;
+        let (line_text, currency_text, line_key);
+        let (statement, params): (&Statement, Vec<&(dyn ToSql + Sync)>) = match &change {
+            Change::Upsert {
+                statement,
+                line_id,
+                item_id,
+                quantity,
+                price,
+                currency,
+                variant,
+            } => {
+                currency_text = currency.as_str();
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&owner_str];
+                if let Some(line_id) = line_id {
+                    line_text = line_id.as_str();
+                    params.push(&line_text);
+                }
+                params.extend([
+                    item_id as &(dyn ToSql + Sync),
+                    quantity,
+                    price,
+                    &currency_text,
+                    variant,
+                ]);
+                (statement, params)
+            }
+            Change::Line {
+                statement,
+                line_id,
+                by_line,
+                quantity,
+            } => {
+                line_key = if *by_line {
+                    line_id.as_str()
+                } else {
+                    line_id.item_id()
+                };
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&owner_str, &line_key];
+                if let Some(quantity) = quantity {
+                    params.push(quantity);
+                }
+                (statement, params)
+            }
+            Change::Clear { statement } => (statement, vec![&owner_str]),
+        };
+        // One round trip: the change, then its event and the cart as it now is (the server
+        // runs them in this order).
+        let event_params: [&(dyn ToSql + Sync); 4] = [&owner_str, &version, &kind, &payload];
+        let read_params: [&(dyn ToSql + Sync); 1] = [&owner_str];
+        let (changed, recorded, rows) = tokio::join!(
+            client.query(statement, &params),
+            client.execute(&event, &event_params),
+            client.query(&read_back, &read_params)
+        );
+        let changed = changed?;
+        recorded?;
+        let rows = rows?;
+        if let Change::Line {
+            line_id, by_line, ..
+        } = &change
+        {
+            let found = if *by_line {
+                !changed.is_empty()
+            } else {
+                legacy_line_is(&changed, line_id)?
+            };
+            if !found {
+                return Ok(Err(CartRule::ItemNotInCart));
             }
         }
-        let cart = load(client, owner).await?;
-        if cart.version > 0 {
-            let (kind, payload) = op.event();
-            super::events::record(client, owner_str, cart.version, kind, &payload).await?;
+        Ok(Ok(cart_of(owner, &rows)?))
+    }
+
+    /// Bumps the version of an existing cart, checking `If-Match` against the version before
+    /// the bump; returns the new version and whether the database keys lines by line id (V4).
+    /// A missing cart is reported as [`CartRule::ItemNotInCart`] (after the version check,
+    /// which compares against version 0).
+    async fn bump_existing(
+        &self,
+        owner: &str,
+        if_match: Option<i64>,
+    ) -> Result<Result<(i64, bool), CartRule>, StoreError> {
+        let row = self
+            .transaction
+            .open_with(|client| async move {
+                let bump = client
+                    .prepare_cached(concat!(
+                        "UPDATE carts SET version = version + 1, updated_at = now(), \
+                         purged_at = NULL \
+                         WHERE owner = $1 RETURNING version, merging_into, ",
+                        keyed_by_line!(),
+                        moving_to!()
+                    ))
+                    .await?;
+                Ok(client.query_opt(&bump, &[&owner]).await?)
+            })
+            .await?;
+        let Some(row) = row else {
+            return Ok(check_version(if_match, 0).and(Err(CartRule::ItemNotInCart)));
+        };
+        refuse_moving(owner, row.try_get(3)?)?;
+        let bumped: i64 = row.try_get(0)?;
+        if row.try_get::<_, Option<String>>(1)?.is_some() {
+            return Ok(Err(CartRule::MergeInProgress));
         }
-        Ok(Ok(cart))
+        let by_line: bool = row.try_get(2)?;
+        Ok(check_version(if_match, bumped - 1).map(|()| (bumped, by_line)))
     }
 
     pub async fn commit(self) -> Result<(), StoreError> {
@@ -526,34 +733,6 @@ fn legacy_line_is(rows: &[tokio_postgres::Row], line_id: &LineId) -> Result<bool
     };
     let variant: Option<Value> = row.try_get(0)?;
     Ok(stored_line_id(None, line_id.item_id(), variant.as_ref()) == line_id.as_str())
-}
-
-/// Bumps the version of an existing cart, checking `If-Match` against the version before the
-/// bump. A missing cart is reported as [`CartRule::ItemNotInCart`] (after the version check,
-/// which compares against version 0). `Ok(true)`: the database keys lines by line id (V4).
-async fn bump_existing(
-    client: &Object,
-    owner: &str,
-    if_match: Option<i64>,
-) -> Result<Result<bool, CartRule>, StoreError> {
-    let bump = client
-        .prepare_cached(concat!(
-            "UPDATE carts SET version = version + 1, updated_at = now(), purged_at = NULL \
-             WHERE owner = $1 RETURNING version, merging_into, ",
-            keyed_by_line!(),
-            moving_to!()
-        ))
-        .await?;
-    let Some(row) = client.query_opt(&bump, &[&owner]).await? else {
-        return Ok(check_version(if_match, 0).and(Err(CartRule::ItemNotInCart)));
-    };
-    refuse_moving(owner, row.try_get(3)?)?;
-    let bumped: i64 = row.try_get(0)?;
-    if row.try_get::<_, Option<String>>(1)?.is_some() {
-        return Ok(Err(CartRule::MergeInProgress));
-    }
-    let by_line: bool = row.try_get(2)?;
-    Ok(check_version(if_match, bumped - 1).map(|()| by_line))
 }
 
 /// Refuses a write to a cart row a move froze or moved (`moving_to` set): an edge still on the

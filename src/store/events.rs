@@ -13,6 +13,10 @@ use serde_json::Value;
 
 use super::{Store, StoreError};
 
+/// The outbox insert: owner, cart version, kind, payload.
+pub(super) const INSERT: &str =
+    "INSERT INTO cart_events (owner, cart_version, kind, payload) VALUES ($1, $2, $3, $4)";
+
 /// Writes one event in the caller's transaction.
 pub async fn record(
     client: &Object,
@@ -21,11 +25,7 @@ pub async fn record(
     kind: &str,
     payload: &Value,
 ) -> Result<(), StoreError> {
-    let insert = client
-        .prepare_cached(
-            "INSERT INTO cart_events (owner, cart_version, kind, payload) VALUES ($1, $2, $3, $4)",
-        )
-        .await?;
+    let insert = client.prepare_cached(INSERT).await?;
     client
         .execute(&insert, &[&owner, &version, &kind, payload])
         .await?;

@@ -284,7 +284,7 @@ impl WriteTx {
     /// no finalize can land between this answer and the rest of the transaction. A merged-away
     /// cart is never written again: the API layer starts a new guest cart instead.
     pub async fn merged_away(&mut self, guest: &OwnerKey) -> Result<bool, StoreError> {
-        let client = self.client()?;
+        let client = self.client().await?;
         let lock = client
             .prepare_cached("SELECT merged_at IS NOT NULL FROM carts WHERE owner = $1 FOR UPDATE")
             .await?;
@@ -309,7 +309,7 @@ impl WriteTx {
         home_currency: Currency,
         home_catalog: Option<&HashMap<String, Arc<CatalogItem>>>,
     ) -> Result<MergeOutcome, StoreError> {
-        let client = self.client()?;
+        let client = self.client().await?;
         let currency = home_currency;
         // Lock (or create) the user's cart first: concurrent merges and writes queue here.
         let bump = client

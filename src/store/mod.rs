@@ -125,6 +125,9 @@ struct ShardPools {
     replica: Pool,
     /// How far the replica is behind its primary, in ms, per the heartbeat; -1 when unknown.
     lag_ms: Arc<AtomicI64>,
+    /// Whether the primary's schema keys lines by line id, as its last write said (see
+    /// `WriteTx`): false until a write found out.
+    lines_keyed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The `role` label of a primary's and a replica's metrics.
@@ -251,6 +254,7 @@ fn shard_pools(
         primary,
         replica: build_pool(shard.replica.expose(), config)?,
         lag_ms: Arc::new(AtomicI64::new(-1)),
+        lines_keyed: Arc::default(),
     })
 }
 
@@ -484,9 +488,15 @@ impl Store {
 
     /// Opens a write transaction on the shard's primary.
     pub async fn begin_write(&self, shard: &str) -> Result<WriteTx, StoreError> {
+        let pools = self.pools(shard)?;
         let client = self.db_write(shard).await?;
         let timer = self.metrics.query_timer(shard, PRIMARY);
-        WriteTx::begin(client, timer, self.replays.clone()).await
+        Ok(WriteTx::new(
+            client,
+            pools.lines_keyed.clone(),
+            timer,
+            self.replays.clone(),
+        ))
     }
 
     /// The owner's cart from this edge's memory when it holds one at `min_version` or newer

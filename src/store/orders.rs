@@ -439,7 +439,7 @@ pub enum Locked {
 impl WriteTx {
     /// Locks the owner's cart for a checkout and reads it.
     pub async fn lock_for_checkout(&mut self, owner: &OwnerKey) -> Result<Locked, StoreError> {
-        let client = self.client()?;
+        let client = self.client().await?;
         let lock = client
             .prepare_cached(
                 "SELECT version, to_jsonb(carts) ->> 'moving_to' FROM carts \
@@ -465,7 +465,7 @@ impl WriteTx {
         owner: &OwnerKey,
         order: &Order,
     ) -> Result<(StoredCart, Order), StoreError> {
-        let client = self.client()?;
+        let client = self.client().await?;
         let insert = client
             .prepare_cached(
                 "INSERT INTO orders (order_id, owner, status, currency, total_minor, items, \

@@ -154,6 +154,57 @@ async fn keys_are_recorded_in_the_write_transaction_and_failed_requests_record_n
     );
 }
 
+/// The key's record goes to the server in one round trip with `COMMIT` (`store::tx`): a
+/// record the server refuses must take the whole write with it, never let the `COMMIT` behind
+/// it keep the cart's change without its answer (a retry would then apply it twice).
+#[tokio::test]
+async fn a_refused_record_rolls_back_the_write_it_answers_and_a_retry_applies_it_once() {
+    // The outbox stays put (no relay deleting what it published), so events can be counted.
+    let app = TestApp::spawn_with(crate::helpers::TestOptions {
+        overlay: "[events]\nrelay = false\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let add = |key: &'static str, item: &'static str| {
+        let app = &app;
+        async move {
+            let body = format!(r#"{{"item_id":"{item}","quantity":1}}"#);
+            app.send(
+                "POST",
+                "/api/v1/cart/items",
+                &[app.bearer("alice"), h("idempotency-key", key)],
+                Some(&body),
+            )
+            .await
+        }
+    };
+    let first = add("k-first", "sku-00001").await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.version(), 1);
+
+    // The server now refuses this one key's record (after the cart's change ran).
+    app.sql("ALTER TABLE idempotency_keys ADD CONSTRAINT refuse_poison CHECK (key <> 'k-poison')")
+        .await;
+    let refused = add("k-poison", "sku-00002").await;
+    assert!(refused.status.is_server_error(), "{:?}", refused.body);
+    let state = "SELECT (SELECT version FROM carts WHERE owner = 'u:alice') * 100 \
+                 + (SELECT count(*) FROM cart_items WHERE owner = 'u:alice') * 10 \
+                 + (SELECT count(*) FROM cart_events WHERE owner = 'u:alice')";
+    assert_eq!(
+        app.query_i64(state).await,
+        111,
+        "version 1, one line, one event: the refused write left nothing"
+    );
+
+    app.sql("ALTER TABLE idempotency_keys DROP CONSTRAINT refuse_poison")
+        .await;
+    let retried = add("k-poison", "sku-00002").await;
+    assert_eq!(retried.status, StatusCode::OK);
+    assert_eq!(retried.version(), 2);
+    assert_eq!(retried.quantity_of("sku-00002"), 1);
+    assert_eq!(app.query_i64(state).await, 222);
+}
+
 #[tokio::test]
 async fn malformed_keys_are_rejected_with_400() {
     let app = TestApp::spawn().await;
