@@ -1928,6 +1928,11 @@ pub async fn add_shard(
             "the ring is still moving from version {from}: finish that move (ring move, then remove moving_from) first"
         );
     }
+    if spec.claims_from_global {
+        bail!(
+            "the ring names claims_from_global: finish that move (ring move --claims, then remove the marker) first"
+        );
+    }
     if spec.shards.iter().any(|s| s.id == shard) {
         bail!("shard {shard} is already in the ring");
     }
