@@ -216,9 +216,9 @@ impl TwoRegions {
         Self::start_layout(forward_timeout, NO_PARKING, Layout::Rolling).await
     }
 
-    /// Both regions on [`RING_CLAIMS`].
-    pub(crate) async fn start_claims(forward_timeout: &str) -> TwoRegions {
-        Self::start_layout(forward_timeout, NO_PARKING, Layout::Claims).await
+    /// Both regions on [`RING_CLAIMS`], with `extra` added to both edges' configuration.
+    pub(crate) async fn start_claims(forward_timeout: &str, extra: &str) -> TwoRegions {
+        Self::start_layout(forward_timeout, extra, Layout::Claims).await
     }
 
     async fn start_layout(forward_timeout: &str, extra: &str, layout: Layout) -> TwoRegions {

@@ -1005,7 +1005,7 @@ async fn read_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_whose_token_gains_a_region_claim_keeps_the_cart_the_global_ring_placed() {
     use crate::regions::{homed_token, TwoRegions};
-    let regions = TwoRegions::start_claims("2s").await;
+    let regions = TwoRegions::start_claims("2s", "[parking]\nenabled = false\n").await;
     let ring = &regions.th.app.topology.ring;
     assert!(ring.claims_from_global());
     let user = regions.user_homed_in("sg", "gains-claim");
@@ -1177,4 +1177,65 @@ async fn without_the_claims_marker_a_claimed_token_does_not_see_the_global_cart(
         "{refused:?}"
     );
     assert!(refused.to_string().contains("claims_from_global"));
+}
+
+/// An add parked in sg for a claimed user homed in th (th cut off) is delivered to th, which
+/// first moves the cart the global ring placed on sg-1: the parked add joins the old items.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_add_of_a_user_who_gained_a_claim_moves_the_global_cart_before_applying() {
+    use crate::regions::{homed_token, TwoRegions};
+    use cartedge_dev::linkproxy::PartitionMode;
+    let regions =
+        TwoRegions::start_claims("700ms", "[parking]\ninterval = \"200ms\"\n").await;
+    let user = regions.user_homed_in("sg", "parked-claim");
+    let owner = format!("u:{user}");
+    let before = regions
+        .add(&regions.sg, &user, "sku-00001", 2, Some("before-claim"))
+        .await;
+    assert_eq!(before.status, 200, "{:?}", before.body);
+    // The token now names th, which sg cannot reach: the add is parked in sg.
+    regions.proxy.partition("sg", "th", PartitionMode::Reset);
+    let claimed = homed_token(&regions, &user, "th");
+    let parked = regions
+        .send(
+            &regions.sg,
+            "POST",
+            "/api/v1/cart/items",
+            &[
+                ("authorization", format!("Bearer {claimed}")),
+                ("idempotency-key", "parked-add".to_string()),
+            ],
+            Some(r#"{"item_id":"sku-00002","quantity":1}"#),
+        )
+        .await;
+    assert_eq!(parked.status, 202, "{:?}", parked.body);
+    regions.proxy.heal("sg", "th");
+    // sg's reconciler delivers it; th moves the cart first, then applies the add.
+    let th1 = regions.th_primary.dsn("cartedge");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while query_opt_i64(
+        &th1,
+        "SELECT quantity::bigint FROM cart_items WHERE owner = $1 AND item_id = 'sku-00002'",
+        &[&owner],
+    )
+    .await
+        != Some(1)
+    {
+        assert!(Instant::now() < deadline, "the parked add never reached th");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old_items = query_opt_i64(
+        &th1,
+        "SELECT quantity::bigint FROM cart_items WHERE owner = $1 AND item_id = 'sku-00001'",
+        &[&owner],
+    )
+    .await;
+    assert_eq!(old_items, Some(2), "the cart from before the claim moved with it");
+    let moved = query_opt_i64(
+        &regions.sg_primary.dsn("cartedge"),
+        "SELECT count(*) FROM carts WHERE owner = $1 AND moved_at IS NOT NULL",
+        &[&owner],
+    )
+    .await;
+    assert_eq!(moved, Some(1), "sg-1's row is a pointer");
 }
