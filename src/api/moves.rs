@@ -447,9 +447,7 @@ pub fn parse_claims(text: &str, ring: &Ring) -> Result<Vec<ClaimedUser>, ClaimsE
             content.split_whitespace().collect()
         };
         let [user, region] = fields[..] else {
-            return Err(bad(format!(
-                "expected `user_id,region`, found {content:?}"
-            )));
+            return Err(bad(format!("expected `user_id,region`, found {content:?}")));
         };
         let user = UserId::parse(user).map_err(|error| bad(format!("{user:?}: {error}")))?;
         let region =
@@ -687,7 +685,10 @@ mod tests {
         assert!(message.contains("user id must match"), "{message}");
         let (line, message) = line_error("alice,sg\nalice,id\n");
         assert_eq!(line, 2);
-        assert!(message.contains("listed on line 1 with region sg"), "{message}");
+        assert!(
+            message.contains("listed on line 1 with region sg"),
+            "{message}"
+        );
         assert_eq!(line_error("alice,SG!\n").0, 1);
     }
 
@@ -711,7 +712,11 @@ mod tests {
         let moving: Vec<&str> = plan.moves.iter().map(|(k, ..)| k.as_str()).collect();
         for (n, key) in keys.iter().enumerate().filter(|(n, _)| n % 2 == 0) {
             let (global, claimed) = (ring.locate(key), ring.locate_in(key, "id").unwrap());
-            assert_eq!(moving.contains(&key.as_str()), global.shard != claimed.shard, "{n}");
+            assert_eq!(
+                moving.contains(&key.as_str()),
+                global.shard != claimed.shard,
+                "{n}"
+            );
         }
         for (_, from, to) in &plan.moves {
             assert_ne!(*from.home, "id");

@@ -284,9 +284,8 @@ impl Ring {
     /// (`moving_from`), else the global ring's when the claim is new (`claims_from_global`).
     /// [`Ring::moving`] refuses the two markers together, so at most one applies.
     pub fn user_moving_from(&self, user_key: &str, claim: Option<&str>) -> Option<Placement<'_>> {
-        self.previous_placement(user_key, claim).or_else(|| {
-            claim.and_then(|claim| self.unclaimed_placement(user_key, claim))
-        })
+        self.previous_placement(user_key, claim)
+            .or_else(|| claim.and_then(|claim| self.unclaimed_placement(user_key, claim)))
     }
 
     /// Whether this edge runs a request forwarded by an edge whose ring fingerprint is
@@ -657,7 +656,10 @@ mod tests {
         marked_spec.claims_from_global = true;
         let marked = Ring::new(marked_spec).unwrap();
         let mut moving = 0;
-        for key in sample_owner_keys(4_000).iter().filter(|k| k.starts_with("u:")) {
+        for key in sample_owner_keys(4_000)
+            .iter()
+            .filter(|k| k.starts_with("u:"))
+        {
             let global = marked.locate(key);
             for claim in ["sg", "id"] {
                 assert_eq!(plain.unclaimed_placement(key, claim), None);

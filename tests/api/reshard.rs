@@ -1011,7 +1011,8 @@ async fn a_user_whose_token_gains_a_region_claim_keeps_the_cart_the_global_ring_
     let user = regions.user_homed_in("sg", "gains-claim");
     let owner = format!("u:{user}");
     assert_eq!(
-        ring.unclaimed_placement(&owner, "th").map(|p| p.shard.as_str()),
+        ring.unclaimed_placement(&owner, "th")
+            .map(|p| p.shard.as_str()),
         Some("sg-1")
     );
     // A line for sg's run, and a th user the global ring already placed on th-1.
@@ -1163,7 +1164,10 @@ async fn without_the_claims_marker_a_claimed_token_does_not_see_the_global_cart(
     .await
         != Some(1)
     {
-        assert!(Instant::now() < deadline, "th's replica never replayed the cart");
+        assert!(
+            Instant::now() < deadline,
+            "th's replica never replayed the cart"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let claimed = homed_token(&regions, &user, "th");
@@ -1185,8 +1189,7 @@ async fn without_the_claims_marker_a_claimed_token_does_not_see_the_global_cart(
 async fn a_parked_add_of_a_user_who_gained_a_claim_moves_the_global_cart_before_applying() {
     use crate::regions::{homed_token, TwoRegions};
     use cartedge_dev::linkproxy::PartitionMode;
-    let regions =
-        TwoRegions::start_claims("700ms", "[parking]\ninterval = \"200ms\"\n").await;
+    let regions = TwoRegions::start_claims("700ms", "[parking]\ninterval = \"200ms\"\n").await;
     let user = regions.user_homed_in("sg", "parked-claim");
     let owner = format!("u:{user}");
     let before = regions
@@ -1230,7 +1233,11 @@ async fn a_parked_add_of_a_user_who_gained_a_claim_moves_the_global_cart_before_
         &[&owner],
     )
     .await;
-    assert_eq!(old_items, Some(2), "the cart from before the claim moved with it");
+    assert_eq!(
+        old_items,
+        Some(2),
+        "the cart from before the claim moved with it"
+    );
     let moved = query_opt_i64(
         &regions.sg_primary.dsn("cartedge"),
         "SELECT count(*) FROM carts WHERE owner = $1 AND moved_at IS NOT NULL",
@@ -1238,4 +1245,93 @@ async fn a_parked_add_of_a_user_who_gained_a_claim_moves_the_global_cart_before_
     )
     .await;
     assert_eq!(moved, Some(1), "sg-1's row is a pointer");
+}
+
+/// `cartedge ring move --claims` as an SRE runs it, on one region whose only shard is sg-1
+/// (every sg user is already where the claim puts it): one JSON line out, `--status` too; a
+/// bad line, a ring without the marker, or `--users` with it is refused with its reason.
+#[tokio::test]
+async fn ring_move_claims_on_the_command_line_reports_and_refuses_with_reasons() {
+    use crate::helpers::{cli, test_config_text};
+    let (_, dsn) = fresh_database().await;
+    let dir = tempfile::Builder::new()
+        .prefix("cartedge-claims-cli-")
+        .tempdir_in(shared().dir.path())
+        .unwrap();
+    std::fs::create_dir_all(dir.path().join("regions")).unwrap();
+    std::fs::write(
+        dir.path().join("ring.toml"),
+        RING_V1.replace(
+            "vnodes = 200\n",
+            "vnodes = 200\nclaims_from_global = true\n",
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("plain.toml"), RING_V1).unwrap();
+    let config_for = |ring: &str| {
+        let text = test_config_text(
+            &dsn,
+            &shared().redis.url(),
+            "claims-cli:",
+            &shard_overlay(dir.path(), ring, &[("sg-1", &dsn)]),
+        );
+        let file = dir.path().join(format!("sg-{ring}"));
+        std::fs::write(&file, text).unwrap();
+        file.display().to_string()
+    };
+    let (marked, plain) = (config_for("ring.toml"), config_for("plain.toml"));
+    let claims = |name: &str, text: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        file.display().to_string()
+    };
+    let good = claims("good.csv", "# user,region\nalice,sg\n\nbob sg\n");
+    let bad = claims("bad.csv", "alice,sg\nbob\n");
+    let run = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap()
+    };
+    let args = |config: &str, rest: &[&str]| {
+        let mut all = vec!["--config".to_string(), config.to_string()];
+        all.extend(["ring", "move"].iter().chain(rest).map(|s| s.to_string()));
+        all
+    };
+
+    let moved = run(args(&marked, &["--claims", &good])).await;
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&moved.stdout).unwrap();
+    assert_eq!(
+        (
+            &report["users_here"],
+            &report["to_move_here"],
+            &report["errors"]
+        ),
+        (&2.into(), &0.into(), &0.into()),
+        "{report}"
+    );
+    let status = run(args(&marked, &["--claims", &good, "--status"])).await;
+    assert!(status.status.success());
+    let left: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(left["left_to_move_here"], 0, "{left}");
+
+    for (args, reason) in [
+        (args(&marked, &["--claims", &bad]), "line 2"),
+        (args(&plain, &["--claims", &good]), "claims_from_global"),
+        (
+            args(&marked, &["--claims", &good, "--users", "global"]),
+            "cannot be used with",
+        ),
+    ] {
+        let refused = run(args.clone()).await;
+        let error = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{args:?}");
+        assert!(error.contains(reason), "{args:?}: {error}");
+    }
 }
