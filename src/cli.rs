@@ -327,6 +327,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            if topology.ring.claims_from_global() {
+                println!(
+                    "# claims_from_global: users with a region claim are also looked for on the global ring"
+                );
+            }
             Ok(())
         }
         Command::Token {

@@ -1300,6 +1300,16 @@ async fn ring_move_claims_on_the_command_line_reports_and_refuses_with_reasons()
         all
     };
 
+    // check-config names the marker (the fingerprint does not show it).
+    let checked = run(vec![
+        "--config".into(),
+        marked.clone(),
+        "check-config".into(),
+    ])
+    .await;
+    assert!(checked.status.success());
+    assert!(String::from_utf8_lossy(&checked.stdout).contains("# claims_from_global:"));
+
     let moved = run(args(&marked, &["--claims", &good])).await;
     assert!(
         moved.status.success(),
