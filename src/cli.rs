@@ -122,6 +122,12 @@ pub enum RingCommand {
         /// claim: homed in that shard's region) or `global` (tokens carry none).
         #[arg(long, default_value = "auto")]
         users: String,
+        /// Instead of the moving ring's owners: the users of this file (one `user_id,region`
+        /// per line, `#` comments) whose tokens gained a `region` claim, moved from where the
+        /// global ring placed them to their claimed region's ring (this region's lines only;
+        /// the ring must name `claims_from_global`). `--batch` users per progress line.
+        #[arg(long, conflicts_with = "users")]
+        claims: Option<PathBuf>,
     },
 }
 
@@ -328,6 +334,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            if topology.ring.claims_from_global() {
+                println!(
+                    "# claims_from_global: users with a region claim are also looked for on the global ring"
+                );
+            }
             Ok(())
         }
         Command::Token {
@@ -486,7 +497,32 @@ pub async fn run(cli: Cli) -> Result<()> {
             batch,
             concurrency,
             status,
+            users: _,
+            claims: Some(file),
+        }) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let mut config = cli.load_config()?;
+            config.janitor.enabled = false;
+            config.events.relay = false;
+            let app = App::new(config)?;
+            let moved = ring_move_claims(
+                &app,
+                &text,
+                (*batch).clamp(1, 10_000),
+                *concurrency,
+                *status,
+            )
+            .await;
+            app.settle_invalidations(SETTLE_INVALIDATIONS).await;
+            moved.with_context(|| file.display().to_string())
+        }
+        Command::Ring(RingCommand::Move {
+            batch,
+            concurrency,
+            status,
             users,
+            claims: None,
         }) => {
             let users = cartedge::api::moves::UserHomes::parse(users)
                 .with_context(|| format!("--users {users}: expected auto, claimed or global"))?;
@@ -702,6 +738,73 @@ async fn ring_move(
     );
     if errors > 0 {
         bail!("{errors} moves failed; run `cartedge ring move` again to retry them");
+    }
+    Ok(())
+}
+
+/// `cartedge ring move --claims <file>`: this region's users of the file, moved off their
+/// global shard in batches, a progress line per batch; or, with `--status`, what is left.
+async fn ring_move_claims(
+    app: &App,
+    file: &str,
+    batch: i64,
+    concurrency: usize,
+    status_only: bool,
+) -> Result<()> {
+    use cartedge::api::moves::{claims_status, move_claims};
+    let region = &app.config.region.id;
+    if status_only {
+        let left = claims_status(app, file, concurrency).await?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "region": region.as_str(),
+                "users_here": left.users_here,
+                "to_move_here": left.to_move,
+                "left_to_move_here": left.left,
+                "left_for_regions": left.elsewhere,
+            })
+        );
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let batch = usize::try_from(batch).unwrap_or(1);
+    let report = move_claims(app, file, batch, concurrency, |report| {
+        let seconds = started.elapsed().as_secs_f64().max(0.001);
+        eprintln!(
+            "ring move --claims {region}: {}/{} owners moved ({:.1}/s), {} errors",
+            report.moved,
+            report.to_move,
+            report.moved as f64 / seconds,
+            report.errors
+        );
+    })
+    .await?;
+    for (other, users) in &report.elsewhere {
+        eprintln!(
+            "ring move --claims {region}: {users} users left for region {other} (run it there)"
+        );
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "region": region.as_str(),
+            "users_here": report.users_here,
+            "to_move_here": report.to_move,
+            "moved": report.moved,
+            "copied": report.copied,
+            "errors": report.errors,
+            "left_for_regions": report.elsewhere,
+            "seconds": seconds,
+            "owners_per_second": report.moved as f64 / seconds.max(0.001),
+        })
+    );
+    if report.errors > 0 {
+        bail!(
+            "{} moves failed; run `cartedge ring move --claims` again to retry them",
+            report.errors
+        );
     }
     Ok(())
 }

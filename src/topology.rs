@@ -314,6 +314,7 @@ mod tests {
             version: 1,
             vnodes: 200,
             moving_from: None,
+            claims_from_global: false,
             shards: vec![
                 ShardSpec {
                     id: ShardId::parse("a-1").unwrap(),

@@ -69,7 +69,8 @@ impl<'a> Placed<'a> {
         let key = owner.key();
         let ring = &app.topology().ring;
         // Where the owner is, and (the ring moving it) where the previous ring had it, decided
-        // by the same home region.
+        // by the same home region; for a user with a claim, while the ring names
+        // `claims_from_global`, where the global ring had it before its token named the region.
         let (placement, moving_from) = match &owner {
             Owner::User(_) => {
                 if claim.is_none() && app.auth.load().require_region_claim() {
@@ -83,7 +84,7 @@ impl<'a> Placed<'a> {
                     .ok_or(ApiError::Unauthenticated(
                         "the token's region claim names no region of this deployment",
                     ))?;
-                (placement, ring.previous_placement(key.as_str(), home))
+                (placement, ring.user_moving_from(key.as_str(), home))
             }
             Owner::Guest(_) => {
                 let home = guest_home(&key);
@@ -106,7 +107,7 @@ impl<'a> Placed<'a> {
     }
 
     /// Places an owner whose placement is already known (`placement`, decided with home region
-    /// `home`): adds where the previous ring had it, while the ring is moving it.
+    /// `home`): adds where its cart may still be while it moves (as [`Placed::new`] does).
     pub fn known(
         app: &'a App,
         owner: Owner,
@@ -114,8 +115,13 @@ impl<'a> Placed<'a> {
         placement: Placement<'a>,
         home: Option<&str>,
     ) -> Placed<'a> {
+        let ring = &app.topology().ring;
+        let moving_from = match owner {
+            Owner::User(_) => ring.user_moving_from(key.as_str(), home),
+            Owner::Guest(_) => ring.previous_placement(key.as_str(), home),
+        };
         Placed {
-            moving_from: app.topology().ring.previous_placement(key.as_str(), home),
+            moving_from,
             owner,
             key,
             shard: placement.shard,

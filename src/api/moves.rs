@@ -7,18 +7,24 @@
 //! is here too for an owner homed in a region (both shards are that region's), or, for an owner
 //! on the global ring, possibly in another region, whose edge runs freeze and mark
 //! (`forward::moves`, answered by `internal::move_step`).
+//!
+//! The same steps move the carts of users whose tokens gained a `region` claim while the ring
+//! names `claims_from_global` ([`move_claims`], `cartedge ring move --claims`): from where the
+//! global ring placed them to their claimed region's ring.
 
 use super::command::Placed;
 use super::error::ApiError;
 use super::relay;
 use crate::app::App;
 use crate::domain::cart::StoredCart;
-use crate::domain::ids::OwnerKey;
+use crate::domain::ids::{OwnerKey, RegionId, UserId};
 use crate::domain::ring::{Placement, Ring};
 use crate::forward::moves::{self as remote, Request};
 use crate::store::moves::{self, Copied, Freeze, Located};
 use crate::store::{Source, Store, StoreError};
 use futures_util::StreamExt;
+use std::collections::btree_map::Entry;
+use std::collections::BTreeMap;
 
 /// How long a client waits before retrying a write whose cart's old home did not answer.
 const MOVE_RETRY_AFTER_SECS: u32 = 2;
@@ -398,6 +404,233 @@ pub async fn count_unmoved(
     Ok((left, ambiguous))
 }
 
+/// One line of a `ring move --claims` file: a user whose tokens now name `region`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedUser {
+    /// The line of the file it came from (from 1), for messages.
+    pub line: usize,
+    pub user: UserId,
+    pub region: RegionId,
+}
+
+/// Why `ring move --claims` moved nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimsError {
+    #[error(
+        "the ring does not name claims_from_global = true, so edges would not find these users' \
+         carts on their global shards: set the marker and roll the ring to every edge first"
+    )]
+    NoMarker,
+    #[error("line {line}: {message}")]
+    Line { line: usize, message: String },
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+/// Reads a claims file: one `user_id,region` (or `user_id region`) per line; blank lines and
+/// `#` comments are skipped. A malformed line, a region that homes no shard of `ring`, or a
+/// user listed again with another region is an error naming its line, so a bad file moves
+/// nothing. A user listed twice with the same region counts once.
+pub fn parse_claims(text: &str, ring: &Ring) -> Result<Vec<ClaimedUser>, ClaimsError> {
+    let mut users = Vec::new();
+    let mut seen: BTreeMap<String, (usize, RegionId)> = BTreeMap::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        let bad = |message: String| ClaimsError::Line { line, message };
+        let content = raw.split_once('#').map_or(raw, |(before, _)| before).trim();
+        if content.is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = if content.contains(',') {
+            content.split(',').map(str::trim).collect()
+        } else {
+            content.split_whitespace().collect()
+        };
+        let [user, region] = fields[..] else {
+            return Err(bad(format!("expected `user_id,region`, found {content:?}")));
+        };
+        let user = UserId::parse(user).map_err(|error| bad(format!("{user:?}: {error}")))?;
+        let region =
+            RegionId::parse(region).map_err(|error| bad(format!("{region:?}: {error}")))?;
+        if !ring.homes_shards(region.as_str()) {
+            return Err(bad(format!("region {region} homes no shard of the ring")));
+        }
+        match seen.entry(user.as_str().to_string()) {
+            Entry::Occupied(first) if first.get().1 != region => {
+                return Err(bad(format!(
+                    "user {} is listed on line {} with region {}",
+                    user.as_str(),
+                    first.get().0,
+                    first.get().1
+                )));
+            }
+            Entry::Occupied(_) => continue,
+            Entry::Vacant(slot) => {
+                slot.insert((line, region.clone()));
+            }
+        }
+        users.push(ClaimedUser { line, user, region });
+    }
+    Ok(users)
+}
+
+/// What a claims file asks of the region `here`.
+#[derive(Debug, Default)]
+pub struct ClaimsPlan<'a> {
+    /// Users claimed by `here`.
+    pub users_here: u64,
+    /// Those of them the global ring placed on another shard than their claim's: the owner,
+    /// its global placement and its claimed shard (homed here).
+    pub moves: Vec<(OwnerKey, Placement<'a>, &'a str)>,
+    /// Users claimed by other regions, by region: that region's run moves them (the copy needs
+    /// the new shard's primary).
+    pub elsewhere: BTreeMap<String, u64>,
+}
+
+/// Splits a claims file's users into this region's moves and the other regions' counts. Empty
+/// of moves unless `ring` names `claims_from_global`.
+pub fn plan_claims<'a>(ring: &'a Ring, here: &str, users: &[ClaimedUser]) -> ClaimsPlan<'a> {
+    let mut plan = ClaimsPlan::default();
+    for claimed in users {
+        if claimed.region != here {
+            *plan
+                .elsewhere
+                .entry(claimed.region.to_string())
+                .or_default() += 1;
+            continue;
+        }
+        plan.users_here += 1;
+        let key = crate::domain::ids::Owner::User(claimed.user.clone()).key();
+        let (Some(from), Some(to)) = (
+            ring.unclaimed_placement(key.as_str(), here),
+            ring.locate_in(key.as_str(), here),
+        ) else {
+            continue;
+        };
+        plan.moves.push((key, from, to.shard.as_str()));
+    }
+    plan
+}
+
+/// What `ring move --claims` did in this region.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimsReport {
+    /// The file's users claimed by this region.
+    pub users_here: u64,
+    /// Those whose global placement is another shard than their claim's.
+    pub to_move: u64,
+    /// Of those, done: copied now, moved before, or without a cart to move.
+    pub moved: u64,
+    /// Carts this run copied.
+    pub copied: u64,
+    /// Moves that failed (retried by the next run).
+    pub errors: u64,
+    /// Users claimed by other regions, by region.
+    pub elsewhere: BTreeMap<String, u64>,
+}
+
+/// `cartedge ring move --claims`: moves the carts of the file's users claimed by this region
+/// from their global shard to their claimed one, `batch` users at a time (`progress` is called
+/// after each batch), `concurrency` moves in flight. The whole file is read before anything
+/// moves; refused unless the ring names `claims_from_global`. Safe to stop and rerun: a moved
+/// cart's move answers [`Moved::Before`].
+pub async fn move_claims(
+    app: &App,
+    file: &str,
+    batch: usize,
+    concurrency: usize,
+    mut progress: impl FnMut(&ClaimsReport),
+) -> Result<ClaimsReport, ClaimsError> {
+    let ring = &app.topology().ring;
+    if !ring.claims_from_global() {
+        return Err(ClaimsError::NoMarker);
+    }
+    let users = parse_claims(file, ring)?;
+    let plan = plan_claims(ring, &app.config.region.id, &users);
+    let mut report = ClaimsReport {
+        users_here: plan.users_here,
+        to_move: plan.moves.len() as u64,
+        elsewhere: plan.elsewhere,
+        ..ClaimsReport::default()
+    };
+    for chunk in plan.moves.chunks(batch.max(1)) {
+        // Built in a loop, not by a closure over the items, so the stream stays `Send`.
+        let mut pending = Vec::with_capacity(chunk.len());
+        for (owner, from, to) in chunk {
+            pending.push(async move { ensure_moved(app, owner, *from, to).await });
+        }
+        let results: Vec<Result<Moved, ApiError>> = futures_util::stream::iter(pending)
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+        for result in results {
+            match result {
+                Ok(moved) => {
+                    report.moved += 1;
+                    report.copied += u64::from(moved == Moved::Now);
+                }
+                Err(error) => {
+                    report.errors += 1;
+                    tracing::warn!(%error, "claimed cart move failed; the next run retries it");
+                }
+            }
+        }
+        progress(&report);
+    }
+    Ok(report)
+}
+
+/// What `ring move --claims --status` found in this region.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimsLeft {
+    /// The file's users claimed by this region.
+    pub users_here: u64,
+    /// Those whose global placement is another shard than their claim's.
+    pub to_move: u64,
+    /// Of those, the ones whose global shard still holds their cart (not marked moved).
+    pub left: u64,
+    /// Users claimed by other regions, by region (their own `--status` answers for them).
+    pub elsewhere: BTreeMap<String, u64>,
+}
+
+/// How many of the file's users claimed by this region still have a cart on their global
+/// shard, read on this region's replica of it (`concurrency` reads in flight). Moves nothing.
+pub async fn claims_status(
+    app: &App,
+    file: &str,
+    concurrency: usize,
+) -> Result<ClaimsLeft, ClaimsError> {
+    let ring = &app.topology().ring;
+    if !ring.claims_from_global() {
+        return Err(ClaimsError::NoMarker);
+    }
+    let users = parse_claims(file, ring)?;
+    let plan = plan_claims(ring, &app.config.region.id, &users);
+    let mut pending = Vec::with_capacity(plan.moves.len());
+    for (owner, from, _) in &plan.moves {
+        pending.push(async move {
+            match moves::locate(&app.store, from.shard, owner, 0).await? {
+                Located::Here(cart) => Ok::<bool, StoreError>(cart.version > 0),
+                Located::Moved { .. } => Ok(false),
+            }
+        });
+    }
+    let results: Vec<Result<bool, StoreError>> = futures_util::stream::iter(pending)
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut left = 0;
+    for result in results {
+        left += u64::from(result.map_err(ApiError::from)?);
+    }
+    Ok(ClaimsLeft {
+        users_here: plan.users_here,
+        to_move: plan.moves.len() as u64,
+        left,
+        elsewhere: plan.elsewhere,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,6 +641,90 @@ mod tests {
         let mut new = spec(2, &[("sg-1", "sg"), ("id-1", "id"), added]);
         new.moving_from = Some(1);
         Ring::moving(new, Ring::new(old).unwrap()).unwrap()
+    }
+
+    fn claims_ring(marked: bool) -> Ring {
+        let mut spec = spec(1, &[("sg-1", "sg"), ("sg-2", "sg"), ("id-1", "id")]);
+        spec.claims_from_global = marked;
+        Ring::new(spec).unwrap()
+    }
+
+    fn line_error(text: &str) -> (usize, String) {
+        match parse_claims(text, &claims_ring(true)) {
+            Err(ClaimsError::Line { line, message }) => (line, message),
+            other => panic!("{text:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_claims_file_takes_commas_or_whitespace_and_skips_comments_and_blank_lines() {
+        let text = "# exported from the identity provider\n\nalice,sg\n  bob   id  \n\
+                    carol , sg # moved to Singapore\nalice,sg\n";
+        let users = parse_claims(text, &claims_ring(true)).unwrap();
+        let read: Vec<(usize, &str, &str)> = users
+            .iter()
+            .map(|u| (u.line, u.user.as_str(), u.region.as_str()))
+            .collect();
+        assert_eq!(
+            read,
+            [(3, "alice", "sg"), (4, "bob", "id"), (5, "carol", "sg")],
+            "the repeated line counts once"
+        );
+    }
+
+    #[test]
+    fn a_bad_claims_line_is_refused_with_its_line_number() {
+        assert_eq!(line_error("alice,sg\nbob\n").0, 2);
+        assert_eq!(line_error("alice,sg,extra\n").0, 1);
+        assert_eq!(line_error("alice sg extra\n").0, 1);
+        let (line, message) = line_error("alice,sg\n\nbob,vn\n");
+        assert_eq!(line, 3);
+        assert!(message.contains("region vn homes no shard"), "{message}");
+        let (line, message) = line_error("al ice!,sg\n");
+        assert_eq!(line, 1);
+        assert!(message.contains("user id must match"), "{message}");
+        let (line, message) = line_error("alice,sg\nalice,id\n");
+        assert_eq!(line, 2);
+        assert!(
+            message.contains("listed on line 1 with region sg"),
+            "{message}"
+        );
+        assert_eq!(line_error("alice,SG!\n").0, 1);
+    }
+
+    #[test]
+    fn a_claims_plan_moves_only_this_regions_users_whose_global_shard_differs() {
+        let ring = claims_ring(true);
+        let keys: Vec<String> = users().take(400).collect();
+        let text: String = keys
+            .iter()
+            .enumerate()
+            .map(|(n, key)| {
+                let region = if n % 2 == 0 { "id" } else { "sg" };
+                format!("{},{region}\n", key.trim_start_matches("u:"))
+            })
+            .collect();
+        let users = parse_claims(&text, &ring).unwrap();
+        let plan = plan_claims(&ring, "id", &users);
+        assert_eq!(plan.users_here, 200);
+        assert_eq!(plan.elsewhere, BTreeMap::from([("sg".to_string(), 200)]));
+        assert!(!plan.moves.is_empty());
+        let moving: Vec<&str> = plan.moves.iter().map(|(k, ..)| k.as_str()).collect();
+        for (n, key) in keys.iter().enumerate().filter(|(n, _)| n % 2 == 0) {
+            let (global, claimed) = (ring.locate(key), ring.locate_in(key, "id").unwrap());
+            assert_eq!(
+                moving.contains(&key.as_str()),
+                global.shard != claimed.shard,
+                "{n}"
+            );
+        }
+        for (_, from, to) in &plan.moves {
+            assert_ne!(*from.home, "id");
+            assert_eq!(*to, "id-1");
+        }
+        // Without the marker nothing moves.
+        let plain = claims_ring(false);
+        assert!(plan_claims(&plain, "id", &users).moves.is_empty());
     }
 
     fn users() -> impl Iterator<Item = String> {

@@ -17,6 +17,7 @@ fn ring_state(app: &App) -> serde_json::Value {
         "version": ring.spec().version,
         "fingerprint": ring.fingerprint(),
         "moving_from": ring.spec().moving_from,
+        "claims_from_global": ring.claims_from_global(),
     })
 }
 

@@ -20,6 +20,12 @@
 //! the fingerprint are the new ring's only: the marker changes neither, so removing it once every
 //! owner moved is a no-op for routing, and [`Ring::accepts`] lets edges on either side of the
 //! roll (N, and N+1 moving from N) accept each other's forwarded requests.
+//!
+//! A ring can also name `claims_from_global = true`: users whose tokens now carry a `region`
+//! claim may still have their cart where the global ring placed them before the claim
+//! ([`Ring::unclaimed_placement`]). Like `moving_from` it changes no placement and is not part
+//! of the fingerprint. The two markers are never combined (one move at a time): a ring move
+//! knows only its previous ring, and a claims move only the global placement of this one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -45,6 +51,11 @@ pub struct RingSpec {
     /// previous ring file is kept beside this one as `<stem>.v<N>.toml`); absent when settled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moving_from: Option<u32>,
+    /// Users whose tokens gained a `region` claim may still have their cart where the global
+    /// ring placed them: edges look there and move it (`cartedge ring move --claims`). Removed
+    /// once every such cart moved; never together with `moving_from`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub claims_from_global: bool,
     pub shards: Vec<ShardSpec>,
 }
 
@@ -117,6 +128,7 @@ impl std::fmt::Debug for Ring {
             .field("shards", &self.spec.shards.len())
             .field("fingerprint", &self.fingerprint)
             .field("moving_from", &self.spec.moving_from)
+            .field("claims_from_global", &self.spec.claims_from_global)
             .finish()
     }
 }
@@ -157,6 +169,16 @@ impl Ring {
             return Err(RingError(format!(
                 "the ring of version {from} is itself moving: finish that move first"
             )));
+        }
+        // One move at a time: while users' carts move off the global ring, a ring move would
+        // give those users two old placements (the previous ring's and this ring's global one),
+        // and a moving owner has room for one.
+        if spec.claims_from_global || previous.spec.claims_from_global {
+            return Err(RingError(
+                "claims_from_global and moving_from cannot be combined: finish the claims move \
+                 (ring move --claims, then remove claims_from_global) first"
+                    .into(),
+            ));
         }
         for old in &previous.spec.shards {
             match spec.shards.iter().find(|s| s.id == old.id) {
@@ -234,6 +256,36 @@ impl Ring {
         let before = previous.place(owner_key, home)?;
         let now = self.place(owner_key, home)?;
         (before.shard != now.shard).then_some(before)
+    }
+
+    /// Whether the ring names `claims_from_global` (users with a `region` claim may still have
+    /// a cart where the global ring placed them).
+    pub fn claims_from_global(&self) -> bool {
+        self.spec.claims_from_global
+    }
+
+    /// Where the global ring placed a user whose token now names home region `claim`, while the
+    /// ring names `claims_from_global` and that is another shard than the claim's: the user's
+    /// cart may still be there, written before the token carried the claim. None otherwise (no
+    /// marker, the same shard, or a claim naming a region that homes no shard). The two
+    /// placements differ only when the global ring put the user on another region's shard: a
+    /// shard homed in `claim` that is first on the global ring is first on `claim`'s ring too.
+    pub fn unclaimed_placement(&self, user_key: &str, claim: &str) -> Option<Placement<'_>> {
+        if !self.spec.claims_from_global {
+            return None;
+        }
+        let claimed = self.locate_in(user_key, claim)?;
+        let global = self.locate(user_key);
+        (global.shard != claimed.shard).then_some(global)
+    }
+
+    /// Where a user's cart may still be while it moves to where this ring places it by the
+    /// token's `claim` (None: no claim, the global ring): the previous ring's placement
+    /// (`moving_from`), else the global ring's when the claim is new (`claims_from_global`).
+    /// [`Ring::moving`] refuses the two markers together, so at most one applies.
+    pub fn user_moving_from(&self, user_key: &str, claim: Option<&str>) -> Option<Placement<'_>> {
+        self.previous_placement(user_key, claim)
+            .or_else(|| claim.and_then(|claim| self.unclaimed_placement(user_key, claim)))
     }
 
     /// Whether this edge runs a request forwarded by an edge whose ring fingerprint is
@@ -399,6 +451,7 @@ pub(crate) fn test_spec(version: u32, shards: &[(&str, &str)]) -> RingSpec {
         version,
         vnodes: 200,
         moving_from: None,
+        claims_from_global: false,
         shards: shards
             .iter()
             .map(|(id, home)| ShardSpec {
@@ -568,6 +621,88 @@ mod tests {
         removes.version = 2;
         removes.moving_from = Some(1);
         assert!(Ring::moving(removes, Ring::new(before.spec().clone()).unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_claims_marker_changes_neither_placement_nor_the_fingerprint() {
+        let shards = [("sg-1", "sg"), ("sg-2", "sg"), ("id-1", "id")];
+        let plain = Ring::new(spec(&shards)).unwrap();
+        let file = "version = 1\nvnodes = 200\nclaims_from_global = true\n\
+            [[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n\
+            [[shards]]\nid = \"sg-2\"\nhome = \"sg\"\n\
+            [[shards]]\nid = \"id-1\"\nhome = \"id\"\n";
+        let marked = Ring::new(toml::from_str::<RingSpec>(file).unwrap()).unwrap();
+        assert!(marked.claims_from_global());
+        assert!(!plain.claims_from_global());
+        assert_eq!(marked.fingerprint(), plain.fingerprint());
+        for key in sample_owner_keys(2_000) {
+            for home in [None, Some("sg"), Some("id")] {
+                assert_eq!(marked.place(&key, home), plain.place(&key, home), "{key}");
+            }
+        }
+        // A settled file without the marker says nothing about it.
+        let text = toml::to_string(plain.spec()).unwrap();
+        assert!(!text.contains("claims_from_global"), "{text}");
+        assert!(toml::to_string(marked.spec())
+            .unwrap()
+            .contains("claims_from_global = true"));
+    }
+
+    #[test]
+    fn the_claims_marker_points_a_claimed_user_at_its_global_placement_when_that_differs() {
+        let shards = [("sg-1", "sg"), ("sg-2", "sg"), ("id-1", "id")];
+        let plain = Ring::new(spec(&shards)).unwrap();
+        let mut marked_spec = spec(&shards);
+        marked_spec.claims_from_global = true;
+        let marked = Ring::new(marked_spec).unwrap();
+        let mut moving = 0;
+        for key in sample_owner_keys(4_000)
+            .iter()
+            .filter(|k| k.starts_with("u:"))
+        {
+            let global = marked.locate(key);
+            for claim in ["sg", "id"] {
+                assert_eq!(plain.unclaimed_placement(key, claim), None);
+                assert_eq!(plain.user_moving_from(key, Some(claim)), None);
+                let claimed = marked.locate_in(key, claim).unwrap();
+                match marked.unclaimed_placement(key, claim) {
+                    Some(old) => {
+                        moving += 1;
+                        assert_eq!(old, global);
+                        assert_ne!(old.shard, claimed.shard);
+                        // Only a user the global ring homed in another region moves.
+                        assert_ne!(old.home, claim, "{key}");
+                    }
+                    None => assert_eq!(global.shard, claimed.shard, "{key}"),
+                }
+                assert_eq!(
+                    marked.user_moving_from(key, Some(claim)),
+                    marked.unclaimed_placement(key, claim)
+                );
+            }
+            // Without a claim the user is on the global ring, where its cart already is.
+            assert_eq!(marked.user_moving_from(key, None), None);
+        }
+        assert!(moving > 500, "{moving}");
+        // A claim naming a region that homes no shard places nobody.
+        assert_eq!(marked.unclaimed_placement("u:alice", "vn"), None);
+    }
+
+    #[test]
+    fn the_claims_marker_and_a_ring_move_are_never_combined() {
+        let before = spec(&[("sg-1", "sg"), ("id-1", "id")]);
+        let mut next = spec(&[("sg-1", "sg"), ("id-1", "id"), ("sg-2", "sg")]);
+        next.version = 2;
+        next.moving_from = Some(1);
+        let mut marked_next = next.clone();
+        marked_next.claims_from_global = true;
+        let error = Ring::moving(marked_next, Ring::new(before.clone()).unwrap()).unwrap_err();
+        assert!(error.0.contains("cannot be combined"), "{error}");
+        let mut marked_before = before.clone();
+        marked_before.claims_from_global = true;
+        let error = Ring::moving(next.clone(), Ring::new(marked_before).unwrap()).unwrap_err();
+        assert!(error.0.contains("cannot be combined"), "{error}");
+        assert!(Ring::moving(next, Ring::new(before).unwrap()).is_ok());
     }
 
     #[test]

@@ -2012,6 +2012,11 @@ pub async fn add_shard(dir: &Path, shard: &str, home: &str) -> Result<AddedShard
             "the ring is still moving from version {from}: finish that move (ring move, then remove moving_from) first"
         );
     }
+    if spec.claims_from_global {
+        bail!(
+            "the ring names claims_from_global: finish that move (ring move --claims, then remove the marker) first"
+        );
+    }
     if spec.shards.iter().any(|s| s.id == shard) {
         bail!("shard {shard} is already in the ring");
     }

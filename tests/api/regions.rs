@@ -38,7 +38,7 @@ pub(crate) struct TwoRegions {
     pub(crate) sg_primary: PgInstance,
     pub(crate) th_primary: PgInstance,
     /// th's replica of sg-1.
-    th_replica_of_sg: PgInstance,
+    pub(crate) th_replica_of_sg: PgInstance,
     _sg_replica_of_th: PgInstance,
     pub(crate) proxy: LinkProxy,
     pub(crate) sg: Edge,
@@ -58,6 +58,10 @@ const RING: &str = "version = 1\nvnodes = 200\n[[shards]]\nid = \"sg-1\"\nhome =
 /// `ring.v1.toml`): see `tests/api/reshard.rs`.
 const RING_MOVING: &str = "version = 2\nvnodes = 200\nmoving_from = 1\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n[[shards]]\nid = \"th-1\"\nhome = \"th\"\n[[shards]]\nid = \"th-2\"\nhome = \"th\"\n";
 
+/// [`RING`] naming `claims_from_global`: users whose tokens gained a region claim may still
+/// have a cart where the global ring put them (see `tests/api/reshard.rs`).
+const RING_CLAIMS: &str = "version = 1\nvnodes = 200\nclaims_from_global = true\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n[[shards]]\nid = \"th-1\"\nhome = \"th\"\n";
+
 /// Which ring each region's edge runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
@@ -67,6 +71,8 @@ enum Layout {
     Moving,
     /// th on [`RING_MOVING`], sg still on [`RING`].
     Rolling,
+    /// Both on [`RING_CLAIMS`].
+    Claims,
 }
 
 /// The database of shard `th-2` on th's PostgreSQL server (so th's streaming replica in sg
@@ -210,8 +216,13 @@ impl TwoRegions {
         Self::start_layout(forward_timeout, NO_PARKING, Layout::Rolling).await
     }
 
+    /// Both regions on [`RING_CLAIMS`], with `extra` added to both edges' configuration.
+    pub(crate) async fn start_claims(forward_timeout: &str, extra: &str) -> TwoRegions {
+        Self::start_layout(forward_timeout, extra, Layout::Claims).await
+    }
+
     async fn start_layout(forward_timeout: &str, extra: &str, layout: Layout) -> TwoRegions {
-        let moving = layout != Layout::Plain;
+        let moving = matches!(layout, Layout::Moving | Layout::Rolling);
         let shared = shared();
         let dir = tempfile::Builder::new()
             .prefix("cartedge-regions-")
@@ -259,6 +270,8 @@ impl TwoRegions {
         if moving {
             std::fs::write(base.join("ring.v1.toml"), RING).unwrap();
             std::fs::write(base.join("ring.toml"), RING_MOVING).unwrap();
+        } else if layout == Layout::Claims {
+            std::fs::write(base.join("ring.toml"), RING_CLAIMS).unwrap();
         } else {
             std::fs::write(base.join("ring.toml"), RING).unwrap();
         }
@@ -1167,7 +1180,7 @@ async fn a_min_version_beyond_the_cart_is_answered_by_the_home_primary_in_both_r
 }
 
 /// A token whose `region` claim homes `sub` in `region`.
-fn homed_token(regions: &TwoRegions, sub: &str, region: &str) -> String {
+pub(crate) fn homed_token(regions: &TwoRegions, sub: &str, region: &str) -> String {
     let extra = cartedge::auth::ExtraClaims {
         region: Some(region),
         ..Default::default()

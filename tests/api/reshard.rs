@@ -1181,6 +1181,17 @@ async fn a_ring_reloaded_without_a_restart_serves_the_new_shard_and_every_cart_t
         ring_of(&edge.send("GET", "/health", &[], None).await),
         (Some(2), None)
     );
+    // A marker alone (same version, same placement) is a ring change a reload installs too.
+    std::fs::write(
+        path.join("ring.toml"),
+        format!("claims_from_global = true\n{RING_V2_SETTLED}"),
+    )
+    .unwrap();
+    edge.app
+        .reload(&config_with(&[("sg-1", &sg1), ("sg-2", &sg2)]))
+        .expect("the marked ring reloads");
+    let health = edge.send("GET", "/health", &[], None).await;
+    assert_eq!(health.json()["ring"]["claims_from_global"], true);
     std::fs::write(
         path.join("ring.toml"),
         "version = 3\nvnodes = 200\n[[shards]]\nid = \"sg-1\"\nhome = \"sg\"\n",
@@ -1221,5 +1232,381 @@ async fn a_ring_reloaded_without_a_restart_serves_the_new_shard_and_every_cart_t
             .is_some(),
             "{user} moved to sg-2"
         );
+    }
+}
+
+/// Reads `user`'s cart at `edge` with `token` until it shows `version` (bounded: another
+/// region's replica may not have replayed it yet).
+async fn read_until(
+    regions: &crate::regions::TwoRegions,
+    edge: &crate::regions::Edge,
+    token: &str,
+    version: i64,
+) -> crate::helpers::TestResponse {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = regions
+            .send(
+                edge,
+                "GET",
+                "/api/v1/cart",
+                &[("authorization", format!("Bearer {token}"))],
+                None,
+            )
+            .await;
+        assert_eq!(read.status, 200, "{:?}", read.body);
+        if read.version() == version {
+            return read;
+        }
+        assert!(Instant::now() < deadline, "read stuck: {:?}", read.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A user whose first tokens named no region (the global ring put the cart on sg-1, homed in
+/// sg) and whose tokens now name th: with `claims_from_global` in the ring, edges find the cart
+/// on sg-1 before it moves, and `ring move --claims` run in th moves it to th-1 (re-priced in
+/// THB at the next version), keeping its idempotency records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_whose_token_gains_a_region_claim_keeps_the_cart_the_global_ring_placed() {
+    use crate::regions::{homed_token, TwoRegions};
+    let regions = TwoRegions::start_claims("2s", "[parking]\nenabled = false\n").await;
+    let ring = &regions.th.app.topology().ring;
+    assert!(ring.claims_from_global());
+    let user = regions.user_homed_in("sg", "gains-claim");
+    let owner = format!("u:{user}");
+    assert_eq!(
+        ring.unclaimed_placement(&owner, "th")
+            .map(|p| p.shard.as_str()),
+        Some("sg-1")
+    );
+    // A line for sg's run, and a th user the global ring already placed on th-1.
+    let for_sg = regions.user_homed_in("sg", "claims-sg");
+    let in_place = regions.user_homed_in("th", "claims-th");
+    let (sg1, th1) = (
+        regions.sg_primary.dsn("cartedge"),
+        regions.th_primary.dsn("cartedge"),
+    );
+    let moved_row = || async {
+        query_opt_i64(
+            &sg1,
+            "SELECT version FROM carts WHERE owner = $1 AND moved_at IS NOT NULL \
+             AND moving_to = 'th-1' AND NOT EXISTS (SELECT 1 FROM cart_items i WHERE i.owner = $1)",
+            &[&owner],
+        )
+        .await
+    };
+    let on_th1 = || async {
+        query_opt_i64(
+            &th1,
+            "SELECT version FROM carts WHERE owner = $1",
+            &[&owner],
+        )
+        .await
+    };
+
+    // Shopping with a token without the claim: the cart is on sg-1, in SGD.
+    let first = regions
+        .add(&regions.sg, &user, "sku-00001", 2, Some("before-claim"))
+        .await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.json()["currency"], "SGD");
+    let second = regions
+        .add(&regions.th, &user, "sku-00002", 1, Some("before-claim-2"))
+        .await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    assert_eq!(second.version(), 2);
+
+    // (a) The token now names th: both edges show the cart still on sg-1, before any move.
+    let claimed = homed_token(&regions, &user, "th");
+    for edge in [&regions.sg, &regions.th] {
+        let read = read_until(&regions, edge, &claimed, 2).await;
+        assert_eq!(read.quantity_of("sku-00001"), 2);
+        assert_eq!(read.quantity_of("sku-00002"), 1);
+    }
+    assert_eq!(on_th1().await, None, "nothing moved by a read");
+
+    // (d) A malformed file is refused with its line number before anything moves.
+    let app = &regions.th.app;
+    for (file, line) in [
+        (format!("{user},th\nnot a line at all\n"), 2),
+        (format!("# claims\n{user},th\n\n{in_place} vn\n"), 4),
+    ] {
+        match moves::move_claims(app, &file, 10, 2, |_| {}).await {
+            Err(moves::ClaimsError::Line { line: at, .. }) => assert_eq!(at, line, "{file}"),
+            other => panic!("{file}: {other:?}"),
+        }
+    }
+    assert_eq!(on_th1().await, None);
+    assert_eq!(moved_row().await, None);
+
+    // (b) `ring move --claims` in th: the status first, then the move.
+    let file = format!("# user,region\n{user},th\n{for_sg} sg\n\n{in_place},th\n");
+    let left = moves::claims_status(app, &file, 2).await.unwrap();
+    assert_eq!(
+        (left.users_here, left.to_move, left.left),
+        (2, 1, 1),
+        "{left:?}"
+    );
+    assert_eq!(left.elsewhere, BTreeMap::from([("sg".to_string(), 1)]));
+    let mut progress_lines = 0;
+    let report = moves::move_claims(app, &file, 10, 2, |_| progress_lines += 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.to_move, report.moved, report.copied, report.errors),
+        (1, 1, 1, 0),
+        "{report:?}"
+    );
+    assert_eq!(report.elsewhere, BTreeMap::from([("sg".to_string(), 1)]));
+    assert_eq!(progress_lines, 1);
+    assert_eq!(
+        on_th1().await,
+        Some(3),
+        "re-priced into THB: the copy is version 2 + 1"
+    );
+    assert_eq!(moved_row().await, Some(2), "the old row is a pointer");
+    let read = read_until(&regions, &regions.th, &claimed, 3).await;
+    assert_eq!(read.json()["currency"], "THB");
+    assert_eq!(
+        (read.quantity_of("sku-00001"), read.quantity_of("sku-00002")),
+        (2, 1)
+    );
+    // An Idempotency-Key from before the claim still replays on the new shard.
+    let replay = regions
+        .send(
+            &regions.th,
+            "POST",
+            "/api/v1/cart/items",
+            &[
+                ("authorization", format!("Bearer {claimed}")),
+                ("idempotency-key", "before-claim".to_string()),
+            ],
+            Some(r#"{"item_id":"sku-00001","quantity":2}"#),
+        )
+        .await;
+    assert_eq!(replay.status, first.status);
+    assert_eq!(replay.body, first.body);
+    assert_eq!(on_th1().await, Some(3), "the replay added nothing");
+    // Rerunning finds it done; nothing is left.
+    let again = moves::move_claims(app, &file, 10, 2, |_| {}).await.unwrap();
+    assert_eq!((again.moved, again.copied, again.errors), (1, 0, 0));
+    // `--status` reads th's replica of sg-1, which replays the mark shortly.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = moves::claims_status(app, &file, 2).await.unwrap();
+        if left.left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{left:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // sg reads the moved cart too (through its replica of th-1, or th).
+    let read = read_until(&regions, &regions.sg, &claimed, 3).await;
+    assert_eq!(read.quantity_of("sku-00001"), 2);
+}
+
+/// Why the marker exists: without it an edge looks for a claimed user's cart on the claimed
+/// region's ring only, where it is not, and `ring move --claims` refuses to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_claims_marker_a_claimed_token_does_not_see_the_global_cart() {
+    use crate::regions::{homed_token, TwoRegions};
+    let regions = TwoRegions::start_with("2s", "").await;
+    assert!(!regions.sg.app.topology().ring.claims_from_global());
+    let user = regions.user_homed_in("sg", "no-marker");
+    let written = regions
+        .add(&regions.sg, &user, "sku-00001", 2, Some("before-claim"))
+        .await;
+    assert_eq!(written.status, 200, "{:?}", written.body);
+    // Once th's replica of sg-1 holds the cart, th's edge (which never cached it) reads the
+    // claimed user's cart on th-1 only: empty.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while query_opt_i64(
+        &regions.th_replica_of_sg.dsn("cartedge"),
+        "SELECT version FROM carts WHERE owner = $1",
+        &[&format!("u:{user}")],
+    )
+    .await
+        != Some(1)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "th's replica never replayed the cart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let claimed = homed_token(&regions, &user, "th");
+    let read = read_until(&regions, &regions.th, &claimed, 0).await;
+    assert_eq!(read.quantity_of("sku-00001"), 0);
+    let refused = moves::move_claims(&regions.th.app, &format!("{user},th\n"), 10, 2, |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, moves::ClaimsError::NoMarker),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("claims_from_global"));
+}
+
+/// An add parked in sg for a claimed user homed in th (th cut off) is delivered to th, which
+/// first moves the cart the global ring placed on sg-1: the parked add joins the old items.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_add_of_a_user_who_gained_a_claim_moves_the_global_cart_before_applying() {
+    use crate::regions::{homed_token, TwoRegions};
+    use cartedge_dev::linkproxy::PartitionMode;
+    let regions = TwoRegions::start_claims("700ms", "[parking]\ninterval = \"200ms\"\n").await;
+    let user = regions.user_homed_in("sg", "parked-claim");
+    let owner = format!("u:{user}");
+    let before = regions
+        .add(&regions.sg, &user, "sku-00001", 2, Some("before-claim"))
+        .await;
+    assert_eq!(before.status, 200, "{:?}", before.body);
+    // The token now names th, which sg cannot reach: the add is parked in sg.
+    regions.proxy.partition("sg", "th", PartitionMode::Reset);
+    let claimed = homed_token(&regions, &user, "th");
+    let parked = regions
+        .send(
+            &regions.sg,
+            "POST",
+            "/api/v1/cart/items",
+            &[
+                ("authorization", format!("Bearer {claimed}")),
+                ("idempotency-key", "parked-add".to_string()),
+            ],
+            Some(r#"{"item_id":"sku-00002","quantity":1}"#),
+        )
+        .await;
+    assert_eq!(parked.status, 202, "{:?}", parked.body);
+    regions.proxy.heal("sg", "th");
+    // sg's reconciler delivers it; th moves the cart first, then applies the add.
+    let th1 = regions.th_primary.dsn("cartedge");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while query_opt_i64(
+        &th1,
+        "SELECT quantity::bigint FROM cart_items WHERE owner = $1 AND item_id = 'sku-00002'",
+        &[&owner],
+    )
+    .await
+        != Some(1)
+    {
+        assert!(Instant::now() < deadline, "the parked add never reached th");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old_items = query_opt_i64(
+        &th1,
+        "SELECT quantity::bigint FROM cart_items WHERE owner = $1 AND item_id = 'sku-00001'",
+        &[&owner],
+    )
+    .await;
+    assert_eq!(
+        old_items,
+        Some(2),
+        "the cart from before the claim moved with it"
+    );
+    let moved = query_opt_i64(
+        &regions.sg_primary.dsn("cartedge"),
+        "SELECT count(*) FROM carts WHERE owner = $1 AND moved_at IS NOT NULL",
+        &[&owner],
+    )
+    .await;
+    assert_eq!(moved, Some(1), "sg-1's row is a pointer");
+}
+
+/// `cartedge ring move --claims` as an SRE runs it, on one region whose only shard is sg-1
+/// (every sg user is already where the claim puts it): one JSON line out, `--status` too; a
+/// bad line, a ring without the marker, or `--users` with it is refused with its reason.
+#[tokio::test]
+async fn ring_move_claims_on_the_command_line_reports_and_refuses_with_reasons() {
+    use crate::helpers::{cli, test_config_text};
+    let (_, dsn) = fresh_database().await;
+    let dir = tempfile::Builder::new()
+        .prefix("cartedge-claims-cli-")
+        .tempdir_in(shared().dir.path())
+        .unwrap();
+    std::fs::create_dir_all(dir.path().join("regions")).unwrap();
+    std::fs::write(
+        dir.path().join("ring.toml"),
+        RING_V1.replace(
+            "vnodes = 200\n",
+            "vnodes = 200\nclaims_from_global = true\n",
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("plain.toml"), RING_V1).unwrap();
+    let config_for = |ring: &str| {
+        let text = test_config_text(
+            &dsn,
+            &shared().redis.url(),
+            "claims-cli:",
+            &shard_overlay(dir.path(), ring, &[("sg-1", &dsn)]),
+        );
+        let file = dir.path().join(format!("sg-{ring}"));
+        std::fs::write(&file, text).unwrap();
+        file.display().to_string()
+    };
+    let (marked, plain) = (config_for("ring.toml"), config_for("plain.toml"));
+    let claims = |name: &str, text: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        file.display().to_string()
+    };
+    let good = claims("good.csv", "# user,region\nalice,sg\n\nbob sg\n");
+    let bad = claims("bad.csv", "alice,sg\nbob\n");
+    let run = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap()
+    };
+    let args = |config: &str, rest: &[&str]| {
+        let mut all = vec!["--config".to_string(), config.to_string()];
+        all.extend(["ring", "move"].iter().chain(rest).map(|s| s.to_string()));
+        all
+    };
+
+    // check-config names the marker (the fingerprint does not show it).
+    let checked = run(vec![
+        "--config".into(),
+        marked.clone(),
+        "check-config".into(),
+    ])
+    .await;
+    assert!(checked.status.success());
+    assert!(String::from_utf8_lossy(&checked.stdout).contains("# claims_from_global:"));
+
+    let moved = run(args(&marked, &["--claims", &good])).await;
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&moved.stdout).unwrap();
+    assert_eq!(
+        (
+            &report["users_here"],
+            &report["to_move_here"],
+            &report["errors"]
+        ),
+        (&2.into(), &0.into(), &0.into()),
+        "{report}"
+    );
+    let status = run(args(&marked, &["--claims", &good, "--status"])).await;
+    assert!(status.status.success());
+    let left: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(left["left_to_move_here"], 0, "{left}");
+
+    for (args, reason) in [
+        (args(&marked, &["--claims", &bad]), "line 2"),
+        (args(&plain, &["--claims", &good]), "claims_from_global"),
+        (
+            args(&marked, &["--claims", &good, "--users", "global"]),
+            "cannot be used with",
+        ),
+    ] {
+        let refused = run(args.clone()).await;
+        let error = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{args:?}");
+        assert!(error.contains(reason), "{args:?}: {error}");
     }
 }
