@@ -258,22 +258,21 @@ tokio::task_local! {
 /// Runs `future` with `context` as the current trace (see [`current`]), `owner` as the slot
 /// [`note_owner`] fills, and `fields`: every line logged meanwhile carries them (and the owner
 /// once noted).
-pub async fn in_trace<F: std::future::Future>(
+pub fn in_trace<F: std::future::Future>(
     context: TraceContext,
     owner: OwnerSlot,
     fields: RequestFields,
     future: F,
-) -> F::Output {
-    CURRENT
-        .scope(
-            RequestScope {
-                context,
-                owner,
-                fields,
-            },
-            future,
-        )
-        .await
+) -> impl std::future::Future<Output = F::Output> {
+    // Not an `async fn`: its state would hold `future` twice.
+    CURRENT.scope(
+        RequestScope {
+            context,
+            owner,
+            fields,
+        },
+        future,
+    )
 }
 
 /// An event format that adds the current request's fields ([`in_trace`]) to every line: as

@@ -229,7 +229,9 @@ pub async fn handle(
     let traced = TracedRequest::start(&app, surface, &request);
     // A body read running into the same deadline answers 408 itself: `timeout_at` polls the
     // inner future before its own timer, so this 503 is for handling that ran too long.
-    let dispatched = traced.run(dispatch(&app, surface, request));
+    // Boxed once: the handling future is a few kilobytes (the largest route's state), and the
+    // trace scope, the timeout and hyper each move what they wrap; they now move a pointer.
+    let dispatched = traced.run(Box::pin(dispatch(&app, surface, request)));
     let mut response = match tokio::time::timeout_at(deadline, dispatched).await {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => error.into_response(),
@@ -285,15 +287,18 @@ impl TracedRequest {
         }
     }
 
-    /// Runs the request's future inside its trace context.
-    async fn run<F: std::future::Future>(&self, future: F) -> F::Output {
+    /// Runs the request's future inside its trace context. Not an `async fn`: a wrapper's
+    /// state would hold `future` twice (as its argument and inside what it awaits).
+    fn run<F: std::future::Future>(
+        &self,
+        future: F,
+    ) -> impl std::future::Future<Output = F::Output> {
         crate::telemetry::in_trace(
             self.context,
             self.owner.clone(),
             self.fields.clone(),
             future,
         )
-        .await
     }
 
     fn finish(&self, response: &mut Response<Body>, started: Instant) {
