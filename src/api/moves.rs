@@ -487,6 +487,17 @@ pub struct ClaimsPlan<'a> {
     pub elsewhere: BTreeMap<String, u64>,
 }
 
+/// The claims file's plan for this edge's region on the ring it runs; refused unless the ring
+/// names `claims_from_global`.
+fn claims_here<'a>(app: &'a App, file: &str) -> Result<ClaimsPlan<'a>, ClaimsError> {
+    let ring = &app.topology().ring;
+    if !ring.claims_from_global() {
+        return Err(ClaimsError::NoMarker);
+    }
+    let users = parse_claims(file, ring)?;
+    Ok(plan_claims(ring, &app.config.region.id, &users))
+}
+
 /// Splits a claims file's users into this region's moves and the other regions' counts. Empty
 /// of moves unless `ring` names `claims_from_global`.
 pub fn plan_claims<'a>(ring: &'a Ring, here: &str, users: &[ClaimedUser]) -> ClaimsPlan<'a> {
@@ -541,12 +552,7 @@ pub async fn move_claims(
     concurrency: usize,
     mut progress: impl FnMut(&ClaimsReport),
 ) -> Result<ClaimsReport, ClaimsError> {
-    let ring = &app.topology().ring;
-    if !ring.claims_from_global() {
-        return Err(ClaimsError::NoMarker);
-    }
-    let users = parse_claims(file, ring)?;
-    let plan = plan_claims(ring, &app.config.region.id, &users);
+    let plan = claims_here(app, file)?;
     let mut report = ClaimsReport {
         users_here: plan.users_here,
         to_move: plan.moves.len() as u64,
@@ -600,12 +606,7 @@ pub async fn claims_status(
     file: &str,
     concurrency: usize,
 ) -> Result<ClaimsLeft, ClaimsError> {
-    let ring = &app.topology().ring;
-    if !ring.claims_from_global() {
-        return Err(ClaimsError::NoMarker);
-    }
-    let users = parse_claims(file, ring)?;
-    let plan = plan_claims(ring, &app.config.region.id, &users);
+    let plan = claims_here(app, file)?;
     let mut pending = Vec::with_capacity(plan.moves.len());
     for (owner, from, _) in &plan.moves {
         pending.push(async move {
