@@ -1488,7 +1488,7 @@ pub async fn reload(dir: &Path) -> Result<u32> {
         .with_context(|| format!("no local cluster is running in {}", dir.display()))?;
     let ring = cartedge::topology::load_ring(&dir.join("ring.toml"))?;
     let version = ring.spec().version;
-    roll_ring(&cluster, version, ring.spec().moving_from).await?;
+    roll_ring(&cluster, &ring).await?;
     Ok(version)
 }
 
@@ -1496,13 +1496,15 @@ pub async fn reload(dir: &Path) -> Result<u32> {
 const RING_ROLL_LIMIT: Duration = Duration::from_secs(20);
 
 /// Sends SIGHUP to every edge of the cluster in turn and waits, each time, until that edge's
-/// `/health` names ring `version` moving from `moving_from` (a reload that refuses the files
-/// leaves the old ring, and the roll stops there with the edge's log named).
-pub async fn roll_ring(
-    cluster: &ClusterFile,
-    version: u32,
-    moving_from: Option<u32>,
-) -> Result<()> {
+/// `/health` names `ring`: its version, fingerprint and markers (a reload that refuses the
+/// files leaves the old ring, and the roll stops there with the edge's log named).
+pub async fn roll_ring(cluster: &ClusterFile, ring: &cartedge::domain::ring::Ring) -> Result<()> {
+    let wanted = serde_json::json!({
+        "version": ring.spec().version,
+        "fingerprint": ring.fingerprint(),
+        "moving_from": ring.spec().moving_from,
+        "claims_from_global": ring.claims_from_global(),
+    });
     for region in &cluster.regions {
         for edge in &region.edges {
             // SAFETY: kill(2) with a pid this cluster started; no memory is involved.
@@ -1520,11 +1522,11 @@ pub async fn roll_ring(
                 .trim_end_matches('/')
                 .parse()
                 .with_context(|| format!("admin URL {}", edge.admin_url))?;
-            wait_for_ring(admin, (version, moving_from), RING_ROLL_LIMIT)
+            wait_for_ring(admin, &wanted, RING_ROLL_LIMIT)
                 .await
                 .with_context(|| {
                     format!(
-                        "the {} edge did not take ring {version} moving from {moving_from:?} (see {})",
+                        "the {} edge did not take ring {wanted} (see {})",
                         region.id,
                         edge.log
                             .as_deref()
@@ -1536,9 +1538,12 @@ pub async fn roll_ring(
     Ok(())
 }
 
-/// Polls `GET /health` on an admin listener until it reports `ring`: its version and the
-/// version it moves from.
-async fn wait_for_ring(admin: SocketAddr, ring: (u32, Option<u32>), limit: Duration) -> Result<()> {
+/// Polls `GET /health` on an admin listener until its `ring` is `wanted`.
+async fn wait_for_ring(
+    admin: SocketAddr,
+    wanted: &serde_json::Value,
+    limit: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + limit;
     let mut seen = None;
     while Instant::now() < deadline {
@@ -1555,19 +1560,15 @@ async fn wait_for_ring(admin: SocketAddr, ring: (u32, Option<u32>), limit: Durat
                     .map(|at| &answer[at + 4..]);
                 seen = body
                     .and_then(|body| serde_json::from_slice::<serde_json::Value>(body).ok())
-                    .map(|health| {
-                        let ring = &health["ring"];
-                        (ring["version"].as_u64(), ring["moving_from"].as_u64())
-                    });
-                let wanted = (Some(u64::from(ring.0)), ring.1.map(u64::from));
-                if seen == Some(wanted) {
+                    .map(|health| health["ring"].clone());
+                if seen.as_ref() == Some(wanted) {
                     return Ok(());
                 }
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("still on ring (version, moving from) {seen:?} after {limit:?}")
+    bail!("still on ring {seen:?} after {limit:?}")
 }
 
 async fn wait_ready(admin: SocketAddr, limit: Duration) -> Result<()> {
@@ -2121,7 +2122,9 @@ pub async fn add_shard(dir: &Path, shard: &str, home: &str) -> Result<AddedShard
         "cartedge: rolling ring {} to every edge (SIGHUP, one at a time, no restart)…",
         spec.version
     );
-    roll_ring(&cluster, spec.version, spec.moving_from).await?;
+    // Read back as the edges will read it (and checked before any edge is told).
+    let ring = cartedge::topology::load_ring(&ring_path)?;
+    roll_ring(&cluster, &ring).await?;
     Ok(AddedShard {
         home_file: region_file(dir, home),
         moving_from: from,
