@@ -43,8 +43,9 @@ impl Listeners {
 }
 
 /// On SIGHUP, re-reads the configuration and applies what may change without a restart
-/// (keys, rate limits, the log filter and read sampling); a configuration that does not load is
-/// logged and changes nothing.
+/// (keys, rate limits, the public certificate, a changed ring and the shards it adds, the log
+/// filter and read sampling; see `App::reload`); a configuration that does not load is logged
+/// and changes nothing.
 pub fn reload_on_sighup(app: Arc<App>, sources: Sources) {
     #[cfg(unix)]
     tokio::spawn(async move {

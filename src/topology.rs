@@ -1,6 +1,7 @@
 //! The multi-region topology an edge runs in: the ring, this region, and its peers.
 //!
-//! Built once at start-up from the ring file and every region file in `topology.regions_dir`.
+//! Built at start-up from the ring file and every region file in `topology.regions_dir`, and
+//! again by a reload that brings another ring ([`Current`] holds the one requests use).
 //! Peers' files are read leniently (only ids, currencies, URLs and which shards they list: their
 //! secrets are not ours), but the whole set is validated: every shard of the ring has exactly one
 //! home region with a primary there, every region can read every shard, no region or shard is
