@@ -155,6 +155,13 @@ fn authenticator(
     })
 }
 
+/// `cart-ring-moving-from` for the requests this edge forwards: the fingerprint of the ring its
+/// ring moves from (None when settled).
+fn ring_moving_from(topology: &Topology) -> Option<HeaderValue> {
+    let previous = topology.ring.previous()?;
+    HeaderValue::from_str(previous.fingerprint()).ok()
+}
+
 impl App {
     /// Builds the state and starts the cache repair task (so call it inside a Tokio runtime).
     /// Connects to nothing yet: pools and the cache connect lazily, so an edge starts while a
@@ -192,10 +199,7 @@ impl App {
                 connect_timeout: config.forward.connect_timeout.0,
                 breaker_failures: config.forward.breaker_failures,
                 breaker_cooldown: config.forward.breaker_cooldown.0,
-                ring_moving_from: topology
-                    .ring
-                    .previous()
-                    .and_then(|previous| http::HeaderValue::from_str(previous.fingerprint()).ok()),
+                ring_moving_from: ring_moving_from(topology),
             };
             let forwarder = Arc::new(Forwarder::new(
                 peers,
@@ -735,8 +739,8 @@ impl App {
         Ok(())
     }
 
-    /// The ring and every region this edge runs on now. Requests read it where they start;
-    /// one that started before a reload finishes on the ring it started on.
+    /// The ring and every region this edge runs on now. A request places its owner once, where
+    /// it starts, and keeps that placement across a reload.
     pub fn topology(&self) -> &'static Topology {
         self.topology.get()
     }
@@ -783,19 +787,13 @@ impl App {
     /// heartbeats, the outbox relay and shard gauges of new home shards, the ring headers sent
     /// to other regions and `cartedge_build_info`.
     fn install_topology(self: &Arc<Self>, topology: Topology, shards: crate::store::NewShards) {
-        let added: Vec<String> = shards.ids().into_iter().map(str::to_string).collect();
-        self.store.add_shards(shards);
+        let added = self.store.add_shards(shards);
         for shard in added.iter().filter(|shard| self.store.is_home(shard)) {
             self.spawn_shard_tasks(shard.clone());
         }
         let topology = self.topology.replace(topology);
         if let Some(forwarder) = &self.forwarder {
-            forwarder.set_ring_moving_from(
-                topology
-                    .ring
-                    .previous()
-                    .and_then(|previous| HeaderValue::from_str(previous.fingerprint()).ok()),
-            );
+            forwarder.set_ring_moving_from(ring_moving_from(topology));
         }
         let spec = topology.ring.spec();
         self.metrics.set_ring_version(spec.version.to_string());

@@ -289,12 +289,6 @@ impl Current {
     }
 }
 
-impl std::fmt::Debug for Current {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Current").field(self.get()).finish()
-    }
-}
-
 impl Topology {
     /// Whether `next` runs another ring: its file (shards, weights, version, markers) or the
     /// ring it moves from differs. What makes a reload install it.

@@ -68,10 +68,9 @@ impl<'a> Placed<'a> {
     fn new(app: &'a App, owner: Owner, claim: Option<&RegionId>) -> Result<Placed<'a>, ApiError> {
         let key = owner.key();
         let ring = &app.topology().ring;
-        // Where the owner is, and (the ring moving it) where the previous ring had it, decided
-        // by the same home region; for a user with a claim, while the ring names
-        // `claims_from_global`, where the global ring had it before its token named the region.
-        let (placement, moving_from) = match &owner {
+        // Where the owner is; `known` adds where its cart may still be, decided by the same
+        // home region.
+        match &owner {
             Owner::User(_) => {
                 if claim.is_none() && app.auth.load().require_region_claim() {
                     return Err(ApiError::Unauthenticated(
@@ -84,30 +83,22 @@ impl<'a> Placed<'a> {
                     .ok_or(ApiError::Unauthenticated(
                         "the token's region claim names no region of this deployment",
                     ))?;
-                (placement, ring.user_moving_from(key.as_str(), home))
+                Ok(Placed::known(app, owner, key, placement, home))
             }
             Owner::Guest(_) => {
                 let home = guest_home(&key);
                 let placement = ring
                     .place(key.as_str(), home.as_deref())
                     .ok_or(ApiError::InvalidSession)?;
-                (
-                    placement,
-                    ring.previous_placement(key.as_str(), home.as_deref()),
-                )
+                Ok(Placed::known(app, owner, key, placement, home.as_deref()))
             }
-        };
-        Ok(Placed {
-            moving_from,
-            owner,
-            key,
-            shard: placement.shard,
-            home: placement.home,
-        })
+        }
     }
 
     /// Places an owner whose placement is already known (`placement`, decided with home region
-    /// `home`): adds where its cart may still be while it moves (as [`Placed::new`] does).
+    /// `home`), adding where its cart may still be: where the previous ring had it while the
+    /// ring moves, or for a user with a claim, while the ring names `claims_from_global`, where
+    /// the global ring had it before its token named the region.
     pub fn known(
         app: &'a App,
         owner: Owner,

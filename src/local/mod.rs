@@ -1547,23 +1547,12 @@ async fn wait_for_ring(
     let deadline = Instant::now() + limit;
     let mut seen = None;
     while Instant::now() < deadline {
-        if let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let request = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-            let mut answer = Vec::new();
-            if stream.write_all(request).await.is_ok()
-                && stream.read_to_end(&mut answer).await.is_ok()
-            {
-                let body = answer
-                    .windows(4)
-                    .position(|w| w == b"\r\n\r\n")
-                    .map(|at| &answer[at + 4..]);
-                seen = body
-                    .and_then(|body| serde_json::from_slice::<serde_json::Value>(body).ok())
-                    .map(|health| health["ring"].clone());
-                if seen.as_ref() == Some(wanted) {
-                    return Ok(());
-                }
+        if let Some((_, body)) = admin_get(admin, "/health").await {
+            seen = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .map(|health| health["ring"].clone());
+            if seen.as_ref() == Some(wanted) {
+                return Ok(());
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1574,19 +1563,26 @@ async fn wait_for_ring(
 async fn wait_ready(admin: SocketAddr, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let request = b"GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-            if stream.write_all(request).await.is_ok() {
-                let mut head = [0u8; 12];
-                if stream.read_exact(&mut head).await.is_ok() && head.ends_with(b"200") {
-                    return Ok(());
-                }
-            }
+        if let Some((200, _)) = admin_get(admin, "/ready").await {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bail!("not ready after {limit:?}")
+}
+
+/// `GET path` on an edge's admin listener (plain HTTP, one connection per call): the status and
+/// the body, or None when the edge did not answer.
+async fn admin_get(admin: SocketAddr, path: &str) -> Option<(u16, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.ok()?;
+    let status = std::str::from_utf8(answer.get(9..12)?).ok()?.parse().ok()?;
+    let body_at = answer.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    Some((status, answer.split_off(body_at)))
 }
 
 fn print_banner(configs: &[Config], cluster: &ClusterFile, dir: &Path) {

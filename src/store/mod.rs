@@ -258,16 +258,18 @@ fn shard_pools(
     })
 }
 
+/// A connection to `shard`'s primary (`pools` are its), which only its home region has.
+async fn primary_connection(shard: &str, pools: &ShardPools) -> Result<Object, StoreError> {
+    let primary = pools
+        .primary
+        .as_ref()
+        .ok_or_else(|| StoreError::NotHome(shard.to_string()))?;
+    Ok(primary.get().await?)
+}
+
 /// Shards a reload would add ([`Store::prepare_shards`]), their pools built but not yet
 /// serving.
 pub struct NewShards(Vec<(String, Arc<ShardPools>)>);
-
-impl NewShards {
-    /// The ids of the shards, in the order `config` lists them.
-    pub fn ids(&self) -> Vec<&str> {
-        self.0.iter().map(|(id, _)| id.as_str()).collect()
-    }
-}
 
 impl Store {
     pub fn new(config: &Config, metrics: &Metrics) -> anyhow::Result<Store> {
@@ -312,8 +314,9 @@ impl Store {
     }
 
     /// The shards `config` lists that this store does not have yet, with their pools built
-    /// (nothing serves them until [`Store::add_shards`]). A shard this store has is kept as it
-    /// is: its connection strings changing needs a restart, which is logged.
+    /// (nothing serves them until [`Store::add_shards`]). A shard this store has keeps its
+    /// pools: a changed connection string takes effect at the next restart. Refused (a
+    /// restart's business too): a shard no longer listed, or one gaining or losing its primary.
     pub fn prepare_shards(&self, config: &Config) -> anyhow::Result<NewShards> {
         let running = self.shards.load();
         let mut new = Vec::new();
@@ -343,26 +346,27 @@ impl Store {
         Ok(NewShards(new))
     }
 
-    /// Starts serving the shards [`Store::prepare_shards`] built, with their heartbeats.
-    pub fn add_shards(self: &Arc<Self>, new: NewShards) {
+    /// Starts serving the shards [`Store::prepare_shards`] built, with their heartbeats;
+    /// returns their ids.
+    pub fn add_shards(self: &Arc<Self>, new: NewShards) -> Vec<String> {
         let mut shards = HashMap::clone(&self.shards.load());
         for (id, pools) in &new.0 {
             shards.insert(id.clone(), pools.clone());
         }
         self.shards.store(Arc::new(shards));
-        for (id, pools) in new.0 {
-            self.spawn_heartbeat(id, pools.primary.is_some());
-        }
+        new.0
+            .into_iter()
+            .map(|(id, pools)| {
+                self.spawn_heartbeat(id.clone(), pools.primary.is_some());
+                id
+            })
+            .collect()
     }
 
     /// A connection for writes: the shard's primary, which only its home region has.
     pub async fn db_write(&self, shard: &str) -> Result<Object, StoreError> {
         let pools = self.pools(shard)?;
-        let primary = pools
-            .primary
-            .as_ref()
-            .ok_or_else(|| StoreError::NotHome(shard.to_string()))?;
-        Ok(primary.get().await?)
+        primary_connection(shard, &pools).await
     }
 
     /// A connection for reads that tolerate replication lag: the replica, or (in the home
@@ -489,7 +493,7 @@ impl Store {
     /// Opens a write transaction on the shard's primary.
     pub async fn begin_write(&self, shard: &str) -> Result<WriteTx, StoreError> {
         let pools = self.pools(shard)?;
-        let client = self.db_write(shard).await?;
+        let client = primary_connection(shard, &pools).await?;
         let timer = self.metrics.query_timer(shard, PRIMARY);
         Ok(WriteTx::new(
             client,
