@@ -816,7 +816,7 @@ async fn a_variant_number_that_would_not_read_back_is_refused_and_ordinary_ones_
 
 #[tokio::test]
 async fn two_variants_of_one_item_are_two_lines_and_the_same_variant_adds_to_its_line() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_keeping_events().await;
     add_variant(&app, "alice", r#"{"color":"red"}"#, 1).await;
     add_variant(&app, "alice", r#"{"color":"blue"}"#, 1).await;
     // The same variant in another key order and spacing is the same line.
@@ -853,7 +853,7 @@ async fn two_variants_of_one_item_are_two_lines_and_the_same_variant_adds_to_its
 
 #[tokio::test]
 async fn put_and_delete_by_line_id_touch_one_line_and_an_item_id_alone_the_plain_line() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_keeping_events().await;
     add_variant(&app, "alice", r#"{"color":"red"}"#, 1).await;
     add_variant(&app, "alice", r#"{"color":"blue"}"#, 1).await;
     app.add("alice", "sku-00005", 1).await;

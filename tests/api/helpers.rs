@@ -435,6 +435,16 @@ impl TestApp {
         TestApp::spawn_with(TestOptions::default()).await
     }
 
+    /// An edge whose outbox stays put (no relay publishing and deleting events), so a test
+    /// can count the events its writes recorded.
+    pub async fn spawn_keeping_events() -> TestApp {
+        TestApp::spawn_with(TestOptions {
+            overlay: "[events]\nrelay = false\n".into(),
+            ..TestOptions::default()
+        })
+        .await
+    }
+
     pub async fn spawn_with(options: TestOptions) -> TestApp {
         let (database, dsn) = fresh_database().await;
         TestApp::spawn_on(&dsn, &database, options).await

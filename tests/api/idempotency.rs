@@ -159,12 +159,7 @@ async fn keys_are_recorded_in_the_write_transaction_and_failed_requests_record_n
 /// it keep the cart's change without its answer (a retry would then apply it twice).
 #[tokio::test]
 async fn a_refused_record_rolls_back_the_write_it_answers_and_a_retry_applies_it_once() {
-    // The outbox stays put (no relay deleting what it published), so events can be counted.
-    let app = TestApp::spawn_with(crate::helpers::TestOptions {
-        overlay: "[events]\nrelay = false\n".into(),
-        ..Default::default()
-    })
-    .await;
+    let app = TestApp::spawn_keeping_events().await;
     let add = |key: &'static str, item: &'static str| {
         let app = &app;
         async move {

@@ -7,7 +7,8 @@ use std::process::Command;
 
 use crate::helpers::{cli, local_up, three_free_ports, LOCAL_TEST_PORTS};
 
-async fn http(
+/// One HTTP request to a local cluster edge (plain HTTP/1.1): (status, JSON body or null).
+pub(crate) async fn http(
     url: &str,
     method: &str,
     headers: &[(&str, String)],

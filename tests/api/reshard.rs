@@ -805,35 +805,15 @@ async fn during_a_ring_roll_both_sides_accept_each_others_forwarded_writes() {
     );
 }
 
-/// One HTTP request to a local cluster edge: (status, JSON body).
+/// One HTTP request to a local cluster edge with a bearer token: (status, JSON body).
 async fn call(
     url: &str,
     method: &str,
     bearer: &str,
     body: Option<&str>,
 ) -> (u16, serde_json::Value) {
-    use http_body_util::BodyExt;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("authorization", format!("Bearer {bearer}"));
-    if body.is_some() {
-        request = request.header("content-type", "application/json");
-    }
-    let request = request
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            body.unwrap_or("").to_string(),
-        )))
-        .unwrap();
-    let response = client.request(request).await.unwrap();
-    let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-    )
+    let authorization = [("authorization", format!("Bearer {bearer}"))];
+    crate::local::http(url, method, &authorization, body).await
 }
 
 /// The issue's `cartedge local add-shard`: a shard added to sg of a running local cluster takes
